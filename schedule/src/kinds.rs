@@ -4,6 +4,11 @@ use crate::{c, MaskingSchedule, ScheduleError};
 use num_traits::Float;
 use serde::{Deserialize, Serialize};
 
+/// α values a schedule on [0, 1] can take (t(α) exists only for these).
+fn in_unit<F: Float>(a: F) -> bool {
+    a >= F::zero() && a <= F::one()
+}
+
 /// The official code's default shift ε = 1e−4: α̃(0) = 1 − ε, α̃(1) = ε.
 pub const DEFAULT_EPS: f64 = 1e-4;
 
@@ -22,7 +27,7 @@ impl<F: Float> MaskingSchedule<F> for Linear {
         t
     }
     fn t_of_alpha(&self, a: F) -> Option<F> {
-        Some(F::one() - a)
+        in_unit(a).then(|| F::one() - a)
     }
 }
 
@@ -47,11 +52,7 @@ impl<F: Float> MaskingSchedule<F> for Cosine {
     }
     fn t_of_alpha(&self, a: F) -> Option<F> {
         // 1 − α = sin(π t / 2).
-        let om = F::one() - a;
-        if om < F::zero() || om > F::one() {
-            return None;
-        }
-        Some(om.asin() / c::<F>(std::f64::consts::FRAC_PI_2))
+        in_unit(a).then(|| (F::one() - a).asin() / c::<F>(std::f64::consts::FRAC_PI_2))
     }
 }
 
@@ -92,8 +93,7 @@ impl<F: Float> MaskingSchedule<F> for Polynomial {
         -c::<F>(self.exponent) / t
     }
     fn t_of_alpha(&self, a: F) -> Option<F> {
-        let om = F::one() - a;
-        (om >= F::zero()).then(|| om.powf(F::one() / c(self.exponent)))
+        in_unit(a).then(|| (F::one() - a).powf(F::one() / c(self.exponent)))
     }
 }
 
@@ -208,3 +208,24 @@ impl<F: Float, S: MaskingSchedule<F>> MaskingSchedule<F> for Shifted<S> {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inverse_is_none_outside_the_range_of_alpha() {
+        for a in [-0.1f64, 1.5] {
+            assert_eq!(MaskingSchedule::<f64>::t_of_alpha(&Linear, a), None);
+            assert_eq!(MaskingSchedule::<f64>::t_of_alpha(&Cosine, a), None);
+            let p = Polynomial::new(3.0).unwrap();
+            assert_eq!(MaskingSchedule::<f64>::t_of_alpha(&p, a), None);
+            assert_eq!(MaskingSchedule::<f64>::t_of_alpha(&Geometric::PAPER, a), None);
+        }
+        // Shifted linear: α̃ ∈ [ε, 1 − ε]; α̃ = ε/2 lies outside.
+        let s = Shifted::official(Linear);
+        assert_eq!(MaskingSchedule::<f64>::t_of_alpha(&s, 0.5 * DEFAULT_EPS), None);
+        // Hand value: α̃ = 0.5 ⇒ t = 0.5.
+        assert_eq!(MaskingSchedule::<f64>::t_of_alpha(&s, 0.5), Some(0.5));
+    }
+}

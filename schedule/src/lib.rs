@@ -106,6 +106,9 @@ impl<F: Float, S: MaskingSchedule<F> + ?Sized> MaskingSchedule<F> for &S {
     fn reveal_prob(&self, s: F, t: F) -> F {
         (**self).reveal_prob(s, t)
     }
+    fn stay_masked_prob(&self, s: F, t: F) -> F {
+        (**self).stay_masked_prob(s, t)
+    }
 }
 
 impl<F: Float, S: MaskingSchedule<F> + ?Sized> MaskingSchedule<F> for Box<S> {
@@ -129,5 +132,8 @@ impl<F: Float, S: MaskingSchedule<F> + ?Sized> MaskingSchedule<F> for Box<S> {
     }
     fn reveal_prob(&self, s: F, t: F) -> F {
         (**self).reveal_prob(s, t)
+    }
+    fn stay_masked_prob(&self, s: F, t: F) -> F {
+        (**self).stay_masked_prob(s, t)
     }
 }
