@@ -1,1 +1,49 @@
-//! placeholder
+//! The MD4 denoising network on dfdx and its training machinery — MD4 (Shi et al., NeurIPS
+//! 2024), spec §4 (mean parameterisation), §7.1–7.2 (network), §8 (training setup).
+//!
+//! * [`NetworkConfig`] (serde) with presets `tiny`, `cpu-small`, `md4-s`, `md4-m`
+//!   ([`NetworkConfig::preset`]), built by [`NetworkConfig::init`] into an [`Md4Transformer`]
+//!   over run-time-shaped tensors, generic over element type ([`Elem`]: f32, f64) and dfdx
+//!   device (`Cpu`, or `Cuda` with the `cuda` feature).
+//! * [`Kernels`]: the device extension the model runs on — fused CPU kernels (matmul through
+//!   gemm 0.19, attention, softmax, LayerNorm, adaLN modulation, RoPE) with dfdx-generic
+//!   defaults for other devices.
+//! * [`NetworkDenoiser`] puts a model behind `maskdiff_process::Denoiser`.
+//! * [`train`]: AdamW with serialisable state, warm-up + cosine LR, global-norm clipping,
+//!   gradient accumulation, EMA, the MD4 loss with antithetic t, NaN/Inf checks, atomic
+//!   safetensors + JSON checkpoints — driven step by step through [`train::Trainer`].
+//!
+//! # CUDA
+//! `cargo build --release --features cuda` switches on dfdx's CUDA backend; the same code runs
+//! with `dfdx::tensor::Cuda` as the device. Building needs `nvcc`, `nvidia-smi` (dfdx's build
+//! script queries the compute capability; set `CUDA_COMPUTE_CAP` to override), `include/cuda.h`
+//! under `CUDA_ROOT`, and the libraries `libcuda`, `libnvrtc`, `libcublas`, `libcublasLt` at link
+//! time; a CUDA toolkit can be installed from PyPI (see `shared/docs/dfdx-notes.md`). Running
+//! needs the NVIDIA driver. Without a toolkit, `cargo check -p maskdiff-network --features
+//! cuda,dfdx/ci-check` type-checks the CUDA path.
+
+mod atomic;
+mod attention_cpu;
+mod config;
+mod denoiser;
+mod elem;
+mod error;
+mod init;
+mod kernels;
+mod layers;
+mod model;
+mod param;
+pub mod train;
+
+pub use config::{default_ffn_hidden, MlpKind, NetworkConfig, PRESETS};
+pub use denoiser::NetworkDenoiser;
+pub use elem::Elem;
+pub use error::NetworkError;
+pub use init::Init;
+pub use kernels::Kernels;
+pub use layers::{time_embedding, time_frequency, Rope};
+pub use model::Md4Transformer;
+pub use param::Param;
+
+/// Re-exported so that downstream crates name the same dfdx types.
+pub use dfdx;

@@ -1,0 +1,193 @@
+//! Network configuration (spec §7.1–§7.2) and the named presets the CLI picks at run time.
+//!
+//! Every width is a run-time value: the model is written over run-time-shaped dfdx tensors, so one
+//! binary serves every preset and vocabulary.
+
+use crate::NetworkError;
+use serde::{Deserialize, Serialize};
+
+/// The gate non-linearity of the gated feed-forward `W2(act(W1 x) ⊙ W3 x)` (spec §7.2).
+/// The same activation is applied to the conditioning vector before each adaLN projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MlpKind {
+    /// act = sigmoid (the official `mlp_type = "glu"`, used by every config).
+    #[default]
+    Glu,
+    /// act = swish.
+    Swiglu,
+    /// act = GeLU (tanh approximation).
+    Geglu,
+}
+
+/// The MD4 text transformer's hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// V: number of real tokens. Inputs use ids `0..=V` (V is the mask); outputs cover `0..V`.
+    pub vocab_size: usize,
+    /// Longest sequence the model accepts (RoPE has no learned table, this is a guard rail).
+    pub max_len: usize,
+    /// Model width (`feature_dim · num_heads` in the official code).
+    pub dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    /// Width d_c of the sinusoidal time embedding and of the conditioning vector (spec §7.1).
+    pub cond_dim: usize,
+    pub mlp: MlpKind,
+    /// FFN hidden width; `None` = 2/3·4·dim rounded up to a multiple of 32 (spec §7.2).
+    pub ffn_hidden: Option<usize>,
+    /// Condition on t (adaLN-zero). `false` gives the time-free parameterisation μ_θ(x_t)
+    /// (spec §4.1), which lets samplers cache network outputs.
+    pub time_conditioning: bool,
+    /// Number of class labels (0 = unconditional). The label embedding is concatenated with
+    /// the time embedding before the conditioning MLP (spec §6.4, §7.1).
+    pub num_classes: usize,
+    /// Channel-wise residual dropout rate (one keep-mask per sequence and channel).
+    pub dropout: f64,
+    /// `Some(e)`: embed ids into width e, then Dense(e → dim, with bias) (the official text8
+    /// `outside_embed`, e = 64). `None`: embed straight into `dim` (OWT).
+    pub embed_dim: Option<usize>,
+    /// RoPE base θ.
+    pub rope_theta: f64,
+    /// FFN init variance scale 2/n_layers instead of 1 (the official `depth_scaled_init`).
+    pub depth_scaled_init: bool,
+}
+
+/// Names accepted by [`NetworkConfig::preset`].
+pub const PRESETS: [&str; 4] = ["tiny", "cpu-small", "md4-s", "md4-m"];
+
+impl NetworkConfig {
+    /// A named preset for a vocabulary of `vocab_size` real tokens:
+    /// `tiny` (tests: 2 layers, 2 heads, width 32, length ≤ 64), `cpu-small` (benchmark: 4 layers,
+    /// 4 heads, width 256, length 256), `md4-s` (12, 12, 768, length 1024) and `md4-m`
+    /// (24, 16, 1024, length 1024). All use GLU, adaLN-zero time conditioning, d_c = 64
+    /// (16 for tiny) and no dropout.
+    pub fn preset(name: &str, vocab_size: usize) -> Result<Self, NetworkError> {
+        let (max_len, dim, n_layers, n_heads, cond_dim) = match name {
+            "tiny" => (64, 32, 2, 2, 16),
+            "cpu-small" => (256, 256, 4, 4, 64),
+            "md4-s" => (1024, 768, 12, 12, 64),
+            "md4-m" => (1024, 1024, 24, 16, 64),
+            _ => return Err(NetworkError::UnknownPreset(name.to_string())),
+        };
+        let cfg = NetworkConfig {
+            vocab_size,
+            max_len,
+            dim,
+            n_layers,
+            n_heads,
+            cond_dim,
+            mlp: MlpKind::Glu,
+            ffn_hidden: None,
+            time_conditioning: true,
+            num_classes: 0,
+            dropout: 0.0,
+            embed_dim: None,
+            rope_theta: 10_000.0,
+            depth_scaled_init: true,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The FFN hidden width actually used.
+    pub fn ffn_hidden_dim(&self) -> usize {
+        self.ffn_hidden
+            .unwrap_or_else(|| default_ffn_hidden(self.dim))
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_heads.max(1)
+    }
+
+    /// Whether blocks are adaLN-zero conditioned (on t and/or a label) or plain pre-RMSNorm.
+    pub fn is_conditioned(&self) -> bool {
+        self.time_conditioning || self.num_classes > 0
+    }
+
+    /// Checks every constraint the model relies on.
+    pub fn validate(&self) -> Result<(), NetworkError> {
+        let bad = |m: String| Err(NetworkError::Config(m));
+        if self.vocab_size == 0 || self.vocab_size >= u32::MAX as usize {
+            return bad(format!("vocab_size {} out of range", self.vocab_size));
+        }
+        if self.dim == 0 || self.n_layers == 0 || self.n_heads == 0 || self.max_len == 0 {
+            return bad("dim, n_layers, n_heads and max_len must be positive".into());
+        }
+        if !self.dim.is_multiple_of(self.n_heads) {
+            return bad(format!(
+                "dim {} not divisible by n_heads {}",
+                self.dim, self.n_heads
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return bad(format!(
+                "RoPE needs an even head dim, got {}",
+                self.head_dim()
+            ));
+        }
+        if self.cond_dim < 4 || !self.cond_dim.is_multiple_of(2) {
+            return bad(format!(
+                "cond_dim must be even and >= 4, got {}",
+                self.cond_dim
+            ));
+        }
+        if self.ffn_hidden == Some(0) || self.embed_dim == Some(0) {
+            return bad("ffn_hidden and embed_dim must be positive when given".into());
+        }
+        if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
+            return bad(format!("dropout {} not in [0, 1)", self.dropout));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return bad(format!("rope_theta {} must be > 1", self.rope_theta));
+        }
+        Ok(())
+    }
+}
+
+/// 2/3 · 4 · dim rounded up to a multiple of 32 (spec §7.2, §11.22: 768 → 2048, 1024 → 2752).
+pub fn default_ffn_hidden(dim: usize) -> usize {
+    let h = (8 * dim).div_ceil(3);
+    h.div_ceil(32) * 32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ffn_hidden_matches_spec() {
+        // spec §11.22
+        assert_eq!(default_ffn_hidden(768), 2048);
+        assert_eq!(default_ffn_hidden(1024), 2752);
+        // 8·256/3 = 682.7 → 683 → 704
+        assert_eq!(default_ffn_hidden(256), 704);
+    }
+
+    #[test]
+    fn presets_and_errors() {
+        let s = NetworkConfig::preset("md4-s", 50257).unwrap();
+        assert_eq!(
+            (s.n_layers, s.n_heads, s.dim, s.head_dim()),
+            (12, 12, 768, 64)
+        );
+        let m = NetworkConfig::preset("md4-m", 50257).unwrap();
+        assert_eq!((m.n_layers, m.n_heads, m.dim), (24, 16, 1024));
+        let c = NetworkConfig::preset("cpu-small", 27).unwrap();
+        assert_eq!((c.n_layers, c.n_heads, c.dim, c.max_len), (4, 4, 256, 256));
+        assert!(matches!(
+            NetworkConfig::preset("huge", 27),
+            Err(NetworkError::UnknownPreset(_))
+        ));
+        let mut bad = c.clone();
+        bad.n_heads = 3;
+        assert!(bad.validate().is_err());
+        bad = c.clone();
+        bad.dropout = 1.0;
+        assert!(bad.validate().is_err());
+        assert!(NetworkConfig::preset("tiny", 0).is_err());
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<NetworkConfig>(&json).unwrap(), c);
+    }
+}

@@ -1,0 +1,35 @@
+//! [`NetworkDenoiser`]: a model behind the backend-agnostic `maskdiff_process::Denoiser` trait
+//! (inference only: no tape, no dropout), returning normalised log μ_θ over the V real tokens.
+
+use crate::{Elem, Kernels, Md4Transformer};
+use maskdiff_process::{DenoiseBatch, Denoiser, LogProbs, ProcessError, Vocab};
+
+/// Wraps a model (typically the EMA parameters) as a [`Denoiser`].
+#[derive(Clone, Debug)]
+pub struct NetworkDenoiser<E: Elem, D: Kernels<E>> {
+    pub model: Md4Transformer<E, D>,
+}
+
+impl<E: Elem, D: Kernels<E>> NetworkDenoiser<E, D> {
+    pub fn new(model: Md4Transformer<E, D>) -> Self {
+        Self { model }
+    }
+}
+
+impl<E: Elem, D: Kernels<E>> Denoiser for NetworkDenoiser<E, D> {
+    fn vocab(&self) -> Vocab {
+        self.model.vocab()
+    }
+    fn is_time_conditioned(&self) -> bool {
+        self.model.config().time_conditioning
+    }
+    fn num_classes(&self) -> usize {
+        self.model.config().num_classes
+    }
+    fn log_probs(&mut self, batch: &DenoiseBatch<'_>) -> Result<LogProbs, ProcessError> {
+        self.model.log_probs(batch).map_err(|e| match e {
+            crate::NetworkError::Process(p) => p,
+            other => ProcessError::Backend(other.to_string()),
+        })
+    }
+}

@@ -1,0 +1,263 @@
+//! Functional building blocks over run-time-shaped dfdx tensors, generic over the device and the
+//! tape: dense layers, LayerNorm / RMSNorm, adaLN modulation, gated activations, RoPE (spec §7.2)
+//! and the sinusoidal time embedding (spec §7.1). Activations are kept 2-D `(batch·len, width)`
+//! so every projection is one large matmul instead of one per sequence.
+
+use crate::{Elem, MlpKind};
+use dfdx::prelude::*;
+
+pub(crate) type T1<E, D, T = NoneTape> = Tensor<(usize,), E, D, T>;
+pub(crate) type T2<E, D, T = NoneTape> = Tensor<(usize, usize), E, D, T>;
+pub(crate) type T3<E, D, T = NoneTape> = Tensor<(usize, usize, usize), E, D, T>;
+pub(crate) type T4<E, D, T = NoneTape> = Tensor<(usize, usize, usize, usize), E, D, T>;
+pub(crate) type Res<X, D> = Result<X, <D as HasErr>::Err>;
+
+pub(crate) const NORM_EPS: f64 = 1e-5;
+
+/// `x @ w (+ b)`, x: (m, in), w: (in, out), b: (out,).
+pub(crate) fn dense<E: Elem, D: crate::Kernels<E>, T: Tape<E, D>>(
+    x: T2<E, D, T>,
+    w: T2<E, D>,
+    b: Option<T1<E, D>>,
+) -> Res<T2<E, D, T>, D> {
+    let y = D::matmul(x, w)?;
+    match b {
+        None => Ok(y),
+        Some(b) => {
+            let s = *y.shape();
+            y.try_add(b.try_broadcast_like::<_, Axis<0>>(&s)?)
+        }
+    }
+}
+
+/// x ⊙ σ(x).
+pub(crate) fn swish<E: Elem, D: Device<E>, T: Tape<E, D>, S: Shape>(
+    x: Tensor<S, E, D, T>,
+) -> Res<Tensor<S, E, D, T>, D> {
+    let s = x.retaped::<T>().try_sigmoid()?;
+    x.try_mul(s)
+}
+
+/// The gate activation of the FFN (also applied to the conditioning vector, as in the code).
+pub(crate) fn act<E: Elem, D: Device<E>, T: Tape<E, D>, S: Shape>(
+    kind: MlpKind,
+    x: Tensor<S, E, D, T>,
+) -> Res<Tensor<S, E, D, T>, D> {
+    match kind {
+        MlpKind::Glu => x.try_sigmoid(),
+        MlpKind::Swiglu => swish(x),
+        MlpKind::Geglu => x.try_fast_gelu(),
+    }
+}
+
+/// LayerNorm without affine parameters over the last axis of (m, d).
+pub(crate) fn layer_norm<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: T2<E, D, T>,
+) -> Res<T2<E, D, T>, D> {
+    x.try_normalize::<Axis<1>>(NORM_EPS)
+}
+
+/// RMSNorm with a learnable scale over the last axis of (m, d).
+pub(crate) fn rms_norm<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: T2<E, D, T>,
+    scale: T1<E, D>,
+) -> Res<T2<E, D, T>, D> {
+    let s = *x.shape();
+    let inv = x
+        .retaped::<T>()
+        .try_square()?
+        .try_mean::<(usize,), Axis<1>>()?
+        .try_add(E::c(NORM_EPS))?
+        .try_sqrt()?
+        .try_recip()?
+        .try_broadcast_like::<_, Axis<1>>(&s)?;
+    x.try_mul(inv)?
+        .try_mul(scale.try_broadcast_like::<_, Axis<0>>(&s)?)
+}
+
+/// adaLN modulation `x·(1 + scale) + shift` with per-sequence (b, d) shift/scale applied to
+/// (b·n, d) activations.
+pub(crate) fn modulate<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: T2<E, D, T>,
+    shift: T2<E, D, T>,
+    scale: T2<E, D, T>,
+    b: usize,
+    n: usize,
+) -> Res<T2<E, D, T>, D> {
+    let d = x.shape().1;
+    let s3 = (b, n, d);
+    let x3 = x.try_reshape_like(&s3)?;
+    let sc = scale
+        .try_add(E::one())?
+        .try_broadcast_like::<_, Axis<1>>(&s3)?;
+    let sh = shift.try_broadcast_like::<_, Axis<1>>(&s3)?;
+    x3.try_mul(sc)?.try_add(sh)?.try_reshape_like(&(b * n, d))
+}
+
+/// `h + gate ⊙ y`, gate per sequence (b, d), h and y (b·n, d).
+pub(crate) fn gated_residual<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    h: T2<E, D, T>,
+    y: T2<E, D, T>,
+    gate: T2<E, D, T>,
+    b: usize,
+    n: usize,
+) -> Res<T2<E, D, T>, D> {
+    let d = h.shape().1;
+    let s3 = (b, n, d);
+    let g = gate.try_broadcast_like::<_, Axis<1>>(&s3)?;
+    let y = y
+        .try_reshape_like(&s3)?
+        .try_mul(g)?
+        .try_reshape_like(&(b * n, d))?;
+    h.try_add(y)
+}
+
+/// Channel-wise dropout: one keep-mask (already scaled by 1/(1−p)) per (sequence, channel),
+/// shared by every position.
+pub(crate) fn channel_dropout<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    y: T2<E, D, T>,
+    mask: Option<T2<E, D>>,
+    b: usize,
+    n: usize,
+) -> Res<T2<E, D, T>, D> {
+    match mask {
+        None => Ok(y),
+        Some(m) => {
+            let d = y.shape().1;
+            let s3 = (b, n, d);
+            y.try_reshape_like(&s3)?
+                .try_mul(m.try_broadcast_like::<_, Axis<1>>(&s3)?)?
+                .try_reshape_like(&(b * n, d))
+        }
+    }
+}
+
+/// Precomputed RoPE tables for one sequence length: cos/sin (n, head_dim) with each angle
+/// repeated over its pair, and the pair-swap matrix P with `(x P)[2i] = −x[2i+1]`,
+/// `(x P)[2i+1] = x[2i]` (adjacent pairs are rotated, as in the official code).
+pub struct Rope<E: Elem, D: Device<E>> {
+    pub cos: T2<E, D>,
+    pub sin: T2<E, D>,
+    pub swap: T2<E, D>,
+    /// Host copies of cos/sin, (n, hd/2): one angle per pair, for fused CPU kernels.
+    pub cos_host: Vec<E>,
+    pub sin_host: Vec<E>,
+}
+
+impl<E: Elem, D: Device<E>> Rope<E, D> {
+    /// Tables for `n` positions and head dimension `hd` (even), base `theta`.
+    pub fn new(dev: &D, n: usize, hd: usize, theta: f64) -> Res<Self, D> {
+        let mut cos = Vec::with_capacity(n * hd);
+        let mut sin = Vec::with_capacity(n * hd);
+        for pos in 0..n {
+            for j in 0..hd {
+                let i = (j / 2) as f64;
+                let ang = pos as f64 * theta.powf(-2.0 * i / hd as f64);
+                cos.push(E::c(ang.cos()));
+                sin.push(E::c(ang.sin()));
+            }
+        }
+        let cos_host: Vec<E> = cos.iter().step_by(2).copied().collect();
+        let sin_host: Vec<E> = sin.iter().step_by(2).copied().collect();
+        let mut swap = vec![E::zero(); hd * hd];
+        for i in 0..hd / 2 {
+            // row = input index, column = output index
+            swap[(2 * i + 1) * hd + 2 * i] = -E::one();
+            swap[(2 * i) * hd + 2 * i + 1] = E::one();
+        }
+        Ok(Rope {
+            cos: dev.try_tensor_from_vec(cos, (n, hd))?,
+            sin: dev.try_tensor_from_vec(sin, (n, hd))?,
+            swap: dev.try_tensor_from_vec(swap, (hd, hd))?,
+            cos_host,
+            sin_host,
+        })
+    }
+
+    /// Rotate x: (b·n, h·hd) → (b, n, h, hd), times `scale`.
+    pub fn apply<T: Tape<E, D>>(
+        &self,
+        x: T2<E, D, T>,
+        b: usize,
+        n: usize,
+        h: usize,
+        scale: f64,
+    ) -> Res<T4<E, D, T>, D> {
+        let hd = self.swap.shape().0;
+        let s4 = (b, n, h, hd);
+        let sw = x
+            .retaped::<T>()
+            .try_reshape_like(&(b * n * h, hd))?
+            .try_matmul(self.swap.clone())?
+            .try_reshape_like(&s4)?;
+        let x4 = x.try_reshape_like(&s4)?;
+        let c = self.cos.clone().try_broadcast_like::<_, Axes2<0, 2>>(&s4)?;
+        let s = self.sin.clone().try_broadcast_like::<_, Axes2<0, 2>>(&s4)?;
+        let y = x4.try_mul(c)?.try_add(sw.try_mul(s)?)?;
+        if scale == 1.0 {
+            Ok(y)
+        } else {
+            y.try_mul(E::c(scale))
+        }
+    }
+}
+
+/// Sinusoidal embedding of 1000·t (spec §7.1): width d_c, frequencies
+/// exp(−k·ln(10⁴)/(half − 1)), output [sin, cos]. Computed in f64.
+pub fn time_embedding(t: &[f64], dc: usize) -> Vec<f64> {
+    let half = dc / 2;
+    let mut out = Vec::with_capacity(t.len() * dc);
+    for &ti in t {
+        let x = 1000.0 * ti;
+        let start = out.len();
+        out.resize(start + dc, 0.0);
+        for k in 0..half {
+            let f = time_frequency(k, half);
+            out[start + k] = (x * f).sin();
+            out[start + half + k] = (x * f).cos();
+        }
+    }
+    out
+}
+
+/// k-th frequency of the time embedding with `half` frequencies.
+pub fn time_frequency(k: usize, half: usize) -> f64 {
+    if half <= 1 {
+        return 1.0;
+    }
+    (-(k as f64) * 10_000f64.ln() / (half as f64 - 1.0)).exp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_frequencies_match_spec() {
+        // spec §11.22, d_c = 64 → half = 32
+        assert!((time_frequency(0, 32) - 1.0).abs() < 1e-15);
+        assert!((time_frequency(1, 32) - 0.742_964_0).abs() < 1e-7);
+        assert!((time_frequency(31, 32) - 1e-4).abs() < 1e-15);
+        let e = time_embedding(&[0.0], 64);
+        assert!(e[..32].iter().all(|&x| x == 0.0) && e[32..].iter().all(|&x| x == 1.0));
+    }
+
+    #[test]
+    fn rope_rotates_adjacent_pairs() {
+        let dev = Cpu::default();
+        let (n, hd) = (3, 4);
+        let rope = Rope::<f64, Cpu>::new(&dev, n, hd, 10_000.0).unwrap();
+        let xs: Vec<f64> = (0..n * hd).map(|i| i as f64 + 1.0).collect();
+        let x = dev.tensor_from_vec(xs.clone(), (n, hd));
+        let y = rope.apply(x, 1, n, 1, 1.0).unwrap().as_vec();
+        for pos in 0..n {
+            for i in 0..hd / 2 {
+                let ang = pos as f64 * 10_000f64.powf(-2.0 * i as f64 / hd as f64);
+                let (a, b) = (xs[pos * hd + 2 * i], xs[pos * hd + 2 * i + 1]);
+                let (ea, eb) = (a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin());
+                assert!((y[pos * hd + 2 * i] - ea).abs() < 1e-12);
+                assert!((y[pos * hd + 2 * i + 1] - eb).abs() < 1e-12);
+            }
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! AdamW with decoupled weight decay (Loshchilov & Hutter), as optax `adamw` used by the official
+//! code (spec §8): m ← β1 m + (1−β1) g, v ← β2 v + (1−β2) g², m̂ = m/(1−β1^k), v̂ = v/(1−β2^k),
+//! θ ← θ − lr·(m̂/(√v̂ + ε) + wd·θ), k = number of updates so far including this one. Its moments
+//! are ordinary named tensors so they can be checkpointed (dfdx's Adam state is private).
+
+use crate::{NetworkError, Param};
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Optimizer hyper-parameters (the learning rate comes from [`super::LrSchedule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// The text configs: β = (0.9, 0.999), ε = 1e−8, weight decay 0.03 (paper App. J).
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.03,
+        }
+    }
+}
+
+impl AdamWConfig {
+    pub fn validate(&self) -> Result<(), NetworkError> {
+        let ok_beta = |b: f64| b.is_finite() && (0.0..1.0).contains(&b);
+        if !ok_beta(self.beta1) || !ok_beta(self.beta2) {
+            return Err(NetworkError::TrainConfig(format!(
+                "betas ({}, {}) must be in [0, 1)",
+                self.beta1, self.beta2
+            )));
+        }
+        let eps_ok = self.eps.is_finite() && self.eps > 0.0;
+        let wd_ok = self.weight_decay.is_finite() && self.weight_decay >= 0.0;
+        if !(eps_ok && wd_ok) {
+            return Err(NetworkError::TrainConfig(
+                "eps must be > 0 and weight_decay >= 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// AdamW state: first and second moments per parameter, and the update count.
+#[derive(Debug, Clone)]
+pub struct AdamW<D: Device<f32>> {
+    pub cfg: AdamWConfig,
+    /// Number of updates applied so far.
+    pub count: u64,
+    pub m: Vec<Tensor<(usize,), f32, D>>,
+    pub v: Vec<Tensor<(usize,), f32, D>>,
+}
+
+impl<D: Device<f32>> AdamW<D> {
+    /// Zero moments shaped like `params`.
+    pub fn new(cfg: AdamWConfig, params: &[Param<f32, D>]) -> Result<Self, NetworkError> {
+        cfg.validate()?;
+        let zeros = |p: &Param<f32, D>| {
+            p.value
+                .device()
+                .try_zeros_like(&(p.numel(),))
+                .map_err(NetworkError::device)
+        };
+        Ok(AdamW {
+            cfg,
+            count: 0,
+            m: params.iter().map(zeros).collect::<Result<_, _>>()?,
+            v: params.iter().map(zeros).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// One update of every parameter with its gradient at learning rate `lr`.
+    pub fn update(
+        &mut self,
+        params: &mut [Param<f32, D>],
+        grads: &[Tensor<(usize,), f32, D>],
+        lr: f64,
+    ) -> Result<(), NetworkError> {
+        if params.len() != grads.len() || params.len() != self.m.len() {
+            return Err(NetworkError::Input(format!(
+                "{} params, {} grads, {} moments",
+                params.len(),
+                grads.len(),
+                self.m.len()
+            )));
+        }
+        self.count += 1;
+        let k = self.count as i32;
+        let c = &self.cfg;
+        let bc1 = 1.0 - c.beta1.powi(k);
+        let bc2 = 1.0 - c.beta2.powi(k);
+        let f = |x: f64| x as f32;
+        for i in 0..params.len() {
+            let g = grads[i].clone();
+            let m = self.m[i].clone() * f(c.beta1) + g.clone() * f(1.0 - c.beta1);
+            let v = self.v[i].clone() * f(c.beta2) + g.square() * f(1.0 - c.beta2);
+            let denom = (v.clone() * f(1.0 / bc2)).sqrt() + f(c.eps);
+            let upd =
+                (m.clone() * f(1.0 / bc1)) / denom + params[i].value.clone() * f(c.weight_decay);
+            params[i].value = params[i].value.clone() - upd * f(lr);
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+}
