@@ -1,1 +1,12 @@
-fn main() {}
+//! The `maskdiff` binary: parses arguments, runs the command, and on failure prints the whole
+//! cause chain on one line (`maskdiff: error: ...`) and exits with status 1.
+
+use clap::Parser;
+
+fn main() {
+    let cli = maskdiff_cli::args::Cli::parse();
+    if let Err(e) = maskdiff_cli::run(cli) {
+        eprintln!("maskdiff: error: {}", maskdiff_cli::error::one_line(&e));
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,266 @@
+//! `maskdiff eval`: the negative ELBO of a checkpoint on a data split (paper §3; spec §3.4): bits
+//! per character/dimension/token with a standard error over sequences from K independent
+//! t-samples each, continuous time or the T-step discrete ELBO, and the perplexity bound 2^bits.
+//! `--zero-shot` scores a GPT-2-tokenised model on LAMBADA, WikiText-2/103, PTB and the One
+//! Billion Words subset (Table 1 protocol: SEDD's detokenisers, blocks of the model length).
+
+use crate::args::{EvalArgs, SplitArg};
+use crate::config::{Config, DatasetKind, Device};
+use crate::dataset::Data;
+use crate::error::{CliError, Result};
+use crate::evaluate::{evaluate, EvalOptions, EvalResult};
+use crate::run::{self, Loaded};
+use maskdiff_data::zeroshot::{load_zero_shot, Grouping, ZeroShotSet};
+use maskdiff_data::Split;
+use maskdiff_network::Kernels as DfdxDevice;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let dir = run::resolve_checkpoint(&a.run)?;
+    let (_, _, mut cfg) = run::read_checkpoint_meta(&dir)?;
+    if let Some(d) = &a.data {
+        cfg.data.path = d.clone();
+    }
+    let e = &mut cfg.eval;
+    if let Some(v) = a.mc_samples {
+        e.mc_samples = v;
+    }
+    if a.discrete_steps.is_some() {
+        e.discrete_steps = a.discrete_steps;
+    }
+    if let Some(v) = a.max_sequences {
+        e.max_sequences = v;
+    }
+    if let Some(v) = a.batch_size {
+        e.batch_size = v;
+    }
+    if let Some(v) = a.seed {
+        e.seed = v;
+    }
+    cfg.validate()?;
+    match cfg.train.device {
+        Device::Cpu => eval_on(
+            maskdiff_network::dfdx::tensor::Cpu::default(),
+            &dir,
+            &cfg,
+            &a,
+        ),
+        Device::Cuda => cuda(&dir, &cfg, &a),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(dir: &Path, cfg: &Config, a: &EvalArgs) -> Result<()> {
+    let dev = crate::run::cuda_device(cfg.train.seed)?;
+    eval_on(dev, dir, cfg, a)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(dir: &Path, cfg: &Config, a: &EvalArgs) -> Result<()> {
+    eprintln!("maskdiff: built without CUDA, evaluating on the CPU");
+    eval_on(maskdiff_network::dfdx::tensor::Cpu::default(), dir, cfg, a)
+}
+
+fn bar(total: usize, what: &str) -> Option<indicatif::ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{what} {{bar:30.cyan/blue}} {{pos}}/{{len}} sequences ETA {{eta}}"
+            ))
+            .expect("valid template"),
+        );
+        b
+    })
+}
+
+fn opts(cfg: &Config) -> EvalOptions {
+    EvalOptions {
+        mc_samples: cfg.eval.mc_samples,
+        discrete_steps: cfg.eval.discrete_steps,
+        batch_rows: cfg.eval.batch_size,
+        seed: cfg.eval.seed,
+    }
+}
+
+fn elbo_name(r: &EvalResult) -> String {
+    match r.discrete_steps {
+        None => "continuous-time ELBO".into(),
+        Some(t) => format!("{t}-step discrete-time ELBO"),
+    }
+}
+
+fn eval_on<D: DfdxDevice<f32>>(dev: D, dir: &Path, cfg: &Config, a: &EvalArgs) -> Result<()> {
+    let loaded = Loaded::open(dir, &dev)?;
+    let mut den = loaded.denoiser(!a.no_ema);
+    let schedule = *loaded.trainer.schedule();
+    let params = if a.no_ema { "raw" } else { "EMA" };
+    if let Some(z) = &a.zero_shot {
+        return zero_shot(
+            &mut den,
+            &schedule,
+            cfg,
+            &loaded,
+            z,
+            params,
+            a.json.as_deref(),
+        );
+    }
+    let data = Data::open(&cfg.data)?;
+    let id = data.identity(cfg.data.dataset)?;
+    if id != loaded.extra.data {
+        return Err(CliError::CheckpointMismatch {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "it was trained on {:?}, but {} gives {:?}",
+                loaded.extra.data,
+                cfg.data.path.display(),
+                id
+            ),
+        });
+    }
+    let (split, name) = match a.split {
+        SplitArg::Train => (Split::Train, "train"),
+        SplitArg::Val => (Split::Valid, "validation"),
+        SplitArg::Test => (Split::Test, "test"),
+    };
+    let (seqs, labels) = data.eval_sequences(split, cfg.eval.max_sequences)?;
+    let pb = bar(seqs.len(), "evaluating");
+    let r = evaluate(
+        &mut den,
+        &schedule,
+        &seqs,
+        labels.as_deref(),
+        opts(cfg),
+        |i| {
+            if let Some(b) = &pb {
+                b.set_position(i as u64)
+            }
+        },
+    )?;
+    if let Some(b) = pb {
+        b.finish_and_clear();
+    }
+    let unit = cfg.data.dataset.unit();
+    let total = data.eval_count(split)?;
+    let subset = if r.sequences < total {
+        format!(", evenly spaced subset of the {total}")
+    } else {
+        String::new()
+    };
+    println!(
+        "{name} NELBO: {:.4} ± {:.4} {unit}   [{}, K = {} t-samples per sequence, {} sequences of {}{subset}; {params} parameters]",
+        r.bits_per_token,
+        r.stderr_bits,
+        elbo_name(&r),
+        r.mc_samples,
+        r.sequences,
+        r.seq_len
+    );
+    println!(
+        "  per sequence: diffusion {:.4} + reconstruction {:.6} nats; with the prior KL ({:.6} nats) {:.4} {unit}",
+        r.diffusion_nats, r.recon_nats, r.prior_nats, r.bits_per_token_with_prior
+    );
+    println!("  perplexity ≤ {:.4}", r.perplexity);
+    let v = loaded.extra.data.vocab as f64;
+    println!(
+        "  uniform baseline: log2(V) = log2({v}) = {:.4} {unit}",
+        v.log2()
+    );
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({ "split": name, "unit": unit, "result": r });
+        crate::fsutil::write_atomic(
+            p,
+            serde_json::to_string_pretty(&v).expect("json").as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// The zero-shot directory: the given one, or `../shared/data/zeroshot` / `shared/data/zeroshot`.
+fn zero_shot_dir(given: &Path) -> Result<PathBuf> {
+    if !given.as_os_str().is_empty() {
+        return Ok(given.to_path_buf());
+    }
+    let candidates = ["../shared/data/zeroshot", "shared/data/zeroshot"];
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_dir())
+        .ok_or_else(|| {
+            CliError::Input(format!(
+                "no zero-shot data found in {}; pass --zero-shot DIR",
+                candidates.join(" or ")
+            ))
+        })
+}
+
+fn zero_shot<D: maskdiff_process::Denoiser + ?Sized, S: maskdiff_schedule::MaskingSchedule<f64>>(
+    den: &mut D,
+    schedule: &S,
+    cfg: &Config,
+    loaded: &Loaded<impl DfdxDevice<f32>>,
+    dir: &Path,
+    params: &str,
+    json: Option<&Path>,
+) -> Result<()> {
+    if loaded.extra.data.dataset != DatasetKind::Gpt2 {
+        return Err(CliError::Input(format!(
+            "the zero-shot suite needs a GPT-2-tokenised model; this one was trained on {:?}",
+            loaded.extra.data.dataset
+        )));
+    }
+    let dir = zero_shot_dir(dir)?;
+    let len = loaded.extra.data.seq_len;
+    let mut rows = Vec::new();
+    println!("zero-shot perplexity bounds ({params} parameters, blocks of {len} GPT-2 tokens):");
+    for set in ZeroShotSet::ALL {
+        let label = match set {
+            ZeroShotSet::Lm1b => "1BW (subset of the test set)".to_string(),
+            s => s.name().to_string(),
+        };
+        let blocks = load_zero_shot(&dir, set, len, Grouping::PerDocuments(1000))?;
+        let cap = if cfg.eval.max_sequences == 0 {
+            blocks.num_blocks
+        } else {
+            blocks.num_blocks.min(cfg.eval.max_sequences)
+        };
+        let seqs: Vec<Vec<u32>> = (0..cap).map(|i| blocks.block(i).to_vec()).collect();
+        let pb = bar(seqs.len(), set.name());
+        let r = evaluate(den, schedule, &seqs, None, opts(cfg), |i| {
+            if let Some(b) = &pb {
+                b.set_position(i as u64)
+            }
+        })?;
+        if let Some(b) = pb {
+            b.finish_and_clear();
+        }
+        let (lo, hi) = (
+            (r.bits_per_token - 2.0 * r.stderr_bits).exp2(),
+            (r.bits_per_token + 2.0 * r.stderr_bits).exp2(),
+        );
+        let partial = if cap < blocks.num_blocks {
+            format!(" of {}", blocks.num_blocks)
+        } else {
+            String::new()
+        };
+        println!(
+            "  {label:<30} ≤ {:>10.2}  (±2 s.e.: {lo:.2}–{hi:.2}; {cap}{partial} blocks, {})",
+            r.perplexity,
+            elbo_name(&r)
+        );
+        rows.push(
+            serde_json::json!({ "set": set.name(), "label": label, "blocks": cap, "result": r }),
+        );
+    }
+    if let Some(p) = json {
+        crate::fsutil::write_atomic(
+            p,
+            serde_json::to_string_pretty(&rows)
+                .expect("json")
+                .as_bytes(),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,390 @@
+//! `maskdiff train`: resolve the config (file, then flags; or the saved one with `--resume`),
+//! open the data, build or restore the trainer, and run MD4 training (paper Alg. 1, continuous
+//! loss eq. (5)) step by step with a progress bar, JSON-lines metrics, periodic validation
+//! NELBO, atomic checkpoints, a wall-clock limit and graceful Ctrl-C.
+
+use crate::args::TrainArgs;
+use crate::config::{Config, Device};
+use crate::dataset::Data;
+use crate::error::{CliError, Result};
+use crate::evaluate::{evaluate, EvalOptions};
+use crate::metrics::{MetricsWriter, Record};
+use crate::progress::Progress;
+use crate::run::{self, CliExtra, LossWindow};
+use maskdiff_data::Split;
+use maskdiff_network::train::{TrainBatch, Trainer};
+use maskdiff_network::Kernels as DfdxDevice;
+use maskdiff_network::NetworkError;
+use std::time::Instant;
+
+/// Flags that may differ when resuming (they change no result, only cadence and budget of
+/// wall-clock time).
+fn resume_config(a: &TrainArgs) -> Result<Config> {
+    let out = match (&a.overrides.out, &a.config) {
+        (Some(o), _) => o.clone(),
+        (None, Some(c)) => Config::load(c)?.train.out_dir,
+        (None, None) => Config::default().train.out_dir,
+    };
+    let changed = a.overrides.changes_run_identity();
+    if !changed.is_empty() {
+        return Err(CliError::Input(format!(
+            "--resume continues the saved run exactly; these flags would change it: {} \
+             (start a new run with another --out instead)",
+            changed.join(", ")
+        )));
+    }
+    if a.overrides.steps.is_some() {
+        return Err(CliError::Input(
+            "--resume cannot change --steps (the learning-rate decay depends on it)".into(),
+        ));
+    }
+    let path = run::config_path(&out);
+    if !run::has_checkpoint(&out) {
+        return Err(CliError::Input(format!(
+            "nothing to resume: {} holds no checkpoint",
+            out.display()
+        )));
+    }
+    let mut cfg = Config::load(&path)?;
+    let o = &a.overrides;
+    cfg.train.out_dir = out;
+    if let Some(v) = o.log_every {
+        cfg.train.log_every = v;
+    }
+    if let Some(v) = o.eval_every {
+        cfg.train.eval_every = v;
+    }
+    if let Some(v) = o.eval_batches {
+        cfg.train.eval_batches = v;
+    }
+    if let Some(v) = o.checkpoint_every {
+        cfg.train.checkpoint_every = v;
+    }
+    // A wall-clock limit belongs to one session: a resumed run continues to the end unless
+    // given a new limit.
+    cfg.train.time_limit_s = o.time_limit.unwrap_or(0.0);
+    Ok(cfg)
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let cfg = if a.resume {
+        resume_config(&a)?
+    } else {
+        let mut cfg = match &a.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        a.overrides.apply(&mut cfg);
+        cfg
+    };
+    cfg.validate()?;
+    if a.print_config {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    match cfg.train.device {
+        Device::Cpu => train_on(maskdiff_network::dfdx::tensor::Cpu::default(), cfg, &a),
+        Device::Cuda => cuda(cfg, &a),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(cfg: Config, a: &TrainArgs) -> Result<()> {
+    let dev = crate::run::cuda_device(cfg.train.seed)?;
+    train_on(dev, cfg, a)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_cfg: Config, _a: &TrainArgs) -> Result<()> {
+    Err(CliError::config(
+        "train.device",
+        "this maskdiff was built without CUDA; rebuild with `cargo build --release --features cuda`",
+    ))
+}
+
+fn human_bytes(b: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{v:.1} {}", units[i])
+}
+
+/// A rough f32 training-memory estimate: parameters, gradients, two AdamW moments and the EMA,
+/// plus activations kept for the backward pass (per layer ≈ 16·d + 3·ffn values per token, and
+/// 2 attention matrices per head).
+fn memory_estimate(
+    params: usize,
+    net: &maskdiff_network::NetworkConfig,
+    batch: usize,
+    len: usize,
+) -> f64 {
+    let state = 5.0 * params as f64 * 4.0;
+    let per_tok = 16.0 * net.dim as f64 + 3.0 * net.ffn_hidden_dim() as f64;
+    let attn = 2.0 * net.n_heads as f64 * len as f64;
+    let act = net.n_layers as f64 * batch as f64 * len as f64 * (per_tok + attn) * 4.0;
+    state + act
+}
+
+fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()> {
+    let data = Data::open(&cfg.data)?;
+    let net_cfg = run::network_config(&cfg, &data)?;
+    let train_cfg = run::train_config(&cfg)?;
+    let micro = cfg.train.batch_size;
+    let batch = micro * cfg.optim.grad_accum;
+    let len = data.seq_len();
+    let unit = cfg.data.dataset.unit();
+
+    if a.dry_run {
+        let model =
+            maskdiff_network::Md4Transformer::<f32, _>::new(net_cfg.clone(), &dev, cfg.train.seed)?;
+        let p = model.num_params();
+        println!(
+            "config OK: {} {} on {:?}",
+            cfg.model.preset,
+            format!("{:?}", cfg.model.kind).to_lowercase(),
+            cfg.data.dataset
+        );
+        println!(
+            "network: {} layers, {} heads, width {}, FFN {}, vocabulary {} (+mask), length {}",
+            net_cfg.n_layers,
+            net_cfg.n_heads,
+            net_cfg.dim,
+            net_cfg.ffn_hidden_dim(),
+            net_cfg.vocab_size,
+            len
+        );
+        println!("parameters: {p} ({:.2} M)", p as f64 / 1e6);
+        println!(
+            "memory estimate (f32, batch {micro}): {} (weights+grads+AdamW+EMA {}, activations the rest)",
+            human_bytes(memory_estimate(p, &net_cfg, micro, len)),
+            human_bytes(5.0 * p as f64 * 4.0)
+        );
+        println!("tokens per step: {}", batch * len);
+        return Ok(());
+    }
+
+    let out = cfg.train.out_dir.clone();
+    crate::fsutil::ensure_writable_dir(&out)?;
+    let ckpt = run::checkpoint_dir(&out);
+    let identity = data.identity(cfg.data.dataset)?;
+    let (mut trainer, mut sampler, mut train_seconds, mut window) = if a.resume {
+        let (_, extra, _) = run::read_checkpoint_meta(&ckpt)?;
+        if extra.data != identity {
+            return Err(CliError::CheckpointMismatch {
+                path: ckpt.clone(),
+                reason: format!(
+                    "it was trained on {:?}, the data now gives {:?}",
+                    extra.data, identity
+                ),
+            });
+        }
+        let t = Trainer::resume(&ckpt, &net_cfg, &train_cfg, &dev)?;
+        remove_stale_temp_files(&ckpt);
+        let s = data.resume_sampler(extra.sampler)?;
+        (t, s, extra.train_seconds, extra.loss_window)
+    } else {
+        if run::has_checkpoint(&out) {
+            return Err(CliError::Input(format!(
+                "{} already holds a run; continue it with --resume or choose another --out",
+                out.display()
+            )));
+        }
+        crate::fsutil::write_atomic(&run::config_path(&out), cfg.to_toml().as_bytes())?;
+        let t = Trainer::new(net_cfg.clone(), train_cfg.clone(), cfg.train.seed, &dev)?;
+        (
+            t,
+            data.train_sampler(cfg.train.seed)?,
+            0.0,
+            LossWindow::default(),
+        )
+    };
+    let start_step = trainer.step_count();
+    let mut metrics = MetricsWriter::open(
+        &run::metrics_path(&out),
+        if a.resume { Some(start_step) } else { None },
+    )?;
+    let stop = crate::interrupt::install();
+    let progress = Progress::new(start_step, cfg.train.steps, unit, !a.no_progress);
+    progress.log(&format!(
+        "maskdiff train: {} ({} params) on {} tokens/step, {} steps{}, output {}",
+        cfg.model.preset,
+        trainer.model().num_params(),
+        batch * len,
+        cfg.train.steps,
+        if a.resume {
+            format!(", resuming at step {start_step}")
+        } else {
+            String::new()
+        },
+        out.display()
+    ));
+
+    // The validation subset is fixed for the whole run so its curve is comparable across steps.
+    let val_n = if cfg.train.eval_batches == 0 {
+        0
+    } else {
+        cfg.train.eval_batches * micro
+    };
+    let (val_seqs, val_labels) = data.eval_sequences(Split::Valid, val_n)?;
+
+    let save = |trainer: &mut Trainer<D>,
+                sampler: &maskdiff_data::WindowSampler,
+                secs: f64,
+                window: LossWindow|
+     -> Result<()> {
+        let extra = CliExtra {
+            sampler: sampler.state().clone(),
+            data: identity.clone(),
+            config: cfg.to_toml(),
+            train_seconds: secs,
+            loss_window: window,
+        };
+        trainer.set_extra(serde_json::to_value(&extra).expect("CLI state serialises"));
+        trainer.save(&ckpt)?;
+        Ok(())
+    };
+    let validate = |trainer: &Trainer<D>| -> Result<(f64, f64)> {
+        let mut den = trainer.ema_denoiser();
+        let r = evaluate(
+            &mut den,
+            trainer.schedule(),
+            &val_seqs,
+            val_labels.as_deref(),
+            EvalOptions {
+                mc_samples: 1,
+                discrete_steps: None,
+                batch_rows: micro,
+                seed: cfg.eval.seed,
+            },
+            |_| {},
+        )?;
+        Ok((r.bits_per_token, r.stderr_bits))
+    };
+
+    let session = Instant::now();
+    let mut window_start = Instant::now();
+    let mut window_tokens = 0usize;
+    let mut stopped_early = None;
+    while trainer.step_count() < cfg.train.steps {
+        let b = data.next_batch(&mut sampler, batch)?;
+        let stats = match trainer.step(&TrainBatch {
+            x0: &b.ids,
+            batch: b.batch,
+            len: b.len,
+            labels: b.labels.as_deref(),
+        }) {
+            Ok(s) => s,
+            Err(NetworkError::NonFinite { what, step, value }) => {
+                progress.finish();
+                return Err(CliError::Diverged {
+                    what,
+                    step,
+                    value,
+                    lr: cfg.optim.lr,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let step = trainer.step_count();
+        window_tokens += batch * len;
+        let tps = window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+        window.sum += stats.bits_per_token;
+        window.count += 1;
+        progress.step(step, window.sum / window.count as f64, tps);
+        let elapsed = train_seconds + session.elapsed().as_secs_f64();
+        if step % cfg.train.log_every == 0 || step == cfg.train.steps {
+            // The mean over the steps since the last record: single batches are too noisy.
+            let mean = window.sum / window.count as f64;
+            window = LossWindow::default();
+            let mut r = Record::new(step, "train", mean);
+            r.lr = Some(stats.lr);
+            r.grad_norm = Some(stats.grad_norm);
+            r.tokens_per_sec = Some(tps);
+            r.elapsed_s = Some(elapsed);
+            metrics.write(&r)?;
+            if a.no_progress || progress_is_plain() {
+                progress.log(&format!(
+                    "step {step}/{} loss {:.4} {unit} lr {:.2e} |g| {:.3} {:.0} tok/s ETA {:.0}s",
+                    cfg.train.steps,
+                    mean,
+                    stats.lr,
+                    stats.grad_norm,
+                    tps,
+                    progress.eta_s(step)
+                ));
+            }
+            window_start = Instant::now();
+            window_tokens = 0;
+        }
+        if cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step < cfg.train.steps {
+            let (bits, se) = validate(&trainer)?;
+            let mut r = Record::new(step, "val", bits);
+            r.stderr_bits = Some(se);
+            r.elapsed_s = Some(elapsed);
+            metrics.write(&r)?;
+            progress.log(&format!(
+                "step {step}: validation NELBO {bits:.4} ± {se:.4} {unit} (EMA)"
+            ));
+        }
+        let limit = cfg.train.time_limit_s;
+        if stop.is_set() {
+            stopped_early = Some("interrupted");
+        } else if limit > 0.0 && session.elapsed().as_secs_f64() >= limit {
+            stopped_early = Some("time limit reached");
+        }
+        if stopped_early.is_some() {
+            break;
+        }
+        if step % cfg.train.checkpoint_every == 0 && step < cfg.train.steps {
+            save(&mut trainer, &sampler, elapsed, window)?;
+        }
+    }
+    progress.finish();
+    train_seconds += session.elapsed().as_secs_f64();
+    let step = trainer.step_count();
+    if let Some(why) = stopped_early {
+        save(&mut trainer, &sampler, train_seconds, window)?;
+        eprintln!(
+            "maskdiff: {why} at step {step}/{}; checkpoint saved in {} (continue with --resume)",
+            cfg.train.steps,
+            ckpt.display()
+        );
+        return Ok(());
+    }
+    let (bits, se) = validate(&trainer)?;
+    let mut r = Record::new(step, "val", bits);
+    r.stderr_bits = Some(se);
+    r.elapsed_s = Some(train_seconds);
+    metrics.write(&r)?;
+    save(&mut trainer, &sampler, train_seconds, window)?;
+    println!(
+        "trained {step} steps in {train_seconds:.0} s; validation NELBO {bits:.4} ± {se:.4} {unit} \
+         ({} sequences, EMA); checkpoint in {}",
+        val_seqs.len(),
+        ckpt.display()
+    );
+    Ok(())
+}
+
+/// True when no bar is drawn (stderr is not a terminal): print log lines instead.
+fn progress_is_plain() -> bool {
+    use std::io::IsTerminal;
+    !std::io::stderr().is_terminal()
+}
+
+/// Temp files of a save that was killed (`.name.tmp-PID`) are garbage: the manifest in force
+/// never names them.
+fn remove_stale_temp_files(ckpt: &std::path::Path) {
+    if let Ok(rd) = std::fs::read_dir(ckpt) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with('.') && n.contains(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}

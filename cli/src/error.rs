@@ -1,0 +1,98 @@
+//! The CLI's single error type. Every failure reaches `main` as a [`CliError`]; `main` prints
+//! its cause chain on one line and exits non-zero, so no user input can cause a panic.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in a `maskdiff` command.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A configuration value is invalid; `field` is its dotted TOML path (e.g. `train.lr`).
+    #[error("invalid config value `{field}`: {reason}")]
+    Config { field: String, reason: String },
+    /// The TOML file could not be parsed (unknown field, wrong type, ...).
+    #[error("cannot parse config {path}: {message}")]
+    ConfigParse { path: PathBuf, message: String },
+    /// A file or directory operation failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Malformed JSON in a file we read (metrics, manifests).
+    #[error("malformed {what} in {path}: {message}")]
+    Format {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    /// Input that cannot be used with this model (prompt too long, wrong vocabulary, ...).
+    #[error("{0}")]
+    Input(String),
+    /// The checkpoint does not fit the requested model or data.
+    #[error("checkpoint {path} does not match: {reason}")]
+    CheckpointMismatch { path: PathBuf, reason: String },
+    /// The loss or gradient became NaN or infinite; nothing of that step was saved.
+    #[error("training diverged: {what} is {value} at step {step} (optim.lr = {lr:e}; the last checkpoint is kept, lower the learning rate)")]
+    Diverged {
+        what: &'static str,
+        step: u64,
+        value: f64,
+        lr: f64,
+    },
+    /// A plot could not be drawn.
+    #[error("plot failed: {0}")]
+    Plot(String),
+    /// An error from the masking-schedule crate.
+    #[error(transparent)]
+    Schedule(#[from] maskdiff_schedule::ScheduleError),
+    /// An error from the process crate.
+    #[error(transparent)]
+    Process(#[from] maskdiff_process::ProcessError),
+    /// Reading or tokenising data.
+    #[error("data: {0}")]
+    Data(#[from] maskdiff_data::DataError),
+    /// Building, running, training or checkpointing the network.
+    #[error("network: {0}")]
+    Network(#[from] maskdiff_network::NetworkError),
+    /// Sampling.
+    #[error("sampler: {0}")]
+    Sampler(#[from] maskdiff_sampler::SamplerError),
+}
+
+impl CliError {
+    /// A config error for the dotted field `field`.
+    pub fn config(field: &str, reason: impl Into<String>) -> Self {
+        CliError::Config {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+    /// An I/O error while doing `action` on `path`.
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        CliError::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// The error and all its sources, joined with ": " on one line.
+pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = err.to_string();
+    let mut src = err.source();
+    while let Some(s) = src {
+        let part = s.to_string();
+        // `#[error(transparent)]` and "{0}" wrappers repeat their source's message.
+        if !msg.ends_with(&part) {
+            msg.push_str(": ");
+            msg.push_str(&part);
+        }
+        src = s.source();
+    }
+    msg.replace('\n', " ")
+}
+
+pub type Result<T, E = CliError> = std::result::Result<T, E>;

@@ -1,0 +1,291 @@
+//! `maskdiff plot`: PNG plots drawn with `plotters` (bitmap backend, embedded bitmap font):
+//! training/validation loss against step, masking schedules α_t and their ELBO weights against t
+//! (the paper's Figure 1), and GenMD4's learned per-token exponents against step (§6).
+
+mod glyph;
+
+use crate::error::{CliError, Result};
+use crate::metrics::Record;
+use glyph::GlyphBackend;
+use maskdiff_schedule::{AnySchedule, MaskingSchedule, Shifted};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::path::Path;
+
+const SIZE: (u32, u32) = (960, 540);
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+fn perr<E: std::fmt::Display>(e: E) -> CliError {
+    CliError::Plot(e.to_string())
+}
+
+/// Render into an RGB buffer with `draw`, then write the PNG atomically.
+fn render(
+    out: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<GlyphBackend<'_>, Shift>) -> Result<()>,
+) -> Result<()> {
+    let mut buf = vec![255u8; (size.0 * size.1 * 3) as usize];
+    {
+        let root =
+            GlyphBackend::new(BitMapBackend::with_buffer(&mut buf, size)).into_drawing_area();
+        root.fill(&WHITE).map_err(perr)?;
+        draw(&root)?;
+        root.present().map_err(perr)?;
+    }
+    crate::images::write_png_rgb(out, size.0, size.1, &buf)
+}
+
+/// (min, max) of `vals` widened by 5 % (or ±0.5 when flat).
+fn range(vals: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = vals
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let pad = if hi > lo { 0.05 * (hi - lo) } else { 0.5 };
+    (lo - pad, hi + pad)
+}
+
+/// Training and validation loss (bits/token) against step.
+pub fn metrics(records: &[Record], title: &str, out: &Path) -> Result<()> {
+    let series: Vec<(&str, Vec<(f64, f64)>)> = ["train", "val", "test"]
+        .iter()
+        .map(|&split| {
+            let pts = records
+                .iter()
+                .filter(|r| r.split == split && r.loss_bits.is_finite())
+                .map(|r| (r.step as f64, r.loss_bits))
+                .collect();
+            (split, pts)
+        })
+        .filter(|(_, p): &(&str, Vec<(f64, f64)>)| !p.is_empty())
+        .collect();
+    if series.is_empty() {
+        return Err(CliError::Plot(
+            "the metrics file has no loss records".into(),
+        ));
+    }
+    let (x0, x1) = range(series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)));
+    let (y0, y1) = range(series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)));
+    render(out, SIZE, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 24))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x0.max(0.0)..x1, y0..y1)
+            .map_err(perr)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("NELBO (bits/token)")
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(perr)?;
+        for (i, (name, pts)) in series.iter().enumerate() {
+            let c = PALETTE[i % PALETTE.len()];
+            chart
+                .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+                .map_err(perr)?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
+            if pts.len() < 60 {
+                chart
+                    .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
+                    .map_err(perr)?;
+            }
+        }
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", 12))
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(perr)?;
+        Ok(())
+    })
+}
+
+/// α_t (left) and the ELBO weight magnitude −α'_t/(1 − α_t) on a log axis (right) against t.
+pub fn schedules(names: &[String], eps: f64, out: &Path) -> Result<()> {
+    let mut scheds: Vec<(String, Shifted<AnySchedule>)> = Vec::new();
+    for n in names {
+        let base: AnySchedule = n.parse()?;
+        scheds.push((n.clone(), Shifted::new(base, eps)?));
+    }
+    if scheds.is_empty() {
+        return Err(CliError::Plot("no schedule to plot".into()));
+    }
+    const K: usize = 400;
+    let ts: Vec<f64> = (0..=K).map(|i| i as f64 / K as f64).collect();
+    let (wlo, whi) = (1e-2f64, 1e3f64);
+    render(out, (1200, 500), |root| {
+        let (left, right) = root.split_horizontally(600);
+        let mut a = ChartBuilder::on(&left)
+            .caption("alpha_t", ("sans-serif", 20))
+            .margin(14)
+            .x_label_area_size(36)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..1f64, 0f64..1.02f64)
+            .map_err(perr)?;
+        a.configure_mesh()
+            .x_desc("t")
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(perr)?;
+        let mut w = ChartBuilder::on(&right)
+            .caption("weight -alpha'_t / (1 - alpha_t)", ("sans-serif", 20))
+            .margin(14)
+            .x_label_area_size(36)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..1f64, (wlo..whi).log_scale())
+            .map_err(perr)?;
+        w.configure_mesh()
+            .x_desc("t")
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(perr)?;
+        for (i, (name, s)) in scheds.iter().enumerate() {
+            let c = PALETTE[i % PALETTE.len()];
+            let alpha: Vec<(f64, f64)> = ts.iter().map(|&t| (t, s.alpha(t))).collect();
+            a.draw_series(LineSeries::new(alpha, c.stroke_width(2)))
+                .map_err(perr)?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
+            // The weight diverges at t → 0 for unshifted schedules and vanishes at t = 1 for
+            // cosine: draw only the part inside the axis range.
+            let weight: Vec<(f64, f64)> = ts
+                .iter()
+                .map(|&t| (t, -MaskingSchedule::<f64>::weight(s, t)))
+                .filter(|&(_, v)| v.is_finite() && (wlo..=whi).contains(&v))
+                .collect();
+            w.draw_series(LineSeries::new(weight, c.stroke_width(2)))
+                .map_err(perr)?;
+        }
+        a.configure_series_labels()
+            .label_font(("sans-serif", 12))
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(perr)?;
+        Ok(())
+    })
+}
+
+/// GenMD4's per-token exponents w_v against step, from the records that carry them.
+pub fn exponents(records: &[Record], out: &Path) -> Result<()> {
+    let rows: Vec<(f64, &Vec<f64>)> = records
+        .iter()
+        .filter_map(|r| r.exponents.as_ref().map(|e| (r.step as f64, e)))
+        .collect();
+    let Some((_, first)) = rows.first() else {
+        return Err(CliError::Plot(
+            "no GenMD4 exponents in the metrics (is this a GenMD4 run?)".into(),
+        ));
+    };
+    let v = first.len();
+    let (x0, x1) = range(rows.iter().map(|r| r.0));
+    let (y0, y1) = range(rows.iter().flat_map(|r| r.1.iter().copied()));
+    render(out, SIZE, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                format!("GenMD4 exponents w_v ({v} token values)"),
+                ("sans-serif", 20),
+            )
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0.max(0.0)..x1, y0..y1)
+            .map_err(perr)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("w_v")
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(perr)?;
+        for k in 0..v {
+            let c = PALETTE[k % PALETTE.len()];
+            let pts: Vec<(f64, f64)> = rows
+                .iter()
+                .filter_map(|(s, e)| e.get(k).map(|&w| (*s, w)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts, c.stroke_width(1)))
+                .map_err(perr)?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("maskdiff-plot-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A PNG decodes to the expected size and is not blank.
+    fn check_png(p: &Path, size: (u32, u32)) {
+        let dec = png::Decoder::new(std::fs::File::open(p).unwrap());
+        let mut r = dec.read_info().unwrap();
+        let mut buf = vec![0; r.output_buffer_size()];
+        let info = r.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), size);
+        let non_white = buf[..info.buffer_size()]
+            .chunks(3)
+            .filter(|p| p != &[255, 255, 255])
+            .count();
+        assert!(
+            non_white > 1000,
+            "plot nearly blank: {non_white} coloured pixels"
+        );
+    }
+
+    #[test]
+    fn schedule_plot_is_a_png_with_content() {
+        let out = tmpdir("sched").join("s.png");
+        let names: Vec<String> = ["linear", "cosine", "poly3", "geometric"]
+            .map(String::from)
+            .into();
+        schedules(&names, 1e-4, &out).unwrap();
+        check_png(&out, (1200, 500));
+    }
+
+    #[test]
+    fn metrics_plot_needs_loss_records() {
+        let out = tmpdir("metrics").join("m.png");
+        let recs: Vec<Record> = (0..20)
+            .map(|i| {
+                Record::new(
+                    i * 10,
+                    if i % 5 == 0 { "val" } else { "train" },
+                    4.7 - i as f64 * 0.1,
+                )
+            })
+            .collect();
+        metrics(&recs, "run", &out).unwrap();
+        check_png(&out, SIZE);
+        assert!(metrics(&[], "run", &out).is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! A run directory: `config.toml` (the resolved config), `metrics.jsonl`, and `checkpoint/`
+//! (written by the network crate: tensor files first, manifest last, each atomically, so a crash
+//! mid-save leaves the previous checkpoint in force). The CLI's own resumable state — the data
+//! sampler position, the data identity and the config — travels in the manifest's `extra`.
+
+use crate::config::Config;
+use crate::dataset::{Data, DataIdentity};
+use crate::error::{CliError, Result};
+use maskdiff_data::WindowSamplerState;
+use maskdiff_network::train::{
+    AdamWConfig, LrSchedule, Manifest, Objective, TrainConfig as NetTrainConfig,
+};
+use maskdiff_network::NetworkConfig;
+use maskdiff_schedule::ScheduleSpec;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
+/// What the CLI stores in a checkpoint besides the network's own state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CliExtra {
+    /// The next training batch comes from here.
+    pub sampler: WindowSamplerState,
+    pub data: DataIdentity,
+    /// The full config, TOML text (so a checkpoint alone can be evaluated and sampled).
+    pub config: String,
+    /// Training seconds before this checkpoint (summed over resumed sessions).
+    pub train_seconds: f64,
+    /// Training losses since the last metrics record, so a resumed run logs the same means.
+    #[serde(default)]
+    pub loss_window: LossWindow,
+}
+
+/// Running sum of per-step training losses (bits/token) between two metrics records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossWindow {
+    pub sum: f64,
+    pub count: u64,
+}
+
+pub fn config_path(out: &Path) -> PathBuf {
+    out.join(CONFIG_FILE)
+}
+pub fn metrics_path(out: &Path) -> PathBuf {
+    out.join(METRICS_FILE)
+}
+pub fn checkpoint_dir(out: &Path) -> PathBuf {
+    out.join(CHECKPOINT_DIR)
+}
+
+/// Whether `dir` holds a complete checkpoint (its manifest is written last).
+pub fn has_checkpoint(out: &Path) -> bool {
+    checkpoint_dir(out)
+        .join(maskdiff_network::train::MANIFEST)
+        .is_file()
+}
+
+/// The network configuration for `cfg` on `data` (preset, vocabulary, conditioning).
+pub fn network_config(cfg: &Config, data: &Data) -> Result<NetworkConfig> {
+    let vocab = data.vocab()?.size();
+    let mut net = NetworkConfig::preset(&cfg.model.preset, vocab)
+        .map_err(|e| CliError::config("model.preset", e.to_string()))?;
+    net.time_conditioning = cfg.model.time_conditioning;
+    if let Some(d) = cfg.model.dropout {
+        net.dropout = d;
+    }
+    net.num_classes = if cfg.model.class_conditional {
+        data.num_classes()
+    } else {
+        0
+    };
+    // RoPE has no position table: the preset's length is a guard rail, raised to the data's.
+    net.max_len = net.max_len.max(data.seq_len());
+    net.validate()
+        .map_err(|e| CliError::config("model", e.to_string()))?;
+    Ok(net)
+}
+
+/// The network crate's training configuration for `cfg`.
+pub fn train_config(cfg: &Config) -> Result<NetTrainConfig> {
+    if cfg.model.kind == crate::config::ModelKind::Genmd4 {
+        return Err(CliError::config(
+            "model.kind",
+            "GenMD4 training is not available yet: the network crate's trainer implements the MD4 objective only",
+        ));
+    }
+    let o = &cfg.optim;
+    let t = NetTrainConfig {
+        objective: Objective::Md4,
+        schedule: ScheduleSpec {
+            base: cfg.schedule.parsed()?,
+            eps: cfg.schedule.eps,
+        },
+        time_sampling: cfg.schedule.time_sampling,
+        lr: LrSchedule {
+            peak: o.lr,
+            warmup_steps: o.warmup_steps,
+            total_steps: cfg.train.steps,
+        },
+        adamw: AdamWConfig {
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.adam_eps,
+            weight_decay: o.weight_decay,
+        },
+        grad_clip: o.clip_norm,
+        micro_batches: o.grad_accum,
+        ema_decay: o.ema_decay,
+    };
+    t.validate()
+        .map_err(|e| CliError::config("optim", e.to_string()))?;
+    Ok(t)
+}
+
+/// Where a RUN argument points: a run directory or a checkpoint directory.
+pub fn resolve_checkpoint(run: &Path) -> Result<PathBuf> {
+    let manifest = maskdiff_network::train::MANIFEST;
+    if run.join(manifest).is_file() {
+        return Ok(run.to_path_buf());
+    }
+    if checkpoint_dir(run).join(manifest).is_file() {
+        return Ok(checkpoint_dir(run));
+    }
+    if !run.exists() {
+        return Err(CliError::Input(format!("{} does not exist", run.display())));
+    }
+    Err(CliError::Input(format!(
+        "{} holds no checkpoint (expected {}/{manifest} or {manifest})",
+        run.display(),
+        CHECKPOINT_DIR
+    )))
+}
+
+/// Read a checkpoint's manifest and the CLI state in it.
+pub fn read_checkpoint_meta(dir: &Path) -> Result<(Manifest, CliExtra, Config)> {
+    let man = Manifest::read(dir)?;
+    let extra: CliExtra =
+        serde_json::from_value(man.extra.clone()).map_err(|e| CliError::Format {
+            what: "CLI state",
+            path: dir.join(maskdiff_network::train::MANIFEST),
+            message: e.to_string(),
+        })?;
+    let cfg = Config::parse(&extra.config, &dir.join(maskdiff_network::train::MANIFEST))?;
+    Ok((man, extra, cfg))
+}
+
+/// A checkpoint opened for evaluation or sampling.
+pub struct Loaded<D: maskdiff_network::Kernels<f32>> {
+    pub trainer: maskdiff_network::train::Trainer<D>,
+    pub extra: CliExtra,
+    pub dir: PathBuf,
+}
+
+impl<D: maskdiff_network::Kernels<f32>> Loaded<D> {
+    pub fn open(dir: &Path, dev: &D) -> Result<Self> {
+        let (_, extra, _) = read_checkpoint_meta(dir)?;
+        let trainer = maskdiff_network::train::Trainer::load(dir, dev)?;
+        if trainer.network_config().vocab_size != extra.data.vocab {
+            return Err(CliError::CheckpointMismatch {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "the network predicts {} tokens but its data has {}",
+                    trainer.network_config().vocab_size,
+                    extra.data.vocab
+                ),
+            });
+        }
+        Ok(Loaded {
+            trainer,
+            extra,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The EMA parameters (default) or the raw ones as a `Denoiser`.
+    pub fn denoiser(&self, use_ema: bool) -> maskdiff_network::NetworkDenoiser<f32, D> {
+        if use_ema {
+            self.trainer.ema_denoiser()
+        } else {
+            maskdiff_network::NetworkDenoiser::new(self.trainer.model().clone())
+        }
+    }
+}
+
+/// CUDA device 0 (builds with `--features cuda`); dfdx's own RNG is seeded for completeness —
+/// parameters are initialised on the host from the run's seed.
+#[cfg(feature = "cuda")]
+pub fn cuda_device(seed: u64) -> Result<maskdiff_network::dfdx::tensor::Cuda> {
+    maskdiff_network::dfdx::tensor::Cuda::try_build(0, seed)
+        .map_err(|e| CliError::Input(format!("cannot open CUDA device 0: {e:?}")))
+}
