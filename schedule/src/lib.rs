@@ -84,56 +84,37 @@ pub trait MaskingSchedule<F: Float>: Send + Sync {
     }
 }
 
-impl<F: Float, S: MaskingSchedule<F> + ?Sized> MaskingSchedule<F> for &S {
-    fn alpha(&self, t: F) -> F {
-        (**self).alpha(t)
-    }
-    fn dalpha(&self, t: F) -> F {
-        (**self).dalpha(t)
-    }
-    fn one_minus_alpha(&self, t: F) -> F {
-        (**self).one_minus_alpha(t)
-    }
-    fn weight(&self, t: F) -> F {
-        (**self).weight(t)
-    }
-    fn log_snr(&self, t: F) -> F {
-        (**self).log_snr(t)
-    }
-    fn t_of_alpha(&self, a: F) -> Option<F> {
-        (**self).t_of_alpha(a)
-    }
-    fn reveal_prob(&self, s: F, t: F) -> F {
-        (**self).reveal_prob(s, t)
-    }
-    fn stay_masked_prob(&self, s: F, t: F) -> F {
-        (**self).stay_masked_prob(s, t)
-    }
+/// Forward every method through a pointer type, so `&S` and `Box<dyn MaskingSchedule<F>>` are
+/// schedules too.
+macro_rules! forward_schedule {
+    ($($ptr:ty),*) => {$(
+        impl<F: Float, S: MaskingSchedule<F> + ?Sized> MaskingSchedule<F> for $ptr {
+            fn alpha(&self, t: F) -> F {
+                (**self).alpha(t)
+            }
+            fn dalpha(&self, t: F) -> F {
+                (**self).dalpha(t)
+            }
+            fn one_minus_alpha(&self, t: F) -> F {
+                (**self).one_minus_alpha(t)
+            }
+            fn weight(&self, t: F) -> F {
+                (**self).weight(t)
+            }
+            fn log_snr(&self, t: F) -> F {
+                (**self).log_snr(t)
+            }
+            fn t_of_alpha(&self, a: F) -> Option<F> {
+                (**self).t_of_alpha(a)
+            }
+            fn reveal_prob(&self, s: F, t: F) -> F {
+                (**self).reveal_prob(s, t)
+            }
+            fn stay_masked_prob(&self, s: F, t: F) -> F {
+                (**self).stay_masked_prob(s, t)
+            }
+        }
+    )*};
 }
 
-impl<F: Float, S: MaskingSchedule<F> + ?Sized> MaskingSchedule<F> for Box<S> {
-    fn alpha(&self, t: F) -> F {
-        (**self).alpha(t)
-    }
-    fn dalpha(&self, t: F) -> F {
-        (**self).dalpha(t)
-    }
-    fn one_minus_alpha(&self, t: F) -> F {
-        (**self).one_minus_alpha(t)
-    }
-    fn weight(&self, t: F) -> F {
-        (**self).weight(t)
-    }
-    fn log_snr(&self, t: F) -> F {
-        (**self).log_snr(t)
-    }
-    fn t_of_alpha(&self, a: F) -> Option<F> {
-        (**self).t_of_alpha(a)
-    }
-    fn reveal_prob(&self, s: F, t: F) -> F {
-        (**self).reveal_prob(s, t)
-    }
-    fn stay_masked_prob(&self, s: F, t: F) -> F {
-        (**self).stay_masked_prob(s, t)
-    }
-}
+forward_schedule!(&S, Box<S>);
