@@ -18,7 +18,18 @@ pub enum SamplingGrid {
 }
 
 impl SamplingGrid {
+    /// The time of grid point `i ∈ 0..=steps`, checked: an error for `steps = 0` or `i > steps`.
+    pub fn try_time(self, i: usize, steps: usize) -> Result<f64, ScheduleError> {
+        if steps == 0 || i > steps {
+            return Err(ScheduleError::BadSteps(steps));
+        }
+        Ok(self.time(i, steps))
+    }
+
     /// The time of grid point `i ∈ 0..=steps`; exactly 0 at i = 0 and 1 at i = steps.
+    ///
+    /// # Panics
+    /// If `steps == 0` or `i > steps` (a caller's logic error; [`Self::try_time`] checks).
     pub fn time(self, i: usize, steps: usize) -> f64 {
         assert!(steps > 0 && i <= steps, "grid index {i} out of 0..={steps}");
         if i == 0 {
