@@ -7,8 +7,10 @@ sinusoidal time embedding of 1000·t -> Dense(4·d_c) -> swish -> Dense(d_c), pe
 bias-free q/k, softmax attention written out (matmul, softmax, matmul), GLU FFN (sigmoid gate,
 hidden 704), gated residuals, final LN + modulation + zero-init Dense(V). Same step as
 `Trainer::step`: antithetic t, masking with the shifted linear schedule, forward, MD4 loss,
-backward, global grad norm, AdamW, EMA. Prints `torch forward_tok_s=... train_tok_s=...` from the
-fastest timed iteration (as the Rust side does).
+backward, global grad norm, AdamW, EMA. Prints `torch forward_tok_s=... train_tok_s=...
+train_peak_rss_mb=... train_rss_growth_mb=...` from the fastest timed iteration (as the Rust side
+does); peak resident memory of the train phase is the Linux high-water mark VmHWM, reset through
+/proc/self/clear_refs before the phase (growth = peak minus the resident set before it).
 
 Installs torch from PyPI (plain `pip install torch`) if it is missing.
 """
@@ -134,16 +136,39 @@ def md4_step(model, opt, ema, x0, vocab, gen):
     return loss.item()
 
 
+def _status_mb(key):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak():
+    """Restart the resident-set high-water mark (Linux); returns the current RSS in MB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_mb("VmRSS:")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--len", type=int, default=256)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    vocab, n, b = 27, 256, 16
+    vocab, n, b = 27, args.len, args.batch
     model = Md4Transformer(vocab)
     nparams = sum(p.numel() for p in model.parameters())
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {nparams} parameters")
@@ -154,6 +179,7 @@ def main():
     xt = torch.where(torch.rand((b, n), generator=gen) < 0.5, x0, torch.full_like(x0, vocab))
     t = (torch.arange(b, dtype=torch.float64) + 0.5) / b
 
+    rss0 = reset_peak()
     fwd = []
     with torch.inference_mode():
         for i in range(args.warmup + args.iters):
@@ -161,17 +187,23 @@ def main():
             model(xt, t)
             if i >= args.warmup:
                 fwd.append(time.perf_counter() - s)
+    fwd_peak = _status_mb("VmHWM:")
+    rss1 = reset_peak()
     step = []
     for i in range(args.warmup + args.iters):
         s = time.perf_counter()
         md4_step(model, opt, ema, x0, vocab, gen)
         if i >= args.warmup:
             step.append(time.perf_counter() - s)
+    peak = _status_mb("VmHWM:")
     # fastest iteration (other processes only ever add time); medians for information
     f, st = min(fwd), min(step)
-    print(f"forward: best {f:.4f} s/batch, median {sorted(fwd)[len(fwd) // 2]:.4f}")
-    print(f"train step: best {st:.4f} s/step, median {sorted(step)[len(step) // 2]:.4f}")
-    print(f"torch forward_tok_s={b * n / f:.1f} train_tok_s={b * n / st:.1f}")
+    print(f"forward: best {f:.4f} s/batch, median {sorted(fwd)[len(fwd) // 2]:.4f}, "
+          f"peak RSS {fwd_peak:.1f} MB (+{fwd_peak - rss0:.1f} over the model)")
+    print(f"train step: best {st:.4f} s/step, median {sorted(step)[len(step) // 2]:.4f}, "
+          f"peak RSS {peak:.1f} MB (+{peak - rss1:.1f})")
+    print(f"torch forward_tok_s={b * n / f:.1f} train_tok_s={b * n / st:.1f} "
+          f"train_peak_rss_mb={peak:.1f} train_rss_growth_mb={peak - rss1:.1f}")
 
 
 if __name__ == "__main__":

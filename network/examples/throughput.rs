@@ -1,19 +1,27 @@
-//! Throughput benchmark (not a test): the `cpu-small` MD4 transformer (vocab 27 + mask, length
-//! 256, width 256, 4 layers, 4 heads, GLU), batch 16, f32, on dfdx's CPU device:
-//! (a) forward (no tape) and (b) a full training step (masking, forward, MD4 loss, backward,
-//! gradient norm, AdamW, EMA), in tokens per second (median over timed iterations).
+//! Throughput benchmark (not a test): an MD4 transformer preset (default `cpu-small`: vocab
+//! 27 plus the mask, length 256, width 256, 4 layers, 4 heads, GLU), batch 16, f32, on dfdx's CPU device
+//! (or CUDA with `--features cuda` and `--device cuda`): (a) forward (no tape) and (b) a full
+//! training step (masking, forward, MD4 loss, backward, gradient norm, AdamW, EMA), in tokens
+//! per second of the fastest timed iteration (other processes only ever add time), and the peak
+//! resident memory of each phase (Linux: VmHWM, reset between phases through
+//! /proc/self/clear_refs).
 //!
-//! `cargo run --release -p maskdiff-network --example throughput -- [--iters N] [--warmup N]`
-//! The last line is machine-readable: `maskdiff forward_tok_s=… train_tok_s=…`.
+//! `cargo run --release -p maskdiff-network --example throughput -- [--iters N] [--warmup N]
+//!  [--batch B] [--len N] [--preset NAME] [--vocab V] [--device cpu|cuda] [--no-forward]`
+//! The last line is machine-readable: `maskdiff forward_tok_s=… train_tok_s=…
+//! train_peak_rss_mb=… train_rss_growth_mb=…`.
+
+#[path = "common/mem.rs"]
+mod mem;
 
 use maskdiff_network::dfdx::prelude::*;
 use maskdiff_network::train::{LrSchedule, TrainBatch, TrainConfig, Trainer};
-use maskdiff_network::NetworkConfig;
+use maskdiff_network::{Kernels, NetworkConfig};
 use maskdiff_process::DenoiseBatch;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
-fn arg(name: &str, default: usize) -> usize {
+fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
@@ -22,17 +30,26 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
 /// (fastest, median) of the timings.
 fn summary(mut xs: Vec<f64>) -> (f64, f64) {
     xs.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
     (xs[0], xs[xs.len() / 2])
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (iters, warmup) = (arg("--iters", 10).max(1), arg("--warmup", 2));
-    let (v, n, b) = (27usize, 256usize, 16usize);
-    let cfg = NetworkConfig::preset("cpu-small", v)?;
-    let dev = Cpu::default();
+fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
+    let (iters, warmup) = (arg("--iters", 10usize).max(1), arg("--warmup", 2usize));
+    let (v, n, b) = (
+        arg("--vocab", 27usize),
+        arg("--len", 256usize),
+        arg("--batch", 16usize),
+    );
+    let preset: String = arg("--preset", "cpu-small".to_string());
+    let mut cfg = NetworkConfig::preset(&preset, v)?;
+    cfg.max_len = cfg.max_len.max(n);
     let train_cfg = TrainConfig {
         lr: LrSchedule {
             peak: 3e-4,
@@ -41,9 +58,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         ..Default::default()
     };
-    let mut trainer = Trainer::new(cfg.clone(), train_cfg, 0, &dev)?;
+    let mut trainer = Trainer::new(cfg.clone(), train_cfg, 0, dev)?;
     println!(
-        "model cpu-small: {} parameters, ffn hidden {}, batch {b}, len {n}, rayon threads {}",
+        "model {preset}: {} parameters, ffn hidden {}, batch {b}, len {n}, rayon threads {}",
         trainer.model().num_params(),
         cfg.ffn_hidden_dim(),
         rayon_threads()
@@ -63,15 +80,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         t: &t,
         labels: None,
     };
+    let tokens = (b * n) as f64;
 
-    let mut fwd = Vec::new();
-    for i in 0..warmup + iters {
-        let s = Instant::now();
-        let logits = trainer.model().forward(&input, NoneTape, None)?;
-        let _ = logits.as_vec(); // synchronise
-        if i >= warmup {
-            fwd.push(s.elapsed().as_secs_f64());
+    let mut fwd_tok_s = f64::NAN;
+    let rss0 = mem::reset_peak();
+    if !flag("--no-forward") {
+        let mut fwd = Vec::new();
+        for i in 0..warmup + iters {
+            let s = Instant::now();
+            let logits = trainer.model().forward(&input, NoneTape, None)?;
+            let _ = logits.as_vec(); // synchronise
+            if i >= warmup {
+                fwd.push(s.elapsed().as_secs_f64());
+            }
         }
+        let (f, fm) = summary(fwd);
+        println!(
+            "forward: best {f:.4} s/batch, median {fm:.4}, peak RSS {:.1} MB (+{:.1} over the model)",
+            mem::peak_mb(),
+            mem::peak_mb() - rss0
+        );
+        fwd_tok_s = tokens / f;
     }
     let batch = TrainBatch {
         x0: &x0,
@@ -79,6 +108,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         len: n,
         labels: None,
     };
+    let rss1 = mem::reset_peak();
     let mut step = Vec::new();
     for i in 0..warmup + iters {
         let s = Instant::now();
@@ -87,16 +117,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             step.push(s.elapsed().as_secs_f64());
         }
     }
-    let ((f, fm), (s, sm)) = (summary(fwd), summary(step));
-    let tokens = (b * n) as f64;
-    println!("forward: best {f:.4} s/batch, median {fm:.4}");
-    println!("train step: best {s:.4} s/step, median {sm:.4}");
+    let (s, sm) = summary(step);
+    let (peak, growth) = (mem::peak_mb(), mem::peak_mb() - rss1);
     println!(
-        "maskdiff forward_tok_s={:.1} train_tok_s={:.1}",
-        tokens / f,
+        "train step: best {s:.4} s/step, median {sm:.4}, peak RSS {peak:.1} MB (+{growth:.1})"
+    );
+    println!(
+        "maskdiff forward_tok_s={fwd_tok_s:.1} train_tok_s={:.1} train_peak_rss_mb={peak:.1} \
+         train_rss_growth_mb={growth:.1}",
         tokens / s
     );
     Ok(())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    match arg("--device", "cpu".to_string()).as_str() {
+        "cpu" => run(&Cpu::default()),
+        #[cfg(feature = "cuda")]
+        "cuda" => run(&maskdiff_network::dfdx::tensor::Cuda::default()),
+        other => Err(format!("unknown or not compiled-in device {other:?}").into()),
+    }
 }
 
 fn rayon_threads() -> String {

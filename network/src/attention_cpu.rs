@@ -1,5 +1,6 @@
 //! Host kernels for bidirectional multi-head attention on the CPU (spec §7.2): per (sequence,
-//! head) S = Q Kᵀ, P = softmax(S), O = P V and the exact backward pass, one task per
+//! head) S = Q Kᵀ, P = softmax(S), O = P V and the exact backward pass (P recomputed from the
+//! kept row log-sum-exp instead of stored), one task per
 //! (sequence, head) on rayon with single-threaded `gemm` calls on strided views, so Q, K, V and O
 //! stay in their (batch, len, heads, head_dim) layout (no permute copies) and dfdx's loop of
 //! per-matrix multi-threaded gemm calls is avoided. Q arrives already scaled by 1/√hd.
@@ -19,7 +20,9 @@ impl<E> SendPtr<E> {
     }
 }
 
-/// dst (m×n) = lhs (m×k) · rhs (k×n), all with (row, column) element strides.
+/// dst (m×n) = [dst +] lhs (m×k) · rhs (k×n), all with (row, column) element strides,
+/// single-threaded (the callers parallelise over (sequence, head)). Without `acc` dst is
+/// written without being read, so it may be uninitialised.
 ///
 /// # Safety
 /// Every pointer must address its whole strided matrix; `dst` must not alias the inputs.
@@ -28,6 +31,7 @@ unsafe fn mm<E: Elem>(
     (m, n, k): (usize, usize, usize),
     dst: *mut E,
     (d_rs, d_cs): (usize, usize),
+    acc: bool,
     lhs: *const E,
     (l_rs, l_cs): (usize, usize),
     rhs: *const E,
@@ -40,14 +44,14 @@ unsafe fn mm<E: Elem>(
         dst,
         d_cs as isize,
         d_rs as isize,
-        false,
+        acc,
         lhs,
         l_cs as isize,
         l_rs as isize,
         rhs,
         r_cs as isize,
         r_rs as isize,
-        E::zero(),
+        if acc { E::one() } else { E::zero() },
         E::one(),
         false,
         false,
@@ -94,18 +98,34 @@ pub(crate) unsafe fn mm_par<E: Elem>(
     )
 }
 
-/// Numerically stable softmax of each `d`-long row, in place.
-pub(crate) fn softmax_rows<E: Elem>(rows: &mut [E], d: usize) {
-    for row in rows.chunks_mut(d) {
+/// Numerically stable softmax of each `d`-long row, in place. Separate max / exp / sum / scale
+/// passes with 8 independent partial sums so each loop vectorises ([`Elem::fast_exp`]). With
+/// `lse`, each row's log Σ exp (one per row) is written there.
+pub(crate) fn softmax_rows<E: Elem>(rows: &mut [E], d: usize, mut lse: Option<&mut [E]>) {
+    for (i, row) in rows.chunks_mut(d).enumerate() {
         let m = row.iter().fold(E::neg_infinity(), |a, &v| a.max(v));
-        let mut s = E::zero();
-        for v in row.iter_mut() {
-            *v = (*v - m).exp();
-            s += *v;
-        }
-        let inv = E::one() / s;
+        row.iter_mut().for_each(|v| *v = (*v - m).fast_exp());
+        let sum = lane_sum(row);
+        let inv = E::one() / sum;
         row.iter_mut().for_each(|v| *v *= inv);
+        if let Some(l) = lse.as_deref_mut() {
+            l[i] = m + sum.ln();
+        }
     }
+}
+
+/// Σ xs with 8 interleaved partial sums (vectorisable; a different but equally accurate
+/// summation order than left to right).
+pub(crate) fn lane_sum<E: Elem>(xs: &[E]) -> E {
+    let mut acc = [E::zero(); 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    let tail = chunks.remainder().iter().fold(E::zero(), |a, &x| a + x);
+    acc.iter().fold(tail, |a, &x| a + x)
 }
 
 /// Shapes of one attention call.
@@ -128,112 +148,135 @@ impl Dims {
     }
 }
 
-/// Forward: q, k, v (b, n, h, hd) → (o (b, n, h, hd), p (b, h, n, n)). With `keep_p = false`
-/// (inference) each task uses an n×n scratch instead and `p` comes back empty, so memory does
-/// not grow with batch × heads × n².
+/// Forward: q, k, v (b, n, h, hd) → (o (b, n, h, hd), lse (b, h, n)). The probabilities P live
+/// only in a per-task n×n scratch; for the backward pass (`keep_lse`) only each row's
+/// log Σ exp is kept and P is recomputed from Q, K and it (as FlashAttention does), so the
+/// memory held per layer is linear in n instead of b·h·n² (and no buffer of that size is
+/// allocated, page-faulted and freed every step). Without `keep_lse` (inference) `lse` is empty.
 pub(crate) fn forward<E: Elem>(
     q: &[E],
     k: &[E],
     v: &[E],
     dims: Dims,
-    keep_p: bool,
+    keep_lse: bool,
 ) -> (Vec<E>, Vec<E>) {
     let Dims { b, n, h, .. } = dims;
     let (d, hd) = (dims.d(), dims.hd);
-    let mut p = if keep_p {
-        vec![E::zero(); b * h * n * n]
+    let tasks = b * h;
+    let mut lse = if keep_lse {
+        vec![E::zero(); tasks * n]
     } else {
         Vec::new()
     };
-    let mut o = vec![E::zero(); b * n * d];
+    // every task overwrites its (bi, ·, hi, ·) block of o, and the blocks tile o: no zeroing
+    let mut o: Vec<E> = Vec::with_capacity(b * n * d);
     let op = SendPtr(o.as_mut_ptr());
-    let pp = SendPtr(p.as_mut_ptr());
-    (0..b * h).into_par_iter().for_each(|task| {
+    let lp = SendPtr(lse.as_mut_ptr());
+    (0..tasks).into_par_iter().for_each(|task| {
         let t = dims.tok(task);
-        let mut scratch = Vec::new();
-        let pt: &mut [E] = if keep_p {
-            // SAFETY: task-private chunk of p
-            unsafe { std::slice::from_raw_parts_mut(pp.get().add(task * n * n), n * n) }
-        } else {
-            scratch.resize(n * n, E::zero());
-            &mut scratch
-        };
+        let mut p: Vec<E> = Vec::with_capacity(n * n);
         // SAFETY: offsets stay inside q/k/v/o (t + (n−1)·d + hd ≤ b·n·d); each task writes its
-        // own P chunk (or scratch) and its own (bi, ·, hi, ·) block of o.
+        // own scratch, its own n entries of lse and its own block of o; the softmax reads the
+        // scratch only after the first product has written all of it.
         unsafe {
             mm(
                 (n, n, hd),
-                pt.as_mut_ptr(),
+                p.as_mut_ptr(),
                 (n, 1),
+                false,
                 q.as_ptr().add(t),
                 (d, 1),
                 k.as_ptr().add(t),
                 (1, d),
             );
-            softmax_rows(pt, n);
+            p.set_len(n * n);
+            let l = keep_lse.then(|| std::slice::from_raw_parts_mut(lp.get().add(task * n), n));
+            softmax_rows(&mut p, n, l);
             mm(
                 (n, hd, n),
                 op.get().add(t),
                 (d, 1),
-                pt.as_ptr(),
+                false,
+                p.as_ptr(),
                 (n, 1),
                 v.as_ptr().add(t),
                 (d, 1),
             );
         }
     });
-    (o, p)
+    // SAFETY: all elements were written by the tasks above.
+    unsafe { o.set_len(b * n * d) };
+    (o, lse)
 }
 
-/// Backward: given dO, returns (dq, dk, dv), each (b, n, h, hd).
-pub(crate) fn backward<E: Elem>(
+/// Backward: given dO and the forward's log Σ exp per row, adds dQ, dK, dV (each
+/// (b, n, h, hd)) into `gq`, `gk`, `gv`. P = exp(Q Kᵀ − lse) is recomputed per task.
+///
+/// # Safety
+/// Each gradient pointer must address b·n·h·hd initialised elements that nothing else
+/// accesses during the call; they may coincide (each task updates its own blocks serially).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn backward<E: Elem>(
     q: &[E],
     k: &[E],
     v: &[E],
-    p: &[E],
+    lse: &[E],
     go: &[E],
     dims: Dims,
-) -> (Vec<E>, Vec<E>, Vec<E>) {
+    (gq, gk, gv): (*mut E, *mut E, *mut E),
+) {
     let Dims { b, n, h, .. } = dims;
     let (d, hd) = (dims.d(), dims.hd);
-    let mut gq = vec![E::zero(); b * n * d];
-    let mut gk = vec![E::zero(); b * n * d];
-    let mut gv = vec![E::zero(); b * n * d];
-    let (pq, pk, pv) = (
-        SendPtr(gq.as_mut_ptr()),
-        SendPtr(gk.as_mut_ptr()),
-        SendPtr(gv.as_mut_ptr()),
-    );
+    let (pq, pk, pv) = (SendPtr(gq), SendPtr(gk), SendPtr(gv));
     (0..b * h).into_par_iter().for_each(|task| {
         let t = dims.tok(task);
-        let pt = &p[task * n * n..(task + 1) * n * n];
-        let mut ds = vec![E::zero(); n * n];
-        // SAFETY: as in `forward`; each task writes only its own blocks of gq/gk/gv and its
-        // private `ds`.
+        let l = &lse[task * n..(task + 1) * n];
+        let mut p: Vec<E> = Vec::with_capacity(n * n);
+        let mut ds: Vec<E> = Vec::with_capacity(n * n);
+        // SAFETY: as in `forward`; each task touches only its own blocks of gq/gk/gv and its
+        // private scratch (each written in full by a product before it is read).
         unsafe {
+            // P = exp(Q Kᵀ − lse)
+            mm(
+                (n, n, hd),
+                p.as_mut_ptr(),
+                (n, 1),
+                false,
+                q.as_ptr().add(t),
+                (d, 1),
+                k.as_ptr().add(t),
+                (1, d),
+            );
+            p.set_len(n * n);
+            for (row, &li) in p.chunks_mut(n).zip(l) {
+                row.iter_mut().for_each(|s| *s = (*s - li).fast_exp());
+            }
             // dP = dO Vᵀ
             mm(
                 (n, n, hd),
                 ds.as_mut_ptr(),
                 (n, 1),
+                false,
                 go.as_ptr().add(t),
                 (d, 1),
                 v.as_ptr().add(t),
                 (1, d),
             );
+            ds.set_len(n * n);
             // dS = P ⊙ (dP − rowsum(dP ⊙ P))
-            for (dr, pr) in ds.chunks_mut(n).zip(pt.chunks(n)) {
+            for (dr, pr) in ds.chunks_mut(n).zip(p.chunks(n)) {
                 let dot = dr.iter().zip(pr).fold(E::zero(), |a, (&g, &p)| a + g * p);
                 dr.iter_mut()
                     .zip(pr)
                     .for_each(|(g, &p)| *g = p * (*g - dot));
             }
-            // dV = Pᵀ dO, dQ = dS K, dK = dSᵀ Q
+            // dV += Pᵀ dO, dQ += dS K, dK += dSᵀ Q
             mm(
                 (n, hd, n),
                 pv.get().add(t),
                 (d, 1),
-                pt.as_ptr(),
+                true,
+                p.as_ptr(),
                 (1, n),
                 go.as_ptr().add(t),
                 (d, 1),
@@ -242,6 +285,7 @@ pub(crate) fn backward<E: Elem>(
                 (n, hd, n),
                 pq.get().add(t),
                 (d, 1),
+                true,
                 ds.as_ptr(),
                 (n, 1),
                 k.as_ptr().add(t),
@@ -251,6 +295,7 @@ pub(crate) fn backward<E: Elem>(
                 (n, hd, n),
                 pk.get().add(t),
                 (d, 1),
+                true,
                 ds.as_ptr(),
                 (1, n),
                 q.as_ptr().add(t),
@@ -258,5 +303,4 @@ pub(crate) fn backward<E: Elem>(
             );
         }
     });
-    (gq, gk, gv)
 }

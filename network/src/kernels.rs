@@ -3,13 +3,19 @@
 //! multi-threaded kernels with hand-written backward passes registered on the tape
 //! (`Tape::add_backward_op`): matrix products (gemm 0.19, whose AVX-512 kernels are ~2.8× faster
 //! here than dfdx's gemm 0.15), attention per (sequence, head), softmax over the last axis,
-//! LayerNorm without affine, adaLN modulation, gated residual, the GLU/SwiGLU gate and RoPE. dfdx composes the
-//! element-wise ones from 4–10 separate ops, each allocating and sweeping memory; here each is one
-//! sweep forward and one backward. Every CPU kernel is checked against the generic default
-//! (values and gradients, f64) in this module's tests.
+//! LayerNorm without affine, RMSNorm with a scale, adaLN modulation, gated residual, the
+//! GLU/SwiGLU gate and RoPE. dfdx composes the element-wise ones from 4–10 separate ops, each
+//! allocating and sweeping memory; here each is one sweep forward and one backward.
+//!
+//! Memory traffic (issue 8, `bench/NOTES.md`): inputs are read in place ([`view`]), the backward
+//! op takes its output's gradient out of the store ([`take_grad!`]) and accumulates straight
+//! into its inputs' gradients, gemm outputs are not zero-filled, and the f32 softmax/sigmoid use
+//! the vectorisable [`Elem::fast_exp`]. Every CPU kernel is checked against the generic default
+//! (values and gradients) in this module's tests: in f64 to 1e-12, and in f32 (fast exp,
+//! different summation order) to 2e-5·(1 + |reference|).
 
 use crate::attention_cpu;
-use crate::layers::{self, Res, Rope, T2, T4};
+use crate::layers::{self, Res, Rope, T1, T2, T4};
 use crate::{Elem, MlpKind};
 use dfdx::prelude::*;
 use rayon::prelude::*;
@@ -35,6 +41,13 @@ pub trait Kernels<E: Elem>: Device<E> {
     /// LayerNorm without affine parameters over the last axis of (m, d).
     fn layer_norm<T: Tape<E, Self>>(x: T2<E, Self, T>) -> Res<T2<E, Self, T>, Self> {
         layers::layer_norm(x)
+    }
+    /// RMSNorm with a learnable scale (tape-free parameter) over the last axis of (m, d).
+    fn rms_norm<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        scale: T1<E, Self>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        layers::rms_norm(x, scale)
     }
     /// `x·(1 + scale) + shift`, x (b·n, d), shift/scale (b, d).
     fn modulate<T: Tape<E, Self>>(
@@ -87,10 +100,70 @@ pub trait Kernels<E: Elem>: Device<E> {
 #[cfg(feature = "cuda")]
 impl<E: Elem> Kernels<E> for dfdx::tensor::Cuda where dfdx::tensor::Cuda: Device<E> {}
 
-/// Physical data of a tensor made contiguous (one memcpy).
+/// Physical data of a tensor made contiguous (one memcpy): the starting point of kernels that
+/// build their output in place from a copy of an input.
 fn host<S: Shape, E: Elem, T>(t: &Tensor<S, E, Cpu, T>) -> Vec<E> {
     let mut v = vec![E::zero(); t.shape().num_elements()];
     t.copy_into(&mut v);
+    v
+}
+
+/// Zero-copy read access to a row-major contiguous CPU tensor (callers pass the result of
+/// `try_contiguous`, which keeps contiguous data as it is). dfdx 0.13 keeps tensor storage
+/// private and offers only copies (`copy_into`, `as_vec`); copying every kernel input cost
+/// ~7 % of a training step in memcpy plus the page faults of the fresh buffers, and doubled
+/// the activations held for the backward pass. The public element indexing is the only way to
+/// the storage: element 0's address plus the element count spans the buffer, which for a
+/// contiguous tensor holds exactly `num_elements` values. The strides are checked (one index
+/// per axis) so a broadcast or permuted view can never be misread.
+fn view<S: Shape, E: Elem, T>(t: &Tensor<S, E, Cpu, T>) -> &[E] {
+    let shape = *t.shape();
+    let n = shape.num_elements();
+    if n == 0 {
+        return &[];
+    }
+    let zero = S::Concrete::default();
+    let first: *const E = &t[zero];
+    let dims = shape.concrete();
+    let mut stride = 1;
+    for axis in (0..S::NUM_DIMS).rev() {
+        if dims[axis] > 1 {
+            let mut ix = zero;
+            ix[axis] = 1;
+            let at: *const E = &t[ix];
+            assert!(
+                at == first.wrapping_add(stride),
+                "view of a non-contiguous tensor"
+            );
+        }
+        stride *= dims[axis];
+    }
+    // SAFETY: the tensor's buffer is a live, initialised Vec<E> holding `n` contiguous elements
+    // from element 0 (row-major strides checked above); the slice borrows `t`, which keeps the
+    // buffer alive and unmodified (dfdx never mutates a buffer shared through its Arc).
+    unsafe { std::slice::from_raw_parts(first, n) }
+}
+
+/// Moves `y`'s accumulated gradient out of the gradient store (no copy) for `y`'s backward op.
+/// Only the op that produced `y` reads its gradient, and it runs after every consumer of `y`
+/// has added to it, so nothing reads the (now empty) entry afterwards; the memory is freed
+/// as soon as the op is done instead of at the end of the backward pass. Consequently the
+/// gradients of the fused kernels' outputs are not available to callers after `backward`
+/// (parameters and other inputs keep theirs). A macro because dfdx does not export the
+/// ghost-tensor type. Evaluates to `Vec<E>`; `?` propagates the allocation error.
+macro_rules! take_grad {
+    ($grads:expr, $y:expr) => {
+        std::mem::take(&mut **$grads.get_or_alloc_mut(&$y)?)
+    };
+}
+
+/// A `len`-element output buffer written completely by `fill` before it is read (gemm with
+/// `read_dst = false` never reads its destination), so no zeroing pass is needed.
+fn alloc_filled<E: Elem>(len: usize, fill: impl FnOnce(*mut E)) -> Vec<E> {
+    let mut v = Vec::with_capacity(len);
+    fill(v.as_mut_ptr());
+    // SAFETY: `fill` initialised all `len` elements through the pointer.
+    unsafe { v.set_len(len) };
     v
 }
 
@@ -113,17 +186,18 @@ macro_rules! cpu_kernels {
                     x: T2<E, Self, T>,
                     w: T2<E, Self>,
                 ) -> Res<T2<E, Self, T>, Self> {
+                    crate::alloc::tune_allocator();
                     let (x, w) = (x.try_contiguous()?, w.try_contiguous()?);
                     let ((m, k), n) = (*x.shape(), w.shape().1);
                     assert_eq!(k, w.shape().0, "matmul inner dimensions");
                     let (x, mut tape) = x.split_tape();
-                    let (xv, wv) = (host(&x), host(&w));
-                    let mut y = vec![E::zero(); m * n];
-                    // SAFETY: row-major buffers of exactly (m, k), (k, n), (m, n).
-                    unsafe {
+                    let (xv, wv) = (view(&x), view(&w));
+                    // SAFETY: row-major buffers of exactly (m, k), (k, n), (m, n); gemm
+                    // overwrites all of y without reading it.
+                    let y = alloc_filled(m * n, |y| unsafe {
                         attention_cpu::mm_par(
                             (m, n, k),
-                            y.as_mut_ptr(),
+                            y,
                             (n, 1),
                             false,
                             xv.as_ptr(),
@@ -131,13 +205,13 @@ macro_rules! cpu_kernels {
                             wv.as_ptr(),
                             (n, 1),
                         );
-                    }
+                    });
                     let y = x.device().try_tensor_from_vec(y, (m, n))?;
                     if T::OWNS_TAPE {
                         let (xg, wg, yg) = (x.ghost(), w.ghost(), y.ghost());
                         tape.add_backward_op(move |grads| {
-                            grads.try_alloc_for(&yg)?;
-                            let gy = host(&grads.get(&yg));
+                            let gy = take_grad!(grads, yg);
+                            let (xv, wv) = (view(&x), view(&w));
                             // dX += dY Wᵀ, dW += Xᵀ dY, accumulated in place
                             let gx = grads.get_or_alloc_mut(&xg)?;
                             // SAFETY: gradient buffers have the shapes of x and w.
@@ -187,47 +261,56 @@ macro_rules! cpu_kernels {
                     let (a, ta) = a.split_tape();
                     let (u, tu) = u.split_tape();
                     let mut tape = ta.merge(tu);
-                    let (av, uv) = (host(&a), host(&u));
-                    // act(a) = σ(a) (GLU) or a·σ(a) (SwiGLU); y = act(a)·u
-                    let sig: Vec<E> = av
+                    // act(a) = σ(a) (GLU) or a·σ(a) (SwiGLU); y = act(a)·u. σ is recomputed in
+                    // the backward pass rather than stored (one exp per element is cheaper
+                    // than holding another (m, hidden) buffer per block).
+                    let y: Vec<E> = view(&a)
                         .par_iter()
-                        .map(|&x| E::one() / (E::one() + (-x).exp()))
-                        .collect();
-                    let y: Vec<E> = av
-                        .par_iter()
-                        .zip(&sig)
-                        .zip(&uv)
-                        .map(|((&x, &s), &u)| if swish { x * s * u } else { s * u })
+                        .zip(view(&u))
+                        .map(|(&x, &u)| {
+                            let s = E::one() / (E::one() + (-x).fast_exp());
+                            if swish {
+                                x * s * u
+                            } else {
+                                s * u
+                            }
+                        })
                         .collect();
                     let y = a.device().try_tensor_from_vec(y, shape)?;
                     if T::OWNS_TAPE {
                         let (ag, ug, yg) = (a.ghost(), u.ghost(), y.ghost());
                         tape.add_backward_op(move |grads| {
-                            grads.try_alloc_for(&yg)?;
-                            let gy = host(&grads.get(&yg));
+                            let gy = take_grad!(grads, yg);
+                            let (av, uv) = (view(&a), view(&u));
+                            let cr = chunk_rows(1);
                             // ∂y/∂u = act(a); ∂y/∂a = u·σ'(a) or u·σ(a)(1 + a(1 − σ(a)))
-                            let gu: Vec<E> = gy
-                                .par_iter()
-                                .zip(&sig)
-                                .zip(&av)
-                                .map(|((&g, &s), &x)| if swish { g * x * s } else { g * s })
-                                .collect();
-                            let ga: Vec<E> = gy
-                                .par_iter()
-                                .zip(&sig)
-                                .zip(&av)
-                                .zip(&uv)
-                                .map(|(((&g, &s), &x), &u)| {
-                                    let d = if swish {
-                                        s * (E::one() + x * (E::one() - s))
-                                    } else {
-                                        s * (E::one() - s)
-                                    };
-                                    g * u * d
-                                })
-                                .collect();
-                            add_into(grads.get_or_alloc_mut(&ug)?, &gu);
-                            add_into(grads.get_or_alloc_mut(&ag)?, &ga);
+                            let gu = grads.get_or_alloc_mut(&ug)?;
+                            gu.par_chunks_mut(cr)
+                                .zip(gy.par_chunks(cr))
+                                .zip(av.par_chunks(cr))
+                                .for_each(|((gu, gy), av)| {
+                                    for ((gu, &g), &x) in gu.iter_mut().zip(gy).zip(av) {
+                                        let s = E::one() / (E::one() + (-x).fast_exp());
+                                        *gu += if swish { g * x * s } else { g * s };
+                                    }
+                                });
+                            let ga = grads.get_or_alloc_mut(&ag)?;
+                            ga.par_chunks_mut(cr)
+                                .zip(gy.par_chunks(cr))
+                                .zip(av.par_chunks(cr))
+                                .zip(uv.par_chunks(cr))
+                                .for_each(|(((ga, gy), av), uv)| {
+                                    let it = ga.iter_mut().zip(gy).zip(av).zip(uv);
+                                    for (((ga, &g), &x), &u) in it {
+                                        let s = E::one() / (E::one() + (-x).fast_exp());
+                                        let d = if swish {
+                                            s * (E::one() + x * (E::one() - s))
+                                        } else {
+                                            s * (E::one() - s)
+                                        };
+                                        *ga += g * u * d;
+                                    }
+                                });
                             Ok(())
                         });
                     }
@@ -242,14 +325,14 @@ macro_rules! cpu_kernels {
                     let mut y = host(&x);
                     let cr = chunk_rows(d);
                     y.par_chunks_mut(d * cr)
-                        .for_each(|rows| attention_cpu::softmax_rows(rows, d));
+                        .for_each(|rows| attention_cpu::softmax_rows(rows, d, None));
                     let y = x.device().try_tensor_from_vec(y, shape)?;
                     if T::OWNS_TAPE {
                         let (xg, yk) = (x.ghost(), y.clone());
+                        let yg = y.ghost();
                         tape.add_backward_op(move |grads| {
-                            grads.try_alloc_for(&yk)?;
-                            let gy = host(&grads.get(&yk));
-                            let yv = host(&yk);
+                            let gy = take_grad!(grads, yg);
+                            let yv = view(&yk);
                             let gx = grads.get_or_alloc_mut(&xg)?;
                             gx.par_chunks_mut(d * cr)
                                 .zip(yv.par_chunks(d * cr))
@@ -298,11 +381,10 @@ macro_rules! cpu_kernels {
                         });
                     let y = x.device().try_tensor_from_vec(y, shape)?;
                     if T::OWNS_TAPE {
-                        let (xg, yk) = (x.ghost(), y.clone());
+                        let (xg, yk, yg) = (x.ghost(), y.clone(), y.ghost());
                         tape.add_backward_op(move |grads| {
-                            grads.try_alloc_for(&yk)?;
-                            let gy = host(&grads.get(&yk));
-                            let yv = host(&yk);
+                            let gy = take_grad!(grads, yg);
+                            let yv = view(&yk);
                             let gx = grads.get_or_alloc_mut(&xg)?;
                             gx.par_chunks_mut(d * cr)
                                 .zip(yv.par_chunks(d * cr))
@@ -320,6 +402,92 @@ macro_rules! cpu_kernels {
                                             * inv_d;
                                         for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(gy) {
                                             *gx += r * (g - mg - y * mgy);
+                                        }
+                                    }
+                                });
+                            Ok(())
+                        });
+                    }
+                    Ok(y.put_tape(tape))
+                }
+
+                fn rms_norm<T: Tape<E, Self>>(
+                    x: T2<E, Self, T>,
+                    scale: T1<E, Self>,
+                ) -> Res<T2<E, Self, T>, Self> {
+                    let (x, scale) = (x.try_contiguous()?, scale.try_contiguous()?);
+                    let shape = *x.shape();
+                    let d = shape.1;
+                    assert_eq!(scale.shape().0, d, "rms_norm scale width");
+                    let (x, mut tape) = x.split_tape();
+                    let eps = E::c(layers::NORM_EPS);
+                    let inv_d = E::one() / E::c(d as f64);
+                    let cr = chunk_rows(d);
+                    let sv = view(&scale);
+                    // y = x · r · s with r = (mean x² + ε)^(−1/2) per row; r kept for backward
+                    let mut y = host(&x);
+                    let mut rinv = vec![E::zero(); shape.0];
+                    y.par_chunks_mut(d * cr)
+                        .zip(rinv.par_chunks_mut(cr))
+                        .for_each(|(rows, rs)| {
+                            for (row, r) in rows.chunks_mut(d).zip(rs) {
+                                let ms = row.iter().fold(E::zero(), |a, &v| a + v * v) * inv_d;
+                                *r = E::one() / (ms + eps).sqrt();
+                                for (v, &s) in row.iter_mut().zip(sv) {
+                                    *v = *v * *r * s;
+                                }
+                            }
+                        });
+                    let y = x.device().try_tensor_from_vec(y, shape)?;
+                    if T::OWNS_TAPE {
+                        let (sg, yg) = (scale.ghost(), y.ghost());
+                        tape.add_backward_op(move |grads| {
+                            let gy = take_grad!(grads, yg);
+                            let (xv, sv) = (view(&x), view(&scale));
+                            // x̂ = x·r; ds = Σ_rows g ⊙ x̂; dx = r (g⊙s − x̂ · mean(g⊙s⊙x̂))
+                            let partial: Vec<Vec<E>> = gy
+                                .par_chunks(d * cr)
+                                .zip(xv.par_chunks(d * cr))
+                                .zip(rinv.par_chunks(cr))
+                                .map(|((gy, xv), rs)| {
+                                    let mut acc = vec![E::zero(); d];
+                                    for ((g, x), &r) in gy.chunks(d).zip(xv.chunks(d)).zip(rs) {
+                                        for ((a, &g), &x) in acc.iter_mut().zip(g).zip(x) {
+                                            *a += g * x * r;
+                                        }
+                                    }
+                                    acc
+                                })
+                                .collect();
+                            let gs = grads.get_or_alloc_mut(&sg)?;
+                            for p in &partial {
+                                for (a, &v) in gs.iter_mut().zip(p) {
+                                    *a += v;
+                                }
+                            }
+                            let gx = grads.get_or_alloc_mut(&x)?;
+                            gx.par_chunks_mut(d * cr)
+                                .zip(gy.par_chunks(d * cr))
+                                .zip(xv.par_chunks(d * cr))
+                                .zip(rinv.par_chunks(cr))
+                                .for_each(|(((gx, gy), xv), rs)| {
+                                    let rows = gx
+                                        .chunks_mut(d)
+                                        .zip(gy.chunks(d))
+                                        .zip(xv.chunks(d))
+                                        .zip(rs);
+                                    for (((gx, g), x), &r) in rows {
+                                        let m = g
+                                            .iter()
+                                            .zip(x)
+                                            .zip(sv)
+                                            .fold(E::zero(), |a, ((&g, &x), &s)| a + g * s * x)
+                                            * r
+                                            * inv_d;
+                                        for (((gx, &g), &x), &s) in
+                                            gx.iter_mut().zip(g).zip(x).zip(sv)
+                                        {
+                                            *gx += r * (g * s - x * r * m);
                                         }
                                     }
                                 });
@@ -347,7 +515,7 @@ macro_rules! cpu_kernels {
                     let (sh, tsh) = shift.split_tape();
                     let (sc, tsc) = scale.split_tape();
                     let mut tape = tx.merge(tsh).merge(tsc);
-                    let (shv, scv) = (host(&sh), host(&sc));
+                    let (shv, scv) = (view(&sh), view(&sc));
                     let mut y = host(&x);
                     y.par_chunks_mut(n * d).enumerate().for_each(|(bi, seq)| {
                         let (s0, c0) = (&shv[bi * d..(bi + 1) * d], &scv[bi * d..(bi + 1) * d]);
@@ -359,11 +527,10 @@ macro_rules! cpu_kernels {
                     });
                     let y = x.device().try_tensor_from_vec(y, shape)?;
                     if T::OWNS_TAPE {
-                        let (xk, shg, scg, yg) = (x.clone(), sh.ghost(), sc.ghost(), y.ghost());
+                        let (shg, scg, yg) = (sh.ghost(), sc.ghost(), y.ghost());
                         tape.add_backward_op(move |grads| {
-                            grads.try_alloc_for(&yg)?;
-                            let gy = host(&grads.get(&yg));
-                            let xv = host(&xk);
+                            let gy = take_grad!(grads, yg);
+                            let (xv, scv) = (view(&x), view(&sc));
                             // per-sequence sums for shift and scale, then the input gradient
                             let mut gsh = vec![E::zero(); b * d];
                             let mut gsc = vec![E::zero(); b * d];
@@ -381,7 +548,7 @@ macro_rules! cpu_kernels {
                                 });
                             add_into(grads.get_or_alloc_mut(&shg)?, &gsh);
                             add_into(grads.get_or_alloc_mut(&scg)?, &gsc);
-                            let gx = grads.get_or_alloc_mut(&xk)?;
+                            let gx = grads.get_or_alloc_mut(&x)?;
                             gx.par_chunks_mut(n * d).enumerate().for_each(|(bi, seq)| {
                                 let c0 = &scv[bi * d..(bi + 1) * d];
                                 let g0 = &gy[bi * n * d..(bi + 1) * n * d];
@@ -415,7 +582,7 @@ macro_rules! cpu_kernels {
                     let (y, ty) = y.split_tape();
                     let (g, tg) = gate.split_tape();
                     let mut tape = th.merge(ty).merge(tg);
-                    let (yv, gv) = (host(&y), host(&g));
+                    let (yv, gv) = (view(&y), view(&g));
                     let mut z = host(&h);
                     z.par_chunks_mut(n * d).enumerate().for_each(|(bi, seq)| {
                         let g0 = &gv[bi * d..(bi + 1) * d];
@@ -428,11 +595,10 @@ macro_rules! cpu_kernels {
                     });
                     let z = h.device().try_tensor_from_vec(z, shape)?;
                     if T::OWNS_TAPE {
-                        let (hg, yk, gg, zg) = (h.ghost(), y.clone(), g.ghost(), z.ghost());
+                        let (hg, gg, zg) = (h.ghost(), g.ghost(), z.ghost());
                         tape.add_backward_op(move |grads| {
-                            grads.try_alloc_for(&zg)?;
-                            let gz = host(&grads.get(&zg));
-                            let yv = host(&yk);
+                            let gz = take_grad!(grads, zg);
+                            let (yv, gv) = (view(&y), view(&g));
                             let mut ggate = vec![E::zero(); b * d];
                             ggate.par_chunks_mut(d).enumerate().for_each(|(bi, gg)| {
                                 let r = bi * n * d..(bi + 1) * n * d;
@@ -444,7 +610,7 @@ macro_rules! cpu_kernels {
                             });
                             add_into(grads.get_or_alloc_mut(&gg)?, &ggate);
                             add_into(grads.get_or_alloc_mut(&hg)?, &gz);
-                            let gy = grads.get_or_alloc_mut(&yk)?;
+                            let gy = grads.get_or_alloc_mut(&y)?;
                             gy.par_chunks_mut(n * d).enumerate().for_each(|(bi, seq)| {
                                 let g0 = &gv[bi * d..(bi + 1) * d];
                                 let z0 = &gz[bi * n * d..(bi + 1) * n * d];
@@ -476,19 +642,32 @@ macro_rules! cpu_kernels {
                     let (k, tk) = k.split_tape();
                     let (v, tv) = v.split_tape();
                     let mut tape = tq.merge(tk).merge(tv);
-                    let (qv, kv, vv) = (host(&q), host(&k), host(&v));
-                    let (o, p) = attention_cpu::forward(&qv, &kv, &vv, dims, T::OWNS_TAPE);
+                    let (o, lse) =
+                        attention_cpu::forward(view(&q), view(&k), view(&v), dims, T::OWNS_TAPE);
                     let o = q.device().try_tensor_from_vec(o, (b * n, h * hd))?;
                     if T::OWNS_TAPE {
-                        let (qg, kg, vg, og) = (q.ghost(), k.ghost(), v.ghost(), o.ghost());
+                        let og = o.ghost();
                         tape.add_backward_op(move |grads| {
-                            grads.try_alloc_for(&og)?;
-                            let go = host(&grads.get(&og));
-                            let (gq, gk, gv) =
-                                attention_cpu::backward(&qv, &kv, &vv, &p, &go, dims);
-                            add_into(grads.get_or_alloc_mut(&qg)?, &gq);
-                            add_into(grads.get_or_alloc_mut(&kg)?, &gk);
-                            add_into(grads.get_or_alloc_mut(&vg)?, &gv);
+                            let go = take_grad!(grads, og);
+                            // accumulated straight into the three gradient buffers; raw
+                            // pointers because q, k, v may be one tensor (then each task
+                            // still updates its own blocks one after another)
+                            let gq = grads.get_or_alloc_mut(&q)?.as_mut_ptr();
+                            let gk = grads.get_or_alloc_mut(&k)?.as_mut_ptr();
+                            let gv = grads.get_or_alloc_mut(&v)?.as_mut_ptr();
+                            // SAFETY: each gradient buffer has b·n·h·hd elements and outlives
+                            // the call (the store is not touched meanwhile).
+                            unsafe {
+                                attention_cpu::backward(
+                                    view(&q),
+                                    view(&k),
+                                    view(&v),
+                                    &lse,
+                                    &go,
+                                    dims,
+                                    (gq, gk, gv),
+                                );
+                            }
                             Ok(())
                         });
                     }
@@ -510,40 +689,55 @@ macro_rules! cpu_kernels {
                     let (x, mut tape) = x.split_tape();
                     let (cos, sin) = (rope.cos_host.clone(), rope.sin_host.clone());
                     let s = E::c(scale);
-                    let mut y = host(&x);
-                    // one row = one position of one sequence: h heads of hd/2 rotated pairs
-                    let rotate = move |rows: &mut [E], first_row: usize, inverse: bool| {
-                        for (r, row) in rows.chunks_mut(d).enumerate() {
+                    // one row = one position of one sequence: h heads of hd/2 rotated pairs;
+                    // src → dst (both (rows, d)), accumulating into dst when `acc`
+                    let rotate = move |dst: &mut [E],
+                                       src: &[E],
+                                       first_row: usize,
+                                       inverse: bool,
+                                       acc: bool| {
+                        for (r, (drow, srow)) in dst.chunks_mut(d).zip(src.chunks(d)).enumerate() {
                             let pos = (first_row + r) % n;
                             let (c0, s0) = (
                                 &cos[pos * half..(pos + 1) * half],
                                 &sin[pos * half..(pos + 1) * half],
                             );
-                            for head in row.chunks_mut(hd) {
-                                for (i, pair) in head.chunks_mut(2).enumerate() {
-                                    let (a, bb) = (pair[0], pair[1]);
+                            for (dh, sh) in drow.chunks_mut(hd).zip(srow.chunks(hd)) {
+                                for (i, (dp, sp)) in dh.chunks_mut(2).zip(sh.chunks(2)).enumerate()
+                                {
+                                    let (a, bb) = (sp[0], sp[1]);
                                     let (c, sn) = (c0[i], if inverse { -s0[i] } else { s0[i] });
-                                    pair[0] = s * (a * c - bb * sn);
-                                    pair[1] = s * (bb * c + a * sn);
+                                    let (y0, y1) = (s * (a * c - bb * sn), s * (bb * c + a * sn));
+                                    if acc {
+                                        dp[0] += y0;
+                                        dp[1] += y1;
+                                    } else {
+                                        dp[0] = y0;
+                                        dp[1] = y1;
+                                    }
                                 }
                             }
                         }
                     };
                     let cr = chunk_rows(d);
+                    let xv = view(&x);
+                    let mut y = vec![E::zero(); xv.len()];
                     y.par_chunks_mut(d * cr)
+                        .zip(xv.par_chunks(d * cr))
                         .enumerate()
-                        .for_each(|(k, rows)| rotate(rows, k * cr, false));
+                        .for_each(|(k, (dst, src))| rotate(dst, src, k * cr, false, false));
                     let y = x.device().try_tensor_from_vec(y, (b, n, h, hd))?;
                     if T::OWNS_TAPE {
                         let (xg, yg) = (x.ghost(), y.ghost());
                         tape.add_backward_op(move |grads| {
-                            grads.try_alloc_for(&yg)?;
-                            // the rotation is orthogonal: the gradient is the inverse rotation, scaled
-                            let mut g = host(&grads.get(&yg));
-                            g.par_chunks_mut(d * cr)
+                            // the rotation is orthogonal: the gradient is the inverse rotation,
+                            // scaled, added straight into x's gradient
+                            let g = take_grad!(grads, yg);
+                            let gx = grads.get_or_alloc_mut(&xg)?;
+                            gx.par_chunks_mut(d * cr)
+                                .zip(g.par_chunks(d * cr))
                                 .enumerate()
-                                .for_each(|(k, rows)| rotate(rows, k * cr, true));
-                            add_into(grads.get_or_alloc_mut(&xg)?, &g);
+                                .for_each(|(k, (dst, src))| rotate(dst, src, k * cr, true, true));
                             Ok(())
                         });
                     }
@@ -654,6 +848,21 @@ mod tests {
             close(&ga.get(t).as_vec(), &gb.get(t).as_vec(), name);
         }
 
+        // RMSNorm with a scale parameter
+        let sv = rand2(&dev, &mut rng, (1, d)).reshape_like(&(d,));
+        let (fa, ga) = grads(
+            <Cpu as Kernels<f64>>::rms_norm(x.leaky_trace(), sv.clone()).unwrap(),
+            r2,
+        );
+        let (fb, gb) = grads(layers::rms_norm(x.leaky_trace(), sv.clone()).unwrap(), r2);
+        close(&fa, &fb, "rms_norm");
+        close(&ga.get(&x).as_vec(), &gb.get(&x).as_vec(), "rms_norm dx");
+        close(
+            &ga.get(&sv).as_vec(),
+            &gb.get(&sv).as_vec(),
+            "rms_norm dscale",
+        );
+
         // gated residual
         let (fa, ga) = grads(
             <Cpu as Kernels<f64>>::gated_residual(
@@ -754,5 +963,82 @@ mod tests {
         let (fb, gb) = grads(s4.leaky_trace().softmax::<Axis<3>>(), r4);
         close(&fa, &fb, "softmax");
         close(&ga.get(&s4).as_vec(), &gb.get(&s4).as_vec(), "softmax grad");
+    }
+
+    /// The f32 kernels (fast exp, lane sums, uninitialised outputs, gradients moved out of the
+    /// store) against dfdx's f32 generic ops: values and gradients within 2e-5·(1 + |ref|).
+    #[test]
+    fn f32_kernels_match_generic_ops_within_tolerance() {
+        type T32 = OwnedTape<f32, Cpu>;
+        let dev = Cpu::default();
+        let mut rng = StdRng::seed_from_u64(3);
+        let (b, n, h, hd) = (2, 33, 2, 8);
+        let d = h * hd;
+        let close32 = |a: &[f32], b: &[f32], what: &str| {
+            assert_eq!(a.len(), b.len());
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 2e-5 * (1.0 + y.abs()),
+                    "{what}[{i}]: {x} vs {y}"
+                );
+            }
+        };
+        let mk = |rng: &mut StdRng, len: usize, s: f32| -> Vec<f32> {
+            (0..len).map(|_| rng.gen_range(-s..s)).collect()
+        };
+        let grads32 = |y: T4<f32, Cpu, T32>, r: &[f32]| {
+            let out = y.retaped::<NoneTape>().as_vec();
+            let rt = y.device().tensor_from_vec(r.to_vec(), *y.shape());
+            (out, (y * rt).sum::<Rank0, _>().backward())
+        };
+        let r = mk(&mut rng, b * n * d, 1.0);
+        let s4 = (b, n, h, hd);
+        // scores of a few units so the softmax is far from uniform
+        let q: T4<f32, Cpu> = dev.tensor_from_vec(mk(&mut rng, b * n * d, 2.0), s4);
+        let k: T4<f32, Cpu> = dev.tensor_from_vec(mk(&mut rng, b * n * d, 2.0), s4);
+        let v: T4<f32, Cpu> = dev.tensor_from_vec(mk(&mut rng, b * n * d, 1.0), s4);
+        let fused =
+            <Cpu as Kernels<f32>>::attention(q.leaky_trace(), k.leaky_trace(), v.leaky_trace())
+                .unwrap()
+                .reshape_like(&s4);
+        let (fa, ga) = grads32(fused, &r);
+        let generic = {
+            let qq = q.leaky_trace().permute::<_, Axes4<0, 2, 1, 3>>();
+            let kk = k.leaky_trace().permute::<_, Axes4<0, 2, 3, 1>>();
+            let vv = v.leaky_trace().permute::<_, Axes4<0, 2, 1, 3>>();
+            let o: T4<f32, Cpu, T32> = qq.matmul(kk).softmax::<Axis<3>>().matmul(vv);
+            o.permute::<_, Axes4<0, 2, 1, 3>>().reshape_like(&s4)
+        };
+        let (fb, gb) = grads32(generic, &r);
+        close32(&fa, &fb, "attention f32");
+        for (t, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
+            close32(&ga.get(t).as_vec(), &gb.get(t).as_vec(), name);
+        }
+        // gated units, with pre-activations spanning the sigmoid's tails
+        let s2 = (b * n, d);
+        let a: T2<f32, Cpu> = dev.tensor_from_vec(mk(&mut rng, b * n * d, 12.0), s2);
+        let u: T2<f32, Cpu> = dev.tensor_from_vec(mk(&mut rng, b * n * d, 1.0), s2);
+        for kind in [MlpKind::Glu, MlpKind::Swiglu] {
+            let y = <Cpu as Kernels<f32>>::glu(kind, a.leaky_trace(), u.leaky_trace()).unwrap();
+            let (fa, ga) = grads32(y.reshape_like(&s4), &r);
+            let y = layers::act(kind, a.leaky_trace()).unwrap() * u.leaky_trace();
+            let (fb, gb) = grads32(y.reshape_like(&s4), &r);
+            close32(&fa, &fb, "glu f32");
+            close32(&ga.get(&a).as_vec(), &gb.get(&a).as_vec(), "glu da f32");
+            close32(&ga.get(&u).as_vec(), &gb.get(&u).as_vec(), "glu du f32");
+        }
+        // softmax over the last axis
+        let x: T4<f32, Cpu> = dev.tensor_from_vec(mk(&mut rng, b * n * d, 8.0), s4);
+        let (fa, ga) = grads32(
+            <Cpu as Kernels<f32>>::softmax_last(x.leaky_trace()).unwrap(),
+            &r,
+        );
+        let (fb, gb) = grads32(x.leaky_trace().softmax::<Axis<3>>(), &r);
+        close32(&fa, &fb, "softmax f32");
+        close32(
+            &ga.get(&x).as_vec(),
+            &gb.get(&x).as_vec(),
+            "softmax grad f32",
+        );
     }
 }

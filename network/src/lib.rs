@@ -6,8 +6,12 @@
 //!   over run-time-shaped tensors, generic over element type ([`Elem`]: f32, f64) and dfdx
 //!   device (`Cpu`, or `Cuda` with the `cuda` feature).
 //! * [`Kernels`]: the device extension the model runs on — fused CPU kernels (matmul through
-//!   gemm 0.19, attention, softmax, LayerNorm, adaLN modulation, RoPE) with dfdx-generic
-//!   defaults for other devices.
+//!   gemm 0.19, attention, softmax, LayerNorm, RMSNorm, adaLN modulation, RoPE, GLU) with
+//!   dfdx-generic defaults for other devices. The CPU kernels read their inputs in place, take
+//!   their output's gradient out of the gradient store (so those intermediate gradients are not
+//!   readable after `backward`; parameters' are), use a vectorisable f32 exp
+//!   ([`fast_exp_f32`], ≤ 2.5e-7 relative error) and tune glibc's allocator once
+//!   ([`tune_allocator`]); measurements in `bench/NOTES.md`.
 //! * [`NetworkDenoiser`] puts a model behind `maskdiff_process::Denoiser`.
 //! * [`train`]: AdamW with serialisable state, warm-up + cosine LR, global-norm clipping,
 //!   gradient accumulation, EMA, the MD4 loss with antithetic t, NaN/Inf checks, atomic
@@ -22,6 +26,7 @@
 //! needs the NVIDIA driver. Without a toolkit, `cargo check -p maskdiff-network --features
 //! cuda,dfdx/ci-check` type-checks the CUDA path.
 
+mod alloc;
 mod atomic;
 mod attention_cpu;
 mod config;
@@ -35,9 +40,10 @@ mod model;
 mod param;
 pub mod train;
 
+pub use alloc::tune_allocator;
 pub use config::{default_ffn_hidden, MlpKind, NetworkConfig, PRESETS};
 pub use denoiser::NetworkDenoiser;
-pub use elem::Elem;
+pub use elem::{fast_exp_f32, Elem};
 pub use error::NetworkError;
 pub use init::Init;
 pub use kernels::Kernels;

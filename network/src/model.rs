@@ -505,11 +505,11 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     h = D::gated_residual(h, f, g_m, b, n)?;
                 }
                 (NormIx::Rms { attn, mlp }, _) => {
-                    let a = rms_norm(h.retaped::<T>(), self.vec(*attn))?;
+                    let a = D::rms_norm(h.retaped::<T>(), self.vec(*attn))?;
                     let a =
                         channel_dropout(self.attention(a, blk, &rope, b, n)?, next_mask(), b, n)?;
                     h = h.try_add(a)?;
-                    let f = rms_norm(h.retaped::<T>(), self.vec(*mlp))?;
+                    let f = D::rms_norm(h.retaped::<T>(), self.vec(*mlp))?;
                     let f = channel_dropout(self.ffn(f, blk)?, next_mask(), b, n)?;
                     h = h.try_add(f)?;
                 }
@@ -526,7 +526,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                 let (sh, sc) = (m.next().expect("shift"), m.next().expect("scale"));
                 D::modulate(D::layer_norm(h)?, sh, sc, b, n)?
             }
-            (NormIx::Rms { attn, .. }, _) => rms_norm(h, self.vec(*attn))?,
+            (NormIx::Rms { attn, .. }, _) => D::rms_norm(h, self.vec(*attn))?,
             (NormIx::Ada { .. }, None) => unreachable!("adaLN head exists only with conditioning"),
         };
         let logits = D::matmul(h, self.mat(self.ix.out)?)?;
