@@ -17,6 +17,8 @@ mod token;
 
 pub use denoiser::{DenoiseBatch, Denoiser, LogProbs};
 pub use error::ProcessError;
-pub use forward::{forward_sample, forward_sample_per_token, posterior, transition_prob, Posterior};
+pub use forward::{
+    forward_sample, forward_sample_per_token, posterior, transition_prob, Posterior,
+};
 pub use reverse::{reverse_step, reverse_step_genmd4, ReverseStep};
 pub use token::{State, Token, Vocab};

@@ -208,7 +208,6 @@ impl<F: Float, S: MaskingSchedule<F>> MaskingSchedule<F> for Shifted<S> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,11 +219,17 @@ mod tests {
             assert_eq!(MaskingSchedule::<f64>::t_of_alpha(&Cosine, a), None);
             let p = Polynomial::new(3.0).unwrap();
             assert_eq!(MaskingSchedule::<f64>::t_of_alpha(&p, a), None);
-            assert_eq!(MaskingSchedule::<f64>::t_of_alpha(&Geometric::PAPER, a), None);
+            assert_eq!(
+                MaskingSchedule::<f64>::t_of_alpha(&Geometric::PAPER, a),
+                None
+            );
         }
         // Shifted linear: α̃ ∈ [ε, 1 − ε]; α̃ = ε/2 lies outside.
         let s = Shifted::official(Linear);
-        assert_eq!(MaskingSchedule::<f64>::t_of_alpha(&s, 0.5 * DEFAULT_EPS), None);
+        assert_eq!(
+            MaskingSchedule::<f64>::t_of_alpha(&s, 0.5 * DEFAULT_EPS),
+            None
+        );
         // Hand value: α̃ = 0.5 ⇒ t = 0.5.
         assert_eq!(MaskingSchedule::<f64>::t_of_alpha(&s, 0.5), Some(0.5));
     }
