@@ -81,15 +81,16 @@ pub fn network_config(cfg: &Config, data: &Data) -> Result<NetworkConfig> {
 
 /// The network crate's training configuration for `cfg`.
 pub fn train_config(cfg: &Config) -> Result<NetTrainConfig> {
-    if cfg.model.kind == crate::config::ModelKind::Genmd4 {
-        return Err(CliError::config(
-            "model.kind",
-            "GenMD4 training is not available yet: the network crate's trainer implements the MD4 objective only",
-        ));
-    }
     let o = &cfg.optim;
+    let objective = match cfg.model.kind {
+        crate::config::ModelKind::Md4 => Objective::Md4,
+        // GenMD4 ignores [schedule].name: its per-token schedule is learned (spec §5).
+        crate::config::ModelKind::Genmd4 => Objective::GenMd4 {
+            one_sample: cfg.model.genmd4_network_samples == 1,
+        },
+    };
     let t = NetTrainConfig {
-        objective: Objective::Md4,
+        objective,
         schedule: ScheduleSpec {
             base: cfg.schedule.parsed()?,
             eps: cfg.schedule.eps,

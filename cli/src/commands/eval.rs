@@ -97,6 +97,11 @@ fn eval_on<D: DfdxDevice<f32>>(dev: D, dir: &Path, cfg: &Config, a: &EvalArgs) -
     let schedule = *loaded.trainer.schedule();
     let params = if a.no_ema { "raw" } else { "EMA" };
     if let Some(z) = &a.zero_shot {
+        if loaded.trainer.genmd4().is_some() {
+            return Err(CliError::Input(
+                "zero-shot evaluation is implemented for MD4 checkpoints only".into(),
+            ));
+        }
         return zero_shot(
             &mut den,
             &schedule,
@@ -127,9 +132,10 @@ fn eval_on<D: DfdxDevice<f32>>(dev: D, dir: &Path, cfg: &Config, a: &EvalArgs) -
     };
     let (seqs, labels) = data.eval_sequences(split, cfg.eval.max_sequences)?;
     let pb = bar(seqs.len(), "evaluating");
-    let r = evaluate(
+    let r = crate::evaluate_genmd4::evaluate_trainer(
+        &loaded.trainer,
+        !a.no_ema,
         &mut den,
-        &schedule,
         &seqs,
         labels.as_deref(),
         opts(cfg),

@@ -72,6 +72,15 @@ fn sample_on<D: DfdxDevice<f32>>(dev: D, dir: &Path, cfg: &Config, a: &SampleArg
     }
     let mut den = loaded.denoiser(!a.no_ema);
     let schedule = *loaded.trainer.schedule();
+    // GenMD4: the learned per-token schedule of the same parameters (EMA or raw) as the network
+    let genmd4 = match loaded.trainer.genmd4() {
+        Some(_) => Some(loaded.trainer.genmd4_schedule(!a.no_ema)?),
+        None => None,
+    };
+    let schedule_ref = match &genmd4 {
+        Some(g) => maskdiff_sampler::ScheduleRef::genmd4(g),
+        None => (&schedule).into(),
+    };
     let req = Request {
         prompt: a.prompt.clone(),
         infill: a.infill.clone(),
@@ -81,7 +90,7 @@ fn sample_on<D: DfdxDevice<f32>>(dev: D, dir: &Path, cfg: &Config, a: &SampleArg
     };
     let out = generate(
         &mut den,
-        (&schedule).into(),
+        schedule_ref,
         &cfg.sample,
         &codec,
         loaded.extra.data.seq_len,

@@ -7,7 +7,7 @@ use crate::args::TrainArgs;
 use crate::config::{Config, Device};
 use crate::dataset::Data;
 use crate::error::{CliError, Result};
-use crate::evaluate::{evaluate, EvalOptions};
+use crate::evaluate::EvalOptions;
 use crate::metrics::{MetricsWriter, Record};
 use crate::progress::Progress;
 use crate::run::{self, CliExtra, LossWindow};
@@ -249,9 +249,10 @@ fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()
     };
     let validate = |trainer: &Trainer<D>| -> Result<(f64, f64)> {
         let mut den = trainer.ema_denoiser();
-        let r = evaluate(
+        let r = crate::evaluate_genmd4::evaluate_trainer(
+            trainer,
+            true,
             &mut den,
-            trainer.schedule(),
             &val_seqs,
             val_labels.as_deref(),
             EvalOptions {
@@ -325,6 +326,7 @@ fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()
             let mut r = Record::new(step, "val", bits);
             r.stderr_bits = Some(se);
             r.elapsed_s = Some(elapsed);
+            r.exponents = trainer.genmd4_exponents(true);
             metrics.write(&r)?;
             progress.log(&format!(
                 "step {step}: validation NELBO {bits:.4} ± {se:.4} {unit} (EMA)"
@@ -359,6 +361,7 @@ fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()
     let mut r = Record::new(step, "val", bits);
     r.stderr_bits = Some(se);
     r.elapsed_s = Some(train_seconds);
+    r.exponents = trainer.genmd4_exponents(true);
     metrics.write(&r)?;
     save(&mut trainer, &sampler, train_seconds, window)?;
     println!(

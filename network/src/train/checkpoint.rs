@@ -1,6 +1,7 @@
 //! Checkpoints: a directory holding `params-S.safetensors`, `optimizer-S.safetensors` (AdamW
 //! moments `m.<name>`, `v.<name>`), `ema-S.safetensors` (S = step) and `manifest.json`
-//! ([`Manifest`]). Tensor files are written first, each atomically (temp + rename); the manifest
+//! ([`Manifest`]); GenMD4 runs add `genmd4-S.safetensors` (θ, its EMA and AdamW moments).
+//! Tensor files are written first, each atomically (temp + rename); the manifest
 //! is written last, atomically, and names the files with their sizes and FNV-1a checksums — so a
 //! crash at any point leaves the previous complete checkpoint in force. Stale tensor files of
 //! other steps are removed afterwards.
@@ -128,11 +129,14 @@ impl<D: Kernels<f32>> Trainer<D> {
             opt_items.push((format!("m.{}", p.name), p.shape.clone(), m));
             opt_items.push((format!("v.{}", p.name), p.shape.clone(), v));
         }
-        let parts = [
+        let mut parts = vec![
             ("params", model_items(&self.model)),
             ("optimizer", opt_items),
             ("ema", model_items(&self.ema)),
         ];
+        if let Some(items) = self.genmd4_items() {
+            parts.push(("genmd4", items));
+        }
         let mut files = Vec::new();
         for (role, items) in &parts {
             let file = format!("{role}-{:09}.safetensors", self.step);
@@ -171,7 +175,7 @@ impl<D: Kernels<f32>> Trainer<D> {
         if let Ok(rd) = std::fs::read_dir(dir) {
             for entry in rd.flatten() {
                 let name = entry.file_name().to_string_lossy().to_string();
-                let ours = ["params-", "optimizer-", "ema-"]
+                let ours = ["params-", "optimizer-", "ema-", "genmd4-"]
                     .iter()
                     .any(|p| name.starts_with(p))
                     && name.ends_with(".safetensors");
@@ -228,6 +232,10 @@ impl<D: Kernels<f32>> Trainer<D> {
             });
         }
         t.opt.count = man.optimizer_count;
+        if t.genmd4.is_some() {
+            let map = from_safetensors::<f32>(&man.file(dir, "genmd4")?, &p)?;
+            t.load_genmd4(map, man.optimizer_count, &p)?;
+        }
         t.step = man.step;
         t.extra = man.extra;
         Ok(t)

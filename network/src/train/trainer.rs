@@ -4,7 +4,7 @@
 //! rate, EMA. Every random draw of step k comes from an RNG seeded by (seed, k), so the RNG
 //! state is just the step counter and a resumed run continues bit for bit.
 
-use super::{ema_update, AdamW, TrainConfig};
+use super::{ema_update, AdamW, GenMd4State, Objective, TrainConfig};
 use crate::{Kernels, Md4Transformer, NetworkConfig, NetworkDenoiser, NetworkError};
 use dfdx::prelude::*;
 use maskdiff_objective::tensor::{md4_recon_constant, MaskedBatch};
@@ -62,6 +62,8 @@ pub struct Trainer<D: Kernels<f32>> {
     pub(crate) opt: AdamW<D>,
     pub(crate) schedule: Shifted<AnySchedule>,
     pub(crate) extra: serde_json::Value,
+    /// GenMD4's learnable exponents (`None` for MD4).
+    pub(crate) genmd4: Option<GenMd4State<D>>,
 }
 
 impl<D: Kernels<f32>> Trainer<D> {
@@ -76,7 +78,14 @@ impl<D: Kernels<f32>> Trainer<D> {
         let model = Md4Transformer::new(net_cfg.clone(), dev, seed)?;
         let opt = AdamW::new(train_cfg.adamw, model.params())?;
         let schedule = train_cfg.schedule.build()?;
+        let genmd4 = match train_cfg.objective {
+            Objective::GenMd4 { .. } => {
+                Some(GenMd4State::new(net_cfg.vocab_size, train_cfg.adamw, dev)?)
+            }
+            Objective::Md4 => None,
+        };
         Ok(Trainer {
+            genmd4,
             ema: model.clone(),
             model,
             opt,
@@ -126,7 +135,8 @@ impl<D: Kernels<f32>> Trainer<D> {
     pub fn set_extra(&mut self, extra: serde_json::Value) {
         self.extra = extra;
     }
-    /// The masking schedule in use (ε-shifted).
+    /// The masking schedule in use (ε-shifted); GenMD4 ignores it (see
+    /// [`Trainer::genmd4_schedule`]).
     pub fn schedule(&self) -> &Shifted<AnySchedule> {
         &self.schedule
     }
@@ -147,6 +157,9 @@ impl<D: Kernels<f32>> Trainer<D> {
     /// One optimizer step on `batch`. On a non-finite loss or gradient nothing is updated and
     /// [`NetworkError::NonFinite`] is returned.
     pub fn step(&mut self, batch: &TrainBatch<'_>) -> Result<StepStats, NetworkError> {
+        if let Objective::GenMd4 { .. } = self.train_cfg.objective {
+            return self.genmd4_step(batch);
+        }
         let mut rng = StdRng::seed_from_u64(mix(self.seed, self.step, 0));
         let masked = self.masked(batch, &mut rng)?;
         let (bsz, len) = (batch.batch, batch.len);
@@ -256,13 +269,17 @@ impl<D: Kernels<f32>> Trainer<D> {
 
     /// Per-sequence NELBO estimates in nats (diffusion + reconstruction; one t and one x_t per
     /// sequence, times from the configured sampler), with the EMA (`use_ema`) or live weights,
-    /// no dropout. Divide by `len · ln 2` for bits per token.
+    /// no dropout. Divide by `len · ln 2` for bits per token. GenMD4: t on [t1, 1) and the
+    /// reconstruction at t1 with the live or EMA exponents (spec §5.4).
     pub fn eval_loss<R: Rng>(
         &self,
         batch: &TrainBatch<'_>,
         rng: &mut R,
         use_ema: bool,
     ) -> Result<Vec<f64>, NetworkError> {
+        if let Objective::GenMd4 { .. } = self.train_cfg.objective {
+            return self.genmd4_eval_loss(batch, rng, use_ema);
+        }
         let mut r = StdRng::seed_from_u64(rng.gen());
         let masked = self.masked(batch, &mut r)?;
         let model = if use_ema { &self.ema } else { &self.model };
