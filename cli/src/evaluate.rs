@@ -48,15 +48,42 @@ pub struct EvalResult {
     pub perplexity: f64,
 }
 
-/// A stable per-sequence seed: splitmix64 of (seed, index).
-fn seq_seed(seed: u64, index: u64) -> u64 {
-    let mut z = seed
-        ^ index
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .wrapping_add(0x6A09_E667_F3BC_C909);
+/// A stable per-sequence seed: splitmix64 of (seed, index) on the stream `salt` (MD4 and GenMD4
+/// evaluation use different streams).
+pub(crate) fn mix_seed(seed: u64, index: u64, salt: u64) -> u64 {
+    let mut z = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(salt);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+fn seq_seed(seed: u64, index: u64) -> u64 {
+    mix_seed(seed, index, 0x6A09_E667_F3BC_C909)
+}
+
+/// One call of the denoiser on pending rows, each given as (x_t ids, t, sequence index); the
+/// labels (if any) are indexed by sequence.
+pub(crate) fn predict_rows<'r, D: Denoiser + ?Sized>(
+    denoiser: &mut D,
+    rows: impl ExactSizeIterator<Item = (&'r [u32], f64, usize)> + Clone,
+    len: usize,
+    labels: Option<&[u32]>,
+) -> Result<maskdiff_process::LogProbs> {
+    let n = rows.len();
+    let ids: Vec<u32> = rows
+        .clone()
+        .flat_map(|(xt, _, _)| xt.iter().copied())
+        .collect();
+    let ts: Vec<f64> = rows.clone().map(|(_, t, _)| t).collect();
+    let labs: Option<Vec<u32>> = labels.map(|l| rows.map(|(_, _, seq)| l[seq]).collect());
+    let batch = DenoiseBatch {
+        ids: &ids,
+        batch: n,
+        len,
+        t: &ts,
+        labels: labs.as_deref(),
+    };
+    Ok(denoiser.log_probs(&batch)?)
 }
 
 /// log μ[k] of a network row (f32 log-probabilities), renormalised in f64.
@@ -101,17 +128,8 @@ pub fn evaluate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
         if pending.is_empty() {
             return Ok(());
         }
-        let ids: Vec<u32> = pending.iter().flat_map(|r| r.xt.iter().copied()).collect();
-        let ts: Vec<f64> = pending.iter().map(|r| r.t).collect();
-        let labs: Option<Vec<u32>> = labels.map(|l| pending.iter().map(|r| l[r.seq]).collect());
-        let batch = DenoiseBatch {
-            ids: &ids,
-            batch: pending.len(),
-            len,
-            t: &ts,
-            labels: labs.as_deref(),
-        };
-        let lp = denoiser.log_probs(&batch)?;
+        let rows = pending.iter().map(|r| (r.xt.as_slice(), r.t, r.seq));
+        let lp = predict_rows(denoiser, rows, len, labels)?;
         for (b, r) in pending.iter().enumerate() {
             let x0 = &sequences[r.seq];
             // Σ_{masked n} −log μ_n[x_0^n], rows renormalised in f64; only masked rows are read,

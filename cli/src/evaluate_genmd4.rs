@@ -7,23 +7,17 @@
 //! [`evaluate_trainer`], which picks MD4's or GenMD4's estimate from a trainer's objective.
 
 use crate::error::{CliError, Result};
-use crate::evaluate::{evaluate, EvalOptions, EvalResult};
+use crate::evaluate::{evaluate, mix_seed, predict_rows, EvalOptions, EvalResult};
 use maskdiff_network::train::Trainer;
 use maskdiff_network::Kernels;
 use maskdiff_objective::reference::{genmd4_integrand, genmd4_prior_kl, genmd4_recon};
-use maskdiff_process::{forward_sample_per_token, DenoiseBatch, Denoiser, State};
+use maskdiff_process::{forward_sample_per_token, Denoiser, State};
 use maskdiff_schedule::{PerTokenPolynomial, GENMD4_T1};
 use rand::{Rng, SeedableRng};
 
-/// A stable per-sequence seed: splitmix64 of (seed, index) (another stream than MD4's).
+/// A stable per-sequence seed (another stream than MD4's).
 fn seq_seed(seed: u64, index: u64) -> u64 {
-    let mut z = seed
-        ^ index
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .wrapping_add(0x3C6E_F372_FE94_F82B);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    mix_seed(seed, index, 0x3C6E_F372_FE94_F82B)
 }
 
 struct Row {
@@ -74,17 +68,8 @@ pub fn evaluate_genmd4<D: Denoiser + ?Sized>(
         if pending.is_empty() {
             return Ok(());
         }
-        let ids: Vec<u32> = pending.iter().flat_map(|r| r.xt.iter().copied()).collect();
-        let ts: Vec<f64> = pending.iter().map(|r| r.t).collect();
-        let labs: Option<Vec<u32>> = labels.map(|l| pending.iter().map(|r| l[r.seq]).collect());
-        let batch = DenoiseBatch {
-            ids: &ids,
-            batch: pending.len(),
-            len,
-            t: &ts,
-            labels: labs.as_deref(),
-        };
-        let lp = den.log_probs(&batch)?;
+        let rows = pending.iter().map(|r| (r.xt.as_slice(), r.t, r.seq));
+        let lp = predict_rows(den, rows, len, labels)?;
         for (b, r) in pending.iter().enumerate() {
             let x0 = &sequences[r.seq];
             let mut est = 0.0f64;
@@ -217,7 +202,7 @@ mod tests {
         }
         fn log_probs(
             &mut self,
-            b: &DenoiseBatch<'_>,
+            b: &maskdiff_process::DenoiseBatch<'_>,
         ) -> std::result::Result<LogProbs, ProcessError> {
             let v = self.0;
             Ok(LogProbs {
