@@ -193,3 +193,31 @@ pub fn cuda_device(seed: u64) -> Result<maskdiff_network::dfdx::tensor::Cuda> {
     maskdiff_network::dfdx::tensor::Cuda::try_build(0, seed)
         .map_err(|e| CliError::Input(format!("cannot open CUDA device 0: {e:?}")))
 }
+
+/// Runs `$body` with `$dev` bound to the checkpoint's dfdx device. Evaluation and sampling fall
+/// back to the CPU (with a notice) in a build without the `cuda` feature; training refuses instead.
+macro_rules! with_device {
+    ($cfg:expr, $doing:literal, |$dev:ident| $body:expr) => {
+        match $cfg.train.device {
+            $crate::config::Device::Cpu => {
+                let $dev = maskdiff_network::dfdx::tensor::Cpu::default();
+                $body
+            }
+            $crate::config::Device::Cuda => {
+                #[cfg(feature = "cuda")]
+                let $dev = $crate::run::cuda_device($cfg.train.seed)?;
+                #[cfg(not(feature = "cuda"))]
+                let $dev = {
+                    eprintln!(concat!(
+                        "maskdiff: built without CUDA, ",
+                        $doing,
+                        " on the CPU"
+                    ));
+                    maskdiff_network::dfdx::tensor::Cpu::default()
+                };
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_device;

@@ -5,7 +5,7 @@
 //! Billion Words subset (Table 1 protocol: SEDD's detokenisers, blocks of the model length).
 
 use crate::args::{EvalArgs, SplitArg};
-use crate::config::{Config, DatasetKind, Device};
+use crate::config::{Config, DatasetKind};
 use crate::dataset::Data;
 use crate::error::{CliError, Result};
 use crate::evaluate::{evaluate, EvalOptions, EvalResult};
@@ -39,27 +39,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         e.seed = v;
     }
     cfg.validate()?;
-    match cfg.train.device {
-        Device::Cpu => eval_on(
-            maskdiff_network::dfdx::tensor::Cpu::default(),
-            &dir,
-            &cfg,
-            &a,
-        ),
-        Device::Cuda => cuda(&dir, &cfg, &a),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda(dir: &Path, cfg: &Config, a: &EvalArgs) -> Result<()> {
-    let dev = crate::run::cuda_device(cfg.train.seed)?;
-    eval_on(dev, dir, cfg, a)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda(dir: &Path, cfg: &Config, a: &EvalArgs) -> Result<()> {
-    eprintln!("maskdiff: built without CUDA, evaluating on the CPU");
-    eval_on(maskdiff_network::dfdx::tensor::Cpu::default(), dir, cfg, a)
+    run::with_device!(cfg, "evaluating", |dev| eval_on(dev, &dir, &cfg, &a))
 }
 
 fn bar(total: usize, what: &str) -> Option<indicatif::ProgressBar> {

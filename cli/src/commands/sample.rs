@@ -2,7 +2,7 @@
 //! saved `[sample]` config and the flags, and print or write the samples (paper §6).
 
 use crate::args::SampleArgs;
-use crate::config::{Config, Device};
+use crate::config::Config;
 use crate::dataset::Codec;
 use crate::error::{CliError, Result};
 use crate::generate::{generate, Request};
@@ -39,27 +39,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         s.seed = v;
     }
     cfg.validate()?;
-    match cfg.train.device {
-        Device::Cpu => sample_on(
-            maskdiff_network::dfdx::tensor::Cpu::default(),
-            &dir,
-            &cfg,
-            &a,
-        ),
-        Device::Cuda => cuda(&dir, &cfg, &a),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda(dir: &Path, cfg: &Config, a: &SampleArgs) -> Result<()> {
-    let dev = crate::run::cuda_device(cfg.train.seed)?;
-    sample_on(dev, dir, cfg, a)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda(dir: &Path, cfg: &Config, a: &SampleArgs) -> Result<()> {
-    eprintln!("maskdiff: built without CUDA, sampling on the CPU");
-    sample_on(maskdiff_network::dfdx::tensor::Cpu::default(), dir, cfg, a)
+    run::with_device!(cfg, "sampling", |dev| sample_on(dev, &dir, &cfg, &a))
 }
 
 fn sample_on<D: DfdxDevice<f32>>(dev: D, dir: &Path, cfg: &Config, a: &SampleArgs) -> Result<()> {
