@@ -48,7 +48,7 @@ fn main() {
         lap("grads.get", &mut s);
         let _ = global_norm(&g).unwrap();
         lap("norm", &mut s);
-        opt.update(model.params_mut(), &g, 1e-4).unwrap();
+        opt.update(model.params_mut(), &g, 1e-4, None).unwrap();
         lap("adamw", &mut s);
         ema_update(&mut ema, &model, 0.9999).unwrap();
         lap("ema", &mut s);

@@ -16,6 +16,7 @@
 
 use crate::attention_cpu;
 use crate::layers::{self, Res, Rope, T1, T2, T4};
+use crate::update_cpu::{self, AdamWStep};
 use crate::{Elem, MlpKind};
 use dfdx::prelude::*;
 use rayon::prelude::*;
@@ -95,7 +96,60 @@ pub trait Kernels<E: Elem>: Device<E> {
     ) -> Res<T4<E, Self, T>, Self> {
         rope.apply(x, b, n, h, scale)
     }
+    /// One AdamW update of a flat parameter (spec §8): (θ', m', v') from θ, its gradient and
+    /// the moments m, v (tape-free; see [`crate::train::AdamW`]).
+    fn adamw(
+        p: &T1<E, Self>,
+        g: &T1<E, Self>,
+        m: &T1<E, Self>,
+        v: &T1<E, Self>,
+        s: &AdamWStep,
+    ) -> Res<Moments<E, Self>, Self> {
+        generic_adamw(p, g, m, v, s)
+    }
+    /// The EMA update `ema + rate·(θ − ema)`.
+    fn ema(ema: &T1<E, Self>, p: &T1<E, Self>, rate: f64) -> Res<T1<E, Self>, Self> {
+        ema.clone()
+            .try_add(p.clone().try_sub(ema.clone())?.try_mul(E::c(rate))?)
+    }
+    /// Σ x² (for the global gradient norm), summed on the device and returned in f64.
+    fn sum_squares(x: &T1<E, Self>) -> Res<f64, Self> {
+        let s = x.clone().try_square()?.try_sum::<Rank0, _>()?.as_vec();
+        Ok(s.iter().map(|v| v.to_f64().unwrap_or(f64::NAN)).sum())
+    }
 }
+
+/// [`Kernels::adamw`] from dfdx's ops: 14 element-wise passes.
+fn generic_adamw<E: Elem, D: Device<E>>(
+    p: &T1<E, D>,
+    g: &T1<E, D>,
+    m: &T1<E, D>,
+    v: &T1<E, D>,
+    s: &AdamWStep,
+) -> Res<Moments<E, D>, D> {
+    let c = E::c;
+    let g = match s.grad_scale {
+        Some(k) => g.clone().try_mul(c(k))?,
+        None => g.clone(),
+    };
+    let m2 = (m.clone().try_mul(c(s.beta1))?).try_add(g.clone().try_mul(c(1.0 - s.beta1))?)?;
+    let v2 =
+        (v.clone().try_mul(c(s.beta2))?).try_add(g.try_square()?.try_mul(c(1.0 - s.beta2))?)?;
+    let denom = v2
+        .clone()
+        .try_mul(c(1.0 / s.bias_correction2))?
+        .try_sqrt()?
+        .try_add(c(s.eps))?;
+    let upd = (m2
+        .clone()
+        .try_mul(c(1.0 / s.bias_correction1))?
+        .try_div(denom)?)
+    .try_add(p.clone().try_mul(c(s.weight_decay))?)?;
+    Ok((p.clone().try_sub(upd.try_mul(c(s.lr))?)?, m2, v2))
+}
+
+/// θ', m', v' of an AdamW step.
+pub type Moments<E, D> = (T1<E, D>, T1<E, D>, T1<E, D>);
 
 #[cfg(feature = "cuda")]
 impl<E: Elem> Kernels<E> for dfdx::tensor::Cuda where dfdx::tensor::Cuda: Device<E> {}
@@ -743,6 +797,32 @@ macro_rules! cpu_kernels {
                     }
                     Ok(y.put_tape(tape))
                 }
+
+                fn adamw(
+                    p: &T1<E, Self>,
+                    g: &T1<E, Self>,
+                    m: &T1<E, Self>,
+                    v: &T1<E, Self>,
+                    s: &AdamWStep,
+                ) -> Res<Moments<E, Self>, Self> {
+                    // flat parameters are contiguous by construction (`view` checks)
+                    let (p2, m2, v2) = update_cpu::adamw(view(p), view(g), view(m), view(v), s);
+                    let (dev, shape) = (p.device(), *p.shape());
+                    Ok((
+                        dev.try_tensor_from_vec(p2, shape)?,
+                        dev.try_tensor_from_vec(m2, shape)?,
+                        dev.try_tensor_from_vec(v2, shape)?,
+                    ))
+                }
+
+                fn ema(ema: &T1<E, Self>, p: &T1<E, Self>, rate: f64) -> Res<T1<E, Self>, Self> {
+                    let y = update_cpu::ema(view(ema), view(p), rate);
+                    ema.device().try_tensor_from_vec(y, *ema.shape())
+                }
+
+                fn sum_squares(x: &T1<E, Self>) -> Res<f64, Self> {
+                    Ok(update_cpu::sum_squares(view(x)))
+                }
             }
         }
     };
@@ -1040,5 +1120,60 @@ mod tests {
             &gb.get(&x).as_vec(),
             "softmax grad f32",
         );
+    }
+
+    /// The fused optimizer passes give the same f32 bits as the dfdx-op chains they replace
+    /// (same operations in the same order), over several parallel chunks and a ragged tail, with
+    /// and without a clipping factor and late in training (small bias corrections); Σ x² is
+    /// the f64 sum to summation-order rounding.
+    #[test]
+    fn optimizer_passes_match_dfdx_ops_bitwise() {
+        let dev = Cpu::default();
+        let mut rng = StdRng::seed_from_u64(21);
+        let n = 3 * 32_768 + 123;
+        let mut mk = |lo: f32, hi: f32| -> T1<f32, Cpu> {
+            dev.tensor_from_vec((0..n).map(|_| rng.gen_range(lo..hi)).collect(), (n,))
+        };
+        let (p, g, m, v) = (mk(-2.0, 2.0), mk(-1.0, 1.0), mk(-0.1, 0.1), mk(0.0, 0.01));
+        for (k, grad_scale) in [(1, None), (3, Some(0.37)), (5000, Some(1.0e-3))] {
+            let s = AdamWStep {
+                lr: 3e-4,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.03,
+                bias_correction1: 1.0 - 0.9f64.powi(k),
+                bias_correction2: 1.0 - 0.999f64.powi(k),
+                grad_scale,
+            };
+            let fused = <Cpu as Kernels<f32>>::adamw(&p, &g, &m, &v, &s).unwrap();
+            let reference = generic_adamw(&p, &g, &m, &v, &s).unwrap();
+            for (what, a, b) in [
+                ("θ", &fused.0, &reference.0),
+                ("m", &fused.1, &reference.1),
+                ("v", &fused.2, &reference.2),
+            ] {
+                let (a, b) = (a.as_vec(), b.as_vec());
+                let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "AdamW {what} differs at step {k}");
+            }
+            // and the step moved θ (not a no-op)
+            assert!(fused
+                .0
+                .as_vec()
+                .iter()
+                .zip(p.as_vec())
+                .any(|(a, b)| a != &b));
+        }
+        let rate = 1.0 - 0.9999;
+        let fused = <Cpu as Kernels<f32>>::ema(&p, &g, rate).unwrap().as_vec();
+        let reference = (p.clone() + (g.clone() - p.clone()) * rate as f32).as_vec();
+        assert!(fused
+            .iter()
+            .zip(&reference)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let exact: f64 = g.as_vec().iter().map(|&x| (x as f64) * (x as f64)).sum();
+        let fused = <Cpu as Kernels<f32>>::sum_squares(&g).unwrap();
+        assert!((fused - exact).abs() <= 1e-12 * exact, "{fused} vs {exact}");
     }
 }

@@ -39,6 +39,7 @@ mod layers;
 mod model;
 mod param;
 pub mod train;
+mod update_cpu;
 
 pub use alloc::tune_allocator;
 pub use config::{default_ffn_hidden, MlpKind, NetworkConfig, PRESETS};
@@ -46,10 +47,11 @@ pub use denoiser::NetworkDenoiser;
 pub use elem::{fast_exp_f32, Elem};
 pub use error::NetworkError;
 pub use init::Init;
-pub use kernels::Kernels;
+pub use kernels::{Kernels, Moments};
 pub use layers::{time_embedding, time_frequency, Rope};
 pub use model::Md4Transformer;
 pub use param::Param;
+pub use update_cpu::AdamWStep;
 
 /// Re-exported so that downstream crates name the same dfdx types.
 pub use dfdx;

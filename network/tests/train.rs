@@ -98,13 +98,13 @@ fn adamw_matches_hand_computed_update() {
     };
     let mut opt = AdamW::new(cfg, &params).unwrap();
     let g = vec![dev.tensor_from_vec(vec![0.5f32, 0.0], (2,))];
-    opt.update(&mut params, &g, 0.1).unwrap();
+    opt.update(&mut params, &g, 0.1, None).unwrap();
     // step 1: m̂ = 0.5, v̂ = 0.25 → 0.5/(0.5 + 1e-8) ≈ 1 − 2e-8; decay 0.01·2 = 0.02
     // w0 = 2 − 0.1·(0.99999998 + 0.02) = 1.898; w1 (g = 0) = −1 − 0.1·(0 − 0.01) = −0.999
     let w = params[0].value.as_vec();
     assert!((w[0] as f64 - 1.898_000_002).abs() < 2e-7, "{}", w[0]);
     assert!((w[1] as f64 + 0.999).abs() < 2e-7, "{}", w[1]);
-    opt.update(&mut params, &g, 0.1).unwrap();
+    opt.update(&mut params, &g, 0.1, None).unwrap();
     // step 2: m = 0.095, v = 0.0004997500; m̂ = 0.5, v̂ = 0.25 again → same Adam term
     // w0 = 1.898 − 0.1·(1 + 0.01898) = 1.796102
     let w = params[0].value.as_vec();

@@ -3,7 +3,7 @@
 //! θ ← θ − lr·(m̂/(√v̂ + ε) + wd·θ), k = number of updates so far including this one. Its moments
 //! are ordinary named tensors so they can be checkpointed (dfdx's Adam state is private).
 
-use crate::{NetworkError, Param};
+use crate::{AdamWStep, Kernels, NetworkError, Param};
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -75,13 +75,18 @@ impl<D: Device<f32>> AdamW<D> {
             v: params.iter().map(zeros).collect::<Result<_, _>>()?,
         })
     }
+}
 
-    /// One update of every parameter with its gradient at learning rate `lr`.
+impl<D: Kernels<f32>> AdamW<D> {
+    /// One update of every parameter with its gradient at learning rate `lr`, the gradients
+    /// first multiplied by `grad_scale` if given (global-norm clipping). One fused pass per
+    /// parameter on the CPU ([`Kernels::adamw`]).
     pub fn update(
         &mut self,
         params: &mut [Param<f32, D>],
         grads: &[Tensor<(usize,), f32, D>],
         lr: f64,
+        grad_scale: Option<f64>,
     ) -> Result<(), NetworkError> {
         if params.len() != grads.len() || params.len() != self.m.len() {
             return Err(NetworkError::Input(format!(
@@ -94,19 +99,22 @@ impl<D: Device<f32>> AdamW<D> {
         self.count += 1;
         let k = self.count as i32;
         let c = &self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(k);
-        let bc2 = 1.0 - c.beta2.powi(k);
-        let f = |x: f64| x as f32;
-        for i in 0..params.len() {
-            let g = grads[i].clone();
-            let m = self.m[i].clone() * f(c.beta1) + g.clone() * f(1.0 - c.beta1);
-            let v = self.v[i].clone() * f(c.beta2) + g.square() * f(1.0 - c.beta2);
-            let denom = (v.clone() * f(1.0 / bc2)).sqrt() + f(c.eps);
-            let upd =
-                (m.clone() * f(1.0 / bc1)) / denom + params[i].value.clone() * f(c.weight_decay);
-            params[i].value = params[i].value.clone() - upd * f(lr);
-            self.m[i] = m;
-            self.v[i] = v;
+        let step = AdamWStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            bias_correction1: 1.0 - c.beta1.powi(k),
+            bias_correction2: 1.0 - c.beta2.powi(k),
+            grad_scale,
+        };
+        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            let (p2, m2, v2) = D::adamw(&p.value, g, &self.m[i], &self.v[i], &step)
+                .map_err(NetworkError::device)?;
+            p.value = p2;
+            self.m[i] = m2;
+            self.v[i] = v2;
         }
         Ok(())
     }

@@ -15,10 +15,9 @@ pub fn ema_update<D: Kernels<f32>>(
             "EMA decay {decay} not in [0, 1]"
         )));
     }
-    let rate = (1.0 - decay) as f32;
+    let rate = 1.0 - decay;
     for (e, p) in ema.params_mut().iter_mut().zip(live.params()) {
-        let diff = p.value.clone() - e.value.clone();
-        e.value = e.value.clone() + diff * rate;
+        e.value = D::ema(&e.value, &p.value, rate).map_err(NetworkError::device)?;
     }
     Ok(())
 }

@@ -473,7 +473,7 @@ impl<D: Kernels<f32>> Trainer<D> {
     ) -> Result<StepStats, NetworkError> {
         let len = batch.len;
         let GenMd4Gradients {
-            network: mut grads,
+            network: grads,
             theta: g_theta,
             batch: gb,
             nelbo,
@@ -504,16 +504,13 @@ impl<D: Kernels<f32>> Trainer<D> {
         }
         let clip = self.train_cfg.grad_clip;
         let clipped = clip > 0.0 && grad_norm > clip;
-        if clipped {
-            let s = (clip / grad_norm) as f32;
-            grads = grads.into_iter().map(|g| g * s).collect();
-        }
+        let scale = clipped.then(|| clip / grad_norm);
         let lr = self.train_cfg.lr.lr(self.step);
         let decay = self.train_cfg.ema_decay;
         // Update θ on a copy first: a failure leaves the run unchanged.
         let mut g = self.genmd4_state()?.clone();
         g.opt
-            .update(std::slice::from_mut(&mut g.theta), &[g_theta], lr)?;
+            .update(std::slice::from_mut(&mut g.theta), &[g_theta], lr, None)?;
         let new_theta = g.theta.value.as_vec();
         if let Some(bad) = new_theta.iter().find(|x| !(x.is_finite() && **x < 80.0)) {
             return Err(NetworkError::NonFinite {
@@ -522,10 +519,11 @@ impl<D: Kernels<f32>> Trainer<D> {
                 value: *bad as f64,
             });
         }
-        self.opt.update(self.model.params_mut(), &grads, lr)?;
+        self.opt
+            .update(self.model.params_mut(), &grads, lr, scale)?;
         ema_update(&mut self.ema, &self.model, decay)?;
-        let diff = g.theta.value.clone() - g.ema_theta.clone();
-        g.ema_theta = g.ema_theta.clone() + diff * (1.0 - decay) as f32;
+        g.ema_theta =
+            D::ema(&g.ema_theta, &g.theta.value, 1.0 - decay).map_err(NetworkError::device)?;
         let masked = gb.xt.iter().filter(|&&x| x as usize == gb.vocab).count();
         g.last = Some(GenMd4StepInfo {
             surrogate,

@@ -227,7 +227,7 @@ impl<D: Kernels<f32>> Trainer<D> {
                 Some(a) => a.into_iter().zip(g).map(|(a, g)| a + g).collect(),
             });
         }
-        let mut grads = acc.expect("at least one micro-batch");
+        let grads = acc.expect("at least one micro-batch");
         let grad_norm = global_norm(&grads)?;
         if !grad_norm.is_finite() {
             return Err(NetworkError::NonFinite {
@@ -238,12 +238,10 @@ impl<D: Kernels<f32>> Trainer<D> {
         }
         let clip = self.train_cfg.grad_clip;
         let clipped = clip > 0.0 && grad_norm > clip;
-        if clipped {
-            let s = (clip / grad_norm) as f32;
-            grads = grads.into_iter().map(|g| g * s).collect();
-        }
         let lr = self.train_cfg.lr.lr(self.step);
-        self.opt.update(self.model.params_mut(), &grads, lr)?;
+        let scale = clipped.then(|| clip / grad_norm);
+        self.opt
+            .update(self.model.params_mut(), &grads, lr, scale)?;
         ema_update(&mut self.ema, &self.model, self.train_cfg.ema_decay)?;
         let diffusion = diffusion / bsz as f64;
         let loss = diffusion + self.recon(len);
@@ -307,13 +305,7 @@ pub fn global_norm<D: Kernels<f32>>(
 ) -> Result<f64, NetworkError> {
     let mut s = 0.0f64;
     for g in grads {
-        let v = g
-            .clone()
-            .try_square()
-            .and_then(|x| x.try_sum::<Rank0, _>())
-            .map_err(NetworkError::device)?
-            .as_vec();
-        s += v.iter().map(|&x| x as f64).sum::<f64>();
+        s += D::sum_squares(g).map_err(NetworkError::device)?;
     }
     Ok(s.sqrt())
 }
