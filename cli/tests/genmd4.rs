@@ -87,6 +87,49 @@ fn genmd4_train_eval_sample_plot() {
     ok(&o);
     let png = std::fs::read(d.join("w.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG"));
+    // The printed summary names all 27 characters by the run's tokenizer (space shown as ␣),
+    // largest exponent first, with the values of the last record in metrics.jsonl.
+    let out = stdout(&o);
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("exponents w_v at step 60: "))
+        .unwrap_or_else(|| panic!("no summary line:\n{out}"));
+    let m = std::fs::read_to_string(d.join("two/metrics.jsonl")).unwrap();
+    let logged: serde_json::Value = m
+        .lines()
+        .rev()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r.get("exponents").is_some())
+        .unwrap();
+    let logged: Vec<f64> = logged["exponents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let entries: Vec<(String, f64)> = line
+        .split(", ")
+        .map(|e| {
+            let (name, w) = e.rsplit_once(' ').unwrap();
+            (name.to_string(), w.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(entries.len(), 27, "{line}");
+    assert!(entries.windows(2).all(|p| p[0].1 >= p[1].1), "{line}");
+    let mut names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+    names.sort();
+    let mut expected: Vec<String> = ('a'..='z').map(String::from).collect();
+    expected.push("␣".into());
+    expected.sort();
+    assert_eq!(names, expected);
+    let mut printed: Vec<f64> = entries.iter().map(|e| e.1).collect();
+    let mut sorted = logged;
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    printed.sort_by(|a, b| b.total_cmp(a));
+    assert!(printed
+        .iter()
+        .zip(&sorted)
+        .all(|(p, l)| (p - l).abs() <= 5e-4));
     let _ = std::fs::remove_dir_all(&d);
 }
 

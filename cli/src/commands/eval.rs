@@ -1,14 +1,15 @@
 //! `maskdiff eval`: the negative ELBO of a checkpoint on a data split (paper §3; spec §3.4): bits
 //! per character/dimension/token with a standard error over sequences from K independent
 //! t-samples each, continuous time or the T-step discrete ELBO, and the perplexity bound 2^bits.
-//! `--zero-shot` scores a GPT-2-tokenised model on LAMBADA, WikiText-2/103, PTB and the One
-//! Billion Words subset (Table 1 protocol: SEDD's detokenisers, blocks of the model length).
+//! `--zero-shot` scores a GPT-2-tokenised model (MD4, or GenMD4 with its learned schedule) on
+//! LAMBADA, WikiText-2/103, PTB and the One Billion Words subset (Table 1 protocol: SEDD's
+//! detokenisers, blocks of the model length).
 
 use crate::args::{EvalArgs, SplitArg};
 use crate::config::{Config, DatasetKind};
 use crate::dataset::Data;
 use crate::error::{CliError, Result};
-use crate::evaluate::{evaluate, EvalOptions, EvalResult};
+use crate::evaluate::{EvalOptions, EvalResult};
 use crate::run::{self, Loaded};
 use maskdiff_data::zeroshot::{load_zero_shot, Grouping, ZeroShotSet};
 use maskdiff_data::Split;
@@ -74,23 +75,9 @@ fn elbo_name(r: &EvalResult) -> String {
 fn eval_on<D: DfdxDevice<f32>>(dev: D, dir: &Path, cfg: &Config, a: &EvalArgs) -> Result<()> {
     let loaded = Loaded::open(dir, &dev)?;
     let mut den = loaded.denoiser(!a.no_ema);
-    let schedule = *loaded.trainer.schedule();
     let params = if a.no_ema { "raw" } else { "EMA" };
     if let Some(z) = &a.zero_shot {
-        if loaded.trainer.genmd4().is_some() {
-            return Err(CliError::Input(
-                "zero-shot evaluation is implemented for MD4 checkpoints only".into(),
-            ));
-        }
-        return zero_shot(
-            &mut den,
-            &schedule,
-            cfg,
-            &loaded,
-            z,
-            params,
-            a.json.as_deref(),
-        );
+        return zero_shot(&mut den, cfg, &loaded, !a.no_ema, z, a.json.as_deref());
     }
     let data = Data::open(&cfg.data)?;
     let id = data.identity(cfg.data.dataset)?;
@@ -182,15 +169,22 @@ fn zero_shot_dir(given: &Path) -> Result<PathBuf> {
         })
 }
 
-fn zero_shot<D: maskdiff_process::Denoiser + ?Sized, S: maskdiff_schedule::MaskingSchedule<f64>>(
+/// The zero-shot suite for an MD4 or GenMD4 checkpoint (GenMD4: its learned per-token schedule,
+/// live or EMA exponents with the parameters they belong to).
+fn zero_shot<D: maskdiff_process::Denoiser + ?Sized>(
     den: &mut D,
-    schedule: &S,
     cfg: &Config,
     loaded: &Loaded<impl DfdxDevice<f32>>,
+    use_ema: bool,
     dir: &Path,
-    params: &str,
     json: Option<&Path>,
 ) -> Result<()> {
+    let params = if use_ema { "EMA" } else { "raw" };
+    let model = if loaded.trainer.genmd4().is_some() {
+        "GenMD4"
+    } else {
+        "MD4"
+    };
     if loaded.extra.data.dataset != DatasetKind::Gpt2 {
         return Err(CliError::Input(format!(
             "the zero-shot suite needs a GPT-2-tokenised model; this one was trained on {:?}",
@@ -200,7 +194,9 @@ fn zero_shot<D: maskdiff_process::Denoiser + ?Sized, S: maskdiff_schedule::Maski
     let dir = zero_shot_dir(dir)?;
     let len = loaded.extra.data.seq_len;
     let mut rows = Vec::new();
-    println!("zero-shot perplexity bounds ({params} parameters, blocks of {len} GPT-2 tokens):");
+    println!(
+        "zero-shot perplexity bounds ({model}, {params} parameters, blocks of {len} GPT-2 tokens):"
+    );
     for set in ZeroShotSet::ALL {
         let label = match set {
             ZeroShotSet::Lm1b => "1BW (subset of the test set)".to_string(),
@@ -214,11 +210,20 @@ fn zero_shot<D: maskdiff_process::Denoiser + ?Sized, S: maskdiff_schedule::Maski
         };
         let seqs: Vec<Vec<u32>> = (0..cap).map(|i| blocks.block(i).to_vec()).collect();
         let pb = bar(seqs.len(), set.name());
-        let r = evaluate(den, schedule, &seqs, None, opts(cfg), |i| {
+        let progress = |i: usize| {
             if let Some(b) = &pb {
                 b.set_position(i as u64)
             }
-        })?;
+        };
+        let r = crate::evaluate_genmd4::evaluate_trainer(
+            &loaded.trainer,
+            use_ema,
+            den,
+            &seqs,
+            None,
+            opts(cfg),
+            progress,
+        )?;
         if let Some(b) = pb {
             b.finish_and_clear();
         }

@@ -189,19 +189,50 @@ pub fn schedules(names: &[String], eps: f64, out: &Path) -> Result<()> {
     })
 }
 
-/// GenMD4's per-token exponents w_v against step, from the records that carry them.
-pub fn exponents(records: &[Record], out: &Path) -> Result<()> {
+/// Every token value is labelled up to this vocabulary size; above it, the `EXTREMES` largest and
+/// smallest final exponents are.
+const LABEL_ALL: usize = 32;
+const EXTREMES: usize = 6;
+
+/// The token values whose lines get a label: all of them for a small vocabulary, else the
+/// `EXTREMES` with the largest and the smallest final exponent (largest first, then smallest
+/// first), which are the ones a reader looks for.
+pub fn labelled_values(last: &[f64]) -> Vec<usize> {
+    if last.len() <= LABEL_ALL {
+        return (0..last.len()).collect();
+    }
+    let mut order: Vec<usize> = (0..last.len()).collect();
+    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]).then(a.cmp(&b)));
+    let mut picked: Vec<usize> = order[..EXTREMES].to_vec();
+    picked.extend(order[order.len() - EXTREMES..].iter().rev());
+    picked
+}
+
+/// GenMD4's per-token exponents w_v against step, from the records that carry them. `names`
+/// (one per token value, e.g. decoded by the run's tokenizer) label the lines of
+/// [`labelled_values`] at their last point; without names the labels are the token ids.
+pub fn exponents(records: &[Record], names: Option<&[String]>, out: &Path) -> Result<()> {
     let rows: Vec<(f64, &Vec<f64>)> = records
         .iter()
         .filter_map(|r| r.exponents.as_ref().map(|e| (r.step as f64, e)))
         .collect();
-    let Some((_, first)) = rows.first() else {
+    let (Some((_, first)), Some(&(x_last, last))) = (rows.first(), rows.last()) else {
         return Err(CliError::Plot(
             "no GenMD4 exponents in the metrics (is this a GenMD4 run?)".into(),
         ));
     };
     let v = first.len();
+    if let Some(n) = names {
+        if n.len() != v {
+            return Err(CliError::Plot(format!(
+                "{} token names for {v} exponents",
+                n.len()
+            )));
+        }
+    }
     let (x0, x1) = range(rows.iter().map(|r| r.0));
+    // room on the right for the labels
+    let x1 = x1 + 0.12 * (x1 - x0.max(0.0));
     let (y0, y1) = range(rows.iter().flat_map(|r| r.1.iter().copied()));
     render(out, SIZE, |root| {
         let mut chart = ChartBuilder::on(root)
@@ -231,8 +262,35 @@ pub fn exponents(records: &[Record], out: &Path) -> Result<()> {
                 .draw_series(LineSeries::new(pts, c.stroke_width(1)))
                 .map_err(perr)?;
         }
+        let labels = labelled_values(last).into_iter().filter_map(|k| {
+            let w = *last.get(k)?;
+            let name = names.map_or_else(|| k.to_string(), |n| n[k].clone());
+            let style = ("sans-serif", 12)
+                .into_font()
+                .color(&PALETTE[k % PALETTE.len()]);
+            Some(Text::new(name, (x_last, w), style))
+        });
+        chart.draw_series(labels).map_err(perr)?;
         Ok(())
     })
+}
+
+/// A token's piece as a one-line label: spaces and control characters made visible.
+pub fn token_label(piece: &str) -> String {
+    let s: String = piece
+        .chars()
+        .map(|c| match c {
+            ' ' => '␣',
+            '\n' => '⏎',
+            c if c.is_control() => '·',
+            c => c,
+        })
+        .collect();
+    if s.is_empty() {
+        "∅".into()
+    } else {
+        s
+    }
 }
 
 #[cfg(test)]
@@ -287,5 +345,43 @@ mod tests {
         metrics(&recs, "run", &out).unwrap();
         check_png(&out, SIZE);
         assert!(metrics(&[], "run", &out).is_err());
+    }
+
+    #[test]
+    fn small_vocabularies_label_every_value() {
+        assert_eq!(labelled_values(&[0.5, 2.0, 1.0]), vec![0, 1, 2]);
+        assert_eq!(labelled_values(&[1.0; 32]).len(), 32);
+    }
+
+    #[test]
+    fn large_vocabularies_label_the_extremes() {
+        // 40 values: w_k = k except two swapped, so the order is not the index order
+        let mut w: Vec<f64> = (0..40).map(|k| k as f64).collect();
+        w.swap(3, 38);
+        let l = labelled_values(&w);
+        assert_eq!(l, vec![39, 3, 37, 36, 35, 34, 0, 1, 2, 38, 4, 5]);
+    }
+
+    #[test]
+    fn exponents_plot_draws_labelled_lines() {
+        let out = tmpdir("exp").join("e.png");
+        let recs: Vec<Record> = (0..10)
+            .map(|i| {
+                let mut r = Record::new(i * 100, "train", 4.0);
+                r.exponents = Some((0..27).map(|k| 1.0 + 0.01 * (i * k) as f64).collect());
+                r
+            })
+            .collect();
+        let names: Vec<String> = std::iter::once(" ".to_string())
+            .chain(('a'..='z').map(String::from))
+            .map(|p| token_label(&p))
+            .collect();
+        assert_eq!(names[0], "␣");
+        exponents(&recs, Some(&names), &out).unwrap();
+        check_png(&out, SIZE);
+        exponents(&recs, None, &out).unwrap();
+        // wrong name count and no exponents at all are errors
+        assert!(exponents(&recs, Some(&names[..3]), &out).is_err());
+        assert!(exponents(&[Record::new(0, "train", 4.0)], None, &out).is_err());
     }
 }
