@@ -110,6 +110,15 @@ fn adamw_matches_hand_computed_update() {
     let w = params[0].value.as_vec();
     assert!((w[0] as f64 - 1.796_102).abs() < 3e-7, "{}", w[0]);
     assert_eq!(opt.count, 2);
+    // a gradient of the wrong length, or a non-finite rate or scale, is refused without
+    // touching the state
+    let before = params[0].value.as_vec();
+    let short = vec![dev.tensor_from_vec(vec![0.5f32], (1,))];
+    assert!(opt.update(&mut params, &short, 0.1, None).is_err());
+    assert!(opt.update(&mut params, &g, f64::NAN, None).is_err());
+    assert!(opt.update(&mut params, &g, 0.1, Some(0.0)).is_err());
+    assert_eq!(opt.count, 2);
+    assert_eq!(params[0].value.as_vec(), before);
     let n = global_norm(&[
         dev.tensor_from_vec(vec![3.0f32, 4.0], (2,)),
         dev.tensor_from_vec(vec![12.0f32], (1,)),
@@ -377,4 +386,30 @@ fn mismatched_or_corrupt_checkpoints_are_errors() {
         Trainer::<Cpu>::load(&dir, &dev),
         Err(NetworkError::Io { .. })
     ));
+}
+
+/// The EMA moves each parameter by (1 − decay) of its distance to the live one, and refuses a
+/// live model with other parameters or a decay outside [0, 1].
+#[test]
+fn ema_update_moves_towards_live_and_checks_its_inputs() {
+    let dev = Cpu::default();
+    let cfg = NetworkConfig::preset("tiny", 7).unwrap();
+    let live = cfg.init::<f32, Cpu>(&dev, 1).unwrap();
+    let mut ema = cfg.init::<f32, Cpu>(&dev, 2).unwrap();
+    let before: Vec<Vec<f32>> = ema.params().iter().map(|p| p.value.as_vec()).collect();
+    ema_update(&mut ema, &live, 0.75).unwrap();
+    for ((e, l), b) in ema.params().iter().zip(live.params()).zip(&before) {
+        for ((&e, &l), &b) in e.value.as_vec().iter().zip(&l.value.as_vec()).zip(b) {
+            assert!((e - (b + 0.25 * (l - b))).abs() <= 1e-6 * (1.0 + b.abs()));
+        }
+    }
+    let other = NetworkConfig::preset("tiny", 9)
+        .unwrap()
+        .init::<f32, Cpu>(&dev, 1)
+        .unwrap();
+    assert!(matches!(
+        ema_update(&mut ema, &other, 0.5),
+        Err(NetworkError::Input(_))
+    ));
+    assert!(ema_update(&mut ema, &live, 1.5).is_err());
 }

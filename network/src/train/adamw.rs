@@ -96,6 +96,24 @@ impl<D: Kernels<f32>> AdamW<D> {
                 self.m.len()
             )));
         }
+        if !lr.is_finite() || grad_scale.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
+            return Err(NetworkError::Input(format!(
+                "learning rate {lr} and gradient scale {grad_scale:?} must be finite (scale > 0)"
+            )));
+        }
+        let len = |t: &Tensor<(usize,), f32, D>| t.shape().0;
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let n = len(&p.value);
+            if len(g) != n || len(&self.m[i]) != n || len(&self.v[i]) != n {
+                return Err(NetworkError::Input(format!(
+                    "parameter {:?} has {n} values but its gradient {} and moments {}/{}",
+                    p.name,
+                    len(g),
+                    len(&self.m[i]),
+                    len(&self.v[i])
+                )));
+            }
+        }
         self.count += 1;
         let k = self.count as i32;
         let c = &self.cfg;

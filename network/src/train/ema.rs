@@ -15,6 +15,17 @@ pub fn ema_update<D: Kernels<f32>>(
             "EMA decay {decay} not in [0, 1]"
         )));
     }
+    let (ep, lp) = (ema.params(), live.params());
+    let same = ep.len() == lp.len()
+        && ep
+            .iter()
+            .zip(lp)
+            .all(|(e, p)| e.name == p.name && e.numel() == p.numel());
+    if !same {
+        return Err(NetworkError::Input(
+            "EMA and live models have different parameters".into(),
+        ));
+    }
     let rate = 1.0 - decay;
     for (e, p) in ema.params_mut().iter_mut().zip(live.params()) {
         e.value = D::ema(&e.value, &p.value, rate).map_err(NetworkError::device)?;
