@@ -5,7 +5,9 @@
 //! here than dfdx's gemm 0.15), attention per (sequence, head), softmax over the last axis,
 //! LayerNorm without affine, RMSNorm with a scale, adaLN modulation, gated residual, the
 //! GLU/SwiGLU gate and RoPE. dfdx composes the element-wise ones from 4–10 separate ops, each
-//! allocating and sweeping memory; here each is one sweep forward and one backward.
+//! allocating and sweeping memory; here each is one sweep forward and one backward. The
+//! optimizer's passes (AdamW, EMA, Σ g²; tape-free) live here too, implemented in
+//! [`crate::update_cpu`] and bit-identical to their dfdx-op defaults.
 //!
 //! Memory traffic (issue 8, `bench/NOTES.md`): inputs are read in place ([`view`]), the backward
 //! op takes its output's gradient out of the store ([`take_grad!`]) and accumulates straight

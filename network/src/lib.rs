@@ -6,8 +6,8 @@
 //!   over run-time-shaped tensors, generic over element type ([`Elem`]: f32, f64) and dfdx
 //!   device (`Cpu`, or `Cuda` with the `cuda` feature).
 //! * [`Kernels`]: the device extension the model runs on — fused CPU kernels (matmul through
-//!   gemm 0.19, attention, softmax, LayerNorm, RMSNorm, adaLN modulation, RoPE, GLU) with
-//!   dfdx-generic defaults for other devices. The CPU kernels read their inputs in place, take
+//!   gemm 0.19, attention, softmax, LayerNorm, RMSNorm, adaLN modulation, RoPE, GLU; and the
+//!   optimizer's AdamW, EMA and Σ g² passes) with dfdx-generic defaults for other devices. The CPU kernels read their inputs in place, take
 //!   their output's gradient out of the gradient store (so those intermediate gradients are not
 //!   readable after `backward`; parameters' are), use a vectorisable f32 exp
 //!   ([`fast_exp_f32`], ≤ 2.5e-7 relative error) and tune glibc's allocator once
