@@ -237,6 +237,32 @@ macro_rules! cpu_kernels {
             use num_traits::{One, Zero};
             type E = $t;
 
+            /// Three untaped tensors and their merged tape.
+            type Untaped3<S1, S2, S3, T> = (
+                Tensor<S1, E, Cpu>,
+                Tensor<S2, E, Cpu>,
+                Tensor<S3, E, Cpu>,
+                T,
+            );
+
+            /// The prologue of the three-input kernels: each input made contiguous (a no-op
+            /// when it is) and untaped, and the three tapes merged into one.
+            fn untape3<S1: Shape, S2: Shape, S3: Shape, T: Tape<E, Cpu>>(
+                a: Tensor<S1, E, Cpu, T>,
+                b: Tensor<S2, E, Cpu, T>,
+                c: Tensor<S3, E, Cpu, T>,
+            ) -> Res<Untaped3<S1, S2, S3, T>, Cpu> {
+                let (a, b, c) = (
+                    a.try_contiguous()?,
+                    b.try_contiguous()?,
+                    c.try_contiguous()?,
+                );
+                let (a, ta) = a.split_tape();
+                let (b, tb) = b.split_tape();
+                let (c, tc) = c.split_tape();
+                Ok((a, b, c, ta.merge(tb).merge(tc)))
+            }
+
             impl Kernels<E> for Cpu {
                 fn matmul<T: Tape<E, Self>>(
                     x: T2<E, Self, T>,
@@ -560,17 +586,9 @@ macro_rules! cpu_kernels {
                     b: usize,
                     n: usize,
                 ) -> Res<T2<E, Self, T>, Self> {
-                    let (x, shift, scale) = (
-                        x.try_contiguous()?,
-                        shift.try_contiguous()?,
-                        scale.try_contiguous()?,
-                    );
+                    let (x, sh, sc, mut tape) = untape3(x, shift, scale)?;
                     let shape = *x.shape();
                     let d = shape.1;
-                    let (x, tx) = x.split_tape();
-                    let (sh, tsh) = shift.split_tape();
-                    let (sc, tsc) = scale.split_tape();
-                    let mut tape = tx.merge(tsh).merge(tsc);
                     let (shv, scv) = (view(&sh), view(&sc));
                     let mut y = host(&x);
                     y.par_chunks_mut(n * d).enumerate().for_each(|(bi, seq)| {
@@ -627,17 +645,9 @@ macro_rules! cpu_kernels {
                     b: usize,
                     n: usize,
                 ) -> Res<T2<E, Self, T>, Self> {
-                    let (h, y, gate) = (
-                        h.try_contiguous()?,
-                        y.try_contiguous()?,
-                        gate.try_contiguous()?,
-                    );
+                    let (h, y, g, mut tape) = untape3(h, y, gate)?;
                     let shape = *h.shape();
                     let d = shape.1;
-                    let (h, th) = h.split_tape();
-                    let (y, ty) = y.split_tape();
-                    let (g, tg) = gate.split_tape();
-                    let mut tape = th.merge(ty).merge(tg);
                     let (yv, gv) = (view(&y), view(&g));
                     let mut z = host(&h);
                     z.par_chunks_mut(n * d).enumerate().for_each(|(bi, seq)| {
@@ -687,17 +697,9 @@ macro_rules! cpu_kernels {
                     k: T4<E, Self, T>,
                     v: T4<E, Self, T>,
                 ) -> Res<T2<E, Self, T>, Self> {
-                    let (q, k, v) = (
-                        q.try_contiguous()?,
-                        k.try_contiguous()?,
-                        v.try_contiguous()?,
-                    );
+                    let (q, k, v, mut tape) = untape3(q, k, v)?;
                     let (b, n, h, hd) = *q.shape();
                     let dims = attention_cpu::Dims { b, n, h, hd };
-                    let (q, tq) = q.split_tape();
-                    let (k, tk) = k.split_tape();
-                    let (v, tv) = v.split_tape();
-                    let mut tape = tq.merge(tk).merge(tv);
                     let (o, lse) =
                         attention_cpu::forward(view(&q), view(&k), view(&v), dims, T::OWNS_TAPE);
                     let o = q.device().try_tensor_from_vec(o, (b * n, h * hd))?;
