@@ -148,6 +148,36 @@ impl Dims {
     }
 }
 
+/// The (sequence, head) task's scores S = Q Kᵀ (n × n, row-major; q already scaled) for the
+/// task whose first element is at offset `t` of q and k.
+fn scores<E: Elem>(q: &[E], k: &[E], t: usize, dims: Dims) -> Vec<E> {
+    let (n, d, hd) = (dims.n, dims.d(), dims.hd);
+    if n == 0 {
+        return Vec::new();
+    }
+    assert!(
+        t + (n - 1) * d + hd <= q.len().min(k.len()),
+        "attention block out of range"
+    );
+    let mut s: Vec<E> = Vec::with_capacity(n * n);
+    // SAFETY: the block is inside q and k (checked above); gemm writes all n·n outputs of the
+    // fresh scratch without reading it.
+    unsafe {
+        mm(
+            (n, n, hd),
+            s.as_mut_ptr(),
+            (n, 1),
+            false,
+            q.as_ptr().add(t),
+            (d, 1),
+            k.as_ptr().add(t),
+            (1, d),
+        );
+        s.set_len(n * n);
+    }
+    s
+}
+
 /// Forward: q, k, v (b, n, h, hd) → (o (b, n, h, hd), lse (b, h, n)). The probabilities P live
 /// only in a per-task n×n scratch; for the backward pass (`keep_lse`) only each row's
 /// log Σ exp is kept and P is recomputed from Q, K and it (as FlashAttention does), so the
@@ -174,22 +204,10 @@ pub(crate) fn forward<E: Elem>(
     let lp = SendPtr(lse.as_mut_ptr());
     (0..tasks).into_par_iter().for_each(|task| {
         let t = dims.tok(task);
-        let mut p: Vec<E> = Vec::with_capacity(n * n);
-        // SAFETY: offsets stay inside q/k/v/o (t + (n−1)·d + hd ≤ b·n·d); each task writes its
-        // own scratch, its own n entries of lse and its own block of o; the softmax reads the
-        // scratch only after the first product has written all of it.
+        let mut p = scores(q, k, t, dims);
+        // SAFETY: offsets stay inside v/o (t + (n−1)·d + hd ≤ b·n·d); each task writes its own
+        // scratch, its own n entries of lse and its own block of o.
         unsafe {
-            mm(
-                (n, n, hd),
-                p.as_mut_ptr(),
-                (n, 1),
-                false,
-                q.as_ptr().add(t),
-                (d, 1),
-                k.as_ptr().add(t),
-                (1, d),
-            );
-            p.set_len(n * n);
             let l = keep_lse.then(|| std::slice::from_raw_parts_mut(lp.get().add(task * n), n));
             softmax_rows(&mut p, n, l);
             mm(
@@ -231,23 +249,12 @@ pub(crate) unsafe fn backward<E: Elem>(
     (0..b * h).into_par_iter().for_each(|task| {
         let t = dims.tok(task);
         let l = &lse[task * n..(task + 1) * n];
-        let mut p: Vec<E> = Vec::with_capacity(n * n);
+        // P = exp(Q Kᵀ − lse)
+        let mut p = scores(q, k, t, dims);
         let mut ds: Vec<E> = Vec::with_capacity(n * n);
         // SAFETY: as in `forward`; each task touches only its own blocks of gq/gk/gv and its
         // private scratch (each written in full by a product before it is read).
         unsafe {
-            // P = exp(Q Kᵀ − lse)
-            mm(
-                (n, n, hd),
-                p.as_mut_ptr(),
-                (n, 1),
-                false,
-                q.as_ptr().add(t),
-                (d, 1),
-                k.as_ptr().add(t),
-                (1, d),
-            );
-            p.set_len(n * n);
             for (row, &li) in p.chunks_mut(n).zip(l) {
                 row.iter_mut().for_each(|s| *s = (*s - li).fast_exp());
             }
