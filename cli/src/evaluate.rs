@@ -7,9 +7,9 @@
 
 use crate::error::{CliError, Result};
 use maskdiff_objective::reference;
-use maskdiff_process::{forward_sample, DenoiseBatch, Denoiser, State};
+use maskdiff_process::{forward_sample, DenoiseBatch, Denoiser, LogProbs, State, Token};
 use maskdiff_schedule::MaskingSchedule;
-use rand::{Rng, SeedableRng};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
 /// Evaluation settings.
@@ -57,9 +57,8 @@ pub(crate) fn mix_seed(seed: u64, index: u64, salt: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn seq_seed(seed: u64, index: u64) -> u64 {
-    mix_seed(seed, index, 0x6A09_E667_F3BC_C909)
-}
+/// MD4's per-sequence stream salt for [`mix_seed`].
+const MD4_STREAM: u64 = 0x6A09_E667_F3BC_C909;
 
 /// One call of the denoiser on pending rows, each given as (x_t ids, t, sequence index); the
 /// labels (if any) are indexed by sequence.
@@ -93,25 +92,32 @@ fn log_prob(row: &[f32], k: usize) -> f64 {
     row[k] as f64 - lse
 }
 
-struct Row {
-    seq: usize,
-    t: f64,
-    /// The T-step draw u (discrete ELBO) — the estimate needs it, not t alone.
-    u: f64,
-    xt: Vec<u32>,
+/// One Monte-Carlo draw for a sequence: the time the network sees, the value the estimate
+/// needs besides t (the T-step draw u; t itself in continuous time), and x_t as ids.
+pub(crate) struct Draw {
+    pub seq: usize,
+    pub t: f64,
+    pub u: f64,
+    pub xt: Vec<u32>,
 }
 
-/// Negative ELBO of `sequences` (each `len` real token ids) under `denoiser` and `schedule`.
-pub fn evaluate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
+/// The Monte-Carlo loop of every estimate here (MD4 and GenMD4): checks the inputs, draws K
+/// (t, u, x_t) per sequence with `draw` from the sequence's own stream (seeded by (seed, index,
+/// `salt`), so results do not depend on the batch size), runs the network on batches of
+/// `opts.batch_rows` draws, scores each draw with `score(draw, x_0, log_probs, row)`, and returns
+/// the sequence length and each sequence's mean score.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mc_means<D: Denoiser + ?Sized>(
     denoiser: &mut D,
-    schedule: &S,
     sequences: &[Vec<u32>],
     labels: Option<&[u32]>,
     opts: EvalOptions,
+    salt: u64,
     mut progress: impl FnMut(usize),
-) -> Result<EvalResult> {
+    mut draw: impl FnMut(&[Token], &mut StdRng) -> Result<(f64, f64, Vec<State>)>,
+    mut score: impl FnMut(&Draw, &[u32], &LogProbs, usize) -> Result<f64>,
+) -> Result<(usize, Vec<f64>)> {
     let vocab = denoiser.vocab();
-    let v = vocab.size();
     let n_seq = sequences.len();
     if n_seq == 0 {
         return Err(CliError::Input("no sequences to evaluate".into()));
@@ -123,41 +129,15 @@ pub fn evaluate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
         ));
     }
     let mut sums = vec![0.0f64; n_seq];
-    let mut pending: Vec<Row> = Vec::new();
-    let flush = |pending: &mut Vec<Row>, sums: &mut Vec<f64>, denoiser: &mut D| -> Result<()> {
+    let mut pending: Vec<Draw> = Vec::new();
+    let mut flush = |pending: &mut Vec<Draw>, sums: &mut Vec<f64>, den: &mut D| -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
         let rows = pending.iter().map(|r| (r.xt.as_slice(), r.t, r.seq));
-        let lp = predict_rows(denoiser, rows, len, labels)?;
+        let lp = predict_rows(den, rows, len, labels)?;
         for (b, r) in pending.iter().enumerate() {
-            let x0 = &sequences[r.seq];
-            // Σ_{masked n} −log μ_n[x_0^n], rows renormalised in f64; only masked rows are read,
-            // so a GPT-2 vocabulary costs no [len × V] f64 copy.
-            let mut ce = 0.0f64;
-            for (n, (&xt, &x)) in r.xt.iter().zip(x0).enumerate() {
-                if xt == vocab.mask_id() {
-                    ce -= log_prob(lp.row(b, n), x as usize);
-                }
-            }
-            let est = if ce == 0.0 {
-                // Nothing masked (or a perfect prediction): the weight may be infinite at t = 0.
-                0.0
-            } else {
-                match opts.discrete_steps {
-                    // Continuous time, eq. (4): −α'_t/(1 − α_t) · CE.
-                    None => -schedule.weight(r.t) * ce,
-                    // T-step ELBO (§3.2): T · (α_s − α_t)/(1 − α_t) · CE for the step u selects.
-                    Some(steps) => {
-                        let (t, s) = reference::discrete_times(r.u, steps)
-                            .map_err(|e| CliError::Input(e.to_string()))?;
-                        steps as f64
-                            * reference::discrete_coefficient(schedule, s, t)
-                                .map_err(|e| CliError::Input(e.to_string()))?
-                            * ce
-                    }
-                }
-            };
+            let est = score(r, &sequences[r.seq], &lp, b)?;
             if !est.is_finite() {
                 return Err(CliError::Input(format!(
                     "evaluation produced a non-finite loss ({est}) for sequence {}",
@@ -177,18 +157,9 @@ pub fn evaluate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
             )));
         }
         let toks = vocab.tokens(x0)?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seq_seed(opts.seed, i as u64));
+        let mut rng = StdRng::seed_from_u64(mix_seed(opts.seed, i as u64, salt));
         for _ in 0..opts.mc_samples {
-            let u: f64 = rng.gen();
-            let t = match opts.discrete_steps {
-                None => u,
-                Some(steps) => {
-                    reference::discrete_times(u, steps)
-                        .map_err(|e| CliError::Input(e.to_string()))?
-                        .0
-                }
-            };
-            let xt = forward_sample(&toks, schedule.alpha(t), &mut rng)?;
+            let (t, u, xt) = draw(&toks, &mut rng)?;
             let xt = xt
                 .iter()
                 .map(|s| match s {
@@ -196,7 +167,7 @@ pub fn evaluate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
                     State::Mask => vocab.mask_id(),
                 })
                 .collect();
-            pending.push(Row { seq: i, t, u, xt });
+            pending.push(Draw { seq: i, t, u, xt });
             if pending.len() >= opts.batch_rows {
                 flush(&mut pending, &mut sums, denoiser)?;
                 progress(i + 1);
@@ -205,16 +176,77 @@ pub fn evaluate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
     }
     flush(&mut pending, &mut sums, denoiser)?;
     progress(n_seq);
-
     let k = opts.mc_samples as f64;
-    let means: Vec<f64> = sums.iter().map(|s| s / k).collect();
-    let mean = means.iter().sum::<f64>() / n_seq as f64;
-    let var = if n_seq > 1 {
-        means.iter().map(|m| (m - mean).powi(2)).sum::<f64>() / (n_seq - 1) as f64
+    Ok((len, sums.iter().map(|s| s / k).collect()))
+}
+
+/// Mean of per-sequence estimates and the standard error of that mean.
+pub(crate) fn mean_stderr(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let var = if n > 1 {
+        values.iter().map(|m| (m - mean).powi(2)).sum::<f64>() / (n - 1) as f64
     } else {
         0.0
     };
-    let stderr = (var / n_seq as f64).sqrt();
+    (mean, (var / n as f64).sqrt())
+}
+
+/// Negative ELBO of `sequences` (each `len` real token ids) under `denoiser` and `schedule`.
+pub fn evaluate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
+    denoiser: &mut D,
+    schedule: &S,
+    sequences: &[Vec<u32>],
+    labels: Option<&[u32]>,
+    opts: EvalOptions,
+    progress: impl FnMut(usize),
+) -> Result<EvalResult> {
+    let vocab = denoiser.vocab();
+    let v = vocab.size();
+    let draw = |toks: &[Token], rng: &mut StdRng| {
+        let u: f64 = rng.gen();
+        let t = match opts.discrete_steps {
+            None => u,
+            Some(steps) => {
+                reference::discrete_times(u, steps)
+                    .map_err(|e| CliError::Input(e.to_string()))?
+                    .0
+            }
+        };
+        Ok((t, u, forward_sample(toks, schedule.alpha(t), rng)?))
+    };
+    let score = |r: &Draw, x0: &[u32], lp: &LogProbs, b: usize| {
+        // Σ_{masked n} −log μ_n[x_0^n], rows renormalised in f64; only masked rows are read,
+        // so a GPT-2 vocabulary costs no [len × V] f64 copy.
+        let mut ce = 0.0f64;
+        for (n, (&xt, &x)) in r.xt.iter().zip(x0).enumerate() {
+            if xt == vocab.mask_id() {
+                ce -= log_prob(lp.row(b, n), x as usize);
+            }
+        }
+        if ce == 0.0 {
+            // Nothing masked (or a perfect prediction): the weight may be infinite at t = 0.
+            return Ok(0.0);
+        }
+        Ok(match opts.discrete_steps {
+            // Continuous time, eq. (4): −α'_t/(1 − α_t) · CE.
+            None => -schedule.weight(r.t) * ce,
+            // T-step ELBO (§3.2): T · (α_s − α_t)/(1 − α_t) · CE for the step u selects.
+            Some(steps) => {
+                let (t, s) = reference::discrete_times(r.u, steps)
+                    .map_err(|e| CliError::Input(e.to_string()))?;
+                steps as f64
+                    * reference::discrete_coefficient(schedule, s, t)
+                        .map_err(|e| CliError::Input(e.to_string()))?
+                    * ce
+            }
+        })
+    };
+    let (len, means) = mc_means(
+        denoiser, sequences, labels, opts, MD4_STREAM, progress, draw, score,
+    )?;
+    let n_seq = means.len();
+    let (mean, stderr) = mean_stderr(&means);
     let recon = reference::recon_term(schedule, len, v);
     let prior = reference::prior_kl(schedule, len, v);
     let to_bits = |nats: f64| nats / (len as f64 * std::f64::consts::LN_2);

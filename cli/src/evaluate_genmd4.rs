@@ -7,24 +7,16 @@
 //! [`evaluate_trainer`], which picks MD4's or GenMD4's estimate from a trainer's objective.
 
 use crate::error::{CliError, Result};
-use crate::evaluate::{evaluate, mix_seed, predict_rows, EvalOptions, EvalResult};
+use crate::evaluate::{evaluate, mc_means, mean_stderr, Draw, EvalOptions, EvalResult};
 use maskdiff_network::train::Trainer;
 use maskdiff_network::Kernels;
 use maskdiff_objective::reference::{genmd4_integrand, genmd4_prior_kl, genmd4_recon};
-use maskdiff_process::{forward_sample_per_token, Denoiser, State};
+use maskdiff_process::{forward_sample_per_token, Denoiser, LogProbs, Token};
 use maskdiff_schedule::{PerTokenPolynomial, GENMD4_T1};
-use rand::{Rng, SeedableRng};
+use rand::{rngs::StdRng, Rng};
 
-/// A stable per-sequence seed (another stream than MD4's).
-fn seq_seed(seed: u64, index: u64) -> u64 {
-    mix_seed(seed, index, 0x3C6E_F372_FE94_F82B)
-}
-
-struct Row {
-    seq: usize,
-    t: f64,
-    xt: Vec<u32>,
-}
+/// GenMD4's per-sequence stream salt (another stream than MD4's).
+const GENMD4_STREAM: u64 = 0x3C6E_F372_FE94_F82B;
 
 /// GenMD4 negative ELBO of `sequences` under `denoiser` and the learned `schedule`
 /// (continuous time only: `opts.discrete_steps` must be `None`).
@@ -34,7 +26,7 @@ pub fn evaluate_genmd4<D: Denoiser + ?Sized>(
     sequences: &[Vec<u32>],
     labels: Option<&[u32]>,
     opts: EvalOptions,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> Result<EvalResult> {
     if opts.discrete_steps.is_some() {
         return Err(CliError::Input(
@@ -50,96 +42,48 @@ pub fn evaluate_genmd4<D: Denoiser + ?Sized>(
             schedule.vocab()
         )));
     }
-    let n_seq = sequences.len();
-    if n_seq == 0 {
-        return Err(CliError::Input("no sequences to evaluate".into()));
-    }
-    let len = sequences[0].len();
-    if opts.mc_samples == 0 || opts.batch_rows == 0 {
-        return Err(CliError::Input(
-            "mc_samples and the batch size must be at least 1".into(),
-        ));
-    }
     let w = schedule.exponents();
-    let mut sums = vec![0.0f64; n_seq];
-    let mut pending: Vec<Row> = Vec::new();
-    let mut row_lp = vec![0.0f64; v];
-    let mut flush = |pending: &mut Vec<Row>, sums: &mut Vec<f64>, den: &mut D| -> Result<()> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let rows = pending.iter().map(|r| (r.xt.as_slice(), r.t, r.seq));
-        let lp = predict_rows(den, rows, len, labels)?;
-        for (b, r) in pending.iter().enumerate() {
-            let x0 = &sequences[r.seq];
-            let mut est = 0.0f64;
-            for (n, (&xt, &x)) in r.xt.iter().zip(x0).enumerate() {
-                if xt != vocab.mask_id() {
-                    continue;
-                }
-                // renormalise the f32 row in f64 (the integrand needs all of μ)
-                let row = lp.row(b, n);
-                let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-                for (o, &x) in row_lp.iter_mut().zip(row) {
-                    *o = x as f64 - lse;
-                }
-                est += genmd4_integrand(w, r.t, x as usize, &row_lp);
-            }
-            if !est.is_finite() {
-                return Err(CliError::Input(format!(
-                    "evaluation produced a non-finite loss ({est}) for sequence {}",
-                    r.seq
-                )));
-            }
-            sums[r.seq] += est;
-        }
-        pending.clear();
-        Ok(())
-    };
     let t1 = GENMD4_T1;
-    for (i, x0) in sequences.iter().enumerate() {
-        if x0.len() != len {
-            return Err(CliError::Input(format!(
-                "sequence {i} has length {}, expected {len}",
-                x0.len()
-            )));
-        }
-        let toks = vocab.tokens(x0)?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seq_seed(opts.seed, i as u64));
-        for _ in 0..opts.mc_samples {
-            let t = t1 + (1.0 - t1) * rng.gen::<f64>();
-            let xt = forward_sample_per_token(&toks, |x| schedule.alpha(t, x.index()), &mut rng)?;
-            let xt = xt
-                .iter()
-                .map(|s| match s {
-                    State::Real(tok) => tok.id(),
-                    State::Mask => vocab.mask_id(),
-                })
-                .collect();
-            pending.push(Row { seq: i, t, xt });
-            if pending.len() >= opts.batch_rows {
-                flush(&mut pending, &mut sums, denoiser)?;
-                progress(i + 1);
+    let draw = |toks: &[Token], rng: &mut StdRng| {
+        let t = t1 + (1.0 - t1) * rng.gen::<f64>();
+        let xt = forward_sample_per_token(toks, |x| schedule.alpha(t, x.index()), rng)?;
+        Ok((t, t, xt))
+    };
+    let mut row_lp = vec![0.0f64; v];
+    let score = |r: &Draw, x0: &[u32], lp: &LogProbs, b: usize| {
+        let mut est = 0.0f64;
+        for (n, (&xt, &x)) in r.xt.iter().zip(x0).enumerate() {
+            if xt != vocab.mask_id() {
+                continue;
             }
+            // renormalise the f32 row in f64 (the integrand needs all of μ)
+            let row = lp.row(b, n);
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            for (o, &x) in row_lp.iter_mut().zip(row) {
+                *o = x as f64 - lse;
+            }
+            est += genmd4_integrand(w, r.t, x as usize, &row_lp);
         }
-    }
-    flush(&mut pending, &mut sums, denoiser)?;
-    progress(n_seq);
-
-    let k = opts.mc_samples as f64;
+        Ok(est)
+    };
+    let (len, means) = mc_means(
+        denoiser,
+        sequences,
+        labels,
+        opts,
+        GENMD4_STREAM,
+        progress,
+        draw,
+        score,
+    )?;
+    let n_seq = means.len();
     let mut recon = Vec::with_capacity(n_seq);
     for x0 in sequences {
         recon.push(genmd4_recon(schedule, t1, x0).map_err(|e| CliError::Input(e.to_string()))?);
     }
-    let totals: Vec<f64> = sums.iter().zip(&recon).map(|(s, r)| s / k + r).collect();
-    let mean = totals.iter().sum::<f64>() / n_seq as f64;
-    let var = if n_seq > 1 {
-        totals.iter().map(|m| (m - mean).powi(2)).sum::<f64>() / (n_seq - 1) as f64
-    } else {
-        0.0
-    };
-    let stderr = (var / n_seq as f64).sqrt();
+    let totals: Vec<f64> = means.iter().zip(&recon).map(|(m, r)| m + r).collect();
+    let (mean, stderr) = mean_stderr(&totals);
     let recon_mean = recon.iter().sum::<f64>() / n_seq as f64;
     let prior = genmd4_prior_kl(schedule, len);
     let to_bits = |nats: f64| nats / (len as f64 * std::f64::consts::LN_2);
@@ -189,7 +133,8 @@ pub fn evaluate_trainer<K: Kernels<f32>, D: Denoiser + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use maskdiff_process::{LogProbs, ProcessError, Vocab};
+    use maskdiff_process::{ProcessError, Vocab};
+    use rand::SeedableRng;
 
     /// Uniform predictions over V tokens.
     struct Uniform(usize);
