@@ -589,6 +589,7 @@ macro_rules! cpu_kernels {
                     let (x, sh, sc, mut tape) = untape3(x, shift, scale)?;
                     let shape = *x.shape();
                     let d = shape.1;
+                    assert_eq!(shape.0, b * n, "modulate: rows are not batch × length");
                     let (shv, scv) = (view(&sh), view(&sc));
                     let mut y = host(&x);
                     y.par_chunks_mut(n * d).enumerate().for_each(|(bi, seq)| {
@@ -606,31 +607,13 @@ macro_rules! cpu_kernels {
                             let gy = take_grad!(grads, yg);
                             let (xv, scv) = (view(&x), view(&sc));
                             // per-sequence sums for shift and scale, then the input gradient
-                            let mut gsh = vec![E::zero(); b * d];
-                            let mut gsc = vec![E::zero(); b * d];
-                            gsh.par_chunks_mut(d)
-                                .zip(gsc.par_chunks_mut(d))
-                                .enumerate()
-                                .for_each(|(bi, (gs, gc))| {
-                                    let r = bi * n * d..(bi + 1) * n * d;
-                                    for (g, xr) in gy[r.clone()].chunks(d).zip(xv[r].chunks(d)) {
-                                        for j in 0..d {
-                                            gs[j] += g[j];
-                                            gc[j] += g[j] * xr[j];
-                                        }
-                                    }
-                                });
+                            let gsh = seq_column_sums(&gy, None, (n, d));
+                            let gsc = seq_column_sums(&gy, Some(xv), (n, d));
                             add_into(grads.get_or_alloc_mut(&shg)?, &gsh);
                             add_into(grads.get_or_alloc_mut(&scg)?, &gsc);
                             let gx = grads.get_or_alloc_mut(&x)?;
-                            gx.par_chunks_mut(n * d).enumerate().for_each(|(bi, seq)| {
-                                let c0 = &scv[bi * d..(bi + 1) * d];
-                                let g0 = &gy[bi * n * d..(bi + 1) * n * d];
-                                for (gx, g) in seq.chunks_mut(d).zip(g0.chunks(d)) {
-                                    for ((gx, &g), &c) in gx.iter_mut().zip(g).zip(c0) {
-                                        *gx += g * (E::one() + c);
-                                    }
-                                }
+                            seq_broadcast(gx, &gy, scv, (n, d), |gx, g, c| {
+                                *gx += g * (E::one() + c)
                             });
                             Ok(())
                         });
@@ -648,44 +631,25 @@ macro_rules! cpu_kernels {
                     let (h, y, g, mut tape) = untape3(h, y, gate)?;
                     let shape = *h.shape();
                     let d = shape.1;
+                    assert_eq!(
+                        shape.0,
+                        b * n,
+                        "gated residual: rows are not batch × length"
+                    );
                     let (yv, gv) = (view(&y), view(&g));
                     let mut z = host(&h);
-                    z.par_chunks_mut(n * d).enumerate().for_each(|(bi, seq)| {
-                        let g0 = &gv[bi * d..(bi + 1) * d];
-                        let y0 = &yv[bi * n * d..(bi + 1) * n * d];
-                        for (zr, yr) in seq.chunks_mut(d).zip(y0.chunks(d)) {
-                            for ((z, &y), &g) in zr.iter_mut().zip(yr).zip(g0) {
-                                *z += g * y;
-                            }
-                        }
-                    });
+                    seq_broadcast(&mut z, yv, gv, (n, d), |z, y, g| *z += g * y);
                     let z = h.device().try_tensor_from_vec(z, shape)?;
                     if T::OWNS_TAPE {
                         let (hg, gg, zg) = (h.ghost(), g.ghost(), z.ghost());
                         tape.add_backward_op(move |grads| {
                             let gz = take_grad!(grads, zg);
                             let (yv, gv) = (view(&y), view(&g));
-                            let mut ggate = vec![E::zero(); b * d];
-                            ggate.par_chunks_mut(d).enumerate().for_each(|(bi, gg)| {
-                                let r = bi * n * d..(bi + 1) * n * d;
-                                for (g, yr) in gz[r.clone()].chunks(d).zip(yv[r].chunks(d)) {
-                                    for j in 0..d {
-                                        gg[j] += g[j] * yr[j];
-                                    }
-                                }
-                            });
+                            let ggate = seq_column_sums(&gz, Some(yv), (n, d));
                             add_into(grads.get_or_alloc_mut(&gg)?, &ggate);
                             add_into(grads.get_or_alloc_mut(&hg)?, &gz);
                             let gy = grads.get_or_alloc_mut(&y)?;
-                            gy.par_chunks_mut(n * d).enumerate().for_each(|(bi, seq)| {
-                                let g0 = &gv[bi * d..(bi + 1) * d];
-                                let z0 = &gz[bi * n * d..(bi + 1) * n * d];
-                                for (gy, gz) in seq.chunks_mut(d).zip(z0.chunks(d)) {
-                                    for ((gy, &gz), &g) in gy.iter_mut().zip(gz).zip(g0) {
-                                        *gy += gz * g;
-                                    }
-                                }
-                            });
+                            seq_broadcast(gy, &gz, gv, (n, d), |gy, gz, g| *gy += gz * g);
                             Ok(())
                         });
                     }
@@ -838,6 +802,57 @@ fn add_into<E: Elem>(dst: &mut [E], src: &[E]) {
     dst.par_chunks_mut(16_384)
         .zip(src.par_chunks(16_384))
         .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d += s));
+}
+
+/// `f(dst, src, vec)` elementwise over (b·n, d) rows, `vec` being the row's sequence's entry of
+/// the per-sequence (b, d) `vecs` (adaLN-style broadcasting); parallel over sequences.
+fn seq_broadcast<E: Elem>(
+    dst: &mut [E],
+    src: &[E],
+    vecs: &[E],
+    (n, d): (usize, usize),
+    f: impl Fn(&mut E, E, E) + Sync,
+) {
+    assert!(
+        dst.len() == src.len() && vecs.len() * n == dst.len(),
+        "per-sequence broadcast shapes"
+    );
+    dst.par_chunks_mut(n * d)
+        .zip(src.par_chunks(n * d))
+        .zip(vecs.par_chunks(d))
+        .for_each(|((dst, src), v)| {
+            for (dr, sr) in dst.chunks_mut(d).zip(src.chunks(d)) {
+                for ((o, &x), &c) in dr.iter_mut().zip(sr).zip(v) {
+                    f(o, x, c);
+                }
+            }
+        });
+}
+
+/// Per-sequence column sums of `a ⊙ w` (or of `a`) over each sequence's n rows of width d:
+/// the gradient of a (b, d) vector broadcast over (b·n, d); rows summed in order.
+fn seq_column_sums<E: Elem>(a: &[E], w: Option<&[E]>, (n, d): (usize, usize)) -> Vec<E> {
+    assert!(w.is_none_or(|w| w.len() == a.len()), "column-sum shapes");
+    let mut out = vec![E::zero(); a.len() / n.max(1)];
+    out.par_chunks_mut(d).enumerate().for_each(|(bi, o)| {
+        let r = bi * n * d..(bi + 1) * n * d;
+        for (k, g) in a[r.clone()].chunks(d).enumerate() {
+            match w {
+                Some(w) => {
+                    let wr = &w[r.start + k * d..r.start + (k + 1) * d];
+                    for j in 0..d {
+                        o[j] += g[j] * wr[j];
+                    }
+                }
+                None => {
+                    for j in 0..d {
+                        o[j] += g[j];
+                    }
+                }
+            }
+        }
+    });
+    out
 }
 
 #[cfg(test)]
