@@ -45,6 +45,28 @@ pub(crate) fn check_x0(
 }
 
 /// Check an x_t against its x_0: ids in 0..=V, and a real x_t equals x_0.
+/// One time per sequence, each finite and accepted by `in_range` (MD4 takes [0, 1], GenMD4's
+/// per-token schedule (0, 1)).
+pub(crate) fn check_times(
+    t: &[f64],
+    batch: usize,
+    in_range: impl Fn(f64) -> bool,
+) -> Result<(), ObjectiveError> {
+    if t.len() != batch {
+        return Err(ObjectiveError::Shape(format!(
+            "{} times for batch {batch}",
+            t.len()
+        )));
+    }
+    match t.iter().find(|&&x| !(x.is_finite() && in_range(x))) {
+        Some(&bad) => Err(ObjectiveError::BadValue {
+            name: "t",
+            value: bad,
+        }),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn check_xt(x0: &[u32], xt: &[u32], vocab: usize) -> Result<(), ObjectiveError> {
     if xt.len() != x0.len() {
         return Err(ObjectiveError::Shape(format!(
@@ -121,15 +143,7 @@ impl MaskedBatch {
                 weight.len()
             )));
         }
-        if let Some(&bad) = t
-            .iter()
-            .find(|x| !(x.is_finite() && (0.0..=1.0).contains(*x)))
-        {
-            return Err(ObjectiveError::BadValue {
-                name: "t",
-                value: bad,
-            });
-        }
+        check_times(&t, batch, |x| (0.0..=1.0).contains(&x))?;
         for &w in &weight {
             finite_weight(w)?;
         }
@@ -171,21 +185,10 @@ impl MaskedBatch {
         rng: &mut R,
     ) -> Result<Self, ObjectiveError> {
         let v = check_x0(x0, batch, len, vocab)?;
-        if t.len() != batch {
-            return Err(ObjectiveError::Shape(format!(
-                "{} times for batch {batch}",
-                t.len()
-            )));
-        }
+        check_times(&t, batch, |x| (0.0..=1.0).contains(&x))?;
         let mut alphas = Vec::with_capacity(batch);
         let mut weight = Vec::with_capacity(batch);
         for &ti in &t {
-            if !(ti.is_finite() && (0.0..=1.0).contains(&ti)) {
-                return Err(ObjectiveError::BadValue {
-                    name: "t",
-                    value: ti,
-                });
-            }
             alphas.push(schedule.alpha(ti));
             weight.push(finite_weight(-schedule.weight(ti))?);
         }

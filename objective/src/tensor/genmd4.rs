@@ -13,7 +13,7 @@
 //! recon term). Report [`GenMd4Loss::nelbo`] (= 0.5(L1 + L2) + recon, the official `loss_nelbo`;
 //! add [`GenMd4Loss::prior`] for the paper's bound), never the surrogate.
 
-use super::batch::check_xt;
+use super::batch::{check_times, check_xt};
 use super::{check_logits, check_x0, host};
 use crate::ObjectiveError;
 use dfdx::prelude::*;
@@ -94,21 +94,7 @@ impl GenMd4Batch {
     ) -> Result<Self, ObjectiveError> {
         let vocab = schedule.vocab();
         let v = check_x0(x0, batch, len, vocab)?;
-        if t.len() != batch {
-            return Err(ObjectiveError::Shape(format!(
-                "{} times for batch {batch}",
-                t.len()
-            )));
-        }
-        if let Some(&bad) = t
-            .iter()
-            .find(|x| !(x.is_finite() && **x > 0.0 && **x < 1.0))
-        {
-            return Err(ObjectiveError::BadValue {
-                name: "t",
-                value: bad,
-            });
-        }
+        check_times(&t, batch, |x| x > 0.0 && x < 1.0)?;
         let mut rows = vec![Vec::new(); 2 * batch];
         for copy in 0..2 {
             for (b, &tb) in t.iter().enumerate() {
@@ -147,21 +133,7 @@ impl GenMd4Batch {
         }
         check_xt(&x0, &xt[..batch * len], vocab)?;
         check_xt(&x0, &xt[batch * len..], vocab)?;
-        if t.len() != batch {
-            return Err(ObjectiveError::Shape(format!(
-                "{} times for batch {batch}",
-                t.len()
-            )));
-        }
-        if let Some(&bad) = t
-            .iter()
-            .find(|x| !(x.is_finite() && **x > 0.0 && **x < 1.0))
-        {
-            return Err(ObjectiveError::BadValue {
-                name: "t",
-                value: bad,
-            });
-        }
+        check_times(&t, batch, |x| x > 0.0 && x < 1.0)?;
         if !(eps.is_finite() && (0.0..0.5).contains(&eps)) {
             return Err(ObjectiveError::BadValue {
                 name: "eps",
