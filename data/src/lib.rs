@@ -4,7 +4,8 @@
 //!   the [`Tokenizer`] trait; the mask id V is never a token.
 //! - [`tokenfile`]: a compact, checksummed binary token format, memory-mapped for training.
 //! - [`split`] and [`batch`]: offset splits (90/5/5), seeded resumable random training windows,
-//!   consecutive evaluation chunks; [`pack`]: EOS document packing (§9.2).
+//!   consecutive evaluation chunks; [`pack`]: EOS document packing and OWT's grouped 2 % eval
+//!   split (§9.2).
 //! - [`images`]: MNIST/Fashion-MNIST IDX, CIFAR-10 binary and 8×8 digits as pixel tokens (§9.4).
 //! - [`zeroshot`]: LAMBADA / WikiText / PTB / 1BW readers with SEDD's detokenisers (Table 1).
 //! - [`corpus`]: the default English corpus built from files `scripts/fetch-data.sh` fetched.
