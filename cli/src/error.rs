@@ -53,9 +53,15 @@ pub enum CliError {
     /// Reading or tokenising data.
     #[error("data: {0}")]
     Data(#[from] maskdiff_data::DataError),
-    /// Building, running, training or checkpointing the network.
+    /// Building or running the network.
     #[error("network: {0}")]
     Network(#[from] maskdiff_network::NetworkError),
+    /// The objective: noising, losses, the NELBO estimator.
+    #[error("objective: {0}")]
+    Objective(#[from] maskdiff_objective::ObjectiveError),
+    /// Training or checkpointing.
+    #[error("{0}")]
+    Train(#[from] maskdiff_train::TrainError),
     /// Sampling.
     #[error("sampler: {0}")]
     Sampler(#[from] maskdiff_sampler::SamplerError),

@@ -10,8 +10,6 @@ pub mod commands;
 pub mod config;
 pub mod dataset;
 pub mod error;
-pub mod evaluate;
-pub mod evaluate_genmd4;
 pub mod fsutil;
 pub mod generate;
 pub mod images;

@@ -7,10 +7,11 @@ use crate::config::Config;
 use crate::dataset::{Data, DataIdentity};
 use crate::error::{CliError, Result};
 use maskdiff_data::WindowSamplerState;
-use maskdiff_network::train::{
-    AdamWConfig, LrSchedule, Manifest, Objective, TrainConfig as NetTrainConfig,
+use maskdiff_network::{Kernels, NetworkConfig, NetworkDenoiser};
+use maskdiff_objective::{Objective, ObjectiveSpec};
+use maskdiff_train::{
+    load_model, AdamWConfig, LrSchedule, Manifest, TrainConfig as NetTrainConfig, Weights,
 };
-use maskdiff_network::NetworkConfig;
 use maskdiff_schedule::ScheduleSpec;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -54,7 +55,7 @@ pub fn checkpoint_dir(out: &Path) -> PathBuf {
 /// Whether `dir` holds a complete checkpoint (its manifest is written last).
 pub fn has_checkpoint(out: &Path) -> bool {
     checkpoint_dir(out)
-        .join(maskdiff_network::train::MANIFEST)
+        .join(maskdiff_train::MANIFEST)
         .is_file()
 }
 
@@ -83,9 +84,9 @@ pub fn network_config(cfg: &Config, data: &Data) -> Result<NetworkConfig> {
 pub fn train_config(cfg: &Config) -> Result<NetTrainConfig> {
     let o = &cfg.optim;
     let objective = match cfg.model.kind {
-        crate::config::ModelKind::Md4 => Objective::Md4,
+        crate::config::ModelKind::Md4 => ObjectiveSpec::Md4,
         // GenMD4 ignores [schedule].name: its per-token schedule is learned (spec §5).
-        crate::config::ModelKind::Genmd4 => Objective::GenMd4 {
+        crate::config::ModelKind::Genmd4 => ObjectiveSpec::GenMd4 {
             one_sample: cfg.model.genmd4_network_samples == 1,
         },
     };
@@ -118,7 +119,7 @@ pub fn train_config(cfg: &Config) -> Result<NetTrainConfig> {
 
 /// Where a RUN argument points: a run directory or a checkpoint directory.
 pub fn resolve_checkpoint(run: &Path) -> Result<PathBuf> {
-    let manifest = maskdiff_network::train::MANIFEST;
+    let manifest = maskdiff_train::MANIFEST;
     if run.join(manifest).is_file() {
         return Ok(run.to_path_buf());
     }
@@ -141,50 +142,59 @@ pub fn read_checkpoint_meta(dir: &Path) -> Result<(Manifest, CliExtra, Config)> 
     let extra: CliExtra =
         serde_json::from_value(man.extra.clone()).map_err(|e| CliError::Format {
             what: "CLI state",
-            path: dir.join(maskdiff_network::train::MANIFEST),
+            path: dir.join(maskdiff_train::MANIFEST),
             message: e.to_string(),
         })?;
-    let cfg = Config::parse(&extra.config, &dir.join(maskdiff_network::train::MANIFEST))?;
+    let cfg = Config::parse(&extra.config, &dir.join(maskdiff_train::MANIFEST))?;
     Ok((man, extra, cfg))
 }
 
-/// A checkpoint opened for evaluation or sampling.
-pub struct Loaded<D: maskdiff_network::Kernels<f32>> {
-    pub trainer: maskdiff_network::train::Trainer<D>,
+/// A checkpoint opened for evaluation or sampling: the model (EMA or raw parameters) and its
+/// objective, nothing of the optimizer.
+pub struct Loaded<D: Kernels<f32>, O: Objective<D>> {
+    pub denoiser: NetworkDenoiser<f32, D>,
+    pub objective: O,
     pub extra: CliExtra,
     pub dir: PathBuf,
 }
 
-impl<D: maskdiff_network::Kernels<f32>> Loaded<D> {
-    pub fn open(dir: &Path, dev: &D) -> Result<Self> {
+impl<D: Kernels<f32>, O: Objective<D>> Loaded<D, O> {
+    pub fn open(dir: &Path, use_ema: bool, dev: &D) -> Result<Self> {
         let (_, extra, _) = read_checkpoint_meta(dir)?;
-        let trainer = maskdiff_network::train::Trainer::load(dir, dev)?;
-        if trainer.network_config().vocab_size != extra.data.vocab {
+        let weights = if use_ema { Weights::Ema } else { Weights::Live };
+        let m = load_model::<D, O>(dir, weights, dev)?;
+        if m.model.config().vocab_size != extra.data.vocab {
             return Err(CliError::CheckpointMismatch {
                 path: dir.to_path_buf(),
                 reason: format!(
                     "the network predicts {} tokens but its data has {}",
-                    trainer.network_config().vocab_size,
+                    m.model.config().vocab_size,
                     extra.data.vocab
                 ),
             });
         }
         Ok(Loaded {
-            trainer,
+            denoiser: NetworkDenoiser::new(m.model),
+            objective: m.objective,
             extra,
             dir: dir.to_path_buf(),
         })
     }
-
-    /// The EMA parameters (default) or the raw ones as a `Denoiser`.
-    pub fn denoiser(&self, use_ema: bool) -> maskdiff_network::NetworkDenoiser<f32, D> {
-        if use_ema {
-            self.trainer.ema_denoiser()
-        } else {
-            maskdiff_network::NetworkDenoiser::new(self.trainer.model().clone())
-        }
-    }
 }
+
+/// Calls `$f::<$D, O>($args)` with O the objective type `$spec` names: the CLI's one choice
+/// among objectives.
+macro_rules! with_objective {
+    ($spec:expr, $f:ident::<$D:ty>($($args:expr),*)) => {
+        match $spec {
+            maskdiff_objective::ObjectiveSpec::Md4 => $f::<$D, maskdiff_objective::Md4>($($args),*),
+            maskdiff_objective::ObjectiveSpec::GenMd4 { .. } => {
+                $f::<$D, maskdiff_objective::GenMd4<$D>>($($args),*)
+            }
+        }
+    };
+}
+pub(crate) use with_objective;
 
 /// CUDA device 0 (builds with `--features cuda`); dfdx's own RNG is seeded for completeness —
 /// parameters are initialised on the host from the run's seed.

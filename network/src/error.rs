@@ -8,26 +8,16 @@ use std::path::PathBuf;
 pub enum NetworkError {
     #[error("invalid network configuration: {0}")]
     Config(String),
-    #[error("invalid training configuration: {0}")]
-    TrainConfig(String),
     #[error("unknown preset {0:?} (known: tiny, cpu-small, md4-s, md4-m)")]
     UnknownPreset(String),
     #[error("bad input: {0}")]
     Input(String),
     #[error("device error: {0}")]
     Device(String),
-    #[error("non-finite {what} at step {step}: {value}")]
-    NonFinite {
-        what: &'static str,
-        step: u64,
-        value: f64,
-    },
     #[error(transparent)]
     Process(#[from] maskdiff_process::ProcessError),
     #[error(transparent)]
     Schedule(#[from] maskdiff_schedule::ScheduleError),
-    #[error("objective: {0}")]
-    Objective(String),
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
     #[error("checkpoint {path} does not match: {msg}")]

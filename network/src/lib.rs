@@ -13,9 +13,10 @@
 //!   ([`fast_exp_f32`], ≤ 2.5e-7 relative error) and tune glibc's allocator once
 //!   ([`tune_allocator`]); measurements in `bench/NOTES.md`.
 //! * [`NetworkDenoiser`] puts a model behind `maskdiff_process::Denoiser`.
-//! * [`train`]: AdamW with serialisable state, warm-up + cosine LR, global-norm clipping,
-//!   gradient accumulation, EMA, the MD4 loss with antithetic t, NaN/Inf checks, atomic
-//!   safetensors + JSON checkpoints — driven step by step through [`train::Trainer`].
+//! * [`tensor_io`]: named flat tensors to and from safetensors bytes.
+//!
+//! This crate knows nothing of objectives or training: `maskdiff-train` (in `network/train/`)
+//! trains these models with any `maskdiff_objective::Objective`.
 //!
 //! # CUDA
 //! `cargo build --release --features cuda` switches on dfdx's CUDA backend; the same code runs
@@ -38,7 +39,7 @@ mod kernels;
 mod layers;
 mod model;
 mod param;
-pub mod train;
+pub mod tensor_io;
 mod update_cpu;
 
 pub use alloc::tune_allocator;

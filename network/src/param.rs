@@ -7,9 +7,9 @@ use dfdx::prelude::*;
 use std::collections::HashMap;
 
 /// A named tensor to serialise: (name, logical shape, flat values).
-pub(crate) type NamedTensor<'a, E, D> = (String, Vec<usize>, &'a Tensor<(usize,), E, D>);
+pub type NamedTensor<'a, E, D> = (String, Vec<usize>, &'a Tensor<(usize,), E, D>);
 /// Parsed safetensors contents: name → (shape, values).
-pub(crate) type TensorMap<E> = HashMap<String, (Vec<usize>, Vec<E>)>;
+pub type TensorMap<E> = HashMap<String, (Vec<usize>, Vec<E>)>;
 
 /// One named parameter.
 #[derive(Clone, Debug)]
@@ -27,7 +27,7 @@ impl<E: Elem, D: Device<E>> Param<E, D> {
 }
 
 /// Serialise named flat tensors to safetensors bytes.
-pub(crate) fn to_safetensors<E: Elem, D: Device<E>>(
+pub fn to_safetensors<E: Elem, D: Device<E>>(
     items: &[NamedTensor<'_, E, D>],
     path: &std::path::Path,
 ) -> Result<Vec<u8>, NetworkError> {
@@ -49,7 +49,7 @@ pub(crate) fn to_safetensors<E: Elem, D: Device<E>>(
 }
 
 /// Parse safetensors bytes into name → (shape, values), checking the element type.
-pub(crate) fn from_safetensors<E: Elem>(
+pub fn from_safetensors<E: Elem>(
     bytes: &[u8],
     path: &std::path::Path,
 ) -> Result<TensorMap<E>, NetworkError> {

@@ -24,6 +24,15 @@ pub enum ObjectiveError {
     TooLarge { asked: u128, limit: u128 },
     #[error("log-probabilities at row {row} are not normalised (log-sum-exp = {lse})")]
     NotNormalised { row: usize, lse: f64 },
+    #[error("{0}")]
+    Input(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
+    #[error("the run's objective is {found}, not {expected}")]
+    WrongObjective {
+        expected: &'static str,
+        found: String,
+    },
     #[error("tensor backend failed: {0}")]
     Backend(String),
     #[error(transparent)]

@@ -10,17 +10,34 @@
 //! * [`tensor`] — the training losses on dfdx tensors: gradients flow into the logits (the network)
 //!   and, for GenMD4, into the unconstrained exponent parameters θ (w = softplus(θ)).
 //!
+//! On top of them, the [`Objective`] trait puts each model's schedule, noising, loss, learnable
+//! parameters, NELBO estimator and reverse process together as one type: [`Md4`] and
+//! [`GenMd4`]; trainers and evaluators are generic over it. [`estimate`] is the Monte-Carlo
+//! NELBO (continuous or T-step, K samples per sequence, standard error over sequences,
+//! reconstruction and prior apart) over any `maskdiff_process::Denoiser`.
+//!
 //! [`metrics`] converts nats to bits per token and perplexity (spec §3.4).
 //!
 //! Sign convention: every loss here is a non-negative number of nats (the negative ELBO); the
 //! schedule's weight α'/(1 − α) is negative, so the per-sequence loss weight is −α'/(1 − α) ≥ 0.
 
 mod error;
+pub mod estimate;
+mod genmd4;
+mod md4;
 pub mod metrics;
+mod objective;
 pub mod reference;
 pub mod tensor;
 
 pub use error::ObjectiveError;
+pub use estimate::{EvalOptions, NelboEstimate};
+pub use genmd4::{GenMd4, GenMd4Report, GenMd4Stats, THETA_NAME};
+pub use md4::{Md4, Md4Stats};
+pub use objective::{
+    CleanBatch, Flat, Logits, LogitsNet, MicroLoss, Noised, Objective, ObjectiveSettings,
+    ObjectiveSpec, ReverseModel, Share, StepLosses,
+};
 pub use tensor::{
     genmd4_loss, md4_diffusion_loss, md4_recon_constant, GenMd4Batch, GenMd4Loss, GenMd4Options,
     MaskedBatch,

@@ -9,11 +9,11 @@ use crate::args::{EvalArgs, SplitArg};
 use crate::config::{Config, DatasetKind};
 use crate::dataset::Data;
 use crate::error::{CliError, Result};
-use crate::evaluate::{EvalOptions, EvalResult};
 use crate::run::{self, Loaded};
 use maskdiff_data::zeroshot::{load_zero_shot, Grouping, ZeroShotSet};
 use maskdiff_data::Split;
 use maskdiff_network::Kernels as DfdxDevice;
+use maskdiff_objective::{EvalOptions, NelboEstimate, Objective};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -40,7 +40,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
         e.seed = v;
     }
     cfg.validate()?;
-    run::with_device!(cfg, "evaluating", |dev| eval_on(dev, &dir, &cfg, &a))
+    let (man, _, _) = run::read_checkpoint_meta(&dir)?;
+    run::with_device!(cfg, "evaluating", |dev| run::with_objective!(
+        man.train.objective,
+        eval_on::<_>(dev, &dir, &cfg, &a)
+    ))
 }
 
 fn bar(total: usize, what: &str) -> Option<indicatif::ProgressBar> {
@@ -65,16 +69,21 @@ fn opts(cfg: &Config) -> EvalOptions {
     }
 }
 
-fn elbo_name(r: &EvalResult) -> String {
+fn elbo_name(r: &NelboEstimate) -> String {
     match r.discrete_steps {
         None => "continuous-time ELBO".into(),
         Some(t) => format!("{t}-step discrete-time ELBO"),
     }
 }
 
-fn eval_on<D: DfdxDevice<f32>>(dev: D, dir: &Path, cfg: &Config, a: &EvalArgs) -> Result<()> {
-    let loaded = Loaded::open(dir, &dev)?;
-    let mut den = loaded.denoiser(!a.no_ema);
+fn eval_on<D: DfdxDevice<f32>, O: Objective<D>>(
+    dev: D,
+    dir: &Path,
+    cfg: &Config,
+    a: &EvalArgs,
+) -> Result<()> {
+    let loaded = Loaded::<D, O>::open(dir, !a.no_ema, &dev)?;
+    let mut den = loaded.denoiser.clone();
     let params = if a.no_ema { "raw" } else { "EMA" };
     if let Some(z) = &a.zero_shot {
         return zero_shot(&mut den, cfg, &loaded, !a.no_ema, z, a.json.as_deref());
@@ -99,14 +108,12 @@ fn eval_on<D: DfdxDevice<f32>>(dev: D, dir: &Path, cfg: &Config, a: &EvalArgs) -
     };
     let (seqs, labels) = data.eval_sequences(split, cfg.eval.max_sequences)?;
     let pb = bar(seqs.len(), "evaluating");
-    let r = crate::evaluate_genmd4::evaluate_trainer(
-        &loaded.trainer,
-        !a.no_ema,
+    let r = loaded.objective.estimate(
         &mut den,
         &seqs,
         labels.as_deref(),
         opts(cfg),
-        |i| {
+        &mut |i| {
             if let Some(b) = &pb {
                 b.set_position(i as u64)
             }
@@ -171,19 +178,18 @@ fn zero_shot_dir(given: &Path) -> Result<PathBuf> {
 
 /// The zero-shot suite for an MD4 or GenMD4 checkpoint (GenMD4: its learned per-token schedule,
 /// live or EMA exponents with the parameters they belong to).
-fn zero_shot<D: maskdiff_process::Denoiser + ?Sized>(
-    den: &mut D,
+fn zero_shot<M: maskdiff_process::Denoiser + ?Sized, D: DfdxDevice<f32>, O: Objective<D>>(
+    den: &mut M,
     cfg: &Config,
-    loaded: &Loaded<impl DfdxDevice<f32>>,
+    loaded: &Loaded<D, O>,
     use_ema: bool,
     dir: &Path,
     json: Option<&Path>,
 ) -> Result<()> {
     let params = if use_ema { "EMA" } else { "raw" };
-    let model = if loaded.trainer.genmd4().is_some() {
-        "GenMD4"
-    } else {
-        "MD4"
+    let model = match loaded.objective.spec() {
+        maskdiff_objective::ObjectiveSpec::Md4 => "MD4",
+        maskdiff_objective::ObjectiveSpec::GenMd4 { .. } => "GenMD4",
     };
     if loaded.extra.data.dataset != DatasetKind::Gpt2 {
         return Err(CliError::Input(format!(
@@ -210,20 +216,14 @@ fn zero_shot<D: maskdiff_process::Denoiser + ?Sized>(
         };
         let seqs: Vec<Vec<u32>> = (0..cap).map(|i| blocks.block(i).to_vec()).collect();
         let pb = bar(seqs.len(), set.name());
-        let progress = |i: usize| {
+        let mut progress = |i: usize| {
             if let Some(b) = &pb {
                 b.set_position(i as u64)
             }
         };
-        let r = crate::evaluate_genmd4::evaluate_trainer(
-            &loaded.trainer,
-            use_ema,
-            den,
-            &seqs,
-            None,
-            opts(cfg),
-            progress,
-        )?;
+        let r = loaded
+            .objective
+            .estimate(den, &seqs, None, opts(cfg), &mut progress)?;
         if let Some(b) = pb {
             b.finish_and_clear();
         }

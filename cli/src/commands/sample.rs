@@ -8,6 +8,7 @@ use crate::error::{CliError, Result};
 use crate::generate::{generate, Request};
 use crate::run::{self, Loaded};
 use maskdiff_network::Kernels as DfdxDevice;
+use maskdiff_objective::{Objective, ReverseModel};
 use std::path::Path;
 
 pub fn run(a: SampleArgs) -> Result<()> {
@@ -39,27 +40,32 @@ pub fn run(a: SampleArgs) -> Result<()> {
         s.seed = v;
     }
     cfg.validate()?;
-    run::with_device!(cfg, "sampling", |dev| sample_on(dev, &dir, &cfg, &a))
+    let (man, _, _) = run::read_checkpoint_meta(&dir)?;
+    run::with_device!(cfg, "sampling", |dev| run::with_objective!(
+        man.train.objective,
+        sample_on::<_>(dev, &dir, &cfg, &a)
+    ))
 }
 
-fn sample_on<D: DfdxDevice<f32>>(dev: D, dir: &Path, cfg: &Config, a: &SampleArgs) -> Result<()> {
-    let loaded = Loaded::open(dir, &dev)?;
+fn sample_on<D: DfdxDevice<f32>, O: Objective<D>>(
+    dev: D,
+    dir: &Path,
+    cfg: &Config,
+    a: &SampleArgs,
+) -> Result<()> {
+    // the network and the objective's reverse process of the same parameters (EMA or raw)
+    let loaded = Loaded::<D, O>::open(dir, !a.no_ema, &dev)?;
     let codec = Codec::from_identity(&loaded.extra.data)?;
     if a.class.is_some() && !matches!(codec, Codec::Image(_)) {
         return Err(CliError::Input(
             "--class needs a class-conditional image model".into(),
         ));
     }
-    let mut den = loaded.denoiser(!a.no_ema);
-    let schedule = *loaded.trainer.schedule();
-    // GenMD4: the learned per-token schedule of the same parameters (EMA or raw) as the network
-    let genmd4 = match loaded.trainer.genmd4() {
-        Some(_) => Some(loaded.trainer.genmd4_schedule(!a.no_ema)?),
-        None => None,
-    };
-    let schedule_ref = match &genmd4 {
-        Some(g) => maskdiff_sampler::ScheduleRef::genmd4(g),
-        None => (&schedule).into(),
+    let mut den = loaded.denoiser.clone();
+    let reverse = loaded.objective.reverse_model()?;
+    let schedule_ref = match &reverse {
+        ReverseModel::GenMd4(g) => maskdiff_sampler::ScheduleRef::genmd4(g),
+        ReverseModel::Md4(s) => s.into(),
     };
     let req = Request {
         prompt: a.prompt.clone(),

@@ -1,20 +1,19 @@
 //! `maskdiff train`: resolve the config (file, then flags; or the saved one with `--resume`),
-//! open the data, build or restore the trainer, and run MD4 training (paper Alg. 1, continuous
-//! loss eq. (5)) step by step with a progress bar, JSON-lines metrics, periodic validation
+//! open the data, choose the objective once (MD4 or GenMD4, from the config), build or restore
+//! the trainer generic over it, and train (paper Alg. 1) step by step with a progress bar, JSON-lines metrics, periodic validation
 //! NELBO, atomic checkpoints, a wall-clock limit and graceful Ctrl-C.
 
 use crate::args::TrainArgs;
 use crate::config::{Config, Device};
 use crate::dataset::Data;
 use crate::error::{CliError, Result};
-use crate::evaluate::EvalOptions;
 use crate::metrics::{MetricsWriter, Record};
 use crate::progress::Progress;
 use crate::run::{self, CliExtra, LossWindow};
 use maskdiff_data::Split;
-use maskdiff_network::train::{TrainBatch, Trainer};
 use maskdiff_network::Kernels as DfdxDevice;
-use maskdiff_network::NetworkError;
+use maskdiff_objective::{EvalOptions, Objective};
+use maskdiff_train::{TrainBatch, TrainError, Trainer};
 use std::time::Instant;
 
 /// Flags that may differ when resuming (they change no result, only cadence and budget of
@@ -130,6 +129,15 @@ fn memory_estimate(
 }
 
 fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()> {
+    let spec = run::train_config(&cfg)?.objective;
+    run::with_objective!(spec, train_with::<D>(dev, cfg, a))
+}
+
+fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
+    dev: D,
+    cfg: Config,
+    a: &TrainArgs,
+) -> Result<()> {
     let data = Data::open(&cfg.data)?;
     let net_cfg = run::network_config(&cfg, &data)?;
     let train_cfg = run::train_config(&cfg)?;
@@ -182,7 +190,7 @@ fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()
                 ),
             });
         }
-        let t = Trainer::resume(&ckpt, &net_cfg, &train_cfg, &dev)?;
+        let t = Trainer::<D, O>::resume(&ckpt, &net_cfg, &train_cfg, &dev)?;
         remove_stale_temp_files(&ckpt);
         let s = data.resume_sampler(extra.sampler)?;
         (t, s, extra.train_seconds, extra.loss_window)
@@ -194,7 +202,7 @@ fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()
             )));
         }
         crate::fsutil::write_atomic(&run::config_path(&out), cfg.to_toml().as_bytes())?;
-        let t = Trainer::new(net_cfg.clone(), train_cfg.clone(), cfg.train.seed, &dev)?;
+        let t = Trainer::<D, O>::new(net_cfg.clone(), train_cfg.clone(), cfg.train.seed, &dev)?;
         (
             t,
             data.train_sampler(cfg.train.seed)?,
@@ -231,7 +239,7 @@ fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()
     };
     let (val_seqs, val_labels) = data.eval_sequences(Split::Valid, val_n)?;
 
-    let save = |trainer: &mut Trainer<D>,
+    let save = |trainer: &mut Trainer<D, O>,
                 sampler: &maskdiff_data::WindowSampler,
                 secs: f64,
                 window: LossWindow|
@@ -247,11 +255,9 @@ fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()
         trainer.save(&ckpt)?;
         Ok(())
     };
-    let validate = |trainer: &Trainer<D>| -> Result<(f64, f64)> {
+    let validate = |trainer: &Trainer<D, O>| -> Result<(f64, f64)> {
         let mut den = trainer.ema_denoiser();
-        let r = crate::evaluate_genmd4::evaluate_trainer(
-            trainer,
-            true,
+        let r = trainer.ema_objective().estimate(
             &mut den,
             &val_seqs,
             val_labels.as_deref(),
@@ -261,7 +267,7 @@ fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()
                 batch_rows: micro,
                 seed: cfg.eval.seed,
             },
-            |_| {},
+            &mut |_| {},
         )?;
         Ok((r.bits_per_token, r.stderr_bits))
     };
@@ -279,7 +285,7 @@ fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()
             labels: b.labels.as_deref(),
         }) {
             Ok(s) => s,
-            Err(NetworkError::NonFinite { what, step, value }) => {
+            Err(TrainError::NonFinite { what, step, value }) => {
                 progress.finish();
                 return Err(CliError::Diverged {
                     what,
@@ -326,7 +332,7 @@ fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()
             let mut r = Record::new(step, "val", bits);
             r.stderr_bits = Some(se);
             r.elapsed_s = Some(elapsed);
-            r.exponents = trainer.genmd4_exponents(true);
+            r.exponents = trainer.ema_objective().exponents();
             metrics.write(&r)?;
             progress.log(&format!(
                 "step {step}: validation NELBO {bits:.4} ± {se:.4} {unit} (EMA)"
@@ -361,7 +367,7 @@ fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()
     let mut r = Record::new(step, "val", bits);
     r.stderr_bits = Some(se);
     r.elapsed_s = Some(train_seconds);
-    r.exponents = trainer.genmd4_exponents(true);
+    r.exponents = trainer.ema_objective().exponents();
     metrics.write(&r)?;
     save(&mut trainer, &sampler, train_seconds, window)?;
     println!(

@@ -1,14 +1,15 @@
 //! Training configuration (spec §8), serialised into every checkpoint manifest.
 
-use super::{AdamWConfig, LrSchedule, Objective};
-use crate::NetworkError;
+use crate::{AdamWConfig, LrSchedule, TrainError};
+use maskdiff_objective::ObjectiveSpec;
+
 use maskdiff_schedule::{AnySchedule, Linear, ScheduleSpec, TimeSampling};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    pub objective: Objective,
+    pub objective: ObjectiveSpec,
     /// Masking schedule (ε-shifted as in the official code).
     pub schedule: ScheduleSpec,
     /// Per-sequence training times: antithetic (official default) or i.i.d.
@@ -30,7 +31,7 @@ impl Default for TrainConfig {
     /// β = (0.9, 0.999), weight decay 0.03, no clipping, EMA 0.9999.
     fn default() -> Self {
         TrainConfig {
-            objective: Objective::Md4,
+            objective: ObjectiveSpec::Md4,
             schedule: ScheduleSpec::official(AnySchedule::Linear(Linear)),
             time_sampling: TimeSampling::Antithetic,
             lr: LrSchedule {
@@ -47,23 +48,23 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    pub fn validate(&self) -> Result<(), NetworkError> {
+    pub fn validate(&self) -> Result<(), TrainError> {
         self.lr.validate()?;
         self.adamw.validate()?;
         self.schedule.build()?;
         if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
-            return Err(NetworkError::TrainConfig(format!(
+            return Err(TrainError::Config(format!(
                 "grad_clip {} must be >= 0",
                 self.grad_clip
             )));
         }
         if self.micro_batches == 0 {
-            return Err(NetworkError::TrainConfig(
+            return Err(TrainError::Config(
                 "micro_batches must be >= 1".into(),
             ));
         }
         if !(self.ema_decay.is_finite() && (0.0..=1.0).contains(&self.ema_decay)) {
-            return Err(NetworkError::TrainConfig(format!(
+            return Err(TrainError::Config(format!(
                 "ema_decay {} not in [0, 1]",
                 self.ema_decay
             )));

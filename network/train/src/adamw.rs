@@ -3,8 +3,10 @@
 //! θ ← θ − lr·(m̂/(√v̂ + ε) + wd·θ), k = number of updates so far including this one. Its moments
 //! are ordinary named tensors so they can be checkpointed (dfdx's Adam state is private).
 
-use crate::{AdamWStep, Kernels, NetworkError, Param};
-use dfdx::prelude::*;
+use crate::TrainError;
+use maskdiff_network::dfdx::prelude::*;
+use maskdiff_network::{AdamWStep, Kernels};
+use maskdiff_objective::Flat;
 use serde::{Deserialize, Serialize};
 
 /// Optimizer hyper-parameters (the learning rate comes from [`super::LrSchedule`]).
@@ -29,10 +31,10 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
-    pub fn validate(&self) -> Result<(), NetworkError> {
+    pub fn validate(&self) -> Result<(), TrainError> {
         let ok_beta = |b: f64| b.is_finite() && (0.0..1.0).contains(&b);
         if !ok_beta(self.beta1) || !ok_beta(self.beta2) {
-            return Err(NetworkError::TrainConfig(format!(
+            return Err(TrainError::Config(format!(
                 "betas ({}, {}) must be in [0, 1)",
                 self.beta1, self.beta2
             )));
@@ -40,7 +42,7 @@ impl AdamWConfig {
         let eps_ok = self.eps.is_finite() && self.eps > 0.0;
         let wd_ok = self.weight_decay.is_finite() && self.weight_decay >= 0.0;
         if !(eps_ok && wd_ok) {
-            return Err(NetworkError::TrainConfig(
+            return Err(TrainError::Config(
                 "eps must be > 0 and weight_decay >= 0".into(),
             ));
         }
@@ -60,19 +62,29 @@ pub struct AdamW<D: Device<f32>> {
 
 impl<D: Device<f32>> AdamW<D> {
     /// Zero moments shaped like `params`.
-    pub fn new(cfg: AdamWConfig, params: &[Param<f32, D>]) -> Result<Self, NetworkError> {
+    pub fn new<'a>(
+        cfg: AdamWConfig,
+        params: impl IntoIterator<Item = &'a Flat<D>>,
+    ) -> Result<Self, TrainError>
+    where
+        D: 'a,
+    {
         cfg.validate()?;
-        let zeros = |p: &Param<f32, D>| {
-            p.value
-                .device()
-                .try_zeros_like(&(p.numel(),))
-                .map_err(NetworkError::device)
+        let zeros = |p: &Flat<D>| {
+            p.device()
+                .try_zeros_like(p.shape())
+                .map_err(TrainError::device)
         };
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for p in params {
+            m.push(zeros(p)?);
+            v.push(zeros(p)?);
+        }
         Ok(AdamW {
             cfg,
             count: 0,
-            m: params.iter().map(zeros).collect::<Result<_, _>>()?,
-            v: params.iter().map(zeros).collect::<Result<_, _>>()?,
+            m,
+            v,
         })
     }
 }
@@ -81,15 +93,19 @@ impl<D: Kernels<f32>> AdamW<D> {
     /// One update of every parameter with its gradient at learning rate `lr`, the gradients
     /// first multiplied by `grad_scale` if given (global-norm clipping). One fused pass per
     /// parameter on the CPU ([`Kernels::adamw`]).
-    pub fn update(
+    pub fn update<'a>(
         &mut self,
-        params: &mut [Param<f32, D>],
-        grads: &[Tensor<(usize,), f32, D>],
+        params: impl IntoIterator<Item = &'a mut Flat<D>>,
+        grads: &[Flat<D>],
         lr: f64,
         grad_scale: Option<f64>,
-    ) -> Result<(), NetworkError> {
+    ) -> Result<(), TrainError>
+    where
+        D: 'a,
+    {
+        let mut params: Vec<&mut Flat<D>> = params.into_iter().collect();
         if params.len() != grads.len() || params.len() != self.m.len() {
-            return Err(NetworkError::Input(format!(
+            return Err(TrainError::Input(format!(
                 "{} params, {} grads, {} moments",
                 params.len(),
                 grads.len(),
@@ -97,17 +113,16 @@ impl<D: Kernels<f32>> AdamW<D> {
             )));
         }
         if !lr.is_finite() || grad_scale.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
-            return Err(NetworkError::Input(format!(
+            return Err(TrainError::Input(format!(
                 "learning rate {lr} and gradient scale {grad_scale:?} must be finite (scale > 0)"
             )));
         }
-        let len = |t: &Tensor<(usize,), f32, D>| t.shape().0;
+        let len = |t: &Flat<D>| t.shape().0;
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let n = len(&p.value);
+            let n = len(p);
             if len(g) != n || len(&self.m[i]) != n || len(&self.v[i]) != n {
-                return Err(NetworkError::Input(format!(
-                    "parameter {:?} has {n} values but its gradient {} and moments {}/{}",
-                    p.name,
+                return Err(TrainError::Input(format!(
+                    "parameter {i} has {n} values but its gradient {} and moments {}/{}",
                     len(g),
                     len(&self.m[i]),
                     len(&self.v[i])
@@ -128,9 +143,9 @@ impl<D: Kernels<f32>> AdamW<D> {
             grad_scale,
         };
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
-            let (p2, m2, v2) = D::adamw(&p.value, g, &self.m[i], &self.v[i], &step)
-                .map_err(NetworkError::device)?;
-            p.value = p2;
+            let (p2, m2, v2) =
+                D::adamw(p, g, &self.m[i], &self.v[i], &step).map_err(TrainError::device)?;
+            **p = p2;
             self.m[i] = m2;
             self.v[i] = v2;
         }

@@ -2,7 +2,7 @@
 //! peak over `warmup_steps`, then cosine decay to 0 at `total_steps` (optax
 //! `warmup_cosine_decay_schedule`; the step counts from 0, so the very first update uses lr 0).
 
-use crate::NetworkError;
+use crate::TrainError;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -14,15 +14,15 @@ pub struct LrSchedule {
 }
 
 impl LrSchedule {
-    pub fn validate(&self) -> Result<(), NetworkError> {
+    pub fn validate(&self) -> Result<(), TrainError> {
         if !(self.peak.is_finite() && self.peak >= 0.0) {
-            return Err(NetworkError::TrainConfig(format!(
+            return Err(TrainError::Config(format!(
                 "lr {} must be finite and >= 0",
                 self.peak
             )));
         }
         if self.total_steps == 0 || self.warmup_steps > self.total_steps {
-            return Err(NetworkError::TrainConfig(format!(
+            return Err(TrainError::Config(format!(
                 "need 0 < total_steps ({}) and warmup_steps ({}) <= total_steps",
                 self.total_steps, self.warmup_steps
             )));

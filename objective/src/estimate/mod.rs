@@ -1,16 +1,22 @@
-//! Test-set negative ELBO through the backend-agnostic `Denoiser` (paper §3, spec §3.1–§3.4):
+//! The Monte-Carlo negative ELBO through the backend-agnostic `Denoiser` (paper §3, spec §3.1–§3.4):
 //! every sequence gets K independent (t, x_t) draws; its estimate is their mean. The reported
 //! value is the mean over sequences with the standard error of that mean (sequences are
 //! independent, so the error is valid whatever K is). Continuous time (eq. (4)) or the T-step
 //! discrete-time ELBO (§3.2). Each sequence's randomness depends only on (seed, index), so the
 //! result does not depend on the batch size.
 
-use crate::error::{CliError, Result};
-use maskdiff_objective::reference;
+mod genmd4;
+
+pub use genmd4::genmd4;
+
+use crate::reference;
+use crate::ObjectiveError;
 use maskdiff_process::{forward_sample, DenoiseBatch, Denoiser, LogProbs, State, Token};
 use maskdiff_schedule::MaskingSchedule;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
+
+type Result<T> = std::result::Result<T, ObjectiveError>;
 
 /// Evaluation settings.
 #[derive(Debug, Clone, Copy)]
@@ -25,7 +31,7 @@ pub struct EvalOptions {
 
 /// The negative ELBO over a set of sequences, in nats per sequence and bits per token.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct EvalResult {
+pub struct NelboEstimate {
     pub sequences: usize,
     pub seq_len: usize,
     pub mc_samples: usize,
@@ -50,7 +56,7 @@ pub struct EvalResult {
 
 /// A stable per-sequence seed: splitmix64 of (seed, index) on the stream `salt` (MD4 and GenMD4
 /// evaluation use different streams).
-pub(crate) fn mix_seed(seed: u64, index: u64, salt: u64) -> u64 {
+pub fn mix_seed(seed: u64, index: u64, salt: u64) -> u64 {
     let mut z = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(salt);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -113,18 +119,18 @@ pub(crate) fn mc_means<D: Denoiser + ?Sized>(
     labels: Option<&[u32]>,
     opts: EvalOptions,
     salt: u64,
-    mut progress: impl FnMut(usize),
+    progress: &mut dyn FnMut(usize),
     mut draw: impl FnMut(&[Token], &mut StdRng) -> Result<(f64, f64, Vec<State>)>,
     mut score: impl FnMut(&Draw, &[u32], &LogProbs, usize) -> Result<f64>,
 ) -> Result<(usize, Vec<f64>)> {
     let vocab = denoiser.vocab();
     let n_seq = sequences.len();
     if n_seq == 0 {
-        return Err(CliError::Input("no sequences to evaluate".into()));
+        return Err(ObjectiveError::Input("no sequences to evaluate".into()));
     }
     let len = sequences[0].len();
     if opts.mc_samples == 0 || opts.batch_rows == 0 {
-        return Err(CliError::Input(
+        return Err(ObjectiveError::Input(
             "mc_samples and the batch size must be at least 1".into(),
         ));
     }
@@ -139,7 +145,7 @@ pub(crate) fn mc_means<D: Denoiser + ?Sized>(
         for (b, r) in pending.iter().enumerate() {
             let est = score(r, &sequences[r.seq], &lp, b)?;
             if !est.is_finite() {
-                return Err(CliError::Input(format!(
+                return Err(ObjectiveError::Input(format!(
                     "evaluation produced a non-finite loss ({est}) for sequence {}",
                     r.seq
                 )));
@@ -151,7 +157,7 @@ pub(crate) fn mc_means<D: Denoiser + ?Sized>(
     };
     for (i, x0) in sequences.iter().enumerate() {
         if x0.len() != len {
-            return Err(CliError::Input(format!(
+            return Err(ObjectiveError::Input(format!(
                 "sequence {i} has length {}, expected {len}",
                 x0.len()
             )));
@@ -192,15 +198,15 @@ pub(crate) fn mean_stderr(values: &[f64]) -> (f64, f64) {
     (mean, (var / n as f64).sqrt())
 }
 
-/// Negative ELBO of `sequences` (each `len` real token ids) under `denoiser` and `schedule`.
-pub fn evaluate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
+/// MD4's negative ELBO of `sequences` (each `len` real token ids) under `denoiser` and `schedule`.
+pub fn md4<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
     denoiser: &mut D,
     schedule: &S,
     sequences: &[Vec<u32>],
     labels: Option<&[u32]>,
     opts: EvalOptions,
-    progress: impl FnMut(usize),
-) -> Result<EvalResult> {
+    progress: &mut dyn FnMut(usize),
+) -> Result<NelboEstimate> {
     let vocab = denoiser.vocab();
     let v = vocab.size();
     let draw = |toks: &[Token], rng: &mut StdRng| {
@@ -209,7 +215,7 @@ pub fn evaluate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
             None => u,
             Some(steps) => {
                 reference::discrete_times(u, steps)
-                    .map_err(|e| CliError::Input(e.to_string()))?
+                    ?
                     .0
             }
         };
@@ -234,10 +240,10 @@ pub fn evaluate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
             // T-step ELBO (§3.2): T · (α_s − α_t)/(1 − α_t) · CE for the step u selects.
             Some(steps) => {
                 let (t, s) = reference::discrete_times(r.u, steps)
-                    .map_err(|e| CliError::Input(e.to_string()))?;
+                    ?;
                 steps as f64
                     * reference::discrete_coefficient(schedule, s, t)
-                        .map_err(|e| CliError::Input(e.to_string()))?
+                        ?
                     * ce
             }
         })
@@ -251,7 +257,7 @@ pub fn evaluate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
     let prior = reference::prior_kl(schedule, len, v);
     let to_bits = |nats: f64| nats / (len as f64 * std::f64::consts::LN_2);
     let bits = to_bits(mean + recon);
-    Ok(EvalResult {
+    Ok(NelboEstimate {
         sequences: n_seq,
         seq_len: len,
         mc_samples: opts.mc_samples,
@@ -325,7 +331,7 @@ mod tests {
                 batch_rows: 64,
                 seed: 7,
             };
-            let r = evaluate(&mut d, &shifted(name), &seqs, None, opts, |_| {}).unwrap();
+            let r = md4(&mut d, &shifted(name), &seqs, None, opts, &mut |_| {}).unwrap();
             let want = (1.0 - 1e-4) * (v as f64).log2();
             assert!(r.stderr_bits > 0.0);
             assert!(
@@ -353,8 +359,8 @@ mod tests {
             batch_rows: rows,
             seed: 1,
         };
-        let a = evaluate(&mut d, &shifted("linear"), &seqs, None, o(1), |_| {}).unwrap();
-        let b = evaluate(&mut d, &shifted("linear"), &seqs, None, o(7), |_| {}).unwrap();
+        let a = md4(&mut d, &shifted("linear"), &seqs, None, o(1), &mut |_| {}).unwrap();
+        let b = md4(&mut d, &shifted("linear"), &seqs, None, o(7), &mut |_| {}).unwrap();
         assert_eq!(a.diffusion_nats, 0.0);
         assert_eq!(a, b);
         // Only the reconstruction term remains: N·ε·ln V (spec §11.8's formula).

@@ -1,0 +1,406 @@
+//! [`Trainer`]: one optimizer step at a time for any [`Objective`] (spec §8, paper Alg. 1). A
+//! step reads top to bottom:
+//!
+//! 1. the clean batch is checked once ([`CleanBatch`]) and noised by the objective (t, x_t);
+//! 2. per micro-batch: the objective runs the network with the tape and returns the weighted
+//!    loss; backward; the network's and the objective's parameter gradients are accumulated;
+//! 3. NaN/Inf checks, global-norm clipping (network only), AdamW at the scheduled learning rate
+//!    for the network and the objective's parameters (the latter on a copy first, checked),
+//!    EMA of both.
+//!
+//! Every random draw of step k comes from an RNG seeded by (seed, k), so the RNG state is just
+//! the step counter and a resumed run continues bit for bit.
+
+use crate::{ema_tensors, ema_update, AdamW, TrainConfig, TrainError};
+use maskdiff_network::dfdx::prelude::*;
+use maskdiff_network::{Kernels, Md4Transformer, NetworkConfig, NetworkDenoiser};
+use maskdiff_objective::{
+    CleanBatch, Flat, Logits, LogitsNet, MicroLoss, Noised, Objective, ObjectiveSettings, Share,
+};
+use maskdiff_process::DenoiseBatch;
+use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
+
+/// A batch of clean training sequences, row-major `[batch, len]`, ids in `0..V`.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainBatch<'a> {
+    pub x0: &'a [u32],
+    pub batch: usize,
+    pub len: usize,
+    /// One class label per sequence for class-conditional models.
+    pub labels: Option<&'a [u32]>,
+}
+
+/// What one step did. Losses are batch means in nats per sequence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Index of the step just taken (0-based); `Trainer::step_count()` is now `step + 1`.
+    pub step: u64,
+    /// NELBO estimate: diffusion loss + the reconstruction term (spec §3.3).
+    pub loss: f64,
+    pub diffusion: f64,
+    /// `loss / (len · ln 2)`.
+    pub bits_per_token: f64,
+    /// Global gradient norm of the network before clipping.
+    pub grad_norm: f64,
+    pub clipped: bool,
+    pub lr: f64,
+    /// Fraction of positions that were masked.
+    pub masked_fraction: f64,
+}
+
+/// The gradients a step applies, before clipping: the network's (in `params()` order, times
+/// the objective's network factor) and the objective's parameters', with the noised batch and
+/// each micro-batch's numbers.
+#[derive(Debug, Clone)]
+pub struct StepGradients<D: Kernels<f32>, O: Objective<D>> {
+    pub network: Vec<Flat<D>>,
+    pub objective: Vec<Flat<D>>,
+    pub noised: O::Noised,
+    pub stats: Vec<O::Stats>,
+}
+
+/// SplitMix64 finaliser: decorrelates (seed, step, stream) into an RNG seed.
+pub(crate) fn mix(seed: u64, step: u64, stream: u64) -> u64 {
+    let mut z = seed
+        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A model as the objective's [`LogitsNet`].
+pub struct ModelNet<'a, D: Kernels<f32>>(pub &'a Md4Transformer<f32, D>);
+
+impl<D: Kernels<f32>> LogitsNet<D> for ModelNet<'_, D> {
+    type Error = TrainError;
+    fn logits<T: Tape<f32, D>>(
+        &self,
+        input: &DenoiseBatch<'_>,
+        tape: T,
+        dropout: Option<&mut StdRng>,
+    ) -> Result<Logits<D, T>, TrainError> {
+        Ok(self
+            .0
+            .forward(input, tape, dropout.map(|r| r as &mut dyn RngCore))?)
+    }
+}
+
+/// Model, EMA model, objective (with its parameters and their EMA), optimizer state and
+/// progress of one training run.
+#[derive(Debug, Clone)]
+pub struct Trainer<D: Kernels<f32>, O: Objective<D>> {
+    pub(crate) net_cfg: NetworkConfig,
+    pub(crate) train_cfg: TrainConfig,
+    pub(crate) seed: u64,
+    pub(crate) step: u64,
+    pub(crate) model: Md4Transformer<f32, D>,
+    pub(crate) ema: Md4Transformer<f32, D>,
+    pub(crate) opt: AdamW<D>,
+    pub(crate) objective: O,
+    pub(crate) ema_objective: O,
+    /// AdamW of the objective's parameters (same settings, same update count as `opt`).
+    pub(crate) objective_opt: AdamW<D>,
+    pub(crate) last_report: Option<O::Report>,
+    pub(crate) extra: serde_json::Value,
+}
+
+impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
+    /// A fresh run: model initialised from `seed`, EMA = initial parameters, zero moments; the
+    /// objective built from `train_cfg` (an error if it names another objective than `O`).
+    pub fn new(
+        net_cfg: NetworkConfig,
+        train_cfg: TrainConfig,
+        seed: u64,
+        dev: &D,
+    ) -> Result<Self, TrainError> {
+        train_cfg.validate()?;
+        let model = Md4Transformer::new(net_cfg.clone(), dev, seed)?;
+        let opt = AdamW::new(
+            train_cfg.adamw,
+            model.params().into_iter().map(|p| &p.value),
+        )?;
+        let objective = O::from_settings(&settings(&train_cfg, net_cfg.vocab_size), dev)?;
+        let objective_opt = AdamW::new(
+            train_cfg.adamw,
+            objective.params().into_iter().map(|(_, t)| t),
+        )?;
+        Ok(Trainer {
+            ema: model.clone(),
+            model,
+            opt,
+            ema_objective: objective.clone(),
+            objective,
+            objective_opt,
+            last_report: None,
+            net_cfg,
+            train_cfg,
+            seed,
+            step: 0,
+            extra: serde_json::Value::Null,
+        })
+    }
+
+    pub fn network_config(&self) -> &NetworkConfig {
+        &self.net_cfg
+    }
+    pub fn train_config(&self) -> &TrainConfig {
+        &self.train_cfg
+    }
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+    /// Number of steps taken so far (= index of the next step).
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+    pub fn model(&self) -> &Md4Transformer<f32, D> {
+        &self.model
+    }
+    /// Mutable access to the live model (e.g. to import weights before training).
+    pub fn model_mut(&mut self) -> &mut Md4Transformer<f32, D> {
+        &mut self.model
+    }
+    pub fn ema_model(&self) -> &Md4Transformer<f32, D> {
+        &self.ema
+    }
+    pub fn optimizer(&self) -> &AdamW<D> {
+        &self.opt
+    }
+    /// The live objective (with its learned parameters).
+    pub fn objective(&self) -> &O {
+        &self.objective
+    }
+    /// Mutable access to the live objective; [`Trainer::sync_ema_objective`] copies it to the
+    /// EMA.
+    pub fn objective_mut(&mut self) -> &mut O {
+        &mut self.objective
+    }
+    /// The objective with the EMA of its parameters.
+    pub fn ema_objective(&self) -> &O {
+        &self.ema_objective
+    }
+    /// Set the EMA objective to the live one (e.g. after fixing its parameters by hand).
+    pub fn sync_ema_objective(&mut self) {
+        self.ema_objective = self.objective.clone();
+    }
+    /// The objective's report of the last step, if any.
+    pub fn last_report(&self) -> Option<&O::Report> {
+        self.last_report.as_ref()
+    }
+    /// The EMA parameters as a `Denoiser` for sampling and evaluation (shares storage).
+    pub fn ema_denoiser(&self) -> NetworkDenoiser<f32, D> {
+        NetworkDenoiser::new(self.ema.clone())
+    }
+    /// Opaque caller state saved in the manifest (data position, CLI RNG, ...).
+    pub fn extra(&self) -> &serde_json::Value {
+        &self.extra
+    }
+    pub fn set_extra(&mut self, extra: serde_json::Value) {
+        self.extra = extra;
+    }
+
+    fn clean<'a>(&self, b: &TrainBatch<'a>) -> Result<CleanBatch<'a>, TrainError> {
+        Ok(CleanBatch::new(
+            b.x0,
+            b.batch,
+            b.len,
+            self.net_cfg.vocab_size,
+            b.labels,
+        )?)
+    }
+
+    /// The noised batch the next [`Trainer::step`] will draw for `batch` (it comes first from
+    /// the step's RNG), for tests and diagnostics.
+    pub fn next_noised(&self, batch: &TrainBatch<'_>) -> Result<O::Noised, TrainError> {
+        let mut rng = StdRng::seed_from_u64(mix(self.seed, self.step, 0));
+        Ok(self.objective.noise(&self.clean(batch)?, &mut rng)?)
+    }
+
+    /// The gradients the next [`Trainer::step`] would apply (same RNG draws: times, masks,
+    /// dropout), before clipping, without changing anything.
+    pub fn gradients(&self, batch: &TrainBatch<'_>) -> Result<StepGradients<D, O>, TrainError> {
+        let mut rng = StdRng::seed_from_u64(mix(self.seed, self.step, 0));
+        self.gradients_with(batch, &mut rng)
+    }
+
+    /// Like [`Trainer::gradients`] with the times, masks and dropout drawn from `rng` (e.g. to
+    /// average the gradient estimator over independent draws at fixed parameters).
+    pub fn gradients_with(
+        &self,
+        batch: &TrainBatch<'_>,
+        rng: &mut StdRng,
+    ) -> Result<StepGradients<D, O>, TrainError> {
+        let clean = self.clean(batch)?;
+        let noised = self.objective.noise(&clean, rng)?;
+        let total = batch.batch;
+        let k = self.train_cfg.micro_batches;
+        if k > total {
+            return Err(TrainError::Config(format!(
+                "{k} micro-batches for a batch of {total}"
+            )));
+        }
+        let net = ModelNet(&self.model);
+        let net_scale = self.objective.network_grad_scale();
+        let mut acc: Option<(Vec<Flat<D>>, Vec<Flat<D>>)> = None;
+        let mut stats = Vec::with_capacity(k);
+        for j in 0..k {
+            let (lo, hi) = (j * total / k, (j + 1) * total / k);
+            let mb = if k == 1 {
+                noised.clone()
+            } else {
+                noised.slice(lo, hi)?
+            };
+            let labels = clean.labels().map(|l| &l[lo..hi]);
+            let share = Share { lo, hi, total };
+            let MicroLoss { scalar, stats: s } =
+                self.objective.loss(&net, &mb, labels, share, rng)?;
+            if let Err((what, value)) = self.objective.check_finite(&s) {
+                return Err(TrainError::NonFinite {
+                    what,
+                    step: self.step,
+                    value,
+                });
+            }
+            let grads = scalar.try_backward().map_err(TrainError::device)?;
+            let g: Vec<Flat<D>> = self
+                .model
+                .params()
+                .into_iter()
+                .map(|p| match net_scale {
+                    Some(c) => grads.get(&p.value) * c,
+                    None => grads.get(&p.value),
+                })
+                .collect();
+            let go: Vec<Flat<D>> = self
+                .objective
+                .params()
+                .into_iter()
+                .map(|(_, t)| grads.get(t))
+                .collect();
+            acc = Some(match acc {
+                None => (g, go),
+                Some((a, ao)) => (
+                    a.into_iter().zip(g).map(|(a, g)| a + g).collect(),
+                    ao.into_iter().zip(go).map(|(a, g)| a + g).collect(),
+                ),
+            });
+            stats.push(s);
+        }
+        let (network, objective) = acc.expect("at least one micro-batch");
+        Ok(StepGradients {
+            network,
+            objective,
+            noised,
+            stats,
+        })
+    }
+
+    /// One optimizer step on `batch`. On a non-finite loss, gradient or updated objective
+    /// parameter nothing is updated and [`TrainError::NonFinite`] is returned.
+    pub fn step(&mut self, batch: &TrainBatch<'_>) -> Result<StepStats, TrainError> {
+        let StepGradients {
+            network: grads,
+            objective: obj_grads,
+            noised,
+            stats,
+        } = self.gradients(batch)?;
+        // Clipping applies to the network's gradient norm only (for GenMD4 see its docs).
+        let grad_norm = global_norm(&grads)?;
+        if !grad_norm.is_finite() {
+            return Err(self.non_finite("gradient norm", grad_norm));
+        }
+        for g in &obj_grads {
+            let n = global_norm(std::slice::from_ref(g))?;
+            if !n.is_finite() {
+                return Err(self.non_finite("objective parameter gradient", n));
+            }
+        }
+        let clip = self.train_cfg.grad_clip;
+        let clipped = clip > 0.0 && grad_norm > clip;
+        let scale = clipped.then(|| clip / grad_norm);
+        let lr = self.train_cfg.lr.lr(self.step);
+        let decay = self.train_cfg.ema_decay;
+        // The objective's parameters on a copy first: a failure leaves the run unchanged.
+        let (mut objective, mut objective_opt) =
+            (self.objective.clone(), self.objective_opt.clone());
+        objective_opt.update(objective.params_mut(), &obj_grads, lr, None)?;
+        if let Err((what, value)) = objective.check_params() {
+            return Err(self.non_finite(what, value));
+        }
+        self.opt.update(
+            self.model.params_mut().into_iter().map(|p| &mut p.value),
+            &grads,
+            lr,
+            scale,
+        )?;
+        ema_update(&mut self.ema, &self.model, decay)?;
+        ema_tensors(
+            self.ema_objective.params_mut(),
+            objective.params().into_iter().map(|(_, t)| t),
+            decay,
+        )?;
+        self.objective = objective;
+        self.objective_opt = objective_opt;
+        self.last_report = Some(self.objective.report(&stats, &obj_grads));
+        let losses = self.objective.summarize(&stats);
+        let stats = StepStats {
+            step: self.step,
+            loss: losses.nelbo,
+            diffusion: losses.diffusion,
+            bits_per_token: losses.nelbo / (batch.len as f64 * std::f64::consts::LN_2),
+            grad_norm,
+            clipped,
+            lr,
+            masked_fraction: noised.masked_fraction(),
+        };
+        self.step += 1;
+        Ok(stats)
+    }
+
+    fn non_finite(&self, what: &'static str, value: f64) -> TrainError {
+        TrainError::NonFinite {
+            what,
+            step: self.step,
+            value,
+        }
+    }
+
+    /// Per-sequence NELBO estimates in nats (one t and one x_t per sequence, the objective's
+    /// validation loss), with the EMA (`use_ema`: the EMA network and the EMA of the objective's
+    /// parameters) or live weights, no dropout. Divide by `len · ln 2` for bits per token.
+    pub fn eval_loss<R: Rng>(
+        &self,
+        batch: &TrainBatch<'_>,
+        rng: &mut R,
+        use_ema: bool,
+    ) -> Result<Vec<f64>, TrainError> {
+        let mut r = StdRng::seed_from_u64(rng.gen());
+        let clean = self.clean(batch)?;
+        let (model, objective) = if use_ema {
+            (&self.ema, &self.ema_objective)
+        } else {
+            (&self.model, &self.objective)
+        };
+        objective.eval_nelbo(&ModelNet(model), &clean, &mut r)
+    }
+}
+
+/// The objective's settings of a run.
+pub(crate) fn settings(cfg: &TrainConfig, vocab: usize) -> ObjectiveSettings<'_> {
+    ObjectiveSettings {
+        spec: &cfg.objective,
+        schedule: &cfg.schedule,
+        time_sampling: cfg.time_sampling,
+        vocab,
+    }
+}
+
+/// sqrt(Σ g²) over all gradients, accumulated in f64.
+pub fn global_norm<D: Kernels<f32>>(grads: &[Flat<D>]) -> Result<f64, TrainError> {
+    let mut s = 0.0f64;
+    for g in grads {
+        s += D::sum_squares(g).map_err(TrainError::device)?;
+    }
+    Ok(s.sqrt())
+}

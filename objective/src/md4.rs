@@ -1,0 +1,199 @@
+//! MD4 as one unit (paper §3–§4, spec §3): the ε-shifted schedule α_t, the forward process
+//! (one t per sequence, each token masked independently with probability 1 − α_t), the
+//! continuous-time loss of eq. (4), `−α'_t/(1 − α_t) · Σ_masked −log μ_θ(x_t, t)[x_0]`, plus
+//! the constant reconstruction term N·(1 − α̃_0)·log V (spec §3.3), the Monte-Carlo NELBO
+//! estimator, and the reverse process of eq. (3) for sampling.
+
+use crate::estimate::{self, EvalOptions, NelboEstimate};
+use crate::objective::{
+    CleanBatch, Flat, LogitsNet, MicroLoss, Noised, Objective, ObjectiveSettings, ObjectiveSpec,
+    ReverseModel, Share, StepLosses,
+};
+use crate::tensor::{md4_diffusion_loss, md4_recon_constant, MaskedBatch};
+use crate::ObjectiveError;
+use dfdx::prelude::*;
+use maskdiff_process::{DenoiseBatch, Denoiser};
+use maskdiff_schedule::{AnySchedule, Shifted, TimeSampling};
+use rand::rngs::StdRng;
+
+/// The MD4 objective: a masking schedule, how training times are drawn, the vocabulary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Md4 {
+    schedule: Shifted<AnySchedule>,
+    time_sampling: TimeSampling,
+    vocab: usize,
+}
+
+impl Md4 {
+    pub fn new(schedule: Shifted<AnySchedule>, time_sampling: TimeSampling, vocab: usize) -> Self {
+        Self {
+            schedule,
+            time_sampling,
+            vocab,
+        }
+    }
+    pub fn schedule(&self) -> &Shifted<AnySchedule> {
+        &self.schedule
+    }
+    /// The constant reconstruction term N·(1 − α̃_0)·log V for sequences of `len` (spec §3.3).
+    pub fn recon(&self, len: usize) -> f64 {
+        md4_recon_constant(&self.schedule, len, self.vocab)
+    }
+}
+
+impl Noised for MaskedBatch {
+    fn batch(&self) -> usize {
+        self.batch
+    }
+    fn slice(&self, lo: usize, hi: usize) -> Result<Self, ObjectiveError> {
+        let r = lo * self.len..hi * self.len;
+        MaskedBatch::new(
+            self.x0[r.clone()].to_vec(),
+            self.xt[r].to_vec(),
+            hi - lo,
+            self.len,
+            self.vocab,
+            self.t[lo..hi].to_vec(),
+            self.weight[lo..hi].to_vec(),
+        )
+    }
+    fn masked_fraction(&self) -> f64 {
+        let masked: usize = self.masked_counts().iter().sum();
+        masked as f64 / (self.batch * self.len) as f64
+    }
+}
+
+/// A micro-batch's Σ of per-sequence diffusion losses (nats), its length and the step's batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Md4Stats {
+    sum: f64,
+    len: usize,
+    total: usize,
+}
+
+impl<D: Device<f32>> Objective<D> for Md4 {
+    type Noised = MaskedBatch;
+    type Stats = Md4Stats;
+    type Report = ();
+
+    fn from_settings(s: &ObjectiveSettings<'_>, _dev: &D) -> Result<Self, ObjectiveError> {
+        match s.spec {
+            ObjectiveSpec::Md4 => Ok(Md4::new(s.schedule.build()?, s.time_sampling, s.vocab)),
+            other => Err(ObjectiveError::WrongObjective {
+                expected: "md4",
+                found: format!("{other:?}"),
+            }),
+        }
+    }
+    fn spec(&self) -> ObjectiveSpec {
+        ObjectiveSpec::Md4
+    }
+
+    fn noise(&self, b: &CleanBatch<'_>, rng: &mut StdRng) -> Result<MaskedBatch, ObjectiveError> {
+        MaskedBatch::sample(
+            b.x0(),
+            b.batch(),
+            b.len(),
+            self.vocab,
+            &self.schedule,
+            self.time_sampling,
+            rng,
+        )
+    }
+
+    fn loss<N: LogitsNet<D>>(
+        &self,
+        net: &N,
+        mb: &MaskedBatch,
+        labels: Option<&[u32]>,
+        share: Share,
+        rng: &mut StdRng,
+    ) -> Result<MicroLoss<D, Md4Stats>, N::Error> {
+        let input = DenoiseBatch {
+            ids: &mb.xt,
+            batch: mb.batch,
+            len: mb.len,
+            t: &mb.t,
+            labels,
+        };
+        let logits = net.logits(&input, OwnedTape::default(), Some(rng))?;
+        let per_seq = md4_diffusion_loss(logits, mb)?;
+        let sum: f64 = per_seq.as_vec().iter().map(|&x| x as f64).sum();
+        // d(batch mean)/dθ accumulates over micro-batches: each adds Σ_its sequences / B.
+        let inv_b = 1.0 / share.total as f32;
+        let scalar = per_seq
+            .try_sum::<Rank0, _>()
+            .and_then(|s| s.try_mul(inv_b))
+            .map_err(ObjectiveError::backend)?;
+        Ok(MicroLoss {
+            scalar,
+            stats: Md4Stats {
+                sum,
+                len: mb.len,
+                total: share.total,
+            },
+        })
+    }
+
+    fn check_finite(&self, s: &Md4Stats) -> Result<(), (&'static str, f64)> {
+        if s.sum.is_finite() {
+            Ok(())
+        } else {
+            Err(("loss", s.sum))
+        }
+    }
+
+    fn summarize(&self, stats: &[Md4Stats]) -> StepLosses {
+        let mut sum = 0.0f64;
+        for s in stats {
+            sum += s.sum;
+        }
+        let (len, total) = stats.first().map_or((0, 1), |s| (s.len, s.total));
+        let diffusion = sum / total as f64;
+        StepLosses {
+            nelbo: diffusion + self.recon(len),
+            diffusion,
+        }
+    }
+
+    fn report(&self, _stats: &[Md4Stats], _grads: &[Flat<D>]) {}
+
+    fn eval_nelbo<N: LogitsNet<D>>(
+        &self,
+        net: &N,
+        batch: &CleanBatch<'_>,
+        rng: &mut StdRng,
+    ) -> Result<Vec<f64>, N::Error> {
+        let masked = <Self as Objective<D>>::noise(self, batch, rng)?;
+        let input = DenoiseBatch {
+            ids: &masked.xt,
+            batch: batch.batch(),
+            len: batch.len(),
+            t: &masked.t,
+            labels: batch.labels(),
+        };
+        let logits = net.logits(&input, NoneTape, None)?;
+        let per_seq = md4_diffusion_loss(logits, &masked)?;
+        let recon = self.recon(batch.len());
+        Ok(per_seq
+            .as_vec()
+            .into_iter()
+            .map(|x| x as f64 + recon)
+            .collect())
+    }
+
+    fn estimate<M: Denoiser + ?Sized>(
+        &self,
+        denoiser: &mut M,
+        sequences: &[Vec<u32>],
+        labels: Option<&[u32]>,
+        opts: EvalOptions,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<NelboEstimate, ObjectiveError> {
+        estimate::md4(denoiser, &self.schedule, sequences, labels, opts, progress)
+    }
+
+    fn reverse_model(&self) -> Result<ReverseModel, ObjectiveError> {
+        Ok(ReverseModel::Md4(self.schedule))
+    }
+}
