@@ -100,7 +100,7 @@ build() {
   log "building with --features cuda (CUDA_ROOT=$CUDA_ROOT, compute capability $CUDA_COMPUTE_CAP)"
   # a target folder of its own, so the CPU binaries in target/release stay what they are
   export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-target/cuda}
-  local args=(--release -p maskdiff-network --features cuda)
+  local args=(--release -p maskdiff-train --features cuda)
   cargo build "${args[@]}" --example throughput --example sampling >&2
   local test_bin
   test_bin=$(cargo test "${args[@]}" --test cuda --no-run --message-format=json 2>/dev/null \

@@ -21,7 +21,7 @@ WARMUP=${WARMUP:-2}
 ROUNDS=${ROUNDS:-2}
 THREADS=${THREADS:-}
 
-cargo build --release -p maskdiff-network --example throughput >&2
+cargo build --release -p maskdiff-train --example throughput >&2
 python3 -c "import torch" 2>/dev/null || python3 -m pip install --quiet torch >&2
 if [ -n "$THREADS" ]; then
   export RAYON_NUM_THREADS=$THREADS

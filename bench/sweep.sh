@@ -19,7 +19,7 @@ PRESET=${PRESET:-cpu-small}
 BIN=${BIN:-}
 if [ -n "${THREADS:-}" ]; then export RAYON_NUM_THREADS=$THREADS; fi
 if [ -z "$BIN" ]; then
-  cargo build --release -p maskdiff-network --example throughput >&2
+  cargo build --release -p maskdiff-train --example throughput >&2
   BIN=./target/release/examples/throughput
 fi
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }

@@ -9,10 +9,10 @@ use crate::error::{CliError, Result};
 use maskdiff_data::WindowSamplerState;
 use maskdiff_network::{Kernels, NetworkConfig, NetworkDenoiser};
 use maskdiff_objective::{Objective, ObjectiveSpec};
+use maskdiff_schedule::ScheduleSpec;
 use maskdiff_train::{
     load_model, AdamWConfig, LrSchedule, Manifest, TrainConfig as NetTrainConfig, Weights,
 };
-use maskdiff_schedule::ScheduleSpec;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -54,9 +54,7 @@ pub fn checkpoint_dir(out: &Path) -> PathBuf {
 
 /// Whether `dir` holds a complete checkpoint (its manifest is written last).
 pub fn has_checkpoint(out: &Path) -> bool {
-    checkpoint_dir(out)
-        .join(maskdiff_train::MANIFEST)
-        .is_file()
+    checkpoint_dir(out).join(maskdiff_train::MANIFEST).is_file()
 }
 
 /// The network configuration for `cfg` on `data` (preset, vocabulary, conditioning).

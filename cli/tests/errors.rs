@@ -146,22 +146,20 @@ fn corrupt_checkpoints_are_one_line_errors() {
     write_corpus(&d.join("corpus.txt"), 20_000);
     ok(&train(&d, "r", 2, &[]));
     let ck = d.join("r/checkpoint");
-    // Flip bytes in the middle of the parameter file: its checksum no longer matches.
-    let params = std::fs::read_dir(&ck)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("params-")
-        })
-        .unwrap();
-    let mut b = std::fs::read(&params).unwrap();
-    let mid = b.len() / 2;
-    b[mid] ^= 0xff;
-    std::fs::write(&params, &b).unwrap();
+    // Flip bytes in the middle of the parameter and EMA files (evaluation and sampling read the
+    // EMA only, resuming reads both): their checksums no longer match.
+    for prefix in ["params-", "ema-"] {
+        let file = std::fs::read_dir(&ck)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+            .unwrap();
+        let mut b = std::fs::read(&file).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0xff;
+        std::fs::write(&file, &b).unwrap();
+    }
     one_line_error(&run(&d, &["eval", "r"]), &["corrupt"]);
     one_line_error(&run(&d, &["sample", "r"]), &["corrupt"]);
     one_line_error(&run(&d, &["train", "--resume", "--out", "r"]), &["corrupt"]);

@@ -158,7 +158,11 @@ impl Noised for GenMd4Batch {
         )
     }
     fn masked_fraction(&self) -> f64 {
-        let masked = self.xt.iter().filter(|&&x| x as usize == self.vocab).count();
+        let masked = self
+            .xt
+            .iter()
+            .filter(|&&x| x as usize == self.vocab)
+            .count();
         masked as f64 / self.xt.len() as f64
     }
 }

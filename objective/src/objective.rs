@@ -185,8 +185,11 @@ pub trait Objective<D: Device<f32>>: Clone + Sized {
     fn spec(&self) -> ObjectiveSpec;
 
     /// Draw the times and noised sequences of a whole step's batch.
-    fn noise(&self, batch: &CleanBatch<'_>, rng: &mut StdRng)
-        -> Result<Self::Noised, ObjectiveError>;
+    fn noise(
+        &self,
+        batch: &CleanBatch<'_>,
+        rng: &mut StdRng,
+    ) -> Result<Self::Noised, ObjectiveError>;
     /// The differentiable loss of micro-batch `mb` (sequences `share.lo..share.hi` of the
     /// step), running `net` with the tape and with dropout drawn from `rng`.
     fn loss<N: LogitsNet<D>>(

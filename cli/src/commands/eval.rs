@@ -108,17 +108,13 @@ fn eval_on<D: DfdxDevice<f32>, O: Objective<D>>(
     };
     let (seqs, labels) = data.eval_sequences(split, cfg.eval.max_sequences)?;
     let pb = bar(seqs.len(), "evaluating");
-    let r = loaded.objective.estimate(
-        &mut den,
-        &seqs,
-        labels.as_deref(),
-        opts(cfg),
-        &mut |i| {
+    let r = loaded
+        .objective
+        .estimate(&mut den, &seqs, labels.as_deref(), opts(cfg), &mut |i| {
             if let Some(b) = &pb {
                 b.set_position(i as u64)
             }
-        },
-    )?;
+        })?;
     if let Some(b) = pb {
         b.finish_and_clear();
     }

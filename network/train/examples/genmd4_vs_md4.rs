@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! bash scripts/fetch-data.sh      # once: the corpus into data-cache/
-//! cargo run --release -p maskdiff-network --example genmd4_vs_md4 -- \
+//! cargo run --release -p maskdiff-train --example genmd4_vs_md4 -- \
 //!     [--steps 300] [--batch 8] [--len 256] [--preset cpu-small] [--lr 2e-3] [--clip 1] [--seed 0] \
 //!     [--eval-seqs 256] [--eval-k 1] [--models md4,genmd4,genmd4-one] [--cache data-cache]
 //! ```
@@ -21,10 +21,9 @@ use maskdiff_data::{
     open_or_build_english_corpus, EvalChunks, SplitRatio, TokenizerId, WindowSampler,
 };
 use maskdiff_network::dfdx::prelude::Cpu;
-use maskdiff_network::train::{
-    AdamWConfig, LrSchedule, Objective, TrainBatch, TrainConfig, Trainer,
-};
 use maskdiff_network::NetworkConfig;
+use maskdiff_objective::{GenMd4, Md4, Objective, ObjectiveSpec};
+use maskdiff_train::{AdamWConfig, LrSchedule, TrainBatch, TrainConfig, Trainer};
 use rand::{rngs::StdRng, SeedableRng};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -99,7 +98,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for &i in &picks {
         eval_ids.extend(chunks.batch(&file, i, 1)?.ids);
     }
-    let dev = Cpu::default();
     let mut net_cfg = NetworkConfig::preset(&args.preset, vocab)?;
     // RoPE has no position table: the preset's length limit is only a guard rail
     net_cfg.max_len = net_cfg.max_len.max(args.len);
@@ -121,9 +119,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut results: Vec<(String, Vec<f64>)> = Vec::new();
     for model in &args.models {
         let objective = match model.as_str() {
-            "md4" => Objective::Md4,
-            "genmd4" => Objective::GenMd4 { one_sample: false },
-            "genmd4-one" => Objective::GenMd4 { one_sample: true },
+            "md4" => ObjectiveSpec::Md4,
+            "genmd4" => ObjectiveSpec::GenMd4 { one_sample: false },
+            "genmd4-one" => ObjectiveSpec::GenMd4 { one_sample: true },
             m => return Err(format!("unknown model {m} (md4, genmd4, genmd4-one)").into()),
         };
         // The main job's short-run settings (configs/cpu-small-english.toml).
@@ -139,74 +137,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ema_decay: 0.98,
             ..Default::default()
         };
-        let mut tr = Trainer::new(net_cfg.clone(), cfg, args.seed, &dev)?;
-        let mut sampler = WindowSampler::new(train_range.clone(), args.len, args.seed)?;
-        let start = Instant::now();
-        let mut tail = Vec::new();
-        for s in 0..args.steps {
-            let b = sampler.next_batch(&file, args.batch)?;
-            let st = tr.step(&TrainBatch {
-                x0: &b.ids,
-                batch: b.batch,
-                len: b.len,
-                labels: None,
-            })?;
-            if s + 20 >= args.steps {
-                tail.push(st.bits_per_token);
-            }
-            if (s + 1) % 50 == 0 {
-                let theta = tr
-                    .genmd4()
-                    .and_then(|g| g.last.as_ref())
-                    .map(|i| format!(", |g_theta| {:.1}", i.theta_grad_norm))
-                    .unwrap_or_default();
-                eprintln!(
-                    "[{model}] step {} train NELBO {:.3} bits/char, |g| {:.1}{theta}, {:.1}s",
-                    s + 1,
-                    st.bits_per_token,
-                    st.grad_norm,
-                    start.elapsed().as_secs_f64()
-                );
-            }
-        }
-        let train_s = start.elapsed().as_secs_f64();
-        let mut rng = StdRng::seed_from_u64(12345);
-        // per sequence: the mean of K independent (t, x_t) draws
-        let mut bpc = vec![0.0f64; n_eval];
-        for _ in 0..args.eval_k.max(1) {
-            let mut i = 0;
-            for rows in eval_ids.chunks(16 * args.len) {
-                let tb = TrainBatch {
-                    x0: rows,
-                    batch: rows.len() / args.len,
-                    len: args.len,
-                    labels: None,
-                };
-                for nats in tr.eval_loss(&tb, &mut rng, true)? {
-                    bpc[i] += nats
-                        / (args.len as f64 * std::f64::consts::LN_2 * args.eval_k.max(1) as f64);
-                    i += 1;
-                }
-            }
-        }
-        let (m, se) = mean_se(&bpc);
-        let (tm, _) = mean_se(&tail);
-        println!(
-            "{model:>11}: test {m:.4} ± {se:.4} BPC (train, last 20 steps: {tm:.3}); \
-             {train_s:.0}s training",
-        );
-        if let Some(w) = tr.genmd4_exponents(true) {
-            let chars = "abcdefghijklmnopqrstuvwxyz_";
-            let shown: Vec<String> = w
-                .iter()
-                .enumerate()
-                .map(|(i, x)| format!("{}:{x:.2}", chars.chars().nth(i).unwrap_or('?')))
-                .collect();
-            println!(
-                "             EMA exponents w ('_' = space): {}",
-                shown.join(" ")
-            );
-        }
+        let ctx = Ctx {
+            args: &args,
+            model,
+            net_cfg: &net_cfg,
+            file: &file,
+            train_range: train_range.clone(),
+            eval_ids: &eval_ids,
+            n_eval,
+        };
+        let bpc = match objective {
+            ObjectiveSpec::Md4 => run::<Md4>(&ctx, cfg)?,
+            ObjectiveSpec::GenMd4 { .. } => run::<GenMd4<Cpu>>(&ctx, cfg)?,
+        };
         results.push((model.clone(), bpc));
     }
     for i in 0..results.len() {
@@ -225,4 +168,101 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+/// What one model's run needs from `main`.
+struct Ctx<'a> {
+    args: &'a Args,
+    model: &'a str,
+    net_cfg: &'a NetworkConfig,
+    file: &'a maskdiff_data::TokenFile,
+    train_range: std::ops::Range<usize>,
+    eval_ids: &'a [u32],
+    n_eval: usize,
+}
+
+/// Train one objective and return the per-sequence test bits per character.
+fn run<O: Objective<Cpu>>(
+    ctx: &Ctx<'_>,
+    cfg: TrainConfig,
+) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+    let Ctx {
+        args,
+        model,
+        net_cfg,
+        file,
+        train_range,
+        eval_ids,
+        n_eval,
+    } = ctx;
+    let (args, n_eval) = (*args, *n_eval);
+    let dev = Cpu::default();
+    let mut tr = Trainer::<Cpu, O>::new((*net_cfg).clone(), cfg, args.seed, &dev)?;
+    let mut sampler = WindowSampler::new(train_range.clone(), args.len, args.seed)?;
+    let start = Instant::now();
+    let mut tail = Vec::new();
+    for s in 0..args.steps {
+        let b = sampler.next_batch(file, args.batch)?;
+        let st = tr.step(&TrainBatch {
+            x0: &b.ids,
+            batch: b.batch,
+            len: b.len,
+            labels: None,
+        })?;
+        if s + 20 >= args.steps {
+            tail.push(st.bits_per_token);
+        }
+        if (s + 1) % 50 == 0 {
+            let theta = tr
+                .last_report()
+                .map(|r| format!(", {r:?}").chars().take(120).collect::<String>())
+                .unwrap_or_default();
+            eprintln!(
+                "[{model}] step {} train NELBO {:.3} bits/char, |g| {:.1}{theta}, {:.1}s",
+                s + 1,
+                st.bits_per_token,
+                st.grad_norm,
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let train_s = start.elapsed().as_secs_f64();
+    let mut rng = StdRng::seed_from_u64(12345);
+    // per sequence: the mean of K independent (t, x_t) draws
+    let mut bpc = vec![0.0f64; n_eval];
+    for _ in 0..args.eval_k.max(1) {
+        let mut i = 0;
+        for rows in eval_ids.chunks(16 * args.len) {
+            let tb = TrainBatch {
+                x0: rows,
+                batch: rows.len() / args.len,
+                len: args.len,
+                labels: None,
+            };
+            for nats in tr.eval_loss(&tb, &mut rng, true)? {
+                bpc[i] +=
+                    nats / (args.len as f64 * std::f64::consts::LN_2 * args.eval_k.max(1) as f64);
+                i += 1;
+            }
+        }
+    }
+    let (m, se) = mean_se(&bpc);
+    let (tm, _) = mean_se(&tail);
+    println!(
+        "{model:>11}: test {m:.4} ± {se:.4} BPC (train, last 20 steps: {tm:.3}); \
+         {train_s:.0}s training",
+    );
+    if let Some(w) = tr.ema_objective().exponents() {
+        let chars = "abcdefghijklmnopqrstuvwxyz_";
+        let shown: Vec<String> = w
+            .iter()
+            .enumerate()
+            .map(|(i, x)| format!("{}:{x:.2}", chars.chars().nth(i).unwrap_or('?')))
+            .collect();
+        println!(
+            "             EMA exponents w ('_' = space): {}",
+            shown.join(" ")
+        );
+    }
+    Ok(bpc)
 }

@@ -1,12 +1,12 @@
 //! Phase timing of one cpu-small training step (forward with tape, loss, backward, gradient
 //! extraction, norm, AdamW, EMA, inference forward), a development aid for performance work:
-//! `cargo run --release -p maskdiff-network --example phase_timing`.
+//! `cargo run --release -p maskdiff-train --example phase_timing`.
 use maskdiff_network::dfdx::prelude::*;
-use maskdiff_network::train::{ema_update, global_norm, AdamW, AdamWConfig};
 use maskdiff_network::NetworkConfig;
 use maskdiff_objective::tensor::MaskedBatch;
 use maskdiff_process::DenoiseBatch;
 use maskdiff_schedule::{AnySchedule, Linear, Shifted};
+use maskdiff_train::{ema_update, global_norm, AdamW, AdamWConfig};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
@@ -16,7 +16,11 @@ fn main() {
     let dev = Cpu::default();
     let mut model = cfg.init::<f32, Cpu>(&dev, 0).unwrap();
     let mut ema = model.clone();
-    let mut opt = AdamW::new(AdamWConfig::default(), model.params()).unwrap();
+    let mut opt = AdamW::new(
+        AdamWConfig::default(),
+        model.params().into_iter().map(|p| &p.value),
+    )
+    .unwrap();
     let mut rng = StdRng::seed_from_u64(0);
     let x0: Vec<u32> = (0..b * n).map(|_| rng.gen_range(0..v as u32)).collect();
     let sched = Shifted::official(AnySchedule::Linear(Linear));
@@ -48,7 +52,13 @@ fn main() {
         lap("grads.get", &mut s);
         let _ = global_norm(&g).unwrap();
         lap("norm", &mut s);
-        opt.update(model.params_mut(), &g, 1e-4, None).unwrap();
+        opt.update(
+            model.params_mut().into_iter().map(|p| &mut p.value),
+            &g,
+            1e-4,
+            None,
+        )
+        .unwrap();
         lap("adamw", &mut s);
         ema_update(&mut ema, &model, 0.9999).unwrap();
         lap("ema", &mut s);

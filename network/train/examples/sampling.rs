@@ -5,7 +5,7 @@
 //! from one reveal time to the next; same law). The model is a time-free `cpu-small` (so the
 //! cached sampler may reuse outputs), untrained: its weights do not change the cost.
 //!
-//! `cargo run --release -p maskdiff-network --example sampling -- [--steps T] [--samples S]
+//! `cargo run --release -p maskdiff-train --example sampling -- [--steps T] [--samples S]
 //!  [--len N] [--preset NAME] [--device cpu|cuda]` — prints a Markdown table.
 
 use maskdiff_network::dfdx::prelude::*;

@@ -6,7 +6,7 @@
 //! resident memory of each phase (Linux: VmHWM, reset between phases through
 //! /proc/self/clear_refs).
 //!
-//! `cargo run --release -p maskdiff-network --example throughput -- [--iters N] [--warmup N]
+//! `cargo run --release -p maskdiff-train --example throughput -- [--iters N] [--warmup N]
 //!  [--batch B] [--len N] [--preset NAME] [--vocab V] [--device cpu|cuda] [--no-forward]`
 //! The last line is machine-readable: `maskdiff forward_tok_s=… train_tok_s=…
 //! train_peak_rss_mb=… train_rss_growth_mb=…`.
@@ -15,9 +15,9 @@
 mod mem;
 
 use maskdiff_network::dfdx::prelude::*;
-use maskdiff_network::train::{LrSchedule, TrainBatch, TrainConfig, Trainer};
 use maskdiff_network::{Kernels, NetworkConfig};
 use maskdiff_process::DenoiseBatch;
+use maskdiff_train::{LrSchedule, TrainBatch, TrainConfig, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
@@ -58,7 +58,7 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
         },
         ..Default::default()
     };
-    let mut trainer = Trainer::new(cfg.clone(), train_cfg, 0, dev)?;
+    let mut trainer = Trainer::<_, maskdiff_objective::Md4>::new(cfg.clone(), train_cfg, 0, dev)?;
     println!(
         "model {preset}: {} parameters, ffn hidden {}, batch {b}, len {n}, rayon threads {}",
         trainer.model().num_params(),

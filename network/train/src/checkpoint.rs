@@ -17,8 +17,8 @@
 use crate::trainer::settings;
 use crate::{TrainConfig, TrainError, Trainer};
 use maskdiff_data::{fnv1a64, write_atomic};
-use maskdiff_network::tensor_io::{from_safetensors, to_safetensors, NamedTensor, TensorMap};
 use maskdiff_network::dfdx::prelude::*;
+use maskdiff_network::tensor_io::{from_safetensors, to_safetensors, NamedTensor, TensorMap};
 use maskdiff_network::{Kernels, Md4Transformer, NetworkConfig};
 use maskdiff_objective::{Flat, Objective};
 use serde::{Deserialize, Serialize};
@@ -81,11 +81,11 @@ impl Manifest {
     /// Read and check `dir/manifest.json` (format and version).
     pub fn read(dir: &Path) -> Result<Self, TrainError> {
         let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::ckpt(&path, e.to_string()))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| TrainError::ckpt(&path, e.to_string()))?;
         let m: Manifest = serde_json::from_str(&text)
             .map_err(|e| TrainError::ckpt(&path, format!("bad manifest: {e}")))?;
-        if m.format != FORMAT
-            || !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&m.format_version)
+        if m.format != FORMAT || !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&m.format_version)
         {
             return Err(TrainError::ckpt(
                 &path,
@@ -158,7 +158,10 @@ fn no_extra(map: &TensorMap<f32>, path: &Path) -> Result<(), TrainError> {
     }
     let mut keys: Vec<_> = map.keys().collect();
     keys.sort();
-    Err(TrainError::mismatch(path, format!("unexpected tensors {keys:?}")))
+    Err(TrainError::mismatch(
+        path,
+        format!("unexpected tensors {keys:?}"),
+    ))
 }
 
 /// Load a model's parameters from a parsed tensor file (names as keys).
@@ -374,7 +377,11 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
             for (dst, src) in t.ema_objective.params_mut().into_iter().zip(ema) {
                 *dst = src;
             }
-        } else if man.files.iter().any(|f| OBJECTIVE_ROLES.contains(&f.role.as_str())) {
+        } else if man
+            .files
+            .iter()
+            .any(|f| OBJECTIVE_ROLES.contains(&f.role.as_str()))
+        {
             return Err(TrainError::mismatch(
                 &p,
                 "objective parameters in a checkpoint whose objective has none",

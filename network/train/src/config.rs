@@ -59,9 +59,7 @@ impl TrainConfig {
             )));
         }
         if self.micro_batches == 0 {
-            return Err(TrainError::Config(
-                "micro_batches must be >= 1".into(),
-            ));
+            return Err(TrainError::Config("micro_batches must be >= 1".into()));
         }
         if !(self.ema_decay.is_finite() && (0.0..=1.0).contains(&self.ema_decay)) {
             return Err(TrainError::Config(format!(

@@ -19,8 +19,8 @@ mod checkpoint;
 mod config;
 mod ema;
 mod error;
-mod genmd4;
 mod lr;
+mod objectives;
 mod trainer;
 
 pub use adamw::{AdamW, AdamWConfig};
@@ -32,6 +32,7 @@ pub use config::TrainConfig;
 pub use ema::{ema_tensors, ema_update};
 pub use error::TrainError;
 pub use lr::LrSchedule;
+pub use objectives::GenMd4Gradients;
 pub use trainer::{global_norm, ModelNet, StepGradients, StepStats, TrainBatch, Trainer};
 
 /// Re-exported so that users name the same crates as the trainer.

@@ -167,6 +167,10 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
     pub fn optimizer(&self) -> &AdamW<D> {
         &self.opt
     }
+    /// The AdamW state of the objective's parameters.
+    pub fn objective_optimizer(&self) -> &AdamW<D> {
+        &self.objective_opt
+    }
     /// The live objective (with its learned parameters).
     pub fn objective(&self) -> &O {
         &self.objective

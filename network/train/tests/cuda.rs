@@ -6,9 +6,9 @@
 mod gpu {
     use maskdiff_network::dfdx::prelude::*;
     use maskdiff_network::dfdx::tensor::Cuda;
-    use maskdiff_network::train::{LrSchedule, TrainBatch, TrainConfig, Trainer};
     use maskdiff_network::NetworkConfig;
     use maskdiff_process::DenoiseBatch;
+    use maskdiff_train::{LrSchedule, TrainBatch, TrainConfig, Trainer};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn gpu() -> Option<Cuda> {
@@ -69,8 +69,9 @@ mod gpu {
             len: 16,
             labels: Some(&labels),
         };
-        let mut tcpu = Trainer::new(cfg.clone(), tc.clone(), 9, &cpu).unwrap();
-        let mut tgpu = Trainer::new(cfg, tc, 9, &cuda).unwrap();
+        let mut tcpu =
+            Trainer::<_, maskdiff_objective::Md4>::new(cfg.clone(), tc.clone(), 9, &cpu).unwrap();
+        let mut tgpu = Trainer::<_, maskdiff_objective::Md4>::new(cfg, tc, 9, &cuda).unwrap();
         for _ in 0..3 {
             let (x, y) = (tcpu.step(&tb).unwrap(), tgpu.step(&tb).unwrap());
             assert!(

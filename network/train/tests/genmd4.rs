@@ -6,18 +6,19 @@
 //! and checkpoints keep θ, its EMA and its AdamW state (exact resume).
 
 use maskdiff_network::dfdx::prelude::*;
-use maskdiff_network::train::*;
-use maskdiff_network::{NetworkConfig, NetworkError};
+use maskdiff_network::NetworkConfig;
 use maskdiff_objective::tensor::MaskedBatch;
+use maskdiff_objective::{GenMd4, Md4, ObjectiveSpec};
 use maskdiff_process::DenoiseBatch;
 use maskdiff_schedule::{inverse_softplus, softplus, GENMD4_T1, THETA_INIT_FOR_W1};
+use maskdiff_train::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const EPS: f64 = 1e-4;
 
 fn cfg(one_sample: bool, lr: f64, total: u64) -> TrainConfig {
     TrainConfig {
-        objective: Objective::GenMd4 { one_sample },
+        objective: ObjectiveSpec::GenMd4 { one_sample },
         lr: LrSchedule {
             peak: lr,
             warmup_steps: 0,
@@ -60,9 +61,9 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> (f64, f64) {
 
 /// Network gradient of mean_b over the given halves of the MD4 loss with weights w/t (the
 /// poly-w schedule: −α'/(1 − α) = w/t for every t, spec §11.3), computed through
-/// `Objective::Md4` — independently of the GenMD4 code.
+/// `md4_diffusion_loss` — independently of the GenMD4 code.
 fn md4_poly_grads<D: maskdiff_network::Kernels<f32>>(
-    t: &Trainer<D>,
+    t: &Trainer<D, GenMd4<D>>,
     x0: &[u32],
     xts: &[&[u32]],
     times: &[f64],
@@ -91,7 +92,7 @@ fn md4_poly_grads<D: maskdiff_network::Kernels<f32>>(
             labels: None,
         };
         let logits = model.forward(&input, model.tape(), None).unwrap();
-        let loss = Objective::Md4.loss(logits, &mb).unwrap();
+        let loss = maskdiff_objective::md4_diffusion_loss(logits, &mb).unwrap();
         per_seq.push(loss.as_vec().iter().map(|&x| x as f64).collect());
         let s = loss.sum::<Rank0, _>() * (1.0 / (b * xts.len()) as f32);
         total = Some(match total {
@@ -123,11 +124,12 @@ fn equal_exponents_reduce_to_md4_poly() {
     let x0: Vec<u32> = (0..b * n).map(|_| rng.gen_range(0..v as u32)).collect();
     let net = NetworkConfig::preset("tiny", v).unwrap();
     assert_eq!(net.dropout, 0.0);
-    let mut two = Trainer::new(net.clone(), cfg(false, 1e-2, 100), 7, &dev).unwrap();
+    let mut two =
+        Trainer::<_, GenMd4<Cpu>>::new(net.clone(), cfg(false, 1e-2, 100), 7, &dev).unwrap();
     two.step(&tb(&x0, b, n)).unwrap();
     let w = 2.5;
     two.set_genmd4_exponents(&vec![w; v]).unwrap();
-    let mut one = Trainer::new(net, cfg(true, 1e-2, 100), 7, &dev).unwrap();
+    let mut one = Trainer::<_, GenMd4<Cpu>>::new(net, cfg(true, 1e-2, 100), 7, &dev).unwrap();
     one.step(&tb(&x0, b, n)).unwrap(); // same step count, hence the same RNG for the next step
     for (dst, src) in one
         .model_mut()
@@ -268,7 +270,8 @@ fn theta_gradient_at_init_is_unbiased() {
     let draws = 600;
     let mut g: Vec<Vec<f64>> = vec![Vec::new(); v];
     for seed in 0..draws {
-        let t = Trainer::new(net.clone(), cfg(false, 1e-2, 10), seed, &dev).unwrap();
+        let t =
+            Trainer::<_, GenMd4<Cpu>>::new(net.clone(), cfg(false, 1e-2, 10), seed, &dev).unwrap();
         let gr = t.genmd4_gradients(&tb(&x0, b, n)).unwrap();
         for (i, x) in gr.theta.as_vec().iter().enumerate() {
             g[i].push(*x as f64);
@@ -303,7 +306,7 @@ fn theta_gradient_at_init_is_unbiased() {
 fn eval_at_init_has_uniform_value() {
     let dev = Cpu::default();
     let (v, b, n) = (6usize, 32usize, 24usize);
-    let t = Trainer::new(
+    let t = Trainer::<_, GenMd4<Cpu>>::new(
         NetworkConfig::preset("tiny", v).unwrap(),
         cfg(false, 1e-3, 10),
         3,
@@ -311,7 +314,7 @@ fn eval_at_init_has_uniform_value() {
     )
     .unwrap();
     assert_eq!(
-        t.genmd4_exponents(true).unwrap(),
+        t.genmd4_exponents(true),
         vec![softplus(THETA_INIT_FOR_W1 as f32 as f64); v]
     );
     let mut rng = StdRng::seed_from_u64(9);
@@ -353,29 +356,34 @@ fn save_resume_keeps_theta_and_its_optimizer_state() {
         let mut c = cfg(one_sample, 1e-2, 100);
         c.adamw.weight_decay = 0.03;
         c.grad_clip = 5.0;
-        let mut full = Trainer::new(net.clone(), c.clone(), 2, &dev).unwrap();
-        let mut part = Trainer::new(net.clone(), c.clone(), 2, &dev).unwrap();
+        let mut full = Trainer::<_, GenMd4<Cpu>>::new(net.clone(), c.clone(), 2, &dev).unwrap();
+        let mut part = Trainer::<_, GenMd4<Cpu>>::new(net.clone(), c.clone(), 2, &dev).unwrap();
         for d in &data[..3] {
             full.step(&tb(d, b, n)).unwrap();
             part.step(&tb(d, b, n)).unwrap();
         }
         let dir = ckpt_dir(if one_sample { "one" } else { "two" });
         let man = part.save(&dir).unwrap();
-        assert!(man.files.iter().any(|f| f.role == "genmd4"));
+        assert!(man.files.iter().any(|f| f.role == "objective"));
         drop(part);
-        let mut resumed = Trainer::resume(&dir, &net, &c, &dev).unwrap();
-        let g0 = full.genmd4().unwrap();
-        let g1 = resumed.genmd4().unwrap();
-        assert_eq!(g0.theta.value.as_vec(), g1.theta.value.as_vec());
-        assert_eq!(g0.ema_theta.as_vec(), g1.ema_theta.as_vec());
-        assert_eq!(g0.opt.m[0].as_vec(), g1.opt.m[0].as_vec());
-        assert_eq!(g0.opt.v[0].as_vec(), g1.opt.v[0].as_vec());
-        assert_eq!(g0.opt.count, 3);
-        assert_eq!(g1.opt.count, 3);
-        assert!(g0.opt.v[0].as_vec().iter().all(|&x| x > 0.0));
-        let moved = g0
-            .theta
-            .value
+        let mut resumed = Trainer::<_, GenMd4<Cpu>>::resume(&dir, &net, &c, &dev).unwrap();
+        let (o0, o1) = (full.objective_optimizer(), resumed.objective_optimizer());
+        assert_eq!(
+            full.objective().theta().as_vec(),
+            resumed.objective().theta().as_vec()
+        );
+        assert_eq!(
+            full.ema_objective().theta().as_vec(),
+            resumed.ema_objective().theta().as_vec()
+        );
+        assert_eq!(o0.m[0].as_vec(), o1.m[0].as_vec());
+        assert_eq!(o0.v[0].as_vec(), o1.v[0].as_vec());
+        assert_eq!(o0.count, 3);
+        assert_eq!(o1.count, 3);
+        assert!(o0.v[0].as_vec().iter().all(|&x| x > 0.0));
+        let moved = full
+            .objective()
+            .theta()
             .as_vec()
             .iter()
             .map(|&x| (x as f64 - THETA_INIT_FOR_W1).abs())
@@ -391,27 +399,27 @@ fn save_resume_keeps_theta_and_its_optimizer_state() {
             resumed.genmd4_exponents(false)
         );
         assert_eq!(full.genmd4_exponents(true), resumed.genmd4_exponents(true));
-        let (gf, gr) = (full.genmd4().unwrap(), resumed.genmd4().unwrap());
-        assert_eq!(gf.opt.m[0].as_vec(), gr.opt.m[0].as_vec());
-        assert_eq!(gf.opt.v[0].as_vec(), gr.opt.v[0].as_vec());
+        let (gf, gr) = (full.objective_optimizer(), resumed.objective_optimizer());
+        assert_eq!(gf.m[0].as_vec(), gr.m[0].as_vec());
+        assert_eq!(gf.v[0].as_vec(), gr.v[0].as_vec());
         for (p, q) in full.model().params().iter().zip(resumed.model().params()) {
             assert_eq!(p.value.as_vec(), q.value.as_vec());
         }
         // the schedule for sampling comes from the EMA θ
         let sched = resumed.genmd4_schedule(true).unwrap();
-        assert_eq!(
-            sched.exponents(),
-            &resumed.genmd4_exponents(true).unwrap()[..]
-        );
+        assert_eq!(sched.exponents(), &resumed.genmd4_exponents(true)[..]);
         let md4 = TrainConfig {
-            objective: Objective::Md4,
+            objective: ObjectiveSpec::Md4,
             ..c.clone()
         };
-        let err = Trainer::resume(&dir, &net, &md4, &dev).unwrap_err();
+        let err = Trainer::<_, Md4>::resume(&dir, &net, &md4, &dev).unwrap_err();
         assert!(
-            matches!(err, NetworkError::CheckpointMismatch { .. }),
+            matches!(err, TrainError::CheckpointMismatch { .. }),
             "{err}"
         );
+        // and a GenMD4 checkpoint is not an MD4 run
+        let err = Trainer::<_, Md4>::load(&dir, &dev).unwrap_err();
+        assert!(matches!(err, TrainError::Objective(_)), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
@@ -422,30 +430,26 @@ fn genmd4_errors() {
     let dev = Cpu::default();
     let v = 4;
     let net = NetworkConfig::preset("tiny", v).unwrap();
-    let mut t = Trainer::new(net.clone(), cfg(false, 1e-3, 10), 0, &dev).unwrap();
+    let mut t = Trainer::<_, GenMd4<Cpu>>::new(net.clone(), cfg(false, 1e-3, 10), 0, &dev).unwrap();
     assert!(t.set_genmd4_exponents(&[1.0; 3]).is_err());
     assert!(t.set_genmd4_exponents(&[1.0, 0.0, 1.0, 1.0]).is_err());
     assert!(t.set_genmd4_exponents(&[1.0, f64::NAN, 1.0, 1.0]).is_err());
     t.set_genmd4_exponents(&[0.5, 1.0, 2.0, 4.0]).unwrap();
-    let w = t.genmd4_exponents(true).unwrap();
+    let w = t.genmd4_exponents(true);
     for (a, e) in w.iter().zip([0.5, 1.0, 2.0, 4.0]) {
         assert!((a - e).abs() < 1e-6 * e, "{a} vs {e}");
     }
     assert!((inverse_softplus(1.0) - THETA_INIT_FOR_W1).abs() < 1e-12);
-    let md4 = Trainer::new(
-        net,
-        TrainConfig {
-            objective: Objective::Md4,
-            ..cfg(false, 1e-3, 10)
-        },
-        0,
-        &dev,
-    )
-    .unwrap();
-    assert!(md4.genmd4_exponents(false).is_none());
-    assert!(md4.genmd4_schedule(true).is_err());
-    let x0 = vec![0u32; 8];
-    assert!(md4.genmd4_gradients(&tb(&x0, 1, 8)).is_err());
+    // a GenMD4 trainer cannot be built from an MD4 config (and vice versa): typed errors
+    let md4_cfg = TrainConfig {
+        objective: ObjectiveSpec::Md4,
+        ..cfg(false, 1e-3, 10)
+    };
+    let err = Trainer::<_, GenMd4<Cpu>>::new(net.clone(), md4_cfg.clone(), 0, &dev).unwrap_err();
+    assert!(matches!(err, TrainError::Objective(_)), "{err}");
+    let err = Trainer::<_, Md4>::new(net.clone(), cfg(false, 1e-3, 10), 0, &dev).unwrap_err();
+    assert!(matches!(err, TrainError::Objective(_)), "{err}");
+    assert!(Trainer::<_, Md4>::new(net, md4_cfg, 0, &dev).is_ok());
 }
 
 /// Blocks of four tokens `[n n n D]`: n ~ U{0, 1, 2} i.i.d. (pure noise, independent of
@@ -489,7 +493,7 @@ fn anchor_corpus(rng: &mut StdRng, b: usize, n: usize) -> Vec<u32> {
 fn learned_exponents_separate_structure_from_noise() {
     let dev = Cpu::default();
     let (v, b, n, steps) = (4usize, 32usize, 32usize, 500u64);
-    let mut t = Trainer::new(
+    let mut t = Trainer::<_, GenMd4<Cpu>>::new(
         NetworkConfig::preset("tiny", v).unwrap(),
         cfg(false, 5e-3, steps),
         0,
@@ -501,7 +505,7 @@ fn learned_exponents_separate_structure_from_noise() {
         let x0 = anchor_corpus(&mut rng, b, n);
         t.step(&tb(&x0, b, n)).unwrap();
     }
-    let w = t.genmd4_exponents(false).unwrap();
+    let w = t.genmd4_exponents(false);
     let noise_mean = (w[0] + w[1] + w[2]) / 3.0;
     let noise_max = w[0].max(w[1]).max(w[2]);
     eprintln!("learned exponents after {steps} steps: {w:?}");

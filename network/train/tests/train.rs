@@ -3,10 +3,11 @@
 //! checkpoint round trips, exact resume, and config mismatch errors.
 
 use maskdiff_network::dfdx::prelude::*;
-use maskdiff_network::train::*;
-use maskdiff_network::{NetworkConfig, NetworkError, Param};
+use maskdiff_network::{NetworkConfig, Param};
 use maskdiff_objective::tensor::MaskedBatch;
+use maskdiff_objective::Md4;
 use maskdiff_process::DenoiseBatch;
+use maskdiff_train::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn quick_train_cfg(lr: f64, total: u64) -> TrainConfig {
@@ -35,7 +36,7 @@ fn uniform_data(rng: &mut StdRng, n: usize, v: usize) -> Vec<u32> {
 fn fresh_model_loss_is_uniform_value() {
     let dev = Cpu::default();
     let (v, b, n) = (5usize, 16usize, 32usize);
-    let t = Trainer::new(
+    let t = Trainer::<_, Md4>::new(
         NetworkConfig::preset("tiny", v).unwrap(),
         quick_train_cfg(1e-3, 10),
         0,
@@ -57,7 +58,9 @@ fn fresh_model_loss_is_uniform_value() {
             labels: None,
         };
         let logits = t.model().forward(&input, NoneTape, None).unwrap();
-        let loss = Objective::Md4.loss(logits, &mb).unwrap().as_vec();
+        let loss = maskdiff_objective::md4_diffusion_loss(logits, &mb)
+            .unwrap()
+            .as_vec();
         for (i, (&l, &c)) in loss.iter().zip(&mb.masked_counts()).enumerate() {
             let expect = mb.weight[i] * c as f64 * ln_v;
             assert!(
@@ -96,15 +99,17 @@ fn adamw_matches_hand_computed_update() {
         eps: 1e-8,
         weight_decay: 0.01,
     };
-    let mut opt = AdamW::new(cfg, &params).unwrap();
+    let mut opt = AdamW::new(cfg, params.iter().map(|p| &p.value)).unwrap();
     let g = vec![dev.tensor_from_vec(vec![0.5f32, 0.0], (2,))];
-    opt.update(&mut params, &g, 0.1, None).unwrap();
+    opt.update(params.iter_mut().map(|p| &mut p.value), &g, 0.1, None)
+        .unwrap();
     // step 1: m̂ = 0.5, v̂ = 0.25 → 0.5/(0.5 + 1e-8) ≈ 1 − 2e-8; decay 0.01·2 = 0.02
     // w0 = 2 − 0.1·(0.99999998 + 0.02) = 1.898; w1 (g = 0) = −1 − 0.1·(0 − 0.01) = −0.999
     let w = params[0].value.as_vec();
     assert!((w[0] as f64 - 1.898_000_002).abs() < 2e-7, "{}", w[0]);
     assert!((w[1] as f64 + 0.999).abs() < 2e-7, "{}", w[1]);
-    opt.update(&mut params, &g, 0.1, None).unwrap();
+    opt.update(params.iter_mut().map(|p| &mut p.value), &g, 0.1, None)
+        .unwrap();
     // step 2: m = 0.095, v = 0.0004997500; m̂ = 0.5, v̂ = 0.25 again → same Adam term
     // w0 = 1.898 − 0.1·(1 + 0.01898) = 1.796102
     let w = params[0].value.as_vec();
@@ -114,9 +119,15 @@ fn adamw_matches_hand_computed_update() {
     // touching the state
     let before = params[0].value.as_vec();
     let short = vec![dev.tensor_from_vec(vec![0.5f32], (1,))];
-    assert!(opt.update(&mut params, &short, 0.1, None).is_err());
-    assert!(opt.update(&mut params, &g, f64::NAN, None).is_err());
-    assert!(opt.update(&mut params, &g, 0.1, Some(0.0)).is_err());
+    assert!(opt
+        .update(params.iter_mut().map(|p| &mut p.value), &short, 0.1, None)
+        .is_err());
+    assert!(opt
+        .update(params.iter_mut().map(|p| &mut p.value), &g, f64::NAN, None)
+        .is_err());
+    assert!(opt
+        .update(params.iter_mut().map(|p| &mut p.value), &g, 0.1, Some(0.0))
+        .is_err());
     assert_eq!(opt.count, 2);
     assert_eq!(params[0].value.as_vec(), before);
     let n = global_norm(&[
@@ -144,7 +155,8 @@ fn micro_batches_match_full_batch() {
     for k in [1, 2, 3] {
         let mut cfg = quick_train_cfg(1e-2, 100);
         cfg.micro_batches = k;
-        let mut t = Trainer::new(NetworkConfig::preset("tiny", v).unwrap(), cfg, 5, &dev).unwrap();
+        let mut t = Trainer::<_, Md4>::new(NetworkConfig::preset("tiny", v).unwrap(), cfg, 5, &dev)
+            .unwrap();
         t.step(&batch).unwrap(); // make the output layer non-zero so all gradients flow
         stats.push(t.step(&batch).unwrap());
     }
@@ -175,7 +187,8 @@ fn clipping_and_non_finite_detection() {
     };
     let mut cfg = quick_train_cfg(1e-2, 100);
     cfg.grad_clip = 1e-6;
-    let mut t = Trainer::new(NetworkConfig::preset("tiny", 4).unwrap(), cfg, 1, &dev).unwrap();
+    let mut t =
+        Trainer::<_, Md4>::new(NetworkConfig::preset("tiny", 4).unwrap(), cfg, 1, &dev).unwrap();
     let s = t.step(&batch).unwrap();
     assert!(s.clipped && s.grad_norm > 1e-6);
     // poison one parameter: the step must fail cleanly and change nothing
@@ -183,7 +196,7 @@ fn clipping_and_non_finite_detection() {
     p.value = dev.tensor_from_vec(vec![f32::NAN; p.numel()], (p.numel(),));
     let before = t.step_count();
     let err = t.step(&batch).unwrap_err();
-    assert!(matches!(err, NetworkError::NonFinite { .. }), "{err}");
+    assert!(matches!(err, TrainError::NonFinite { .. }), "{err}");
     assert_eq!(t.step_count(), before);
     let bad = TrainBatch {
         x0: &x0[..31],
@@ -241,10 +254,11 @@ fn learns_markov_chain_towards_its_entropy() {
     let mut cfg = quick_train_cfg(3e-3, 1500);
     cfg.lr.warmup_steps = 20;
     cfg.ema_decay = 0.0; // evaluate the live weights
-    let mut t = Trainer::new(NetworkConfig::preset("tiny", v).unwrap(), cfg, 42, &dev).unwrap();
+    let mut t =
+        Trainer::<_, Md4>::new(NetworkConfig::preset("tiny", v).unwrap(), cfg, 42, &dev).unwrap();
     let mut data_rng = StdRng::seed_from_u64(1);
     let test = sample(&mut StdRng::seed_from_u64(999), 512);
-    let eval = |t: &Trainer<Cpu>| -> f64 {
+    let eval = |t: &Trainer<Cpu, Md4>| -> f64 {
         let mut r = StdRng::seed_from_u64(7);
         let mut tot = 0.0;
         for _ in 0..4 {
@@ -305,7 +319,7 @@ fn resume_matches_uninterrupted_run() {
     let cfg = quick_train_cfg(5e-3, 50);
     let mut rng = StdRng::seed_from_u64(4);
     let batches: Vec<Vec<u32>> = (0..6).map(|_| uniform_data(&mut rng, 4 * 10, 5)).collect();
-    let mut a = Trainer::new(net.clone(), cfg.clone(), 11, &dev).unwrap();
+    let mut a = Trainer::<_, Md4>::new(net.clone(), cfg.clone(), 11, &dev).unwrap();
     let dir = ckpt_dir("resume");
     let mut losses_a = Vec::new();
     for (i, x) in batches.iter().enumerate() {
@@ -315,7 +329,7 @@ fn resume_matches_uninterrupted_run() {
         }
         losses_a.push(a.step(&tb(x)).unwrap().loss);
     }
-    let mut b = Trainer::resume(&dir, &net, &cfg, &dev).unwrap();
+    let mut b = Trainer::<_, Md4>::resume(&dir, &net, &cfg, &dev).unwrap();
     assert_eq!(b.step_count(), 3);
     assert_eq!(b.extra()["data_position"], 3);
     for (i, x) in batches.iter().enumerate().skip(3) {
@@ -349,27 +363,27 @@ fn mismatched_or_corrupt_checkpoints_are_errors() {
     let dev = Cpu::default();
     let net = NetworkConfig::preset("tiny", 5).unwrap();
     let cfg = quick_train_cfg(1e-3, 10);
-    let t = Trainer::new(net.clone(), cfg.clone(), 0, &dev).unwrap();
+    let t = Trainer::<_, Md4>::new(net.clone(), cfg.clone(), 0, &dev).unwrap();
     let dir = ckpt_dir("mismatch");
     let man = t.save(&dir).unwrap();
     assert_eq!(man.vocab_size, 5);
     let other_vocab = NetworkConfig::preset("tiny", 6).unwrap();
-    let e = Trainer::resume(&dir, &other_vocab, &cfg, &dev).unwrap_err();
+    let e = Trainer::<_, Md4>::resume(&dir, &other_vocab, &cfg, &dev).unwrap_err();
     assert!(
-        matches!(&e, NetworkError::CheckpointMismatch { msg, .. } if msg.contains("vocabulary")),
+        matches!(&e, TrainError::CheckpointMismatch { msg, .. } if msg.contains("vocabulary")),
         "{e}"
     );
     let mut wider = net.clone();
     wider.dim = 64;
     assert!(matches!(
-        Trainer::resume(&dir, &wider, &cfg, &dev),
-        Err(NetworkError::CheckpointMismatch { .. })
+        Trainer::<_, Md4>::resume(&dir, &wider, &cfg, &dev),
+        Err(TrainError::CheckpointMismatch { .. })
     ));
     let mut other_train = cfg.clone();
     other_train.ema_decay = 0.5;
     assert!(matches!(
-        Trainer::resume(&dir, &net, &other_train, &dev),
-        Err(NetworkError::CheckpointMismatch { .. })
+        Trainer::<_, Md4>::resume(&dir, &net, &other_train, &dev),
+        Err(TrainError::CheckpointMismatch { .. })
     ));
     // flip one byte of the parameter file: checksum error, not garbage weights
     let f = dir.join(&man.files[0].file);
@@ -378,13 +392,13 @@ fn mismatched_or_corrupt_checkpoints_are_errors() {
     bytes[last] ^= 0xff;
     std::fs::write(&f, bytes).unwrap();
     assert!(matches!(
-        Trainer::<Cpu>::load(&dir, &dev),
-        Err(NetworkError::Checkpoint { .. })
+        Trainer::<Cpu, Md4>::load(&dir, &dev),
+        Err(TrainError::Checkpoint { .. })
     ));
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(matches!(
-        Trainer::<Cpu>::load(&dir, &dev),
-        Err(NetworkError::Io { .. })
+        Trainer::<Cpu, Md4>::load(&dir, &dev),
+        Err(TrainError::Checkpoint { .. })
     ));
 }
 
@@ -409,7 +423,7 @@ fn ema_update_moves_towards_live_and_checks_its_inputs() {
         .unwrap();
     assert!(matches!(
         ema_update(&mut ema, &other, 0.5),
-        Err(NetworkError::Input(_))
+        Err(TrainError::Input(_))
     ));
     assert!(ema_update(&mut ema, &live, 1.5).is_err());
 }

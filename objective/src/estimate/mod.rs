@@ -213,11 +213,7 @@ pub fn md4<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
         let u: f64 = rng.gen();
         let t = match opts.discrete_steps {
             None => u,
-            Some(steps) => {
-                reference::discrete_times(u, steps)
-                    ?
-                    .0
-            }
+            Some(steps) => reference::discrete_times(u, steps)?.0,
         };
         Ok((t, u, forward_sample(toks, schedule.alpha(t), rng)?))
     };
@@ -239,12 +235,8 @@ pub fn md4<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
             None => -schedule.weight(r.t) * ce,
             // T-step ELBO (§3.2): T · (α_s − α_t)/(1 − α_t) · CE for the step u selects.
             Some(steps) => {
-                let (t, s) = reference::discrete_times(r.u, steps)
-                    ?;
-                steps as f64
-                    * reference::discrete_coefficient(schedule, s, t)
-                        ?
-                    * ce
+                let (t, s) = reference::discrete_times(r.u, steps)?;
+                steps as f64 * reference::discrete_coefficient(schedule, s, t)? * ce
             }
         })
     };
