@@ -63,7 +63,7 @@ fn genmd4_train_eval_sample_plot() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|f| f["role"] == "genmd4"));
+            .any(|f| f["role"] == "objective"));
         assert_eq!(
             man["train"]["objective"]["genmd4"]["one_sample"],
             serde_json::Value::Bool(samples == "1")
@@ -158,7 +158,7 @@ fn genmd4_resume_is_bit_exact() {
     ));
     assert_eq!(manifest(&d.join("part"))["step"], 20);
     let (a, b) = (checksums(&d.join("full")), checksums(&d.join("part")));
-    assert!(a.iter().any(|(role, _)| role == "genmd4"));
+    assert!(a.iter().any(|(role, _)| role == "objective"));
     assert_eq!(a, b);
     let _ = std::fs::remove_dir_all(&d);
 }
