@@ -18,7 +18,7 @@ fn main() {
     let mut ema = model.clone();
     let mut opt = AdamW::new(
         AdamWConfig::default(),
-        model.params().into_iter().map(|p| &p.value),
+        model.params().iter().map(|p| &p.value),
     )
     .unwrap();
     let mut rng = StdRng::seed_from_u64(0);
@@ -53,7 +53,7 @@ fn main() {
         let _ = global_norm(&g).unwrap();
         lap("norm", &mut s);
         opt.update(
-            model.params_mut().into_iter().map(|p| &mut p.value),
+            model.params_mut().iter_mut().map(|p| &mut p.value),
             &g,
             1e-4,
             None,

@@ -195,7 +195,7 @@ fn load_model_params<D: Kernels<f32>>(
 
 fn model_items<D: Kernels<f32>>(m: &Md4Transformer<f32, D>) -> Vec<NamedTensor<'_, f32, D>> {
     m.params()
-        .into_iter()
+        .iter()
         .map(|p| (p.name.clone(), p.shape.clone(), &p.value))
         .collect()
 }
@@ -259,7 +259,7 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
         for (p, (m, v)) in self
             .model
             .params()
-            .into_iter()
+            .iter()
             .zip(self.opt.m.iter().zip(&self.opt.v))
         {
             opt_items.push((format!("m.{}", p.name), p.shape.clone(), m));
@@ -344,7 +344,7 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
         let shapes: Vec<(String, usize)> = t
             .model
             .params()
-            .into_iter()
+            .iter()
             .map(|q| (q.name.clone(), q.numel()))
             .collect();
         for (i, (name, n)) in shapes.iter().enumerate() {

@@ -46,7 +46,7 @@ pub fn ema_update<D: Kernels<f32>>(
     let same = ema.params().len() == live.params().len()
         && ema
             .params()
-            .into_iter()
+            .iter()
             .zip(live.params())
             .all(|(e, p)| e.name == p.name && e.numel() == p.numel());
     if !same {
@@ -55,8 +55,8 @@ pub fn ema_update<D: Kernels<f32>>(
         ));
     }
     ema_tensors(
-        ema.params_mut().into_iter().map(|p| &mut p.value),
-        live.params().into_iter().map(|p| &p.value),
+        ema.params_mut().iter_mut().map(|p| &mut p.value),
+        live.params().iter().map(|p| &p.value),
         decay,
     )
 }

@@ -59,6 +59,9 @@ pub struct StepGradients<D: Kernels<f32>, O: Objective<D>> {
     pub stats: Vec<O::Stats>,
 }
 
+/// Accumulated gradients: the network's and the objective's parameters'.
+type NetAndObjective<D> = (Vec<Flat<D>>, Vec<Flat<D>>);
+
 /// SplitMix64 finaliser: decorrelates (seed, step, stream) into an RNG seed.
 pub(crate) fn mix(seed: u64, step: u64, stream: u64) -> u64 {
     let mut z = seed
@@ -116,10 +119,7 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
     ) -> Result<Self, TrainError> {
         train_cfg.validate()?;
         let model = Md4Transformer::new(net_cfg.clone(), dev, seed)?;
-        let opt = AdamW::new(
-            train_cfg.adamw,
-            model.params().into_iter().map(|p| &p.value),
-        )?;
+        let opt = AdamW::new(train_cfg.adamw, model.params().iter().map(|p| &p.value))?;
         let objective = O::from_settings(&settings(&train_cfg, net_cfg.vocab_size), dev)?;
         let objective_opt = AdamW::new(
             train_cfg.adamw,
@@ -246,7 +246,7 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
         }
         let net = ModelNet(&self.model);
         let net_scale = self.objective.network_grad_scale();
-        let mut acc: Option<(Vec<Flat<D>>, Vec<Flat<D>>)> = None;
+        let mut acc: Option<NetAndObjective<D>> = None;
         let mut stats = Vec::with_capacity(k);
         for j in 0..k {
             let (lo, hi) = (j * total / k, (j + 1) * total / k);
@@ -270,7 +270,7 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
             let g: Vec<Flat<D>> = self
                 .model
                 .params()
-                .into_iter()
+                .iter()
                 .map(|p| match net_scale {
                     Some(c) => grads.get(&p.value) * c,
                     None => grads.get(&p.value),
@@ -333,7 +333,7 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
             return Err(self.non_finite(what, value));
         }
         self.opt.update(
-            self.model.params_mut().into_iter().map(|p| &mut p.value),
+            self.model.params_mut().iter_mut().map(|p| &mut p.value),
             &grads,
             lr,
             scale,

@@ -88,7 +88,7 @@ fn fresh_model_loss_is_uniform_value() {
 #[test]
 fn adamw_matches_hand_computed_update() {
     let dev = Cpu::default();
-    let mut params = vec![Param {
+    let mut params = [Param {
         name: "w".into(),
         shape: vec![2],
         value: dev.tensor_from_vec(vec![2.0f32, -1.0], (2,)),
