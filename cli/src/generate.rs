@@ -176,12 +176,6 @@ fn render_images(
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("samples.png"));
-    let shape = crate::images::ImageShape {
-        height: shape.height,
-        width: shape.width,
-        channels: shape.channels,
-        levels: shape.levels,
-    };
     let zoom = (96 / shape.height.max(1)).max(1);
     crate::images::write_grid(&path, &out.sequences, shape, zoom, None)?;
     println!(

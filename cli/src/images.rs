@@ -24,21 +24,8 @@ pub fn write_png_rgb(path: &Path, w: u32, h: u32, rgb: &[u8]) -> Result<()> {
     encode(path, w, h, png::ColorType::Rgb, rgb)
 }
 
-/// The shape of one image as tokens: height × width × channels (1 = grey, 3 = RGB, HWC order).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ImageShape {
-    pub height: usize,
-    pub width: usize,
-    pub channels: usize,
-    /// Number of intensity levels (token values): 256 for 8-bit data, 17 for the 8×8 digits.
-    pub levels: u32,
-}
-
-impl ImageShape {
-    pub fn tokens(&self) -> usize {
-        self.height * self.width * self.channels
-    }
-}
+/// The one image-shape type of the project (height × width × channels in HWC order, levels).
+pub use maskdiff_data::ImageShape;
 
 /// Colour of a still-masked pixel (token value `levels`) in snapshots of the reverse process.
 pub const MASK_RGB: [u8; 3] = [255, 0, 160];
@@ -56,11 +43,11 @@ pub fn write_grid(
     if images.is_empty() {
         return Err(CliError::Input("no images to write".into()));
     }
-    if let Some(bad) = images.iter().find(|im| im.len() != shape.tokens()) {
+    if let Some(bad) = images.iter().find(|im| im.len() != shape.tokens_per_image()) {
         return Err(CliError::Input(format!(
             "an image has {} tokens, expected {}",
             bad.len(),
-            shape.tokens()
+            shape.tokens_per_image()
         )));
     }
     let n = images.len();

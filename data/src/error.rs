@@ -9,6 +9,12 @@ use maskdiff_process::ProcessError;
 pub enum DataError {
     #[error("file not found: {0}")]
     MissingFile(PathBuf),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,

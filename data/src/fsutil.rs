@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{DataError, Result};
 
@@ -36,19 +36,17 @@ pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     maybe_gunzip(read_file(path)?, &path.display().to_string())
 }
 
-/// Write `bytes` to `path` atomically: a temp file in the same directory, fsync, then rename, so
-/// readers never see a half-written file.
+/// Write `bytes` to `path` atomically — the project's one atomic writer (checkpoints, metrics,
+/// configs, token files, samples): a temp file `.NAME.tmp-PID` in the same directory, fsync,
+/// rename over `path`, then fsync the directory so the rename itself is durable. A crash leaves
+/// either the old or the new file, never a torn one (and at most a stale temp file, which no
+/// reader names). The directory must exist: a missing one is an error naming `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
     let name = path.file_name().ok_or_else(|| {
         DataError::InvalidArgument(format!("not a file path: {}", path.display()))
     })?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
         name.to_string_lossy(),
         std::process::id()
     ));
@@ -58,9 +56,46 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.sync_all()?;
         fs::rename(&tmp, path)
     })();
-    if let Err(e) = result {
+    if let Err(source) = result {
         let _ = fs::remove_file(&tmp);
-        return Err(DataError::io(path, e));
+        return Err(DataError::Write {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_content_and_leaves_no_temp() {
+        let dir = std::env::temp_dir().join(format!("maskdiff-fsutil-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.json");
+        write_atomic(&p, b"first").unwrap();
+        write_atomic(&p, b"second").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"second");
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "temp files left behind: {names:?}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn write_into_missing_dir_is_an_error_naming_the_path() {
+        let p = Path::new("/nonexistent-maskdiff-dir/x.json");
+        let err = write_atomic(p, b"x").unwrap_err();
+        assert!(matches!(err, DataError::Write { .. }));
+        assert!(err.to_string().contains("/nonexistent-maskdiff-dir/x.json"), "{err}");
+    }
 }

@@ -286,6 +286,9 @@ impl TokenFile {
         vocab: Vocab,
         tokenizer: TokenizerId,
     ) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+        }
         write_atomic(path, &encode_token_file(tokens, vocab, tokenizer)?)?;
         Self::open(path)
     }

@@ -2,7 +2,7 @@
 //! (inference only: no tape, no dropout), returning normalised log μ_θ over the V real tokens.
 
 use crate::{Elem, Kernels, Md4Transformer};
-use maskdiff_process::{DenoiseBatch, Denoiser, LogProbs, ProcessError, Vocab};
+use maskdiff_process::{BackendError, DenoiseBatch, Denoiser, LogProbs, ProcessError, Vocab};
 
 /// Wraps a model (typically the EMA parameters) as a [`Denoiser`].
 #[derive(Clone, Debug)]
@@ -29,7 +29,7 @@ impl<E: Elem, D: Kernels<E>> Denoiser for NetworkDenoiser<E, D> {
     fn log_probs(&mut self, batch: &DenoiseBatch<'_>) -> Result<LogProbs, ProcessError> {
         self.model.log_probs(batch).map_err(|e| match e {
             crate::NetworkError::Process(p) => p,
-            other => ProcessError::Backend(other.to_string()),
+            other => ProcessError::Backend(BackendError::new(other)),
         })
     }
 }

@@ -29,6 +29,7 @@ use crate::{
     Shaping, StepEvent,
 };
 use maskdiff_process::{reverse_step_genmd4, DenoiseBatch, Denoiser, LogProbs, ProcessError};
+use maskdiff_schedule::PerTokenPolynomial;
 use std::sync::Arc;
 
 /// A denoiser output kept for reuse: valid while the sequence is unchanged (and, for
@@ -395,7 +396,7 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
                     SamplerKind::Confidence => self.confidence(j, g, t)?,
                 }
             }
-            (ScheduleRef::GenMd4(_), kind) => self.genmd4(kind, g, t, s)?,
+            (ScheduleRef::GenMd4(w), kind) => self.genmd4(w, kind, g, t, s)?,
         };
         self.apply(&reveals, g as u32 + 1);
         Ok(self.event(g + 1, t, s, false, reveals, before))
@@ -454,16 +455,15 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
         Ok(out)
     }
 
+    /// One GenMD4 step (eq. (11)) with the per-token schedule `w` the caller matched on.
     fn genmd4(
         &mut self,
+        w: &PerTokenPolynomial,
         kind: SamplerKind,
         g: usize,
         t: f64,
         s: f64,
     ) -> Result<Vec<Reveal>, SamplerError> {
-        let ScheduleRef::GenMd4(w) = self.sched else {
-            unreachable!("genmd4 step with an MD4 schedule")
-        };
         let active = self.active();
         self.ensure(&active, t, kind == SamplerKind::Cached)?;
         let mut out = Vec::new();
