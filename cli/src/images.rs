@@ -43,7 +43,10 @@ pub fn write_grid(
     if images.is_empty() {
         return Err(CliError::Input("no images to write".into()));
     }
-    if let Some(bad) = images.iter().find(|im| im.len() != shape.tokens_per_image()) {
+    if let Some(bad) = images
+        .iter()
+        .find(|im| im.len() != shape.tokens_per_image())
+    {
         return Err(CliError::Input(format!(
             "an image has {} tokens, expected {}",
             bad.len(),

@@ -96,6 +96,9 @@ mod tests {
         let p = Path::new("/nonexistent-maskdiff-dir/x.json");
         let err = write_atomic(p, b"x").unwrap_err();
         assert!(matches!(err, DataError::Write { .. }));
-        assert!(err.to_string().contains("/nonexistent-maskdiff-dir/x.json"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent-maskdiff-dir/x.json"),
+            "{err}"
+        );
     }
 }

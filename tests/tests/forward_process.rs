@@ -60,7 +60,7 @@ proptest! {
         let mb = MaskedBatch::at_times(&x0, b, n, vocab, &s, vec![t; b], &mut rng).unwrap();
         let masked = mb.masked_counts().iter().sum::<usize>();
         prop_assert!(binomial_ok(masked, b * n, 1.0 - MaskingSchedule::<f64>::alpha(&s, t)));
-        prop_assert!(x0.iter().zip(&mb.xt).all(|(a, x)| *x as usize == vocab || a == x));
+        prop_assert!(x0.iter().zip(mb.xt()).all(|(a, x)| *x as usize == vocab || a == x));
     }
 
     /// GenMD4 forward (per-value α_{t,v} = 1 − (1 − ε)t^{w_v}): for each value v, the masked
@@ -83,7 +83,7 @@ proptest! {
             let m = pos.iter().filter(|&&i| xt[i].is_mask()).count();
             prop_assert!(binomial_ok(m, pos.len(), p));
             for copy in 0..2 {
-                let m = pos.iter().filter(|&&i| gb.xt[copy * b * n + i] as usize == vocab).count();
+                let m = pos.iter().filter(|&&i| gb.xt()[copy * b * n + i] as usize == vocab).count();
                 prop_assert!(binomial_ok(m, pos.len(), p), "copy {copy} value {val}");
             }
         }

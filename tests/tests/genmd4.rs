@@ -220,7 +220,7 @@ fn rloo_gradient_unbiased() {
     for _ in 0..k {
         let gb = GenMd4Batch::at_times(&xs, b, n, &sch, vec![T; b], &mut rng).unwrap();
         let logits: Vec<f32> = (0..2 * b)
-            .flat_map(|r| p.log_probs(&gb.xt[r * n..(r + 1) * n]))
+            .flat_map(|r| p.log_probs(&gb.xt()[r * n..(r + 1) * n]))
             .map(|x| x as f32)
             .collect();
         let lt = dev.tensor_from_vec(logits, (2 * b, n, V));

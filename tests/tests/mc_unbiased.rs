@@ -50,11 +50,11 @@ fn continuous_batch_means(
         let mb = MaskedBatch::sample(&xs, B, n, vocab, s, sampling, &mut rng).unwrap();
         let (mut sr, mut sb) = (0.0, 0.0);
         for b in 0..B {
-            let t = mb.t[b];
+            let t = mb.t()[b];
             let a = MaskingSchedule::<f64>::alpha(s, t);
             let w = -MaskingSchedule::<f64>::dalpha(s, t) / (1.0 - a);
-            assert!((mb.weight[b] - w).abs() <= 1e-9 * w);
-            let xt = &mb.xt[b * n..(b + 1) * n];
+            assert!((mb.weight()[b] - w).abs() <= 1e-9 * w);
+            let xt = &mb.xt()[b * n..(b + 1) * n];
             let lp = p.log_probs(xt);
             let est = continuous_estimate(s, t, x0, xt, vocab, &lp).unwrap();
             let ce: f64 = (0..n)
@@ -155,15 +155,15 @@ fn discrete_estimator_unbiased() {
             .unwrap();
             (0..B)
                 .map(|b| {
-                    let t = mb.t[b];
+                    let t = mb.t()[b];
                     let sv = t - 1.0 / steps as f64;
                     let (a_t, a_s) = (
                         MaskingSchedule::<f64>::alpha(&s, t),
                         MaskingSchedule::<f64>::alpha(&s, sv),
                     );
                     let w = steps as f64 * (a_s - a_t) / (1.0 - a_t);
-                    assert!((mb.weight[b] - w).abs() <= 1e-9 * w);
-                    let xt = &mb.xt[b * 3..(b + 1) * 3];
+                    assert!((mb.weight()[b] - w).abs() <= 1e-9 * w);
+                    let xt = &mb.xt()[b * 3..(b + 1) * 3];
                     w * masked_ce(xt, &p.log_probs(xt))
                 })
                 .sum::<f64>()
@@ -229,12 +229,12 @@ fn genmd4_estimator_unbiased() {
             (0..B)
                 .map(|b| {
                     let (x1, x2) = (
-                        &gb.xt[b * 3..b * 3 + 3],
-                        &gb.xt[(B + b) * 3..(B + b) * 3 + 3],
+                        &gb.xt()[b * 3..b * 3 + 3],
+                        &gb.xt()[(B + b) * 3..(B + b) * 3 + 3],
                     );
-                    let l1 = genmd4_diffusion_estimate(&sch, gb.t[b], &X0, x1, &p.log_probs(x1))
+                    let l1 = genmd4_diffusion_estimate(&sch, gb.t()[b], &X0, x1, &p.log_probs(x1))
                         .unwrap();
-                    let l2 = genmd4_diffusion_estimate(&sch, gb.t[b], &X0, x2, &p.log_probs(x2))
+                    let l2 = genmd4_diffusion_estimate(&sch, gb.t()[b], &X0, x2, &p.log_probs(x2))
                         .unwrap();
                     0.5 * (l1 + l2)
                 })

@@ -19,15 +19,15 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Σ_b weight_b · masked CE_b in f64 from logits (the reference of the summed MD4 loss).
 fn md4_reference_total(mb: &MaskedBatch, logits: &[f64]) -> f64 {
-    let (l, v) = (mb.len, mb.vocab);
-    (0..mb.batch)
+    let (l, v) = (mb.len(), mb.vocab());
+    (0..mb.batch())
         .map(|b| {
             let lp = log_softmax(&logits[b * l * v..(b + 1) * l * v], v);
             let ce: f64 = (0..l)
                 .filter(|&n| mb.is_masked(b * l + n))
-                .map(|n| -lp[n * v + mb.x0[b * l + n] as usize])
+                .map(|n| -lp[n * v + mb.x0()[b * l + n] as usize])
                 .sum();
-            mb.weight[b] * ce
+            mb.weight()[b] * ce
         })
         .sum()
 }
@@ -57,12 +57,12 @@ proptest! {
         let out = md4_diffusion_loss(lt.leaky_trace(), &mb).unwrap();
         let vals = out.as_vec();
         for r in 0..b {
-            let xt = &mb.xt[r * l..(r + 1) * l];
+            let xt = &mb.xt()[r * l..(r + 1) * l];
             let lp = log_softmax(&logits[r * l * v..(r + 1) * l * v], v);
             let want = if discrete {
-                mb.weight[r] * (0..l).filter(|&n| xt[n] as usize == v).map(|n| -lp[n * v + x0[r * l + n] as usize]).sum::<f64>()
+                mb.weight()[r] * (0..l).filter(|&n| xt[n] as usize == v).map(|n| -lp[n * v + x0[r * l + n] as usize]).sum::<f64>()
             } else {
-                continuous_estimate(&s, mb.t[r], &x0[r * l..(r + 1) * l], xt, v, &lp).unwrap()
+                continuous_estimate(&s, mb.t()[r], &x0[r * l..(r + 1) * l], xt, v, &lp).unwrap()
             };
             prop_assert!((vals[r] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{} vs {want}", vals[r]);
         }
@@ -75,7 +75,7 @@ proptest! {
             let mut dn = logits.clone();
             dn[i] -= h;
             let fd = (md4_reference_total(&mb, &up) - md4_reference_total(&mb, &dn)) / (2.0 * h);
-            prop_assert!((g[i] as f64 - fd).abs() <= 1e-4 * (1.0 + fd.abs()) + 1e-6 * mb.weight[i / (l * v)],
+            prop_assert!((g[i] as f64 - fd).abs() <= 1e-4 * (1.0 + fd.abs()) + 1e-6 * mb.weight()[i / (l * v)],
                 "logit {i}: dfdx {} vs fd {fd}", g[i]);
         }
     }
@@ -91,19 +91,19 @@ fn genmd4_reference_surrogate(
     t1: f64,
 ) -> f64 {
     let sch = PerTokenPolynomial::from_theta(theta).unwrap();
-    let (b, l, v) = (gb.batch, gb.len, gb.vocab);
+    let (b, l, v) = (gb.batch(), gb.len(), gb.vocab());
     let row = |r: usize| log_softmax(&logits[r * l * v..(r + 1) * l * v], v);
     (0..b)
         .map(|r| {
-            let x0 = &gb.x0[r * l..(r + 1) * l];
+            let x0 = &gb.x0()[r * l..(r + 1) * l];
             let (x1, x2) = (
-                &gb.xt[r * l..(r + 1) * l],
-                &gb.xt[(b + r) * l..(b + r + 1) * l],
+                &gb.xt()[r * l..(r + 1) * l],
+                &gb.xt()[(b + r) * l..(b + r + 1) * l],
             );
-            let l1 = genmd4_diffusion_estimate(&sch, gb.t[r], x0, x1, &row(r)).unwrap();
-            let l2 = genmd4_diffusion_estimate(&sch, gb.t[r], x0, x2, &row(b + r)).unwrap();
-            let lq = genmd4_log_q(&sch, gb.t[r], x0, x1).unwrap()
-                - genmd4_log_q(&sch, gb.t[r], x0, x2).unwrap();
+            let l1 = genmd4_diffusion_estimate(&sch, gb.t()[r], x0, x1, &row(r)).unwrap();
+            let l2 = genmd4_diffusion_estimate(&sch, gb.t()[r], x0, x2, &row(b + r)).unwrap();
+            let lq = genmd4_log_q(&sch, gb.t()[r], x0, x1).unwrap()
+                - genmd4_log_q(&sch, gb.t()[r], x0, x2).unwrap();
             0.5 * (l1 + l2) + c[r] * lq + genmd4_recon(&sch, t1, x0).unwrap()
         })
         .sum::<f64>()
@@ -139,8 +139,8 @@ proptest! {
         let mut want_s = 0.0;
         for r in 0..b {
             let lp = |k: usize| log_softmax(&logits[k * l * v..(k + 1) * l * v], v);
-            let e = genmd4_two_sample(&sch, gb.t[r], opts.t1, &x0[r * l..(r + 1) * l],
-                &gb.xt[r * l..(r + 1) * l], &gb.xt[(b + r) * l..(b + r + 1) * l], &lp(r), &lp(b + r)).unwrap();
+            let e = genmd4_two_sample(&sch, gb.t()[r], opts.t1, &x0[r * l..(r + 1) * l],
+                &gb.xt()[r * l..(r + 1) * l], &gb.xt()[(b + r) * l..(b + r + 1) * l], &lp(r), &lp(b + r)).unwrap();
             prop_assert!(close(out.l1[r], e.l1, 1e-4) && close(out.l2[r], e.l2, 1e-4), "L: {} {} vs {e:?}", out.l1[r], out.l2[r]);
             prop_assert!(close(out.log_q1[r], e.log_q1, 1e-4) && close(out.log_q2[r], e.log_q2, 1e-4), "log q vs {e:?}");
             prop_assert!(close(out.recon[r], e.recon, 1e-4));

@@ -53,8 +53,8 @@ proptest! {
         let xs: Vec<u32> = x0.iter().cycle().take(b * n).copied().collect();
         let mb = MaskedBatch::sample(&xs, b, n, vocab, &s, TimeSampling::Iid, &mut rng).unwrap();
         for r in 0..b {
-            let xt = &mb.xt[r * n..(r + 1) * n];
-            prop_assert_eq!(continuous_estimate(&s, mb.t[r], &x0, xt, vocab, &perfect(xt)).unwrap(), 0.0);
+            let xt = &mb.xt()[r * n..(r + 1) * n];
+            prop_assert_eq!(continuous_estimate(&s, mb.t()[r], &x0, xt, vocab, &perfect(xt)).unwrap(), 0.0);
             let u: f64 = rng.gen();
             prop_assert_eq!(discrete_estimate(&s, 10, u, &x0, xt, vocab, &perfect(xt)).unwrap(), 0.0);
         }

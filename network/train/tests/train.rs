@@ -51,10 +51,10 @@ fn fresh_model_loss_is_uniform_value() {
         let x0 = uniform_data(&mut rng, b * n, v);
         let mb = MaskedBatch::sample(&x0, b, n, v, &sched, Default::default(), &mut rng).unwrap();
         let input = DenoiseBatch {
-            ids: &mb.xt,
+            ids: &mb.xt(),
             batch: b,
             len: n,
-            t: &mb.t,
+            t: &mb.t(),
             labels: None,
         };
         let logits = t.model().forward(&input, NoneTape, None).unwrap();
@@ -62,7 +62,7 @@ fn fresh_model_loss_is_uniform_value() {
             .unwrap()
             .as_vec();
         for (i, (&l, &c)) in loss.iter().zip(&mb.masked_counts()).enumerate() {
-            let expect = mb.weight[i] * c as f64 * ln_v;
+            let expect = mb.weight()[i] * c as f64 * ln_v;
             assert!(
                 (l as f64 - expect).abs() <= 1e-5 * (1.0 + expect),
                 "{l} vs {expect}"

@@ -8,20 +8,22 @@ use maskdiff_schedule::{MaskingSchedule, TimeSampling};
 use rand::Rng;
 
 /// One noised batch: x0 and x_t ids row-major `[batch, len]` (mask id = `vocab`), and the
-/// per-sequence loss weight (f64, ≥ 0).
+/// per-sequence loss weight (f64, ≥ 0). Its fields are private and checked once, when it is
+/// built ([`MaskedBatch::new`], [`MaskedBatch::sample`], …): ids in range, x_t consistent with
+/// x_0, times in [0, 1], finite weights — so the losses need not check them again.
 ///
 /// For the continuous-time loss (paper eq. (4)) the weight is −α'_t/(1 − α_t); for the
 /// discrete-time T-step loss ([`MaskedBatch::sample_discrete`]) it is
 /// T·(α_s − α_t)/(1 − α_t), so one loss function serves both.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MaskedBatch {
-    pub x0: Vec<u32>,
-    pub xt: Vec<u32>,
-    pub batch: usize,
-    pub len: usize,
-    pub vocab: usize,
-    pub t: Vec<f64>,
-    pub weight: Vec<f64>,
+    pub(crate) x0: Vec<u32>,
+    pub(crate) xt: Vec<u32>,
+    pub(crate) batch: usize,
+    pub(crate) len: usize,
+    pub(crate) vocab: usize,
+    pub(crate) t: Vec<f64>,
+    pub(crate) weight: Vec<f64>,
 }
 
 /// Check `x0` against `[batch, len]` and the vocabulary.
@@ -123,6 +125,33 @@ fn finite_weight(w: f64) -> Result<f64, ObjectiveError> {
 }
 
 impl MaskedBatch {
+    pub fn x0(&self) -> &[u32] {
+        &self.x0
+    }
+    /// x_t as input ids (mask = `vocab`).
+    pub fn xt(&self) -> &[u32] {
+        &self.xt
+    }
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.batch == 0 || self.len == 0
+    }
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+    /// One time per sequence.
+    pub fn t(&self) -> &[f64] {
+        &self.t
+    }
+    /// One loss weight per sequence.
+    pub fn weight(&self) -> &[f64] {
+        &self.weight
+    }
     /// A batch from its parts, validated (shapes, ids, x_t consistent with x_0, t ∈ [0, 1],
     /// weights finite and ≥ 0).
     pub fn new(

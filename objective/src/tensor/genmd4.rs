@@ -58,16 +58,43 @@ impl GenMd4Options {
 /// share x_0 row b and time t_b), the times, and the schedule's ε.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenMd4Batch {
-    pub x0: Vec<u32>,
-    pub xt: Vec<u32>,
-    pub batch: usize,
-    pub len: usize,
-    pub vocab: usize,
-    pub t: Vec<f64>,
-    pub eps: f64,
+    pub(crate) x0: Vec<u32>,
+    pub(crate) xt: Vec<u32>,
+    pub(crate) batch: usize,
+    pub(crate) len: usize,
+    pub(crate) vocab: usize,
+    pub(crate) t: Vec<f64>,
+    pub(crate) eps: f64,
 }
 
 impl GenMd4Batch {
+    pub fn x0(&self) -> &[u32] {
+        &self.x0
+    }
+    /// The two noisings stacked `[2B, len]` (rows `0..B` first pattern, `B..2B` second).
+    pub fn xt(&self) -> &[u32] {
+        &self.xt
+    }
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.batch == 0 || self.len == 0
+    }
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+    /// One time per sequence.
+    pub fn t(&self) -> &[f64] {
+        &self.t
+    }
+    /// The schedule's ε.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
     /// Draw t_b ∈ [t1, 1) with `options.sampling`, and two independent x_t ~ q_w(x_t | x_0)
     /// per sequence with the per-token-value schedule (the current exponents w, as f64).
     pub fn sample<R: Rng>(
@@ -234,15 +261,7 @@ pub fn genmd4_loss<D: Device<f32>, T: Tape<f32, D>>(
     let (bb, l, v) = *logits.shape();
     let b = batch.batch;
     check_logits((bb, l, v), 2 * b, batch.len, batch.vocab)?;
-    // The fields are public: re-check ids so a corrupted batch is an error, not an OOB panic.
-    check_x0(&batch.x0, b, l, v)?;
-    if batch.xt.len() != bb * l || batch.t.len() != b {
-        return Err(ObjectiveError::Shape(
-            "GenMd4Batch fields disagree with its batch x len".into(),
-        ));
-    }
-    check_xt(&batch.x0, &batch.xt[..b * l], v)?;
-    check_xt(&batch.x0, &batch.xt[b * l..], v)?;
+    // ids, x_t against x_0 and the times were checked when the batch was built
     if theta.shape().0 != v {
         return Err(ObjectiveError::Shape(format!(
             "theta has {} entries, vocabulary {v}",
