@@ -34,10 +34,10 @@ fn main() {
         let mb = MaskedBatch::sample(&x0, b, n, v, &sched, Default::default(), &mut rng).unwrap();
         lap("mask", &mut s);
         let input = DenoiseBatch {
-            ids: &mb.xt(),
+            ids: mb.xt(),
             batch: b,
             len: n,
-            t: &mb.t(),
+            t: mb.t(),
             labels: None,
         };
         let logits = model.forward(&input, model.tape(), None).unwrap();

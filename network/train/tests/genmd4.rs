@@ -148,8 +148,8 @@ fn equal_exponents_reduce_to_md4_poly() {
     assert_eq!(gb, &two.genmd4_next_batch(&tb(&x0, b, n)).unwrap());
     assert!(gb.t().iter().all(|&t| (GENMD4_T1..1.0).contains(&t)));
     let halves = [&gb.xt()[..b * n], &gb.xt()[b * n..]];
-    let (md4, md4_grad_both) = md4_poly_grads(&two, &x0, &halves, &gb.t(), w, (b, n, v));
-    let (_, md4_grad_first) = md4_poly_grads(&two, &x0, &halves[..1], &gb.t(), w, (b, n, v));
+    let (md4, md4_grad_both) = md4_poly_grads(&two, &x0, &halves, gb.t(), w, (b, n, v));
+    let (_, md4_grad_first) = md4_poly_grads(&two, &x0, &halves[..1], gb.t(), w, (b, n, v));
     for (s, (m1, m2)) in md4[0].iter().zip(&md4[1]).enumerate() {
         let expect = 0.5 * (m1 + m2);
         assert!(

@@ -51,10 +51,10 @@ fn fresh_model_loss_is_uniform_value() {
         let x0 = uniform_data(&mut rng, b * n, v);
         let mb = MaskedBatch::sample(&x0, b, n, v, &sched, Default::default(), &mut rng).unwrap();
         let input = DenoiseBatch {
-            ids: &mb.xt(),
+            ids: mb.xt(),
             batch: b,
             len: n,
-            t: &mb.t(),
+            t: mb.t(),
             labels: None,
         };
         let logits = t.model().forward(&input, NoneTape, None).unwrap();
