@@ -512,3 +512,64 @@ fn learned_exponents_separate_structure_from_noise() {
     assert!(w[3] > 1.0 && noise_mean < 1.0, "{w:?}");
     assert!(w[3] > noise_max + 0.03, "{w:?}");
 }
+
+/// A checkpoint in today's format v2 and the same checkpoint rewritten in format v1 (the
+/// objective file's role was `genmd4`) load to identical trainers; `load_model` reads only the
+/// parameters (live or EMA) and θ (live or EMA): it still works with the optimizer file gone,
+/// and gives exactly the trainer's models and exponents.
+#[test]
+fn format_v1_checkpoints_load_and_load_model_reads_weights_only() {
+    let dev = Cpu::default();
+    let (v, b, n) = (5usize, 2usize, 8usize);
+    let net = NetworkConfig::preset("tiny", v).unwrap();
+    let mut t = Trainer::<_, GenMd4<Cpu>>::new(net, cfg(false, 1e-2, 10), 3, &dev).unwrap();
+    let x0: Vec<u32> = (0..b * n).map(|i| (i % v) as u32).collect();
+    for _ in 0..2 {
+        t.step(&tb(&x0, b, n)).unwrap();
+    }
+    let dir = ckpt_dir("v1");
+    let man = t.save(&dir).unwrap();
+    assert_eq!(man.format_version, FORMAT_VERSION);
+    // rewrite as v1: role `genmd4`, file `genmd4-S.safetensors`
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(MANIFEST)).unwrap()).unwrap();
+    json["format_version"] = 1.into();
+    for f in json["files"].as_array_mut().unwrap() {
+        if f["role"] == "objective" {
+            let old = f["file"].as_str().unwrap().to_string();
+            let new = old.replace("objective-", "genmd4-");
+            std::fs::rename(dir.join(&old), dir.join(&new)).unwrap();
+            f["role"] = "genmd4".into();
+            f["file"] = new.into();
+        }
+    }
+    std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&json).unwrap()).unwrap();
+    let v1 = Trainer::<_, GenMd4<Cpu>>::load(&dir, &dev).unwrap();
+    assert_eq!(v1.genmd4_exponents(false), t.genmd4_exponents(false));
+    assert_eq!(v1.genmd4_exponents(true), t.genmd4_exponents(true));
+    assert_eq!(
+        v1.objective_optimizer().m[0].as_vec(),
+        t.objective_optimizer().m[0].as_vec()
+    );
+    // load_model needs no optimizer state
+    let opt = man.files.iter().find(|f| f.role == "optimizer").unwrap();
+    std::fs::remove_file(dir.join(&opt.file)).unwrap();
+    assert!(Trainer::<_, GenMd4<Cpu>>::load(&dir, &dev).is_err());
+    for (w, model, exps) in [
+        (Weights::Ema, t.ema_model(), t.genmd4_exponents(true)),
+        (Weights::Live, t.model(), t.genmd4_exponents(false)),
+    ] {
+        let m = load_model::<Cpu, GenMd4<Cpu>>(&dir, w, &dev).unwrap();
+        assert_eq!(m.objective.exponents(), exps);
+        for (p, q) in m.model.params().iter().zip(model.params()) {
+            assert_eq!(p.name, q.name);
+            assert_eq!(p.value.as_vec(), q.value.as_vec());
+        }
+    }
+    // the wrong objective type is a typed error, not a silent MD4 model
+    assert!(matches!(
+        load_model::<Cpu, Md4>(&dir, Weights::Ema, &dev),
+        Err(TrainError::Objective(_))
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
