@@ -130,6 +130,14 @@ pub trait Kernels<E: Elem>: Device<E> {
         let s = x.clone().try_square()?.try_sum::<Rank0, _>()?.as_vec();
         Ok(s.iter().map(|v| v.to_f64().unwrap_or(f64::NAN)).sum())
     }
+    /// A flat long-lived tensor (a parameter) from host values. On the CPU it is registered in
+    /// the kernels' lasting tier, so the kernels read it in place rather than copying it (which
+    /// matters for small batches); the registration lapses when no kernel has read it during a
+    /// few forward passes, or when an optimizer pass replaces it. Default: a plain tensor.
+    fn lasting_tensor(dev: &Self, data: Vec<E>) -> Res<T1<E, Self>, Self> {
+        let n = data.len();
+        dev.try_tensor_from_vec(data, (n,))
+    }
     /// Opens a frame of the CPU kernels' output registry on this thread ([`KernelScope`]):
     /// while it is open, the fused CPU kernels' outputs stay registered, so the kernels that
     /// consume them read them in place instead of copying them. A forward pass opens one and
@@ -233,6 +241,10 @@ where
     }
     fn sum_squares(x: &T1<E, Self>) -> Res<f64, Self> {
         Ok(optimizer::sum_squares(x))
+    }
+    fn lasting_tensor(dev: &Self, data: Vec<E>) -> Res<T1<E, Self>, Self> {
+        let n = data.len();
+        storage::output_lasting(dev, data, (n,))
     }
     fn retain<S: Shape, T>(scope: &KernelScope, keep: &Tensor<S, E, Self, T>) {
         storage::retain(scope, keep)

@@ -5,7 +5,7 @@
 //! order as the generic defaults in [`crate::Kernels`], so their results are bit-identical
 //! (tested below). Tape-free: the outputs are plain tensors.
 
-use super::storage::{input, output};
+use super::storage::{consume, input, output_lasting};
 use super::Moments;
 use crate::layers::{Res, T1};
 use crate::Elem;
@@ -130,18 +130,24 @@ pub(crate) fn adamw<E: Elem>(
     s: &AdamWStep,
 ) -> Res<Moments<E, Cpu>, Cpu> {
     let (p2, m2, v2) = adamw_host(&input(p), &input(g), &input(m), &input(v), s);
+    // θ, m, v are being replaced by θ', m', v' (zero-copy inputs of the next forward pass and
+    // optimizer step)
+    for t in [p, m, v] {
+        consume(t);
+    }
     let (dev, shape) = (p.device(), *p.shape());
     Ok((
-        output(dev, p2, shape)?.0,
-        output(dev, m2, shape)?.0,
-        output(dev, v2, shape)?.0,
+        output_lasting(dev, p2, shape)?,
+        output_lasting(dev, m2, shape)?,
+        output_lasting(dev, v2, shape)?,
     ))
 }
 
 /// [`crate::Kernels::ema`] on the CPU.
 pub(crate) fn ema<E: Elem>(ema: &T1<E, Cpu>, p: &T1<E, Cpu>, rate: f64) -> Res<T1<E, Cpu>, Cpu> {
     let y = ema_host(&input(ema), &input(p), rate);
-    Ok(output(ema.device(), y, *ema.shape())?.0)
+    consume(ema);
+    output_lasting(ema.device(), y, *ema.shape())
 }
 
 /// [`crate::Kernels::sum_squares`] on the CPU.

@@ -14,12 +14,15 @@
 //! beside the pointer in a [`HostBuf`]. The clone keeps the buffer allocated, and since the
 //! `Arc` is then shared, dfdx never writes to it in place (it mutates storage only through
 //! `Arc::get_mut`/`Arc::make_mut`, which copy a shared buffer first). The handle is registered in
-//! the current [`KernelScope`] frame of this thread. A kernel reading an input ([`input`])
+//! the current [`KernelScope`] frame of this thread (the optimizer's outputs — parameters,
+//! moments, EMA — in the thread's lasting tier instead, until the next optimizer pass consumes
+//! them or no lookup has found them for a few forward passes). A kernel reading an input ([`input`])
 //! computes the address of the input's element 0 (an integer, never dereferenced beyond that
 //! element), checks row-major contiguity from element addresses, and looks the address up: a hit
 //! is that same allocation (the entry keeps it alive, and live allocations do not overlap), read
-//! through the entry's pointer; a miss — a tensor made by a dfdx op (gather, add, slice), a
-//! parameter, or a kernel output whose frame has closed — is copied once with `copy_into`.
+//! through the entry's pointer; a miss — a tensor made by a dfdx op (gather, add, slice, the
+//! gradients `Gradients::get` returns), a parameter not (yet) produced by the optimizer, or a
+//! kernel output whose frame has closed — is copied once with `copy_into`.
 //! Gradient buffers are reached through `Gradients::get_or_alloc_mut`, a `&mut Vec`, and need
 //! none of this.
 //!
@@ -90,6 +93,37 @@ pub(crate) type Made<S, E> = (Tensor<S, E, Cpu>, HostBuf<E>);
 /// registered in this thread's innermost [`KernelScope`] frame (if one is open), and returned
 /// with a handle on its buffer (for backward passes that read the output).
 pub(crate) fn output<S: Shape, E: Elem>(dev: &Cpu, data: Vec<E>, shape: S) -> Res<Made<S, E>, Cpu> {
+    let made = adopt(dev, data, shape)?;
+    buf::register(&made.1);
+    Ok(made)
+}
+
+/// [`output`] for the optimizer's results (parameters, moments, EMA), which outlive any frame:
+/// registered in the lasting tier until the next optimizer pass consumes them ([`consume`]).
+pub(crate) fn output_lasting<S: Shape, E: Elem>(
+    dev: &Cpu,
+    data: Vec<E>,
+    shape: S,
+) -> Res<Tensor<S, E, Cpu>, Cpu> {
+    let (t, handle) = adopt(dev, data, shape)?;
+    buf::register_lasting(&handle);
+    Ok(t)
+}
+
+/// Drops the lasting-tier entry of `t`'s buffer (an optimizer pass is replacing `t`).
+pub(crate) fn consume<S: Shape, E: Elem, T>(t: &Tensor<S, E, Cpu, T>) {
+    if let Some(first) = first_addr(t) {
+        buf::forget(first);
+    }
+}
+
+/// Element 0's address, whatever the layout (`None` when empty).
+fn first_addr<S: Shape, E: Elem, T>(t: &Tensor<S, E, Cpu, T>) -> Option<usize> {
+    (t.shape().num_elements() > 0).then(|| (&t[S::Concrete::default()] as *const E).addr())
+}
+
+/// `data` moved into a tensor, with a handle on its buffer.
+fn adopt<S: Shape, E: Elem>(dev: &Cpu, data: Vec<E>, shape: S) -> Res<Made<S, E>, Cpu> {
     let (ptr, len) = (data.as_ptr(), data.len());
     let t = dev.try_tensor_from_vec(data, shape)?;
     if len == 0 {
@@ -108,9 +142,8 @@ pub(crate) fn output<S: Shape, E: Elem>(dev: &Cpu, data: Vec<E>, shape: S) -> Re
     // storage `Arc` is shared, so dfdx never writes to it (in-place paths require
     // `Arc::get_mut`, and `Arc::make_mut` copies a shared buffer first); nothing else can reach
     // the Vec (its field is private to dfdx).
-    let buf = unsafe { HostBuf::adopt(ptr, len, t.clone()) };
-    buf::register(&buf);
-    Ok((t, buf))
+    let handle = unsafe { HostBuf::adopt(ptr, len, t.clone()) };
+    Ok((t, handle))
 }
 
 /// A `len`-element Vec whose elements are all written by `fill` through the pointer it is given
@@ -130,9 +163,7 @@ pub(crate) unsafe fn alloc_filled<E: Elem>(len: usize, fill: impl FnOnce(*mut E)
 /// [`crate::Kernels::retain`] on the CPU: prunes `scope`'s frame to the buffer `keep` starts
 /// at (if it is registered there).
 pub(crate) fn retain<S: Shape, E: Elem, T>(scope: &KernelScope, keep: &Tensor<S, E, Cpu, T>) {
-    let first = (keep.shape().num_elements() > 0)
-        .then(|| (&keep[S::Concrete::default()] as *const E).addr());
-    scope.retain(first.as_slice());
+    scope.retain(first_addr(keep).as_slice());
 }
 
 #[cfg(test)]
@@ -152,7 +183,7 @@ mod tests {
         let scope = KernelScope::open();
         let (a, _) = output(&dev, data.clone(), (3, 4)).unwrap();
         let (b, _) = output(&dev, data.clone(), (4, 3)).unwrap();
-        assert_eq!(buf::registered(), 2);
+        assert_eq!(buf::registered(), (2, 0));
         let ra = input(&a);
         assert_eq!((ra.addr(), &ra[..]), (first(&a), &data[..]), "in place");
         let a6: Tensor<(usize, usize), f32, Cpu> = a.clone().reshape_like(&(2, 6));
@@ -163,13 +194,31 @@ mod tests {
         assert_eq!(rs[11], 22.0);
         // the frame keeps only a; b's entry (and, once nothing else holds it, its buffer) goes
         retain(&scope, &a);
-        assert_eq!(buf::registered(), 1);
+        assert_eq!(buf::registered(), (1, 0));
         assert_ne!(input(&b).addr(), first(&b));
         assert_eq!(input(&a).addr(), first(&a));
         drop(scope);
-        assert_eq!(buf::registered(), 0);
+        assert_eq!(buf::registered(), (0, 0));
         // a handle stays valid after its frame closed
         assert_eq!(ra[5], 5.0);
+    }
+
+    /// The optimizer's outputs are read in place with no frame open, until consumed.
+    #[test]
+    fn optimizer_outputs_last_until_consumed() {
+        let dev = Cpu::default();
+        let first = |t: &Tensor<(usize,), f32, Cpu>| (&t[[0]] as *const f32).addr();
+        let p = <Cpu as crate::Kernels<f32>>::lasting_tensor(&dev, vec![1.0f32; 8]).unwrap();
+        let w: Tensor<(usize, usize), f32, Cpu> = p.clone().reshape_like(&(2, 4));
+        assert_eq!(
+            input(&w).addr(),
+            first(&p),
+            "a parameter's matrix view, in place"
+        );
+        assert_eq!(buf::registered(), (0, 1));
+        consume(&p);
+        assert_eq!(buf::registered(), (0, 0));
+        assert_ne!(input(&p).addr(), first(&p));
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //!   buffer was moved into, whose `Arc`'d storage dfdx then never mutates in place because it is
 //!   shared.
 //! * The thread-local registry: the handles of the fused kernels' outputs, in frames opened and
-//!   closed by [`KernelScope`] guards. A kernel that reads an input looks its element 0's
-//!   *address* up here (`find`); the entry's handle is what it then reads through.
+//!   closed by [`KernelScope`] guards, and of the optimizer's outputs (parameters, moments, EMA)
+//!   in a lasting tier, where each stays until the pass that replaces it consumes it or until
+//!   no lookup has found it for a few forward passes. A kernel that reads an input looks its
+//!   element 0's *address* up here (`find`); the entry's handle is what it then reads through.
 //!
 //! Why an address lookup is sound: an entry owns (a clone of) its buffer's owner, so the
 //! allocation it points into stays allocated while the entry exists; two live allocations never
@@ -114,10 +116,25 @@ struct Frame {
     entries: Vec<Entry>,
 }
 
+/// An entry of the lasting tier, with the epoch it was last registered or found in.
+struct Lasting {
+    entry: Entry,
+    seen: u64,
+}
+
+/// Outermost frames (forward passes) after which an unused lasting entry is dropped.
+pub(crate) const LASTING_IDLE_EPOCHS: u64 = 4;
+
 #[derive(Default)]
 struct Registry {
     frames: Vec<Frame>,
     next_id: u64,
+    /// Long-lived buffers (the optimizer's outputs: parameters, moments, EMA), outside the
+    /// frames: dropped when the pass that replaces them consumes them ([`forget`]), or when no
+    /// lookup has found them during [`LASTING_IDLE_EPOCHS`] outermost frames.
+    lasting: Vec<Lasting>,
+    /// Number of outermost frames opened so far.
+    epoch: u64,
 }
 
 thread_local! {
@@ -146,26 +163,78 @@ pub(crate) fn register<E: 'static>(buf: &HostBuf<E>) -> bool {
     })
 }
 
-/// The registered handle of `len` `E`s starting at address `addr`, if any frame of this thread
-/// holds one (see the module docs for why a match is the same allocation).
+/// Records `buf` in this thread's lasting tier (see [`Registry::lasting`]); false for an empty
+/// buffer.
+pub(crate) fn register_lasting<E: 'static>(buf: &HostBuf<E>) -> bool {
+    if buf.inner.len == 0 {
+        return false;
+    }
+    REGISTRY.with(|r| {
+        let mut r = r.borrow_mut();
+        let seen = r.epoch;
+        let inner: Rc<dyn Any> = buf.inner.clone();
+        r.lasting.push(Lasting {
+            entry: Entry {
+                addr: buf.addr(),
+                buf: inner,
+            },
+            seen,
+        });
+        true
+    })
+}
+
+/// Drops the lasting entry of the buffer starting at `addr`, if any (its tensor is being
+/// replaced). Handles already given out stay valid.
+pub(crate) fn forget(addr: usize) {
+    let dropped: Vec<Lasting> = REGISTRY.with(|r| {
+        let mut r = r.borrow_mut();
+        let (gone, kept) = std::mem::take(&mut r.lasting)
+            .into_iter()
+            .partition(|l| l.entry.addr == addr);
+        r.lasting = kept;
+        gone
+    });
+    drop(dropped);
+}
+
+/// The registered handle of `len` `E`s starting at address `addr`, if this thread's frames or
+/// lasting tier hold one (see the module docs for why a match is the same allocation).
 pub(crate) fn find<E: 'static>(addr: usize, len: usize) -> Option<HostBuf<E>> {
     REGISTRY.with(|r| {
-        let r = r.borrow();
-        let hit = r
+        let mut r = r.borrow_mut();
+        let epoch = r.epoch;
+        let as_e = |e: &Entry| {
+            (e.addr == addr)
+                .then(|| e.buf.clone().downcast::<Inner<E>>().ok())
+                .flatten()
+        };
+        let framed = r
             .frames
             .iter()
             .rev()
             .flat_map(|f| f.entries.iter().rev())
-            .filter(|e| e.addr == addr)
-            .find_map(|e| e.buf.clone().downcast::<Inner<E>>().ok())?;
+            .find_map(as_e);
+        let hit = match framed {
+            Some(hit) => hit,
+            None => r.lasting.iter_mut().rev().find_map(|l| {
+                let hit = as_e(&l.entry)?;
+                l.seen = epoch;
+                Some(hit)
+            })?,
+        };
         (hit.len >= len).then(|| HostBuf { inner: hit, len: 0 }.prefix(len))
     })
 }
 
-/// Number of handles registered in this thread's open frames.
+/// Number of handles registered in this thread's open frames and in its lasting tier.
 #[cfg(test)]
-pub(crate) fn registered() -> usize {
-    REGISTRY.with(|r| r.borrow().frames.iter().map(|f| f.entries.len()).sum())
+pub(crate) fn registered() -> (usize, usize) {
+    REGISTRY.with(|r| {
+        let r = r.borrow();
+        let framed = r.frames.iter().map(|f| f.entries.len()).sum();
+        (framed, r.lasting.len())
+    })
 }
 
 /// A frame of the CPU kernels' output registry (see [`crate::Kernels::scope`]): while the
@@ -189,21 +258,35 @@ impl std::fmt::Debug for KernelScope {
 }
 
 impl KernelScope {
-    /// Opens a frame on this thread.
+    /// Opens a frame on this thread. An outermost frame starts a new epoch, dropping the
+    /// lasting entries that no lookup found during the last [`LASTING_IDLE_EPOCHS`] ones.
     pub(crate) fn open() -> Self {
-        REGISTRY.with(|r| {
+        let (scope, idle) = REGISTRY.with(|r| {
             let mut r = r.borrow_mut();
+            let mut idle = Vec::new();
+            if r.frames.is_empty() {
+                r.epoch += 1;
+                let epoch = r.epoch;
+                let (gone, kept) = std::mem::take(&mut r.lasting)
+                    .into_iter()
+                    .partition(|l| epoch - l.seen > LASTING_IDLE_EPOCHS);
+                r.lasting = kept;
+                idle = gone;
+            }
             let id = r.next_id;
             r.next_id += 1;
             r.frames.push(Frame {
                 id,
                 entries: Vec::new(),
             });
-            KernelScope {
+            let scope = KernelScope {
                 id,
                 _not_send: PhantomData,
-            }
-        })
+            };
+            (scope, idle)
+        });
+        drop(idle);
+        scope
     }
 
     /// Drops every entry of this guard's frame whose start address is not in `keep`.
@@ -291,7 +374,7 @@ mod tests {
 
     #[test]
     fn frames_nest_retain_and_release() {
-        assert_eq!(registered(), 0);
+        assert_eq!(registered(), (0, 0));
         let outer = KernelScope::open();
         let (a, ba) = shared(8);
         register(&ba);
@@ -302,20 +385,48 @@ mod tests {
         register(&bc);
         let weak_c = Arc::downgrade(&c);
         drop((ba, bb, bc, c));
-        assert_eq!(registered(), 3);
+        assert_eq!(registered(), (3, 0));
         inner.retain(&[addr_of(&b)]);
         // c's only remaining owner was the registry: released by the pruning
         assert!(weak_c.upgrade().is_none());
-        assert_eq!(registered(), 2);
+        assert_eq!(registered(), (2, 0));
         assert_eq!(find::<f32>(addr_of(&b), 8).unwrap()[7], 7.0);
         // closing the outer frame first also closes the inner one; the inner guard is a no-op
         drop(outer);
-        assert_eq!(registered(), 0);
+        assert_eq!(registered(), (0, 0));
         drop(inner);
         assert!(find::<f32>(addr_of(&a), 8).is_none());
         // no frame: nothing is recorded
         let (_d, bd) = shared(4);
         assert!(!register(&bd));
+    }
+
+    #[test]
+    fn lasting_entries_are_consumed_or_age_out() {
+        let (t, bt) = shared(8);
+        let (u, bu) = shared(8);
+        assert!(register_lasting(&bt) && register_lasting(&bu));
+        drop((bt, bu));
+        assert_eq!(registered(), (0, 2));
+        // found without any frame, and consumed by `forget`
+        assert_eq!(find::<f32>(addr_of(&t), 8).unwrap()[3], 3.0);
+        forget(addr_of(&u));
+        assert!(find::<f32>(addr_of(&u), 8).is_none());
+        // inner frames do not age it; each outermost frame is one epoch, and a lookup renews it
+        for _ in 0..3 * LASTING_IDLE_EPOCHS {
+            let _outer = KernelScope::open();
+            let _inner = KernelScope::open();
+            assert!(find::<f32>(addr_of(&t), 8).is_some());
+        }
+        for _ in 0..LASTING_IDLE_EPOCHS {
+            drop(KernelScope::open());
+        }
+        assert_eq!(registered(), (0, 1));
+        let weak = Arc::downgrade(&t);
+        drop(t);
+        drop(KernelScope::open());
+        assert_eq!(registered(), (0, 0));
+        assert!(weak.upgrade().is_none(), "the owner was released");
     }
 
     #[test]
