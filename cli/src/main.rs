@@ -4,6 +4,8 @@
 use clap::Parser;
 
 fn main() {
+    // glibc: keep the training step's large buffers in the heap (opt-in, see the function)
+    maskdiff_network::tune_allocator();
     let cli = maskdiff_cli::args::Cli::parse();
     if let Err(e) = maskdiff_cli::run(cli) {
         eprintln!("maskdiff: error: {}", maskdiff_cli::error::one_line(&e));

@@ -12,12 +12,17 @@
 //! (`M_TRIM_THRESHOLD` at its maximum) and a 16 MiB top pad. A step's allocation pattern repeats,
 //! so after the first step every buffer is carved from memory that is already resident; the
 //! process's peak resident memory is unchanged (+1.5 % at 32 × 512), but it does not shrink
-//! after the peak either. Measurements in `bench/NOTES.md`. Set `MASKDIFF_MALLOC_TUNING=0` to
-//! keep glibc's defaults (for instance in a long-running process that trains only briefly).
+//! after the peak either. Measurements in `bench/NOTES.md`.
+//!
+//! Opt-in: the library never applies it (a process-wide allocator setting is the program's
+//! choice). The `maskdiff` binary and the benchmarks/examples call [`tune_allocator`] first thing
+//! in `main`; a program embedding the crates that trains on the CPU should do the same. Setting
+//! `MASKDIFF_MALLOC_TUNING=0` makes the call a no-op (glibc's defaults, for instance in a
+//! long-running process that trains only briefly).
 
 /// Applies the tuning once per process (glibc only; a no-op elsewhere, or when the environment
-/// variable `MASKDIFF_MALLOC_TUNING` is `0`). Called by the CPU kernels on first use; calling it
-/// again does nothing.
+/// variable `MASKDIFF_MALLOC_TUNING` is `0`). Call it at the start of `main`, before the
+/// training allocates; calling it again does nothing.
 pub fn tune_allocator() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

@@ -7,11 +7,15 @@
 //!   device (`Cpu`, or `Cuda` with the `cuda` feature).
 //! * [`Kernels`]: the device extension the model runs on — fused CPU kernels (matmul through
 //!   gemm 0.19, attention, softmax, LayerNorm, RMSNorm, adaLN modulation, RoPE, GLU; and the
-//!   optimizer's AdamW, EMA and Σ g² passes) with dfdx-generic defaults for other devices. The CPU kernels read their inputs in place, take
+//!   optimizer's AdamW, EMA and Σ g² passes) with dfdx-generic defaults for other devices. The
+//!   CPU kernels read earlier kernels' outputs in place (soundly: through handles registered in
+//!   a [`KernelScope`] frame that the forward pass opens; other inputs are copied once), take
 //!   their output's gradient out of the gradient store (so those intermediate gradients are not
-//!   readable after `backward`; parameters' are), use a vectorisable f32 exp
-//!   ([`fast_exp_f32`], ≤ 2.5e-7 relative error) and tune glibc's allocator once
-//!   ([`tune_allocator`]); measurements in `bench/NOTES.md`.
+//!   readable after `backward`; parameters' are) and use a vectorisable f32 exp
+//!   ([`fast_exp_f32`], ≤ 2.5e-7 relative error); measurements in `bench/NOTES.md`.
+//! * [`tune_allocator`]: glibc allocator tuning for the training step's large buffers, opt-in
+//!   (the `maskdiff` binary and the benchmarks call it at the start of `main`; the library
+//!   never does).
 //! * [`NetworkDenoiser`] puts a model behind `maskdiff_process::Denoiser`.
 //! * [`tensor_io`]: named flat tensors to and from safetensors bytes.
 //!
@@ -29,7 +33,6 @@
 
 mod alloc;
 mod atomic;
-mod attention_cpu;
 mod config;
 mod denoiser;
 mod elem;
@@ -40,7 +43,6 @@ mod layers;
 mod model;
 mod param;
 pub mod tensor_io;
-mod update_cpu;
 
 pub use alloc::tune_allocator;
 pub use config::{default_ffn_hidden, MlpKind, NetworkConfig, PRESETS};
@@ -48,11 +50,10 @@ pub use denoiser::NetworkDenoiser;
 pub use elem::{fast_exp_f32, Elem};
 pub use error::NetworkError;
 pub use init::Init;
-pub use kernels::{Kernels, Moments};
+pub use kernels::{AdamWStep, KernelScope, Kernels, Moments};
 pub use layers::{time_embedding, time_frequency, Rope};
 pub use model::Md4Transformer;
 pub use param::Param;
-pub use update_cpu::AdamWStep;
 
 /// Re-exported so that downstream crates name the same dfdx types.
 pub use dfdx;

@@ -467,6 +467,9 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         masks: Option<Vec<T2<E, D>>>,
     ) -> Res<T3<E, D, T>, D> {
         let (b, n, d) = (batch.batch, batch.len, self.cfg.dim);
+        // the fused CPU kernels' outputs stay registered (read in place by the next kernels)
+        // while this frame is open; it is pruned to the residual stream after every sub-layer
+        let scope = D::scope();
         let mut masks = masks.map(|m| m.into_iter());
         let mut next_mask = || masks.as_mut().and_then(|m| m.next());
         let ids = self
@@ -500,18 +503,22 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     let a =
                         channel_dropout(self.attention(a, blk, &rope, b, n)?, next_mask(), b, n)?;
                     h = D::gated_residual(h, a, g_a, b, n)?;
+                    D::retain(&scope, &h);
                     let f = D::modulate(D::layer_norm(h.retaped::<T>())?, sh_m, sc_m, b, n)?;
                     let f = channel_dropout(self.ffn(f, blk)?, next_mask(), b, n)?;
                     h = D::gated_residual(h, f, g_m, b, n)?;
+                    D::retain(&scope, &h);
                 }
                 (NormIx::Rms { attn, mlp }, _) => {
                     let a = D::rms_norm(h.retaped::<T>(), self.vec(*attn))?;
                     let a =
                         channel_dropout(self.attention(a, blk, &rope, b, n)?, next_mask(), b, n)?;
                     h = h.try_add(a)?;
+                    D::retain(&scope, &h);
                     let f = D::rms_norm(h.retaped::<T>(), self.vec(*mlp))?;
                     let f = channel_dropout(self.ffn(f, blk)?, next_mask(), b, n)?;
                     h = h.try_add(f)?;
+                    D::retain(&scope, &h);
                 }
                 (NormIx::Ada { .. }, None) => {
                     unreachable!("adaLN blocks exist only with conditioning")

@@ -86,6 +86,8 @@ fn mean_se(x: &[f64]) -> (f64, f64) {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // glibc allocator tuning for the training step's large buffers (opt-in)
+    maskdiff_network::tune_allocator();
     let args = parse()?;
     let file = open_or_build_english_corpus(&args.cache, TokenizerId::Text8)?;
     let vocab = file.vocab().size();

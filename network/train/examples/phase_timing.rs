@@ -11,6 +11,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
 fn main() {
+    // glibc allocator tuning for the training step's large buffers (opt-in)
+    maskdiff_network::tune_allocator();
     let (v, n, b) = (27usize, 256usize, 16usize);
     let cfg = NetworkConfig::preset("cpu-small", v).unwrap();
     let dev = Cpu::default();

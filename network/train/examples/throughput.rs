@@ -131,6 +131,8 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // glibc allocator tuning for the training step's large buffers (opt-in)
+    maskdiff_network::tune_allocator();
     match arg("--device", "cpu".to_string()).as_str() {
         "cpu" => run(&Cpu::default()),
         #[cfg(feature = "cuda")]

@@ -1,0 +1,511 @@
+//! Bidirectional multi-head attention on the CPU (spec §7.2): per (sequence, head) S = Q Kᵀ,
+//! P = softmax(S), O = P V and the exact backward pass (P recomputed from the kept row
+//! log-sum-exp instead of stored), one task per (sequence, head) on rayon with single-threaded
+//! `gemm` calls on strided views, so Q, K, V and O stay in their (batch, len, heads, head_dim)
+//! layout (no permute copies) and dfdx's loop of per-matrix multi-threaded gemm calls is avoided.
+//! Q arrives already scaled by 1/√hd. Also the plain multi-threaded matrix product [`mm_par`]
+//! (used by `matmul`) and the row softmax (used by `softmax_last`).
+
+use super::storage::input;
+use super::tape::{backward as backward_op, fused, Backward, Forward};
+use crate::layers::{Res, T2, T4};
+use crate::Elem;
+use dfdx::prelude::*;
+use rayon::prelude::*;
+
+/// The attention op: q (scaled), k, v (b, n, h, hd) → o (b·n, h·hd). Without a tape the row
+/// log-sum-exps are not kept.
+pub(crate) fn attention<E: Elem, T: Tape<E, Cpu>>(
+    q: T4<E, Cpu, T>,
+    k: T4<E, Cpu, T>,
+    v: T4<E, Cpu, T>,
+) -> Res<T2<E, Cpu, T>, Cpu> {
+    fused((q, k, v), |(q, k, v), records| {
+        let (b, n, h, hd) = *q.shape();
+        assert!(
+            *k.shape() == (b, n, h, hd) && *v.shape() == (b, n, h, hd),
+            "attention: q, k, v shapes differ"
+        );
+        let dims = Dims { b, n, h, hd };
+        let (qv, kv, vv) = (input(&q), input(&k), input(&v));
+        let (o, lse) = forward(&qv, &kv, &vv, dims, records);
+        let (qg, kg, vg) = (q.ghost(), k.ghost(), v.ghost());
+        Ok(Forward {
+            shape: (b * n, h * hd),
+            data: o,
+            keep_output: false,
+            backward: backward_op(move |Backward { gy: go, grads, .. }| {
+                // accumulated straight into the three gradient buffers; raw pointers because
+                // q, k, v may be one tensor (then each task still updates its own blocks one
+                // after another). `as_mut_ptr` creates no reference to the elements, so each
+                // pointer stays valid while the store inserts the other entries (that moves
+                // Vec headers inside the map, never their heap buffers).
+                let gq = grads.get_or_alloc_mut(&qg)?.as_mut_ptr();
+                let gk = grads.get_or_alloc_mut(&kg)?.as_mut_ptr();
+                let gv = grads.get_or_alloc_mut(&vg)?.as_mut_ptr();
+                // SAFETY: each gradient buffer has b·n·h·hd initialised elements (the shapes
+                // of q, k, v), stays allocated during the call (the store is not touched
+                // meanwhile), and nothing else reads or writes it during the call.
+                unsafe { backward(&qv, &kv, &vv, &lse, &go, dims, (gq, gk, gv)) };
+                Ok(())
+            }),
+        })
+    })
+}
+
+/// A raw pointer that may cross threads: tasks write disjoint (sequence, head) blocks.
+#[derive(Clone, Copy)]
+struct SendPtr<E>(*mut E);
+// SAFETY: a raw pointer carries no ownership and is never dereferenced by these impls; every
+// dereference happens in an `unsafe` block whose comment shows that the tasks sharing the
+// pointer touch disjoint elements (no data race), and `E: Send + Sync` for the element types.
+unsafe impl<E: Send + Sync> Send for SendPtr<E> {}
+// SAFETY: as for `Send`.
+unsafe impl<E: Send + Sync> Sync for SendPtr<E> {}
+impl<E> SendPtr<E> {
+    fn get(self) -> *mut E {
+        self.0
+    }
+}
+
+/// dst (m×n) = [dst +] lhs (m×k) · rhs (k×n), all with (row, column) element strides,
+/// single-threaded (the callers parallelise over (sequence, head)). Without `acc` dst is
+/// written without being read, so it may be uninitialised.
+///
+/// # Safety
+/// Every pointer must be valid for its whole strided matrix (reads for `lhs` and `rhs`; writes,
+/// and with `acc` reads of initialised elements, for `dst`); `dst` must not overlap the inputs,
+/// and no other thread may access dst's elements during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm<E: Elem>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut E,
+    (d_rs, d_cs): (usize, usize),
+    acc: bool,
+    lhs: *const E,
+    (l_rs, l_cs): (usize, usize),
+    rhs: *const E,
+    (r_rs, r_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        d_cs as isize,
+        d_rs as isize,
+        acc,
+        lhs,
+        l_cs as isize,
+        l_rs as isize,
+        rhs,
+        r_cs as isize,
+        r_rs as isize,
+        if acc { E::one() } else { E::zero() },
+        E::one(),
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// C (m×n) = [C +] A (m×k) · B (k×n) with (row, column) element strides, multi-threaded.
+///
+/// # Safety
+/// As for [`mm`]: every pointer valid for its whole strided matrix (`c` for writes, and with
+/// `accumulate` for reads of initialised elements), `c` not overlapping the inputs nor accessed
+/// by anything else during the call (gemm splits `c` among its own threads).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn mm_par<E: Elem>(
+    (m, n, k): (usize, usize, usize),
+    c: *mut E,
+    (c_rs, c_cs): (usize, usize),
+    accumulate: bool,
+    a: *const E,
+    (a_rs, a_cs): (usize, usize),
+    b: *const E,
+    (b_rs, b_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        c_cs as isize,
+        c_rs as isize,
+        accumulate,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        if accumulate { E::one() } else { E::zero() },
+        E::one(),
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    )
+}
+
+/// Numerically stable softmax of each `d`-long row, in place. Separate max / exp / sum / scale
+/// passes with 8 independent partial sums so each loop vectorises ([`Elem::fast_exp`]). With
+/// `lse`, each row's log Σ exp (one per row) is written there.
+pub(crate) fn softmax_rows<E: Elem>(rows: &mut [E], d: usize, mut lse: Option<&mut [E]>) {
+    for (i, row) in rows.chunks_mut(d).enumerate() {
+        let m = row.iter().fold(E::neg_infinity(), |a, &v| a.max(v));
+        row.iter_mut().for_each(|v| *v = (*v - m).fast_exp());
+        let sum = lane_sum(row);
+        let inv = E::one() / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+        if let Some(l) = lse.as_deref_mut() {
+            l[i] = m + sum.ln();
+        }
+    }
+}
+
+/// Σ xs with 8 interleaved partial sums (vectorisable; a different but equally accurate
+/// summation order than left to right).
+pub(crate) fn lane_sum<E: Elem>(xs: &[E]) -> E {
+    let mut acc = [E::zero(); 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    let tail = chunks.remainder().iter().fold(E::zero(), |a, &x| a + x);
+    acc.iter().fold(tail, |a, &x| a + x)
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub n: usize,
+    pub h: usize,
+    pub hd: usize,
+}
+
+impl Dims {
+    fn d(&self) -> usize {
+        self.h * self.hd
+    }
+    /// Offset of block (bi, hi) in a (b, n, h, hd) tensor.
+    fn tok(&self, task: usize) -> usize {
+        let (bi, hi) = (task / self.h, task % self.h);
+        (bi * self.n * self.h + hi) * self.hd
+    }
+}
+
+/// The (sequence, head) task's scores S = Q Kᵀ (n × n, row-major; q already scaled) for the
+/// task whose first element is at offset `t` of q and k.
+fn scores<E: Elem>(q: &[E], k: &[E], t: usize, dims: Dims) -> Vec<E> {
+    let (n, d, hd) = (dims.n, dims.d(), dims.hd);
+    if n == 0 {
+        return Vec::new();
+    }
+    assert!(
+        t + (n - 1) * d + hd <= q.len().min(k.len()),
+        "attention block out of range"
+    );
+    let mut s: Vec<E> = Vec::with_capacity(n * n);
+    // SAFETY: the block is inside q and k (checked above); gemm writes all n·n outputs of the
+    // fresh scratch without reading it.
+    unsafe {
+        mm(
+            (n, n, hd),
+            s.as_mut_ptr(),
+            (n, 1),
+            false,
+            q.as_ptr().add(t),
+            (d, 1),
+            k.as_ptr().add(t),
+            (1, d),
+        );
+        s.set_len(n * n);
+    }
+    s
+}
+
+/// Forward: q, k, v (b, n, h, hd) → (o (b, n, h, hd), lse (b, h, n)). The probabilities P live
+/// only in a per-task n×n scratch; for the backward pass (`keep_lse`) only each row's
+/// log Σ exp is kept and P is recomputed from Q, K and it (as FlashAttention does), so the
+/// memory held per layer is linear in n instead of b·h·n² (and no buffer of that size is
+/// allocated, page-faulted and freed every step). Without `keep_lse` (inference) `lse` is empty.
+pub(crate) fn forward<E: Elem>(
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    dims: Dims,
+    keep_lse: bool,
+) -> (Vec<E>, Vec<E>) {
+    let Dims { b, n, h, .. } = dims;
+    let (d, hd) = (dims.d(), dims.hd);
+    let len = b * n * d;
+    assert!(
+        q.len() == len && k.len() == len && v.len() == len,
+        "attention inputs are not (b, n, h, hd)"
+    );
+    let tasks = b * h;
+    if len == 0 {
+        let lse = if keep_lse {
+            vec![E::zero(); tasks * n]
+        } else {
+            Vec::new()
+        };
+        return (Vec::new(), lse);
+    }
+    let mut lse = if keep_lse {
+        vec![E::zero(); tasks * n]
+    } else {
+        Vec::new()
+    };
+    // every task overwrites its (bi, ·, hi, ·) block of o, and the blocks tile o: no zeroing
+    let mut o: Vec<E> = Vec::with_capacity(b * n * d);
+    let op = SendPtr(o.as_mut_ptr());
+    let lp = SendPtr(lse.as_mut_ptr());
+    (0..tasks).into_par_iter().for_each(|task| {
+        let t = dims.tok(task);
+        let mut p = scores(q, k, t, dims);
+        // SAFETY: with bi < b, hi < h the task's block ends at t + (n−1)·d + hd ≤ b·n·d, so every
+        // offset stays inside v (asserted to hold b·n·d elements) and o (capacity b·n·d);
+        // each task writes only its own n entries of lse (initialised, disjoint across tasks)
+        // and its own block of o (gemm without `read_dst` writes it without reading it), and
+        // `o` and `lse` are not otherwise accessed until all tasks have finished.
+        unsafe {
+            let l = keep_lse.then(|| std::slice::from_raw_parts_mut(lp.get().add(task * n), n));
+            softmax_rows(&mut p, n, l);
+            mm(
+                (n, hd, n),
+                op.get().add(t),
+                (d, 1),
+                false,
+                p.as_ptr(),
+                (n, 1),
+                v.as_ptr().add(t),
+                (d, 1),
+            );
+        }
+    });
+    // SAFETY: the tasks' (bi, ·, hi, ·) blocks tile the b·n·d elements of o, and each task
+    // wrote all of its block.
+    unsafe { o.set_len(len) };
+    (o, lse)
+}
+
+/// Backward: given dO and the forward's log Σ exp per row, adds dQ, dK, dV (each
+/// (b, n, h, hd)) into `gq`, `gk`, `gv`. P = exp(Q Kᵀ − lse) is recomputed per task.
+///
+/// # Safety
+/// Each gradient pointer must address b·n·h·hd initialised elements that nothing else
+/// accesses during the call; they may coincide (each task updates its own blocks serially).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn backward<E: Elem>(
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    lse: &[E],
+    go: &[E],
+    dims: Dims,
+    (gq, gk, gv): (*mut E, *mut E, *mut E),
+) {
+    let Dims { b, n, h, .. } = dims;
+    let (d, hd) = (dims.d(), dims.hd);
+    let len = b * n * d;
+    assert!(
+        [q.len(), k.len(), v.len(), go.len()] == [len; 4] && lse.len() == b * h * n,
+        "attention backward shapes"
+    );
+    if len == 0 {
+        return;
+    }
+    let (pq, pk, pv) = (SendPtr(gq), SendPtr(gk), SendPtr(gv));
+    (0..b * h).into_par_iter().for_each(|task| {
+        let t = dims.tok(task);
+        let l = &lse[task * n..(task + 1) * n];
+        // P = exp(Q Kᵀ − lse)
+        let mut p = scores(q, k, t, dims);
+        let mut ds: Vec<E> = Vec::with_capacity(n * n);
+        // SAFETY: offsets stay inside q, k, v, dO and the gradient buffers (all b·n·h·hd
+        // elements; bounds as in `forward`); each task reads and writes only its own
+        // (bi, ·, hi, ·) blocks of gq/gk/gv (when the pointers coincide, its three products
+        // touch the same block one after another, never concurrently) and its private
+        // scratch, and `ds` is written in full by the first product before it is read.
+        unsafe {
+            for (row, &li) in p.chunks_mut(n).zip(l) {
+                row.iter_mut().for_each(|s| *s = (*s - li).fast_exp());
+            }
+            // dP = dO Vᵀ
+            mm(
+                (n, n, hd),
+                ds.as_mut_ptr(),
+                (n, 1),
+                false,
+                go.as_ptr().add(t),
+                (d, 1),
+                v.as_ptr().add(t),
+                (1, d),
+            );
+            ds.set_len(n * n);
+            // dS = P ⊙ (dP − rowsum(dP ⊙ P))
+            for (dr, pr) in ds.chunks_mut(n).zip(p.chunks(n)) {
+                let dot = dr.iter().zip(pr).fold(E::zero(), |a, (&g, &p)| a + g * p);
+                dr.iter_mut()
+                    .zip(pr)
+                    .for_each(|(g, &p)| *g = p * (*g - dot));
+            }
+            // dV += Pᵀ dO, dQ += dS K, dK += dSᵀ Q
+            mm(
+                (n, hd, n),
+                pv.get().add(t),
+                (d, 1),
+                true,
+                p.as_ptr(),
+                (1, n),
+                go.as_ptr().add(t),
+                (d, 1),
+            );
+            mm(
+                (n, hd, n),
+                pq.get().add(t),
+                (d, 1),
+                true,
+                ds.as_ptr(),
+                (n, 1),
+                k.as_ptr().add(t),
+                (d, 1),
+            );
+            mm(
+                (n, hd, n),
+                pk.get().add(t),
+                (d, 1),
+                true,
+                ds.as_ptr(),
+                (1, n),
+                q.as_ptr().add(t),
+                (d, 1),
+            );
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::*;
+    use super::super::Kernels;
+    use crate::layers::{T2, T4};
+    use dfdx::prelude::*;
+    use rand::{rngs::StdRng, Rng};
+
+    /// The trait's default attention, spelled out with dfdx's ops.
+    fn generic_attention<E: crate::Elem>(
+        q: T4<E, Cpu, OwnedTape<E, Cpu>>,
+        k: T4<E, Cpu, OwnedTape<E, Cpu>>,
+        v: T4<E, Cpu, OwnedTape<E, Cpu>>,
+    ) -> T2<E, Cpu, OwnedTape<E, Cpu>>
+    where
+        Cpu: Device<E>,
+    {
+        let (b, n, h, hd) = *q.shape();
+        let q = q.permute::<_, Axes4<0, 2, 1, 3>>();
+        let k = k.permute::<_, Axes4<0, 2, 3, 1>>();
+        let v = v.permute::<_, Axes4<0, 2, 1, 3>>();
+        let o: T4<E, Cpu, _> = q.matmul(k).softmax::<Axis<3>>().matmul(v);
+        o.permute::<_, Axes4<0, 2, 1, 3>>()
+            .reshape_like(&(b * n, h * hd))
+    }
+
+    #[test]
+    fn attention_matches_dfdx() {
+        each_path(|dev, rng| {
+            let (b, n, h, hd) = (2, 5, 2, 4);
+            let mk4 = |rng: &mut StdRng| -> T4<f64, Cpu> {
+                tensor(
+                    dev,
+                    (0..b * n * h * hd)
+                        .map(|_| rng.gen_range(-1.0..1.0))
+                        .collect(),
+                    (b, n, h, hd),
+                )
+            };
+            let (q4, k4, v4) = (mk4(rng), mk4(rng), mk4(rng));
+            let r = rand_vec(rng, b * n * h * hd);
+            let (fa, ga) = grads(
+                <Cpu as Kernels<f64>>::attention(
+                    q4.leaky_trace(),
+                    k4.leaky_trace(),
+                    v4.leaky_trace(),
+                )
+                .unwrap(),
+                &r,
+            );
+            let (fb, gb) = grads(
+                generic_attention(q4.leaky_trace(), k4.leaky_trace(), v4.leaky_trace()),
+                &r,
+            );
+            close(&fa, &fb, "attention");
+            // the tape-free (inference) path uses per-task scratch instead of keeping P
+            let plain =
+                <Cpu as Kernels<f64>>::attention(q4.clone(), k4.clone(), v4.clone()).unwrap();
+            close(&plain.as_vec(), &fb, "attention without tape");
+            for (t, name) in [(&q4, "dq"), (&k4, "dk"), (&v4, "dv")] {
+                close(&ga.get(t).as_vec(), &gb.get(t).as_vec(), name);
+            }
+            // one tensor as q, k and v (the gradient pointers coincide): its gradient is the
+            // sum of the three roles' (dfdx's own ops refuse one tensor in two roles, so the
+            // reference uses three copies)
+            let (fa, ga) = grads(
+                <Cpu as Kernels<f64>>::attention(
+                    q4.leaky_trace(),
+                    q4.leaky_trace(),
+                    q4.leaky_trace(),
+                )
+                .unwrap(),
+                &r,
+            );
+            let copy = || dev.tensor_from_vec(q4.as_vec(), (b, n, h, hd));
+            let (c1, c2, c3) = (copy(), copy(), copy());
+            let (fb, gb) = grads(
+                generic_attention(c1.leaky_trace(), c2.leaky_trace(), c3.leaky_trace()),
+                &r,
+            );
+            close(&fa, &fb, "self-attention");
+            let sum: Vec<f64> = [&c1, &c2, &c3]
+                .iter()
+                .map(|c| gb.get(*c).as_vec())
+                .reduce(|a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect())
+                .unwrap();
+            close(&ga.get(&q4).as_vec(), &sum, "d(q = k = v)");
+        });
+    }
+
+    /// f32 (fast exp, lane sums, uninitialised outputs) against dfdx's f32 ops, with scores of
+    /// a few units so the softmax is far from uniform.
+    #[test]
+    fn f32_attention_within_tolerance() {
+        each_path(|dev, rng| {
+            let (b, n, h, hd) = (2, 33, 2, 8);
+            let s4 = (b, n, h, hd);
+            let len = b * n * h * hd;
+            let r = rand32(rng, len, 1.0);
+            let q: T4<f32, Cpu> = tensor(dev, rand32(rng, len, 2.0), s4);
+            let k: T4<f32, Cpu> = tensor(dev, rand32(rng, len, 2.0), s4);
+            let v: T4<f32, Cpu> = tensor(dev, rand32(rng, len, 1.0), s4);
+            let fused =
+                <Cpu as Kernels<f32>>::attention(q.leaky_trace(), k.leaky_trace(), v.leaky_trace())
+                    .unwrap()
+                    .reshape_like(&s4);
+            let (fa, ga) = grads32(fused, &r);
+            let generic = generic_attention(q.leaky_trace(), k.leaky_trace(), v.leaky_trace())
+                .reshape_like(&s4);
+            let (fb, gb) = grads32(generic, &r);
+            close32(&fa, &fb, "attention f32");
+            for (t, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
+                close32(&ga.get(t).as_vec(), &gb.get(t).as_vec(), name);
+            }
+        });
+    }
+}

@@ -1,0 +1,536 @@
+//! The element-wise fused ops: the GLU/SwiGLU gate, softmax over the last axis, adaLN
+//! modulation, the gated residual and RoPE, each one sweep forward and one backward (dfdx
+//! composes each from 4–10 separate ops), plus the per-sequence broadcasting helpers they share.
+
+use super::attention::softmax_rows;
+use super::chunk_rows;
+use super::storage::{host, input};
+use super::tape::{backward, fused, Backward, Forward};
+use crate::layers::{self, Res, Rope, T2, T4};
+use crate::{Elem, MlpKind};
+use dfdx::prelude::*;
+use rayon::prelude::*;
+
+/// `act(a) ⊙ u` with act = σ (GLU) or a·σ(a) (SwiGLU); GeGLU goes through dfdx's ops. σ is
+/// recomputed in the backward pass rather than stored (one exp per element is cheaper than
+/// holding another (m, hidden) buffer per block).
+pub(crate) fn glu<E: Elem, T: Tape<E, Cpu>>(
+    kind: MlpKind,
+    a: T2<E, Cpu, T>,
+    u: T2<E, Cpu, T>,
+) -> Res<T2<E, Cpu, T>, Cpu>
+where
+    Cpu: Device<E>,
+{
+    match kind {
+        MlpKind::Glu => sigmoid_gate(false, a, u),
+        MlpKind::Swiglu => sigmoid_gate(true, a, u),
+        MlpKind::Geglu => layers::act(kind, a)?.try_mul(u),
+    }
+}
+
+/// [`glu`] for σ (`swish` false) and a·σ(a) (`swish` true).
+fn sigmoid_gate<E: Elem, T: Tape<E, Cpu>>(
+    swish: bool,
+    a: T2<E, Cpu, T>,
+    u: T2<E, Cpu, T>,
+) -> Res<T2<E, Cpu, T>, Cpu> {
+    fused((a, u), |(a, u), _| {
+        let (av, uv) = (input(&a), input(&u));
+        let y: Vec<E> = av
+            .par_iter()
+            .zip(uv.par_iter())
+            .map(|(&x, &u)| {
+                let s = E::one() / (E::one() + (-x).fast_exp());
+                if swish {
+                    x * s * u
+                } else {
+                    s * u
+                }
+            })
+            .collect();
+        let (ag, ug) = (a.ghost(), u.ghost());
+        Ok(Forward {
+            shape: *a.shape(),
+            data: y,
+            keep_output: false,
+            backward: backward(move |Backward { gy, grads, .. }| {
+                let cr = chunk_rows(1);
+                // ∂y/∂u = act(a); ∂y/∂a = u·σ'(a) or u·σ(a)(1 + a(1 − σ(a)))
+                let gu = grads.get_or_alloc_mut(&ug)?;
+                gu.par_chunks_mut(cr)
+                    .zip(gy.par_chunks(cr))
+                    .zip(av.par_chunks(cr))
+                    .for_each(|((gu, gy), av)| {
+                        for ((gu, &g), &x) in gu.iter_mut().zip(gy).zip(av) {
+                            let s = E::one() / (E::one() + (-x).fast_exp());
+                            *gu += if swish { g * x * s } else { g * s };
+                        }
+                    });
+                let ga = grads.get_or_alloc_mut(&ag)?;
+                ga.par_chunks_mut(cr)
+                    .zip(gy.par_chunks(cr))
+                    .zip(av.par_chunks(cr))
+                    .zip(uv.par_chunks(cr))
+                    .for_each(|(((ga, gy), av), uv)| {
+                        let it = ga.iter_mut().zip(gy).zip(av).zip(uv);
+                        for (((ga, &g), &x), &u) in it {
+                            let s = E::one() / (E::one() + (-x).fast_exp());
+                            let d = if swish {
+                                s * (E::one() + x * (E::one() - s))
+                            } else {
+                                s * (E::one() - s)
+                            };
+                            *ga += g * u * d;
+                        }
+                    });
+                Ok(())
+            }),
+        })
+    })
+}
+
+/// Softmax over the last axis (rows of length d); the backward pass reads the output.
+pub(crate) fn softmax_last<E: Elem, T: Tape<E, Cpu>>(x: T4<E, Cpu, T>) -> Res<T4<E, Cpu, T>, Cpu> {
+    fused(x, |x, _| {
+        let shape = *x.shape();
+        let d = shape.3;
+        let cr = chunk_rows(d);
+        let mut y = host(&x);
+        y.par_chunks_mut(d * cr)
+            .for_each(|rows| softmax_rows(rows, d, None));
+        let xg = x.ghost();
+        Ok(Forward {
+            shape,
+            data: y,
+            keep_output: true,
+            backward: backward(move |Backward { gy, y, grads }| {
+                let yv = y.expect("softmax keeps its output");
+                let gx = grads.get_or_alloc_mut(&xg)?;
+                gx.par_chunks_mut(d * cr)
+                    .zip(yv.par_chunks(d * cr))
+                    .zip(gy.par_chunks(d * cr))
+                    .for_each(|((gx, y), gy)| {
+                        for ((gx, y), gy) in gx.chunks_mut(d).zip(y.chunks(d)).zip(gy.chunks(d)) {
+                            let dot = y.iter().zip(gy).fold(E::zero(), |a, (&y, &g)| a + y * g);
+                            for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(gy) {
+                                *gx += y * (g - dot);
+                            }
+                        }
+                    });
+                Ok(())
+            }),
+        })
+    })
+}
+
+/// adaLN modulation `x·(1 + scale) + shift`, x (b·n, d), shift and scale (b, d) per sequence.
+pub(crate) fn modulate<E: Elem, T: Tape<E, Cpu>>(
+    x: T2<E, Cpu, T>,
+    shift: T2<E, Cpu, T>,
+    scale: T2<E, Cpu, T>,
+    b: usize,
+    n: usize,
+) -> Res<T2<E, Cpu, T>, Cpu> {
+    fused((x, shift, scale), |(x, sh, sc), _| {
+        let shape = *x.shape();
+        let d = shape.1;
+        assert_eq!(shape.0, b * n, "modulate: rows are not batch × length");
+        let (xv, shv, scv) = (input(&x), input(&sh), input(&sc));
+        let (shs, scs): (&[E], &[E]) = (&shv, &scv);
+        let mut y = vec![E::zero(); xv.len()];
+        y.par_chunks_mut(n * d)
+            .zip(xv.par_chunks(n * d))
+            .enumerate()
+            .for_each(|(bi, (ys, xs))| {
+                let (s0, c0) = (&shs[bi * d..(bi + 1) * d], &scs[bi * d..(bi + 1) * d]);
+                for (y, x) in ys.chunks_mut(d).zip(xs.chunks(d)) {
+                    for (((y, &x), &s), &c) in y.iter_mut().zip(x).zip(s0).zip(c0) {
+                        *y = x * (E::one() + c) + s;
+                    }
+                }
+            });
+        let (xg, shg, scg) = (x.ghost(), sh.ghost(), sc.ghost());
+        Ok(Forward {
+            shape,
+            data: y,
+            keep_output: false,
+            backward: backward(move |Backward { gy, grads, .. }| {
+                // per-sequence sums for shift and scale, then the input gradient
+                let gsh = seq_column_sums(&gy, None, (n, d));
+                let gsc = seq_column_sums(&gy, Some(&xv), (n, d));
+                add_into(grads.get_or_alloc_mut(&shg)?, &gsh);
+                add_into(grads.get_or_alloc_mut(&scg)?, &gsc);
+                let gx = grads.get_or_alloc_mut(&xg)?;
+                seq_broadcast(gx, &gy, &scv, (n, d), |gx, g, c| *gx += g * (E::one() + c));
+                Ok(())
+            }),
+        })
+    })
+}
+
+/// `h + gate ⊙ y`, h and y (b·n, d), gate (b, d) per sequence.
+pub(crate) fn gated_residual<E: Elem, T: Tape<E, Cpu>>(
+    h: T2<E, Cpu, T>,
+    y: T2<E, Cpu, T>,
+    gate: T2<E, Cpu, T>,
+    b: usize,
+    n: usize,
+) -> Res<T2<E, Cpu, T>, Cpu> {
+    fused((h, y, gate), |(h, y, g), _| {
+        let shape = *h.shape();
+        let d = shape.1;
+        assert_eq!(
+            shape.0,
+            b * n,
+            "gated residual: rows are not batch × length"
+        );
+        let (hv, yv, gv) = (input(&h), input(&y), input(&g));
+        assert!(
+            yv.len() == hv.len() && gv.len() * n == hv.len(),
+            "gated residual shapes"
+        );
+        let mut z = vec![E::zero(); hv.len()];
+        z.par_chunks_mut(n * d)
+            .zip(hv.par_chunks(n * d))
+            .zip(yv.par_chunks(n * d))
+            .zip(gv.par_chunks(d))
+            .for_each(|(((zs, hs), ys), g)| {
+                let rows = zs.chunks_mut(d).zip(hs.chunks(d)).zip(ys.chunks(d));
+                for ((z, h), y) in rows {
+                    for (((z, &h), &y), &g) in z.iter_mut().zip(h).zip(y).zip(g) {
+                        *z = h + g * y;
+                    }
+                }
+            });
+        drop(hv);
+        let (hg, yg, gg) = (h.ghost(), y.ghost(), g.ghost());
+        Ok(Forward {
+            shape,
+            data: z,
+            keep_output: false,
+            backward: backward(move |Backward { gy: gz, grads, .. }| {
+                let ggate = seq_column_sums(&gz, Some(&yv), (n, d));
+                add_into(grads.get_or_alloc_mut(&gg)?, &ggate);
+                add_into(grads.get_or_alloc_mut(&hg)?, &gz);
+                let gy = grads.get_or_alloc_mut(&yg)?;
+                seq_broadcast(gy, &gz, &gv, (n, d), |gy, gz, g| *gy += gz * g);
+                Ok(())
+            }),
+        })
+    })
+}
+
+/// RoPE on x (b·n, h·hd) → (b, n, h, hd), times `scale`; the backward pass is the inverse
+/// rotation (the rotation is orthogonal), scaled, added straight into x's gradient.
+pub(crate) fn rope<E: Elem, T: Tape<E, Cpu>>(
+    rope: &Rope<E, Cpu>,
+    x: T2<E, Cpu, T>,
+    b: usize,
+    n: usize,
+    h: usize,
+    scale: f64,
+) -> Res<T4<E, Cpu, T>, Cpu>
+where
+    Cpu: Device<E>,
+{
+    let tables = (rope.cos_host.clone(), rope.sin_host.clone());
+    rotate_pairs(tables, x, (b, n, h), scale)
+}
+
+/// [`rope`] with the (position, pair) cos and sin tables.
+fn rotate_pairs<E: Elem, T: Tape<E, Cpu>>(
+    (cos, sin): (Vec<E>, Vec<E>),
+    x: T2<E, Cpu, T>,
+    (b, n, h): (usize, usize, usize),
+    scale: f64,
+) -> Res<T4<E, Cpu, T>, Cpu> {
+    fused(x, |x, _| {
+        let d = x.shape().1;
+        let hd = d / h;
+        let half = hd / 2;
+        let s = E::c(scale);
+        // one row = one position of one sequence: h heads of hd/2 rotated pairs; src → dst
+        // (both (rows, d)), accumulating into dst when `acc`
+        let rotate = move |dst: &mut [E], src: &[E], first_row: usize, inverse: bool, acc: bool| {
+            for (r, (drow, srow)) in dst.chunks_mut(d).zip(src.chunks(d)).enumerate() {
+                let pos = (first_row + r) % n;
+                let (c0, s0) = (
+                    &cos[pos * half..(pos + 1) * half],
+                    &sin[pos * half..(pos + 1) * half],
+                );
+                for (dh, sh) in drow.chunks_mut(hd).zip(srow.chunks(hd)) {
+                    for (i, (dp, sp)) in dh.chunks_mut(2).zip(sh.chunks(2)).enumerate() {
+                        let (a, bb) = (sp[0], sp[1]);
+                        let (c, sn) = (c0[i], if inverse { -s0[i] } else { s0[i] });
+                        let (y0, y1) = (s * (a * c - bb * sn), s * (bb * c + a * sn));
+                        if acc {
+                            dp[0] += y0;
+                            dp[1] += y1;
+                        } else {
+                            dp[0] = y0;
+                            dp[1] = y1;
+                        }
+                    }
+                }
+            }
+        };
+        let cr = chunk_rows(d);
+        let xv = input(&x);
+        let mut y = vec![E::zero(); xv.len()];
+        y.par_chunks_mut(d * cr)
+            .zip(xv.par_chunks(d * cr))
+            .enumerate()
+            .for_each(|(k, (dst, src))| rotate(dst, src, k * cr, false, false));
+        let xg = x.ghost();
+        Ok(Forward {
+            shape: (b, n, h, hd),
+            data: y,
+            keep_output: false,
+            backward: backward(move |Backward { gy, grads, .. }| {
+                let gx = grads.get_or_alloc_mut(&xg)?;
+                gx.par_chunks_mut(d * cr)
+                    .zip(gy.par_chunks(d * cr))
+                    .enumerate()
+                    .for_each(|(k, (dst, src))| rotate(dst, src, k * cr, true, true));
+                Ok(())
+            }),
+        })
+    })
+}
+
+fn add_into<E: Elem>(dst: &mut [E], src: &[E]) {
+    dst.par_chunks_mut(16_384)
+        .zip(src.par_chunks(16_384))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d += s));
+}
+
+/// `f(dst, src, vec)` elementwise over (b·n, d) rows, `vec` being the row's sequence's entry of
+/// the per-sequence (b, d) `vecs` (adaLN-style broadcasting); parallel over sequences.
+fn seq_broadcast<E: Elem>(
+    dst: &mut [E],
+    src: &[E],
+    vecs: &[E],
+    (n, d): (usize, usize),
+    f: impl Fn(&mut E, E, E) + Sync,
+) {
+    assert!(
+        dst.len() == src.len() && vecs.len() * n == dst.len(),
+        "per-sequence broadcast shapes"
+    );
+    dst.par_chunks_mut(n * d)
+        .zip(src.par_chunks(n * d))
+        .zip(vecs.par_chunks(d))
+        .for_each(|((dst, src), v)| {
+            for (dr, sr) in dst.chunks_mut(d).zip(src.chunks(d)) {
+                for ((o, &x), &c) in dr.iter_mut().zip(sr).zip(v) {
+                    f(o, x, c);
+                }
+            }
+        });
+}
+
+/// Per-sequence column sums of `a ⊙ w` (or of `a`) over each sequence's n rows of width d:
+/// the gradient of a (b, d) vector broadcast over (b·n, d); rows summed in order.
+fn seq_column_sums<E: Elem>(a: &[E], w: Option<&[E]>, (n, d): (usize, usize)) -> Vec<E> {
+    assert!(w.is_none_or(|w| w.len() == a.len()), "column-sum shapes");
+    let mut out = vec![E::zero(); a.len() / n.max(1)];
+    out.par_chunks_mut(d).enumerate().for_each(|(bi, o)| {
+        let r = bi * n * d..(bi + 1) * n * d;
+        for (k, g) in a[r.clone()].chunks(d).enumerate() {
+            match w {
+                Some(w) => {
+                    let wr = &w[r.start + k * d..r.start + (k + 1) * d];
+                    for j in 0..d {
+                        o[j] += g[j] * wr[j];
+                    }
+                }
+                None => {
+                    for j in 0..d {
+                        o[j] += g[j];
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::*;
+    use super::super::Kernels;
+    use crate::layers::{self, Rope, T4};
+    use crate::MlpKind;
+    use dfdx::prelude::*;
+    use rand::Rng;
+
+    const B: usize = 2;
+    const N: usize = 5;
+    const H: usize = 2;
+    const HD: usize = 4;
+    const D: usize = H * HD;
+
+    #[test]
+    fn modulate_of_layer_norm_matches_dfdx() {
+        each_path(|dev, rng| {
+            let x = rand2(dev, rng, (B * N, D));
+            let sh = rand2(dev, rng, (B, D));
+            let sc = rand2(dev, rng, (B, D));
+            let r = rand_vec(rng, B * N * D);
+            let (fa, ga) = grads(
+                <Cpu as Kernels<f64>>::modulate(
+                    <Cpu as Kernels<f64>>::layer_norm(x.leaky_trace()).unwrap(),
+                    sh.leaky_trace(),
+                    sc.leaky_trace(),
+                    B,
+                    N,
+                )
+                .unwrap(),
+                &r,
+            );
+            let (fb, gb) = grads(
+                layers::modulate(
+                    layers::layer_norm(x.leaky_trace()).unwrap(),
+                    sh.leaky_trace(),
+                    sc.leaky_trace(),
+                    B,
+                    N,
+                )
+                .unwrap(),
+                &r,
+            );
+            close(&fa, &fb, "modulate(ln)");
+            for (t, name) in [(&x, "x"), (&sh, "shift"), (&sc, "scale")] {
+                close(&ga.get(t).as_vec(), &gb.get(t).as_vec(), name);
+            }
+        });
+    }
+
+    #[test]
+    fn gated_residual_matches_dfdx() {
+        each_path(|dev, rng| {
+            let x = rand2(dev, rng, (B * N, D));
+            let y = rand2(dev, rng, (B * N, D));
+            let g = rand2(dev, rng, (B, D));
+            let r = rand_vec(rng, B * N * D);
+            let (fa, ga) = grads(
+                <Cpu as Kernels<f64>>::gated_residual(
+                    x.leaky_trace(),
+                    y.leaky_trace(),
+                    g.leaky_trace(),
+                    B,
+                    N,
+                )
+                .unwrap(),
+                &r,
+            );
+            let (fb, gb) = grads(
+                layers::gated_residual(x.leaky_trace(), y.leaky_trace(), g.leaky_trace(), B, N)
+                    .unwrap(),
+                &r,
+            );
+            close(&fa, &fb, "gated");
+            for (t, name) in [(&x, "h"), (&y, "y"), (&g, "gate")] {
+                close(&ga.get(t).as_vec(), &gb.get(t).as_vec(), name);
+            }
+        });
+    }
+
+    #[test]
+    fn rope_matches_dfdx() {
+        each_path(|dev, rng| {
+            let x = rand2(dev, rng, (B * N, D));
+            let r = rand_vec(rng, B * N * D);
+            let rope = Rope::<f64, Cpu>::new(dev, N, HD, 10_000.0).unwrap();
+            let (fa, ga) = grads(
+                <Cpu as Kernels<f64>>::rope(&rope, x.leaky_trace(), B, N, H, 0.5).unwrap(),
+                &r,
+            );
+            let (fb, gb) = grads(rope.apply(x.leaky_trace(), B, N, H, 0.5).unwrap(), &r);
+            close(&fa, &fb, "rope");
+            close(&ga.get(&x).as_vec(), &gb.get(&x).as_vec(), "rope grad");
+        });
+    }
+
+    #[test]
+    fn gated_units_match_dfdx() {
+        each_path(|dev, rng| {
+            let x = rand2(dev, rng, (B * N, D));
+            let u = rand2(dev, rng, (B * N, D));
+            let r = rand_vec(rng, B * N * D);
+            for kind in [MlpKind::Glu, MlpKind::Swiglu, MlpKind::Geglu] {
+                let (fa, ga) = grads(
+                    <Cpu as Kernels<f64>>::glu(kind, x.leaky_trace(), u.leaky_trace()).unwrap(),
+                    &r,
+                );
+                let (fb, gb) = grads(
+                    layers::act(kind, x.leaky_trace()).unwrap() * u.leaky_trace(),
+                    &r,
+                );
+                close(&fa, &fb, "glu");
+                close(&ga.get(&x).as_vec(), &gb.get(&x).as_vec(), "glu da");
+                close(&ga.get(&u).as_vec(), &gb.get(&u).as_vec(), "glu du");
+            }
+        });
+    }
+
+    #[test]
+    fn softmax_matches_dfdx() {
+        each_path(|dev, rng| {
+            let s4: T4<f64, Cpu> = tensor(
+                dev,
+                (0..B * H * N * N)
+                    .map(|_| rng.gen_range(-3.0..3.0))
+                    .collect(),
+                (B, H, N, N),
+            );
+            let r = rand_vec(rng, B * H * N * N);
+            let (fa, ga) = grads(
+                <Cpu as Kernels<f64>>::softmax_last(s4.leaky_trace()).unwrap(),
+                &r,
+            );
+            let (fb, gb) = grads(s4.leaky_trace().softmax::<Axis<3>>(), &r);
+            close(&fa, &fb, "softmax");
+            close(&ga.get(&s4).as_vec(), &gb.get(&s4).as_vec(), "softmax grad");
+        });
+    }
+
+    /// The f32 gated units (fast exp) against dfdx's f32 ops, with pre-activations spanning
+    /// the sigmoid's tails, and the f32 softmax.
+    #[test]
+    fn f32_glu_and_softmax_within_tolerance() {
+        each_path(|dev, rng| {
+            let (b, n, h, hd) = (2, 33, 2, 8);
+            let d = h * hd;
+            let s4 = (b, n, h, hd);
+            let r = rand32(rng, b * n * d, 1.0);
+            let s2 = (b * n, d);
+            let a: T2f32 = tensor(dev, rand32(rng, b * n * d, 12.0), s2);
+            let u: T2f32 = tensor(dev, rand32(rng, b * n * d, 1.0), s2);
+            for kind in [MlpKind::Glu, MlpKind::Swiglu] {
+                let y = <Cpu as Kernels<f32>>::glu(kind, a.leaky_trace(), u.leaky_trace()).unwrap();
+                let (fa, ga) = grads32(y.reshape_like(&s4), &r);
+                let y = layers::act(kind, a.leaky_trace()).unwrap() * u.leaky_trace();
+                let (fb, gb) = grads32(y.reshape_like(&s4), &r);
+                close32(&fa, &fb, "glu f32");
+                close32(&ga.get(&a).as_vec(), &gb.get(&a).as_vec(), "glu da f32");
+                close32(&ga.get(&u).as_vec(), &gb.get(&u).as_vec(), "glu du f32");
+            }
+            let x: T4<f32, Cpu> = tensor(dev, rand32(rng, b * n * d, 8.0), s4);
+            let (fa, ga) = grads32(
+                <Cpu as Kernels<f32>>::softmax_last(x.leaky_trace()).unwrap(),
+                &r,
+            );
+            let (fb, gb) = grads32(x.leaky_trace().softmax::<Axis<3>>(), &r);
+            close32(&fa, &fb, "softmax f32");
+            close32(
+                &ga.get(&x).as_vec(),
+                &gb.get(&x).as_vec(),
+                "softmax grad f32",
+            );
+        });
+    }
+
+    type T2f32 = crate::layers::T2<f32, Cpu>;
+}

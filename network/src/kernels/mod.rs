@@ -1,0 +1,252 @@
+//! Device-specific fused kernels behind one trait, [`Kernels`]. Each method has a default built
+//! from dfdx's generic ops (used on CUDA); the CPU implements them as single-pass,
+//! multi-threaded kernels with hand-written backward passes: matrix products ([`matmul`]: gemm
+//! 0.19, whose AVX-512 kernels are ~2.8× faster than dfdx's gemm 0.15), attention per
+//! (sequence, head) ([`attention`]), LayerNorm without affine and RMSNorm with a scale
+//! ([`norms`]), softmax over the last axis, adaLN modulation, gated residual, the GLU/SwiGLU gate
+//! and RoPE ([`elementwise`]). dfdx composes the element-wise ones from 4–10 separate ops, each
+//! allocating and sweeping memory; here each is one sweep forward and one backward. The
+//! optimizer's passes (AdamW, EMA, Σ g²; tape-free) are in [`optimizer`], bit-identical to their
+//! dfdx-op defaults.
+//!
+//! Plumbing: [`storage`] gives the kernels sound zero-copy read access to their inputs (the
+//! outputs of earlier kernels, registered in a [`KernelScope`] frame; anything else is copied
+//! once) and allocates outputs; [`tape`] untapes the inputs, builds the output and registers
+//! the backward pass, which takes its output's gradient out of the store and accumulates
+//! straight into its inputs' gradients. Memory traffic and speed: `bench/NOTES.md`. Every CPU
+//! kernel is checked against the generic default (values and gradients), next to its code: in
+//! f64 to 1e-12, and in f32 (fast exp, different summation order) to 2e-5·(1 + |reference|).
+
+mod attention;
+mod elementwise;
+mod matmul;
+mod norms;
+mod optimizer;
+mod storage;
+mod tape;
+#[cfg(test)]
+mod test_util;
+
+pub use optimizer::AdamWStep;
+pub use storage::KernelScope;
+
+use crate::layers::{self, Res, Rope, T1, T2, T4};
+use crate::{Elem, MlpKind};
+use dfdx::prelude::*;
+
+/// The fused operations the model uses, with generic defaults.
+pub trait Kernels<E: Elem>: Device<E> {
+    /// `x @ w`: x (m, k) an activation, w (k, n) a parameter (tape-free).
+    fn matmul<T: Tape<E, Self>>(x: T2<E, Self, T>, w: T2<E, Self>) -> Res<T2<E, Self, T>, Self> {
+        x.try_matmul(w)
+    }
+    /// The gated unit `act(a) ⊙ u` of the FFN, a and u (m, hidden).
+    fn glu<T: Tape<E, Self>>(
+        kind: MlpKind,
+        a: T2<E, Self, T>,
+        u: T2<E, Self, T>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        layers::act(kind, a)?.try_mul(u)
+    }
+    /// Softmax over the last axis.
+    fn softmax_last<T: Tape<E, Self>>(x: T4<E, Self, T>) -> Res<T4<E, Self, T>, Self> {
+        x.try_softmax::<Axis<3>>()
+    }
+    /// LayerNorm without affine parameters over the last axis of (m, d).
+    fn layer_norm<T: Tape<E, Self>>(x: T2<E, Self, T>) -> Res<T2<E, Self, T>, Self> {
+        layers::layer_norm(x)
+    }
+    /// RMSNorm with a learnable scale (tape-free parameter) over the last axis of (m, d).
+    fn rms_norm<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        scale: T1<E, Self>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        layers::rms_norm(x, scale)
+    }
+    /// `x·(1 + scale) + shift`, x (b·n, d), shift/scale (b, d).
+    fn modulate<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        shift: T2<E, Self, T>,
+        scale: T2<E, Self, T>,
+        b: usize,
+        n: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        layers::modulate(x, shift, scale, b, n)
+    }
+    /// `h + gate ⊙ y`, h/y (b·n, d), gate (b, d).
+    fn gated_residual<T: Tape<E, Self>>(
+        h: T2<E, Self, T>,
+        y: T2<E, Self, T>,
+        gate: T2<E, Self, T>,
+        b: usize,
+        n: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        layers::gated_residual(h, y, gate, b, n)
+    }
+    /// Bidirectional softmax attention: q (scaled), k, v (b, n, h, hd) → (b·n, h·hd).
+    fn attention<T: Tape<E, Self>>(
+        q: T4<E, Self, T>,
+        k: T4<E, Self, T>,
+        v: T4<E, Self, T>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        let (b, n, h, hd) = *q.shape();
+        let q = q.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
+        let k = k.try_permute::<_, Axes4<0, 2, 3, 1>>()?;
+        let v = v.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
+        let p = Self::softmax_last(q.try_matmul(k)?)?;
+        let o: T4<E, Self, T> = p.try_matmul(v)?;
+        o.try_permute::<_, Axes4<0, 2, 1, 3>>()?
+            .try_reshape_like(&(b * n, h * hd))
+    }
+    /// RoPE on x (b·n, h·hd) → (b, n, h, hd), times `scale`.
+    fn rope<T: Tape<E, Self>>(
+        rope: &Rope<E, Self>,
+        x: T2<E, Self, T>,
+        b: usize,
+        n: usize,
+        h: usize,
+        scale: f64,
+    ) -> Res<T4<E, Self, T>, Self> {
+        rope.apply(x, b, n, h, scale)
+    }
+    /// One AdamW update of a flat parameter (spec §8): (θ', m', v') from θ, its gradient and
+    /// the moments m, v (tape-free; the optimizer is `maskdiff_train::AdamW`).
+    fn adamw(
+        p: &T1<E, Self>,
+        g: &T1<E, Self>,
+        m: &T1<E, Self>,
+        v: &T1<E, Self>,
+        s: &AdamWStep,
+    ) -> Res<Moments<E, Self>, Self> {
+        optimizer::generic_adamw(p, g, m, v, s)
+    }
+    /// The EMA update `ema + rate·(θ − ema)`.
+    fn ema(ema: &T1<E, Self>, p: &T1<E, Self>, rate: f64) -> Res<T1<E, Self>, Self> {
+        ema.clone()
+            .try_add(p.clone().try_sub(ema.clone())?.try_mul(E::c(rate))?)
+    }
+    /// Σ x² (for the global gradient norm), summed on the device and returned in f64.
+    fn sum_squares(x: &T1<E, Self>) -> Res<f64, Self> {
+        let s = x.clone().try_square()?.try_sum::<Rank0, _>()?.as_vec();
+        Ok(s.iter().map(|v| v.to_f64().unwrap_or(f64::NAN)).sum())
+    }
+    /// A flat long-lived tensor (a parameter) from host values. On the CPU it is registered in
+    /// the kernels' lasting tier, so the kernels read it in place rather than copying it (which
+    /// matters for small batches); the registration lapses when no kernel has read it during a
+    /// few forward passes, or when an optimizer pass replaces it. Default: a plain tensor.
+    fn lasting_tensor(dev: &Self, data: Vec<E>) -> Res<T1<E, Self>, Self> {
+        let n = data.len();
+        dev.try_tensor_from_vec(data, (n,))
+    }
+    /// Opens a frame of the CPU kernels' output registry on this thread ([`KernelScope`]):
+    /// while it is open, the fused CPU kernels' outputs stay registered, so the kernels that
+    /// consume them read them in place instead of copying them. A forward pass opens one and
+    /// prunes it with [`Kernels::retain`] after every sub-layer. (Device-agnostic: on devices
+    /// without the CPU kernels the frame stays empty.)
+    fn scope() -> KernelScope {
+        KernelScope::open()
+    }
+    /// Drops every entry of `scope`'s frame except `keep`'s (the residual stream), releasing
+    /// the buffers that nothing else holds. A no-op on devices without the CPU kernels.
+    fn retain<S: Shape, T>(scope: &KernelScope, keep: &Tensor<S, E, Self, T>) {
+        let _ = (scope, keep);
+    }
+}
+
+/// Rows per parallel task: enough work per task to amortise rayon's overhead.
+fn chunk_rows(d: usize) -> usize {
+    (16_384 / d.max(1)).max(1)
+}
+
+/// θ', m', v' of an AdamW step.
+pub type Moments<E, D> = (T1<E, D>, T1<E, D>, T1<E, D>);
+
+#[cfg(feature = "cuda")]
+impl<E: Elem> Kernels<E> for dfdx::tensor::Cuda where dfdx::tensor::Cuda: Device<E> {}
+
+/// The CPU kernels: each method hands over to its op's module (written once, generic over the
+/// element type).
+impl<E: Elem> Kernels<E> for Cpu
+where
+    Cpu: Device<E>,
+{
+    fn matmul<T: Tape<E, Self>>(x: T2<E, Self, T>, w: T2<E, Self>) -> Res<T2<E, Self, T>, Self> {
+        matmul::matmul(x, w)
+    }
+    fn glu<T: Tape<E, Self>>(
+        kind: MlpKind,
+        a: T2<E, Self, T>,
+        u: T2<E, Self, T>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        elementwise::glu(kind, a, u)
+    }
+    fn softmax_last<T: Tape<E, Self>>(x: T4<E, Self, T>) -> Res<T4<E, Self, T>, Self> {
+        elementwise::softmax_last(x)
+    }
+    fn layer_norm<T: Tape<E, Self>>(x: T2<E, Self, T>) -> Res<T2<E, Self, T>, Self> {
+        norms::layer_norm(x)
+    }
+    fn rms_norm<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        scale: T1<E, Self>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        norms::rms_norm(x, scale)
+    }
+    fn modulate<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        shift: T2<E, Self, T>,
+        scale: T2<E, Self, T>,
+        b: usize,
+        n: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        elementwise::modulate(x, shift, scale, b, n)
+    }
+    fn gated_residual<T: Tape<E, Self>>(
+        h: T2<E, Self, T>,
+        y: T2<E, Self, T>,
+        gate: T2<E, Self, T>,
+        b: usize,
+        n: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        elementwise::gated_residual(h, y, gate, b, n)
+    }
+    fn attention<T: Tape<E, Self>>(
+        q: T4<E, Self, T>,
+        k: T4<E, Self, T>,
+        v: T4<E, Self, T>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        attention::attention(q, k, v)
+    }
+    fn rope<T: Tape<E, Self>>(
+        rope: &Rope<E, Self>,
+        x: T2<E, Self, T>,
+        b: usize,
+        n: usize,
+        h: usize,
+        scale: f64,
+    ) -> Res<T4<E, Self, T>, Self> {
+        elementwise::rope(rope, x, b, n, h, scale)
+    }
+    fn adamw(
+        p: &T1<E, Self>,
+        g: &T1<E, Self>,
+        m: &T1<E, Self>,
+        v: &T1<E, Self>,
+        s: &AdamWStep,
+    ) -> Res<Moments<E, Self>, Self> {
+        optimizer::adamw(p, g, m, v, s)
+    }
+    fn ema(ema: &T1<E, Self>, p: &T1<E, Self>, rate: f64) -> Res<T1<E, Self>, Self> {
+        optimizer::ema(ema, p, rate)
+    }
+    fn sum_squares(x: &T1<E, Self>) -> Res<f64, Self> {
+        Ok(optimizer::sum_squares(x))
+    }
+    fn lasting_tensor(dev: &Self, data: Vec<E>) -> Res<T1<E, Self>, Self> {
+        let n = data.len();
+        storage::output_lasting(dev, data, (n,))
+    }
+    fn retain<S: Shape, T>(scope: &KernelScope, keep: &Tensor<S, E, Self, T>) {
+        storage::retain(scope, keep)
+    }
+}

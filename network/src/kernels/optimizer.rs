@@ -1,0 +1,247 @@
+//! The optimizer-side passes of a training step on the CPU, each one multi-threaded sweep over a
+//! flat parameter instead of a chain of dfdx ops: AdamW (spec §8; 14 ops, each allocating and
+//! sweeping memory, in the generic default [`generic_adamw`]), the EMA update (3 ops) and Σ g²
+//! for the global gradient norm. AdamW and the EMA perform the same f32 operations in the same
+//! order as the generic defaults in [`crate::Kernels`], so their results are bit-identical
+//! (tested below). Tape-free: the outputs are plain tensors.
+
+use super::storage::{consume, input, output_lasting};
+use super::Moments;
+use crate::layers::{Res, T1};
+use crate::Elem;
+use dfdx::prelude::*;
+use rayon::prelude::*;
+
+/// One AdamW step's constants: the hyper-parameters, the bias corrections of this step and an
+/// optional factor applied to the gradient first (global-norm clipping).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// 1 − β1^k and 1 − β2^k for the k-th update (k ≥ 1).
+    pub bias_correction1: f64,
+    pub bias_correction2: f64,
+    pub grad_scale: Option<f64>,
+}
+
+/// Elements per parallel task: large enough to amortise rayon, small enough to split the
+/// 0.5–2 M-element matrices of the small presets over both cores.
+const CHUNK: usize = 1 << 15;
+
+/// (θ', m', v') from θ, g, m, v: m' = β1 m + (1−β1) g, v' = β2 v + (1−β2) g²,
+/// θ' = θ − lr·(m'/bc1 / (√(v'/bc2) + ε) + wd·θ).
+fn adamw_host<E: Elem>(
+    p: &[E],
+    g: &[E],
+    m: &[E],
+    v: &[E],
+    s: &AdamWStep,
+) -> (Vec<E>, Vec<E>, Vec<E>) {
+    let n = p.len();
+    assert!(
+        g.len() == n && m.len() == n && v.len() == n,
+        "AdamW lengths"
+    );
+    let c = |x: f64| E::c(x);
+    let (b1, nb1, b2, nb2) = (c(s.beta1), c(1.0 - s.beta1), c(s.beta2), c(1.0 - s.beta2));
+    let (ibc1, ibc2, eps, wd, lr) = (
+        c(1.0 / s.bias_correction1),
+        c(1.0 / s.bias_correction2),
+        c(s.eps),
+        c(s.weight_decay),
+        c(s.lr),
+    );
+    let scale = s.grad_scale.map(c);
+    let (mut p2, mut m2, mut v2) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    // Written through the spare capacity: outputs are not zero-filled first.
+    let (pu, mu, vu) = (
+        &mut p2.spare_capacity_mut()[..n],
+        &mut m2.spare_capacity_mut()[..n],
+        &mut v2.spare_capacity_mut()[..n],
+    );
+    pu.par_chunks_mut(CHUNK)
+        .zip(mu.par_chunks_mut(CHUNK))
+        .zip(vu.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(k, ((p2, m2), v2))| {
+            let r = k * CHUNK..k * CHUNK + p2.len();
+            let src = p[r.clone()].iter().zip(&g[r.clone()]);
+            let src = src.zip(&m[r.clone()]).zip(&v[r]);
+            let dst = p2.iter_mut().zip(m2.iter_mut()).zip(v2.iter_mut());
+            for (((p2, m2), v2), (((&p, &g), &m), &v)) in dst.zip(src) {
+                let g = scale.map_or(g, |s| g * s);
+                let mn = m * b1 + g * nb1;
+                let vn = v * b2 + (g * g) * nb2;
+                let denom = (vn * ibc2).sqrt() + eps;
+                let upd = (mn * ibc1) / denom + p * wd;
+                p2.write(p - upd * lr);
+                m2.write(mn);
+                v2.write(vn);
+            }
+        });
+    // SAFETY: capacity ≥ n for all three; the chunks above cover 0..n of each spare capacity,
+    // and every element of every chunk was written (`MaybeUninit::write`).
+    unsafe {
+        p2.set_len(n);
+        m2.set_len(n);
+        v2.set_len(n);
+    }
+    (p2, m2, v2)
+}
+
+/// ema + rate·(θ − ema).
+fn ema_host<E: Elem>(ema: &[E], p: &[E], rate: f64) -> Vec<E> {
+    assert_eq!(ema.len(), p.len(), "EMA lengths");
+    let r = E::c(rate);
+    ema.par_iter()
+        .zip(p)
+        .with_min_len(CHUNK)
+        .map(|(&e, &p)| e + (p - e) * r)
+        .collect()
+}
+
+/// Σ x², accumulated in f64.
+fn sum_squares_host<E: Elem>(x: &[E]) -> f64 {
+    x.par_chunks(CHUNK)
+        .map(|c| {
+            c.iter()
+                .map(|&v| {
+                    let v = v.to_f64().unwrap_or(f64::NAN);
+                    v * v
+                })
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// [`crate::Kernels::adamw`] on the CPU: one sweep over θ, g, m, v.
+pub(crate) fn adamw<E: Elem>(
+    p: &T1<E, Cpu>,
+    g: &T1<E, Cpu>,
+    m: &T1<E, Cpu>,
+    v: &T1<E, Cpu>,
+    s: &AdamWStep,
+) -> Res<Moments<E, Cpu>, Cpu> {
+    let (p2, m2, v2) = adamw_host(&input(p), &input(g), &input(m), &input(v), s);
+    // θ, m, v are being replaced by θ', m', v' (zero-copy inputs of the next forward pass and
+    // optimizer step)
+    for t in [p, m, v] {
+        consume(t);
+    }
+    let (dev, shape) = (p.device(), *p.shape());
+    Ok((
+        output_lasting(dev, p2, shape)?,
+        output_lasting(dev, m2, shape)?,
+        output_lasting(dev, v2, shape)?,
+    ))
+}
+
+/// [`crate::Kernels::ema`] on the CPU.
+pub(crate) fn ema<E: Elem>(ema: &T1<E, Cpu>, p: &T1<E, Cpu>, rate: f64) -> Res<T1<E, Cpu>, Cpu> {
+    let y = ema_host(&input(ema), &input(p), rate);
+    consume(ema);
+    output_lasting(ema.device(), y, *ema.shape())
+}
+
+/// [`crate::Kernels::sum_squares`] on the CPU.
+pub(crate) fn sum_squares<E: Elem>(x: &T1<E, Cpu>) -> f64 {
+    sum_squares_host(&input(x))
+}
+
+/// [`crate::Kernels::adamw`] from dfdx's ops: 14 element-wise passes.
+pub(super) fn generic_adamw<E: Elem, D: Device<E>>(
+    p: &T1<E, D>,
+    g: &T1<E, D>,
+    m: &T1<E, D>,
+    v: &T1<E, D>,
+    s: &AdamWStep,
+) -> Res<Moments<E, D>, D> {
+    let c = E::c;
+    let g = match s.grad_scale {
+        Some(k) => g.clone().try_mul(c(k))?,
+        None => g.clone(),
+    };
+    let m2 = (m.clone().try_mul(c(s.beta1))?).try_add(g.clone().try_mul(c(1.0 - s.beta1))?)?;
+    let v2 =
+        (v.clone().try_mul(c(s.beta2))?).try_add(g.try_square()?.try_mul(c(1.0 - s.beta2))?)?;
+    let denom = v2
+        .clone()
+        .try_mul(c(1.0 / s.bias_correction2))?
+        .try_sqrt()?
+        .try_add(c(s.eps))?;
+    let upd = (m2
+        .clone()
+        .try_mul(c(1.0 / s.bias_correction1))?
+        .try_div(denom)?)
+    .try_add(p.clone().try_mul(c(s.weight_decay))?)?;
+    Ok((p.clone().try_sub(upd.try_mul(c(s.lr))?)?, m2, v2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Kernels;
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// The fused optimizer passes give the same f32 bits as the dfdx-op chains they replace
+    /// (same operations in the same order), over several parallel chunks and a ragged tail, with
+    /// and without a clipping factor and late in training (small bias corrections); Σ x² is
+    /// the f64 sum to summation-order rounding.
+    #[test]
+    fn optimizer_passes_match_dfdx_ops_bitwise() {
+        let dev = Cpu::default();
+        let mut rng = StdRng::seed_from_u64(21);
+        let n = 3 * 32_768 + 123;
+        let mut mk = |lo: f32, hi: f32| -> T1<f32, Cpu> {
+            dev.tensor_from_vec((0..n).map(|_| rng.gen_range(lo..hi)).collect(), (n,))
+        };
+        let (p, g, m, v) = (mk(-2.0, 2.0), mk(-1.0, 1.0), mk(-0.1, 0.1), mk(0.0, 0.01));
+        for (k, grad_scale) in [(1, None), (3, Some(0.37)), (5000, Some(1.0e-3))] {
+            let s = AdamWStep {
+                lr: 3e-4,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.03,
+                bias_correction1: 1.0 - 0.9f64.powi(k),
+                bias_correction2: 1.0 - 0.999f64.powi(k),
+                grad_scale,
+            };
+            let fused = <Cpu as Kernels<f32>>::adamw(&p, &g, &m, &v, &s).unwrap();
+            let reference = generic_adamw(&p, &g, &m, &v, &s).unwrap();
+            for (what, a, b) in [
+                ("θ", &fused.0, &reference.0),
+                ("m", &fused.1, &reference.1),
+                ("v", &fused.2, &reference.2),
+            ] {
+                let (a, b) = (a.as_vec(), b.as_vec());
+                let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "AdamW {what} differs at step {k}");
+            }
+            // and the step moved θ (not a no-op)
+            assert!(fused
+                .0
+                .as_vec()
+                .iter()
+                .zip(p.as_vec())
+                .any(|(a, b)| a != &b));
+        }
+        let rate = 1.0 - 0.9999;
+        let fused = <Cpu as Kernels<f32>>::ema(&p, &g, rate).unwrap().as_vec();
+        let reference = (p.clone() + (g.clone() - p.clone()) * rate as f32).as_vec();
+        assert!(fused
+            .iter()
+            .zip(&reference)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let exact: f64 = g.as_vec().iter().map(|&x| (x as f64) * (x as f64)).sum();
+        let fused = <Cpu as Kernels<f32>>::sum_squares(&g).unwrap();
+        assert!((fused - exact).abs() <= 1e-12 * exact, "{fused} vs {exact}");
+    }
+}
