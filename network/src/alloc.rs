@@ -30,7 +30,9 @@ pub fn tune_allocator() {
             return;
         }
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: mallopt only changes allocator parameters; it is thread-safe in glibc.
+        // SAFETY: mallopt takes plain integers and touches no memory of ours; glibc serialises
+        // it with the arena locks, so it is thread-safe, and it only changes how glibc obtains
+        // and returns memory, never the validity of existing allocations.
         unsafe {
             libc::mallopt(libc::M_MMAP_MAX, 0);
             libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);

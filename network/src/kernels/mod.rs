@@ -10,8 +10,8 @@
 //! dfdx-op defaults.
 //!
 //! Plumbing: [`storage`] gives the kernels sound zero-copy read access to their inputs (the
-//! outputs of earlier kernels, registered in a [`KernelScope`] frame; anything else is copied
-//! once) and allocates outputs; [`tape`] untapes the inputs, builds the output and registers
+//! outputs of earlier kernels, registered in a [`KernelScope`] frame, and the optimizer's
+//! outputs, registered in a lasting tier; anything else is copied once) and allocates outputs; [`tape`] untapes the inputs, builds the output and registers
 //! the backward pass, which takes its output's gradient out of the store and accumulates
 //! straight into its inputs' gradients. Memory traffic and speed: `bench/NOTES.md`. Every CPU
 //! kernel is checked against the generic default (values and gradients), next to its code: in
