@@ -32,7 +32,6 @@
 //! cuda,dfdx/ci-check` type-checks the CUDA path.
 
 mod alloc;
-mod atomic;
 mod config;
 mod denoiser;
 mod elem;

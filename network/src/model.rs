@@ -543,7 +543,8 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
             .try_reshape_like(&(b, n, self.cfg.vocab_size))
     }
 
-    /// Write the parameters to a safetensors file (atomically: temp file + rename).
+    /// Write the parameters to a safetensors file with the project's one atomic writer
+    /// (`maskdiff_data::write_atomic`).
     pub fn save_safetensors(&self, path: &Path) -> Result<(), NetworkError> {
         let items: Vec<_> = self
             .params
@@ -551,7 +552,10 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
             .map(|p| (p.name.clone(), p.shape.clone(), &p.value))
             .collect();
         let bytes = param::to_safetensors(&items, path)?;
-        crate::atomic::write(path, &bytes)
+        maskdiff_data::write_atomic(path, &bytes).map_err(|e| match e {
+            maskdiff_data::DataError::Write { path, source } => NetworkError::io(path, source),
+            other => NetworkError::ckpt(path, other.to_string()),
+        })
     }
 
     /// Load parameters saved by [`Self::save_safetensors`] from a model of the same
