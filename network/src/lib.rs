@@ -40,6 +40,7 @@ mod init;
 mod kernels;
 mod layers;
 mod model;
+pub mod modules;
 mod param;
 pub mod tensor_io;
 

@@ -7,6 +7,10 @@
 
 use crate::init::Init;
 use crate::layers::*;
+use crate::modules::{
+    Attention, Block, Builder, Conditioning, Ffn, LabelInput, Linear, Matrix, Parameters,
+    RmsScales, Trunk, Values,
+};
 use crate::param::{self, Param};
 use crate::{Elem, Kernels, NetworkConfig, NetworkError};
 use dfdx::prelude::*;
@@ -14,82 +18,37 @@ use maskdiff_process::{DenoiseBatch, LogProbs, Vocab};
 use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 use std::path::Path;
 
-#[derive(Clone, Debug)]
-struct CondIx {
-    w1_t: Option<usize>,
-    label: Option<(usize, usize)>, // (embedding table, its Dense weight)
-    b1: usize,
-    w2: usize,
-    b2: usize,
-}
-
-#[derive(Clone, Debug)]
-enum NormIx {
-    /// adaLN-zero projection producing 6 (block) or 2 (final) modulation vectors.
-    Ada { w: usize, b: usize },
-    /// RMSNorm scales (attention, mlp) — `mlp` unused for the final norm.
-    Rms { attn: usize, mlp: usize },
-}
-
-#[derive(Clone, Debug)]
-struct BlockIx {
-    norm: NormIx,
-    wq: usize,
-    wk: usize,
-    wv: usize,
-    wo: usize,
-    w1: usize,
-    w3: usize,
-    w2: usize,
-}
-
-#[derive(Clone, Debug)]
-struct Layout {
-    embed: usize,
-    embed_proj: Option<(usize, usize)>,
-    cond: Option<CondIx>,
-    blocks: Vec<BlockIx>,
-    head: NormIx,
-    out: usize,
-}
-
-struct Builder<'a, E: Elem, D: Kernels<E>> {
-    dev: &'a D,
-    rng: StdRng,
-    params: Vec<Param<E, D>>,
-}
-
-impl<E: Elem, D: Kernels<E>> Builder<'_, E, D> {
-    fn add(&mut self, name: String, shape: &[usize], init: Init) -> Result<usize, NetworkError> {
-        let n: usize = shape.iter().product();
-        let vals: Vec<E> = init
-            .sample(n, &mut self.rng)
-            .into_iter()
-            .map(E::c)
-            .collect();
-        let value = self
-            .dev
-            .try_tensor_from_vec(vals, (n,))
-            .map_err(NetworkError::device)?;
-        self.params.push(Param {
-            name,
-            shape: shape.to_vec(),
-            value,
-        });
-        Ok(self.params.len() - 1)
-    }
-}
-
 /// Per-sequence modulation chunks and the tape holding their projection.
 type Modulation<E, D, T> = (Vec<T2<E, D, T>>, T);
 
 /// The MD4 transformer denoiser with run-time shapes, generic over element type and device.
+/// Its parameters are typed fields (see [`crate::modules`] for the checkpoint name table).
 #[derive(Clone, Debug)]
 pub struct Md4Transformer<E: Elem, D: Kernels<E>> {
     cfg: NetworkConfig,
-    params: Vec<Param<E, D>>,
-    ix: Layout,
+    /// `embed`: `[V + 1, e]` over the V real ids and the mask id V.
+    pub embed: Matrix<E, D>,
+    /// `embed_proj`: the official "outside embedding" projection `e → d`, when `embed_dim` is set.
+    pub embed_proj: Option<Linear<E, D>>,
+    pub trunk: Trunk<E, D>,
+    /// `head.out`: `[d, V]`, zero-initialised.
+    pub out: Matrix<E, D>,
     dev: D,
+}
+
+impl<E: Elem, D: Kernels<E>> Parameters<E, D> for Md4Transformer<E, D> {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
+        self.embed.visit(f);
+        self.embed_proj.visit(f);
+        self.trunk.visit(f);
+        self.out.visit(f);
+    }
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
+        self.embed.visit_mut(f);
+        self.embed_proj.visit_mut(f);
+        self.trunk.visit_mut(f);
+        self.out.visit_mut(f);
+    }
 }
 
 impl NetworkConfig {
@@ -107,52 +66,58 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     /// Initialise every parameter on the host in f64 from `seed` (same values for f32 and f64
     /// up to rounding, and for every device), then upload.
     pub fn new(cfg: NetworkConfig, dev: &D, seed: u64) -> Result<Self, NetworkError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        Self::build(cfg, dev, &mut |_, shape, init| {
+            let n: usize = shape.iter().product();
+            Ok(init.sample(n, &mut rng).into_iter().map(E::c).collect())
+        })
+    }
+
+    /// The model of `cfg` with each parameter's values from `values`, called once per tensor
+    /// in the fixed order (the order of the checkpoint name table).
+    fn build(
+        cfg: NetworkConfig,
+        dev: &D,
+        values: &mut Values<'_, E>,
+    ) -> Result<Self, NetworkError> {
         cfg.validate()?;
-        let mut b = Builder {
-            dev,
-            rng: StdRng::seed_from_u64(seed),
-            params: Vec::new(),
-        };
+        let mut b = Builder { dev, values };
         let (d, dc, v) = (cfg.dim, cfg.cond_dim, cfg.vocab_size);
         let lecun = |fan_in| Init::TruncatedFanIn { scale: 1.0, fan_in };
         let e = cfg.embed_dim.unwrap_or(d);
-        let embed = b.add(
-            "embed".into(),
-            &[v + 1, e],
-            Init::Normal(1.0 / (e as f64).sqrt()),
-        )?;
+        let embed = b.matrix("embed", v + 1, e, Init::Normal(1.0 / (e as f64).sqrt()))?;
         let embed_proj = match cfg.embed_dim {
-            Some(e) => Some((
-                b.add("embed_proj.w".into(), &[e, d], lecun(e))?,
-                b.add("embed_proj.b".into(), &[d], Init::Zeros)?,
-            )),
+            Some(e) => Some(b.linear("embed_proj", (e, d), lecun(e), Init::Zeros)?),
             None => None,
         };
         let cond = if cfg.is_conditioned() {
-            let w1_t = if cfg.time_conditioning {
-                Some(b.add("cond.w1_t".into(), &[dc, 4 * dc], lecun(dc))?)
+            let time_in = if cfg.time_conditioning {
+                Some(b.matrix("cond.w1_t", dc, 4 * dc, lecun(dc))?)
             } else {
                 None
             };
             let label = if cfg.num_classes > 0 {
                 let fan_in = if cfg.time_conditioning { 2 * dc } else { dc };
-                Some((
-                    b.add(
-                        "cond.label_embed".into(),
-                        &[cfg.num_classes, dc],
+                Some(LabelInput {
+                    table: b.matrix(
+                        "cond.label_embed",
+                        cfg.num_classes,
+                        dc,
                         Init::Normal(1.0 / (dc as f64).sqrt()),
                     )?,
-                    b.add("cond.w1_label".into(), &[dc, 4 * dc], lecun(fan_in))?,
-                ))
+                    proj: b.matrix("cond.w1_label", dc, 4 * dc, lecun(fan_in))?,
+                })
             } else {
                 None
             };
-            Some(CondIx {
-                w1_t,
+            Some(Conditioning {
+                time_in,
                 label,
-                b1: b.add("cond.b1".into(), &[4 * dc], Init::Zeros)?,
-                w2: b.add("cond.w2".into(), &[4 * dc, dc], lecun(4 * dc))?,
-                b2: b.add("cond.b2".into(), &[dc], Init::Zeros)?,
+                hidden_bias: b.vector("cond.b1", 4 * dc, Init::Zeros)?,
+                out: Linear {
+                    weight: b.matrix("cond.w2", 4 * dc, dc, lecun(4 * dc))?,
+                    bias: b.vector("cond.b2", dc, Init::Zeros)?,
+                },
             })
         } else {
             None
@@ -163,56 +128,68 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         } else {
             1.0
         };
-        let mut blocks = Vec::with_capacity(cfg.n_layers);
-        for l in 0..cfg.n_layers {
-            let p = |s: &str| format!("blocks.{l}.{s}");
-            let norm = if cond.is_some() {
-                NormIx::Ada {
-                    w: b.add(p("ada.w"), &[dc, 6 * d], Init::Zeros)?,
-                    b: b.add(p("ada.b"), &[6 * d], Init::Zeros)?,
-                }
-            } else {
-                NormIx::Rms {
-                    attn: b.add(p("norm_attn"), &[d], Init::Ones)?,
-                    mlp: b.add(p("norm_mlp"), &[d], Init::Ones)?,
-                }
-            };
-            let ffn = |fan_in| Init::TruncatedFanIn {
-                scale: ffn_scale,
-                fan_in,
-            };
-            blocks.push(BlockIx {
-                norm,
-                wq: b.add(p("attn.wq"), &[d, d], lecun(d))?,
-                wk: b.add(p("attn.wk"), &[d, d], lecun(d))?,
-                wv: b.add(p("attn.wv"), &[d, d], lecun(d))?,
-                wo: b.add(p("attn.wo"), &[d, d], lecun(d))?,
-                w1: b.add(p("ffn.w1"), &[d, hidden], ffn(d))?,
-                w3: b.add(p("ffn.w3"), &[d, hidden], ffn(d))?,
-                w2: b.add(p("ffn.w2"), &[hidden, d], ffn(hidden))?,
-            });
-        }
-        let head = if cond.is_some() {
-            NormIx::Ada {
-                w: b.add("head.ada.w".into(), &[dc, 2 * d], Init::Zeros)?,
-                b: b.add("head.ada.b".into(), &[2 * d], Init::Zeros)?,
-            }
-        } else {
-            let s = b.add("head.norm".into(), &[d], Init::Ones)?;
-            NormIx::Rms { attn: s, mlp: s }
+        let ffn_init = |fan_in| Init::TruncatedFanIn {
+            scale: ffn_scale,
+            fan_in,
         };
-        let out = b.add("head.out".into(), &[d, v], Init::Zeros)?;
+        // the norm parameters of block l come first, then attention, then the FFN
+        let layer = |b: &mut Builder<'_, '_, E, D>, l: usize| -> Result<_, NetworkError> {
+            let p = |s: &str| format!("blocks.{l}.{s}");
+            Ok((
+                Attention {
+                    wq: b.matrix(p("attn.wq"), d, d, lecun(d))?,
+                    wk: b.matrix(p("attn.wk"), d, d, lecun(d))?,
+                    wv: b.matrix(p("attn.wv"), d, d, lecun(d))?,
+                    wo: b.matrix(p("attn.wo"), d, d, lecun(d))?,
+                },
+                Ffn {
+                    w1: b.matrix(p("ffn.w1"), d, hidden, ffn_init(d))?,
+                    w3: b.matrix(p("ffn.w3"), d, hidden, ffn_init(d))?,
+                    w2: b.matrix(p("ffn.w2"), hidden, d, ffn_init(hidden))?,
+                },
+            ))
+        };
+        let trunk = match cond {
+            Some(cond) => {
+                let mut blocks = Vec::with_capacity(cfg.n_layers);
+                for l in 0..cfg.n_layers {
+                    let norm = b.linear(
+                        &format!("blocks.{l}.ada"),
+                        (dc, 6 * d),
+                        Init::Zeros,
+                        Init::Zeros,
+                    )?;
+                    let (attn, ffn) = layer(&mut b, l)?;
+                    blocks.push(Block { norm, attn, ffn });
+                }
+                let head = b.linear("head.ada", (dc, 2 * d), Init::Zeros, Init::Zeros)?;
+                Trunk::Conditioned {
+                    cond: Box::new(cond),
+                    blocks,
+                    head,
+                }
+            }
+            None => {
+                let mut blocks = Vec::with_capacity(cfg.n_layers);
+                for l in 0..cfg.n_layers {
+                    let norm = RmsScales {
+                        attn: b.vector(format!("blocks.{l}.norm_attn"), d, Init::Ones)?,
+                        mlp: b.vector(format!("blocks.{l}.norm_mlp"), d, Init::Ones)?,
+                    };
+                    let (attn, ffn) = layer(&mut b, l)?;
+                    blocks.push(Block { norm, attn, ffn });
+                }
+                let head = b.vector("head.norm", d, Init::Ones)?;
+                Trunk::Plain { blocks, head }
+            }
+        };
+        let out = b.matrix("head.out", d, v, Init::Zeros)?;
         Ok(Md4Transformer {
-            ix: Layout {
-                embed,
-                embed_proj,
-                cond,
-                blocks,
-                head,
-                out,
-            },
-            params: b.params,
             cfg,
+            embed,
+            embed_proj,
+            trunk,
+            out,
             dev: dev.clone(),
         })
     }
@@ -226,16 +203,20 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     pub fn device(&self) -> &D {
         &self.dev
     }
-    /// All parameters in a fixed order (their names are the checkpoint keys).
-    pub fn params(&self) -> &[Param<E, D>] {
-        &self.params
+    /// All parameters in their fixed order (their names are the checkpoint keys).
+    pub fn params(&self) -> Vec<&Param<E, D>> {
+        let mut out = Vec::new();
+        self.visit(&mut |p| out.push(p));
+        out
     }
     /// Mutable access for optimizers and EMA: replace `value`, keep the length and shape.
-    pub fn params_mut(&mut self) -> &mut [Param<E, D>] {
-        &mut self.params
+    pub fn params_mut(&mut self) -> Vec<&mut Param<E, D>> {
+        let mut out = Vec::new();
+        self.visit_mut(&mut |p| out.push(p));
+        out
     }
     pub fn num_params(&self) -> usize {
-        self.params.iter().map(Param::numel).sum()
+        self.params().iter().map(|p| p.numel()).sum()
     }
 
     /// The same model on another device (parameters copied through the host).
@@ -243,24 +224,15 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         &self,
         dev: &D2,
     ) -> Result<Md4Transformer<E, D2>, NetworkError> {
-        let params = self
-            .params
-            .iter()
-            .map(|p| {
-                Ok(Param {
-                    name: p.name.clone(),
-                    shape: p.shape.clone(),
-                    value: dev
-                        .try_tensor_from_vec(p.value.as_vec(), (p.numel(),))
-                        .map_err(NetworkError::device)?,
-                })
-            })
-            .collect::<Result<_, NetworkError>>()?;
-        Ok(Md4Transformer {
-            cfg: self.cfg.clone(),
-            params,
-            ix: self.ix.clone(),
-            dev: dev.clone(),
+        let mut src = self.params().into_iter();
+        Md4Transformer::build(self.cfg.clone(), dev, &mut |name, _, _| {
+            // one configuration always builds the same tensors in the same order
+            match src.next() {
+                Some(p) if p.name == name => Ok(p.value.as_vec()),
+                _ => Err(NetworkError::Config(format!(
+                    "to_device: no source tensor {name}"
+                ))),
+            }
         })
     }
 
@@ -269,14 +241,6 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     /// gradients out and drop the rest right after `backward`.)
     pub fn tape(&self) -> OwnedTape<E, D> {
         OwnedTape::default()
-    }
-
-    fn vec(&self, i: usize) -> T1<E, D> {
-        self.params[i].value.clone()
-    }
-    fn mat(&self, i: usize) -> Res<T2<E, D>, D> {
-        let s = &self.params[i].shape;
-        self.params[i].value.clone().try_reshape_like(&(s[0], s[1]))
     }
 
     fn check_input(&self, batch: &DenoiseBatch<'_>) -> Result<(), NetworkError> {
@@ -377,23 +341,31 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     }
 
     /// The conditioning vector c (batch, d_c) = Dense(swish(Dense([emb(t), emb(label)]))).
-    fn cond<T: Tape<E, D>>(&self, ix: &CondIx, batch: &DenoiseBatch<'_>) -> Res<T2<E, D, T>, D> {
+    fn cond<T: Tape<E, D>>(
+        &self,
+        cond: &Conditioning<E, D>,
+        batch: &DenoiseBatch<'_>,
+    ) -> Res<T2<E, D, T>, D> {
         let (b, dc) = (batch.batch, self.cfg.cond_dim);
         let mut h: Option<T2<E, D, T>> = None;
-        if let Some(w1_t) = ix.w1_t {
+        if let Some(w1_t) = &cond.time_in {
             let emb: Vec<E> = time_embedding(batch.t, dc).into_iter().map(E::c).collect();
             let x = self
                 .dev
                 .try_tensor_from_vec(emb, (b, dc))?
                 .put_tape(T::default());
-            h = Some(D::matmul(x, self.mat(w1_t)?)?);
+            h = Some(D::matmul(x, w1_t.tensor()?)?);
         }
-        if let (Some((table, w)), Some(labels)) = (ix.label, batch.labels) {
+        if let (Some(label), Some(labels)) = (&cond.label, batch.labels) {
             let idx = self
                 .dev
                 .try_tensor_from_vec(labels.iter().map(|&l| l as usize).collect(), (b,))?;
-            let e: T2<E, D, T> = self.mat(table)?.put_tape(T::default()).try_gather(idx)?;
-            let y = D::matmul(e, self.mat(w)?)?;
+            let e: T2<E, D, T> = label
+                .table
+                .tensor()?
+                .put_tape(T::default())
+                .try_gather(idx)?;
+            let y = D::matmul(e, label.proj.tensor()?)?;
             h = Some(match h {
                 Some(h) => h.try_add(y)?,
                 None => y,
@@ -401,23 +373,30 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         }
         let h = h.expect("a conditioned model has time or label input");
         let s = *h.shape();
-        let h = h.try_add(self.vec(ix.b1).try_broadcast_like::<_, Axis<0>>(&s)?)?;
-        dense(swish(h)?, self.mat(ix.w2)?, Some(self.vec(ix.b2)))
+        let h = h.try_add(
+            cond.hidden_bias
+                .tensor()
+                .try_broadcast_like::<_, Axis<0>>(&s)?,
+        )?;
+        dense(
+            swish(h)?,
+            cond.out.weight.tensor()?,
+            Some(cond.out.bias.tensor()),
+        )
     }
 
     /// Per-sequence modulation vectors: act(c) @ W + b, split into `k` (batch, dim) chunks.
     fn ada<T: Tape<E, D>>(
         &self,
         c_act: &T2<E, D>,
-        w: usize,
-        bias: usize,
+        proj: &Linear<E, D>,
         k: usize,
     ) -> Res<Modulation<E, D, T>, D> {
         let d = self.cfg.dim;
         let m = dense(
             c_act.clone().put_tape(T::default()),
-            self.mat(w)?,
-            Some(self.vec(bias)),
+            proj.weight.tensor()?,
+            Some(proj.bias.tensor()),
         )?;
         let (m, tape) = m.split_tape();
         let parts = (0..k)
@@ -435,29 +414,29 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     fn attention<T: Tape<E, D>>(
         &self,
         x: T2<E, D, T>,
-        blk: &BlockIx,
+        attn: &Attention<E, D>,
         rope: &Rope<E, D>,
         b: usize,
         n: usize,
     ) -> Res<T2<E, D, T>, D> {
         let (d, h) = (self.cfg.dim, self.cfg.n_heads);
         let hd = d / h;
-        let q = D::matmul(x.retaped::<T>(), self.mat(blk.wq)?)?;
-        let k = D::matmul(x.retaped::<T>(), self.mat(blk.wk)?)?;
-        let v = D::matmul(x, self.mat(blk.wv)?)?;
+        let q = D::matmul(x.retaped::<T>(), attn.wq.tensor()?)?;
+        let k = D::matmul(x.retaped::<T>(), attn.wk.tensor()?)?;
+        let v = D::matmul(x, attn.wv.tensor()?)?;
         // 1/sqrt(hd) is folded into q's rotation
         let q = D::rope(rope, q, b, n, h, 1.0 / (hd as f64).sqrt())?;
         let k = D::rope(rope, k, b, n, h, 1.0)?;
         let v = v.try_reshape_like(&(b, n, h, hd))?;
         let o = D::attention(q, k, v)?;
-        D::matmul(o, self.mat(blk.wo)?)
+        D::matmul(o, attn.wo.tensor()?)
     }
 
     /// Gated FFN `W2(act(W1 x) ⊙ W3 x)`.
-    fn ffn<T: Tape<E, D>>(&self, x: T2<E, D, T>, blk: &BlockIx) -> Res<T2<E, D, T>, D> {
-        let a = D::matmul(x.retaped::<T>(), self.mat(blk.w1)?)?;
-        let u = D::matmul(x, self.mat(blk.w3)?)?;
-        D::matmul(D::glu(self.cfg.mlp, a, u)?, self.mat(blk.w2)?)
+    fn ffn<T: Tape<E, D>>(&self, x: T2<E, D, T>, ffn: &Ffn<E, D>) -> Res<T2<E, D, T>, D> {
+        let a = D::matmul(x.retaped::<T>(), ffn.w1.tensor()?)?;
+        let u = D::matmul(x, ffn.w3.tensor()?)?;
+        D::matmul(D::glu(self.cfg.mlp, a, u)?, ffn.w2.tensor()?)
     }
 
     fn forward_impl<T: Tape<E, D>>(
@@ -475,68 +454,56 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         let ids = self
             .dev
             .try_tensor_from_vec(batch.ids.iter().map(|&i| i as usize).collect(), (b * n,))?;
-        let mut h: T2<E, D, T> = self.mat(self.ix.embed)?.put_tape(tape).try_gather(ids)?;
-        if let Some((w, bias)) = self.ix.embed_proj {
-            h = dense(h, self.mat(w)?, Some(self.vec(bias)))?;
+        let mut h: T2<E, D, T> = self.embed.tensor()?.put_tape(tape).try_gather(ids)?;
+        if let Some(proj) = &self.embed_proj {
+            h = dense(h, proj.weight.tensor()?, Some(proj.bias.tensor()))?;
         }
-        // act(c) is shared by every block: compute it once, keep its ops in `cond_tape`, and
-        // hand out tape-free copies (gradients meet on its id).
-        let (c_act, mut cond_tape) = match &self.ix.cond {
-            Some(ix) => {
-                let c: T2<E, D, T> = self.cond(ix, batch)?;
-                let (c, t) = act(self.cfg.mlp, c)?.split_tape();
-                (Some(c), t)
-            }
-            None => (None, T::default()),
-        };
         let rope = Rope::new(&self.dev, n, d / self.cfg.n_heads, self.cfg.rope_theta)?;
-        for blk in &self.ix.blocks {
-            match (&blk.norm, &c_act) {
-                (NormIx::Ada { w, b: bias }, Some(c)) => {
-                    let (m, t) = self.ada::<T>(c, *w, *bias, 6)?;
+        let (h, cond_tape) = match &self.trunk {
+            Trunk::Conditioned { cond, blocks, head } => {
+                // act(c) is shared by every block: compute it once, keep its ops in
+                // `cond_tape`, and hand out tape-free copies (gradients meet on its id).
+                let c: T2<E, D, T> = self.cond(cond, batch)?;
+                let (c, mut cond_tape) = act(self.cfg.mlp, c)?.split_tape();
+                for blk in blocks {
+                    let (m, t) = self.ada::<T>(&c, &blk.norm, 6)?;
                     cond_tape = cond_tape.merge(t);
                     let mut m = m.into_iter();
                     let mut take = || m.next().expect("6 modulation chunks");
                     let (sh_a, sc_a, g_a) = (take(), take(), take());
                     let (sh_m, sc_m, g_m) = (take(), take(), take());
                     let a = D::modulate(D::layer_norm(h.retaped::<T>())?, sh_a, sc_a, b, n)?;
-                    let a =
-                        channel_dropout(self.attention(a, blk, &rope, b, n)?, next_mask(), b, n)?;
-                    h = D::gated_residual(h, a, g_a, b, n)?;
+                    let a = self.attention(a, &blk.attn, &rope, b, n)?;
+                    h = D::gated_residual(h, channel_dropout(a, next_mask(), b, n)?, g_a, b, n)?;
                     D::retain(&scope, &h);
                     let f = D::modulate(D::layer_norm(h.retaped::<T>())?, sh_m, sc_m, b, n)?;
-                    let f = channel_dropout(self.ffn(f, blk)?, next_mask(), b, n)?;
+                    let f = channel_dropout(self.ffn(f, &blk.ffn)?, next_mask(), b, n)?;
                     h = D::gated_residual(h, f, g_m, b, n)?;
                     D::retain(&scope, &h);
                 }
-                (NormIx::Rms { attn, mlp }, _) => {
-                    let a = D::rms_norm(h.retaped::<T>(), self.vec(*attn))?;
-                    let a =
-                        channel_dropout(self.attention(a, blk, &rope, b, n)?, next_mask(), b, n)?;
-                    h = h.try_add(a)?;
+                let (m, t) = self.ada::<T>(&c, head, 2)?;
+                let mut m = m.into_iter();
+                let (sh, sc) = (m.next().expect("shift"), m.next().expect("scale"));
+                (
+                    D::modulate(D::layer_norm(h)?, sh, sc, b, n)?,
+                    cond_tape.merge(t),
+                )
+            }
+            Trunk::Plain { blocks, head } => {
+                for blk in blocks {
+                    let a = D::rms_norm(h.retaped::<T>(), blk.norm.attn.tensor())?;
+                    let a = self.attention(a, &blk.attn, &rope, b, n)?;
+                    h = h.try_add(channel_dropout(a, next_mask(), b, n)?)?;
                     D::retain(&scope, &h);
-                    let f = D::rms_norm(h.retaped::<T>(), self.vec(*mlp))?;
-                    let f = channel_dropout(self.ffn(f, blk)?, next_mask(), b, n)?;
+                    let f = D::rms_norm(h.retaped::<T>(), blk.norm.mlp.tensor())?;
+                    let f = channel_dropout(self.ffn(f, &blk.ffn)?, next_mask(), b, n)?;
                     h = h.try_add(f)?;
                     D::retain(&scope, &h);
                 }
-                (NormIx::Ada { .. }, None) => {
-                    unreachable!("adaLN blocks exist only with conditioning")
-                }
+                (D::rms_norm(h, head.tensor())?, T::default())
             }
-        }
-        let h = match (&self.ix.head, &c_act) {
-            (NormIx::Ada { w, b: bias }, Some(c)) => {
-                let (m, t) = self.ada::<T>(c, *w, *bias, 2)?;
-                cond_tape = cond_tape.merge(t);
-                let mut m = m.into_iter();
-                let (sh, sc) = (m.next().expect("shift"), m.next().expect("scale"));
-                D::modulate(D::layer_norm(h)?, sh, sc, b, n)?
-            }
-            (NormIx::Rms { attn, .. }, _) => D::rms_norm(h, self.vec(*attn))?,
-            (NormIx::Ada { .. }, None) => unreachable!("adaLN head exists only with conditioning"),
         };
-        let logits = D::matmul(h, self.mat(self.ix.out)?)?;
+        let logits = D::matmul(h, self.out.tensor()?)?;
         let (logits, t) = logits.split_tape();
         logits
             .put_tape(t.merge(cond_tape))
@@ -547,8 +514,8 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     /// (`maskdiff_data::write_atomic`).
     pub fn save_safetensors(&self, path: &Path) -> Result<(), NetworkError> {
         let items: Vec<_> = self
-            .params
-            .iter()
+            .params()
+            .into_iter()
             .map(|p| (p.name.clone(), p.shape.clone(), &p.value))
             .collect();
         let bytes = param::to_safetensors(&items, path)?;
@@ -563,6 +530,6 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     pub fn load_safetensors(&mut self, path: &Path) -> Result<(), NetworkError> {
         let bytes = std::fs::read(path).map_err(|e| NetworkError::io(path, e))?;
         let map = param::from_safetensors::<E>(&bytes, path)?;
-        param::load_into(&mut self.params, map, "", path)
+        param::load_into(self.params_mut(), map, "", path)
     }
 }

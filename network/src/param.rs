@@ -76,8 +76,8 @@ pub fn from_safetensors<E: Elem>(
 
 /// Replace the values of `params` from a parsed safetensors map; names and shapes must match
 /// exactly (no missing, no extra tensors).
-pub(crate) fn load_into<E: Elem, D: Device<E>>(
-    params: &mut [Param<E, D>],
+pub(crate) fn load_into<E: Elem, D: crate::Kernels<E>>(
+    params: Vec<&mut Param<E, D>>,
     mut map: TensorMap<E>,
     prefix: &str,
     path: &std::path::Path,
@@ -86,7 +86,7 @@ pub(crate) fn load_into<E: Elem, D: Device<E>>(
         path: path.into(),
         msg,
     };
-    for p in params.iter_mut() {
+    for p in params {
         let key = format!("{prefix}{}", p.name);
         let (shape, vals) = map
             .remove(&key)
@@ -97,10 +97,7 @@ pub(crate) fn load_into<E: Elem, D: Device<E>>(
                 p.shape
             )));
         }
-        let dev = p.value.device().clone();
-        p.value = dev
-            .try_tensor_from_vec(vals, (p.numel(),))
-            .map_err(NetworkError::device)?;
+        p.value = D::lasting_tensor(p.value.device(), vals).map_err(NetworkError::device)?;
     }
     let extra: Vec<_> = map
         .keys()

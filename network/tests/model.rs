@@ -214,3 +214,107 @@ fn save_load_roundtrip_gives_identical_outputs() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The checkpoint name table of `maskdiff_network::modules` (names, shapes, order), written out
+/// by hand for two configurations: conditioned (time + labels, outside embedding) and plain.
+#[test]
+fn checkpoint_names_are_the_documented_table() {
+    let dev = Cpu::default();
+    let (v, d, dc, e, h, k) = (5usize, 32usize, 16usize, 8usize, 24usize, 3usize);
+    let mut cfg = tiny(v);
+    cfg.n_layers = 2;
+    cfg.dim = d;
+    cfg.n_heads = 2;
+    cfg.cond_dim = dc;
+    cfg.ffn_hidden = Some(h);
+    cfg.embed_dim = Some(e);
+    cfg.num_classes = k;
+    cfg.time_conditioning = true;
+    let block = |l: usize, norm: Vec<(String, Vec<usize>)>| {
+        let mut rows = norm;
+        for w in ["wq", "wk", "wv", "wo"] {
+            rows.push((format!("blocks.{l}.attn.{w}"), vec![d, d]));
+        }
+        rows.push((format!("blocks.{l}.ffn.w1"), vec![d, h]));
+        rows.push((format!("blocks.{l}.ffn.w3"), vec![d, h]));
+        rows.push((format!("blocks.{l}.ffn.w2"), vec![h, d]));
+        rows
+    };
+    let s = |n: &str, shape: &[usize]| (n.to_string(), shape.to_vec());
+    let mut want = vec![
+        s("embed", &[v + 1, e]),
+        s("embed_proj.w", &[e, d]),
+        s("embed_proj.b", &[d]),
+        s("cond.w1_t", &[dc, 4 * dc]),
+        s("cond.label_embed", &[k, dc]),
+        s("cond.w1_label", &[dc, 4 * dc]),
+        s("cond.b1", &[4 * dc]),
+        s("cond.w2", &[4 * dc, dc]),
+        s("cond.b2", &[dc]),
+    ];
+    for l in 0..2 {
+        let ada = vec![
+            (format!("blocks.{l}.ada.w"), vec![dc, 6 * d]),
+            (format!("blocks.{l}.ada.b"), vec![6 * d]),
+        ];
+        want.extend(block(l, ada));
+    }
+    want.extend([
+        s("head.ada.w", &[dc, 2 * d]),
+        s("head.ada.b", &[2 * d]),
+        s("head.out", &[d, v]),
+    ]);
+    let names = |m: &Md4Transformer<f32, Cpu>| -> Vec<(String, Vec<usize>)> {
+        m.params()
+            .iter()
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect()
+    };
+    let m = cfg.init::<f32, Cpu>(&dev, 0).unwrap();
+    assert_eq!(names(&m), want);
+    assert_eq!(
+        m.num_params(),
+        want.iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum::<usize>()
+    );
+
+    cfg.embed_dim = None;
+    cfg.num_classes = 0;
+    cfg.time_conditioning = false;
+    let mut want = vec![s("embed", &[v + 1, d])];
+    for l in 0..2 {
+        let rms = vec![
+            (format!("blocks.{l}.norm_attn"), vec![d]),
+            (format!("blocks.{l}.norm_mlp"), vec![d]),
+        ];
+        want.extend(block(l, rms));
+    }
+    want.extend([s("head.norm", &[d]), s("head.out", &[d, v])]);
+    assert_eq!(names(&cfg.init::<f32, Cpu>(&dev, 0).unwrap()), want);
+}
+
+/// `to_device` rebuilds the typed structure from the source's tensors: same names, values and
+/// outputs (here Cpu → Cpu, f64).
+#[test]
+fn to_device_copies_every_tensor() {
+    let dev = Cpu::default();
+    let mut m = tiny(6).init::<f64, Cpu>(&dev, 4).unwrap();
+    randomise(&mut m, 5, 0.3);
+    let c = m.to_device(&Cpu::default()).unwrap();
+    for (p, q) in m.params().iter().zip(c.params()) {
+        assert_eq!((&p.name, &p.shape), (&q.name, &q.shape));
+        assert_eq!(p.value.as_vec(), q.value.as_vec());
+    }
+    let ids = [0u32, 6, 2, 6, 1, 5];
+    let batch = DenoiseBatch {
+        ids: &ids,
+        batch: 1,
+        len: 6,
+        t: &[0.4],
+        labels: None,
+    };
+    let a = m.forward(&batch, NoneTape, None).unwrap().as_vec();
+    let b = c.forward(&batch, NoneTape, None).unwrap().as_vec();
+    assert_eq!(a, b);
+}
