@@ -5,7 +5,13 @@
 # (bench/torch_reference.py), run alternately in one invocation so both see the same machine
 # load. Ends with
 #   maskdiff: ...; PyTorch: ...            (best tokens/s per side, peak RSS of the train phase)
-#   train_ratio=X forward_ratio=Y mem_ratio=Z
+#   train_ratio=X forward_ratio=Y mem_ratio=Z train_ratio_bf16=.. forward_ratio_bf16=..
+# It starts with the CPU model, the SIMD features the kernels can use (avx2, fma, avx512f,
+# avx512_bf16, amx_bf16), and the machine's f32 FMA peak (cores × GHz × FMA lanes × 2 FMA units
+# × 2 flops; GHz from /proc/cpuinfo "cpu MHz", 2 FMA units assumed, as on current x86 server
+# cores), and reports each side's achieved GFLOP/s (analytic matmul + attention flops of the
+# cpu-small model: 3× the forward's per train step) against that peak. PyTorch also runs with
+# bf16 autocast (BF16=0 skips it); maskdiff runs f32 (it has no bf16 path yet).
 # ratios = maskdiff over PyTorch tokens/s; mem_ratio = maskdiff over PyTorch peak resident
 # memory of the train phase (whole process, Linux VmHWM; < 1 means maskdiff uses less). The
 # spread (min–max over rounds) of each side is printed too.
@@ -30,7 +36,25 @@ else
   torch_threads=()
 fi
 
-rs_f=(); rs_t=(); rs_m=(); py_f=(); py_t=(); py_m=()
+cores=$(nproc)
+model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+mhz=$(sed -n 's/^cpu MHz[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+flags=$(sed -n 's/^flags[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+feats=""
+for f in avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile; do
+  case " $flags " in *" $f "*) feats="$feats $f" ;; esac
+done
+lanes=4
+case " $flags " in *" avx2 "*) lanes=8 ;; esac
+case " $flags " in *" avx512f "*) lanes=16 ;; esac
+peak=$(awk -v c="$cores" -v m="$mhz" -v l="$lanes" 'BEGIN { printf "%.0f", c * m / 1000 * l * 2 * 2 }')
+echo "CPU: $model, $cores cores at ${mhz} MHz; features:${feats:- (none of avx2/avx512)}"
+echo "f32 FMA peak ≈ $peak GFLOP/s ($cores cores × $(awk -v m="$mhz" 'BEGIN{printf "%.2f", m/1000}') GHz × $lanes lanes × 2 FMA units × 2)"
+# cpu-small, length 256: matmul flops per token 2·(L(4d² + 3dh) + dV), attention 4·n·d per layer
+fwd_flop=$(awk 'BEGIN { L=4; d=256; h=704; V=27; n=256; print 2*(L*(4*d*d + 3*d*h) + d*V) + L*4*n*d }')
+echo "flops per token: forward $(awk -v f="$fwd_flop" 'BEGIN{printf "%.2f", f/1e6}') M, train step $(awk -v f="$fwd_flop" 'BEGIN{printf "%.2f", 3*f/1e6}') M"
+BF16=${BF16:-1}
+rs_f=(); rs_t=(); rs_m=(); py_f=(); py_t=(); py_m=(); pb_f=(); pb_t=()
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 for r in $(seq 1 "$ROUNDS"); do
   echo "== round $r: maskdiff (dfdx)" >&2
@@ -41,6 +65,11 @@ for r in $(seq 1 "$ROUNDS"); do
   line=$(python3 -W ignore bench/torch_reference.py --iters "$ITERS" --warmup "$WARMUP" "${torch_threads[@]}" 2>/dev/null | tee >(cat >&2) | grep '^torch ')
   py_f+=("$(echo "$line" | field forward_tok_s)"); py_t+=("$(echo "$line" | field train_tok_s)")
   py_m+=("$(echo "$line" | field train_peak_rss_mb)")
+  if [ "$BF16" = 1 ]; then
+    echo "== round $r: PyTorch bf16 autocast" >&2
+    line=$(python3 -W ignore bench/torch_reference.py --precision bf16 --iters "$ITERS" --warmup "$WARMUP" "${torch_threads[@]}" 2>/dev/null | tee >(cat >&2) | grep '^torch-bf16 ')
+    pb_f+=("$(echo "$line" | field forward_tok_s)"); pb_t+=("$(echo "$line" | field train_tok_s)")
+  fi
 done
 sleep 0.2 # let the tee'd copies reach stderr first
 best() { printf '%s\n' "$@" | sort -g | tail -n 1; }
@@ -50,5 +79,13 @@ rf=$(best "${rs_f[@]}"); rt=$(best "${rs_t[@]}"); pf=$(best "${py_f[@]}"); pt=$(
 rm_=$(least "${rs_m[@]}"); pm=$(least "${py_m[@]}")
 echo "spread over $ROUNDS rounds (tok/s): maskdiff forward $(span "${rs_f[@]}"), train $(span "${rs_t[@]}"); PyTorch forward $(span "${py_f[@]}"), train $(span "${py_t[@]}")"
 echo "maskdiff: forward ${rf} tok/s, train ${rt} tok/s, train peak RSS ${rm_} MB; PyTorch: forward ${pf} tok/s, train ${pt} tok/s, train peak RSS ${pm} MB"
-awk -v rt="$rt" -v pt="$pt" -v rf="$rf" -v pf="$pf" -v rm="$rm_" -v pm="$pm" \
-  'BEGIN { printf "train_ratio=%.3f forward_ratio=%.3f mem_ratio=%.3f\n", rt / pt, rf / pf, rm / pm }'
+gf() { awk -v tok="$1" -v f="$fwd_flop" -v k="$2" -v p="$peak" 'BEGIN { g = tok * f * k / 1e9; printf "%.0f GFLOP/s (%.0f%% of peak)", g, 100 * g / p }'; }
+echo "achieved: maskdiff f32 train $(gf "$rt" 3), forward $(gf "$rf" 1); PyTorch f32 train $(gf "$pt" 3), forward $(gf "$pf" 1)"
+bf=""
+if [ "$BF16" = 1 ]; then
+  bt=$(best "${pb_t[@]}"); bfw=$(best "${pb_f[@]}")
+  echo "PyTorch bf16 autocast: forward ${bfw} tok/s, train ${bt} tok/s (spread: forward $(span "${pb_f[@]}"), train $(span "${pb_t[@]}")); achieved train $(gf "$bt" 3), forward $(gf "$bfw" 1)"
+  bf=$(awk -v rt="$rt" -v bt="$bt" -v rf="$rf" -v bf="$bfw" 'BEGIN { printf " train_ratio_bf16=%.3f forward_ratio_bf16=%.3f", rt / bt, rf / bf }')
+fi
+awk -v rt="$rt" -v pt="$pt" -v rf="$rf" -v pf="$pf" -v rm="$rm_" -v pm="$pm" -v bf="$bf" \
+  'BEGIN { printf "train_ratio=%.3f forward_ratio=%.3f mem_ratio=%.3f%s\n", rt / pt, rf / pf, rm / pm, bf }'

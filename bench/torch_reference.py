@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""PyTorch (eager, CPU, f32) reference for the maskdiff throughput benchmark.
+"""PyTorch (eager, CPU; f32, or bf16 autocast with --precision bf16) reference for the maskdiff
+throughput benchmark.
 
 The same `cpu-small` MD4 transformer as network/src/model.rs (spec §7.2): embedding over V+1 ids,
 sinusoidal time embedding of 1000·t -> Dense(4·d_c) -> swish -> Dense(d_c), per block adaLN-zero
@@ -11,6 +12,10 @@ backward, global grad norm, AdamW, EMA. Prints `torch forward_tok_s=... train_to
 train_peak_rss_mb=... train_rss_growth_mb=...` from the fastest timed iteration (as the Rust side
 does); peak resident memory of the train phase is the Linux high-water mark VmHWM, reset through
 /proc/self/clear_refs before the phase (growth = peak minus the resident set before it).
+
+`--precision bf16` runs the forward pass and the loss under `torch.autocast("cpu", bfloat16)`
+(bf16 matmul inputs, f32 accumulation, f32 master weights and optimizer state: PyTorch's mixed
+precision); the printed line then starts `torch-bf16`.
 
 Installs torch from PyPI (plain `pip install torch`) if it is missing.
 """
@@ -114,7 +119,7 @@ class Md4Transformer(nn.Module):
         return self.out(x)
 
 
-def md4_step(model, opt, ema, x0, vocab, gen):
+def md4_step(model, opt, ema, x0, vocab, gen, autocast):
     b, n = x0.shape
     u = torch.rand((), generator=gen, dtype=torch.float64)
     t = (u + torch.arange(b, dtype=torch.float64) / b) % 1.0  # antithetic
@@ -122,8 +127,9 @@ def md4_step(model, opt, ema, x0, vocab, gen):
     weight = (1 - 2 * EPS) / (1 - alpha)  # -alpha'/(1 - alpha)
     keep = torch.rand((b, n), generator=gen, dtype=torch.float64) < alpha[:, None]
     xt = torch.where(keep, x0, torch.full_like(x0, vocab))
-    logits = model(xt, t)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, x0[..., None])[..., 0]
+    with autocast():
+        logits = model(xt, t)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, x0[..., None])[..., 0]
     masked = (~keep).float() * weight[:, None].float()
     loss = -(logp * masked).sum(dim=1).mean()
     opt.zero_grad(set_to_none=True)
@@ -164,7 +170,15 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--len", type=int, default=256)
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     args = ap.parse_args()
+    if args.precision == "bf16":
+        def autocast():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        import contextlib
+        autocast = contextlib.nullcontext
+    tag = "torch" if args.precision == "f32" else "torch-bf16"
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -181,7 +195,7 @@ def main():
 
     rss0 = reset_peak()
     fwd = []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast():
         for i in range(args.warmup + args.iters):
             s = time.perf_counter()
             model(xt, t)
@@ -192,7 +206,7 @@ def main():
     step = []
     for i in range(args.warmup + args.iters):
         s = time.perf_counter()
-        md4_step(model, opt, ema, x0, vocab, gen)
+        md4_step(model, opt, ema, x0, vocab, gen, autocast)
         if i >= args.warmup:
             step.append(time.perf_counter() - s)
     peak = _status_mb("VmHWM:")
@@ -202,7 +216,7 @@ def main():
           f"peak RSS {fwd_peak:.1f} MB (+{fwd_peak - rss0:.1f} over the model)")
     print(f"train step: best {st:.4f} s/step, median {sorted(step)[len(step) // 2]:.4f}, "
           f"peak RSS {peak:.1f} MB (+{peak - rss1:.1f})")
-    print(f"torch forward_tok_s={b * n / f:.1f} train_tok_s={b * n / st:.1f} "
+    print(f"{tag} forward_tok_s={b * n / f:.1f} train_tok_s={b * n / st:.1f} "
           f"train_peak_rss_mb={peak:.1f} train_rss_growth_mb={peak - rss1:.1f}")
 
 
