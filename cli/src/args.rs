@@ -344,7 +344,8 @@ pub struct SampleArgs {
     /// A run directory (its latest checkpoint) or a checkpoint directory.
     #[arg(value_name = "RUN")]
     pub run: PathBuf,
-    /// [sample.num_samples] number of samples.
+    /// [sample.num_samples] number of samples, drawn and printed 16 at a time (memory does not
+    /// grow with N; image grids hold at most 4096).
     #[arg(short = 'n', long, value_name = "N")]
     pub num_samples: Option<usize>,
     /// [sample.steps] reverse steps T.
