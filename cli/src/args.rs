@@ -327,10 +327,12 @@ pub struct EvalArgs {
     /// Use the raw parameters instead of their EMA.
     #[arg(long)]
     pub no_ema: bool,
-    /// Run the zero-shot perplexity suite (GPT-2-tokenised models) on the sets in DIR
-    /// (default: ../shared/data/zeroshot relative to the workspace, or ./shared/data/zeroshot).
-    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
-    pub zero_shot: Option<PathBuf>,
+    /// Run the zero-shot perplexity suite (GPT-2-tokenised models) on the sets in DIR. Without
+    /// DIR (`maskdiff eval RUN --zero-shot`): the first of ./shared/data/zeroshot,
+    /// ../shared/data/zeroshot and, beside the source tree maskdiff was built from,
+    /// <workspace>/../shared/data/zeroshot that exists.
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    pub zero_shot: Option<Option<PathBuf>>,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -342,7 +344,8 @@ pub struct SampleArgs {
     /// A run directory (its latest checkpoint) or a checkpoint directory.
     #[arg(value_name = "RUN")]
     pub run: PathBuf,
-    /// [sample.num_samples] number of samples.
+    /// [sample.num_samples] number of samples, drawn and printed 16 at a time (memory does not
+    /// grow with N; image grids hold at most 4096).
     #[arg(short = 'n', long, value_name = "N")]
     pub num_samples: Option<usize>,
     /// [sample.steps] reverse steps T.
@@ -357,7 +360,9 @@ pub struct SampleArgs {
     /// [sample.top_p] nucleus sampling mass (1 = off).
     #[arg(long, value_name = "P")]
     pub top_p: Option<f64>,
-    /// [sample.temperature] softmax temperature.
+    /// [sample.temperature] softmax temperature: 1 = the model's distribution, 0 = greedy
+    /// (the most probable token at each reveal); positive values below 1e-6 are refused (the
+    /// smallest overflow to NaN probabilities; for greedy use 0).
     #[arg(long, value_name = "TAU")]
     pub temperature: Option<f64>,
     /// [sample.block_size] semi-autoregressive blocks of this many positions (0 = off).
@@ -518,6 +523,29 @@ mod tests {
         assert_eq!(c.train.time_limit_s, 60.0);
         // Untouched fields keep their defaults.
         assert_eq!(c.train.log_every, Config::default().train.log_every);
+    }
+
+    #[test]
+    fn zero_shot_takes_an_optional_directory() {
+        let zs = |args: &[&str]| {
+            let mut v = vec!["maskdiff", "eval"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v).unwrap().command {
+                Command::Eval(e) => (e.run, e.zero_shot),
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(zs(&["r"]), (PathBuf::from("r"), None));
+        // The README's form: the flag last, without a directory.
+        assert_eq!(zs(&["r", "--zero-shot"]), (PathBuf::from("r"), Some(None)));
+        assert_eq!(
+            zs(&["r", "--zero-shot", "d"]),
+            (PathBuf::from("r"), Some(Some(PathBuf::from("d"))))
+        );
+        assert_eq!(
+            zs(&["--zero-shot=d", "r"]),
+            (PathBuf::from("r"), Some(Some(PathBuf::from("d"))))
+        );
     }
 
     #[test]

@@ -310,7 +310,8 @@ pub struct SampleConfig {
     pub sampler: SamplerKind,
     /// Nucleus sampling: keep the smallest set of tokens with mass ≥ p (1 = off).
     pub top_p: f64,
-    /// Softmax temperature of μ (1 = the model's distribution).
+    /// Softmax temperature of μ (1 = the model's distribution, 0 = greedy argmax; a positive
+    /// value must be at least 1e-6).
     pub temperature: f64,
     /// Semi-autoregressive generation in blocks of this many positions (0 = off).
     pub block_size: usize,
@@ -477,7 +478,9 @@ impl Config {
                 format!("must be in (0, 1], got {}", s.top_p),
             ));
         }
-        positive("sample.temperature", s.temperature)?;
+        // The sampler's own rule: 0 = greedy, else at least maskdiff_sampler::MIN_TEMPERATURE.
+        maskdiff_sampler::Shaping::new(s.temperature, 1.0)
+            .map_err(|e| CliError::config("sample.temperature", e.to_string()))?;
         if m.kind == ModelKind::Genmd4
             && matches!(
                 s.sampler,

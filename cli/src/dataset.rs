@@ -90,6 +90,31 @@ fn missing(path: &Path, what: &str) -> CliError {
     ))
 }
 
+/// The English corpus of the fetch cache `dir`. A cached token file that does not open is rebuilt
+/// from the fetched sources when they are there; when they are not, the error says the cache is
+/// corrupt and how to refetch (rather than that a source file is missing).
+fn open_english_cache(dir: &Path, id: TokenizerId) -> Result<TokenFile> {
+    let cached = maskdiff_data::corpus::english_corpus_path(dir, id);
+    if cached.exists() {
+        if let Err(e) = TokenFile::open(&cached) {
+            if maskdiff_data::corpus::english_corpus_files(dir).is_err() {
+                return Err(CliError::Input(format!(
+                    "the cached corpus {} is corrupt ({e}) and the sources to rebuild it are \
+                     missing: refetch them with `bash scripts/fetch-data.sh {} english` and \
+                     maskdiff rebuilds the corpus on its next run",
+                    cached.display(),
+                    dir.display()
+                )));
+            }
+            eprintln!(
+                "maskdiff: the cached corpus {} is corrupt ({e}); rebuilding it from the sources",
+                cached.display()
+            );
+        }
+    }
+    Ok(maskdiff_data::open_or_build_english_corpus(dir, id)?)
+}
+
 /// Whether `path` starts with the token-file magic.
 fn is_token_file(path: &Path) -> Result<bool> {
     use std::io::Read;
@@ -134,7 +159,7 @@ impl Data {
                 if !path.join("english").is_dir() {
                     return Err(missing(&path.join("english"), "the English corpus"));
                 }
-                maskdiff_data::open_or_build_english_corpus(path, id)?
+                open_english_cache(path, id)?
             } else {
                 if is_token_file(path)? {
                     // Memory-mapped, and errors name the file.

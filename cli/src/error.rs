@@ -33,13 +33,22 @@ pub enum CliError {
     /// The checkpoint does not fit the requested model or data.
     #[error("checkpoint {path} does not match: {reason}")]
     CheckpointMismatch { path: PathBuf, reason: String },
-    /// The loss or gradient became NaN or infinite; nothing of that step was saved.
-    #[error("training diverged: {what} is {value} at step {step} (optim.lr = {lr:e}; the last checkpoint is kept, lower the learning rate)")]
+    /// The loss or gradient became NaN or infinite; nothing of that step was saved. `kept` says
+    /// which checkpoint is in force, if any; the causes are listed, none asserted.
+    #[error(
+        "training diverged: {what} is {value} at step {step}, nothing of that step was saved; \
+         {kept}; possible causes: a learning rate too high (optim.lr = {lr:e}), gradient \
+         clipping off or loose (optim.clip_norm = {clip_norm}), too short a warm-up \
+         (optim.warmup_steps = {warmup_steps}), or extreme data"
+    )]
     Diverged {
         what: &'static str,
         step: u64,
         value: f64,
+        kept: String,
         lr: f64,
+        clip_norm: f64,
+        warmup_steps: u64,
     },
     /// A plot could not be drawn.
     #[error("plot failed: {0}")]
@@ -99,6 +108,57 @@ pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
         src = s.source();
     }
     msg.replace('\n', " ")
+}
+
+/// A clap usage error as one line: the message, the lines clap indents under it (e.g. the missing
+/// arguments), its tips and the usage, with "see --help". A missing command (`maskdiff`,
+/// `maskdiff plot`), for which clap would print the whole help, is one line too. `None` for
+/// `--help` and `--version`, which clap prints itself.
+pub fn usage_error_line(e: &clap::Error) -> Option<String> {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        return None;
+    }
+    // `Display` of the rendered error is its plain text (no colour codes).
+    let text = e.render().to_string();
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        let usage = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Usage:"))
+            .unwrap_or("maskdiff <COMMAND>")
+            .trim();
+        return Some(format!(
+            "a command is required (usage: {usage}; see --help)"
+        ));
+    }
+    let mut msg = String::new();
+    let mut tips = Vec::new();
+    let mut usage = None;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with("For more information") {
+            continue;
+        }
+        if let Some(u) = t.strip_prefix("Usage:") {
+            usage = Some(u.trim().to_string());
+        } else if let Some(tip) = t.strip_prefix("tip:") {
+            tips.push(tip.trim().to_string());
+        } else if let Some(m) = t.strip_prefix("error:") {
+            msg.push_str(m.trim());
+        } else {
+            if !msg.is_empty() {
+                msg.push(' ');
+            }
+            msg.push_str(t);
+        }
+    }
+    for tip in tips {
+        msg.push_str(&format!("; tip: {tip}"));
+    }
+    if let Some(u) = usage {
+        msg.push_str(&format!(" (usage: {u}; see --help)"));
+    }
+    Some(msg)
 }
 
 pub type Result<T, E = CliError> = std::result::Result<T, E>;

@@ -1,5 +1,7 @@
 //! Atomic file output: write to a temporary file in the destination directory, fsync it, then
-//! rename it over the target, so a crash never leaves a half-written file under the real name.
+//! rename it over the target, so a crash never leaves a half-written file under the real name
+//! (whole buffers through [`write_atomic`], streamed output through [`AtomicFile`]). The run
+//! directory lock ([`RunLock`]) that keeps two `train` processes out of one directory.
 
 use crate::error::{CliError, Result};
 use std::fs;
@@ -15,6 +17,70 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         }
         other => other.into(),
     })
+}
+
+/// A file written as a stream and published atomically: the bytes go to `.NAME.tmp-PID` beside
+/// `path` (the naming of [`maskdiff_data::write_atomic`]); [`AtomicFile::commit`] fsyncs it,
+/// renames it over `path` and fsyncs the directory. Dropped without a commit (an error, a
+/// panic), the temp file is removed and `path` is untouched.
+#[derive(Debug)]
+pub struct AtomicFile {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    file: Option<std::io::BufWriter<fs::File>>,
+}
+
+impl AtomicFile {
+    pub fn create(path: &Path) -> Result<Self> {
+        let name = path
+            .file_name()
+            .ok_or_else(|| CliError::Input(format!("not a file path: {}", path.display())))?;
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = fs::File::create(&tmp).map_err(|e| CliError::io("cannot write", path, e))?;
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            tmp,
+            file: Some(std::io::BufWriter::new(file)),
+        })
+    }
+
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let f = self.file.as_mut().expect("written before commit");
+        f.write_all(bytes)
+            .map_err(|e| CliError::io("cannot write", &self.path, e))
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        let w = self.file.take().expect("committed once");
+        let res = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .and_then(|()| fs::rename(&self.tmp, &self.path));
+        if let Err(e) = res {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(CliError::io("cannot write", &self.path, e));
+        }
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Create `dir` (and parents) and check that files can be created in it, so an unwritable output
@@ -35,4 +101,38 @@ pub fn read(path: &Path) -> Result<Vec<u8>> {
 /// Read a whole UTF-8 file, naming it in the error.
 pub fn read_string(path: &Path) -> Result<String> {
     fs::read_to_string(path).map_err(|e| CliError::io("cannot read", path, e))
+}
+
+/// The lock file of a run directory.
+pub const LOCK_FILE: &str = ".maskdiff.lock";
+
+/// An exclusive OS lock (`flock` on Unix, `LockFileEx` on Windows) on `DIR/.maskdiff.lock`, held
+/// by a `train` process for its whole life: a second `train` (new or `--resume`) on the same
+/// directory is refused before it touches anything. The OS releases the lock when the process
+/// exits, however it exits (also `kill -9`); the empty file stays behind, harmlessly.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: fs::File,
+}
+
+impl RunLock {
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        let path = dir.join(LOCK_FILE);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| CliError::io("cannot create lock file", &path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(RunLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) => Err(CliError::Input(format!(
+                "{} is in use by another `maskdiff train` (it holds {}); wait for it to finish \
+                 or choose another --out",
+                dir.display(),
+                path.display()
+            ))),
+            Err(fs::TryLockError::Error(e)) => Err(CliError::io("cannot lock", &path, e)),
+        }
+    }
 }

@@ -56,21 +56,37 @@ pub struct MetricsWriter {
 }
 
 impl MetricsWriter {
-    /// Open `path` for appending. With `keep_up_to = Some(step)` (resume), lines of steps after
-    /// `step` — written after the checkpoint we resume from — are dropped first, so the file
-    /// describes exactly one history.
+    /// Open `path` for appending.
+    ///
+    /// * `keep_up_to = None` (a new run): the file starts empty — lines of an earlier run in the
+    ///   same directory that never reached a checkpoint are not mixed into this one.
+    /// * `keep_up_to = Some(step)` (resume): lines of steps after `step` — written after the
+    ///   checkpoint we resume from — are dropped, so the file describes exactly one history. The
+    ///   lines kept are kept byte for byte, and a file with nothing to drop is not rewritten.
     pub fn open(path: &Path, keep_up_to: Option<u64>) -> Result<Self> {
-        if let Some(last) = keep_up_to {
-            if path.exists() {
-                let kept: Vec<Record> =
-                    read(path)?.into_iter().filter(|r| r.step <= last).collect();
-                let mut text = String::new();
-                for r in &kept {
-                    text.push_str(&serde_json::to_string(r).expect("records serialise"));
-                    text.push('\n');
+        match keep_up_to {
+            None => crate::fsutil::write_atomic(path, b"")?,
+            Some(last) if path.exists() => {
+                let text = crate::fsutil::read_string(path)?;
+                let records = parse(&text, path)?;
+                let mut kept = String::with_capacity(text.len());
+                let mut dropped = false;
+                for (line, r) in text.lines().zip(records) {
+                    match r {
+                        Some(r) if r.step > last => dropped = true,
+                        Some(_) => {
+                            kept.push_str(line);
+                            kept.push('\n');
+                        }
+                        // blank line or a truncated last line
+                        None => dropped |= !line.trim().is_empty(),
+                    }
                 }
-                crate::fsutil::write_atomic(path, text.as_bytes())?;
+                if dropped || !text.ends_with('\n') && !text.is_empty() {
+                    crate::fsutil::write_atomic(path, kept.as_bytes())?;
+                }
             }
+            Some(_) => {}
         }
         let file = OpenOptions::new()
             .create(true)
@@ -97,16 +113,22 @@ impl MetricsWriter {
 /// any other malformed line is an error naming its line number.
 pub fn read(path: &Path) -> Result<Vec<Record>> {
     let text = crate::fsutil::read_string(path)?;
+    Ok(parse(&text, path)?.into_iter().flatten().collect())
+}
+
+/// The record of every line of `text` (`None` for a blank line or a truncated last line).
+fn parse(text: &str, path: &Path) -> Result<Vec<Option<Record>>> {
     let complete = text.ends_with('\n');
     let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
+            out.push(None);
             continue;
         }
         match serde_json::from_str::<Record>(line) {
-            Ok(r) => out.push(r),
-            Err(_) if i + 1 == lines.len() && !complete => {}
+            Ok(r) => out.push(Some(r)),
+            Err(_) if i + 1 == lines.len() && !complete => out.push(None),
             Err(e) => {
                 return Err(CliError::Format {
                     what: "metrics record",
@@ -149,6 +171,48 @@ mod tests {
         w.write(&Record::new(25, "val", 1.5)).unwrap();
         let steps: Vec<u64> = read(&p).unwrap().iter().map(|r| r.step).collect();
         assert_eq!(steps, vec![10, 20, 25]);
+    }
+
+    #[test]
+    fn a_new_run_starts_a_fresh_file_and_resume_keeps_lines_byte_for_byte() {
+        let p = tmp("fresh");
+        std::fs::write(&p, "{\"step\":7,\"split\":\"train\",\"loss_bits\":9.0}\n").unwrap();
+        let mut w = MetricsWriter::open(&p, None).unwrap();
+        w.write(&Record::new(1, "train", 1.0)).unwrap();
+        let steps: Vec<u64> = read(&p).unwrap().iter().map(|r| r.step).collect();
+        assert_eq!(steps, vec![1], "the old run's line was kept");
+        // Lines written by hand (another field order, spacing, digits serde would print
+        // differently) survive a resume that drops nothing, and one that drops a later line.
+        let kept = "{ \"split\": \"train\", \"step\": 1, \"loss_bits\": 1.50 }\n";
+        std::fs::write(&p, kept).unwrap();
+        drop(MetricsWriter::open(&p, Some(1)).unwrap());
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), kept);
+        std::fs::write(
+            &p,
+            format!("{kept}{{\"step\":2,\"split\":\"val\",\"loss_bits\":2}}\n"),
+        )
+        .unwrap();
+        drop(MetricsWriter::open(&p, Some(1)).unwrap());
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), kept);
+    }
+
+    #[test]
+    fn floats_round_trip_exactly() {
+        // serde_json without `float_roundtrip` parses some shortest-representation decimals
+        // one ulp off; every metrics value must come back bit for bit.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // positive normal doubles below 2, of every exponent down to 2^-1022
+            let v = f64::from_bits((x >> 2) | 0x0010_0000_0000_0000);
+            let mut r = Record::new(1, "train", v);
+            r.lr = Some(v * 1e-7);
+            let back: Record = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+            assert_eq!(back.loss_bits.to_bits(), v.to_bits(), "{v:e}");
+            assert_eq!(back.lr.unwrap().to_bits(), (v * 1e-7).to_bits(), "{v:e}");
+        }
     }
 
     #[test]

@@ -39,10 +39,17 @@ pub fn parse(template: &str) -> Result<Vec<Segment>> {
                         None => return Err(bad("unclosed `{`".into())),
                     }
                 }
-                let n: usize = num.trim().parse().map_err(|_| {
-                    bad(format!(
-                        "`{{{num}}}` is not `{{N}}` with N a number of tokens"
-                    ))
+                let digits = num.trim();
+                let n: usize = digits.parse().map_err(|_| {
+                    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                        bad(format!(
+                            "`{{{digits}}}` is more tokens than any sequence holds"
+                        ))
+                    } else {
+                        bad(format!(
+                            "`{{{num}}}` is not `{{N}}` with N a number of tokens"
+                        ))
+                    }
                 })?;
                 if n == 0 {
                     return Err(bad("`{0}` generates nothing".into()));
@@ -69,18 +76,36 @@ pub fn constraint(
     len: usize,
     mut encode: impl FnMut(&str) -> Result<Vec<u32>>,
 ) -> Result<Vec<Option<u32>>> {
-    let mut out: Vec<Option<u32>> = Vec::with_capacity(len);
+    // The total is summed (with overflow checked) and compared with `len` before anything is
+    // allocated: a gap of 10^16 (or usize::MAX) tokens is an error, not an allocation.
+    let mut fixed = Vec::with_capacity(segments.len());
+    let mut total = Some(0usize);
     for s in segments {
-        match s {
-            Segment::Text(t) => out.extend(encode(t)?.into_iter().map(Some)),
-            Segment::Gap(n) => out.resize(out.len() + n, None),
+        let (n, ids) = match s {
+            Segment::Text(t) => {
+                let ids = encode(t)?;
+                (ids.len(), Some(ids))
+            }
+            Segment::Gap(n) => (*n, None),
+        };
+        total = total.and_then(|t| t.checked_add(n));
+        fixed.push((n, ids));
+    }
+    match total {
+        Some(t) if t <= len => {}
+        t => {
+            return Err(CliError::Input(format!(
+                "the prompt/template is {} tokens long but the model's sequence length is {len}",
+                t.map_or_else(|| "at least 2^64".to_string(), |t| t.to_string())
+            )))
         }
     }
-    if out.len() > len {
-        return Err(CliError::Input(format!(
-            "the prompt/template is {} tokens long but the model's sequence length is {len}",
-            out.len()
-        )));
+    let mut out: Vec<Option<u32>> = Vec::with_capacity(len);
+    for (n, ids) in fixed {
+        match ids {
+            Some(ids) => out.extend(ids.into_iter().map(Some)),
+            None => out.resize(out.len() + n, None),
+        }
     }
     out.resize(len, None);
     Ok(out)
@@ -117,5 +142,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("8 tokens") && e.contains("7"), "{e}");
+    }
+
+    #[test]
+    fn huge_gaps_are_errors_before_any_allocation() {
+        let enc = |t: &str| Ok(t.bytes().map(u32::from).collect());
+        // usize::MAX parses; the sum with the text before it overflows a usize.
+        let segs = parse("ab{18446744073709551615}").unwrap();
+        let e = constraint(&segs, 32, enc).unwrap_err().to_string();
+        assert!(e.contains("at least 2^64") && e.contains("32"), "{e}");
+        // 10^16 tokens would be an 160 PB allocation: refused by size.
+        let segs = parse("{9999999999999999}").unwrap();
+        let e = constraint(&segs, 32, enc).unwrap_err().to_string();
+        assert!(e.contains("is 9999999999999999 tokens"), "{e}");
+        // Beyond usize: a parse error that says so.
+        let e = parse("{99999999999999999999999}").unwrap_err().to_string();
+        assert!(e.contains("more tokens than any sequence"), "{e}");
+        // Exactly filling the length is fine.
+        assert_eq!(
+            constraint(&parse("a{31}").unwrap(), 32, enc).unwrap().len(),
+            32
+        );
     }
 }

@@ -77,7 +77,7 @@ pub struct SamplerConfig {
     pub num_samples: usize,
     /// Sequence length N.
     pub length: usize,
-    /// μ^{1/τ}; 1 = off, 0 = greedy.
+    /// μ^{1/τ}; 1 = off, 0 = greedy; a positive τ must be ≥ [`crate::MIN_TEMPERATURE`].
     pub temperature: f64,
     /// Nucleus mass p ∈ (0, 1]; 1 = off.
     pub top_p: f64,
@@ -193,6 +193,10 @@ mod tests {
         assert_eq!(bad(|c| c.batch_size = 0), SamplerError::BadBatchSize);
         assert_eq!(bad(|c| c.block_size = Some(0)), SamplerError::BadBlockSize);
         assert_eq!(bad(|c| c.top_p = 0.0), SamplerError::BadTopP(0.0));
+        assert_eq!(
+            bad(|c| c.temperature = 1e-310),
+            SamplerError::BadTemperature(1e-310)
+        );
         assert_eq!(
             bad(|c| {
                 c.block_size = Some(1);

@@ -19,7 +19,7 @@ pub enum SamplerError {
     TooFewSteps { steps: usize, blocks: usize },
     #[error("top-p must be a finite number in (0, 1], got {0}")]
     BadTopP(f64),
-    #[error("temperature must be a finite number >= 0, got {0}")]
+    #[error("temperature must be 0 (greedy) or a finite number >= 1e-6 (smaller ones overflow to NaN probabilities), got {0:e}")]
     BadTemperature(f64),
     #[error(
         "unknown sampler kind {0:?}; expected ancestral, mean, cached, first-hitting or confidence"

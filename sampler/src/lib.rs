@@ -62,7 +62,7 @@ pub use engine::Sampler;
 pub use error::SamplerError;
 pub use event::{Reveal, SampleOutput, StepEvent};
 pub use plan::ScheduleRef;
-pub use shaping::{top_p, Shaping};
+pub use shaping::{top_p, Shaping, MIN_TEMPERATURE};
 
 use maskdiff_process::Denoiser;
 

@@ -5,8 +5,19 @@
 
 use crate::SamplerError;
 
+/// The smallest positive temperature [`Shaping::new`] accepts; `0` (greedy) is accepted too.
+///
+/// μ^{1/τ} is computed as exp(ln μ/τ − max ln μ/τ). Below τ ≈ 5.6e-309 the factor 1/τ is
+/// infinite and 0·∞ = NaN; below τ ≈ 1e-306, (ln μ)/τ overflows to −∞ for every token of a large
+/// vocabulary and −∞ − (−∞) = NaN — either way NaN probabilities would reach the categorical
+/// draw. At τ ≥ 1e-6, |ln μ|/τ ≤ 745·10⁶ stays finite for any μ, and such a τ already keeps
+/// more than e⁻¹⁰ of the top token's mass only for tokens whose probability is within 0.001 % of
+/// the top one: greedy in all but name. For greedy decoding use exactly 0.
+pub const MIN_TEMPERATURE: f64 = 1e-6;
+
 /// Temperature and top-p. `temperature = 1` and `top_p = 1` leave μ untouched;
-/// `temperature = 0` is greedy (all mass on the argmax, ties to the lowest id).
+/// `temperature = 0` is greedy (all mass on the argmax, ties to the lowest id); a positive
+/// temperature must be at least [`MIN_TEMPERATURE`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Shaping {
     temperature: f64,
@@ -19,9 +30,9 @@ impl Shaping {
         top_p: 1.0,
     };
 
-    /// Checked: temperature finite and ≥ 0, top-p finite in (0, 1].
+    /// Checked: temperature 0 or finite and ≥ [`MIN_TEMPERATURE`], top-p finite in (0, 1].
     pub fn new(temperature: f64, top_p: f64) -> Result<Self, SamplerError> {
-        if !(temperature.is_finite() && temperature >= 0.0) {
+        if !(temperature.is_finite() && (temperature == 0.0 || temperature >= MIN_TEMPERATURE)) {
             return Err(SamplerError::BadTemperature(temperature));
         }
         if !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0) {
@@ -164,5 +175,41 @@ mod tests {
             Shaping::new(f64::INFINITY, 1.0),
             Err(SamplerError::BadTemperature(_))
         ));
+        // Positive but below the limit: 1/τ overflows (1e-310, subnormal) or (ln μ)/τ does.
+        for t in [
+            1e-310,
+            f64::MIN_POSITIVE,
+            1e-300,
+            1e-7,
+            MIN_TEMPERATURE * 0.999,
+        ] {
+            assert_eq!(
+                Shaping::new(t, 1.0),
+                Err(SamplerError::BadTemperature(t)),
+                "{t:e}"
+            );
+        }
+        let e = SamplerError::BadTemperature(1e-310).to_string();
+        assert!(e.contains("0 (greedy)") && e.contains("1e-6"), "{e}");
+    }
+
+    #[test]
+    fn the_smallest_temperature_never_gives_nan() {
+        let mu = vec![0.2, 0.8];
+        // At the limit, on a GPT-2-sized law with extreme probabilities (down to the smallest
+        // subnormal), the result is a finite distribution with almost all mass on the argmax.
+        let s = Shaping::new(MIN_TEMPERATURE, 1.0).unwrap();
+        let v = 50257;
+        let mut mu_big = vec![f64::from_bits(1); v];
+        mu_big[7] = 1e-300;
+        mu_big[123] = 1.0 / v as f64;
+        mu_big[124] = 1.0 / v as f64 * (1.0 - 1e-4);
+        let out = s.apply(mu_big);
+        assert!(out.iter().all(|p| p.is_finite() && *p >= 0.0));
+        assert!((out.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!(out[123] > 1.0 - 1e-12, "{}", out[123]);
+        // and the same holds on a two-token law
+        let out = s.apply(mu);
+        assert_eq!(out, vec![0.0, 1.0]);
     }
 }

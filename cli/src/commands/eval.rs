@@ -86,7 +86,14 @@ fn eval_on<D: DfdxDevice<f32>, O: Objective<D>>(
     let mut den = loaded.denoiser.clone();
     let params = if a.no_ema { "raw" } else { "EMA" };
     if let Some(z) = &a.zero_shot {
-        return zero_shot(&mut den, cfg, &loaded, !a.no_ema, z, a.json.as_deref());
+        return zero_shot(
+            &mut den,
+            cfg,
+            &loaded,
+            !a.no_ema,
+            z.as_deref(),
+            a.json.as_deref(),
+        );
     }
     let data = Data::open(&cfg.data)?;
     let id = data.identity(cfg.data.dataset)?;
@@ -154,20 +161,28 @@ fn eval_on<D: DfdxDevice<f32>, O: Objective<D>>(
     Ok(())
 }
 
-/// The zero-shot directory: the given one, or `../shared/data/zeroshot` / `shared/data/zeroshot`.
-fn zero_shot_dir(given: &Path) -> Result<PathBuf> {
-    if !given.as_os_str().is_empty() {
-        return Ok(given.to_path_buf());
+/// The zero-shot directory: the given one, else the first that exists of
+/// `./shared/data/zeroshot`, `../shared/data/zeroshot` (relative to the working directory) and
+/// `<workspace>/../shared/data/zeroshot` (beside the source tree this binary was built from).
+fn zero_shot_dir(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(d) = given {
+        return Ok(d.to_path_buf());
     }
-    let candidates = ["../shared/data/zeroshot", "shared/data/zeroshot"];
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/zeroshot");
+    let candidates = [
+        PathBuf::from("shared/data/zeroshot"),
+        PathBuf::from("../shared/data/zeroshot"),
+        workspace,
+    ];
     candidates
         .iter()
-        .map(PathBuf::from)
         .find(|p| p.is_dir())
+        .cloned()
         .ok_or_else(|| {
+            let names: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
             CliError::Input(format!(
                 "no zero-shot data found in {}; pass --zero-shot DIR",
-                candidates.join(" or ")
+                names.join(", ")
             ))
         })
 }
@@ -179,7 +194,7 @@ fn zero_shot<M: maskdiff_process::Denoiser + ?Sized, D: DfdxDevice<f32>, O: Obje
     cfg: &Config,
     loaded: &Loaded<D, O>,
     use_ema: bool,
-    dir: &Path,
+    dir: Option<&Path>,
     json: Option<&Path>,
 ) -> Result<()> {
     let params = if use_ema { "EMA" } else { "raw" };

@@ -82,10 +82,10 @@ fn sample_on<D: DfdxDevice<f32>, O: Objective<D>>(
         loaded.extra.data.seq_len,
         &req,
     )?;
-    let mean_nfe = out.nfe.iter().map(|&n| n as f64).sum::<f64>() / out.nfe.len().max(1) as f64;
+    let mean_nfe = out.nfe_total as f64 / out.samples.max(1) as f64;
     eprintln!(
         "{} samples, {} sampler, T = {}, {} grid; network calls per sample: {mean_nfe:.1}",
-        out.sequences.len(),
+        out.samples,
         cfg.sample.sampler,
         cfg.sample.steps,
         format!("{:?}", cfg.sample.grid).to_lowercase()

@@ -177,6 +177,8 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
 
     let out = cfg.train.out_dir.clone();
     crate::fsutil::ensure_writable_dir(&out)?;
+    // One writer per run directory, held until this process exits (or dies).
+    let _lock = crate::fsutil::RunLock::acquire(&out)?;
     let ckpt = run::checkpoint_dir(&out);
     let identity = data.identity(cfg.data.dataset)?;
     let (mut trainer, mut sampler, mut train_seconds, mut window) = if a.resume {
@@ -192,6 +194,16 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
         }
         let t = Trainer::<D, O>::resume(&ckpt, &net_cfg, &train_cfg, &dev)?;
         remove_stale_temp_files(&ckpt);
+        if t.step_count() >= cfg.train.steps {
+            // Nothing to train, validate or save: the metrics and checkpoint stay as they are.
+            println!(
+                "the run in {} is already complete ({} of {} steps); nothing to do",
+                out.display(),
+                t.step_count(),
+                cfg.train.steps
+            );
+            return Ok(());
+        }
         let s = data.resume_sampler(extra.sampler)?;
         (t, s, extra.train_seconds, extra.loss_window)
     } else {
@@ -287,11 +299,22 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             Ok(s) => s,
             Err(TrainError::NonFinite { what, step, value }) => {
                 progress.finish();
+                let kept = match maskdiff_train::Manifest::read(&ckpt) {
+                    Ok(m) => format!(
+                        "the checkpoint of step {} in {} is intact",
+                        m.step,
+                        ckpt.display()
+                    ),
+                    Err(_) => format!("no checkpoint was saved in {}", out.display()),
+                };
                 return Err(CliError::Diverged {
                     what,
                     step,
                     value,
+                    kept,
                     lr: cfg.optim.lr,
+                    clip_norm: cfg.optim.clip_norm,
+                    warmup_steps: cfg.optim.warmup_steps,
                 });
             }
             Err(e) => return Err(e.into()),

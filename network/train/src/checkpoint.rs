@@ -5,7 +5,8 @@
 //! Tensor files are written first, each atomically (temp + rename); the manifest
 //! is written last, atomically, and names the files with their sizes and FNV-1a checksums — so a
 //! crash at any point leaves the previous complete checkpoint in force. Stale tensor files of
-//! other steps are removed afterwards.
+//! other steps are removed afterwards; a save that fails (disk full, ...) removes the tensor files
+//! it wrote.
 //!
 //! Tensor names are the model's hierarchical parameter names (`embed`, `blocks.3.attn.wq`, …,
 //! documented in `maskdiff_network`'s model module). Format history: v1 called the objective
@@ -251,8 +252,23 @@ pub fn load_model<D: Kernels<f32>, O: Objective<D>>(
     })
 }
 
+/// After a failed save: remove the tensor files it wrote (`new`) unless the manifest in force
+/// names them, so a failed save leaves the directory as it was.
+fn remove_unlisted(dir: &Path, new: &[FileEntry]) {
+    let in_force: Vec<String> = Manifest::read(dir)
+        .map(|m| m.files.into_iter().map(|f| f.file).collect())
+        .unwrap_or_default();
+    for f in new {
+        if !in_force.contains(&f.file) {
+            let _ = std::fs::remove_file(dir.join(&f.file));
+        }
+    }
+}
+
 impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
-    /// Write a checkpoint of the current state into `dir` (created if needed).
+    /// Write a checkpoint of the current state into `dir` (created if needed). If any file
+    /// fails to write, the files this save wrote are removed again and the previous checkpoint
+    /// (if any) stays in force.
     pub fn save(&self, dir: &Path) -> Result<Manifest, TrainError> {
         std::fs::create_dir_all(dir).map_err(|e| TrainError::ckpt(dir, e.to_string()))?;
         let mut opt_items = Vec::new();
@@ -284,17 +300,24 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
             parts.push(("objective", items));
         }
         let mut files = Vec::new();
-        for (role, items) in &parts {
-            let file = format!("{role}-{:09}.safetensors", self.step);
-            let path = dir.join(&file);
-            let bytes = to_safetensors(items, &path)?;
-            write_atomic(&path, &bytes)?;
-            files.push(FileEntry {
-                role: role.to_string(),
-                file,
-                bytes: bytes.len() as u64,
-                fnv1a64: checksum(&bytes),
-            });
+        let written = (|| {
+            for (role, items) in &parts {
+                let file = format!("{role}-{:09}.safetensors", self.step);
+                let path = dir.join(&file);
+                let bytes = to_safetensors(items, &path)?;
+                write_atomic(&path, &bytes)?;
+                files.push(FileEntry {
+                    role: role.to_string(),
+                    file,
+                    bytes: bytes.len() as u64,
+                    fnv1a64: checksum(&bytes),
+                });
+            }
+            Ok(())
+        })();
+        if let Err(e) = written {
+            remove_unlisted(dir, &files);
+            return Err(e);
         }
         let manifest = Manifest {
             format: FORMAT.into(),
@@ -315,8 +338,11 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
         };
         let mpath = dir.join(MANIFEST);
         let json = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| TrainError::ckpt(&mpath, e.to_string()))?;
-        write_atomic(&mpath, &json)?;
+            .map_err(|e| TrainError::ckpt(&mpath, e.to_string()));
+        if let Err(e) = json.and_then(|json| Ok(write_atomic(&mpath, &json)?)) {
+            remove_unlisted(dir, &files);
+            return Err(e);
+        }
         // the new manifest is in force: drop tensor files of other steps
         if let Ok(rd) = std::fs::read_dir(dir) {
             for entry in rd.flatten() {
@@ -424,5 +450,54 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
             )));
         }
         Self::load(dir, dev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use maskdiff_objective::Md4;
+
+    fn tensor_files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".safetensors"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A save that fails after writing some tensor files removes them; the checkpoint in force
+    /// is untouched and still loads. With no checkpoint in force, nothing is left behind.
+    #[test]
+    fn a_failed_save_leaves_no_orphan_files() {
+        let dev = Cpu::default();
+        let net = NetworkConfig::preset("tiny", 5).unwrap();
+        let mut t = Trainer::<_, Md4>::new(net, TrainConfig::default(), 0, &dev).unwrap();
+        let dir = std::env::temp_dir().join(format!("maskdiff-ckpt-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        t.save(&dir).unwrap();
+        let before = tensor_files(&dir);
+        assert_eq!(before.len(), 3, "{before:?}");
+        // The third file of step 5 cannot be written: a non-empty directory holds its name.
+        t.step = 5;
+        let blocker = dir.join("ema-000000005.safetensors");
+        std::fs::create_dir_all(blocker.join("x")).unwrap();
+        assert!(t.save(&dir).is_err());
+        std::fs::remove_dir_all(&blocker).unwrap();
+        assert_eq!(
+            tensor_files(&dir),
+            before,
+            "files of the failed save remain"
+        );
+        assert_eq!(Trainer::<Cpu, Md4>::load(&dir, &dev).unwrap().step, 0);
+        // The manifest cannot be written: no checkpoint in force, so every tensor file goes.
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(dir.join(MANIFEST).join("x")).unwrap();
+        assert!(t.save(&dir).is_err());
+        assert_eq!(tensor_files(&dir), Vec::<String>::new());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
