@@ -371,13 +371,13 @@ mod tests {
             }),
             SamplerError::BadRemdm(_)
         ));
-        let lp = |t_on, t_off, alpha_on| {
+        fn lp(t_on: f64, t_off: f64, alpha_on: f64) -> Option<RemdmLoop> {
             Some(RemdmLoop {
                 t_on,
                 t_off,
                 alpha_on,
             })
-        };
+        }
         assert!(matches!(
             bad(|c| c.remdm.loop_ = lp(0.2, 0.5, 0.9)),
             SamplerError::BadRemdm(_)
