@@ -3,7 +3,7 @@
 
 use crate::config::{Config, DatasetKind, Device, ModelKind};
 use clap::{Args, Parser, Subcommand};
-use maskdiff_sampler::SamplerKind;
+use maskdiff_sampler::{RemdmStrategy, SamplerKind};
 use maskdiff_schedule::{SamplingGrid, TimeSampling};
 use std::path::PathBuf;
 
@@ -164,6 +164,42 @@ pub enum SamplerArg {
     Cached,
     FirstHitting,
     Confidence,
+    Remdm,
+    Threshold,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RemdmStrategyArg {
+    Cap,
+    Rescale,
+    Conf,
+}
+
+impl From<RemdmStrategyArg> for RemdmStrategy {
+    fn from(s: RemdmStrategyArg) -> Self {
+        match s {
+            RemdmStrategyArg::Cap => RemdmStrategy::Cap,
+            RemdmStrategyArg::Rescale => RemdmStrategy::Rescale,
+            RemdmStrategyArg::Conf => RemdmStrategy::Conf,
+        }
+    }
+}
+
+/// `T_ON,T_OFF,ALPHA_ON` of ReMDM's loop schedule.
+fn parse_remdm_loop(s: &str) -> Result<[f64; 3], String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let nums: Vec<f64> = parts
+        .iter()
+        .map(|p| p.parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("expected three numbers T_ON,T_OFF,ALPHA_ON, got `{s}`"))?;
+    match nums[..] {
+        [a, b, c] => Ok([a, b, c]),
+        _ => Err(format!(
+            "expected three numbers T_ON,T_OFF,ALPHA_ON, got {} in `{s}`",
+            nums.len()
+        )),
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -200,6 +236,8 @@ impl From<SamplerArg> for SamplerKind {
             SamplerArg::Cached => SamplerKind::Cached,
             SamplerArg::FirstHitting => SamplerKind::FirstHitting,
             SamplerArg::Confidence => SamplerKind::Confidence,
+            SamplerArg::Remdm => SamplerKind::Remdm,
+            SamplerArg::Threshold => SamplerKind::Threshold,
         }
     }
 }
@@ -354,9 +392,25 @@ pub struct SampleArgs {
     /// [sample.grid] time grid: cosine | uniform.
     #[arg(long, value_name = "GRID", value_parser = parse_grid)]
     pub grid: Option<SamplingGrid>,
-    /// [sample.sampler] ancestral | mean | cached | first-hitting | confidence.
+    /// [sample.sampler] ancestral | mean | cached | first-hitting | confidence | remdm |
+    /// threshold.
     #[arg(long, value_enum, value_name = "KIND")]
     pub sampler: Option<SamplerArg>,
+    /// [sample.remdm_strategy] ReMDM's remasking probability σ: cap = min(η, σ_max),
+    /// rescale = η·σ_max, conf = softmax(−confidence)·σ_max.
+    #[arg(long, value_enum, value_name = "STRATEGY")]
+    pub remdm_strategy: Option<RemdmStrategyArg>,
+    /// [sample.remdm_eta] ReMDM's η (the cap, or the scale in [0, 1]).
+    #[arg(long, value_name = "ETA")]
+    pub eta: Option<f64>,
+    /// [sample.remdm_loop] ReMDM's loop schedule: decode to alpha_on by t_on, remask with α held
+    /// until t_off, then finish (MD4).
+    #[arg(long, alias = "loop", value_name = "T_ON,T_OFF,ALPHA_ON", value_parser = parse_remdm_loop)]
+    pub remdm_loop: Option<[f64; 3]>,
+    /// [sample.threshold] threshold sampler: reveal every masked position whose proposal has
+    /// model probability > τ (at least one per network call).
+    #[arg(long, alias = "tau", value_name = "TAU")]
+    pub threshold: Option<f64>,
     /// [sample.top_p] nucleus sampling mass (1 = off).
     #[arg(long, value_name = "P")]
     pub top_p: Option<f64>,

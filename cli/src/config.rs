@@ -4,7 +4,7 @@
 //! EMA 0.9999, cosine decay after warm-up) scaled to the chosen preset.
 
 use crate::error::{CliError, Result};
-use maskdiff_sampler::SamplerKind;
+use maskdiff_sampler::{RemdmConfig, RemdmLoop, RemdmStrategy, SamplerKind};
 use maskdiff_schedule::{AnySchedule, SamplingGrid, TimeSampling};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -306,7 +306,8 @@ pub struct SampleConfig {
     pub grid: SamplingGrid,
     /// `ancestral` (Alg. 2), `mean` (Alg. 3), `cached` (skips network calls that cannot
     /// matter; same output as ancestral), `first-hitting` (MD4: jumps between reveal steps,
-    /// at most min(T, N) network calls) or `confidence` (MaskGIT-style, not exact).
+    /// at most min(T, N) network calls), `confidence` (MaskGIT-style, not exact), `remdm`
+    /// (remasking, ReMDM) or `threshold` (Fast-dLLM confidence threshold, not exact).
     pub sampler: SamplerKind,
     /// Nucleus sampling: keep the smallest set of tokens with mass ≥ p (1 = off).
     pub top_p: f64,
@@ -315,9 +316,34 @@ pub struct SampleConfig {
     pub temperature: f64,
     /// Semi-autoregressive generation in blocks of this many positions (0 = off).
     pub block_size: usize,
+    /// ReMDM (`sampler = "remdm"`): how σ_t is chosen, `cap` (σ = min(η, σ_max)), `rescale`
+    /// (σ = η σ_max) or `conf` (softmax of minus the tokens' confidences, times σ_max).
+    pub remdm_strategy: RemdmStrategy,
+    /// ReMDM's η (the cap, or the scale in [0, 1]).
+    pub remdm_eta: f64,
+    /// ReMDM's loop schedule `[t_on, t_off, alpha_on]` (MD4, cap or rescale); absent = off.
+    pub remdm_loop: Option<[f64; 3]>,
+    /// Confidence-threshold sampler (`sampler = "threshold"`): reveal every masked position
+    /// whose proposal has model probability > τ (at least one per network call).
+    pub threshold: f64,
     /// Number of samples.
     pub num_samples: usize,
     pub seed: u64,
+}
+
+impl SampleConfig {
+    /// The ReMDM settings as the sampler takes them.
+    pub fn remdm(&self) -> RemdmConfig {
+        RemdmConfig {
+            strategy: self.remdm_strategy,
+            eta: self.remdm_eta,
+            loop_: self.remdm_loop.map(|[t_on, t_off, alpha_on]| RemdmLoop {
+                t_on,
+                t_off,
+                alpha_on,
+            }),
+        }
+    }
 }
 
 impl Default for SampleConfig {
@@ -329,6 +355,10 @@ impl Default for SampleConfig {
             top_p: 1.0,
             temperature: 1.0,
             block_size: 0,
+            remdm_strategy: RemdmStrategy::Cap,
+            remdm_eta: 0.02,
+            remdm_loop: None,
+            threshold: 0.9,
             num_samples: 4,
             seed: 0,
         }
@@ -481,6 +511,23 @@ impl Config {
         // The sampler's own rule: 0 = greedy, else at least maskdiff_sampler::MIN_TEMPERATURE.
         maskdiff_sampler::Shaping::new(s.temperature, 1.0)
             .map_err(|e| CliError::config("sample.temperature", e.to_string()))?;
+        unit_interval("sample.threshold", s.threshold, true)?;
+        s.remdm().validate().map_err(|e| {
+            let field = match &e {
+                maskdiff_sampler::SamplerError::BadRemdm(m) if m.starts_with("eta") => {
+                    "sample.remdm_eta"
+                }
+                _ => "sample.remdm_loop",
+            };
+            CliError::config(field, e.to_string())
+        })?;
+        if m.kind == ModelKind::Genmd4 && s.sampler == SamplerKind::Remdm && s.remdm_loop.is_some()
+        {
+            return Err(CliError::config(
+                "sample.remdm_loop",
+                "the loop schedule is not available for GenMD4",
+            ));
+        }
         if m.kind == ModelKind::Genmd4
             && matches!(
                 s.sampler,
@@ -515,6 +562,15 @@ mod tests {
         let c = Config::default();
         let back = Config::parse(&c.to_toml(), Path::new("x.toml")).unwrap();
         assert_eq!(back, c);
+        let mut c = Config::default();
+        c.sample.sampler = SamplerKind::Remdm;
+        c.sample.remdm_strategy = RemdmStrategy::Rescale;
+        c.sample.remdm_eta = 0.5;
+        c.sample.remdm_loop = Some([0.55, 0.05, 0.9]);
+        c.sample.threshold = 0.7;
+        c.validate().unwrap();
+        let back = Config::parse(&c.to_toml(), Path::new("x.toml")).unwrap();
+        assert_eq!(back, c);
     }
 
     #[test]
@@ -536,6 +592,16 @@ mod tests {
             ("[model]\npreset = \"huge\"\n", "model.preset"),
             ("[schedule]\nname = \"poly-2\"\n", "schedule.name"),
             ("[sample]\ntop_p = 1.5\n", "sample.top_p"),
+            ("[sample]\nthreshold = 1.5\n", "sample.threshold"),
+            ("[sample]\nremdm_eta = -0.5\n", "sample.remdm_eta"),
+            (
+                "[sample]\nremdm_loop = [0.1, 0.5, 0.9]\n",
+                "sample.remdm_loop",
+            ),
+            (
+                "[model]\nkind = \"genmd4\"\n[sample]\nsampler = \"remdm\"\nremdm_loop = [0.5, 0.1, 0.9]\n",
+                "sample.remdm_loop",
+            ),
             ("[train]\nbatch_size = 0\n", "train.batch_size"),
             ("[optim]\nwarmup_steps = 5000\n", "optim.warmup_steps"),
         ];

@@ -177,6 +177,8 @@ pub fn generate<'a, D: Denoiser + ?Sized>(
         first_index: 0,
         block_size: (sc.block_size > 0).then_some(sc.block_size),
         batch_size: STREAM_BATCH,
+        remdm: sc.remdm(),
+        threshold: sc.threshold,
     };
     let constraints = if fixed.iter().all(Option::is_none) {
         vec![]

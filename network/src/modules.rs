@@ -168,22 +168,12 @@ pub struct Conditioning<E: Elem, D: Device<E>> {
     pub out: Linear<E, D>,
 }
 
-impl<E: Elem, D: Device<E>> Parameters<E, D> for Conditioning<E, D> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        self.time_in.visit(f);
-        self.label.visit(f);
-        self.hidden_bias.visit(f);
-        self.out.weight.visit(f);
-        self.out.bias.visit(f);
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        self.time_in.visit_mut(f);
-        self.label.visit_mut(f);
-        self.hidden_bias.visit_mut(f);
-        self.out.weight.visit_mut(f);
-        self.out.bias.visit_mut(f);
-    }
-}
+parameters!(Conditioning {
+    time_in,
+    label,
+    hidden_bias,
+    out
+});
 
 /// Bias-free q/k/v/o projections of multi-head RoPE attention.
 #[derive(Clone, Debug)]

@@ -28,6 +28,16 @@ pub enum SamplerKind {
     /// MaskGIT / LLaDA-style (MD4 only): per step reveal the k most confident masked positions,
     /// k set so the masked count follows #masked · (1 − α_s)/(1 − α_1) (floored). Not exact.
     Confidence,
+    /// ReMDM (Wang et al. 2025): Alg. 2 in which revealed tokens may be re-masked with probability
+    /// σ_t and masked positions are revealed with (α_s − (1 − σ_t) α_t)/(1 − α_t), so the marginal
+    /// of every step stays the forward process's; σ set by [`RemdmConfig`]. σ ≡ 0 is `Ancestral`
+    /// bit for bit.
+    Remdm,
+    /// Confidence-threshold parallel decoding (Fast-dLLM, Wu et al. 2025): per network call,
+    /// reveal every masked position whose proposal has model probability > τ
+    /// ([`SamplerConfig::threshold`]), at least one (more when needed to finish the block
+    /// within its steps). The number of calls adapts to the model's certainty. Not exact.
+    Threshold,
 }
 
 impl SamplerKind {
@@ -38,6 +48,8 @@ impl SamplerKind {
             SamplerKind::Cached => "cached",
             SamplerKind::FirstHitting => "first-hitting",
             SamplerKind::Confidence => "confidence",
+            SamplerKind::Remdm => "remdm",
+            SamplerKind::Threshold => "threshold",
         }
     }
 }
@@ -57,8 +69,128 @@ impl FromStr for SamplerKind {
             "cached" => Ok(SamplerKind::Cached),
             "first-hitting" | "firsthitting" => Ok(SamplerKind::FirstHitting),
             "confidence" => Ok(SamplerKind::Confidence),
+            "remdm" => Ok(SamplerKind::Remdm),
+            "threshold" => Ok(SamplerKind::Threshold),
             _ => Err(SamplerError::UnknownKind(s.to_string())),
         }
+    }
+}
+
+/// How ReMDM chooses the remasking probability σ_t of a step t → s. Every strategy respects
+/// σ_t ≤ σ_max = min(1, (1 − α_s)/α_t), the bound that keeps the probability of staying masked,
+/// (1 − α_s − σ_t α_t)/(1 − α_t), non-negative (for GenMD4, per token value).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemdmStrategy {
+    /// "max-capped": σ_t = min(η, σ_max).
+    #[default]
+    Cap,
+    /// "rescaled": σ_t = η · σ_max (η ∈ [0, 1]).
+    Rescale,
+    /// "confidence": per revealed position ℓ, σ_t^ℓ = softmax_ℓ(−ψ) · σ_max over the block's
+    /// revealed (not constraint-fixed) positions, ψ_ℓ the probability its token was drawn with;
+    /// masked positions use σ = 0 (as the reference code). η is not used.
+    Conf,
+}
+
+impl RemdmStrategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            RemdmStrategy::Cap => "cap",
+            RemdmStrategy::Rescale => "rescale",
+            RemdmStrategy::Conf => "conf",
+        }
+    }
+}
+
+impl fmt::Display for RemdmStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for RemdmStrategy {
+    type Err = SamplerError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "cap" | "max-capped" => Ok(RemdmStrategy::Cap),
+            "rescale" | "rescaled" => Ok(RemdmStrategy::Rescale),
+            "conf" | "confidence" => Ok(RemdmStrategy::Conf),
+            _ => Err(SamplerError::BadRemdm(format!(
+                "unknown strategy {s:?}; expected cap, rescale or conf"
+            ))),
+        }
+    }
+}
+
+/// ReMDM's "loop" schedule: decode from t = 1 down to `t_on` until α reaches `alpha_on`, hold α
+/// at `alpha_on` from `t_on` to `t_off` while remasking and revealing at the strategy's σ, then
+/// decode the rest from `t_off` to 0 without remasking. On a general schedule α_t the grid time t
+/// is mapped to the schedule time τ(t) with α(τ_on) = `alpha_on`, linearly on each side of the
+/// hold (for the linear schedule this is the reference code's piecewise-linear α); a
+/// time-conditioned denoiser sees τ(t).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemdmLoop {
+    pub t_on: f64,
+    pub t_off: f64,
+    pub alpha_on: f64,
+}
+
+/// The ReMDM settings (used when `kind` is [`SamplerKind::Remdm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemdmConfig {
+    pub strategy: RemdmStrategy,
+    /// η: the cap (`cap`) or the scale (`rescale`, in [0, 1]). Default 0.02.
+    pub eta: f64,
+    /// The loop schedule; `None` = remask at every step.
+    #[serde(rename = "loop")]
+    pub loop_: Option<RemdmLoop>,
+}
+
+impl Default for RemdmConfig {
+    fn default() -> Self {
+        Self {
+            strategy: RemdmStrategy::Cap,
+            eta: 0.02,
+            loop_: None,
+        }
+    }
+}
+
+impl RemdmConfig {
+    /// Check η and the loop parameters.
+    pub fn validate(&self) -> Result<(), SamplerError> {
+        let bad = |m: String| Err(SamplerError::BadRemdm(m));
+        if !(self.eta.is_finite() && self.eta >= 0.0) {
+            return bad(format!(
+                "eta must be a finite number >= 0, got {}",
+                self.eta
+            ));
+        }
+        if self.strategy == RemdmStrategy::Rescale && self.eta > 1.0 {
+            return bad(format!(
+                "eta must be in [0, 1] for rescale, got {}",
+                self.eta
+            ));
+        }
+        if let Some(l) = self.loop_ {
+            let ok = |x: f64| x.is_finite() && (0.0..=1.0).contains(&x);
+            if !(ok(l.t_on) && ok(l.t_off) && l.t_off < l.t_on) {
+                return bad(format!(
+                    "loop needs 0 <= t_off < t_on <= 1, got t_on = {}, t_off = {}",
+                    l.t_on, l.t_off
+                ));
+            }
+            if !(l.alpha_on.is_finite() && l.alpha_on > 0.0 && l.alpha_on < 1.0) {
+                return bad(format!("loop needs alpha_on in (0, 1), got {}", l.alpha_on));
+            }
+            if self.strategy == RemdmStrategy::Conf {
+                return bad("the loop schedule needs the cap or rescale strategy".into());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -93,6 +225,11 @@ pub struct SamplerConfig {
     pub block_size: Option<usize>,
     /// At most this many sequences per denoiser call.
     pub batch_size: usize,
+    /// ReMDM settings (kind `remdm`).
+    pub remdm: RemdmConfig,
+    /// τ ∈ [0, 1] of the confidence-threshold sampler (kind `threshold`): reveal every masked
+    /// position whose proposal has model probability > τ. Default 0.9.
+    pub threshold: f64,
 }
 
 impl Default for SamplerConfig {
@@ -109,6 +246,8 @@ impl Default for SamplerConfig {
             first_index: 0,
             block_size: None,
             batch_size: 16,
+            remdm: RemdmConfig::default(),
+            threshold: 0.9,
         }
     }
 }
@@ -145,6 +284,10 @@ impl SamplerConfig {
                 blocks: self.num_blocks(),
             });
         }
+        if !(self.threshold.is_finite() && (0.0..=1.0).contains(&self.threshold)) {
+            return Err(SamplerError::BadThreshold(self.threshold));
+        }
+        self.remdm.validate()?;
         self.shaping().map(|_| ())
     }
 }
@@ -161,9 +304,22 @@ mod tests {
             SamplerKind::Cached,
             SamplerKind::FirstHitting,
             SamplerKind::Confidence,
+            SamplerKind::Remdm,
+            SamplerKind::Threshold,
         ] {
             assert_eq!(k.name().parse::<SamplerKind>().unwrap(), k);
         }
+        for s in [
+            RemdmStrategy::Cap,
+            RemdmStrategy::Rescale,
+            RemdmStrategy::Conf,
+        ] {
+            assert_eq!(s.name().parse::<RemdmStrategy>().unwrap(), s);
+        }
+        assert!(matches!(
+            "sometimes".parse::<RemdmStrategy>(),
+            Err(SamplerError::BadRemdm(_))
+        ));
         assert!(matches!(
             "gibbs".parse::<SamplerKind>(),
             Err(SamplerError::UnknownKind(_))
@@ -207,6 +363,47 @@ mod tests {
                 blocks: 256
             }
         );
+        assert_eq!(bad(|c| c.threshold = 1.5), SamplerError::BadThreshold(1.5));
+        assert!(matches!(
+            bad(|c| c.remdm.eta = -0.1),
+            SamplerError::BadRemdm(_)
+        ));
+        assert!(matches!(
+            bad(|c| {
+                c.remdm.strategy = RemdmStrategy::Rescale;
+                c.remdm.eta = 1.5
+            }),
+            SamplerError::BadRemdm(_)
+        ));
+        fn lp(t_on: f64, t_off: f64, alpha_on: f64) -> Option<RemdmLoop> {
+            Some(RemdmLoop {
+                t_on,
+                t_off,
+                alpha_on,
+            })
+        }
+        assert!(matches!(
+            bad(|c| c.remdm.loop_ = lp(0.2, 0.5, 0.9)),
+            SamplerError::BadRemdm(_)
+        ));
+        assert!(matches!(
+            bad(|c| c.remdm.loop_ = lp(0.5, 0.2, 1.0)),
+            SamplerError::BadRemdm(_)
+        ));
+        assert!(matches!(
+            bad(|c| {
+                c.remdm.loop_ = lp(0.5, 0.2, 0.9);
+                c.remdm.strategy = RemdmStrategy::Conf
+            }),
+            SamplerError::BadRemdm(_)
+        ));
+        let c: SamplerConfig = serde_json::from_str(
+            r#"{"kind":"remdm","remdm":{"strategy":"rescale","eta":0.5,"loop":{"t_on":0.55,"t_off":0.05,"alpha_on":0.9}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.remdm.strategy, RemdmStrategy::Rescale);
+        assert_eq!(c.remdm.loop_, lp(0.55, 0.05, 0.9));
+        assert!(c.validate().is_ok());
         assert!(SamplerConfig::default().validate().is_ok());
     }
 }

@@ -17,16 +17,31 @@
 //!   step they are revealed. Steps where no position is revealed never call the network.
 //! * Confidence: every masked position proposes z from the reshaped μ; the k proposals with the
 //!   highest model probability μ_z are kept.
+//! * ReMDM (Wang et al. 2025), from the state at t: a revealed position (not constraint-fixed,
+//!   in the current block) is masked again iff its `Remask` uniform is < σ; a masked position
+//!   takes the ancestral draw with p_unmask replaced by (α_s − (1 − σ) α_t)/(1 − α_t). So every
+//!   position keeps the forward marginal P(x_s = v) = α_s x_v when μ is exact, and σ = 0 is
+//!   Alg. 2 with the same random numbers. GenMD4: the same per token value v (α_{·,v}, σ_v).
+//! * Threshold (Fast-dLLM): every masked position proposes z as in `Confidence`; all proposals
+//!   with μ_z > τ are revealed, at least max(1, ⌈#masked / steps left⌉) of them (the most
+//!   confident), so a block always finishes within its steps. The denoiser sees the time at
+//!   which the schedule's expected mask fraction equals the sequence's current one.
+//!
+//! ReMDM and the threshold rule are per-block step rules: a block sampler runs them inside
+//! each block (here: the semi-autoregressive blocks of `block_size`).
 //!
 //! Leftover masks after a block's last step (α̃(0) = 1 − ε < 1) are filled with the argmax of μ at
 //! t = 0 (spec §6.1, the official `decode`). The denoiser sees constraint tokens from the start.
 
 use crate::categorical::{argmax, inverse_cdf};
-use crate::plan::{confidence_counts, step_times, unmask_prob};
+use crate::plan::{
+    confidence_counts, invert_increasing, remdm_conf_weights, remdm_sigma, remdm_sigma_max,
+    remdm_unmask_prob, step_times, unmask_prob, LoopMap,
+};
 use crate::rng::{CounterRng, Lane};
 use crate::{
-    Constraint, Reveal, SampleOutput, SamplerConfig, SamplerError, SamplerKind, ScheduleRef,
-    Shaping, StepEvent,
+    Constraint, Remask, RemdmStrategy, Reveal, SampleOutput, SamplerConfig, SamplerError,
+    SamplerKind, ScheduleRef, Shaping, StepEvent,
 };
 use maskdiff_process::{reverse_step_genmd4, DenoiseBatch, Denoiser, LogProbs, ProcessError};
 use maskdiff_schedule::PerTokenPolynomial;
@@ -84,6 +99,12 @@ pub struct Sampler<'a, D: Denoiser + ?Sized> {
     hit_next: Vec<usize>,
     /// Confidence sampler: per sequence of the chunk, the reveal count of every step.
     counts: Vec<Vec<usize>>,
+    /// Threshold sampler: per sequence of the chunk, the masked count at the block's start.
+    start_masked: Vec<usize>,
+    /// Per position, the probability its current token was drawn with (ReMDM's confidence ψ).
+    conf: Vec<Vec<f64>>,
+    /// ReMDM's loop schedule (MD4).
+    loop_map: Option<LoopMap>,
     finished: bool,
     failed: bool,
 }
@@ -113,6 +134,12 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
                 });
             }
             match config.kind {
+                SamplerKind::Remdm if config.remdm.loop_.is_some() => {
+                    return Err(SamplerError::Unsupported {
+                        kind: "remdm",
+                        what: "the loop schedule with GenMD4 schedules",
+                    })
+                }
                 SamplerKind::FirstHitting | SamplerKind::Confidence => {
                     return Err(SamplerError::Unsupported {
                         kind: config.kind.name(),
@@ -181,7 +208,16 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
             });
             first_step += steps;
         }
+        let loop_map = match (sched, config.remdm.loop_) {
+            (ScheduleRef::Md4(sc), Some(l)) if config.kind == SamplerKind::Remdm => {
+                Some(LoopMap::new(sc, &l))
+            }
+            _ => None,
+        };
         Ok(Self {
+            conf: vec![vec![0.0; config.length]; n],
+            start_masked: Vec::new(),
+            loop_map,
             den: denoiser,
             sched,
             cfg: config.clone(),
@@ -318,6 +354,13 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
         self.hits.clear();
         self.hit_next.clear();
         self.counts.clear();
+        self.start_masked.clear();
+        if self.cfg.kind == SamplerKind::Threshold {
+            for i in range.clone() {
+                let m = self.eligible(i).len();
+                self.start_masked.push(m);
+            }
+        }
         let ScheduleRef::Md4(sched) = self.sched else {
             return Ok(());
         };
@@ -377,7 +420,23 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
                 .filter_map(|(h, &k)| h.get(k).map(|x| x.0))
                 .min();
         }
-        (self.local < blk.steps && !self.active().is_empty()).then_some(self.local)
+        if self.local >= blk.steps {
+            return None;
+        }
+        let remasking = self.cfg.kind == SamplerKind::Remdm
+            && (self.cfg.remdm.eta > 0.0 || self.cfg.remdm.strategy == RemdmStrategy::Conf);
+        let busy = !self.active().is_empty()
+            || (remasking && self.chunk_range().any(|i| !self.remaskable(i).is_empty()));
+        busy.then_some(self.local)
+    }
+
+    /// Revealed, not constraint-fixed positions of sequence `i` inside the current block: the
+    /// ones ReMDM may mask again.
+    fn remaskable(&self, i: usize) -> Vec<usize> {
+        let b = self.blocks[self.block];
+        (b.start..b.end)
+            .filter(|&n| self.state[i][n] != self.mask && self.reveal_step[i][n] != 0)
+            .collect()
     }
 
     fn step(&mut self, j: usize) -> Result<StepEvent, SamplerError> {
@@ -385,7 +444,39 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
         let g = blk.first_step + j;
         let (t, s) = step_times(self.cfg.grid, blk.steps, j);
         let before = self.calls;
+        let mut remasks = Vec::new();
+        let mut times = (t, s);
         let reveals = match (self.sched, self.cfg.kind) {
+            (ScheduleRef::Md4(sc), SamplerKind::Remdm) => {
+                let (tt, ts, on) = match self.loop_map {
+                    Some(m) => (m.tau(t), m.tau(s), m.holds(t, s)),
+                    None => (t, s, true),
+                };
+                let p = unmask_prob(sc, tt, ts)?;
+                let (a_t, om_t) = (sc.alpha(tt), sc.one_minus_alpha(tt));
+                let smax = if on {
+                    remdm_sigma_max(sc.one_minus_alpha(ts), a_t)
+                } else {
+                    0.0
+                };
+                remasks = self.remask_draws(g, |_| smax);
+                let sigma = match self.cfg.remdm.strategy {
+                    RemdmStrategy::Conf => 0.0,
+                    st => remdm_sigma(st, self.cfg.remdm.eta, smax),
+                };
+                let pp = remdm_unmask_prob(p, sigma, a_t, om_t);
+                self.md4_ancestral(g, tt, pp, true)?
+            }
+            (ScheduleRef::GenMd4(w), SamplerKind::Remdm) => {
+                let smax = |v: usize| remdm_sigma_max(w.one_minus_alpha(s, v), w.alpha(t, v));
+                remasks = self.remask_draws(g, smax);
+                self.genmd4(w, SamplerKind::Remdm, g, t, s)?
+            }
+            (_, SamplerKind::Threshold) => {
+                let (r, tt, ts) = self.threshold(j, g)?;
+                times = (tt, ts);
+                r
+            }
             (ScheduleRef::Md4(sc), kind) => {
                 let p = unmask_prob(sc, t, s)?;
                 match kind {
@@ -394,12 +485,126 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
                     SamplerKind::Mean => self.md4_mean(g, t, p)?,
                     SamplerKind::FirstHitting => self.first_hitting(j, g, t)?,
                     SamplerKind::Confidence => self.confidence(j, g, t)?,
+                    SamplerKind::Remdm | SamplerKind::Threshold => unreachable!("matched above"),
                 }
             }
             (ScheduleRef::GenMd4(w), kind) => self.genmd4(w, kind, g, t, s)?,
         };
+        self.apply_remasks(&remasks);
         self.apply(&reveals, g as u32 + 1);
-        Ok(self.event(g + 1, t, s, false, reveals, before))
+        let mut ev = self.event(g + 1, times.0, times.1, false, reveals, before);
+        ev.remasked = remasks;
+        Ok(ev)
+    }
+
+    /// ReMDM's remasking coins for the chunk's remaskable positions at global step `g`, given
+    /// σ_max as a function of the token held (constant for MD4).
+    fn remask_draws(&self, g: usize, sigma_max: impl Fn(usize) -> f64) -> Vec<Remask> {
+        let rc = self.cfg.remdm;
+        let mut out = Vec::new();
+        for i in self.chunk_range() {
+            let pos = self.remaskable(i);
+            let weights = (rc.strategy == RemdmStrategy::Conf).then(|| {
+                let psi: Vec<f64> = pos.iter().map(|&n| self.conf[i][n]).collect();
+                remdm_conf_weights(&psi)
+            });
+            for (k, &n) in pos.iter().enumerate() {
+                let token = self.state[i][n];
+                let smax = sigma_max(token as usize);
+                let sigma = match &weights {
+                    Some(w) => w[k] * smax,
+                    None => remdm_sigma(rc.strategy, rc.eta, smax),
+                };
+                if sigma > 0.0 && self.u(i, g, n, Lane::Remask) < sigma {
+                    out.push(Remask {
+                        sequence: i,
+                        position: n,
+                        token,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn apply_remasks(&mut self, remasks: &[Remask]) {
+        for r in remasks {
+            self.state[r.sequence][r.position] = self.mask;
+            self.reveal_step[r.sequence][r.position] = u32::MAX;
+            self.version[r.sequence] += 1;
+        }
+    }
+
+    /// The time at which the schedule's expected masked fraction (1 − α_t)/(1 − α_1) equals
+    /// `ratio` (GenMD4: averaged over token values).
+    fn time_of_mask_ratio(&self, ratio: f64) -> f64 {
+        match self.sched {
+            ScheduleRef::Md4(sc) => {
+                let top = sc.one_minus_alpha(1.0);
+                invert_increasing(|t| sc.one_minus_alpha(t) / top, ratio)
+            }
+            ScheduleRef::GenMd4(w) => {
+                let v = w.vocab();
+                invert_increasing(
+                    |t| {
+                        (0..v)
+                            .map(|k| w.one_minus_alpha(t, k) / w.one_minus_alpha(1.0, k))
+                            .sum::<f64>()
+                            / v as f64
+                    },
+                    ratio,
+                )
+            }
+        }
+    }
+
+    /// One step of the confidence-threshold sampler; returns the reveals and the largest time
+    /// of the chunk's sequences before and after the step.
+    fn threshold(&mut self, j: usize, g: usize) -> Result<(Vec<Reveal>, f64, f64), SamplerError> {
+        let blk = self.blocks[self.block];
+        let range = self.chunk_range();
+        let steps_left = blk.steps - j;
+        let mut callers = Vec::new();
+        for i in range.clone() {
+            let m = self.eligible(i).len();
+            if m > 0 {
+                let m0 = self.start_masked[i - range.start].max(1);
+                callers.push((i, self.time_of_mask_ratio(m as f64 / m0 as f64)));
+            }
+        }
+        self.ensure_at(&callers, true)?;
+        let tau = self.cfg.threshold;
+        let mut out = Vec::new();
+        let (mut t_max, mut s_max) = (0.0f64, 0.0f64);
+        for &(i, t) in &callers {
+            let elig = self.eligible(i);
+            let mut scored = Vec::with_capacity(elig.len());
+            for &pos in &elig {
+                let raw = self.probs(i, pos)?;
+                let mu = self.shaping.apply(raw.clone());
+                let z = inverse_cdf(&mu, self.u(i, g, pos, Lane::Token));
+                scored.push((raw[z], pos, z));
+            }
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let k_min = elig.len().div_ceil(steps_left).max(1);
+            let k = scored.iter().filter(|x| x.0 > tau).count().max(k_min);
+            scored.truncate(k);
+            scored.sort_by_key(|x| x.1);
+            let left = elig.len() - scored.len();
+            let m0 = self.start_masked[i - range.start].max(1);
+            t_max = t_max.max(t);
+            s_max = s_max.max(if left == 0 {
+                0.0
+            } else {
+                self.time_of_mask_ratio(left as f64 / m0 as f64)
+            });
+            out.extend(
+                scored
+                    .into_iter()
+                    .map(|(p, pos, z)| self.reveal(i, pos, z, p)),
+            );
+        }
+        Ok((out, t_max, s_max))
     }
 
     fn md4_ancestral(
@@ -466,6 +671,8 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
     ) -> Result<Vec<Reveal>, SamplerError> {
         let active = self.active();
         self.ensure(&active, t, kind == SamplerKind::Cached)?;
+        let rc = self.cfg.remdm;
+        let remdm = kind == SamplerKind::Remdm && rc.strategy != RemdmStrategy::Conf;
         let mut out = Vec::new();
         for &i in &active {
             for pos in self.eligible(i) {
@@ -479,7 +686,23 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
                 } else {
                     let step = reverse_step_genmd4(&mu, w, s, t)?;
                     let mut cat = step.real;
-                    cat.push(step.mask);
+                    let mut stay = step.mask;
+                    if remdm {
+                        // ReMDM per token value: + σ_v α_{t,v}/(1 − α_{t,v}) μ_v moves from
+                        // "stay masked" to v; σ_v ≤ σ_max,v keeps "stay masked" ≥ 0.
+                        for (v, c) in cat.iter_mut().enumerate() {
+                            let a_t = w.alpha(t, v);
+                            let smax = remdm_sigma_max(w.one_minus_alpha(s, v), a_t);
+                            let sigma = remdm_sigma(rc.strategy, rc.eta, smax);
+                            if sigma > 0.0 {
+                                let extra = sigma * a_t / w.one_minus_alpha(t, v) * mu[v];
+                                *c += extra;
+                                stay -= extra;
+                            }
+                        }
+                        stay = stay.max(0.0);
+                    }
+                    cat.push(stay);
                     let k = inverse_cdf(&cat, u);
                     if k < self.vocab {
                         out.push(self.reveal(i, pos, k, mu[k]));
@@ -552,7 +775,10 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
         }
         let blk = self.blocks[self.block];
         let before = self.calls;
-        let reuse = !matches!(self.cfg.kind, SamplerKind::Ancestral | SamplerKind::Mean);
+        let reuse = !matches!(
+            self.cfg.kind,
+            SamplerKind::Ancestral | SamplerKind::Mean | SamplerKind::Remdm
+        );
         self.ensure(&active, 0.0, reuse)?;
         let mut out = Vec::new();
         for &i in &active {
@@ -578,6 +804,7 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
 
     fn apply(&mut self, reveals: &[Reveal], step: u32) {
         for r in reveals {
+            self.conf[r.sequence][r.position] = r.prob;
             self.state[r.sequence][r.position] = r.token;
             self.reveal_step[r.sequence][r.position] = step;
             self.version[r.sequence] += 1;
@@ -604,6 +831,7 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
             s,
             final_fill,
             revealed,
+            remasked: Vec::new(),
             calls: self.calls - calls_before,
             calls_so_far: self.calls,
         }
@@ -618,11 +846,17 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
     /// Make sure every sequence in `callers` has a denoiser output for its current state at t:
     /// one batched call for those without a valid cached one (all of them when `reuse` is off).
     fn ensure(&mut self, callers: &[usize], t: f64, reuse: bool) -> Result<(), SamplerError> {
-        let need: Vec<usize> = callers
+        let at: Vec<(usize, f64)> = callers.iter().map(|&i| (i, t)).collect();
+        self.ensure_at(&at, reuse)
+    }
+
+    /// [`Self::ensure`] with a time per sequence.
+    fn ensure_at(&mut self, callers: &[(usize, f64)], reuse: bool) -> Result<(), SamplerError> {
+        let (need, ts): (Vec<usize>, Vec<f64>) = callers
             .iter()
             .copied()
-            .filter(|&i| !reuse || !self.cache_valid(i, t))
-            .collect();
+            .filter(|&(i, t)| !reuse || !self.cache_valid(i, t))
+            .unzip();
         if need.is_empty() {
             return Ok(());
         }
@@ -631,7 +865,6 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
             .iter()
             .flat_map(|&i| self.state[i].iter().copied())
             .collect();
-        let ts = vec![t; need.len()];
         let labels: Option<Vec<u32>> = self
             .labels
             .as_ref()
@@ -668,7 +901,7 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
         }
         self.calls += 1;
         let out = Arc::new(out);
-        for (row, &i) in need.iter().enumerate() {
+        for (row, (&i, &t)) in need.iter().zip(&ts).enumerate() {
             self.nfe[i] += 1;
             self.cache[i] = Some(Cache {
                 out: Arc::clone(&out),

@@ -21,8 +21,12 @@ pub enum SamplerError {
     BadTopP(f64),
     #[error("temperature must be 0 (greedy) or a finite number >= 1e-6 (smaller ones overflow to NaN probabilities), got {0:e}")]
     BadTemperature(f64),
+    #[error("threshold tau must be a finite number in [0, 1], got {0}")]
+    BadThreshold(f64),
+    #[error("remdm: {0}")]
+    BadRemdm(String),
     #[error(
-        "unknown sampler kind {0:?}; expected ancestral, mean, cached, first-hitting or confidence"
+        "unknown sampler kind {0:?}; expected ancestral, mean, cached, first-hitting, confidence, remdm or threshold"
     )]
     UnknownKind(String),
     #[error("constraint fixes position {position}, outside a sequence of length {length}")]

@@ -17,6 +17,15 @@ pub struct Reveal {
     pub prob: f64,
 }
 
+/// One revealed position masked again at a step (ReMDM).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Remask {
+    pub sequence: usize,
+    pub position: usize,
+    /// The token it held before.
+    pub token: u32,
+}
+
 /// One step of the reverse process for the sequences of one chunk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepEvent {
@@ -36,6 +45,11 @@ pub struct StepEvent {
     pub final_fill: bool,
     /// Positions revealed by this step, ordered by (sequence, position).
     pub revealed: Vec<Reveal>,
+    /// Revealed positions masked again by this step (ReMDM; empty for every other sampler),
+    /// ordered by (sequence, position). Disjoint from `revealed`: both are decided from the
+    /// state at the step's start, where a position is either masked or revealed.
+    #[serde(default)]
+    pub remasked: Vec<Remask>,
     /// Denoiser calls made for this step, and made so far by the whole run.
     pub calls: u64,
     pub calls_so_far: u64,

@@ -12,6 +12,12 @@
 //!   the paper's time grid: the output law is exactly Alg. 2's).
 //! * Confidence-based unmasking (MaskGIT, Chang et al. 2022; LLaDA, Nie et al. 2025) and
 //!   semi-autoregressive block generation.
+//! * Remasking (ReMDM, Wang et al. 2025): revealed tokens may be masked again with probability
+//!   σ_t (max-capped, rescaled or confidence-based σ, and the "loop" schedule), with the
+//!   masked-position law adjusted so each step keeps the forward marginal.
+//! * Confidence-threshold parallel decoding (Fast-dLLM, Wu et al. 2025): per network call,
+//!   reveal every masked position the model is more than τ sure of (at least one).
+//! * Both work per block, so a block sampler reuses them inside each block.
 //! * Conditioning by fixed tokens ([`Constraint`], spec §6.4) and per-sequence class labels.
 //! * Streaming: a [`Sampler`] is an iterator of [`StepEvent`]s.
 //!
@@ -56,11 +62,11 @@ pub mod plan;
 pub mod rng;
 mod shaping;
 
-pub use config::{SamplerConfig, SamplerKind};
+pub use config::{RemdmConfig, RemdmLoop, RemdmStrategy, SamplerConfig, SamplerKind};
 pub use constraint::{Anchor, Constraint, Span};
 pub use engine::Sampler;
 pub use error::SamplerError;
-pub use event::{Reveal, SampleOutput, StepEvent};
+pub use event::{Remask, Reveal, SampleOutput, StepEvent};
 pub use plan::ScheduleRef;
 pub use shaping::{top_p, Shaping, MIN_TEMPERATURE};
 

@@ -2,9 +2,10 @@
 //! and the per-step quantities on a sampling grid (spec §6.3, paper eq. (6)): the unmasking
 //! probability p_unmask = (α_s − α_t)/(1 − α_t) of each step, the telescoped survival
 //! Π (1 − α_s)/(1 − α_t) = (1 − α_s)/(1 − α_1) after each step, the expected number of tokens
-//! revealed per step, and the deterministic per-step counts of the confidence sampler.
+//! revealed per step, the deterministic per-step counts of the confidence sampler, and ReMDM's
+//! per-step quantities (σ_max, the strategies' σ, the loop schedule's time map).
 
-use crate::SamplerError;
+use crate::{RemdmLoop, RemdmStrategy, SamplerError};
 use maskdiff_schedule::{
     AnySchedule, Cosine, Geometric, Linear, MaskingSchedule, PerTokenPolynomial, Polynomial,
     SamplingGrid, Shifted,
@@ -186,6 +187,107 @@ pub fn confidence_counts(
         .collect())
 }
 
+/// ReMDM's bound on the remasking probability of a step t → s: σ_max = min(1, (1 − α_s)/α_t),
+/// the largest σ for which the probability of staying masked, (1 − α_s − σ α_t)/(1 − α_t), is
+/// non-negative (1 when α_t = 0). Arguments: 1 − α_s and α_t.
+pub fn remdm_sigma_max(one_minus_alpha_s: f64, alpha_t: f64) -> f64 {
+    if alpha_t > 0.0 {
+        (one_minus_alpha_s / alpha_t).clamp(0.0, 1.0)
+    } else {
+        1.0
+    }
+}
+
+/// σ of the max-capped (`min(η, σ_max)`) and rescaled (`η σ_max`) strategies; the confidence
+/// strategy's per-position σ is its softmax weight times σ_max ([`remdm_conf_weights`]).
+pub fn remdm_sigma(strategy: RemdmStrategy, eta: f64, sigma_max: f64) -> f64 {
+    match strategy {
+        RemdmStrategy::Cap => eta.min(sigma_max),
+        RemdmStrategy::Rescale => (eta * sigma_max).min(sigma_max),
+        RemdmStrategy::Conf => sigma_max,
+    }
+}
+
+/// The confidence strategy's weights η_ℓ = softmax_ℓ(−ψ_ℓ) over the revealed positions' token
+/// probabilities ψ (max-subtracted, so it is exact for any ψ).
+pub fn remdm_conf_weights(psi: &[f64]) -> Vec<f64> {
+    let m = psi.iter().fold(f64::INFINITY, |a, &x| a.min(x));
+    let e: Vec<f64> = psi.iter().map(|&x| (m - x).exp()).collect();
+    let z: f64 = e.iter().sum();
+    e.into_iter().map(|x| x / z).collect()
+}
+
+/// The probability that a masked position is revealed by a ReMDM step:
+/// (α_s − (1 − σ) α_t)/(1 − α_t) = p_unmask + σ α_t/(1 − α_t). With σ = 0 it returns `p_unmask`
+/// itself (bit for bit), so ReMDM with σ ≡ 0 is Alg. 2.
+pub fn remdm_unmask_prob(p_unmask: f64, sigma: f64, alpha_t: f64, one_minus_alpha_t: f64) -> f64 {
+    if sigma > 0.0 {
+        (p_unmask + sigma * alpha_t / one_minus_alpha_t).clamp(0.0, 1.0)
+    } else {
+        p_unmask
+    }
+}
+
+/// The t ∈ [0, 1] at which a non-decreasing `f` (with f(1) the largest value) reaches `target`,
+/// by bisection to about 1e−15; t = 1 when `target >= f(1)` and t = 0 when `target <= f(0)`.
+pub fn invert_increasing(f: impl Fn(f64) -> f64, target: f64) -> f64 {
+    if target >= f(1.0) {
+        return 1.0;
+    }
+    if target <= f(0.0) {
+        return 0.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..52 {
+        let mid = 0.5 * (lo + hi);
+        if f(mid) < target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    hi
+}
+
+/// ReMDM's loop schedule on a scalar schedule: the map from grid time t to schedule time τ(t)
+/// (see [`RemdmLoop`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoopMap {
+    pub t_on: f64,
+    pub t_off: f64,
+    /// The schedule time with α(τ_on) = α_on.
+    pub tau_on: f64,
+}
+
+impl LoopMap {
+    pub fn new(schedule: &dyn MaskingSchedule<f64>, l: &RemdmLoop) -> Self {
+        let tau_on = schedule
+            .t_of_alpha(l.alpha_on)
+            .filter(|t| t.is_finite() && (0.0..=1.0).contains(t))
+            .unwrap_or_else(|| invert_increasing(|t| -schedule.alpha(t), -l.alpha_on));
+        Self {
+            t_on: l.t_on,
+            t_off: l.t_off,
+            tau_on,
+        }
+    }
+    /// τ(t): linear from (1, 1) to (t_on, τ_on), constant τ_on on [t_off, t_on], linear from
+    /// (t_off, τ_on) to (0, 0).
+    pub fn tau(&self, t: f64) -> f64 {
+        if t > self.t_on {
+            self.tau_on + (t - self.t_on) / (1.0 - self.t_on) * (1.0 - self.tau_on)
+        } else if t >= self.t_off {
+            self.tau_on
+        } else {
+            self.tau_on * t / self.t_off
+        }
+    }
+    /// Whether the step t → s lies in the hold (remasking) phase.
+    pub fn holds(&self, t: f64, s: f64) -> bool {
+        t <= self.t_on && s >= self.t_off
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +344,56 @@ mod tests {
         assert!((e[255] - 75.4).abs() < 0.05, "{}", e[255]);
         let total: f64 = e.iter().sum();
         assert!((total - 12288.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn remdm_quantities_by_hand() {
+        // Linear α = 1 − t, t = 0.5 → s = 0.25: α_t = 0.5, 1 − α_s = 0.25, σ_max = 0.5.
+        let sm = remdm_sigma_max(0.25, 0.5);
+        assert_eq!(sm, 0.5);
+        assert_eq!(remdm_sigma(RemdmStrategy::Cap, 0.02, sm), 0.02);
+        assert_eq!(remdm_sigma(RemdmStrategy::Cap, 0.9, sm), 0.5);
+        assert_eq!(remdm_sigma(RemdmStrategy::Rescale, 0.5, sm), 0.25);
+        // Early steps: (1 − α_s)/α_t > 1 → σ_max = 1; α_t = 0 → 1.
+        assert_eq!(remdm_sigma_max(0.9, 0.05), 1.0);
+        assert_eq!(remdm_sigma_max(0.9, 0.0), 1.0);
+        // p = (0.75 − 0.5)/0.5 = 0.5; with σ = σ_max = 0.5: (0.75 − 0.25)/0.5 = 1 (stay = 0).
+        assert_eq!(remdm_unmask_prob(0.5, 0.5, 0.5, 0.5), 1.0);
+        assert_eq!(remdm_unmask_prob(0.5, 0.1, 0.5, 0.5), 0.6);
+        assert_eq!(remdm_unmask_prob(0.3, 0.0, 0.5, 0.5), 0.3);
+        // softmax(−ψ): ψ = (0.9, 0.5) → e^{−0.9}/(e^{−0.9} + e^{−0.5}).
+        let w = remdm_conf_weights(&[0.9, 0.5]);
+        let a = (-0.9f64).exp() / ((-0.9f64).exp() + (-0.5f64).exp());
+        assert!((w[0] - a).abs() < 1e-15 && (w[1] - (1.0 - a)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn loop_map_matches_the_linear_reference() {
+        // Linear α = 1 − t, α_on = 0.9 → τ_on = 0.1; t_on = 0.55, t_off = 0.05.
+        let l = RemdmLoop {
+            t_on: 0.55,
+            t_off: 0.05,
+            alpha_on: 0.9,
+        };
+        let m = LoopMap::new(&Linear, &l);
+        assert!((m.tau_on - 0.1).abs() < 1e-12);
+        // Reference: α(t) = (1 − t) α_on/(1 − t_on) above t_on; 1 − α = t (1 − α_on)/t_off below.
+        for t in [1.0, 0.9, 0.7, 0.56] {
+            let a = 1.0 - m.tau(t);
+            assert!((a - (1.0 - t) * 0.9 / 0.45).abs() < 1e-12, "{t}");
+        }
+        for t in [0.04, 0.02, 0.0] {
+            assert!((m.tau(t) - t * 0.1 / 0.05).abs() < 1e-12, "{t}");
+        }
+        assert_eq!(m.tau(0.3), m.tau_on);
+        assert!(m.holds(0.5, 0.4) && !m.holds(0.6, 0.5) && !m.holds(0.06, 0.04));
+        // A schedule without a closed-form inverse: bisection.
+        let c = Shifted::official(Cosine);
+        let m = LoopMap::new(&c, &l);
+        assert!((c.alpha(m.tau_on) - 0.9).abs() < 1e-12);
+        assert_eq!(invert_increasing(|t| t * t, 0.25), 0.5);
+        assert_eq!(invert_increasing(|t| t, 2.0), 1.0);
+        assert_eq!(invert_increasing(|t| t + 0.1, 0.0), 0.0);
     }
 
     #[test]

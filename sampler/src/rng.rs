@@ -16,6 +16,8 @@ pub enum Lane {
     Token = 2,
     /// The first-hitting sampler's per-position reveal-step draw.
     Hit = 3,
+    /// ReMDM's remasking coin for a revealed position.
+    Remask = 4,
 }
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;

@@ -2,21 +2,28 @@
 //! replaying the step events, every reveal hits a mask that no constraint fixes (so carried-over
 //! tokens never change and the mask count never increases), tokens are real (< V), the replayed
 //! state equals the output, no mask remains, constraints hold, reveal steps are consistent, and
-//! the cached / first-hitting MD4 samplers make at most one call per generated position.
+//! the cached / first-hitting MD4 samplers make at most one call per generated position. ReMDM
+//! remasks only revealed, unconstrained positions of the current block; the threshold sampler
+//! makes at most one call per generated position.
 
 mod common;
 
 use common::*;
-use maskdiff_sampler::{Constraint, Sampler, SamplerConfig, SamplerKind, ScheduleRef};
+use maskdiff_sampler::{
+    Constraint, RemdmConfig, RemdmLoop, RemdmStrategy, Sampler, SamplerConfig, SamplerKind,
+    ScheduleRef,
+};
 use maskdiff_schedule::{Cosine, Linear, PerTokenPolynomial, SamplingGrid, Shifted};
 use proptest::prelude::*;
 
-const KINDS: [SamplerKind; 5] = [
+const KINDS: [SamplerKind; 7] = [
     SamplerKind::Ancestral,
     SamplerKind::Mean,
     SamplerKind::Cached,
     SamplerKind::FirstHitting,
     SamplerKind::Confidence,
+    SamplerKind::Remdm,
+    SamplerKind::Threshold,
 ];
 
 #[derive(Debug, Clone)]
@@ -42,7 +49,7 @@ fn case() -> impl Strategy<Value = Case> {
             (
                 Just(v),
                 prop::collection::vec(prop::option::weighted(0.3, 0..v as u32), n),
-                0usize..5,
+                0usize..7,
                 0usize..4,
                 1usize..25,
                 any::<bool>(),
@@ -107,6 +114,17 @@ proptest! {
             first_index: 0,
             block_size: c.block,
             batch_size: c.batch,
+            remdm: RemdmConfig {
+                strategy: [RemdmStrategy::Cap, RemdmStrategy::Rescale, RemdmStrategy::Conf]
+                    [(c.seed % 3) as usize],
+                eta: 0.4,
+                loop_: (c.seed % 4 == 1 && c.seed % 3 != 2 && !genmd4).then_some(RemdmLoop {
+                    t_on: 0.6,
+                    t_off: 0.2,
+                    alpha_on: 0.7,
+                }),
+            },
+            threshold: [0.0, 0.5, 0.9, 1.0][(c.seed % 4) as usize],
         };
         prop_assume!(cfg.steps >= cfg.num_blocks());
         let (shifted, cosine) = (Shifted::official(Linear), Cosine);
@@ -126,6 +144,17 @@ proptest! {
         let mut masks: Vec<usize> = state.iter().map(|x| x.iter().filter(|&&y| y == mask).count()).collect();
         for ev in s.by_ref() {
             let ev = ev.unwrap();
+            for r in &ev.remasked {
+                prop_assert_eq!(c.kind, SamplerKind::Remdm);
+                prop_assert_eq!(state[r.sequence][r.position], r.token);
+                prop_assert!(r.token < mask);
+                prop_assert!(c.template[r.position].is_none());
+                if let Some(b) = c.block {
+                    prop_assert_eq!(r.position / b, ev.block);
+                }
+                state[r.sequence][r.position] = mask;
+                masks[r.sequence] += 1;
+            }
             for r in &ev.revealed {
                 prop_assert_eq!(state[r.sequence][r.position], mask);
                 prop_assert!(c.template[r.position].is_none());
@@ -155,7 +184,9 @@ proptest! {
                     None => prop_assert!((1..=c.steps as u32).contains(&out.reveal_step[i][pos])),
                 }
             }
-            if !genmd4 && matches!(c.kind, SamplerKind::Cached | SamplerKind::FirstHitting) {
+            if c.kind == SamplerKind::Threshold
+                || (!genmd4 && matches!(c.kind, SamplerKind::Cached | SamplerKind::FirstHitting))
+            {
                 prop_assert!(out.nfe[i] <= free);
             }
             if free == 0 {

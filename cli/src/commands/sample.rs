@@ -36,6 +36,18 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if let Some(v) = a.block_size {
         s.block_size = v;
     }
+    if let Some(v) = a.remdm_strategy {
+        s.remdm_strategy = v.into();
+    }
+    if let Some(v) = a.eta {
+        s.remdm_eta = v;
+    }
+    if let Some(v) = a.remdm_loop {
+        s.remdm_loop = Some(v);
+    }
+    if let Some(v) = a.threshold {
+        s.threshold = v;
+    }
     if let Some(v) = a.seed {
         s.seed = v;
     }
