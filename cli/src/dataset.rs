@@ -302,13 +302,16 @@ impl Data {
                     maskdiff_data::EvalChunks::new(splits[split_index(split)].clone(), *seq_len)?;
                 let mut out = Vec::with_capacity(idx.len());
                 for i in idx {
-                    out.push(file.ids(chunks.chunk(i))?);
+                    out.push(file.ids(chunks.chunk(i)?)?);
                 }
                 Ok((out, None))
             }
             Data::Images { splits } => {
                 let b = splits[split_index(split)].batch(&idx)?;
-                Ok(((0..b.batch).map(|i| b.row(i).to_vec()).collect(), b.labels))
+                let rows = (0..b.batch)
+                    .map(|i| Ok(b.row(i)?.to_vec()))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((rows, b.labels))
             }
         }
     }

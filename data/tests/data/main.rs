@@ -4,6 +4,7 @@ mod batches;
 mod corpus;
 mod fuzz;
 mod images;
+mod textcache;
 mod tokenfile;
 mod tokenizers;
 mod zeroshot;
