@@ -4,7 +4,7 @@ use maskdiff_data::images::*;
 use maskdiff_data::{DataError, Split};
 use proptest::prelude::*;
 
-use crate::{shared_data, temp_dir};
+use crate::{data_cache, have_data, temp_dir};
 
 fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
     let mut b = vec![0, 0, 8, dims.len() as u8];
@@ -142,8 +142,12 @@ fn cifar_records_become_hwc_tokens() {
 }
 
 #[test]
-fn shared_digits_decode_to_1797_labelled_images() {
-    let set = load_digits(&shared_data().join("images/digits.csv.gz")).unwrap();
+fn fetched_digits_decode_to_1797_labelled_images() {
+    let path = data_cache().join("digits/digits.csv.gz");
+    if !have_data(&path, "fetch it with `bash scripts/fetch-data.sh data-cache digits`") {
+        return;
+    }
+    let set = load_digits(&path).unwrap();
     assert_eq!(set.len(), 1797);
     assert_eq!(
         set.shape,
