@@ -411,7 +411,10 @@ fn zero_shot_dir() -> std::path::PathBuf {
 #[test]
 fn gpt2_model_runs_the_zero_shot_suite() {
     let zs = zero_shot_dir();
-    if !have_data(&zs, "the zero-shot sets exist only in this project's ../shared/data") {
+    if !have_data(
+        &zs,
+        "the zero-shot sets exist only in this project's ../shared/data",
+    ) {
         return;
     }
     let d = tmp("zeroshot");

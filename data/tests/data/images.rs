@@ -144,7 +144,10 @@ fn cifar_records_become_hwc_tokens() {
 #[test]
 fn fetched_digits_decode_to_1797_labelled_images() {
     let path = data_cache().join("digits/digits.csv.gz");
-    if !have_data(&path, "fetch it with `bash scripts/fetch-data.sh data-cache digits`") {
+    if !have_data(
+        &path,
+        "fetch it with `bash scripts/fetch-data.sh data-cache digits`",
+    ) {
         return;
     }
     let set = load_digits(&path).unwrap();

@@ -126,7 +126,10 @@ fn blocks_pack_documents_with_eos_and_drop_tails() {
 #[test]
 fn shared_sets_load_into_gpt2_blocks() {
     let dir = shared_data().join("zeroshot");
-    if !have_data(&dir, "the zero-shot sets exist only in this project's ../shared/data") {
+    if !have_data(
+        &dir,
+        "the zero-shot sets exist only in this project's ../shared/data",
+    ) {
         return;
     }
     // Line counts of the shared files (wc -l).
