@@ -42,7 +42,11 @@ pub fn have_data(path: &std::path::Path, how: &str) -> bool {
             path.display()
         );
     }
-    eprintln!(
+    // Written to stderr directly, not with `eprintln!`: the test harness captures the macros'
+    // output of passing tests, and a skip must be visible.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
         "SKIPPED: test data not found at {} ({how}); set MASKDIFF_REQUIRE_SHARED=1 to fail instead",
         path.display()
     );
