@@ -294,3 +294,23 @@ fn plain_text_is_tokenised_once_and_the_cache_gives_identical_batches() {
         manifest(&d.join("b"))["extra"]["sampler"]
     );
 }
+
+#[test]
+fn a_class_conditional_network_still_requires_labels() {
+    use maskdiff_network::dfdx::prelude::{Cpu, NoneTape};
+    use maskdiff_process::DenoiseBatch;
+    let mut cfg = maskdiff_network::NetworkConfig::preset("tiny", 17).unwrap();
+    cfg.num_classes = 10;
+    let m = cfg.init::<f32, Cpu>(&Cpu::default(), 0).unwrap();
+    let ids = vec![3u32; 2 * 64];
+    let batch = |labels| DenoiseBatch {
+        ids: &ids,
+        batch: 2,
+        len: 64,
+        t: &[0.5, 0.5],
+        labels,
+    };
+    let e = m.forward(&batch(None), NoneTape, None).unwrap_err();
+    assert!(e.to_string().contains("labels"), "{e}");
+    assert!(m.forward(&batch(Some(&[3, 9])), NoneTape, None).is_ok());
+}
