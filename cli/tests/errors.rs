@@ -89,9 +89,10 @@ fn checkpoints_of_another_vocabulary_or_data_are_refused() {
         &d,
         &["train", "--resume", "--out", "bytes", "--no-progress"],
     );
-    // Resuming uses the saved config of `bytes` (V = 256) against a V = 27 checkpoint.
+    // Resuming reads the checkpoint's config (text8), which the run's config.toml (bytes)
+    // contradicts: refused, naming the field.
     std::fs::copy(d.join("keep.toml"), d.join("bytes/config.toml")).unwrap();
-    one_line_error(&o, &["does not match"]);
+    one_line_error(&o, &["config.toml", "data.dataset"]);
     // Evaluating the character model on a byte-tokenised token file.
     let ids: Vec<u32> = (0..5000u32).map(|i| i % 256).collect();
     maskdiff_data::TokenFile::write(

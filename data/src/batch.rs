@@ -26,9 +26,24 @@ pub struct TokenBatch {
 }
 
 impl TokenBatch {
-    /// Row `b`.
-    pub fn row(&self, b: usize) -> &[u32] {
-        &self.ids[b * self.len..(b + 1) * self.len]
+    /// Row `b`; an error when `b` is not a row of the batch (or the batch's fields disagree).
+    pub fn row(&self, b: usize) -> Result<&[u32]> {
+        let range = b
+            .checked_mul(self.len)
+            .and_then(|s| Some(s..s.checked_add(self.len)?));
+        match range {
+            Some(r) if b < self.batch => self.ids.get(r).ok_or_else(|| {
+                DataError::InvalidArgument(format!(
+                    "batch of {} ids is too short for row {b} of length {}",
+                    self.ids.len(),
+                    self.len
+                ))
+            }),
+            _ => Err(DataError::InvalidArgument(format!(
+                "row {b} of a batch of {} rows",
+                self.batch
+            ))),
+        }
     }
 }
 
@@ -177,19 +192,26 @@ impl EvalChunks {
     pub fn chunk_len(&self) -> usize {
         self.len
     }
-    /// Offsets of chunk `i < count()`.
-    pub fn chunk(&self, i: usize) -> Range<usize> {
+    /// Offsets of chunk `i`; an error unless `i < count()`.
+    pub fn chunk(&self, i: usize) -> Result<Range<usize>> {
+        if i >= self.count() {
+            return Err(DataError::InvalidArgument(format!(
+                "evaluation chunk {i} of {}",
+                self.count()
+            )));
+        }
+        // i < count() = range.len() / len, so i·len + len ≤ range.len(): no overflow.
         let s = self.range.start + i * self.len;
-        s..s + self.len
+        Ok(s..s + self.len)
     }
     /// Chunks `first..first + n` (clipped to the end) as one batch.
     pub fn batch(&self, file: &TokenFile, first: usize, n: usize) -> Result<TokenBatch> {
-        let end = (first + n).min(self.count());
+        let end = first.saturating_add(n).min(self.count());
         let first = first.min(end);
         let mut ids = Vec::with_capacity((end - first) * self.len);
         let mut offsets = Vec::with_capacity(end - first);
         for i in first..end {
-            let r = self.chunk(i);
+            let r = self.chunk(i)?;
             offsets.push(r.start);
             file.read_into(r, &mut ids)?;
         }

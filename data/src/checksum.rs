@@ -6,9 +6,15 @@ const PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// FNV-1a 64 of `bytes`.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    fnv1a64_update(OFFSET, bytes)
+}
+
+/// Continue an FNV-1a 64 hash `h` over `bytes` (start from [`fnv1a64`]`(b"")`): hashing a stream
+/// piece by piece gives the hash of the whole.
+pub fn fnv1a64_update(h: u64, bytes: &[u8]) -> u64 {
     bytes
         .iter()
-        .fold(OFFSET, |h, &b| (h ^ b as u64).wrapping_mul(PRIME))
+        .fold(h, |h, &b| (h ^ b as u64).wrapping_mul(PRIME))
 }
 
 #[cfg(test)]
@@ -21,5 +27,6 @@ mod tests {
         assert_eq!(fnv1a64(b""), 0xcbf29ce484222325);
         assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
         assert_eq!(fnv1a64(b"foobar"), 0x85944171f73967e8);
+        assert_eq!(fnv1a64_update(fnv1a64(b"foo"), b"bar"), 0x85944171f73967e8);
     }
 }

@@ -16,18 +16,48 @@ pub fn is_gzip(bytes: &[u8]) -> bool {
     bytes.len() >= 2 && bytes[0] == 0x1f && bytes[1] == 0x8b
 }
 
-/// Decompress gzip (all members) if `bytes` are gzip, else return them unchanged.
+/// The most bytes any gzip input may decompress to (a guard against decompression bombs; the
+/// largest real input, Fashion-MNIST's training images, is 47 MB).
+pub const MAX_DECOMPRESSED_BYTES: u64 = 1 << 31;
+
+fn gzip_error(what: &str, e: std::io::Error) -> DataError {
+    DataError::BadHeader {
+        what: what.to_string(),
+        detail: format!("gzip stream: {e}"),
+    }
+}
+
+/// Append at most `cap` more bytes of `r` to `out`; an error naming `what` when `r` holds more.
+pub(crate) fn read_capped(
+    r: &mut impl Read,
+    out: &mut Vec<u8>,
+    cap: u64,
+    what: &str,
+) -> Result<()> {
+    let before = out.len() as u64;
+    r.take(cap.saturating_add(1))
+        .read_to_end(out)
+        .map_err(|e| gzip_error(what, e))?;
+    let got = out.len() as u64 - before;
+    if got > cap {
+        return Err(DataError::WrongSize {
+            what: format!("{what} (decompressed)"),
+            expected: cap,
+            found: got,
+        });
+    }
+    Ok(())
+}
+
+/// Decompress gzip (all members) if `bytes` are gzip, else return them unchanged. The output is
+/// capped at [`MAX_DECOMPRESSED_BYTES`].
 pub fn maybe_gunzip(bytes: Vec<u8>, what: &str) -> Result<Vec<u8>> {
     if !is_gzip(&bytes) {
         return Ok(bytes);
     }
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(&bytes[..])
-        .read_to_end(&mut out)
-        .map_err(|e| DataError::BadHeader {
-            what: what.to_string(),
-            detail: format!("gzip stream: {e}"),
-        })?;
+    let mut dec = flate2::read::MultiGzDecoder::new(&bytes[..]);
+    read_capped(&mut dec, &mut out, MAX_DECOMPRESSED_BYTES, what)?;
     Ok(out)
 }
 

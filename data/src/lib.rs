@@ -8,7 +8,8 @@
 //!   split (§9.2).
 //! - [`images`]: MNIST/Fashion-MNIST IDX, CIFAR-10 binary and 8×8 digits as pixel tokens (§9.4).
 //! - [`zeroshot`]: LAMBADA / WikiText / PTB / 1BW readers with SEDD's detokenisers (Table 1).
-//! - [`corpus`]: the default English corpus built from files `scripts/fetch-data.sh` fetched.
+//! - [`corpus`]: the default English corpus built from files `scripts/fetch-data.sh` fetched;
+//!   [`textcache`]: token files cached next to plain-text sources, keyed by their content.
 //!
 //! Every reader returns a [`DataError`] on bad input; nothing here panics on file contents.
 
@@ -22,12 +23,13 @@ pub mod corpus;
 pub mod images;
 pub mod pack;
 pub mod split;
+pub mod textcache;
 pub mod tokenfile;
 pub mod tokenizer;
 pub mod zeroshot;
 
 pub use batch::{EvalChunks, TokenBatch, WindowSampler, WindowSamplerState};
-pub use checksum::fnv1a64;
+pub use checksum::{fnv1a64, fnv1a64_update};
 pub use corpus::{build_english_corpus, open_or_build_english_corpus};
 pub use error::{DataError, Result};
 pub use fsutil::write_atomic;

@@ -124,6 +124,11 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
 /// Serialise `tokens` (each `< vocab`) into the token-file format.
 pub fn encode_token_file(tokens: &[u32], vocab: Vocab, tokenizer: TokenizerId) -> Result<Vec<u8>> {
     let v = vocab.size();
+    if let Some(tv) = tokenizer.vocab_size().filter(|&tv| tv != v) {
+        return Err(DataError::InvalidArgument(format!(
+            "a {tokenizer} token file has vocabulary {tv}, not {v}"
+        )));
+    }
     crate::tokenizer::check_ids(tokens, v)?;
     let dtype = Dtype::for_vocab(v);
     let mut payload = Vec::with_capacity(tokens.len() * dtype.width());
@@ -194,6 +199,13 @@ pub fn validate_token_bytes(bytes: &[u8], what: &str) -> Result<TokenFileHeader>
     let code = u32_at(bytes, 20);
     let tokenizer =
         TokenizerId::from_code(code).ok_or_else(|| bad(format!("unknown tokenizer id {code}")))?;
+    // A text tokenizer's tag fixes the vocabulary: a text8 file of V = 100 would train, then
+    // fail to decode its own samples.
+    if let Some(tv) = tokenizer.vocab_size().filter(|&tv| tv != v) {
+        return Err(bad(format!(
+            "tagged {tokenizer} (vocabulary {tv}) but declares vocabulary {v}"
+        )));
+    }
     let len = u64_at(bytes, 24);
     let checksum = u64_at(bytes, 32);
     if bytes[40..TOKEN_FILE_HEADER_LEN].iter().any(|&b| b != 0) {

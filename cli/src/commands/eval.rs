@@ -97,23 +97,15 @@ fn eval_on<D: DfdxDevice<f32>, O: Objective<D>>(
     }
     let data = Data::open(&cfg.data)?;
     let id = data.identity(cfg.data.dataset)?;
-    if id != loaded.extra.data {
-        return Err(CliError::CheckpointMismatch {
-            path: dir.to_path_buf(),
-            reason: format!(
-                "it was trained on {:?}, but {} gives {:?}",
-                loaded.extra.data,
-                cfg.data.path.display(),
-                id
-            ),
-        });
-    }
+    id.check_against(&loaded.extra.data, dir, &cfg.data.path)?;
     let (split, name) = match a.split {
         SplitArg::Train => (Split::Train, "train"),
         SplitArg::Val => (Split::Valid, "validation"),
         SplitArg::Test => (Split::Test, "test"),
     };
     let (seqs, labels) = data.eval_sequences(split, cfg.eval.max_sequences)?;
+    // An unconditional model of labelled images ignores the labels.
+    let labels = labels.filter(|_| maskdiff_process::Denoiser::num_classes(&den) > 0);
     let pb = bar(seqs.len(), "evaluating");
     let r = loaded
         .objective

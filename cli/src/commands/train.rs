@@ -16,12 +16,68 @@ use maskdiff_objective::{EvalOptions, Objective};
 use maskdiff_train::{TrainBatch, TrainError, Trainer};
 use std::time::Instant;
 
-/// Flags that may differ when resuming (they change no result, only cadence and budget of
-/// wall-clock time).
+/// Config fields that may differ between a resumed run and its checkpoint: where the run lives
+/// and the cadence and wall-clock budget of one session (they change no result).
+const SESSION_FIELDS: [&str; 6] = [
+    "train.out_dir",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "train.time_limit_s",
+];
+
+fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+/// The fields (`section.key`) in which two configs differ, session fields excepted.
+pub fn config_differences(a: &Config, b: &Config) -> Vec<String> {
+    let flat = |c: &Config| {
+        let mut m = std::collections::BTreeMap::new();
+        let v: toml::Value = toml::from_str(&c.to_toml()).expect("a config serialises to TOML");
+        flatten("", &v, &mut m);
+        m
+    };
+    let (fa, fb) = (flat(a), flat(b));
+    let mut keys: Vec<&String> = fa.keys().chain(fb.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| !SESSION_FIELDS.contains(&k.as_str()) && fa.get(*k) != fb.get(*k))
+        .map(|k| {
+            let show = |m: &std::collections::BTreeMap<String, String>| {
+                m.get(k).cloned().unwrap_or_else(|| "(absent)".into())
+            };
+            format!("{k} ({} saved, {} given)", show(&fa), show(&fb))
+        })
+        .collect()
+}
+
+/// The config of a resumed run: the one stored in the checkpoint's manifest (the config the
+/// run was trained with), with only the session flags (cadence, time limit) taken from the command
+/// line. The run's `config.toml` and a `--config` file must agree with it except in those
+/// fields; a difference is refused, naming the fields (a run cannot be extended by raising
+/// `train.steps`: the learning-rate decay depends on it).
 fn resume_config(a: &TrainArgs) -> Result<Config> {
-    let out = match (&a.overrides.out, &a.config) {
+    let given = a.config.as_ref().map(|c| Config::load(c)).transpose()?;
+    let out = match (&a.overrides.out, &given) {
         (Some(o), _) => o.clone(),
-        (None, Some(c)) => Config::load(c)?.train.out_dir,
+        (None, Some(c)) => c.train.out_dir.clone(),
         (None, None) => Config::default().train.out_dir,
     };
     let changed = a.overrides.changes_run_identity();
@@ -37,14 +93,37 @@ fn resume_config(a: &TrainArgs) -> Result<Config> {
             "--resume cannot change --steps (the learning-rate decay depends on it)".into(),
         ));
     }
-    let path = run::config_path(&out);
     if !run::has_checkpoint(&out) {
         return Err(CliError::Input(format!(
             "nothing to resume: {} holds no checkpoint",
             out.display()
         )));
     }
-    let mut cfg = Config::load(&path)?;
+    let (_, _, mut cfg) = run::read_checkpoint_meta(&run::checkpoint_dir(&out))?;
+    let path = run::config_path(&out);
+    let mut sources = Vec::new();
+    if path.is_file() {
+        sources.push((path.clone(), Config::load(&path)?));
+    }
+    if let (Some(file), Some(mut c)) = (&a.config, given) {
+        // The run stored its data path absolute; a relative one in the file means the same
+        // file from here.
+        if cfg.data.path.is_absolute() {
+            c.data.path = crate::dataset::absolute_data_path(&c.data.path)?;
+        }
+        sources.push((file.clone(), c));
+    }
+    for (file, c) in &sources {
+        let diff = config_differences(&cfg, c);
+        if !diff.is_empty() {
+            return Err(CliError::Input(format!(
+                "--resume continues the run with the config saved in its checkpoint, but {} \
+                 differs in {} (restore it, or start a new run with another --out)",
+                file.display(),
+                diff.join(", ")
+            )));
+        }
+    }
     let o = &a.overrides;
     cfg.train.out_dir = out;
     if let Some(v) = o.log_every {
@@ -80,6 +159,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
+    }
+    let mut cfg = cfg;
+    if !a.resume {
+        // Stored absolute: `eval` and `sample` from another directory read the same data.
+        cfg.data.path = crate::dataset::absolute_data_path(&cfg.data.path)?;
     }
     match cfg.train.device {
         Device::Cpu => train_on(maskdiff_network::dfdx::tensor::Cpu::default(), cfg, &a),
@@ -183,15 +267,7 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
     let identity = data.identity(cfg.data.dataset)?;
     let (mut trainer, mut sampler, mut train_seconds, mut window) = if a.resume {
         let (_, extra, _) = run::read_checkpoint_meta(&ckpt)?;
-        if extra.data != identity {
-            return Err(CliError::CheckpointMismatch {
-                path: ckpt.clone(),
-                reason: format!(
-                    "it was trained on {:?}, the data now gives {:?}",
-                    extra.data, identity
-                ),
-            });
-        }
+        identity.check_against(&extra.data, &ckpt, &cfg.data.path)?;
         let t = Trainer::<D, O>::resume(&ckpt, &net_cfg, &train_cfg, &dev)?;
         remove_stale_temp_files(&ckpt);
         if t.step_count() >= cfg.train.steps {
@@ -250,6 +326,10 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
         cfg.train.eval_batches * micro
     };
     let (val_seqs, val_labels) = data.eval_sequences(Split::Valid, val_n)?;
+    // Labels go to class-conditional models only: an unconditional model trained on labelled
+    // images ignores them.
+    let conditional = net_cfg.num_classes > 0;
+    let val_labels = val_labels.filter(|_| conditional);
 
     let save = |trainer: &mut Trainer<D, O>,
                 sampler: &maskdiff_data::WindowSampler,
@@ -294,7 +374,7 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             x0: &b.ids,
             batch: b.batch,
             len: b.len,
-            labels: b.labels.as_deref(),
+            labels: b.labels.as_deref().filter(|_| conditional),
         }) {
             Ok(s) => s,
             Err(TrainError::NonFinite { what, step, value }) => {

@@ -144,3 +144,27 @@ pub fn checksums(run_dir: &Path) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// Whether test data outside the repository (here `../shared`) is at `path`; when it is not, the
+/// test is skipped with a message saying why — unless `MASKDIFF_REQUIRE_SHARED=1` (set by
+/// `.ci/run`), which makes the absence a failure, so CI never skips silently.
+pub fn have_data(path: &Path, how: &str) -> bool {
+    if path.exists() {
+        return true;
+    }
+    if std::env::var("MASKDIFF_REQUIRE_SHARED").is_ok_and(|v| v == "1") {
+        panic!(
+            "test data missing at {} and MASKDIFF_REQUIRE_SHARED=1 ({how})",
+            path.display()
+        );
+    }
+    // Written to stderr directly, not with `eprintln!`: the test harness captures the macros'
+    // output of passing tests, and a skip must be visible.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: test data not found at {} ({how}); set MASKDIFF_REQUIRE_SHARED=1 to fail instead",
+        path.display()
+    );
+    false
+}

@@ -1,11 +1,12 @@
 //! IDX files (the MNIST / Fashion-MNIST format), plain or gzip-compressed: a 4-byte magic
 //! `00 00 08 ndims` (unsigned bytes only), `ndims` big-endian u32 sizes, then the data.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::{ImageSet, ImageShape};
 use crate::error::{DataError, Result};
-use crate::fsutil::{maybe_gunzip, read_file};
+use crate::fsutil::{is_gzip, read_capped, read_file, MAX_DECOMPRESSED_BYTES};
 use crate::split::Split;
 
 /// An n-dimensional array of unsigned bytes.
@@ -15,9 +16,44 @@ pub struct IdxArray {
     pub data: Vec<u8>,
 }
 
-/// Parse IDX bytes (gzip is detected and decompressed).
+/// Decompress a gzip'd IDX stream, reading no more than its header declares (computed with
+/// checked arithmetic) plus one byte, and never more than [`MAX_DECOMPRESSED_BYTES`]; a larger
+/// declaration or a longer stream is an error before anything big is allocated.
+fn gunzip_idx(gz: &[u8], what: &str) -> Result<Vec<u8>> {
+    let mut dec = flate2::read::MultiGzDecoder::new(gz);
+    let mut out = Vec::new();
+    // Magic (4 bytes), then the dimensions it announces.
+    read_capped(&mut (&mut dec).take(4), &mut out, 4, what)?;
+    if out.len() < 4 {
+        return Ok(out); // too short: parse_idx reports it
+    }
+    let nd = out[3] as u64;
+    read_capped(&mut (&mut dec).take(4 * nd), &mut out, 4 * nd, what)?;
+    if (out.len() as u64) < 4 + 4 * nd || out[0] != 0 || out[1] != 0 {
+        return Ok(out); // truncated header or bad magic: parse_idx reports it
+    }
+    let declared = (0..nd as usize)
+        .map(|k| {
+            let o = 4 + 4 * k;
+            u32::from_be_bytes([out[o], out[o + 1], out[o + 2], out[o + 3]]) as u64
+        })
+        .try_fold(1u64, |a, d| a.checked_mul(d))
+        .filter(|&n| n <= MAX_DECOMPRESSED_BYTES)
+        .ok_or_else(|| DataError::BadHeader {
+            what: what.to_string(),
+            detail: format!("the header declares more than {MAX_DECOMPRESSED_BYTES} bytes of data"),
+        })?;
+    read_capped(&mut dec, &mut out, declared, what)?;
+    Ok(out)
+}
+
+/// Parse IDX bytes (gzip is detected and decompressed, capped by the header's declared size).
 pub fn parse_idx(bytes: &[u8], what: &str) -> Result<IdxArray> {
-    let bytes = maybe_gunzip(bytes.to_vec(), what)?;
+    let bytes = if is_gzip(bytes) {
+        gunzip_idx(bytes, what)?
+    } else {
+        bytes.to_vec()
+    };
     let bad = |detail: String| DataError::BadHeader {
         what: what.to_string(),
         detail,

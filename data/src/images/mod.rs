@@ -37,16 +37,31 @@ pub struct Image {
 }
 
 impl ImageShape {
-    /// Tokens per image, H·W·C.
+    /// Tokens per image, H·W·C (saturating at `usize::MAX`; see
+    /// [`ImageShape::checked_tokens_per_image`]).
     pub fn tokens_per_image(&self) -> usize {
-        self.height * self.width * self.channels
+        self.height
+            .saturating_mul(self.width)
+            .saturating_mul(self.channels)
     }
     /// The vocabulary (V = levels).
     pub fn vocab(&self) -> Result<Vocab> {
         Ok(Vocab::new(self.levels as usize)?)
     }
+    /// Tokens per image, H·W·C, or `None` when the product overflows.
+    pub fn checked_tokens_per_image(&self) -> Option<usize> {
+        self.height
+            .checked_mul(self.width)?
+            .checked_mul(self.channels)
+    }
     fn check_len(&self, n: usize) -> Result<()> {
-        if n != self.tokens_per_image() {
+        if self.height == 0 || self.width == 0 || !matches!(self.channels, 1 | 3) {
+            return Err(DataError::InvalidArgument(format!(
+                "a {}x{}x{} image (height and width must be >= 1, channels 1 or 3)",
+                self.height, self.width, self.channels
+            )));
+        }
+        if self.checked_tokens_per_image() != Some(n) {
             return Err(DataError::InvalidArgument(format!(
                 "{n} tokens for a {}x{}x{} image",
                 self.height, self.width, self.channels
@@ -115,15 +130,20 @@ pub struct ImageSet {
 impl ImageSet {
     /// Number of images.
     pub fn len(&self) -> usize {
-        self.tokens.len() / self.shape.tokens_per_image().max(1)
+        // A shape without tokens holds no images.
+        self.tokens
+            .len()
+            .checked_div(self.shape.tokens_per_image())
+            .unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
     /// The tokens of image `i`.
     pub fn image(&self, i: usize) -> Option<&[u8]> {
-        let n = self.shape.tokens_per_image();
-        self.tokens.get(i * n..(i + 1) * n)
+        let n = self.shape.checked_tokens_per_image().filter(|&n| n > 0)?;
+        let start = i.checked_mul(n)?;
+        self.tokens.get(start..start.checked_add(n)?)
     }
     /// The label of image `i`.
     pub fn label(&self, i: usize) -> Option<u32> {

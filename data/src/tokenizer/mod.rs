@@ -50,6 +50,16 @@ impl TokenizerId {
             _ => return None,
         })
     }
+    /// The vocabulary size a text tokenizer defines (text8 27, bytes 256, GPT-2 50257); `None`
+    /// for custom ids and pixels, whose vocabulary the data decides.
+    pub fn vocab_size(self) -> Option<usize> {
+        match self {
+            TokenizerId::Text8 => Some(TEXT8_VOCAB),
+            TokenizerId::Bytes => Some(256),
+            TokenizerId::Gpt2 => Some(GPT2_VOCAB),
+            TokenizerId::Custom | TokenizerId::Pixels => None,
+        }
+    }
     /// Short lowercase name ("text8", "bytes", "gpt2", ...).
     pub fn name(self) -> &'static str {
         match self {

@@ -89,7 +89,7 @@ fn resuming_from_a_saved_state_reproduces_the_stream() {
     let r = &reference[5];
     assert_eq!((r.batch, r.len), (16, 64));
     for (k, &o) in r.offsets.iter().enumerate() {
-        assert_eq!(r.row(k), &ids[o..o + 64]);
+        assert_eq!(r.row(k).unwrap(), &ids[o..o + 64]);
     }
 }
 
@@ -129,7 +129,36 @@ fn eval_chunks_are_consecutive_non_overlapping_tail_dropped() {
     );
     let offsets: Vec<usize> = batches.iter().flat_map(|b| b.offsets.clone()).collect();
     assert_eq!(offsets, (0..9).map(|i| 10 + 100 * i).collect::<Vec<_>>());
-    assert_eq!(batches[2].row(0), &ids[810..910]);
+    assert_eq!(batches[2].row(0).unwrap(), &ids[810..910]);
+    // Indices past the end are errors, not panics or wrapped offsets.
+    assert_eq!(ch.chunk(8).unwrap(), 810..910);
+    for i in [9, usize::MAX / 100 + 1, usize::MAX] {
+        assert!(
+            matches!(ch.chunk(i), Err(DataError::InvalidArgument(_))),
+            "chunk {i}"
+        );
+    }
+    assert!(ch
+        .batch(&file, usize::MAX, usize::MAX)
+        .unwrap()
+        .ids
+        .is_empty());
+    for b in [1, 2, usize::MAX] {
+        assert!(matches!(
+            batches[2].row(b),
+            Err(DataError::InvalidArgument(_))
+        ));
+    }
+    // A batch whose ids are shorter than batch × len (fields set by hand) is an error too.
+    let short = TokenBatch {
+        ids: vec![0; 5],
+        batch: 2,
+        len: 3,
+        offsets: vec![0, 3],
+        labels: None,
+    };
+    assert_eq!(short.row(0).unwrap(), &[0, 0, 0]);
+    assert!(short.row(1).is_err());
 }
 
 #[test]

@@ -4,7 +4,7 @@ use maskdiff_data::images::*;
 use maskdiff_data::{DataError, Split};
 use proptest::prelude::*;
 
-use crate::{shared_data, temp_dir};
+use crate::{data_cache, have_data, temp_dir};
 
 fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
     let mut b = vec![0, 0, 8, dims.len() as u8];
@@ -142,8 +142,15 @@ fn cifar_records_become_hwc_tokens() {
 }
 
 #[test]
-fn shared_digits_decode_to_1797_labelled_images() {
-    let set = load_digits(&shared_data().join("images/digits.csv.gz")).unwrap();
+fn fetched_digits_decode_to_1797_labelled_images() {
+    let path = data_cache().join("digits/digits.csv.gz");
+    if !have_data(
+        &path,
+        "fetch it with `bash scripts/fetch-data.sh data-cache digits`",
+    ) {
+        return;
+    }
+    let set = load_digits(&path).unwrap();
     assert_eq!(set.len(), 1797);
     assert_eq!(
         set.shape,
@@ -219,6 +226,83 @@ fn tokens_decode_to_pixels() {
         levels: 256,
     };
     assert_eq!(rgb.decode(&[1, 2, 250]).unwrap().pixels, vec![1, 2, 250]);
+}
+
+proptest! {
+    /// Any shape, any ids: decoding returns a value or an error, never panics; a shape without
+    /// pixels (a zero dimension, channels other than 1 or 3) or whose size overflows is an error.
+    #[test]
+    fn decoding_any_shape_is_an_error_or_an_image(
+        height in prop_oneof![0usize..4, Just(usize::MAX)],
+        width in prop_oneof![0usize..4, Just(usize::MAX / 2)],
+        channels in 0usize..5,
+        levels in 0u32..300,
+        ids in proptest::collection::vec(0u32..300, 0..40),
+    ) {
+        let shape = ImageShape { height, width, channels, levels };
+        let plain = shape.decode(&ids);
+        let masked = shape.decode_with_mask(&ids, [255, 0, 255]);
+        let valid = height > 0 && width > 0 && (channels == 1 || channels == 3)
+            && shape.checked_tokens_per_image() == Some(ids.len())
+            && (2..=256).contains(&levels);
+        if !valid {
+            prop_assert!(plain.is_err() && masked.is_err());
+        }
+        if let Ok(m) = masked {
+            prop_assert_eq!(m.pixels.len(), height * width * 3);
+        }
+        let set = ImageSet { shape, tokens: vec![0; 8], labels: None, num_classes: 0 };
+        let _ = set.len();
+        prop_assert!(set.image(usize::MAX).is_none());
+    }
+}
+
+#[test]
+fn gzip_idx_is_capped_by_the_declared_size() {
+    // 4 declared bytes, a 1 MB stream behind them: refused after reading declared + 1 bytes.
+    let long = gzip(&idx_bytes(&[2, 2], &vec![7u8; 1 << 20]));
+    match parse_idx(&long, "x") {
+        Err(DataError::WrongSize {
+            expected, found, ..
+        }) => assert_eq!((expected, found), (4, 5)),
+        other => panic!("expected WrongSize, got {other:?}"),
+    }
+    // A header declaring 2^48 bytes (u32 dims whose product overflows no u64 but exceeds the
+    // global bound) is refused from the header alone.
+    let huge = gzip(&idx_bytes(&[65536, 65536, 65536], &[1, 2, 3]));
+    assert!(matches!(
+        parse_idx(&huge, "x"),
+        Err(DataError::BadHeader { .. })
+    ));
+    // Overflowing u64: five dims of 2^32 − 1.
+    let over = gzip(&idx_bytes(&[u32::MAX; 5], &[]));
+    assert!(matches!(
+        parse_idx(&over, "x"),
+        Err(DataError::BadHeader { .. })
+    ));
+    // Exactly the declared size still parses; truncated is still WrongSize.
+    let ok = parse_idx(&gzip(&idx_bytes(&[2, 2], &[1, 2, 3, 4])), "x").unwrap();
+    assert_eq!((ok.dims, ok.data), (vec![2, 2], vec![1, 2, 3, 4]));
+    assert!(matches!(
+        parse_idx(&gzip(&idx_bytes(&[2, 2], &[1, 2, 3])), "x"),
+        Err(DataError::WrongSize { .. })
+    ));
+    assert!(parse_idx(&gzip(&[0, 0, 8]), "x").is_err());
+}
+
+#[test]
+fn zero_channel_images_are_refused() {
+    let s = ImageShape {
+        height: 2,
+        width: 2,
+        channels: 0,
+        levels: 17,
+    };
+    assert!(matches!(
+        s.decode_with_mask(&[], [0, 0, 0]),
+        Err(DataError::InvalidArgument(_))
+    ));
+    assert!(matches!(s.decode(&[]), Err(DataError::InvalidArgument(_))));
 }
 
 #[test]

@@ -158,3 +158,32 @@ fn a_corrupt_file_on_disk_fails_to_open() {
         Err(DataError::BadChecksum { .. })
     ));
 }
+
+#[test]
+fn a_text_tokenizer_tag_must_match_the_vocabulary() {
+    // text8 with V = 100 (ids < 100 all valid for the header): refused on writing and on opening.
+    assert!(matches!(
+        encode_token_file(&[1, 2, 99], vocab(100), TokenizerId::Text8),
+        Err(DataError::InvalidArgument(_))
+    ));
+    let mut b = encode_token_file(&[1, 2, 99], vocab(100), TokenizerId::Custom).unwrap();
+    b[20..24].copy_from_slice(&TokenizerId::Text8.code().to_le_bytes()); // header only: checksum holds
+    match TokenFile::from_bytes(b) {
+        Err(DataError::BadHeader { detail, .. }) => {
+            assert!(detail.contains("text8") && detail.contains("27") && detail.contains("100"))
+        }
+        other => panic!("expected BadHeader, got {:?}", other.map(|f| *f.header())),
+    }
+    for (t, v) in [
+        (TokenizerId::Text8, 27),
+        (TokenizerId::Bytes, 256),
+        (TokenizerId::Gpt2, 50257),
+    ] {
+        assert_eq!(t.vocab_size(), Some(v));
+        assert!(encode_token_file(&[0], vocab(v), t).is_ok());
+        assert!(encode_token_file(&[0], vocab(v + 1), t).is_err());
+    }
+    // Custom ids and pixels take any vocabulary.
+    assert!(encode_token_file(&[0], vocab(100), TokenizerId::Custom).is_ok());
+    assert!(encode_token_file(&[0], vocab(17), TokenizerId::Pixels).is_ok());
+}
