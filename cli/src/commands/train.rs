@@ -45,6 +45,12 @@ fn resume_config(a: &TrainArgs) -> Result<Config> {
         )));
     }
     let mut cfg = Config::load(&path)?;
+    // A run saved before `model.embed_dim` existed keeps the embedding it was built with (the
+    // `cpu-small` preset has since moved to the official 64-wide outside embedding).
+    if cfg.model.embed_dim.is_none() {
+        let saved = maskdiff_train::Manifest::read(&run::checkpoint_dir(&out))?;
+        cfg.model.embed_dim = Some(saved.network.embed_dim.unwrap_or(0));
+    }
     let o = &a.overrides;
     cfg.train.out_dir = out;
     if let Some(v) = o.log_every {
