@@ -13,11 +13,11 @@ use crate::run::{self, CliExtra, LossWindow};
 use maskdiff_data::Split;
 use maskdiff_network::Kernels as DfdxDevice;
 use maskdiff_objective::{EvalOptions, Objective};
-use maskdiff_train::{TrainBatch, TrainError, Trainer};
+use maskdiff_train::{LrKind, TrainBatch, TrainError, Trainer};
 use std::time::Instant;
 
 /// Flags that may differ when resuming (they change no result, only cadence and budget of
-/// wall-clock time).
+/// wall-clock time; `--steps` too when the learning-rate schedule does not depend on it).
 fn resume_config(a: &TrainArgs) -> Result<Config> {
     let out = match (&a.overrides.out, &a.config) {
         (Some(o), _) => o.clone(),
@@ -31,11 +31,6 @@ fn resume_config(a: &TrainArgs) -> Result<Config> {
              (start a new run with another --out instead)",
             changed.join(", ")
         )));
-    }
-    if a.overrides.steps.is_some() {
-        return Err(CliError::Input(
-            "--resume cannot change --steps (the learning-rate decay depends on it)".into(),
-        ));
     }
     let path = run::config_path(&out);
     if !run::has_checkpoint(&out) {
@@ -52,6 +47,19 @@ fn resume_config(a: &TrainArgs) -> Result<Config> {
         cfg.model.embed_dim = Some(saved.network.embed_dim.unwrap_or(0));
     }
     let o = &a.overrides;
+    if let Some(steps) = o.steps {
+        // The learning rate depends on train.steps only when it is the cosine's horizon.
+        if cfg.optim.schedule == LrKind::Cosine && cfg.optim.decay_steps.is_none() {
+            return Err(CliError::Input(
+                "--resume cannot change --steps of a run whose cosine decay ends at train.steps \
+                 (a run started with optim.decay_steps set, or a constant schedule, can be extended)"
+                    .into(),
+            ));
+        }
+        cfg.train.steps = steps;
+        cfg.validate()?;
+        crate::fsutil::write_atomic(&path, cfg.to_toml().as_bytes())?;
+    }
     cfg.train.out_dir = out;
     if let Some(v) = o.log_every {
         cfg.train.log_every = v;
