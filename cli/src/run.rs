@@ -11,7 +11,8 @@ use maskdiff_network::{Kernels, NetworkConfig, NetworkDenoiser};
 use maskdiff_objective::{Objective, ObjectiveSpec};
 use maskdiff_schedule::ScheduleSpec;
 use maskdiff_train::{
-    load_model, AdamWConfig, ClipLoss, LrSchedule, Manifest, TrainConfig as NetTrainConfig, Weights,
+    load_model, AdamWConfig, ClipLoss, LrKind, LrSchedule, Manifest, TrainConfig as NetTrainConfig,
+    Weights,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -98,11 +99,15 @@ pub fn train_config(cfg: &Config) -> Result<NetTrainConfig> {
             eps: cfg.schedule.eps,
         },
         time_sampling: cfg.schedule.time_sampling,
-        lr: LrSchedule {
-            peak: o.lr,
-            warmup_steps: o.warmup_steps,
-            total_steps: o.decay_steps.unwrap_or(cfg.train.steps),
-            kind: o.schedule,
+        // A constant schedule has no horizon: its record must not depend on train.steps (so
+        // that a run can be extended on resume).
+        lr: match o.schedule {
+            LrKind::Cosine => LrSchedule::cosine(
+                o.lr,
+                o.warmup_steps,
+                o.decay_steps.unwrap_or(cfg.train.steps),
+            ),
+            LrKind::Constant => LrSchedule::constant(o.lr, o.warmup_steps),
         },
         adamw: AdamWConfig {
             beta1: o.beta1,
