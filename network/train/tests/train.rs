@@ -221,7 +221,7 @@ fn clip_unit_case<O: Objective<Cpu>>(objective: ObjectiveSpec, micro_batches: us
     let net = NetworkConfig::preset("tiny", v).unwrap();
     let trainer = |clip: f64, unit: ClipLoss| {
         let mut cfg = quick_train_cfg(1e-2, 100);
-        cfg.objective = objective.clone();
+        cfg.objective = objective;
         cfg.micro_batches = micro_batches;
         cfg.grad_clip = clip;
         cfg.clip_loss = unit;
