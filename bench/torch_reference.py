@@ -2,8 +2,8 @@
 """PyTorch (eager, CPU; f32, or bf16 autocast with --precision bf16) reference for the maskdiff
 throughput benchmark.
 
-The same `cpu-small` MD4 transformer as network/src/model.rs (spec §7.2): embedding over V+1 ids,
-sinusoidal time embedding of 1000·t -> Dense(4·d_c) -> swish -> Dense(d_c), per block adaLN-zero
+The same `cpu-small` MD4 transformer as network/src/model.rs (spec §7.2): embedding over V+1 ids
+into 64 dimensions, then Dense(64 -> dim, with bias) (the official text8 `outside_embed`), sinusoidal time embedding of 1000·t -> Dense(4·d_c) -> swish -> Dense(d_c), per block adaLN-zero
 (sigmoid(c) -> Dense(6·dim)), LayerNorm without affine (eps 1e-5), RoPE on adjacent pairs of
 bias-free q/k, softmax attention written out (matmul, softmax, matmul), GLU FFN (sigmoid gate,
 hidden 704), gated residuals, final LN + modulation + zero-init Dense(V). Same step as
@@ -91,11 +91,13 @@ class Block(nn.Module):
 
 
 class Md4Transformer(nn.Module):
-    def __init__(self, vocab=27, d=256, layers=4, heads=4, dc=64, hidden=704):
+    def __init__(self, vocab=27, d=256, layers=4, heads=4, dc=64, hidden=704, embed_dim=64):
         super().__init__()
-        self.vocab, self.dc = vocab, dc
-        self.embed = nn.Embedding(vocab + 1, d)
-        nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(d))
+        self.vocab, self.dc, self.d = vocab, dc, d
+        self.embed = nn.Embedding(vocab + 1, embed_dim)
+        nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(embed_dim))
+        self.embed_proj = nn.Linear(embed_dim, d)
+        nn.init.zeros_(self.embed_proj.bias)
         self.c1 = nn.Linear(dc, 4 * dc)
         self.c2 = nn.Linear(4 * dc, dc)
         self.blocks = nn.ModuleList([Block(d, heads, dc, hidden) for _ in range(layers)])
@@ -107,11 +109,11 @@ class Md4Transformer(nn.Module):
 
     def forward(self, ids, t):
         b, n = ids.shape
-        d = self.embed.weight.shape[1]
+        d = self.d
         cos, sin = rope_tables(n, d // self.blocks[0].h)
         c = self.c2(F.silu(self.c1(time_embedding(t, self.dc))))
         c_act = torch.sigmoid(c)
-        x = self.embed(ids)
+        x = self.embed_proj(self.embed(ids))
         for blk in self.blocks:
             x = blk(x, c_act, cos, sin)
         sh, sc = self.head_ada(c_act)[:, None, :].chunk(2, dim=-1)

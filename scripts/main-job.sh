@@ -37,4 +37,12 @@ step "samples (unconditional, then prompted)"
 step "summary"
 grep -E "NELBO|baseline" "$OUT/test.txt"
 echo "wall time: $(( TRAIN_END - START )) s to the end of training, $(( $(date +%s) - START )) s in all"
+# Wall times depend on the machine's load; the training throughput says how loaded it was.
+python3 - "$OUT/metrics.jsonl" <<'PY' || true
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1])]
+t = [x["tokens_per_sec"] for x in r if x.get("split") == "train" and x.get("tokens_per_sec")]
+if t:
+    print(f"training throughput: mean {sum(t) / len(t):.0f} tokens/s over {len(t)} log records")
+PY
 echo "run directory: $OUT (metrics.jsonl, metrics.png, samples.txt, test.json, checkpoint/)"

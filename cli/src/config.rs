@@ -6,6 +6,7 @@
 use crate::error::{CliError, Result};
 use maskdiff_sampler::{RemdmConfig, RemdmLoop, RemdmStrategy, SamplerKind};
 use maskdiff_schedule::{AnySchedule, SamplingGrid, TimeSampling};
+use maskdiff_train::LrKind;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -125,6 +126,11 @@ pub struct ModelConfig {
     /// GenMD4: number of x_t samples per sequence that train the network (2 = the official code,
     /// which uses both RLOO samples; 1 = only the first, to measure the effect of md4 issue #4).
     pub genmd4_network_samples: usize,
+    /// Input embedding width: unset = the preset's choice (`cpu-small`: 64, the official text8
+    /// `outside_embed` with `feature_dim` 64; `md4-s`, `md4-m`, `tiny`: none); N > 0 = embed
+    /// into N dimensions, then a dense layer with bias to the model width; 0 = embed straight
+    /// into the width (the official OpenWebText choice).
+    pub embed_dim: Option<usize>,
 }
 
 impl Default for ModelConfig {
@@ -136,6 +142,7 @@ impl Default for ModelConfig {
             dropout: None,
             class_conditional: false,
             genmd4_network_samples: 2,
+            embed_dim: None,
         }
     }
 }
@@ -195,15 +202,23 @@ impl Default for DataConfig {
 pub struct OptimConfig {
     /// Peak learning rate of AdamW.
     pub lr: f64,
-    /// Linear warm-up steps from 0 to `lr`; cosine decay to 0 afterwards.
+    /// Linear warm-up steps from 0 to `lr`.
     pub warmup_steps: u64,
+    /// After the warm-up: `cosine` (decay to 0 at `decay_steps`, the official default) or
+    /// `constant` (stay at `lr`; the official `schedule_type = "constant"`).
+    pub schedule: LrKind,
+    /// Step at which the cosine reaches 0, warm-up included; unset = `train.steps`. A horizon
+    /// beyond `train.steps` stops the run part-way down the cosine.
+    pub decay_steps: Option<u64>,
     /// Decoupled weight decay.
     pub weight_decay: f64,
     pub beta1: f64,
     pub beta2: f64,
     /// Adam's ε.
     pub adam_eps: f64,
-    /// Clip gradients to this global L2 norm; 0 disables clipping.
+    /// Clip the network's gradient to this global L2 norm, measured as the official `clip`: on
+    /// the gradient of the reported loss in bits per token (the batch mean of per-sequence nats
+    /// divided by `seq_len · ln 2`); 0 disables clipping. `metrics.jsonl` logs the same norm.
     pub clip_norm: f64,
     /// Micro-batches accumulated per optimiser step.
     pub grad_accum: usize,
@@ -216,6 +231,8 @@ impl Default for OptimConfig {
         OptimConfig {
             lr: 3e-4,
             warmup_steps: 100,
+            schedule: LrKind::Cosine,
+            decay_steps: None,
             weight_decay: 0.03,
             beta1: 0.9,
             beta2: 0.999,
@@ -230,7 +247,8 @@ impl Default for OptimConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// Optimiser steps (the cosine learning-rate decay ends here).
+    /// Optimiser steps (the cosine learning-rate decay ends here unless `optim.decay_steps`
+    /// says otherwise).
     pub steps: u64,
     /// Sequences per micro-batch.
     pub batch_size: usize,
@@ -490,6 +508,17 @@ impl Config {
                 format!("{} exceeds train.steps = {}", o.warmup_steps, t.steps),
             ));
         }
+        if let Some(h) = o.decay_steps {
+            if o.schedule == LrKind::Cosine && h < o.warmup_steps.max(1) {
+                return Err(CliError::config(
+                    "optim.decay_steps",
+                    format!(
+                        "{h} must be at least 1 and at least optim.warmup_steps = {}",
+                        o.warmup_steps
+                    ),
+                ));
+            }
+        }
         let v = &self.eval;
         nonzero("eval.mc_samples", v.mc_samples as u64)?;
         nonzero("eval.batch_size", v.batch_size as u64)?;
@@ -586,6 +615,29 @@ mod tests {
     }
 
     #[test]
+    fn schedule_horizon_and_embedding_fields_parse() {
+        let c = Config::parse(
+            "[model]\nembed_dim = 0\n[optim]\nschedule = \"constant\"\ndecay_steps = 5000\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.model.embed_dim, Some(0));
+        assert_eq!(c.optim.schedule, LrKind::Constant);
+        assert_eq!(c.optim.decay_steps, Some(5000));
+        c.validate().unwrap();
+        // unset: the preset's embedding, cosine decay ending at train.steps
+        let d = Config::default();
+        assert_eq!(
+            (d.model.embed_dim, d.optim.schedule, d.optim.decay_steps),
+            (None, LrKind::Cosine, None)
+        );
+        let e = Config::parse("[optim]\nschedule = \"step\"\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step"), "{e}");
+    }
+
+    #[test]
     fn bad_values_name_their_field() {
         let cases = [
             ("[optim]\nlr = -1.0\n", "optim.lr"),
@@ -604,6 +656,10 @@ mod tests {
             ),
             ("[train]\nbatch_size = 0\n", "train.batch_size"),
             ("[optim]\nwarmup_steps = 5000\n", "optim.warmup_steps"),
+            (
+                "[optim]\nwarmup_steps = 50\ndecay_steps = 10\n",
+                "optim.decay_steps",
+            ),
         ];
         for (text, field) in cases {
             let c = Config::parse(text, Path::new("x.toml")).unwrap();

@@ -11,7 +11,8 @@ use maskdiff_network::{Kernels, NetworkConfig, NetworkDenoiser};
 use maskdiff_objective::{Objective, ObjectiveSpec};
 use maskdiff_schedule::ScheduleSpec;
 use maskdiff_train::{
-    load_model, AdamWConfig, LrSchedule, Manifest, TrainConfig as NetTrainConfig, Weights,
+    load_model, AdamWConfig, ClipLoss, LrKind, LrSchedule, Manifest, TrainConfig as NetTrainConfig,
+    Weights,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -66,6 +67,9 @@ pub fn network_config(cfg: &Config, data: &Data) -> Result<NetworkConfig> {
     if let Some(d) = cfg.model.dropout {
         net.dropout = d;
     }
+    if let Some(e) = cfg.model.embed_dim {
+        net.embed_dim = (e > 0).then_some(e);
+    }
     net.num_classes = if cfg.model.class_conditional {
         data.num_classes()
     } else {
@@ -95,10 +99,15 @@ pub fn train_config(cfg: &Config) -> Result<NetTrainConfig> {
             eps: cfg.schedule.eps,
         },
         time_sampling: cfg.schedule.time_sampling,
-        lr: LrSchedule {
-            peak: o.lr,
-            warmup_steps: o.warmup_steps,
-            total_steps: cfg.train.steps,
+        // A constant schedule has no horizon: its record must not depend on train.steps (so
+        // that a run can be extended on resume).
+        lr: match o.schedule {
+            LrKind::Cosine => LrSchedule::cosine(
+                o.lr,
+                o.warmup_steps,
+                o.decay_steps.unwrap_or(cfg.train.steps),
+            ),
+            LrKind::Constant => LrSchedule::constant(o.lr, o.warmup_steps),
         },
         adamw: AdamWConfig {
             beta1: o.beta1,
@@ -107,6 +116,7 @@ pub fn train_config(cfg: &Config) -> Result<NetTrainConfig> {
             weight_decay: o.weight_decay,
         },
         grad_clip: o.clip_norm,
+        clip_loss: ClipLoss::BitsPerToken,
         micro_batches: o.grad_accum,
         ema_decay: o.ema_decay,
     };

@@ -256,6 +256,53 @@ fn stopping_at_a_time_limit_and_resuming_is_bit_exact() {
     assert_eq!(train_lines("straight"), train_lines("pieces"));
 }
 
+/// With its own decay horizon (`optim.decay_steps`) the learning rate does not depend on
+/// `train.steps`, so a run can be extended on resume: 8 steps, then `--resume --steps 16`, equals
+/// 16 steps straight, bit for bit. Without a horizon of its own `--steps` on resume is refused.
+#[test]
+fn a_run_with_its_own_decay_horizon_can_be_extended_exactly() {
+    let d = tmp("extend");
+    write_corpus(&d.join("corpus.txt"), 60_000);
+    std::fs::write(d.join("h.toml"), "[optim]\ndecay_steps = 40\n").unwrap();
+    let cfg = ["--config", "h.toml", "--eval-every", "0"];
+    ok(&train(&d, "straight", 16, &cfg));
+    ok(&train(&d, "pieces", 8, &cfg));
+    ok(&run(
+        &d,
+        &[
+            "train",
+            "--resume",
+            "--out",
+            "pieces",
+            "--steps",
+            "16",
+            "--no-progress",
+        ],
+    ));
+    assert_eq!(manifest(&d.join("pieces"))["step"], 16);
+    assert_eq!(
+        manifest(&d.join("pieces"))["train"]["lr"]["total_steps"],
+        40
+    );
+    assert_eq!(checksums(&d.join("straight")), checksums(&d.join("pieces")));
+    ok(&train(&d, "tied", 8, &["--eval-every", "0"]));
+    one_line_error(
+        &run(
+            &d,
+            &[
+                "train",
+                "--resume",
+                "--out",
+                "tied",
+                "--steps",
+                "16",
+                "--no-progress",
+            ],
+        ),
+        &["--steps", "decay"],
+    );
+}
+
 fn spawn_train(d: &Path, out: &str, steps: u64, extra: &[&str]) -> std::process::Child {
     let steps = steps.to_string();
     let mut args = vec!["train", "--out", out, "--steps", &steps];

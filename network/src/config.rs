@@ -63,12 +63,20 @@ impl NetworkConfig {
     /// 4 heads, width 256, length 256), `md4-s` (12, 12, 768, length 1024) and `md4-m`
     /// (24, 16, 1024, length 1024). All use GLU, adaLN-zero time conditioning, d_c = 64
     /// (16 for tiny) and no dropout.
+    ///
+    /// The input embedding follows the official config each preset mirrors: `cpu-small` is the
+    /// official text8 model (length 256) at 4 layers × width 256, so it embeds into 64
+    /// dimensions and projects to the width with a dense layer with bias (`outside_embed`,
+    /// `feature_dim` 64: 3,702,336 parameters at V = 27); `md4-s` and `md4-m` are the
+    /// OpenWebText models (length 1024) and embed straight into the width; `tiny` (tests) does
+    /// too. Set [`NetworkConfig::embed_dim`] to choose otherwise (the official text8 `md4-s` is
+    /// `md4-s` with `embed_dim = Some(64)`).
     pub fn preset(name: &str, vocab_size: usize) -> Result<Self, NetworkError> {
-        let (max_len, dim, n_layers, n_heads, cond_dim) = match name {
-            "tiny" => (64, 32, 2, 2, 16),
-            "cpu-small" => (256, 256, 4, 4, 64),
-            "md4-s" => (1024, 768, 12, 12, 64),
-            "md4-m" => (1024, 1024, 24, 16, 64),
+        let (max_len, dim, n_layers, n_heads, cond_dim, embed_dim) = match name {
+            "tiny" => (64, 32, 2, 2, 16, None),
+            "cpu-small" => (256, 256, 4, 4, 64, Some(64)),
+            "md4-s" => (1024, 768, 12, 12, 64, None),
+            "md4-m" => (1024, 1024, 24, 16, 64, None),
             _ => return Err(NetworkError::UnknownPreset(name.to_string())),
         };
         let cfg = NetworkConfig {
@@ -83,7 +91,7 @@ impl NetworkConfig {
             time_conditioning: true,
             num_classes: 0,
             dropout: 0.0,
-            embed_dim: None,
+            embed_dim,
             rope_theta: 10_000.0,
             depth_scaled_init: true,
         };
@@ -166,6 +174,26 @@ mod tests {
     }
 
     #[test]
+    fn cpu_small_has_the_official_parameter_count() {
+        use dfdx::prelude::Cpu;
+        let dev = Cpu::default();
+        let count = |c: &NetworkConfig| {
+            crate::Md4Transformer::<f32, _>::new(c.clone(), &dev, 0)
+                .unwrap()
+                .num_params()
+        };
+        let mut c = NetworkConfig::preset("cpu-small", 27).unwrap();
+        // The official text8 model at 4 layers × 4 heads × width 256: 3,702,336 parameters.
+        assert_eq!(count(&c), 3_702_336);
+        // Embedding straight into the width (the preset before it followed the official
+        // config): Embed(28, 256) instead of Embed(28, 64) + Dense(64 → 256) with bias, i.e.
+        // 28·64 + 64·256 + 256 − 28·256 = 11,264 fewer.
+        c.embed_dim = None;
+        assert_eq!(count(&c), 3_702_336 - 11_264);
+        assert_eq!(count(&c), 3_691_072);
+    }
+
+    #[test]
     fn presets_and_errors() {
         let s = NetworkConfig::preset("md4-s", 50257).unwrap();
         assert_eq!(
@@ -176,6 +204,9 @@ mod tests {
         assert_eq!((m.n_layers, m.n_heads, m.dim), (24, 16, 1024));
         let c = NetworkConfig::preset("cpu-small", 27).unwrap();
         assert_eq!((c.n_layers, c.n_heads, c.dim, c.max_len), (4, 4, 256, 256));
+        // the official text8 embedding (outside_embed, feature_dim 64); OWT's for md4-s/m
+        assert_eq!(c.embed_dim, Some(64));
+        assert_eq!((s.embed_dim, m.embed_dim), (None, None));
         assert!(matches!(
             NetworkConfig::preset("huge", 27),
             Err(NetworkError::UnknownPreset(_))

@@ -13,7 +13,7 @@ use crate::run::{self, CliExtra, LossWindow};
 use maskdiff_data::Split;
 use maskdiff_network::Kernels as DfdxDevice;
 use maskdiff_objective::{EvalOptions, Objective};
-use maskdiff_train::{TrainBatch, TrainError, Trainer};
+use maskdiff_train::{LrKind, TrainBatch, TrainError, Trainer};
 use std::time::Instant;
 
 /// Config fields that may differ between a resumed run and its checkpoint: where the run lives
@@ -71,8 +71,9 @@ pub fn config_differences(a: &Config, b: &Config) -> Vec<String> {
 /// The config of a resumed run: the one stored in the checkpoint's manifest (the config the
 /// run was trained with), with only the session flags (cadence, time limit) taken from the command
 /// line. The run's `config.toml` and a `--config` file must agree with it except in those
-/// fields; a difference is refused, naming the fields (a run cannot be extended by raising
-/// `train.steps`: the learning-rate decay depends on it).
+/// fields; a difference is refused, naming the fields. `--steps` may extend a run whose
+/// learning rate does not depend on `train.steps` (`optim.decay_steps` set, or a constant
+/// schedule).
 fn resume_config(a: &TrainArgs) -> Result<Config> {
     let given = a.config.as_ref().map(|c| Config::load(c)).transpose()?;
     let out = match (&a.overrides.out, &given) {
@@ -87,11 +88,6 @@ fn resume_config(a: &TrainArgs) -> Result<Config> {
              (start a new run with another --out instead)",
             changed.join(", ")
         )));
-    }
-    if a.overrides.steps.is_some() {
-        return Err(CliError::Input(
-            "--resume cannot change --steps (the learning-rate decay depends on it)".into(),
-        ));
     }
     if !run::has_checkpoint(&out) {
         return Err(CliError::Input(format!(
@@ -114,7 +110,11 @@ fn resume_config(a: &TrainArgs) -> Result<Config> {
         sources.push((file.clone(), c));
     }
     for (file, c) in &sources {
-        let diff = config_differences(&cfg, c);
+        let mut diff = config_differences(&cfg, c);
+        if a.overrides.steps.is_some() {
+            // an extension names the new length on the command line (checked below)
+            diff.retain(|d| !d.starts_with("train.steps "));
+        }
         if !diff.is_empty() {
             return Err(CliError::Input(format!(
                 "--resume continues the run with the config saved in its checkpoint, but {} \
@@ -124,7 +124,26 @@ fn resume_config(a: &TrainArgs) -> Result<Config> {
             )));
         }
     }
+    // A run saved before `model.embed_dim` existed keeps the embedding it was built with (the
+    // `cpu-small` preset has since moved to the official 64-wide outside embedding).
+    if cfg.model.embed_dim.is_none() {
+        let saved = maskdiff_train::Manifest::read(&run::checkpoint_dir(&out))?;
+        cfg.model.embed_dim = Some(saved.network.embed_dim.unwrap_or(0));
+    }
     let o = &a.overrides;
+    if let Some(steps) = o.steps {
+        // The learning rate depends on train.steps only when it is the cosine's horizon.
+        if cfg.optim.schedule == LrKind::Cosine && cfg.optim.decay_steps.is_none() {
+            return Err(CliError::Input(
+                "--resume cannot change --steps of a run whose cosine decay ends at train.steps \
+                 (a run started with optim.decay_steps set, or a constant schedule, can be extended)"
+                    .into(),
+            ));
+        }
+        cfg.train.steps = steps;
+        cfg.validate()?;
+        crate::fsutil::write_atomic(&path, cfg.to_toml().as_bytes())?;
+    }
     cfg.train.out_dir = out;
     if let Some(v) = o.log_every {
         cfg.train.log_every = v;

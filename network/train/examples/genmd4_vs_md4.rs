@@ -23,7 +23,7 @@ use maskdiff_data::{
 use maskdiff_network::dfdx::prelude::Cpu;
 use maskdiff_network::NetworkConfig;
 use maskdiff_objective::{GenMd4, Md4, Objective, ObjectiveSpec};
-use maskdiff_train::{AdamWConfig, LrSchedule, TrainBatch, TrainConfig, Trainer};
+use maskdiff_train::{AdamWConfig, ClipLoss, LrSchedule, TrainBatch, TrainConfig, Trainer};
 use rand::{rngs::StdRng, SeedableRng};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -129,13 +129,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The main job's short-run settings (configs/cpu-small-english.toml).
         let cfg = TrainConfig {
             objective,
-            lr: LrSchedule {
-                peak: args.lr,
-                warmup_steps: 20.min(args.steps / 10),
-                total_steps: args.steps,
-            },
+            lr: LrSchedule::cosine(args.lr, 20.min(args.steps / 10), args.steps),
             adamw: AdamWConfig::default(),
             grad_clip: args.clip,
+            // The README's table was measured with the clip on the nats-per-sequence gradient.
+            clip_loss: ClipLoss::NatsPerSequence,
             ema_decay: 0.98,
             ..Default::default()
         };

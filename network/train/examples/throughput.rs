@@ -51,11 +51,7 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
     let mut cfg = NetworkConfig::preset(&preset, v)?;
     cfg.max_len = cfg.max_len.max(n);
     let train_cfg = TrainConfig {
-        lr: LrSchedule {
-            peak: 3e-4,
-            warmup_steps: 0,
-            total_steps: 1_000_000,
-        },
+        lr: LrSchedule::cosine(3e-4, 0, 1_000_000),
         ..Default::default()
     };
     let mut trainer = Trainer::<_, maskdiff_objective::Md4>::new(cfg.clone(), train_cfg, 0, dev)?;

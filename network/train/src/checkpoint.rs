@@ -420,7 +420,10 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
 
     /// Like [`Trainer::load`], but first checks that the checkpoint was written with exactly
     /// `net_cfg` and `train_cfg`; any difference (e.g. another vocabulary) is a
-    /// [`TrainError::CheckpointMismatch`] naming it.
+    /// [`TrainError::CheckpointMismatch`] naming it. A checkpoint from before the clip unit was
+    /// recorded (gradient clipping on the nats-per-sequence scale) is refused with a message
+    /// saying so when `train_cfg` clips on the bits-per-token scale, unless clipping is off in
+    /// both; [`Trainer::load`] keeps the saved meaning.
     pub fn resume(
         dir: &Path,
         net_cfg: &NetworkConfig,
@@ -442,7 +445,15 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
                 serde_json::to_string(net_cfg).unwrap_or_default()
             )));
         }
-        if &man.train != train_cfg {
+        if let Some(why) = man.train.clip_meaning_conflict(train_cfg) {
+            return Err(mismatch(why));
+        }
+        let mut saved = man.train.clone();
+        if saved.grad_clip == 0.0 {
+            // Without clipping the unit of the (unused) threshold does not matter.
+            saved.clip_loss = train_cfg.clip_loss;
+        }
+        if &saved != train_cfg {
             return Err(mismatch(format!(
                 "training config differs: checkpoint {}, requested {}",
                 serde_json::to_string(&man.train).unwrap_or_default(),

@@ -2,7 +2,8 @@
 //! over the objective (`maskdiff_objective::Objective`: [`Md4`](maskdiff_objective::Md4),
 //! [`GenMd4`](maskdiff_objective::GenMd4), or one of your own) that drives the
 //! `maskdiff_network` transformer — [`AdamW`] with decoupled weight decay and checkpointable
-//! moments, [`LrSchedule`] (linear warm-up, cosine decay), global-norm clipping, gradient
+//! moments, [`LrSchedule`] (linear warm-up, then cosine decay or constant), global-norm clipping
+//! on the official bits-per-token scale ([`ClipLoss`]), gradient
 //! accumulation over micro-batches, [`ema_update`], NaN/Inf detection — and atomic checkpoints
 //! ([`Manifest`]) with [`load_model`] for evaluation and sampling.
 //!
@@ -28,10 +29,10 @@ pub use checkpoint::{
     load_model, FileEntry, LoadedModel, Manifest, RngState, Weights, FORMAT, FORMAT_VERSION,
     MANIFEST, MIN_FORMAT_VERSION,
 };
-pub use config::TrainConfig;
+pub use config::{ClipLoss, TrainConfig};
 pub use ema::{ema_tensors, ema_update};
 pub use error::TrainError;
-pub use lr::LrSchedule;
+pub use lr::{LrKind, LrSchedule};
 pub use objectives::GenMd4Gradients;
 pub use trainer::{global_norm, ModelNet, StepGradients, StepStats, TrainBatch, Trainer};
 

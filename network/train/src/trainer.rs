@@ -4,7 +4,9 @@
 //! 1. the clean batch is checked once ([`CleanBatch`]) and noised by the objective (t, x_t);
 //! 2. per micro-batch: the objective runs the network with the tape and returns the weighted
 //!    loss; backward; the network's and the objective's parameter gradients are accumulated;
-//! 3. NaN/Inf checks, global-norm clipping (network only), AdamW at the scheduled learning rate
+//! 3. NaN/Inf checks, global-norm clipping (network only; the threshold bounds the norm of the
+//!    gradient of the bits-per-token loss, as the official `clip`, see [`crate::ClipLoss`]),
+//!    AdamW at the scheduled learning rate
 //!    for the network and the objective's parameters (the latter on a copy first, checked),
 //!    EMA of both.
 //!
@@ -40,7 +42,9 @@ pub struct StepStats {
     pub diffusion: f64,
     /// `loss / (len · ln 2)`.
     pub bits_per_token: f64,
-    /// Global gradient norm of the network before clipping.
+    /// Global norm of the network's gradient before clipping, on the scale of the clip
+    /// threshold (`TrainConfig::clip_loss`; for new configs the gradient of the bits-per-token
+    /// loss, i.e. the nats-per-sequence gradient divided by `len · ln 2`).
     pub grad_norm: f64,
     pub clipped: bool,
     pub lr: f64,
@@ -309,11 +313,15 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
             noised,
             stats,
         } = self.gradients(batch)?;
-        // Clipping applies to the network's gradient norm only (for GenMD4 see its docs).
-        let grad_norm = global_norm(&grads)?;
-        if !grad_norm.is_finite() {
-            return Err(self.non_finite("gradient norm", grad_norm));
+        // Clipping applies to the network's gradient norm only (for GenMD4 see its docs). The
+        // gradients are those of the batch mean of per-sequence nats (micro-batches weighted
+        // by their share, GenMD4's network factor applied); the threshold is on the scale of
+        // `clip_loss`, by default bits per token = nats per sequence / (len · ln 2).
+        let nats_norm = global_norm(&grads)?;
+        if !nats_norm.is_finite() {
+            return Err(self.non_finite("gradient norm", nats_norm));
         }
+        let grad_norm = nats_norm * self.train_cfg.clip_loss.per_nats(batch.len);
         for g in &obj_grads {
             let n = global_norm(std::slice::from_ref(g))?;
             if !n.is_finite() {

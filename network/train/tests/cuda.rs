@@ -54,11 +54,7 @@ mod gpu {
         assert!(max < 1e-4, "max |cpu - cuda| = {max}");
 
         let tc = TrainConfig {
-            lr: LrSchedule {
-                peak: 1e-3,
-                warmup_steps: 0,
-                total_steps: 10,
-            },
+            lr: LrSchedule::cosine(1e-3, 0, 10),
             ..Default::default()
         };
         let x0: Vec<u32> = (0..4 * 16).map(|_| rng.gen_range(0..7)).collect();

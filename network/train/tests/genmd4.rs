@@ -19,11 +19,7 @@ const EPS: f64 = 1e-4;
 fn cfg(one_sample: bool, lr: f64, total: u64) -> TrainConfig {
     TrainConfig {
         objective: ObjectiveSpec::GenMd4 { one_sample },
-        lr: LrSchedule {
-            peak: lr,
-            warmup_steps: 0,
-            total_steps: total,
-        },
+        lr: LrSchedule::cosine(lr, 0, total),
         adamw: AdamWConfig {
             weight_decay: 0.0,
             ..Default::default()

@@ -1,22 +1,19 @@
 //! Training-step properties: the fresh-model loss identity, AdamW against a hand-computed
-//! update, gradient accumulation, NaN detection, learning a Markov chain down to its entropy,
-//! checkpoint round trips, exact resume, and config mismatch errors.
+//! update, gradient accumulation, NaN detection, the clip threshold on the bits-per-token
+//! gradient, learning a Markov chain down to its entropy, checkpoint round trips, exact resume,
+//! config mismatch errors and old manifests.
 
 use maskdiff_network::dfdx::prelude::*;
 use maskdiff_network::{NetworkConfig, Param};
 use maskdiff_objective::tensor::MaskedBatch;
-use maskdiff_objective::Md4;
+use maskdiff_objective::{GenMd4, Md4, Objective, ObjectiveSpec};
 use maskdiff_process::DenoiseBatch;
 use maskdiff_train::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn quick_train_cfg(lr: f64, total: u64) -> TrainConfig {
     TrainConfig {
-        lr: LrSchedule {
-            peak: lr,
-            warmup_steps: 0,
-            total_steps: total,
-        },
+        lr: LrSchedule::cosine(lr, 0, total),
         adamw: AdamWConfig {
             weight_decay: 0.0,
             ..Default::default()
@@ -205,6 +202,83 @@ fn clipping_and_non_finite_detection() {
         labels: None,
     };
     assert!(t.step(&bad).is_err());
+}
+
+/// The clip threshold bounds the norm of the gradient of the bits-per-token loss (the official
+/// `clip`): the nats-per-sequence gradient the trainer differentiates divided by len · ln 2,
+/// for MD4 and GenMD4 and with gradient accumulation; the legacy unit clips the raw norm.
+fn clip_unit_case<O: Objective<Cpu>>(objective: ObjectiveSpec, micro_batches: usize) {
+    let dev = Cpu::default();
+    let (v, b, len) = (4usize, 4usize, 8usize);
+    let mut rng = StdRng::seed_from_u64(9);
+    let x0 = uniform_data(&mut rng, b * len, v);
+    let batch = TrainBatch {
+        x0: &x0,
+        batch: b,
+        len,
+        labels: None,
+    };
+    let net = NetworkConfig::preset("tiny", v).unwrap();
+    let trainer = |clip: f64, unit: ClipLoss| {
+        let mut cfg = quick_train_cfg(1e-2, 100);
+        cfg.objective = objective;
+        cfg.micro_batches = micro_batches;
+        cfg.grad_clip = clip;
+        cfg.clip_loss = unit;
+        let mut t = Trainer::<_, O>::new(net.clone(), cfg, 3, &dev).unwrap();
+        t.step(&batch).unwrap(); // the zero-initialised output layer: make every gradient flow
+        t
+    };
+    let probe = trainer(0.0, ClipLoss::BitsPerToken);
+    let nats = global_norm(&probe.gradients(&batch).unwrap().network).unwrap();
+    let bits = nats / (len as f64 * std::f64::consts::LN_2);
+    assert!(bits > 0.0 && nats > 5.0 * bits, "{nats} vs {bits}");
+    // (the probe's gradient and the step's agree to f32 rounding of the threaded kernels)
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b;
+
+    // the reported norm is the bits-per-token gradient's; below it the step clips, above not
+    let s = trainer(0.5 * bits, ClipLoss::BitsPerToken)
+        .step(&batch)
+        .unwrap();
+    assert!(s.clipped && close(s.grad_norm, bits), "{s:?} vs {bits}");
+    // 2·|g_bits| is below |g_nats|: the old meaning would clip here, the official one does not
+    let s = trainer(2.0 * bits, ClipLoss::BitsPerToken)
+        .step(&batch)
+        .unwrap();
+    assert!(!s.clipped && close(s.grad_norm, bits), "{s:?}");
+    let s = trainer(2.0 * bits, ClipLoss::NatsPerSequence)
+        .step(&batch)
+        .unwrap();
+    assert!(s.clipped && close(s.grad_norm, nats), "{s:?} vs {nats}");
+
+    // clipping at c bits is clipping the raw gradient at c · len · ln 2
+    let c = 0.3 * bits;
+    let mut a = trainer(c, ClipLoss::BitsPerToken);
+    let mut n = trainer(
+        c * len as f64 * std::f64::consts::LN_2,
+        ClipLoss::NatsPerSequence,
+    );
+    for _ in 0..3 {
+        assert!(a.step(&batch).unwrap().clipped);
+        assert!(n.step(&batch).unwrap().clipped);
+    }
+    for (pa, pn) in a.model().params().iter().zip(n.model().params()) {
+        for (x, y) in pa.value.as_vec().iter().zip(pn.value.as_vec()) {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                "{}: {x} vs {y}",
+                pa.name
+            );
+        }
+    }
+}
+
+#[test]
+fn clip_threshold_is_on_the_bits_per_token_gradient() {
+    clip_unit_case::<Md4>(ObjectiveSpec::Md4, 1);
+    clip_unit_case::<Md4>(ObjectiveSpec::Md4, 2);
+    clip_unit_case::<GenMd4<Cpu>>(ObjectiveSpec::GenMd4 { one_sample: false }, 1);
+    clip_unit_case::<GenMd4<Cpu>>(ObjectiveSpec::GenMd4 { one_sample: true }, 2);
 }
 
 /// A stationary Markov chain on V = 4 states: next = cur + 1 (mod 4) with probability 0.85, each
@@ -400,6 +474,52 @@ fn mismatched_or_corrupt_checkpoints_are_errors() {
         Trainer::<Cpu, Md4>::load(&dir, &dev),
         Err(TrainError::Checkpoint { .. })
     ));
+}
+
+/// A manifest written before the clip unit and the LR schedule kind were recorded reads with
+/// their old meanings (nats-per-sequence clipping, cosine decay) and keeps them on `load`;
+/// resuming it with a config that clips on the bits-per-token scale is refused with a message
+/// that says why, unless clipping is off; the new fields are in new manifests.
+#[test]
+fn old_manifests_keep_their_meaning_and_clip_changes_are_refused() {
+    let dev = Cpu::default();
+    let net = NetworkConfig::preset("tiny", 5).unwrap();
+    let mut cfg = quick_train_cfg(1e-3, 10);
+    cfg.grad_clip = 1.0;
+    let t = Trainer::<_, Md4>::new(net.clone(), cfg.clone(), 0, &dev).unwrap();
+    let dir = ckpt_dir("old-manifest");
+    t.save(&dir).unwrap();
+    let mpath = dir.join(MANIFEST);
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    assert_eq!(json["train"]["clip_loss"], "bits_per_token");
+    assert_eq!(json["train"]["lr"]["kind"], "cosine");
+    assert!(json["network"].get("embed_dim").is_some());
+    // what a manifest of the previous code looked like
+    json["train"].as_object_mut().unwrap().remove("clip_loss");
+    json["train"]["lr"].as_object_mut().unwrap().remove("kind");
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    let man = Manifest::read(&dir).unwrap();
+    assert_eq!(man.train.clip_loss, ClipLoss::NatsPerSequence);
+    assert_eq!(man.train.lr, LrSchedule::cosine(1e-3, 0, 10));
+    let old = Trainer::<Cpu, Md4>::load(&dir, &dev).unwrap();
+    assert_eq!(old.train_config().clip_loss, ClipLoss::NatsPerSequence);
+    let e = Trainer::<_, Md4>::resume(&dir, &net, &cfg, &dev).unwrap_err();
+    assert!(
+        matches!(&e, TrainError::CheckpointMismatch { msg, .. }
+            if msg.contains("per-sequence nats") && msg.contains("bits-per-token")),
+        "{e}"
+    );
+    let mut legacy = cfg.clone();
+    legacy.clip_loss = ClipLoss::NatsPerSequence;
+    Trainer::<_, Md4>::resume(&dir, &net, &legacy, &dev).unwrap();
+    // without clipping the unit does not matter: an old run resumes under the new default
+    json["train"]["grad_clip"] = serde_json::json!(0.0);
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    let mut off = cfg.clone();
+    off.grad_clip = 0.0;
+    Trainer::<_, Md4>::resume(&dir, &net, &off, &dev).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The EMA moves each parameter by (1 − decay) of its distance to the live one, and refuses a
