@@ -34,6 +34,10 @@ pub trait Collective {
     fn all_gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, TrainError>;
     /// Wait until every rank arrives.
     fn barrier(&self) -> Result<(), TrainError>;
+    /// Time in and volume of [`Collective::all_reduce_sum`] so far (zero where not measured).
+    fn comm_stats(&self) -> CommStats {
+        CommStats::default()
+    }
 }
 
 /// One process: rank 0 of 1; every operation is the identity.
@@ -112,11 +116,6 @@ impl Mpi {
     pub fn abort(&self, code: i32) -> ! {
         use mpi::topology::Communicator;
         self.world.abort(code)
-    }
-
-    /// The all-reduce time and volume so far.
-    pub fn comm_stats(&self) -> CommStats {
-        self.stats.get()
     }
 }
 
@@ -213,6 +212,9 @@ impl Collective for Mpi {
         self.world.barrier();
         Ok(())
     }
+    fn comm_stats(&self) -> CommStats {
+        self.stats.get()
+    }
 }
 
 /// A trainer's whole state as one message: what rank 0 broadcasts and what the ranks compare.
@@ -263,7 +265,7 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
         v
     }
 
-    fn snapshot_bytes(&self) -> Result<Vec<u8>, TrainError> {
+    fn snapshot_bytes(&self, with_extra: bool) -> Result<Vec<u8>, TrainError> {
         let tensors = self.state_tensors();
         let mut values = Vec::with_capacity(tensors.iter().map(|t| t.shape().0).sum());
         for t in tensors {
@@ -273,7 +275,11 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
             step: self.step,
             seed: self.seed,
             counts: [self.opt.count, self.objective_opt.count],
-            extra: self.extra.to_string(),
+            extra: if with_extra {
+                self.extra.to_string()
+            } else {
+                String::new()
+            },
             values,
         };
         postcard::to_allocvec(&s)
@@ -288,7 +294,7 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
             return Ok(());
         }
         let mut bytes = if comm.rank() == 0 {
-            self.snapshot_bytes()?
+            self.snapshot_bytes(true)?
         } else {
             Vec::new()
         };
@@ -329,9 +335,10 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
         Ok(())
     }
 
-    /// A 64-bit FNV-1a hash of the whole training state (step, seed, tensors, `extra`).
+    /// A 64-bit FNV-1a hash of the training state: step, seed, update counts and every tensor
+    /// (not the caller's `extra`, which may hold per-process numbers such as timings).
     pub fn state_fingerprint(&self) -> Result<u64, TrainError> {
-        Ok(fnv1a64(&self.snapshot_bytes()?))
+        Ok(fnv1a64(&self.snapshot_bytes(false)?))
     }
 
     /// An error unless every rank's state is bit for bit rank 0's (e.g. before rank 0 saves a
