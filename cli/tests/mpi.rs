@@ -160,7 +160,7 @@ fn killed_rank_ends_the_job_and_resume_continues_identically() {
     );
     let at = manifest(&d.join("killed"))["step"].as_u64().unwrap();
     assert!(
-        at > 0 && at < STEPS && at % 5 == 0,
+        at > 0 && at < STEPS && at.is_multiple_of(5),
         "checkpoint at step {at}"
     );
     // The checkpoint in force loads and evaluates.

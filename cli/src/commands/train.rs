@@ -199,7 +199,7 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
 ) -> Result<()> {
     // Data-parallel: rank 0 alone prints, validates and writes.
     let (ranks, root) = (comm.size(), comm.rank() == 0);
-    if cfg.optim.grad_accum % ranks != 0 {
+    if !cfg.optim.grad_accum.is_multiple_of(ranks) {
         return Err(CliError::config(
             "optim.grad_accum",
             format!(

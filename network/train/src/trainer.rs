@@ -300,7 +300,7 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
             )));
         }
         let (ranks, rank) = (comm.size(), comm.rank());
-        if k % ranks != 0 {
+        if !k.is_multiple_of(ranks) {
             return Err(TrainError::Config(format!(
                 "{k} micro-batches (grad_accum) cannot be shared by {ranks} ranks: use a \
                  multiple of {ranks}"
