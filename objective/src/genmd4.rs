@@ -169,7 +169,7 @@ impl Noised for GenMd4Batch {
 
 /// A micro-batch's numbers: per sequence NELBO 0.5(L1 + L2) + recon, diffusion 0.5(L1 + L2),
 /// RLOO term and recon; the batch mean of the surrogate and the micro-batch's share.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenMd4Stats {
     pub nelbo: Vec<f64>,
     pub diffusion: Vec<f64>,

@@ -64,7 +64,7 @@ impl Noised for MaskedBatch {
 }
 
 /// A micro-batch's Σ of per-sequence diffusion losses (nats), its length and the step's batch.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Md4Stats {
     sum: f64,
     len: usize,

@@ -173,8 +173,9 @@ pub enum ReverseModel {
 pub trait Objective<D: Device<f32>>: Clone + Sized {
     /// The noised batch.
     type Noised: Noised;
-    /// Per micro-batch numbers for [`Objective::summarize`] and [`Objective::Report`].
-    type Stats: Clone;
+    /// Per micro-batch numbers for [`Objective::summarize`] and [`Objective::Report`];
+    /// serialisable so that data-parallel ranks can exchange them.
+    type Stats: Clone + serde::Serialize + serde::de::DeserializeOwned;
     /// What a finished step reports beyond its losses (GenMD4: the RLOO term, θ's gradient
     /// and the exponents); `()` for MD4.
     type Report: Clone + std::fmt::Debug;

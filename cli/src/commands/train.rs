@@ -2,6 +2,11 @@
 //! open the data, choose the objective once (MD4 or GenMD4, from the config), build or restore
 //! the trainer generic over it, and train (paper Alg. 1) step by step with a progress bar, JSON-lines metrics, periodic validation
 //! NELBO, atomic checkpoints, a wall-clock limit and graceful Ctrl-C.
+//!
+//! Under `mpirun -np K` (built with `--features mpi`) the K processes train one run
+//! data-parallel (`maskdiff_train::collective`): each runs its share of the `grad_accum`
+//! micro-batches of every step; rank 0 alone draws the progress bar, validates and writes
+//! metrics and checkpoints; an error on any rank ends the whole job (MPI_Abort).
 
 use crate::args::TrainArgs;
 use crate::config::{Config, Device};
@@ -13,7 +18,7 @@ use crate::run::{self, CliExtra, LossWindow};
 use maskdiff_data::Split;
 use maskdiff_network::Kernels as DfdxDevice;
 use maskdiff_objective::{EvalOptions, Objective};
-use maskdiff_train::{LrKind, TrainBatch, TrainError, Trainer};
+use maskdiff_train::{Collective, LrKind, SingleProcess, TrainBatch, TrainError, Trainer};
 use std::time::Instant;
 
 /// Config fields that may differ between a resumed run and its checkpoint: where the run lives
@@ -184,20 +189,68 @@ pub fn run(a: TrainArgs) -> Result<()> {
         // Stored absolute: `eval` and `sample` from another directory read the same data.
         cfg.data.path = crate::dataset::absolute_data_path(&cfg.data.path)?;
     }
-    match cfg.train.device {
-        Device::Cpu => train_on(maskdiff_network::dfdx::tensor::Cpu::default(), cfg, &a),
-        Device::Cuda => cuda(cfg, &a),
+    with_collective(|comm| match cfg.train.device {
+        Device::Cpu => train_on(
+            maskdiff_network::dfdx::tensor::Cpu::default(),
+            cfg,
+            &a,
+            comm,
+        ),
+        Device::Cuda => cuda(cfg, &a, comm),
+    })
+}
+
+/// Number of ranks an MPI launcher started, from its environment (1 when none).
+#[cfg(not(feature = "mpi"))]
+fn launched_ranks() -> usize {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(1)
+}
+
+/// Run `f` on MPI_COMM_WORLD when started by an MPI launcher, else as the one process. On an
+/// error with more than one rank: print it (with the rank) and abort the whole job, since the
+/// other ranks may wait in a collective forever.
+#[cfg(feature = "mpi")]
+fn with_collective(f: impl FnOnce(&dyn Collective) -> Result<()>) -> Result<()> {
+    if !maskdiff_train::launched_by_mpi() {
+        return f(&SingleProcess);
     }
+    let mpi = maskdiff_train::Mpi::init()?;
+    let r = f(&mpi);
+    if let (Err(e), true) = (&r, mpi.size() > 1) {
+        eprintln!(
+            "maskdiff: error: rank {} of {}: {}",
+            mpi.rank(),
+            mpi.size(),
+            crate::error::one_line(e)
+        );
+        mpi.abort(1);
+    }
+    r
+}
+
+#[cfg(not(feature = "mpi"))]
+fn with_collective(f: impl FnOnce(&dyn Collective) -> Result<()>) -> Result<()> {
+    let n = launched_ranks();
+    if n > 1 {
+        return Err(CliError::Input(format!(
+            "started as one of {n} MPI ranks, but this maskdiff was built without MPI: rebuild \
+             with `cargo build --release --features mpi` (each rank would train alone)"
+        )));
+    }
+    f(&SingleProcess)
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(cfg: Config, a: &TrainArgs) -> Result<()> {
+fn cuda(cfg: Config, a: &TrainArgs, comm: &dyn Collective) -> Result<()> {
     let dev = crate::run::cuda_device(cfg.train.seed)?;
-    train_on(dev, cfg, a)
+    train_on(dev, cfg, a, comm)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_cfg: Config, _a: &TrainArgs) -> Result<()> {
+fn cuda(_cfg: Config, _a: &TrainArgs, _comm: &dyn Collective) -> Result<()> {
     Err(CliError::config(
         "train.device",
         "this maskdiff was built without CUDA; rebuild with `cargo build --release --features cuda`",
@@ -231,16 +284,34 @@ fn memory_estimate(
     state + act
 }
 
-fn train_on<D: DfdxDevice<f32>>(dev: D, cfg: Config, a: &TrainArgs) -> Result<()> {
+fn train_on<D: DfdxDevice<f32>>(
+    dev: D,
+    cfg: Config,
+    a: &TrainArgs,
+    comm: &dyn Collective,
+) -> Result<()> {
     let spec = run::train_config(&cfg)?.objective;
-    run::with_objective!(spec, train_with::<D>(dev, cfg, a))
+    run::with_objective!(spec, train_with::<D>(dev, cfg, a, comm))
 }
 
 fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
     dev: D,
     cfg: Config,
     a: &TrainArgs,
+    comm: &dyn Collective,
 ) -> Result<()> {
+    // Data-parallel: rank 0 alone prints, validates and writes.
+    let (ranks, root) = (comm.size(), comm.rank() == 0);
+    if !cfg.optim.grad_accum.is_multiple_of(ranks) {
+        return Err(CliError::config(
+            "optim.grad_accum",
+            format!(
+                "{} micro-batches per step cannot be shared by {ranks} ranks: use a multiple \
+                 of {ranks}",
+                cfg.optim.grad_accum
+            ),
+        ));
+    }
     let data = Data::open(&cfg.data)?;
     let net_cfg = run::network_config(&cfg, &data)?;
     let train_cfg = run::train_config(&cfg)?;
@@ -250,6 +321,9 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
     let unit = cfg.data.dataset.unit();
 
     if a.dry_run {
+        if !root {
+            return Ok(());
+        }
         let model =
             maskdiff_network::Md4Transformer::<f32, _>::new(net_cfg.clone(), &dev, cfg.train.seed)?;
         let p = model.num_params();
@@ -280,23 +354,32 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
 
     let out = cfg.train.out_dir.clone();
     crate::fsutil::ensure_writable_dir(&out)?;
-    // One writer per run directory, held until this process exits (or dies).
-    let _lock = crate::fsutil::RunLock::acquire(&out)?;
+    // One writer per run directory (rank 0 of a data-parallel job), held until this process
+    // exits (or dies).
+    let _lock = if root {
+        Some(crate::fsutil::RunLock::acquire(&out)?)
+    } else {
+        None
+    };
     let ckpt = run::checkpoint_dir(&out);
     let identity = data.identity(cfg.data.dataset)?;
     let (mut trainer, mut sampler, mut train_seconds, mut window) = if a.resume {
         let (_, extra, _) = run::read_checkpoint_meta(&ckpt)?;
         identity.check_against(&extra.data, &ckpt, &cfg.data.path)?;
         let t = Trainer::<D, O>::resume(&ckpt, &net_cfg, &train_cfg, &dev)?;
-        remove_stale_temp_files(&ckpt);
+        if root {
+            remove_stale_temp_files(&ckpt);
+        }
         if t.step_count() >= cfg.train.steps {
             // Nothing to train, validate or save: the metrics and checkpoint stay as they are.
-            println!(
-                "the run in {} is already complete ({} of {} steps); nothing to do",
-                out.display(),
-                t.step_count(),
-                cfg.train.steps
-            );
+            if root {
+                println!(
+                    "the run in {} is already complete ({} of {} steps); nothing to do",
+                    out.display(),
+                    t.step_count(),
+                    cfg.train.steps
+                );
+            }
             return Ok(());
         }
         let s = data.resume_sampler(extra.sampler)?;
@@ -308,7 +391,9 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
                 out.display()
             )));
         }
-        crate::fsutil::write_atomic(&run::config_path(&out), cfg.to_toml().as_bytes())?;
+        if root {
+            crate::fsutil::write_atomic(&run::config_path(&out), cfg.to_toml().as_bytes())?;
+        }
         let t = Trainer::<D, O>::new(net_cfg.clone(), train_cfg.clone(), cfg.train.seed, &dev)?;
         (
             t,
@@ -317,14 +402,26 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             LossWindow::default(),
         )
     };
+    // Every rank continues from rank 0's state (the same as its own when all read the same
+    // files; a different one is caught here rather than as a silent drift).
+    trainer.broadcast_state(comm)?;
     let start_step = trainer.step_count();
-    let mut metrics = MetricsWriter::open(
-        &run::metrics_path(&out),
-        if a.resume { Some(start_step) } else { None },
-    )?;
+    let mut metrics = Metrics(if root {
+        Some(MetricsWriter::open(
+            &run::metrics_path(&out),
+            if a.resume { Some(start_step) } else { None },
+        )?)
+    } else {
+        None
+    });
     let stop = crate::interrupt::install();
-    let progress = Progress::new(start_step, cfg.train.steps, unit, !a.no_progress);
-    progress.log(&format!(
+    let progress = Progress::new(start_step, cfg.train.steps, unit, root && !a.no_progress);
+    let log = |line: &str| {
+        if root {
+            progress.log(line)
+        }
+    };
+    log(&format!(
         "maskdiff train: {} ({} params) on {} tokens/step, {} steps{}, output {}",
         cfg.model.preset,
         trainer.model().num_params(),
@@ -337,6 +434,12 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
         },
         out.display()
     ));
+    if ranks > 1 {
+        log(&format!(
+            "data-parallel over {ranks} MPI ranks: {} micro-batches of {micro} sequences each per step",
+            cfg.optim.grad_accum / ranks
+        ));
+    }
 
     // The validation subset is fixed for the whole run so its curve is comparable across steps.
     let val_n = if cfg.train.eval_batches == 0 {
@@ -363,7 +466,11 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             loss_window: window,
         };
         trainer.set_extra(serde_json::to_value(&extra).expect("CLI state serialises"));
-        trainer.save(&ckpt)?;
+        // Every rank checks (a collective), rank 0 writes.
+        trainer.check_in_sync(comm)?;
+        if root {
+            trainer.save(&ckpt)?;
+        }
         Ok(())
     };
     let validate = |trainer: &Trainer<D, O>| -> Result<(f64, f64)> {
@@ -389,12 +496,13 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
     let mut stopped_early = None;
     while trainer.step_count() < cfg.train.steps {
         let b = data.next_batch(&mut sampler, batch)?;
-        let stats = match trainer.step(&TrainBatch {
+        let tb = TrainBatch {
             x0: &b.ids,
             batch: b.batch,
             len: b.len,
             labels: b.labels.as_deref().filter(|_| conditional),
-        }) {
+        };
+        let stats = match trainer.step_on(&tb, comm) {
             Ok(s) => s,
             Err(TrainError::NonFinite { what, step, value }) => {
                 progress.finish();
@@ -436,7 +544,7 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             r.elapsed_s = Some(elapsed);
             metrics.write(&r)?;
             if a.no_progress || progress_is_plain() {
-                progress.log(&format!(
+                log(&format!(
                     "step {step}/{} loss {:.4} {unit} lr {:.2e} |g| {:.3} {:.0} tok/s ETA {:.0}s",
                     cfg.train.steps,
                     mean,
@@ -449,14 +557,18 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             window_start = Instant::now();
             window_tokens = 0;
         }
-        if cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step < cfg.train.steps {
+        if root
+            && cfg.train.eval_every > 0
+            && step % cfg.train.eval_every == 0
+            && step < cfg.train.steps
+        {
             let (bits, se) = validate(&trainer)?;
             let mut r = Record::new(step, "val", bits);
             r.stderr_bits = Some(se);
             r.elapsed_s = Some(elapsed);
             r.exponents = trainer.ema_objective().exponents();
             metrics.write(&r)?;
-            progress.log(&format!(
+            log(&format!(
                 "step {step}: validation NELBO {bits:.4} ± {se:.4} {unit} (EMA)"
             ));
         }
@@ -465,6 +577,14 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             stopped_early = Some("interrupted");
         } else if limit > 0.0 && session.elapsed().as_secs_f64() >= limit {
             stopped_early = Some("time limit reached");
+        }
+        if ranks > 1 {
+            // One decision for all ranks (rank 0's clock and any rank's Ctrl-C).
+            let mut any = [stopped_early.is_some() as u8 as f32];
+            comm.all_reduce_sum(&mut any)?;
+            if any[0] > 0.0 && stopped_early.is_none() {
+                stopped_early = Some("stopped by another rank");
+            }
         }
         if stopped_early.is_some() {
             break;
@@ -478,11 +598,19 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
     let step = trainer.step_count();
     if let Some(why) = stopped_early {
         save(&mut trainer, &sampler, train_seconds, window)?;
+        if !root {
+            return Ok(());
+        }
         eprintln!(
             "maskdiff: {why} at step {step}/{}; checkpoint saved in {} (continue with --resume)",
             cfg.train.steps,
             ckpt.display()
         );
+        return Ok(());
+    }
+    if !root {
+        // Rank 0 validates and saves; the check before its save is collective.
+        trainer.check_in_sync(comm)?;
         return Ok(());
     }
     let (bits, se) = validate(&trainer)?;
@@ -498,7 +626,31 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
         val_seqs.len(),
         ckpt.display()
     );
+    let c = comm.comm_stats();
+    if ranks > 1 && c.all_reduces > 0 {
+        let steps = (step - start_step).max(1) as f64;
+        println!(
+            "data-parallel over {ranks} ranks: gradient all-reduce {:.2} ms/step ({:.1} MiB/step, \
+             {:.1}% of this session's {:.1} s)",
+            1e3 * c.all_reduce_seconds / steps,
+            c.all_reduce_bytes as f64 / steps / (1 << 20) as f64,
+            100.0 * c.all_reduce_seconds / session.elapsed().as_secs_f64(),
+            session.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
+}
+
+/// The metrics file, written by rank 0 only.
+struct Metrics(Option<MetricsWriter>);
+
+impl Metrics {
+    fn write(&mut self, r: &Record) -> Result<()> {
+        match &mut self.0 {
+            Some(m) => m.write(r),
+            None => Ok(()),
+        }
+    }
 }
 
 /// True when no bar is drawn (stderr is not a terminal): print log lines instead.

@@ -28,6 +28,9 @@ pub enum TrainError {
     Checkpoint { path: PathBuf, msg: String },
     #[error("checkpoint {path} does not match: {msg}")]
     CheckpointMismatch { path: PathBuf, msg: String },
+    /// Data-parallel training: a collective operation failed, or another rank did.
+    #[error("data-parallel training: {0}")]
+    Collective(String),
     #[error(transparent)]
     Data(#[from] maskdiff_data::DataError),
 }

@@ -3,8 +3,9 @@
 //! [`GenMd4`](maskdiff_objective::GenMd4), or one of your own) that drives the
 //! `maskdiff_network` transformer — [`AdamW`] with decoupled weight decay and checkpointable
 //! moments, [`LrSchedule`] (linear warm-up, then cosine decay or constant), global-norm clipping
-//! on the official bits-per-token scale ([`ClipLoss`]), gradient
-//! accumulation over micro-batches, [`ema_update`], NaN/Inf detection — and atomic checkpoints
+//! on the official bits-per-token scale ([`ClipLoss`]), gradient accumulation over
+//! micro-batches, data-parallel training over a [`Collective`] (MPI behind the `mpi` feature),
+//! [`ema_update`], NaN/Inf detection — and atomic checkpoints
 //! ([`Manifest`]) with [`load_model`] for evaluation and sampling.
 //!
 //! A run, step by step:
@@ -17,6 +18,7 @@
 
 mod adamw;
 mod checkpoint;
+pub mod collective;
 mod config;
 mod ema;
 mod error;
@@ -29,6 +31,9 @@ pub use checkpoint::{
     load_model, FileEntry, LoadedModel, Manifest, RngState, Weights, FORMAT, FORMAT_VERSION,
     MANIFEST, MIN_FORMAT_VERSION,
 };
+#[cfg(feature = "mpi")]
+pub use collective::Mpi;
+pub use collective::{launched_by_mpi, Collective, CommStats, SingleProcess};
 pub use config::{ClipLoss, TrainConfig};
 pub use ema::{ema_tensors, ema_update};
 pub use error::TrainError;

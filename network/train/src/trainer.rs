@@ -11,9 +11,12 @@
 //!    EMA of both.
 //!
 //! Every random draw of step k comes from an RNG seeded by (seed, k), so the RNG state is just
-//! the step counter and a resumed run continues bit for bit.
+//! the step counter and a resumed run continues bit for bit. With more than one micro-batch,
+//! each micro-batch's own draws (dropout) come from a stream of its own, so they do not depend
+//! on the micro-batches before it or on which data-parallel rank runs it
+//! ([`Trainer::step_on`], [`crate::Collective`]).
 
-use crate::{ema_tensors, ema_update, AdamW, TrainConfig, TrainError};
+use crate::{ema_tensors, ema_update, AdamW, Collective, SingleProcess, TrainConfig, TrainError};
 use maskdiff_network::dfdx::prelude::*;
 use maskdiff_network::{Kernels, Md4Transformer, NetworkConfig, NetworkDenoiser};
 use maskdiff_objective::{
@@ -21,6 +24,7 @@ use maskdiff_objective::{
 };
 use maskdiff_process::DenoiseBatch;
 use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
+use serde::{Deserialize, Serialize};
 
 /// A batch of clean training sequences, row-major `[batch, len]`, ids in `0..V`.
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +69,42 @@ pub struct StepGradients<D: Kernels<f32>, O: Objective<D>> {
 
 /// Accumulated gradients: the network's and the objective's parameters'.
 type NetAndObjective<D> = (Vec<Flat<D>>, Vec<Flat<D>>);
+
+/// What a rank sends after its micro-batches: their numbers (a non-finite one last) and the
+/// error that stopped it, if any. `T` is `&[Stats]` to send and `Vec<Stats>` to receive.
+#[derive(Serialize, Deserialize)]
+struct RankOutcome<T> {
+    stats: T,
+    error: Option<String>,
+}
+
+/// Sum the ranks' gradients (the network's, then the objective's) in place, in one buffer.
+fn all_reduce<D: Kernels<f32>>(
+    comm: &dyn Collective,
+    network: &mut [Flat<D>],
+    objective: &mut [Flat<D>],
+) -> Result<(), TrainError> {
+    let n: usize = network
+        .iter()
+        .chain(objective.iter())
+        .map(|t| t.shape().0)
+        .sum();
+    let mut buf = Vec::with_capacity(n);
+    for t in network.iter().chain(objective.iter()) {
+        buf.extend(t.as_vec());
+    }
+    comm.all_reduce_sum(&mut buf)?;
+    let mut at = 0;
+    for t in network.iter_mut().chain(objective.iter_mut()) {
+        let len = t.shape().0;
+        *t = t
+            .device()
+            .try_tensor_from_vec(buf[at..at + len].to_vec(), (len,))
+            .map_err(TrainError::device)?;
+        at += len;
+    }
+    Ok(())
+}
 
 /// SplitMix64 finaliser: decorrelates (seed, step, stream) into an RNG seed.
 pub(crate) fn mix(seed: u64, step: u64, stream: u64) -> u64 {
@@ -239,6 +279,21 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
         batch: &TrainBatch<'_>,
         rng: &mut StdRng,
     ) -> Result<StepGradients<D, O>, TrainError> {
+        self.gradients_on(batch, rng, &SingleProcess)
+    }
+
+    /// [`Trainer::gradients_with`] shared by the ranks of `comm`: every rank draws the same
+    /// noise for the whole `batch` and runs its share of the `micro_batches` (which the number
+    /// of ranks must divide); the gradients are all-reduced and the micro-batches' numbers
+    /// all-gathered, so every rank returns the same as one process would (bit for bit where
+    /// the summation order allows: see [`crate::collective`]). A failure on any rank is an
+    /// error on every rank.
+    pub fn gradients_on(
+        &self,
+        batch: &TrainBatch<'_>,
+        rng: &mut StdRng,
+        comm: &dyn Collective,
+    ) -> Result<StepGradients<D, O>, TrainError> {
         let clean = self.clean(batch)?;
         let noised = self.objective.noise(&clean, rng)?;
         let total = batch.batch;
@@ -248,11 +303,30 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
                 "{k} micro-batches for a batch of {total}"
             )));
         }
+        let (ranks, rank) = (comm.size(), comm.rank());
+        if !k.is_multiple_of(ranks) {
+            return Err(TrainError::Config(format!(
+                "{k} micro-batches (grad_accum) cannot be shared by {ranks} ranks: use a \
+                 multiple of {ranks}"
+            )));
+        }
+        // k > 1: micro-batch j draws from its own stream (see the module docs).
+        let streams: Option<u64> = (k > 1).then(|| rng.gen());
         let net = ModelNet(&self.model);
         let net_scale = self.objective.network_grad_scale();
         let mut acc: Option<NetAndObjective<D>> = None;
         let mut stats = Vec::with_capacity(k);
-        for j in 0..k {
+        let mine = rank * k / ranks..(rank + 1) * k / ranks;
+        let mut failed: Option<TrainError> = None;
+        for j in mine {
+            let mut own;
+            let rng: &mut StdRng = match streams {
+                None => &mut *rng,
+                Some(base) => {
+                    own = StdRng::seed_from_u64(mix(base, j as u64, 1));
+                    &mut own
+                }
+            };
             let (lo, hi) = (j * total / k, (j + 1) * total / k);
             let mb = if k == 1 {
                 noised.clone()
@@ -262,15 +336,34 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
             let labels = clean.labels().map(|l| &l[lo..hi]);
             let share = Share { lo, hi, total };
             let MicroLoss { scalar, stats: s } =
-                self.objective.loss(&net, &mb, labels, share, rng)?;
+                match self.objective.loss(&net, &mb, labels, share, rng) {
+                    Ok(l) => l,
+                    Err(e) if ranks > 1 => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                };
             if let Err((what, value)) = self.objective.check_finite(&s) {
+                if ranks > 1 {
+                    // Reported below, on every rank, in the micro-batches' order.
+                    stats.push(s);
+                    break;
+                }
                 return Err(TrainError::NonFinite {
                     what,
                     step: self.step,
                     value,
                 });
             }
-            let grads = scalar.try_backward().map_err(TrainError::device)?;
+            let grads = match scalar.try_backward() {
+                Ok(g) => g,
+                Err(e) if ranks > 1 => {
+                    failed = Some(TrainError::device(e));
+                    break;
+                }
+                Err(e) => return Err(TrainError::device(e)),
+            };
             let g: Vec<Flat<D>> = self
                 .model
                 .params()
@@ -295,7 +388,13 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
             });
             stats.push(s);
         }
-        let (network, objective) = acc.expect("at least one micro-batch");
+        if ranks > 1 {
+            stats = self.gather_stats(comm, stats, failed)?;
+        }
+        let (mut network, mut objective) = acc.expect("at least one micro-batch");
+        if ranks > 1 {
+            all_reduce(comm, &mut network, &mut objective)?;
+        }
         Ok(StepGradients {
             network,
             objective,
@@ -304,15 +403,70 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
         })
     }
 
+    /// Every rank's micro-batch numbers in the global order, or the first failure (in that
+    /// order) as the same error on every rank (the failing rank keeps its own error).
+    fn gather_stats(
+        &self,
+        comm: &dyn Collective,
+        stats: Vec<O::Stats>,
+        failed: Option<TrainError>,
+    ) -> Result<Vec<O::Stats>, TrainError> {
+        let rank = comm.rank();
+        let bytes = postcard::to_allocvec(&RankOutcome {
+            stats: &stats[..],
+            error: failed.as_ref().map(|e| e.to_string()),
+        })
+        .map_err(|e| TrainError::Collective(format!("encoding micro-batch numbers: {e}")))?;
+        let gathered = comm.all_gather(&bytes)?;
+        let (mut local_stats, mut local_failed) = (Some(stats), failed);
+        let mut all = Vec::new();
+        for (q, b) in gathered.iter().enumerate() {
+            let (theirs, error) = if q == rank {
+                (local_stats.take().unwrap_or_default(), None)
+            } else {
+                let o: RankOutcome<Vec<O::Stats>> = postcard::from_bytes(b).map_err(|e| {
+                    TrainError::Collective(format!("rank {q} sent unreadable numbers: {e}"))
+                })?;
+                (o.stats, o.error)
+            };
+            for s in theirs {
+                if let Err((what, value)) = self.objective.check_finite(&s) {
+                    return Err(self.non_finite(what, value));
+                }
+                all.push(s);
+            }
+            if q == rank {
+                if let Some(e) = local_failed.take() {
+                    return Err(e);
+                }
+            } else if let Some(msg) = error {
+                return Err(TrainError::Collective(format!("rank {q} failed: {msg}")));
+            }
+        }
+        Ok(all)
+    }
+
     /// One optimizer step on `batch`. On a non-finite loss, gradient or updated objective
     /// parameter nothing is updated and [`TrainError::NonFinite`] is returned.
     pub fn step(&mut self, batch: &TrainBatch<'_>) -> Result<StepStats, TrainError> {
+        self.step_on(batch, &SingleProcess)
+    }
+
+    /// [`Trainer::step`] as one rank of a data-parallel run over `comm` (see
+    /// [`Trainer::gradients_on`]): every rank applies the same update, so the ranks' states stay
+    /// equal (check with [`Trainer::check_in_sync`]).
+    pub fn step_on(
+        &mut self,
+        batch: &TrainBatch<'_>,
+        comm: &dyn Collective,
+    ) -> Result<StepStats, TrainError> {
+        let mut rng = StdRng::seed_from_u64(mix(self.seed, self.step, 0));
         let StepGradients {
             network: grads,
             objective: obj_grads,
             noised,
             stats,
-        } = self.gradients(batch)?;
+        } = self.gradients_on(batch, &mut rng, comm)?;
         // Clipping applies to the network's gradient norm only (for GenMD4 see its docs). The
         // gradients are those of the batch mean of per-sequence nats (micro-batches weighted
         // by their share, GenMD4's network factor applied); the threshold is on the scale of
