@@ -409,7 +409,11 @@ fn a_corrupt_corpus_cache_is_reported_as_corrupt() {
     );
     one_line_error(
         &o,
-        &["corpus.text8.tok is corrupt", "fetch-data.sh cache english"],
+        &[
+            "corpus.text8.tok is corrupt",
+            "scripts/fetch-data.sh ",
+            "/cache english",
+        ],
     );
     // With the fetched sources present, the corrupt cache is rebuilt from them.
     for (sub, name) in [("shakespeare", "a_gut.txt"), ("sotu", "b.txt")] {

@@ -141,11 +141,12 @@ fn remdm_and_threshold_samplers_from_the_cli() {
         ],
     );
     one_line_error(&o, &["loop", "genmd4"]);
-    // A malformed loop is rejected by the argument parser (exit 2, no panic).
+    // A malformed loop is rejected by the argument parser (a one-line usage error, exit 1).
     let o = run(
         &d,
         &["sample", "md4", "--sampler", "remdm", "--remdm-loop", "1,2"],
     );
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("T_ON,T_OFF,ALPHA_ON"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim_end().lines().count(), 1, "{}", stderr(&o));
 }

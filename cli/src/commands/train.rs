@@ -101,10 +101,22 @@ fn resume_config(a: &TrainArgs) -> Result<Config> {
         )));
     }
     let (_, _, mut cfg) = run::read_checkpoint_meta(&run::checkpoint_dir(&out))?;
+    // An unset `model.embed_dim` means the embedding the run was built with, as its manifest
+    // records it (a run saved before the field existed keeps its embedding: the `cpu-small`
+    // preset has since moved to the official 64-wide outside embedding).
+    let built = maskdiff_train::Manifest::read(&run::checkpoint_dir(&out))?
+        .network
+        .embed_dim
+        .unwrap_or(0);
+    let resolve = |mut c: Config| {
+        c.model.embed_dim.get_or_insert(built);
+        c
+    };
+    cfg = resolve(cfg);
     let path = run::config_path(&out);
     let mut sources = Vec::new();
     if path.is_file() {
-        sources.push((path.clone(), Config::load(&path)?));
+        sources.push((path.clone(), resolve(Config::load(&path)?)));
     }
     if let (Some(file), Some(mut c)) = (&a.config, given) {
         // The run stored its data path absolute; a relative one in the file means the same
@@ -112,7 +124,7 @@ fn resume_config(a: &TrainArgs) -> Result<Config> {
         if cfg.data.path.is_absolute() {
             c.data.path = crate::dataset::absolute_data_path(&c.data.path)?;
         }
-        sources.push((file.clone(), c));
+        sources.push((file.clone(), resolve(c)));
     }
     for (file, c) in &sources {
         let mut diff = config_differences(&cfg, c);
@@ -128,12 +140,6 @@ fn resume_config(a: &TrainArgs) -> Result<Config> {
                 diff.join(", ")
             )));
         }
-    }
-    // A run saved before `model.embed_dim` existed keeps the embedding it was built with (the
-    // `cpu-small` preset has since moved to the official 64-wide outside embedding).
-    if cfg.model.embed_dim.is_none() {
-        let saved = maskdiff_train::Manifest::read(&run::checkpoint_dir(&out))?;
-        cfg.model.embed_dim = Some(saved.network.embed_dim.unwrap_or(0));
     }
     let o = &a.overrides;
     if let Some(steps) = o.steps {
