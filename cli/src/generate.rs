@@ -133,6 +133,14 @@ pub struct Summary {
     pub nfe_total: u64,
 }
 
+impl Summary {
+    /// Counts one streamed batch.
+    fn add(&mut self, out: &SampleOutput) {
+        self.samples += out.sequences.len();
+        self.nfe_total += out.nfe.iter().map(|&v| v as u64).sum::<u64>();
+    }
+}
+
 /// Run the sampler and print/write the samples, batch by batch.
 pub fn generate<'a, D: Denoiser + ?Sized>(
     denoiser: &'a mut D,
@@ -206,8 +214,7 @@ pub fn generate<'a, D: Denoiser + ?Sized>(
         Codec::Text(tok) => {
             let mut text = TextSink::new(tok, req, &fixed)?;
             let mut sink = |i0: usize, out: SampleOutput| -> Result<bool> {
-                summary.samples += out.sequences.len();
-                summary.nfe_total += out.nfe.iter().map(|&v| v as u64).sum::<u64>();
+                summary.add(&out);
                 text.batch(i0, &out)
             };
             sample_stream(
@@ -231,8 +238,7 @@ pub fn generate<'a, D: Denoiser + ?Sized>(
                 complete: true,
             };
             let mut sink = |_: usize, out: SampleOutput| -> Result<bool> {
-                summary.samples += out.sequences.len();
-                summary.nfe_total += out.nfe.iter().map(|&v| v as u64).sum::<u64>();
+                summary.add(&out);
                 all.sequences.extend(out.sequences);
                 all.reveal_step.extend(out.reveal_step);
                 all.nfe.extend(out.nfe);
