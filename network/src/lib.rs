@@ -50,7 +50,7 @@ pub use denoiser::NetworkDenoiser;
 pub use elem::{fast_exp_f32, Elem};
 pub use error::NetworkError;
 pub use init::Init;
-pub use kernels::{AdamWStep, KernelScope, Kernels, Moments};
+pub use kernels::{isa, AdamWStep, KernelScope, Kernels, Moments};
 pub use layers::{time_embedding, time_frequency, Rope};
 pub use model::Md4Transformer;
 pub use param::Param;

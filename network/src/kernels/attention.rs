@@ -6,6 +6,8 @@
 //! Q arrives already scaled by 1/√hd. Also the plain multi-threaded matrix product [`mm_par`]
 //! (used by `matmul`) and the row softmax (used by `softmax_last`).
 
+use super::isa::multiversion;
+use super::reduce;
 use super::storage::input;
 use super::tape::{backward as backward_op, fused, Backward, Forward};
 use crate::layers::{Res, T2, T4};
@@ -150,14 +152,15 @@ pub(crate) unsafe fn mm_par<E: Elem>(
     )
 }
 
-/// Numerically stable softmax of each `d`-long row, in place. Separate max / exp / sum / scale
-/// passes with 8 independent partial sums so each loop vectorises ([`Elem::fast_exp`]). With
-/// `lse`, each row's log Σ exp (one per row) is written there.
-pub(crate) fn softmax_rows<E: Elem>(rows: &mut [E], d: usize, mut lse: Option<&mut [E]>) {
+/// Numerically stable softmax of each `d`-long row, in place: separate max / exp / sum / scale
+/// passes, each a loop that vectorises ([`Elem::fast_exp`], [`reduce`]). With `lse`, each row's
+/// log Σ exp (one per row) is written there.
+#[inline(always)]
+fn softmax_rows_body<E: Elem>(rows: &mut [E], d: usize, mut lse: Option<&mut [E]>) {
     for (i, row) in rows.chunks_mut(d).enumerate() {
-        let m = row.iter().fold(E::neg_infinity(), |a, &v| a.max(v));
+        let m = reduce::max(row);
         row.iter_mut().for_each(|v| *v = (*v - m).fast_exp());
-        let sum = lane_sum(row);
+        let sum = reduce::sum(row);
         let inv = E::one() / sum;
         row.iter_mut().for_each(|v| *v *= inv);
         if let Some(l) = lse.as_deref_mut() {
@@ -165,20 +168,30 @@ pub(crate) fn softmax_rows<E: Elem>(rows: &mut [E], d: usize, mut lse: Option<&m
         }
     }
 }
+multiversion!(
+    /// [`softmax_rows_body`] for the given [`Level`](super::isa::Level).
+    pub(crate) fn softmax_rows<E: Elem>(rows: &mut [E], d: usize, lse: Option<&mut [E]>)
+        => softmax_rows_body
+);
 
-/// Σ xs with 8 interleaved partial sums (vectorisable; a different but equally accurate
-/// summation order than left to right).
-pub(crate) fn lane_sum<E: Elem>(xs: &[E]) -> E {
-    let mut acc = [E::zero(); 8];
-    let mut chunks = xs.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x;
-        }
+/// The backward pass's per-task row work: P = exp(S − lse) row by row in `p`, then
+/// dS = P ⊙ (dP − rowsum(dP ⊙ P)) in place of dP in `ds`.
+#[inline(always)]
+fn softmax_grad_rows_body<E: Elem>(p: &mut [E], ds: &mut [E], lse: &[E], n: usize) {
+    for (row, &li) in p.chunks_mut(n).zip(lse) {
+        row.iter_mut().for_each(|s| *s = (*s - li).fast_exp());
     }
-    let tail = chunks.remainder().iter().fold(E::zero(), |a, &x| a + x);
-    acc.iter().fold(tail, |a, &x| a + x)
+    for (dr, pr) in ds.chunks_mut(n).zip(p.chunks(n)) {
+        let dot = reduce::dot(dr, pr);
+        dr.iter_mut()
+            .zip(pr)
+            .for_each(|(g, &p)| *g = p * (*g - dot));
+    }
 }
+multiversion!(
+    fn softmax_grad_rows<E: Elem>(p: &mut [E], ds: &mut [E], lse: &[E], n: usize)
+        => softmax_grad_rows_body
+);
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -267,6 +280,7 @@ pub(crate) fn forward<E: Elem>(
     let mut o: Vec<E> = Vec::with_capacity(b * n * d);
     let op = SendPtr(o.as_mut_ptr());
     let lp = SendPtr(lse.as_mut_ptr());
+    let level = super::isa::level();
     (0..tasks).into_par_iter().for_each(|task| {
         let t = dims.tok(task);
         let mut p = scores(q, k, t, dims);
@@ -277,7 +291,7 @@ pub(crate) fn forward<E: Elem>(
         // `o` and `lse` are not otherwise accessed until all tasks have finished.
         unsafe {
             let l = keep_lse.then(|| std::slice::from_raw_parts_mut(lp.get().add(task * n), n));
-            softmax_rows(&mut p, n, l);
+            softmax_rows(level, &mut p, n, l);
             mm(
                 (n, hd, n),
                 op.get().add(t),
@@ -323,10 +337,11 @@ pub(crate) unsafe fn backward<E: Elem>(
         return;
     }
     let (pq, pk, pv) = (SendPtr(gq), SendPtr(gk), SendPtr(gv));
+    let level = super::isa::level();
     (0..b * h).into_par_iter().for_each(|task| {
         let t = dims.tok(task);
         let l = &lse[task * n..(task + 1) * n];
-        // P = exp(Q Kᵀ − lse)
+        // S = Q Kᵀ (P = exp(S − lse) below)
         let mut p = scores(q, k, t, dims);
         let mut ds: Vec<E> = Vec::with_capacity(n * n);
         // SAFETY: offsets stay inside q, k, v, dO and the gradient buffers (all b·n·h·hd
@@ -335,9 +350,6 @@ pub(crate) unsafe fn backward<E: Elem>(
         // touch the same block one after another, never concurrently) and its private
         // scratch, and `ds` is written in full by the first product before it is read.
         unsafe {
-            for (row, &li) in p.chunks_mut(n).zip(l) {
-                row.iter_mut().for_each(|s| *s = (*s - li).fast_exp());
-            }
             // dP = dO Vᵀ
             mm(
                 (n, n, hd),
@@ -350,13 +362,8 @@ pub(crate) unsafe fn backward<E: Elem>(
                 (1, d),
             );
             ds.set_len(n * n);
-            // dS = P ⊙ (dP − rowsum(dP ⊙ P))
-            for (dr, pr) in ds.chunks_mut(n).zip(p.chunks(n)) {
-                let dot = dr.iter().zip(pr).fold(E::zero(), |a, (&g, &p)| a + g * p);
-                dr.iter_mut()
-                    .zip(pr)
-                    .for_each(|(g, &p)| *g = p * (*g - dot));
-            }
+            // P = exp(S − lse); dS = P ⊙ (dP − rowsum(dP ⊙ P))
+            softmax_grad_rows(level, &mut p, &mut ds, l, n);
             // dV += Pᵀ dO, dQ += dS K, dK += dSᵀ Q
             mm(
                 (n, hd, n),

@@ -4,6 +4,8 @@
 
 use super::attention::softmax_rows;
 use super::chunk_rows;
+use super::isa::{level, multiversion};
+use super::reduce;
 use super::storage::{host, input};
 use super::tape::{backward, fused, Backward, Forward};
 use crate::layers::{self, Res, Rope, T2, T4};
@@ -37,58 +39,80 @@ fn sigmoid_gate<E: Elem, T: Tape<E, Cpu>>(
 ) -> Res<T2<E, Cpu, T>, Cpu> {
     fused((a, u), |(a, u), _| {
         let (av, uv) = (input(&a), input(&u));
-        let y: Vec<E> = av
-            .par_iter()
-            .zip(uv.par_iter())
-            .map(|(&x, &u)| {
-                let s = E::one() / (E::one() + (-x).fast_exp());
-                if swish {
-                    x * s * u
-                } else {
-                    s * u
-                }
-            })
-            .collect();
+        let (lv, cr) = (level(), chunk_rows(1));
+        let mut y = vec![E::zero(); av.len()];
+        y.par_chunks_mut(cr)
+            .zip(av.par_chunks(cr))
+            .zip(uv.par_chunks(cr))
+            .for_each(|((y, a), u)| gate(lv, swish, y, a, u));
         let (ag, ug) = (a.ghost(), u.ghost());
         Ok(Forward {
             shape: *a.shape(),
             data: y,
             keep_output: false,
             backward: backward(move |Backward { gy, grads, .. }| {
-                let cr = chunk_rows(1);
-                // ∂y/∂u = act(a); ∂y/∂a = u·σ'(a) or u·σ(a)(1 + a(1 − σ(a)))
                 let gu = grads.get_or_alloc_mut(&ug)?;
                 gu.par_chunks_mut(cr)
                     .zip(gy.par_chunks(cr))
                     .zip(av.par_chunks(cr))
-                    .for_each(|((gu, gy), av)| {
-                        for ((gu, &g), &x) in gu.iter_mut().zip(gy).zip(av) {
-                            let s = E::one() / (E::one() + (-x).fast_exp());
-                            *gu += if swish { g * x * s } else { g * s };
-                        }
-                    });
+                    .for_each(|((gu, gy), av)| gate_grad_u(lv, swish, gu, gy, av));
                 let ga = grads.get_or_alloc_mut(&ag)?;
                 ga.par_chunks_mut(cr)
                     .zip(gy.par_chunks(cr))
                     .zip(av.par_chunks(cr))
                     .zip(uv.par_chunks(cr))
-                    .for_each(|(((ga, gy), av), uv)| {
-                        let it = ga.iter_mut().zip(gy).zip(av).zip(uv);
-                        for (((ga, &g), &x), &u) in it {
-                            let s = E::one() / (E::one() + (-x).fast_exp());
-                            let d = if swish {
-                                s * (E::one() + x * (E::one() - s))
-                            } else {
-                                s * (E::one() - s)
-                            };
-                            *ga += g * u * d;
-                        }
-                    });
+                    .for_each(|(((ga, gy), av), uv)| gate_grad_a(lv, swish, ga, gy, av, uv));
                 Ok(())
             }),
         })
     })
 }
+
+/// σ(x) with the vectorisable exp.
+#[inline(always)]
+fn sigmoid<E: Elem>(x: E) -> E {
+    E::one() / (E::one() + (-x).fast_exp())
+}
+
+/// y = σ(a)·u or a·σ(a)·u, element by element.
+#[inline(always)]
+fn gate_body<E: Elem>(swish: bool, y: &mut [E], a: &[E], u: &[E]) {
+    for ((y, &x), &u) in y.iter_mut().zip(a).zip(u) {
+        let s = sigmoid(x);
+        *y = if swish { x * s * u } else { s * u };
+    }
+}
+multiversion!(fn gate<E: Elem>(swish: bool, y: &mut [E], a: &[E], u: &[E]) => gate_body);
+
+/// gu += gy·act(a).
+#[inline(always)]
+fn gate_grad_u_body<E: Elem>(swish: bool, gu: &mut [E], gy: &[E], a: &[E]) {
+    for ((gu, &g), &x) in gu.iter_mut().zip(gy).zip(a) {
+        let s = sigmoid(x);
+        *gu += if swish { g * x * s } else { g * s };
+    }
+}
+multiversion!(
+    fn gate_grad_u<E: Elem>(swish: bool, gu: &mut [E], gy: &[E], a: &[E]) => gate_grad_u_body
+);
+
+/// ga += gy·u·act'(a): act' = σ(1 − σ) (GLU) or σ(1 + a(1 − σ)) (SwiGLU).
+#[inline(always)]
+fn gate_grad_a_body<E: Elem>(swish: bool, ga: &mut [E], gy: &[E], a: &[E], u: &[E]) {
+    for (((ga, &g), &x), &u) in ga.iter_mut().zip(gy).zip(a).zip(u) {
+        let s = sigmoid(x);
+        let d = if swish {
+            s * (E::one() + x * (E::one() - s))
+        } else {
+            s * (E::one() - s)
+        };
+        *ga += g * u * d;
+    }
+}
+multiversion!(
+    fn gate_grad_a<E: Elem>(swish: bool, ga: &mut [E], gy: &[E], a: &[E], u: &[E])
+        => gate_grad_a_body
+);
 
 /// Softmax over the last axis (rows of length d); the backward pass reads the output.
 pub(crate) fn softmax_last<E: Elem, T: Tape<E, Cpu>>(x: T4<E, Cpu, T>) -> Res<T4<E, Cpu, T>, Cpu> {
@@ -97,8 +121,9 @@ pub(crate) fn softmax_last<E: Elem, T: Tape<E, Cpu>>(x: T4<E, Cpu, T>) -> Res<T4
         let d = shape.3;
         let cr = chunk_rows(d);
         let mut y = host(&x);
+        let lv = level();
         y.par_chunks_mut(d * cr)
-            .for_each(|rows| softmax_rows(rows, d, None));
+            .for_each(|rows| softmax_rows(lv, rows, d, None));
         let xg = x.ghost();
         Ok(Forward {
             shape,
@@ -110,19 +135,26 @@ pub(crate) fn softmax_last<E: Elem, T: Tape<E, Cpu>>(x: T4<E, Cpu, T>) -> Res<T4
                 gx.par_chunks_mut(d * cr)
                     .zip(yv.par_chunks(d * cr))
                     .zip(gy.par_chunks(d * cr))
-                    .for_each(|((gx, y), gy)| {
-                        for ((gx, y), gy) in gx.chunks_mut(d).zip(y.chunks(d)).zip(gy.chunks(d)) {
-                            let dot = y.iter().zip(gy).fold(E::zero(), |a, (&y, &g)| a + y * g);
-                            for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(gy) {
-                                *gx += y * (g - dot);
-                            }
-                        }
-                    });
+                    .for_each(|((gx, y), gy)| softmax_grad(lv, gx, y, gy, d));
                 Ok(())
             }),
         })
     })
 }
+
+/// gx += y ⊙ (gy − ⟨y, gy⟩) per d-long row.
+#[inline(always)]
+fn softmax_grad_body<E: Elem>(gx: &mut [E], y: &[E], gy: &[E], d: usize) {
+    for ((gx, y), gy) in gx.chunks_mut(d).zip(y.chunks(d)).zip(gy.chunks(d)) {
+        let dot = reduce::dot(y, gy);
+        for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(gy) {
+            *gx += y * (g - dot);
+        }
+    }
+}
+multiversion!(
+    fn softmax_grad<E: Elem>(gx: &mut [E], y: &[E], gy: &[E], d: usize) => softmax_grad_body
+);
 
 /// adaLN modulation `x·(1 + scale) + shift`, x (b·n, d), shift and scale (b, d) per sequence.
 pub(crate) fn modulate<E: Elem, T: Tape<E, Cpu>>(
@@ -139,16 +171,13 @@ pub(crate) fn modulate<E: Elem, T: Tape<E, Cpu>>(
         let (xv, shv, scv) = (input(&x), input(&sh), input(&sc));
         let (shs, scs): (&[E], &[E]) = (&shv, &scv);
         let mut y = vec![E::zero(); xv.len()];
+        let lv = level();
         y.par_chunks_mut(n * d)
             .zip(xv.par_chunks(n * d))
             .enumerate()
             .for_each(|(bi, (ys, xs))| {
                 let (s0, c0) = (&shs[bi * d..(bi + 1) * d], &scs[bi * d..(bi + 1) * d]);
-                for (y, x) in ys.chunks_mut(d).zip(xs.chunks(d)) {
-                    for (((y, &x), &s), &c) in y.iter_mut().zip(x).zip(s0).zip(c0) {
-                        *y = x * (E::one() + c) + s;
-                    }
-                }
+                modulate_rows(lv, ys, xs, s0, c0);
             });
         let (xg, shg, scg) = (x.ghost(), sh.ghost(), sc.ghost());
         Ok(Forward {
@@ -162,12 +191,26 @@ pub(crate) fn modulate<E: Elem, T: Tape<E, Cpu>>(
                 add_into(grads.get_or_alloc_mut(&shg)?, &gsh);
                 add_into(grads.get_or_alloc_mut(&scg)?, &gsc);
                 let gx = grads.get_or_alloc_mut(&xg)?;
-                seq_broadcast(gx, &gy, &scv, (n, d), |gx, g, c| *gx += g * (E::one() + c));
+                seq_broadcast(gx, &gy, &scv, (n, d), true);
                 Ok(())
             }),
         })
     })
 }
+
+/// y = x·(1 + c) + s per row, c and s one sequence's (d,) scale and shift.
+#[inline(always)]
+fn modulate_rows_body<E: Elem>(ys: &mut [E], xs: &[E], s0: &[E], c0: &[E]) {
+    let d = s0.len();
+    for (y, x) in ys.chunks_mut(d).zip(xs.chunks(d)) {
+        for (((y, &x), &s), &c) in y.iter_mut().zip(x).zip(s0).zip(c0) {
+            *y = x * (E::one() + c) + s;
+        }
+    }
+}
+multiversion!(
+    fn modulate_rows<E: Elem>(ys: &mut [E], xs: &[E], s0: &[E], c0: &[E]) => modulate_rows_body
+);
 
 /// `h + gate ⊙ y`, h and y (b·n, d), gate (b, d) per sequence.
 pub(crate) fn gated_residual<E: Elem, T: Tape<E, Cpu>>(
@@ -191,18 +234,12 @@ pub(crate) fn gated_residual<E: Elem, T: Tape<E, Cpu>>(
             "gated residual shapes"
         );
         let mut z = vec![E::zero(); hv.len()];
+        let lv = level();
         z.par_chunks_mut(n * d)
             .zip(hv.par_chunks(n * d))
             .zip(yv.par_chunks(n * d))
             .zip(gv.par_chunks(d))
-            .for_each(|(((zs, hs), ys), g)| {
-                let rows = zs.chunks_mut(d).zip(hs.chunks(d)).zip(ys.chunks(d));
-                for ((z, h), y) in rows {
-                    for (((z, &h), &y), &g) in z.iter_mut().zip(h).zip(y).zip(g) {
-                        *z = h + g * y;
-                    }
-                }
-            });
+            .for_each(|(((zs, hs), ys), g)| gated_rows(lv, zs, hs, ys, g));
         drop(hv);
         let (hg, yg, gg) = (h.ghost(), y.ghost(), g.ghost());
         Ok(Forward {
@@ -214,12 +251,26 @@ pub(crate) fn gated_residual<E: Elem, T: Tape<E, Cpu>>(
                 add_into(grads.get_or_alloc_mut(&gg)?, &ggate);
                 add_into(grads.get_or_alloc_mut(&hg)?, &gz);
                 let gy = grads.get_or_alloc_mut(&yg)?;
-                seq_broadcast(gy, &gz, &gv, (n, d), |gy, gz, g| *gy += gz * g);
+                seq_broadcast(gy, &gz, &gv, (n, d), false);
                 Ok(())
             }),
         })
     })
 }
+
+/// z = h + g ⊙ y per row, g one sequence's (d,) gate.
+#[inline(always)]
+fn gated_rows_body<E: Elem>(zs: &mut [E], hs: &[E], ys: &[E], g: &[E]) {
+    let d = g.len();
+    for ((z, h), y) in zs.chunks_mut(d).zip(hs.chunks(d)).zip(ys.chunks(d)) {
+        for (((z, &h), &y), &g) in z.iter_mut().zip(h).zip(y).zip(g) {
+            *z = h + g * y;
+        }
+    }
+}
+multiversion!(
+    fn gated_rows<E: Elem>(zs: &mut [E], hs: &[E], ys: &[E], g: &[E]) => gated_rows_body
+);
 
 /// RoPE on x (b·n, h·hd) → (b, n, h, hd), times `scale`; the backward pass is the inverse
 /// rotation (the rotation is orthogonal), scaled, added straight into x's gradient.
@@ -250,30 +301,16 @@ fn rotate_pairs<E: Elem, T: Tape<E, Cpu>>(
         let hd = d / h;
         let half = hd / 2;
         let s = E::c(scale);
-        // one row = one position of one sequence: h heads of hd/2 rotated pairs; src → dst
-        // (both (rows, d)), accumulating into dst when `acc`
+        let lv = level();
         let rotate = move |dst: &mut [E], src: &[E], first_row: usize, inverse: bool, acc: bool| {
-            for (r, (drow, srow)) in dst.chunks_mut(d).zip(src.chunks(d)).enumerate() {
-                let pos = (first_row + r) % n;
-                let (c0, s0) = (
-                    &cos[pos * half..(pos + 1) * half],
-                    &sin[pos * half..(pos + 1) * half],
-                );
-                for (dh, sh) in drow.chunks_mut(hd).zip(srow.chunks(hd)) {
-                    for (i, (dp, sp)) in dh.chunks_mut(2).zip(sh.chunks(2)).enumerate() {
-                        let (a, bb) = (sp[0], sp[1]);
-                        let (c, sn) = (c0[i], if inverse { -s0[i] } else { s0[i] });
-                        let (y0, y1) = (s * (a * c - bb * sn), s * (bb * c + a * sn));
-                        if acc {
-                            dp[0] += y0;
-                            dp[1] += y1;
-                        } else {
-                            dp[0] = y0;
-                            dp[1] = y1;
-                        }
-                    }
-                }
-            }
+            let rows = Rows {
+                d,
+                n,
+                hd,
+                half,
+                first_row,
+            };
+            rotate_rows(lv, dst, src, &cos, &sin, rows, s, inverse, acc)
         };
         let cr = chunk_rows(d);
         let xv = input(&x);
@@ -299,62 +336,160 @@ fn rotate_pairs<E: Elem, T: Tape<E, Cpu>>(
     })
 }
 
-fn add_into<E: Elem>(dst: &mut [E], src: &[E]) {
-    dst.par_chunks_mut(16_384)
-        .zip(src.par_chunks(16_384))
-        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d += s));
+/// Where a chunk of RoPE rows lies: row width d, sequence length n, head width hd (hd/2 =
+/// `half` pairs), and the chunk's first row (its position is `row % n`).
+#[derive(Clone, Copy)]
+struct Rows {
+    d: usize,
+    n: usize,
+    hd: usize,
+    half: usize,
+    first_row: usize,
 }
 
-/// `f(dst, src, vec)` elementwise over (b·n, d) rows, `vec` being the row's sequence's entry of
-/// the per-sequence (b, d) `vecs` (adaLN-style broadcasting); parallel over sequences.
+/// One chunk of RoPE rows: each row one position of one sequence, h heads of hd/2 rotated
+/// pairs, src → dst (both (rows, d)), times s, inverse rotation when `inverse`, accumulating
+/// into dst when `acc`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rotate_rows_body<E: Elem>(
+    dst: &mut [E],
+    src: &[E],
+    cos: &[E],
+    sin: &[E],
+    rows: Rows,
+    s: E,
+    inverse: bool,
+    acc: bool,
+) {
+    let Rows {
+        d,
+        n,
+        hd,
+        half,
+        first_row,
+    } = rows;
+    for (r, (drow, srow)) in dst.chunks_mut(d).zip(src.chunks(d)).enumerate() {
+        let pos = (first_row + r) % n;
+        let (c0, s0) = (
+            &cos[pos * half..(pos + 1) * half],
+            &sin[pos * half..(pos + 1) * half],
+        );
+        for (dh, sh) in drow.chunks_mut(hd).zip(srow.chunks(hd)) {
+            for (i, (dp, sp)) in dh.chunks_mut(2).zip(sh.chunks(2)).enumerate() {
+                let (a, bb) = (sp[0], sp[1]);
+                let (c, sn) = (c0[i], if inverse { -s0[i] } else { s0[i] });
+                let (y0, y1) = (s * (a * c - bb * sn), s * (bb * c + a * sn));
+                if acc {
+                    dp[0] += y0;
+                    dp[1] += y1;
+                } else {
+                    dp[0] = y0;
+                    dp[1] = y1;
+                }
+            }
+        }
+    }
+}
+multiversion!(
+    #[allow(clippy::too_many_arguments)]
+    fn rotate_rows<E: Elem>(
+        dst: &mut [E],
+        src: &[E],
+        cos: &[E],
+        sin: &[E],
+        rows: Rows,
+        s: E,
+        inverse: bool,
+        acc: bool,
+    ) => rotate_rows_body
+);
+
+fn add_into<E: Elem>(dst: &mut [E], src: &[E]) {
+    let lv = level();
+    dst.par_chunks_mut(16_384)
+        .zip(src.par_chunks(16_384))
+        .for_each(|(d, s)| add_slice(lv, d, s));
+}
+
+#[inline(always)]
+fn add_slice_body<E: Elem>(dst: &mut [E], src: &[E]) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+}
+multiversion!(fn add_slice<E: Elem>(dst: &mut [E], src: &[E]) => add_slice_body);
+
+/// `dst += src ⊙ (1 + vec)` (`one_plus`, the adaLN scale's input gradient) or `dst += src ⊙
+/// vec` elementwise over (b·n, d) rows, `vec` being the row's sequence's entry of the
+/// per-sequence (b, d) `vecs` (adaLN-style broadcasting); parallel over sequences.
 fn seq_broadcast<E: Elem>(
     dst: &mut [E],
     src: &[E],
     vecs: &[E],
     (n, d): (usize, usize),
-    f: impl Fn(&mut E, E, E) + Sync,
+    one_plus: bool,
 ) {
     assert!(
         dst.len() == src.len() && vecs.len() * n == dst.len(),
         "per-sequence broadcast shapes"
     );
+    let lv = level();
     dst.par_chunks_mut(n * d)
         .zip(src.par_chunks(n * d))
         .zip(vecs.par_chunks(d))
-        .for_each(|((dst, src), v)| {
-            for (dr, sr) in dst.chunks_mut(d).zip(src.chunks(d)) {
-                for ((o, &x), &c) in dr.iter_mut().zip(sr).zip(v) {
-                    f(o, x, c);
-                }
-            }
-        });
+        .for_each(|((dst, src), v)| broadcast_rows(lv, dst, src, v, one_plus));
 }
+
+#[inline(always)]
+fn broadcast_rows_body<E: Elem>(dst: &mut [E], src: &[E], v: &[E], one_plus: bool) {
+    let d = v.len();
+    for (dr, sr) in dst.chunks_mut(d).zip(src.chunks(d)) {
+        for ((o, &x), &c) in dr.iter_mut().zip(sr).zip(v) {
+            *o += if one_plus { x * (E::one() + c) } else { x * c };
+        }
+    }
+}
+multiversion!(
+    fn broadcast_rows<E: Elem>(dst: &mut [E], src: &[E], v: &[E], one_plus: bool)
+        => broadcast_rows_body
+);
 
 /// Per-sequence column sums of `a ⊙ w` (or of `a`) over each sequence's n rows of width d:
 /// the gradient of a (b, d) vector broadcast over (b·n, d); rows summed in order.
 fn seq_column_sums<E: Elem>(a: &[E], w: Option<&[E]>, (n, d): (usize, usize)) -> Vec<E> {
     assert!(w.is_none_or(|w| w.len() == a.len()), "column-sum shapes");
     let mut out = vec![E::zero(); a.len() / n.max(1)];
+    let lv = level();
     out.par_chunks_mut(d).enumerate().for_each(|(bi, o)| {
         let r = bi * n * d..(bi + 1) * n * d;
-        for (k, g) in a[r.clone()].chunks(d).enumerate() {
-            match w {
-                Some(w) => {
-                    let wr = &w[r.start + k * d..r.start + (k + 1) * d];
-                    for j in 0..d {
-                        o[j] += g[j] * wr[j];
-                    }
-                }
-                None => {
-                    for j in 0..d {
-                        o[j] += g[j];
-                    }
-                }
-            }
-        }
+        column_sums(lv, o, &a[r.clone()], w.map(|w| &w[r]));
     });
     out
 }
+
+/// o += Σ_rows a (⊙ w) over the rows of width `o.len()`, in row order.
+#[inline(always)]
+fn column_sums_body<E: Elem>(o: &mut [E], a: &[E], w: Option<&[E]>) {
+    let d = o.len();
+    match w {
+        Some(w) => {
+            for (g, wr) in a.chunks(d).zip(w.chunks(d)) {
+                for ((o, &g), &w) in o.iter_mut().zip(g).zip(wr) {
+                    *o += g * w;
+                }
+            }
+        }
+        None => {
+            for g in a.chunks(d) {
+                for (o, &g) in o.iter_mut().zip(g) {
+                    *o += g;
+                }
+            }
+        }
+    }
+}
+multiversion!(
+    fn column_sums<E: Elem>(o: &mut [E], a: &[E], w: Option<&[E]>) => column_sums_body
+);
 
 #[cfg(test)]
 mod tests {

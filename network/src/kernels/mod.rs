@@ -19,9 +19,13 @@
 
 mod attention;
 mod elementwise;
+pub mod isa;
+#[cfg(test)]
+mod isa_equality;
 mod matmul;
 mod norms;
 mod optimizer;
+mod reduce;
 mod storage;
 mod tape;
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //! backward.
 
 use super::chunk_rows;
+use super::isa::{level, multiversion};
+use super::reduce;
 use super::storage::input;
 use super::tape::{backward, fused, Backward, Forward};
 use crate::layers::{self, Res, T1, T2};
@@ -19,24 +21,12 @@ pub(crate) fn layer_norm<E: Elem, T: Tape<E, Cpu>>(x: T2<E, Cpu, T>) -> Res<T2<E
         let mut y = vec![E::zero(); xv.len()];
         let mut rstd = vec![E::zero(); shape.0];
         let eps = E::c(layers::NORM_EPS);
-        let inv_d = E::one() / E::c(d as f64);
         let cr = chunk_rows(d);
+        let lv = level();
         y.par_chunks_mut(d * cr)
             .zip(xv.par_chunks(d * cr))
             .zip(rstd.par_chunks_mut(cr))
-            .for_each(|((ys, xs), rs)| {
-                for ((y, x), r) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(rs) {
-                    let mean = x.iter().fold(E::zero(), |a, &v| a + v) * inv_d;
-                    let var = x
-                        .iter()
-                        .fold(E::zero(), |a, &v| a + (v - mean) * (v - mean))
-                        * inv_d;
-                    *r = E::one() / (var + eps).sqrt();
-                    for (y, &v) in y.iter_mut().zip(x) {
-                        *y = (v - mean) * *r;
-                    }
-                }
-            });
+            .for_each(|((ys, xs), rs)| layer_norm_rows(lv, ys, xs, rs, eps));
         let xg = x.ghost();
         Ok(Forward {
             shape,
@@ -50,17 +40,7 @@ pub(crate) fn layer_norm<E: Elem, T: Tape<E, Cpu>>(x: T2<E, Cpu, T>) -> Res<T2<E
                     .zip(yv.par_chunks(d * cr))
                     .zip(gy.par_chunks(d * cr))
                     .zip(rstd.par_chunks(cr))
-                    .for_each(|(((gx, y), gy), rs)| {
-                        let rows = gx.chunks_mut(d).zip(y.chunks(d)).zip(gy.chunks(d)).zip(rs);
-                        for (((gx, y), gy), &r) in rows {
-                            let mg = gy.iter().fold(E::zero(), |a, &g| a + g) * inv_d;
-                            let mgy =
-                                y.iter().zip(gy).fold(E::zero(), |a, (&y, &g)| a + y * g) * inv_d;
-                            for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(gy) {
-                                *gx += r * (g - mg - y * mgy);
-                            }
-                        }
-                    });
+                    .for_each(|(((gx, y), gy), rs)| layer_norm_grad_rows(lv, gx, y, gy, rs));
                 Ok(())
             }),
         })
@@ -79,24 +59,16 @@ pub(crate) fn rms_norm<E: Elem, T: Tape<E, Cpu>>(
         let d = shape.1;
         assert_eq!(scale.shape().0, d, "rms_norm scale width");
         let eps = E::c(layers::NORM_EPS);
-        let inv_d = E::one() / E::c(d as f64);
         let cr = chunk_rows(d);
         let (xv, sv) = (input(&x), input(&scale));
         let svs: &[E] = &sv;
         let mut y = vec![E::zero(); xv.len()];
         let mut rinv = vec![E::zero(); shape.0];
+        let lv = level();
         y.par_chunks_mut(d * cr)
             .zip(xv.par_chunks(d * cr))
             .zip(rinv.par_chunks_mut(cr))
-            .for_each(|((ys, xs), rs)| {
-                for ((y, x), r) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(rs) {
-                    let ms = x.iter().fold(E::zero(), |a, &v| a + v * v) * inv_d;
-                    *r = E::one() / (ms + eps).sqrt();
-                    for ((y, &v), &s) in y.iter_mut().zip(x).zip(svs) {
-                        *y = v * *r * s;
-                    }
-                }
-            });
+            .for_each(|((ys, xs), rs)| rms_norm_rows(lv, ys, xs, rs, svs, eps));
         let (xg, sg) = (x.ghost(), scale.ghost());
         Ok(Forward {
             shape,
@@ -110,11 +82,7 @@ pub(crate) fn rms_norm<E: Elem, T: Tape<E, Cpu>>(
                     .zip(rinv.par_chunks(cr))
                     .map(|((gy, xv), rs)| {
                         let mut acc = vec![E::zero(); d];
-                        for ((g, x), &r) in gy.chunks(d).zip(xv.chunks(d)).zip(rs) {
-                            for ((a, &g), &x) in acc.iter_mut().zip(g).zip(x) {
-                                *a += g * x * r;
-                            }
-                        }
+                        rms_scale_grad(lv, &mut acc, gy, xv, rs);
                         acc
                     })
                     .collect();
@@ -130,26 +98,101 @@ pub(crate) fn rms_norm<E: Elem, T: Tape<E, Cpu>>(
                     .zip(gy.par_chunks(d * cr))
                     .zip(xv.par_chunks(d * cr))
                     .zip(rinv.par_chunks(cr))
-                    .for_each(|(((gx, gy), xv), rs)| {
-                        let rows = gx.chunks_mut(d).zip(gy.chunks(d)).zip(xv.chunks(d)).zip(rs);
-                        for (((gx, g), x), &r) in rows {
-                            let m = g
-                                .iter()
-                                .zip(x)
-                                .zip(sv)
-                                .fold(E::zero(), |a, ((&g, &x), &s)| a + g * s * x)
-                                * r
-                                * inv_d;
-                            for (((gx, &g), &x), &s) in gx.iter_mut().zip(g).zip(x).zip(sv) {
-                                *gx += r * (g * s - x * r * m);
-                            }
-                        }
-                    });
+                    .for_each(|(((gx, gy), xv), rs)| rms_norm_grad_rows(lv, gx, gy, xv, rs, sv));
                 Ok(())
             }),
         })
     })
 }
+
+/// LayerNorm of each row of width `rs`-count: y = (x − mean)·r, r = (var + ε)^(−1/2) kept.
+#[inline(always)]
+fn layer_norm_rows_body<E: Elem>(ys: &mut [E], xs: &[E], rs: &mut [E], eps: E) {
+    let d = xs.len() / rs.len().max(1);
+    let inv_d = E::one() / E::c(d as f64);
+    for ((y, x), r) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(rs) {
+        let mean = reduce::sum(x) * inv_d;
+        let var = reduce::centred_squares(x, mean) * inv_d;
+        *r = E::one() / (var + eps).sqrt();
+        for (y, &v) in y.iter_mut().zip(x) {
+            *y = (v - mean) * *r;
+        }
+    }
+}
+multiversion!(
+    fn layer_norm_rows<E: Elem>(ys: &mut [E], xs: &[E], rs: &mut [E], eps: E)
+        => layer_norm_rows_body
+);
+
+/// dx += r (g − mean g − y · mean(g ⊙ y)) per row.
+#[inline(always)]
+fn layer_norm_grad_rows_body<E: Elem>(gx: &mut [E], y: &[E], gy: &[E], rs: &[E]) {
+    let d = y.len() / rs.len().max(1);
+    let inv_d = E::one() / E::c(d as f64);
+    let rows = gx.chunks_mut(d).zip(y.chunks(d)).zip(gy.chunks(d)).zip(rs);
+    for (((gx, y), gy), &r) in rows {
+        let mg = reduce::sum(gy) * inv_d;
+        let mgy = reduce::dot(y, gy) * inv_d;
+        for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(gy) {
+            *gx += r * (g - mg - y * mgy);
+        }
+    }
+}
+multiversion!(
+    fn layer_norm_grad_rows<E: Elem>(gx: &mut [E], y: &[E], gy: &[E], rs: &[E])
+        => layer_norm_grad_rows_body
+);
+
+/// RMSNorm of each row: y = x·r·s, r = (mean x² + ε)^(−1/2) kept.
+#[inline(always)]
+fn rms_norm_rows_body<E: Elem>(ys: &mut [E], xs: &[E], rs: &mut [E], s: &[E], eps: E) {
+    let d = s.len();
+    let inv_d = E::one() / E::c(d as f64);
+    for ((y, x), r) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(rs) {
+        let ms = reduce::dot(x, x) * inv_d;
+        *r = E::one() / (ms + eps).sqrt();
+        for ((y, &v), &s) in y.iter_mut().zip(x).zip(s) {
+            *y = v * *r * s;
+        }
+    }
+}
+multiversion!(
+    fn rms_norm_rows<E: Elem>(ys: &mut [E], xs: &[E], rs: &mut [E], s: &[E], eps: E)
+        => rms_norm_rows_body
+);
+
+/// acc += Σ_rows g ⊙ x·r (the scale's gradient over a chunk of rows).
+#[inline(always)]
+fn rms_scale_grad_body<E: Elem>(acc: &mut [E], gy: &[E], xv: &[E], rs: &[E]) {
+    let d = acc.len();
+    for ((g, x), &r) in gy.chunks(d).zip(xv.chunks(d)).zip(rs) {
+        for ((a, &g), &x) in acc.iter_mut().zip(g).zip(x) {
+            *a += g * x * r;
+        }
+    }
+}
+multiversion!(
+    fn rms_scale_grad<E: Elem>(acc: &mut [E], gy: &[E], xv: &[E], rs: &[E])
+        => rms_scale_grad_body
+);
+
+/// dx += r (g⊙s − x̂ · mean(g⊙s⊙x̂)), x̂ = x·r, per row.
+#[inline(always)]
+fn rms_norm_grad_rows_body<E: Elem>(gx: &mut [E], gy: &[E], xv: &[E], rs: &[E], s: &[E]) {
+    let d = s.len();
+    let inv_d = E::one() / E::c(d as f64);
+    let rows = gx.chunks_mut(d).zip(gy.chunks(d)).zip(xv.chunks(d)).zip(rs);
+    for (((gx, g), x), &r) in rows {
+        let m = reduce::dot3(g, s, x) * r * inv_d;
+        for (((gx, &g), &x), &s) in gx.iter_mut().zip(g).zip(x).zip(s) {
+            *gx += r * (g * s - x * r * m);
+        }
+    }
+}
+multiversion!(
+    fn rms_norm_grad_rows<E: Elem>(gx: &mut [E], gy: &[E], xv: &[E], rs: &[E], s: &[E])
+        => rms_norm_grad_rows_body
+);
 
 #[cfg(test)]
 mod tests {

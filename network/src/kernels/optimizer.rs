@@ -5,12 +5,14 @@
 //! order as the generic defaults in [`crate::Kernels`], so their results are bit-identical
 //! (tested below). Tape-free: the outputs are plain tensors.
 
+use super::isa::{level, multiversion, LANES};
 use super::storage::{consume, input, output_lasting};
 use super::Moments;
 use crate::layers::{Res, T1};
 use crate::Elem;
 use dfdx::prelude::*;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// One AdamW step's constants: the hyper-parameters, the bias corrections of this step and an
 /// optional factor applied to the gradient first (global-norm clipping).
@@ -45,16 +47,7 @@ fn adamw_host<E: Elem>(
         g.len() == n && m.len() == n && v.len() == n,
         "AdamW lengths"
     );
-    let c = |x: f64| E::c(x);
-    let (b1, nb1, b2, nb2) = (c(s.beta1), c(1.0 - s.beta1), c(s.beta2), c(1.0 - s.beta2));
-    let (ibc1, ibc2, eps, wd, lr) = (
-        c(1.0 / s.bias_correction1),
-        c(1.0 / s.bias_correction2),
-        c(s.eps),
-        c(s.weight_decay),
-        c(s.lr),
-    );
-    let scale = s.grad_scale.map(c);
+    let k = AdamWConsts::new(s);
     let (mut p2, mut m2, mut v2) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -66,25 +59,15 @@ fn adamw_host<E: Elem>(
         &mut m2.spare_capacity_mut()[..n],
         &mut v2.spare_capacity_mut()[..n],
     );
+    let lv = level();
     pu.par_chunks_mut(CHUNK)
         .zip(mu.par_chunks_mut(CHUNK))
         .zip(vu.par_chunks_mut(CHUNK))
         .enumerate()
-        .for_each(|(k, ((p2, m2), v2))| {
-            let r = k * CHUNK..k * CHUNK + p2.len();
-            let src = p[r.clone()].iter().zip(&g[r.clone()]);
-            let src = src.zip(&m[r.clone()]).zip(&v[r]);
-            let dst = p2.iter_mut().zip(m2.iter_mut()).zip(v2.iter_mut());
-            for (((p2, m2), v2), (((&p, &g), &m), &v)) in dst.zip(src) {
-                let g = scale.map_or(g, |s| g * s);
-                let mn = m * b1 + g * nb1;
-                let vn = v * b2 + (g * g) * nb2;
-                let denom = (vn * ibc2).sqrt() + eps;
-                let upd = (mn * ibc1) / denom + p * wd;
-                p2.write(p - upd * lr);
-                m2.write(mn);
-                v2.write(vn);
-            }
+        .for_each(|(i, ((p2, m2), v2))| {
+            let r = i * CHUNK..i * CHUNK + p2.len();
+            let src = (&p[r.clone()], &g[r.clone()], &m[r.clone()], &v[r]);
+            adamw_chunk(lv, (p2, m2, v2), src, k);
         });
     // SAFETY: capacity ≥ n for all three; the chunks above cover 0..n of each spare capacity,
     // and every element of every chunk was written (`MaybeUninit::write`).
@@ -96,30 +79,116 @@ fn adamw_host<E: Elem>(
     (p2, m2, v2)
 }
 
+/// The f32 (or f64) constants of one AdamW step, converted once.
+#[derive(Clone, Copy)]
+struct AdamWConsts<E> {
+    b1: E,
+    nb1: E,
+    b2: E,
+    nb2: E,
+    ibc1: E,
+    ibc2: E,
+    eps: E,
+    wd: E,
+    lr: E,
+    scale: Option<E>,
+}
+
+impl<E: Elem> AdamWConsts<E> {
+    fn new(s: &AdamWStep) -> Self {
+        let c = |x: f64| E::c(x);
+        AdamWConsts {
+            b1: c(s.beta1),
+            nb1: c(1.0 - s.beta1),
+            b2: c(s.beta2),
+            nb2: c(1.0 - s.beta2),
+            ibc1: c(1.0 / s.bias_correction1),
+            ibc2: c(1.0 / s.bias_correction2),
+            eps: c(s.eps),
+            wd: c(s.weight_decay),
+            lr: c(s.lr),
+            scale: s.grad_scale.map(c),
+        }
+    }
+}
+
+/// Outputs (θ', m', v') of one chunk, written without being read.
+type Out<'a, E> = (
+    &'a mut [MaybeUninit<E>],
+    &'a mut [MaybeUninit<E>],
+    &'a mut [MaybeUninit<E>],
+);
+
+/// One chunk of [`adamw_host`]: every output element written.
+#[inline(always)]
+fn adamw_chunk_body<E: Elem>(
+    (p2, m2, v2): Out<'_, E>,
+    (p, g, m, v): (&[E], &[E], &[E], &[E]),
+    k: AdamWConsts<E>,
+) {
+    let src = p.iter().zip(g).zip(m).zip(v);
+    let dst = p2.iter_mut().zip(m2.iter_mut()).zip(v2.iter_mut());
+    for (((p2, m2), v2), (((&p, &g), &m), &v)) in dst.zip(src) {
+        let g = k.scale.map_or(g, |s| g * s);
+        let mn = m * k.b1 + g * k.nb1;
+        let vn = v * k.b2 + (g * g) * k.nb2;
+        let denom = (vn * k.ibc2).sqrt() + k.eps;
+        let upd = (mn * k.ibc1) / denom + p * k.wd;
+        p2.write(p - upd * k.lr);
+        m2.write(mn);
+        v2.write(vn);
+    }
+}
+multiversion!(
+    fn adamw_chunk<E: Elem>(
+        out: Out<'_, E>,
+        src: (&[E], &[E], &[E], &[E]),
+        k: AdamWConsts<E>,
+    ) => adamw_chunk_body
+);
+
 /// ema + rate·(θ − ema).
 fn ema_host<E: Elem>(ema: &[E], p: &[E], rate: f64) -> Vec<E> {
     assert_eq!(ema.len(), p.len(), "EMA lengths");
     let r = E::c(rate);
-    ema.par_iter()
-        .zip(p)
-        .with_min_len(CHUNK)
-        .map(|(&e, &p)| e + (p - e) * r)
-        .collect()
+    let lv = level();
+    let mut out = vec![E::zero(); ema.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(ema.par_chunks(CHUNK))
+        .zip(p.par_chunks(CHUNK))
+        .for_each(|((o, e), p)| ema_chunk(lv, o, e, p, r));
+    out
 }
+
+#[inline(always)]
+fn ema_chunk_body<E: Elem>(o: &mut [E], ema: &[E], p: &[E], r: E) {
+    for ((o, &e), &p) in o.iter_mut().zip(ema).zip(p) {
+        *o = e + (p - e) * r;
+    }
+}
+multiversion!(fn ema_chunk<E: Elem>(o: &mut [E], ema: &[E], p: &[E], r: E) => ema_chunk_body);
 
 /// Σ x², accumulated in f64.
 fn sum_squares_host<E: Elem>(x: &[E]) -> f64 {
-    x.par_chunks(CHUNK)
-        .map(|c| {
-            c.iter()
-                .map(|&v| {
-                    let v = v.to_f64().unwrap_or(f64::NAN);
-                    v * v
-                })
-                .sum::<f64>()
-        })
-        .sum()
+    let lv = level();
+    x.par_chunks(CHUNK).map(|c| sum_squares_chunk(lv, c)).sum()
 }
+
+/// Σ x² of one chunk in f64, with [`LANES`] interleaved partial sums (vectorisable).
+#[inline(always)]
+fn sum_squares_chunk_body<E: Elem>(x: &[E]) -> f64 {
+    let f = |v: E| v.to_f64().unwrap_or(f64::NAN);
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v) * f(v);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v) * f(v)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+multiversion!(fn sum_squares_chunk<E: Elem>(x: &[E]) -> f64 => sum_squares_chunk_body);
 
 /// [`crate::Kernels::adamw`] on the CPU: one sweep over θ, g, m, v.
 pub(crate) fn adamw<E: Elem>(

@@ -1,8 +1,9 @@
 //! Shared helpers of the kernel tests: random inputs, the Σ R ⊙ y loss and tolerances, and
 //! [`each_path`], which runs a test once with unregistered inputs (every kernel input is copied)
 //! and once inside a [`KernelScope`] with inputs made by the kernels' registering constructor
-//! (read in place).
+//! (read in place), at every supported instruction-set level.
 
+use super::isa;
 use super::storage;
 use super::KernelScope;
 use dfdx::prelude::*;
@@ -16,14 +17,17 @@ thread_local! {
     static REGISTERED_INPUTS: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `f` twice: with plain inputs, and with the inputs registered in an open frame.
+/// Runs `f` with plain inputs and with the inputs registered in an open frame, at every
+/// instruction-set level this CPU supports.
 pub(crate) fn each_path(f: impl Fn(&Cpu, &mut StdRng)) {
     let dev = Cpu::default();
-    for registered in [false, true] {
-        let _scope = registered.then(KernelScope::open);
-        REGISTERED_INPUTS.with(|c| c.set(registered));
-        f(&dev, &mut StdRng::seed_from_u64(0));
-        REGISTERED_INPUTS.with(|c| c.set(false));
+    for level in isa::supported() {
+        for registered in [false, true] {
+            let _scope = registered.then(KernelScope::open);
+            REGISTERED_INPUTS.with(|c| c.set(registered));
+            isa::with_level(level, || f(&dev, &mut StdRng::seed_from_u64(0)));
+            REGISTERED_INPUTS.with(|c| c.set(false));
+        }
     }
 }
 

@@ -1,0 +1,161 @@
+//! Every fused CPU op at every instruction-set level this CPU supports gives the portable
+//! instance's bits: outputs and input gradients in f32 (where the wide instances could differ
+//! if anything reassociated or contracted), over shapes with ragged vector tails.
+
+use super::isa::{self, Isa};
+use super::test_util::{grads32, rand32};
+use super::{AdamWStep, Kernels};
+use crate::layers::{Rope, T1, T2, T4};
+use crate::MlpKind;
+use dfdx::prelude::*;
+use rand::{rngs::StdRng, SeedableRng};
+
+const B: usize = 2;
+const N: usize = 37;
+const H: usize = 3;
+const HD: usize = 6;
+const D: usize = H * HD;
+const HIDDEN: usize = 70;
+
+type K = Cpu;
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The outputs and gradients of every op, as bits, computed at the current level.
+fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut out = Vec::new();
+    let mut push = |name: &str, v: Vec<f32>| out.push((name.to_string(), bits(&v)));
+    let t2 = |rng: &mut StdRng, (m, d): (usize, usize), s: f32| -> T2<f32, Cpu> {
+        dev.tensor_from_vec(rand32(rng, m * d, s), (m, d))
+    };
+
+    // gated units (sigmoid tails included)
+    let a = t2(&mut rng, (B * N, HIDDEN), 12.0);
+    let u = t2(&mut rng, (B * N, HIDDEN), 1.0);
+    let r = rand32(&mut rng, B * N * HIDDEN, 1.0);
+    for kind in [MlpKind::Glu, MlpKind::Swiglu] {
+        let y = <K as Kernels<f32>>::glu(kind, a.leaky_trace(), u.leaky_trace()).unwrap();
+        let (f, g) = grads32(y, &r);
+        push("glu", f);
+        push("glu da", g.get(&a).as_vec());
+        push("glu du", g.get(&u).as_vec());
+    }
+
+    // row norms, modulation, gated residual
+    let x = t2(&mut rng, (B * N, D), 2.0);
+    let sh = t2(&mut rng, (B, D), 1.0);
+    let sc = t2(&mut rng, (B, D), 1.0);
+    let gate = t2(&mut rng, (B, D), 1.0);
+    let yv = t2(&mut rng, (B * N, D), 1.0);
+    let r = rand32(&mut rng, B * N * D, 1.0);
+    let ln = <K as Kernels<f32>>::layer_norm(x.leaky_trace()).unwrap();
+    let m = <K as Kernels<f32>>::modulate(ln, sh.leaky_trace(), sc.leaky_trace(), B, N).unwrap();
+    let z =
+        <K as Kernels<f32>>::gated_residual(m, yv.leaky_trace(), gate.leaky_trace(), B, N).unwrap();
+    let (f, g) = grads32(z, &r);
+    push("ln/modulate/gated", f);
+    for (t, name) in [
+        (&x, "x"),
+        (&sh, "shift"),
+        (&sc, "scale"),
+        (&gate, "gate"),
+        (&yv, "y"),
+    ] {
+        push(name, g.get(t).as_vec());
+    }
+    let s: T1<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, D, 1.0), (D,));
+    let y = <K as Kernels<f32>>::rms_norm(x.leaky_trace(), s.clone()).unwrap();
+    let (f, g) = grads32(y, &r);
+    push("rms", f);
+    push("rms dx", g.get(&x).as_vec());
+    push("rms ds", g.get(&s).as_vec());
+
+    // softmax over the last axis, RoPE and attention
+    let s4 = (B, N, H, HD);
+    let x4: T4<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, B * N * D, 8.0), s4);
+    let y = <K as Kernels<f32>>::softmax_last(x4.leaky_trace()).unwrap();
+    let (f, g) = grads32(y, &r);
+    push("softmax", f);
+    push("softmax dx", g.get(&x4).as_vec());
+    let rope = Rope::<f32, Cpu>::new(dev, N, HD, 10_000.0).unwrap();
+    let y = <K as Kernels<f32>>::rope(&rope, x.leaky_trace(), B, N, H, 0.5).unwrap();
+    let (f, g) = grads32(y, &r);
+    push("rope", f);
+    push("rope dx", g.get(&x).as_vec());
+    let q: T4<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, B * N * D, 2.0), s4);
+    let k: T4<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, B * N * D, 2.0), s4);
+    let v: T4<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, B * N * D, 1.0), s4);
+    let o =
+        <K as Kernels<f32>>::attention(q.leaky_trace(), k.leaky_trace(), v.leaky_trace()).unwrap();
+    let (f, g) = grads32(o, &r);
+    push("attention", f);
+    for (t, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
+        push(name, g.get(t).as_vec());
+    }
+
+    // optimizer passes over several parallel chunks and a ragged tail
+    let len = (1 << 16) + 37;
+    let t1 = |rng: &mut StdRng, s: f32| -> T1<f32, Cpu> {
+        dev.tensor_from_vec(rand32(rng, len, s), (len,))
+    };
+    let (p, gr, m1) = (t1(&mut rng, 1.0), t1(&mut rng, 0.1), t1(&mut rng, 0.01));
+    let v1: T1<f32, Cpu> = dev.tensor_from_vec(
+        rand32(&mut rng, len, 1e-3)
+            .iter()
+            .map(|x| x.abs())
+            .collect(),
+        (len,),
+    );
+    let step = AdamWStep {
+        lr: 3e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.03,
+        bias_correction1: 0.1,
+        bias_correction2: 0.002,
+        grad_scale: Some(0.7),
+    };
+    let (p2, m2, v2) = <K as Kernels<f32>>::adamw(&p, &gr, &m1, &v1, &step).unwrap();
+    push("adamw p", p2.as_vec());
+    push("adamw m", m2.as_vec());
+    push("adamw v", v2.as_vec());
+    push(
+        "ema",
+        <K as Kernels<f32>>::ema(&m1, &p, 0.01).unwrap().as_vec(),
+    );
+    let ss = <K as Kernels<f32>>::sum_squares(&gr).unwrap();
+    out.push(("sum_squares".into(), {
+        let b = ss.to_bits();
+        vec![b as u32, (b >> 32) as u32]
+    }));
+    out
+}
+
+#[test]
+fn every_level_gives_the_portable_bits() {
+    let dev = Cpu::default();
+    let levels = isa::supported();
+    let reference = isa::with_level(levels[0], || run_all(&dev));
+    assert_eq!(levels[0].isa(), Isa::Portable);
+    for &level in &levels[1..] {
+        let got = isa::with_level(level, || run_all(&dev));
+        assert_eq!(got.len(), reference.len());
+        for ((name, a), (_, b)) in got.iter().zip(&reference) {
+            let diff = a.iter().zip(b).filter(|(x, y)| x != y).count();
+            assert!(
+                a.len() == b.len() && diff == 0,
+                "{name}: {diff} of {} values differ at {} from portable",
+                b.len(),
+                level.isa()
+            );
+        }
+    }
+    // a machine without AVX2 still checks the portable path against itself, and says so
+    if levels.len() == 1 {
+        eprintln!("only the portable level is supported here: nothing to compare it with");
+    }
+}
