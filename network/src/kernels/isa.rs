@@ -211,6 +211,9 @@ macro_rules! multiversion {
                     $crate::kernels::isa::Isa::Portable => {}
                 }
             }
+            // Elsewhere (aarch64: NEON is baseline) the portable instance is the only one.
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = level;
             $body($($arg),*)
         }
     };
