@@ -371,6 +371,11 @@ pub struct EvalArgs {
     /// <workspace>/../shared/data/zeroshot that exists.
     #[arg(long, value_name = "DIR", num_args = 0..=1)]
     pub zero_shot: Option<Option<PathBuf>>,
+    /// Score the text samples in FILE (one per line, as `maskdiff sample -o` writes them) under
+    /// this model as the judge: generative perplexity (the tokens of all samples concatenated
+    /// and cut into sequences of the model's length) and the samples' unigram entropy.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["zero_shot", "data", "split"])]
+    pub samples: Option<PathBuf>,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod generate;
 pub mod images;
 pub mod interrupt;
+pub mod judge;
 pub mod metrics;
 pub mod plot;
 pub mod progress;

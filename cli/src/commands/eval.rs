@@ -7,7 +7,7 @@
 
 use crate::args::{EvalArgs, SplitArg};
 use crate::config::{Config, DatasetKind};
-use crate::dataset::Data;
+use crate::dataset::{Codec, Data};
 use crate::error::{CliError, Result};
 use crate::run::{self, Loaded};
 use maskdiff_data::zeroshot::{load_zero_shot, Grouping, ZeroShotSet};
@@ -95,6 +95,9 @@ fn eval_on<D: DfdxDevice<f32>, O: Objective<D>>(
             a.json.as_deref(),
         );
     }
+    if let Some(f) = &a.samples {
+        return judge_samples(&mut den, &loaded, cfg, f, params, a.json.as_deref());
+    }
     let data = Data::open(&cfg.data)?;
     let id = data.identity(cfg.data.dataset)?;
     id.check_against(&loaded.extra.data, dir, &cfg.data.path)?;
@@ -145,6 +148,69 @@ fn eval_on<D: DfdxDevice<f32>, O: Objective<D>>(
     );
     if let Some(p) = &a.json {
         let v = serde_json::json!({ "split": name, "unit": unit, "result": r });
+        crate::fsutil::write_atomic(
+            p,
+            serde_json::to_string_pretty(&v).expect("json").as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// `--samples FILE`: this model as the judge of text samples (`crate::judge`).
+fn judge_samples<D: DfdxDevice<f32>, O: Objective<D>>(
+    den: &mut maskdiff_network::NetworkDenoiser<f32, D>,
+    loaded: &Loaded<D, O>,
+    cfg: &Config,
+    file: &Path,
+    params: &str,
+    json: Option<&Path>,
+) -> Result<()> {
+    let Codec::Text(tok) = Codec::from_identity(&loaded.extra.data)? else {
+        return Err(CliError::Input(
+            "--samples scores text samples; this is an image model".into(),
+        ));
+    };
+    let set = crate::judge::read_samples(file, &tok, loaded.extra.data.seq_len)?;
+    let pb = bar(set.sequences.len(), "judging");
+    let r = loaded
+        .objective
+        .estimate(den, &set.sequences, None, opts(cfg), &mut |i| {
+            if let Some(b) = &pb {
+                b.set_position(i as u64)
+            }
+        })?;
+    if let Some(b) = pb {
+        b.finish_and_clear();
+    }
+    println!(
+        "generative perplexity: {:.3}   [2^({:.4} ± {:.4} bits/token) under {} ({params} parameters), {}, K = {}; \
+         {} samples cut into {} sequences of {}, {} tokens left over]",
+        r.perplexity,
+        r.bits_per_token,
+        r.stderr_bits,
+        loaded.dir.display(),
+        elbo_name(&r),
+        r.mc_samples,
+        set.samples,
+        r.sequences,
+        r.seq_len,
+        set.dropped
+    );
+    println!(
+        "  unigram entropy: {:.4} bits per sample (mean of {}), {:.4} bits pooled",
+        set.entropy_mean, set.samples, set.entropy_pooled
+    );
+    if let Some(p) = json {
+        let v = serde_json::json!({
+            "samples_file": file.display().to_string(),
+            "judge": loaded.dir.display().to_string(),
+            "samples": set.samples,
+            "gen_perplexity": r.perplexity,
+            "unigram_entropy": set.entropy_mean,
+            "unigram_entropy_pooled": set.entropy_pooled,
+            "dropped_tokens": set.dropped,
+            "result": r,
+        });
         crate::fsutil::write_atomic(
             p,
             serde_json::to_string_pretty(&v).expect("json").as_bytes(),
