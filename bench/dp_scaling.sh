@@ -40,7 +40,7 @@ one() { # name threads launcher...
   local dir="$OUT/$name" log="$OUT/$name.log"
   rm -rf "$dir"
   RAYON_NUM_THREADS=$threads "$@" "$BIN" train --config configs/cpu-small-english.toml \
-    --steps "$STEPS" --batch-size "$BATCH" --seq-len "$SEQ" --grad-accum 2 \
+    --steps "$STEPS" --warmup-steps 2 --batch-size "$BATCH" --seq-len "$SEQ" --grad-accum 2 \
     --eval-every 0 --eval-batches 1 --out "$dir" >"$log" 2>&1 \
     || { log "$name failed:"; tail -n 20 "$log" >&2; exit 1; }
   local secs ar mib
@@ -52,10 +52,11 @@ print([r for r in map(json.loads, open(sys.argv[1])) if r.get("elapsed_s") is no
   ar=$(sed -n 's/.*gradient all-reduce \([0-9.]*\) ms\/step.*/\1/p' "$log" | tail -n 1)
   mib=$(sed -n 's/.*ms\/step (\([0-9.]*\) MiB\/step.*/\1/p' "$log" | tail -n 1)
   awk -v s="$STEPS" -v b="$BATCH" -v n="$SEQ" -v t="$secs" -v ar="${ar:--}" -v mib="${mib:--}" \
-    'BEGIN { printf "%.0f %s %s %.1f\n", s * 2 * b * n / t, ar, mib, t }'
+    'BEGIN { pct = (ar == "-") ? "-" : sprintf("%.1f", 100 * ar / (1000 * t / s));
+             printf "%.0f %s %s %.1f %s\n", s * 2 * b * n / t, ar, mib, t, pct }'
 }
 
-declare -A tok ar mib secs
+declare -A tok ar mib secs pct
 for r in $(seq 1 "$ROUNDS"); do
   for cfg in p1t1 p1t2 mpi2; do
     log "round $r: $cfg (uptime: $(uptime | sed 's/.*load average/load average/'))"
@@ -64,20 +65,21 @@ for r in $(seq 1 "$ROUNDS"); do
       p1t2) res=$(one "$cfg" 2) ;;
       mpi2) res=$(one "$cfg" 1 mpirun --oversubscribe -np 2 -x RAYON_NUM_THREADS) ;;
     esac
-    read -r t a m s <<<"$res"
+    read -r t a m s p <<<"$res"
     tok[$cfg]+="${tok[$cfg]:+, }$t"; ar[$cfg]+="${ar[$cfg]:+, }$a"
     mib[$cfg]+="${mib[$cfg]:+, }$m"; secs[$cfg]+="${secs[$cfg]:+, }$s"
-    log "  $t tokens/s ($s s training; all-reduce $a ms/step, $m MiB/step)"
+    pct[$cfg]+="${pct[$cfg]:+, }$p"
+    log "  $t tokens/s ($s s training; all-reduce $a ms/step = $p % of a step, $m MiB/step)"
   done
 done
 
 cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)
 echo "### Data-parallel scaling on CPU: cpu-small, $BATCH × $SEQ tokens × 2 micro-batches per step, $STEPS steps, $ROUNDS rounds"
 echo
-echo "$cpu, $(nproc) cores; load before/after: $(uptime | sed 's/.*load average: //') (shared machine: noisy)"
+echo "$cpu, $(nproc) cores; load at the end: $(uptime | sed 's/.*load average: //') (shared machine: noisy)"
 echo
-echo "| run | tokens/s | training s | all-reduce ms/step | MiB/step |"
-echo "|---|---|---|---|---|"
-echo "| 1 process, 1 thread | ${tok[p1t1]} | ${secs[p1t1]} | – | – |"
-echo "| 1 process, 2 threads | ${tok[p1t2]} | ${secs[p1t2]} | – | – |"
-echo "| \`mpirun -np 2\`, 1 thread each | ${tok[mpi2]} | ${secs[mpi2]} | ${ar[mpi2]} | ${mib[mpi2]} |"
+echo "| run | tokens/s | training s | all-reduce ms/step | % of a step | MiB/step |"
+echo "|---|---|---|---|---|---|"
+echo "| 1 process, 1 thread | ${tok[p1t1]} | ${secs[p1t1]} | – | – | – |"
+echo "| 1 process, 2 threads | ${tok[p1t2]} | ${secs[p1t2]} | – | – | – |"
+echo "| \`mpirun -np 2\`, 1 thread each | ${tok[mpi2]} | ${secs[mpi2]} | ${ar[mpi2]} | ${pct[mpi2]} | ${mib[mpi2]} |"

@@ -2,7 +2,8 @@
 //! bindings (the cudarc dfdx already uses): a [`Collective`] whose gradient all-reduce runs on
 //! the device ([`Collective::all_reduce_device`]), and whose byte broadcast (initial parameters,
 //! resume state), all-gather and barrier are NCCL calls on small device buffers. One process
-//! per GPU; the process of local rank `l` drives device `l` (see [`crate::launch`]).
+//! per GPU; the process of local rank `l` drives device `l`, or the only device it sees (see
+//! [`crate::launch`]).
 //!
 //! Rank 0 makes the NCCL unique id and hands it to the others either through a file in the
 //! run's output directory ([`Nccl::init_file`], any launcher) or over another collective
@@ -66,14 +67,22 @@ impl Nccl {
         launch: &Launch,
         exchange: impl FnOnce(&[u8]) -> Result<Vec<u8>, TrainError>,
     ) -> Result<Self, TrainError> {
-        let count = CudaDevice::count().map_err(cuda_err("counting devices"))?;
-        if launch.local_rank >= count.max(0) as usize {
-            return Err(TrainError::Collective(format!(
-                "rank {} has local rank {} but this node has {count} CUDA device(s): start at \
-                 most one rank per GPU",
-                launch.rank, launch.local_rank
-            )));
-        }
+        let count = CudaDevice::count()
+            .map_err(cuda_err("counting devices"))?
+            .max(0) as usize;
+        // Local rank l drives GPU l; a rank that sees a single GPU (a launcher that sets
+        // CUDA_VISIBLE_DEVICES per rank, as srun --gpus-per-task=1 does) drives that one.
+        let ordinal = match (launch.local_rank < count, count) {
+            (true, _) => launch.local_rank,
+            (false, 1) => 0,
+            (false, _) => {
+                return Err(TrainError::Collective(format!(
+                    "rank {} has local rank {} but sees {count} CUDA device(s): start at most \
+                     one rank per GPU on each node",
+                    launch.rank, launch.local_rank
+                )))
+            }
+        };
         let mine: Vec<u8> = if launch.rank == 0 {
             let id = Id::new().map_err(nccl_err("making the unique id"))?;
             id.internal().iter().map(|&c| c as u8).collect()
@@ -90,7 +99,7 @@ impl Nccl {
                 got.len()
             )));
         }
-        let dev = CudaDevice::new(launch.local_rank).map_err(cuda_err("opening the device"))?;
+        let dev = CudaDevice::new(ordinal).map_err(cuda_err("opening the device"))?;
         // Blocks until every rank has joined.
         let comm = Comm::from_rank(dev.clone(), launch.rank, launch.world, Id::uninit(internal))
             .map_err(nccl_err("joining the communicator"))?;
