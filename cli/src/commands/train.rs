@@ -283,8 +283,8 @@ fn cuda(cfg: Config, a: &TrainArgs, comm: &dyn Collective) -> Result<()> {
         })?;
     let r = train_on(dev, cfg, a, &nccl);
     if let Err(e) = &r {
-        // The other ranks may wait in a collective forever: end this process now (the
-        // launcher then ends the job; NCCL's communicator is aborted on exit).
+        // The other ranks may wait in a collective forever: end this process now, which
+        // releases its GPU and NCCL resources; the launcher then ends the job.
         eprintln!(
             "maskdiff: error: rank {} of {}: {}",
             launch.rank,
