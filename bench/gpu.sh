@@ -3,15 +3,19 @@
 # two halves because the GPU machine may have no Rust toolchain and the build machine no GPU:
 #
 #   bench/gpu.sh build   (a machine with cargo; a GPU is not needed) builds, with
-#                        `--features cuda`, the CUDA test binary (network/tests/cuda.rs) and the
-#                        throughput and sampling examples, and copies them to target/gpu-bundle/.
+#                        `--features cuda,nccl`, the CUDA test binaries (network/train/tests/
+#                        cuda.rs, and nccl.rs: the one-rank NCCL trainer step against the
+#                        single-GPU step) and the throughput and sampling examples, and copies
+#                        them to target/gpu-bundle/. libnccl comes from the toolkit or the system
+#                        if it has one, else from the nvidia-nccl-cu13 wheel.
 #                        nvcc and the CUDA headers/libraries come from CUDA_ROOT, else from a CUDA
 #                        install on PATH, else from PyPI wheels installed into target/cuda-wheels
 #                        (≈ 1.1 GB; see shared/docs/dfdx-notes.md "CUDA"); without a GPU the
 #                        driver pieces the build needs are stubbed (nvidia-smi answering the
 #                        compute capability CUDA_COMPUTE_CAP, default 90 = H100/H200; a link-time
 #                        libcuda.so exporting the driver's symbols).
-#   bench/gpu.sh run     (the GPU machine; carry target/gpu-bundle) runs the CUDA tests, then the
+#   bench/gpu.sh run     (the GPU machine; carry target/gpu-bundle) runs the CUDA and NCCL tests
+#                        (MASKDIFF_REQUIRE_GPU=1: no silent skip), then the
 #                        md4-s (12 layers, 12 heads, width 768) training and forward benchmark for
 #                        a sweep of batch × length, then sampling (16 × 256 tokens, T = 256,
 #                        ancestral / cached / first-hitting), and prints one Markdown table.
@@ -45,7 +49,7 @@ find_toolkit() {
     python3 -m pip install --quiet --target "$wheels" \
       "nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*" \
       "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-nvrtc==13.0.*" \
-      "nvidia-cublas==13.0.*"
+      "nvidia-cublas==13.0.*" "nvidia-nccl-cu13"
     # one CUDA_ROOT with bin/, include/, lib/ assembled from the wheels' folders
     mkdir -p "$root/bin" "$root/include" "$root/lib"
     local cu sub
@@ -56,7 +60,7 @@ find_toolkit() {
       if [ -d "$cu/nvvm" ]; then ln -sfn "$(readlink -f "$cu/nvvm")" "$root/nvvm"; fi
     done
     local l so
-    for l in nvrtc cublas cublasLt cudart; do
+    for l in nvrtc cublas cublasLt cudart nccl; do
       so=$(ls "$root"/lib/lib$l.so.* 2>/dev/null | head -n 1 || true)
       if [ -n "$so" ]; then ln -sf "$(basename "$so")" "$root/lib/lib$l.so"; fi
     done
@@ -92,25 +96,54 @@ stub_driver() {
 }
 cargo_home() { echo "${CARGO_HOME:-$HOME/.cargo}"; }
 
+# libnccl for the `nccl` feature's link: the toolkit's or the system's, else the wheel's
+# (nvidia-nccl-cu13 into target/cuda-wheels), linked into $CUDA_ROOT/lib if that is writable.
+find_nccl() {
+  local d
+  for d in "$CUDA_ROOT/lib" "$CUDA_ROOT/lib64" /usr/lib/x86_64-linux-gnu /usr/local/nccl/lib; do
+    if [ -e "$d/libnccl.so" ]; then export LIBRARY_PATH="$d:${LIBRARY_PATH:-}"; return; fi
+  done
+  local wheels=target/cuda-wheels so
+  so=$(ls "$wheels"/nvidia/nccl/lib/libnccl.so.* 2>/dev/null | head -n 1 || true)
+  if [ -z "$so" ]; then
+    log "no libnccl found: installing the nvidia-nccl-cu13 wheel into $wheels"
+    python3 -m pip install --quiet --target "$wheels" "nvidia-nccl-cu13"
+    so=$(ls "$wheels"/nvidia/nccl/lib/libnccl.so.* | head -n 1)
+  fi
+  mkdir -p target/nccl-lib
+  ln -sf "$(readlink -f "$so")" target/nccl-lib/libnccl.so
+  export LIBRARY_PATH="$PWD/target/nccl-lib:${LIBRARY_PATH:-}"
+}
+
 build() {
   find_toolkit
   export CUDA_ROOT CUDA_PATH=$CUDA_ROOT PATH="$CUDA_ROOT/bin:$PATH"
   export LIBRARY_PATH="$CUDA_ROOT/lib:$CUDA_ROOT/lib64:${LIBRARY_PATH:-}"
   stub_driver
-  log "building with --features cuda (CUDA_ROOT=$CUDA_ROOT, compute capability $CUDA_COMPUTE_CAP)"
+  find_nccl
+  log "building with --features cuda,nccl (CUDA_ROOT=$CUDA_ROOT, compute capability $CUDA_COMPUTE_CAP)"
   # a target folder of its own, so the CPU binaries in target/release stay what they are
   export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-target/cuda}
-  local args=(--release -p maskdiff-train --features cuda)
+  local args=(--release -p maskdiff-train --features cuda,nccl)
   cargo build "${args[@]}" --example throughput --example sampling >&2
   local test_bin
   test_bin=$(cargo test "${args[@]}" --test cuda --no-run --message-format=json 2>/dev/null \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
   [ -n "$test_bin" ] || { log "could not build the CUDA test binary"; exit 1; }
+  local nccl_bin
+  nccl_bin=$(cargo test "${args[@]}" --test nccl --no-run --message-format=json 2>/dev/null \
+    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+  [ -n "$nccl_bin" ] || { log "could not build the NCCL test binary"; exit 1; }
   mkdir -p "$BUNDLE"
+  cp "$nccl_bin" "$BUNDLE/nccl_tests"
+  # libnccl travels with the bundle where the GPU machine may have none
+  if [ -e target/nccl-lib/libnccl.so ]; then
+    cp "$(readlink -f target/nccl-lib/libnccl.so)" "$BUNDLE/libnccl.so.2"
+  fi
   cp "$CARGO_TARGET_DIR"/release/examples/{throughput,sampling} "$BUNDLE/"
   cp "$test_bin" "$BUNDLE/cuda_tests"
   # without debug info the bundle is a few MB (the device tool carries at most 64 MiB)
-  strip "$BUNDLE"/{throughput,sampling,cuda_tests} 2>/dev/null || true
+  strip "$BUNDLE"/{throughput,sampling,cuda_tests,nccl_tests} 2>/dev/null || true
   cp "$SELF_DIR/gpu.sh" "$BUNDLE/gpu.sh"
   log "bundle ready: $BUNDLE (carry it to the GPU machine, then: bash $BUNDLE/gpu.sh run)"
 }
@@ -139,7 +172,7 @@ run() {
   [ -x "$here/cuda_tests" ] || { log "no bundle at $here: run 'bench/gpu.sh build' first"; exit 1; }
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 \
     || { log "no NVIDIA GPU visible (nvidia-smi failed)"; exit 1; }
-  export LD_LIBRARY_PATH="$(cuda_libs):${LD_LIBRARY_PATH:-}"
+  export LD_LIBRARY_PATH="$(cuda_libs):$here:${LD_LIBRARY_PATH:-}"
   local table=${TABLE:-$here/gpu-table.md} out
   out=$(mktemp -d)
   log "CUDA tests (CPU vs CUDA agreement)"
@@ -148,6 +181,13 @@ run() {
     if grep -q SKIPPED "$out/tests.log"; then tests="skipped (see log)"; else tests="passed"; fi
   fi
   sed -n '/test result/p' "$out/tests.log" >&2
+  log "NCCL tests (one-rank NCCL trainer step vs single-GPU step, collectives)"
+  local nccl="FAILED"
+  if MASKDIFF_REQUIRE_GPU=1 timeout 180 "$here/nccl_tests" --test-threads 1 --nocapture \
+       >"$out/nccl.log" 2>&1; then
+    nccl="passed"
+  fi
+  sed -n '/test result/p;/panicked/,+3p' "$out/nccl.log" >&2
   local rows=()
   for bn in "8 256" "16 256" "32 256" "16 512" "16 1024"; do
     set -- $bn
@@ -167,7 +207,7 @@ run() {
   {
     echo "### maskdiff on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1) (dfdx CUDA backend, f32)"
     echo
-    echo "CUDA tests: $tests"
+    echo "CUDA tests: $tests; NCCL tests: $nccl"
     echo
     echo "| benchmark | batch × length | train step | forward | memory |"
     echo "|---|---|---|---|---|"

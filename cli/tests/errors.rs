@@ -168,3 +168,50 @@ fn corrupt_checkpoints_are_one_line_errors() {
     std::fs::write(ck.join("manifest.json"), "{\"format\": \"maskdiff-check").unwrap();
     one_line_error(&run(&d, &["eval", "r"]), &["manifest"]);
 }
+
+/// A launcher (torchrun/srun/mpirun variables) that reports several ranks this binary cannot
+/// join, or variables that make no sense, is refused before training: otherwise every rank
+/// would train alone and overwrite the others' run.
+#[test]
+fn launcher_ranks_that_cannot_meet_are_refused() {
+    let d = tmp("launcher");
+    write_corpus(&d.join("corpus.txt"), 20_000);
+    let launched = |vars: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(bin());
+        c.current_dir(&d);
+        for v in [
+            "OMPI_COMM_WORLD_SIZE",
+            "OMPI_COMM_WORLD_RANK",
+            "PMI_SIZE",
+            "PMIX_RANK",
+            "MPI_LOCALNRANKS",
+            "SLURM_PROCID",
+            "SLURM_NTASKS",
+            "SLURM_LOCALID",
+        ] {
+            c.env_remove(v);
+        }
+        c.envs(vars.iter().copied())
+            .args(["train", "--out", "r", "--steps", "2"])
+            .args(TINY)
+            .output()
+            .expect("the maskdiff binary runs")
+    };
+    let o = launched(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")]);
+    one_line_error(&o, &["rank 1 of 2", "torchrun", "--features mpi"]);
+    let o = launched(&[
+        ("SLURM_PROCID", "0"),
+        ("SLURM_NTASKS", "4"),
+        ("SLURM_LOCALID", "0"),
+    ]);
+    one_line_error(&o, &["rank 0 of 4", "slurm"]);
+    let o = launched(&[("RANK", "one"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")]);
+    one_line_error(&o, &["RANK", "one"]);
+    assert!(!d.join("r").exists(), "no rank may start the run");
+    // One rank is one process: it trains.
+    ok(&launched(&[
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+    ]));
+}

@@ -6,7 +6,9 @@
 //! Under `mpirun -np K` (built with `--features mpi`) the K processes train one run
 //! data-parallel (`maskdiff_train::collective`): each runs its share of the `grad_accum`
 //! micro-batches of every step; rank 0 alone draws the progress bar, validates and writes
-//! metrics and checkpoints; an error on any rank ends the whole job (MPI_Abort).
+//! metrics and checkpoints; an error on any rank ends the whole job (MPI_Abort). A CUDA run
+//! of a build with `--features nccl` started by torchrun, srun or mpirun trains over NCCL
+//! instead, one GPU per rank (`maskdiff_train::launch`).
 
 use crate::args::TrainArgs;
 use crate::config::{Config, Device};
@@ -195,13 +197,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
         // Stored absolute: `eval` and `sample` from another directory read the same data.
         cfg.data.path = crate::dataset::absolute_data_path(&cfg.data.path)?;
     }
-    with_collective(|comm| match cfg.train.device {
-        Device::Cpu => train_on(
-            maskdiff_network::dfdx::tensor::Cpu::default(),
-            cfg,
-            &a,
-            comm,
-        ),
+    let gpu_ranks = cfg!(feature = "nccl") && cfg.train.device == Device::Cuda;
+    with_collective(gpu_ranks, |comm| match cfg.train.device {
+        Device::Cpu => {
+            refuse_lone_ranks(comm, "mpi")?;
+            train_on(
+                maskdiff_network::dfdx::tensor::Cpu::default(),
+                cfg,
+                &a,
+                comm,
+            )
+        }
         Device::Cuda => cuda(cfg, &a, comm),
     })
 }
@@ -219,7 +225,7 @@ fn launched_ranks() -> usize {
 /// error with more than one rank: print it (with the rank) and abort the whole job, since the
 /// other ranks may wait in a collective forever.
 #[cfg(feature = "mpi")]
-fn with_collective(f: impl FnOnce(&dyn Collective) -> Result<()>) -> Result<()> {
+fn with_collective(_gpu_ranks: bool, f: impl FnOnce(&dyn Collective) -> Result<()>) -> Result<()> {
     if !maskdiff_train::launched_by_mpi() {
         return f(&SingleProcess);
     }
@@ -237,10 +243,13 @@ fn with_collective(f: impl FnOnce(&dyn Collective) -> Result<()>) -> Result<()> 
     r
 }
 
+/// Without MPI: the one process, unless an MPI launcher started several ranks of a CPU run
+/// (refused: each would train alone). `gpu_ranks`: a CUDA run of an NCCL build, whose ranks
+/// meet through NCCL instead (see `cuda`).
 #[cfg(not(feature = "mpi"))]
-fn with_collective(f: impl FnOnce(&dyn Collective) -> Result<()>) -> Result<()> {
+fn with_collective(gpu_ranks: bool, f: impl FnOnce(&dyn Collective) -> Result<()>) -> Result<()> {
     let n = launched_ranks();
-    if n > 1 {
+    if n > 1 && !gpu_ranks {
         return Err(CliError::Input(format!(
             "started as one of {n} MPI ranks, but this maskdiff was built without MPI: rebuild \
              with `cargo build --release --features mpi` (each rank would train alone)"
@@ -249,10 +258,64 @@ fn with_collective(f: impl FnOnce(&dyn Collective) -> Result<()>) -> Result<()> 
     f(&SingleProcess)
 }
 
-#[cfg(feature = "cuda")]
+/// How long a rank waits for rank 0's NCCL id in `<out_dir>/nccl-id`.
+#[cfg(feature = "nccl")]
+const RENDEZVOUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A CUDA run. Where a launcher (torchrun, srun, mpirun) started several ranks: one NCCL
+/// communicator over them, each rank on GPU `LOCAL_RANK`, the NCCL id passed over MPI when
+/// `comm` already spans the ranks, else through `<out_dir>/nccl-id`.
+#[cfg(feature = "nccl")]
 fn cuda(cfg: Config, a: &TrainArgs, comm: &dyn Collective) -> Result<()> {
+    let launch = maskdiff_train::Launch::from_env()?;
+    if launch.world == 1 {
+        let dev = crate::run::cuda_device(cfg.train.seed)?;
+        return train_on(dev, cfg, a, comm);
+    }
+    let nccl = if comm.size() == launch.world {
+        maskdiff_train::Nccl::init_over(&launch, comm)?
+    } else {
+        maskdiff_train::Nccl::init_file(&launch, &cfg.train.out_dir, RENDEZVOUS_TIMEOUT)?
+    };
+    let dev = maskdiff_network::dfdx::tensor::Cuda::try_build(nccl.ordinal(), cfg.train.seed)
+        .map_err(|e| {
+            CliError::Input(format!("cannot open CUDA device {}: {e:?}", nccl.ordinal()))
+        })?;
+    let r = train_on(dev, cfg, a, &nccl);
+    if let Err(e) = &r {
+        // The other ranks may wait in a collective forever: end this process now, which
+        // releases its GPU and NCCL resources; the launcher then ends the job.
+        eprintln!(
+            "maskdiff: error: rank {} of {}: {}",
+            launch.rank,
+            launch.world,
+            crate::error::one_line(e)
+        );
+        std::process::exit(1);
+    }
+    r
+}
+
+#[cfg(all(feature = "cuda", not(feature = "nccl")))]
+fn cuda(cfg: Config, a: &TrainArgs, comm: &dyn Collective) -> Result<()> {
+    refuse_lone_ranks(comm, "nccl")?;
     let dev = crate::run::cuda_device(cfg.train.seed)?;
     train_on(dev, cfg, a, comm)
+}
+
+/// An error where a launcher started several ranks that `comm` does not join (each would
+/// train alone), naming the feature that would.
+fn refuse_lone_ranks(comm: &dyn Collective, feature: &str) -> Result<()> {
+    let launch = maskdiff_train::Launch::from_env()?;
+    if launch.world > 1 && comm.size() != launch.world {
+        return Err(CliError::Input(format!(
+            "started as rank {} of {} ({:?} launcher), but this maskdiff cannot join the ranks \
+             for this device: rebuild with `cargo build --release --features {feature}` (each \
+             rank would train alone)",
+            launch.rank, launch.world, launch.launcher
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]

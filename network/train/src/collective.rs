@@ -2,7 +2,8 @@
 //! ([`Collective`]: rank, size, all-reduce-sum of `f32` buffers in place, broadcast of bytes
 //! from rank 0, all-gather of bytes, barrier) with a no-op [`SingleProcess`] and, behind the
 //! `mpi` feature, [`Mpi`] over the system's MPI library (the `mpi` crate; OpenMPI from Debian
-//! in CI). No protocol of our own: every operation is one call of the engine.
+//! in CI), and behind `nccl`, `crate::nccl::Nccl` (gradients reduced on the GPU). No protocol
+//! of our own: every operation is one call of the engine.
 //!
 //! How the trainer uses it (see `Trainer::step_on`): with W ranks and M = `micro_batches`
 //! micro-batches per global step (W must divide M), every rank builds the same global batch and
@@ -34,6 +35,13 @@ pub trait Collective {
     fn all_gather(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, TrainError>;
     /// Wait until every rank arrives.
     fn barrier(&self) -> Result<(), TrainError>;
+    /// Sum gradient tensors over all ranks in place on their device, where this engine can:
+    /// `grads` is the trainer's `Vec<Tensor<(usize,), f32, D>>`. `None` where it cannot (every
+    /// CPU collective, or a device type it does not drive): the trainer then reduces one host
+    /// buffer with [`Collective::all_reduce_sum`].
+    fn all_reduce_device(&self, _grads: &mut dyn std::any::Any) -> Option<Result<(), TrainError>> {
+        None
+    }
     /// Time in and volume of [`Collective::all_reduce_sum`] so far (zero where not measured).
     fn comm_stats(&self) -> CommStats {
         CommStats::default()

@@ -4,7 +4,8 @@
 //! `maskdiff_network` transformer — [`AdamW`] with decoupled weight decay and checkpointable
 //! moments, [`LrSchedule`] (linear warm-up, then cosine decay or constant), global-norm clipping
 //! on the official bits-per-token scale ([`ClipLoss`]), gradient accumulation over
-//! micro-batches, data-parallel training over a [`Collective`] (MPI behind the `mpi` feature),
+//! micro-batches, data-parallel training over a [`Collective`] (MPI behind the `mpi` feature,
+//! NCCL behind `nccl`; launcher discovery in [`launch`]),
 //! [`ema_update`], NaN/Inf detection — and atomic checkpoints
 //! ([`Manifest`]) with [`load_model`] for evaluation and sampling.
 //!
@@ -22,7 +23,10 @@ pub mod collective;
 mod config;
 mod ema;
 mod error;
+pub mod launch;
 mod lr;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod objectives;
 mod trainer;
 
@@ -37,7 +41,10 @@ pub use collective::{launched_by_mpi, Collective, CommStats, SingleProcess};
 pub use config::{ClipLoss, TrainConfig};
 pub use ema::{ema_tensors, ema_update};
 pub use error::TrainError;
+pub use launch::{Launch, Launcher};
 pub use lr::{LrKind, LrSchedule};
+#[cfg(feature = "nccl")]
+pub use nccl::Nccl;
 pub use objectives::GenMd4Gradients;
 pub use trainer::{global_norm, ModelNet, StepGradients, StepStats, TrainBatch, Trainer};
 

@@ -78,12 +78,26 @@ struct RankOutcome<T> {
     error: Option<String>,
 }
 
-/// Sum the ranks' gradients (the network's, then the objective's) in place, in one buffer.
+/// Sum the ranks' gradients (the network's, then the objective's) in place: on the device where
+/// the collective can (even with one rank, so that a one-rank run exercises it), else in one
+/// host buffer (skipped with one rank).
 fn all_reduce<D: Kernels<f32>>(
     comm: &dyn Collective,
     network: &mut [Flat<D>],
     objective: &mut [Flat<D>],
 ) -> Result<(), TrainError> {
+    // On the device where the engine can (NCCL on CUDA): one list, then split back.
+    let mut all: Vec<Flat<D>> = network.iter().chain(objective.iter()).cloned().collect();
+    if let Some(r) = comm.all_reduce_device(&mut all) {
+        r?;
+        let (net, obj) = all.split_at(network.len());
+        network.clone_from_slice(net);
+        objective.clone_from_slice(obj);
+        return Ok(());
+    }
+    if comm.size() == 1 {
+        return Ok(());
+    }
     let n: usize = network
         .iter()
         .chain(objective.iter())
@@ -392,9 +406,7 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
             stats = self.gather_stats(comm, stats, failed)?;
         }
         let (mut network, mut objective) = acc.expect("at least one micro-batch");
-        if ranks > 1 {
-            all_reduce(comm, &mut network, &mut objective)?;
-        }
+        all_reduce(comm, &mut network, &mut objective)?;
         Ok(StepGradients {
             network,
             objective,
