@@ -17,14 +17,18 @@
 //! nonzero and below f32's smallest normal (2⁻¹²⁶) in magnitude (the hardware flushes those to
 //! zero; the portable loop keeps them subnormal) — far below anything a network computes.
 //!
-//! Layout: A is packed into MR-row panels of bf16 pairs (one u32 per row and pair, the even
-//! element in the low half), B into NR-column panels (one u32 per column and pair); both packs
-//! are made in parallel, then rayon runs tiles of MC rows × NC columns, each sweeping the inner
-//! dimension in KC-pair blocks (a B micro-panel of KC·NR·4 = 16 KiB stays in L1 while the
-//! tile's MR-row panels run against it). Storing the f32 tile between blocks and loading it
-//! again is exact, so the blocking does not change the summation order.
+//! Layout: A is converted once into bf16 pairs (one u32 per row and pair, the even element in
+//! the low half), row by row when its inner dimension is contiguous (a straight conversion
+//! pass, no transpose) or pair row by pair row when it is not (dW = Xᵀ dY: rows 2p and 2p + 1
+//! of X interleaved); the microkernel reads either through strides. B is packed into NR-column
+//! panels (one u32 per column and pair). The buffers are reused per calling thread (no zeroing
+//! or page faults per call), the conversions run in parallel, then rayon runs tiles of up to
+//! 8 × 8 microkernel tiles, each sweeping the inner dimension in KC-pair blocks (a B
+//! micro-panel of KC·NR·4 = 16 KiB stays in L1 while the tile's rows run against it). Storing
+//! the f32 tile between blocks and loading it again is exact, so the blocking does not change
+//! the summation order.
 
-use super::isa::Level;
+use super::isa::{Isa, Level};
 use rayon::prelude::*;
 
 /// Rows of the microkernel's tile.
@@ -75,18 +79,6 @@ unsafe impl Send for Mat {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for Mat {}
 
-impl Mat {
-    /// Element (i, j).
-    ///
-    /// # Safety
-    /// (i, j) inside the matrix the caller of `gemm_bf16` vouched for.
-    #[inline(always)]
-    unsafe fn at(self, i: usize, j: usize) -> f32 {
-        // SAFETY: caller.
-        unsafe { *self.ptr.add(i * self.rs + j * self.cs) }
-    }
-}
-
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 impl OutPtr {
@@ -121,9 +113,16 @@ pub(crate) unsafe fn gemm_bf16(
     }
     let kp = k.div_ceil(2);
     let (row_panels, col_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    let (mut ap, mut bp) = SCRATCH.with(|s| s.take());
     // SAFETY (both packs): the caller guarantees A and B valid for their elements.
-    let ap = pack_a(a, m, k, row_panels);
-    let bp = pack_b(b, n, k, col_panels);
+    let (a_rs, a_ps) = unsafe { convert_a(level, a, m, k, row_panels * MR, &mut ap) };
+    let pb = Panels {
+        ptr: b.ptr,
+        ws: b.cs,
+        ks: b.rs,
+    };
+    // SAFETY: as above.
+    unsafe { pack::<NR>(level, pb, n, k, &mut bp) };
     // tiles: enough of them to keep every thread busy, at most 8 × 8 panels each
     let threads = rayon::current_num_threads().max(1);
     let cols_per = col_panels.min(8);
@@ -143,7 +142,8 @@ pub(crate) unsafe fn gemm_bf16(
             for cp in cols.clone() {
                 let bpan = &bp[(cp * kp + k0) * NR..][..kc * NR];
                 for rp in rows.clone() {
-                    let apan = &ap[(rp * kp + k0) * MR..][..kc * MR];
+                    // pairs k0.. of rows rp·MR.. (the buffer holds every row of the last panel)
+                    let apan = &ap[rp * MR * a_rs + k0 * a_ps..];
                     let (i0, j0) = (rp * MR, cp * NR);
                     let (mr, nr) = (MR.min(m - i0), NR.min(n - j0));
                     // SAFETY: (i0.., j0..) with mr × nr elements is this task's part of C
@@ -151,11 +151,23 @@ pub(crate) unsafe fn gemm_bf16(
                     let tile = unsafe { out.get().add(i0 * c_rs + j0 * c_cs) };
                     // SAFETY: `hw` only when `level.bf16()` proved AVX512-BF16; tile pointers
                     // as above.
-                    unsafe { run_tile(hw, apan, bpan, kc, tile, (c_rs, c_cs), (mr, nr), load) };
+                    unsafe {
+                        run_tile(
+                            hw,
+                            (apan, a_rs, a_ps),
+                            bpan,
+                            kc,
+                            tile,
+                            (c_rs, c_cs),
+                            (mr, nr),
+                            load,
+                        )
+                    };
                 }
             }
         }
     });
+    SCRATCH.with(|s| s.set((ap, bp)));
 }
 
 /// One MR × NR tile of C over `kc` pairs: in place when it is whole and its rows contiguous,
@@ -168,7 +180,7 @@ pub(crate) unsafe fn gemm_bf16(
 #[inline(always)]
 unsafe fn run_tile(
     hw: bool,
-    a: &[u32],
+    (a, a_rs, a_ps): (&[u32], usize, usize),
     b: &[u32],
     kc: usize,
     tile: *mut f32,
@@ -176,16 +188,19 @@ unsafe fn run_tile(
     (mr, nr): (usize, usize),
     load: bool,
 ) {
+    debug_assert!(a.len() > (MR - 1) * a_rs + (kc - 1) * a_ps && b.len() >= kc * NR);
     let micro = |c: *mut f32, ldc: usize, load: bool| {
         #[cfg(target_arch = "x86_64")]
         if hw {
             // SAFETY: the CPU has AVX512-BF16 (caller); c is valid for MR rows of NR
             // contiguous f32 at stride ldc; a, b hold kc pairs of MR and NR.
-            return unsafe { avx512bf16::micro(kc, a.as_ptr(), b.as_ptr(), c, ldc, load) };
+            return unsafe {
+                avx512bf16::micro(kc, (a.as_ptr(), a_rs, a_ps), b.as_ptr(), c, ldc, load)
+            };
         }
         let _ = hw;
         // SAFETY: as above.
-        unsafe { micro_portable(kc, a, b, c, ldc, load) }
+        unsafe { micro_portable(kc, (a, a_rs, a_ps), b, c, ldc, load) }
     };
     if mr == MR && nr == NR && cs == 1 {
         micro(tile, rs, load);
@@ -214,7 +229,14 @@ unsafe fn run_tile(
 /// # Safety
 /// `c` valid for MR rows of NR contiguous f32 at row stride `ldc` (reads with `load`).
 #[inline(always)]
-unsafe fn micro_portable(kc: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize, load: bool) {
+unsafe fn micro_portable(
+    kc: usize,
+    (a, a_rs, a_ps): (&[u32], usize, usize),
+    b: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+) {
     let mut acc = [[0.0f32; NR]; MR];
     if load {
         for (i, row) in acc.iter_mut().enumerate() {
@@ -222,12 +244,13 @@ unsafe fn micro_portable(kc: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usiz
             row.copy_from_slice(unsafe { std::slice::from_raw_parts(c.add(i * ldc), NR) });
         }
     }
-    for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
+    for (p, bp) in b.chunks_exact(NR).take(kc).enumerate() {
         let (be, bo): ([f32; NR], [f32; NR]) = (
             std::array::from_fn(|j| from_bf16(bp[j] as u16)),
             std::array::from_fn(|j| from_bf16((bp[j] >> 16) as u16)),
         );
-        for (row, &x) in acc.iter_mut().zip(ap) {
+        for (i, row) in acc.iter_mut().enumerate() {
+            let x = a[i * a_rs + p * a_ps];
             let (xe, xo) = (from_bf16(x as u16), from_bf16((x >> 16) as u16));
             for j in 0..NR {
                 // exact products: each add is vdpbf16ps's single rounding
@@ -250,12 +273,13 @@ mod avx512bf16 {
     /// C tile (MR × NR, row stride `ldc`) = [C +] Σ_p A pairs · B pairs with `vdpbf16ps`.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F and AVX512-BF16; `a` holds kc·MR u32, `b` kc·NR u32, and `c` is
+    /// The CPU has AVX-512 F and AVX512-BF16; `a` holds the pair (i, p) at `i·a_rs + p·a_ps`
+    /// for i < MR, p < kc, `b` holds kc·NR u32, and `c` is
     /// valid for MR rows of NR contiguous f32 at stride `ldc` (reads with `load`).
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn micro(
         kc: usize,
-        a: *const u32,
+        (a, a_rs, a_ps): (*const u32, usize, usize),
         b: *const u32,
         c: *mut f32,
         ldc: usize,
@@ -279,7 +303,7 @@ mod avx512bf16 {
                     std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));
                 for (i, row) in acc.iter_mut().enumerate() {
                     let x: __m512bh =
-                        std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + i) as i32));
+                        std::mem::transmute(_mm512_set1_epi32(*a.add(p * a_ps + i * a_rs) as i32));
                     row[0] = _mm512_dpbf16_ps(row[0], b0, x);
                     row[1] = _mm512_dpbf16_ps(row[1], b1, x);
                 }
@@ -295,51 +319,268 @@ mod avx512bf16 {
     }
 }
 
-/// A → row panels: panel r, pair p, row i at `(r·kp + p)·MR + i`; rows past m and the pad
-/// element of an odd k are zero.
+/// One operand seen as panels: element (w, kk) — w along the panel (A's rows, B's columns),
+/// kk along the inner dimension — at `ptr + w·ws + kk·ks`.
+#[derive(Clone, Copy)]
+struct Panels {
+    ptr: *const f32,
+    ws: usize,
+    ks: usize,
+}
+impl Panels {
+    /// The same view starting at panel row `w`.
+    ///
+    /// # Safety
+    /// Row `w` inside the operand.
+    unsafe fn at_row(self, w: usize) -> Panels {
+        Panels {
+            // SAFETY: the caller's.
+            ptr: unsafe { self.ptr.add(w * self.ws) },
+            ..self
+        }
+    }
+}
+// SAFETY: a read-only view of memory the caller of `gemm_bf16` keeps valid and unwritten
+// during the call.
+unsafe impl Send for Panels {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Panels {}
+
+/// Packs the `width` (≤ W) panel rows starting at `x.ptr` over the inner dimension k into
+/// `dst` (`kp·W` u32; W = 0: `dst.len() / kp`): pair p of row w at `p·W + w`; rows past `width` and an odd k's pad
+/// element are zero. Two fast layouts (the panel dimension contiguous: two source rows make one
+/// output row; or the inner dimension contiguous: each row converted in 16-pair chunks and
+/// scattered) and a generic one.
+///
+/// # Safety
+/// `x` valid for reads of its width × k elements.
+#[inline(always)]
+unsafe fn pack_panel_body<const W: usize>(x: Panels, width: usize, k: usize, dst: &mut [u32]) {
+    let kp = k.div_ceil(2);
+    // W = 0: the output rows are as wide as dst says
+    let wo = if W == 0 { dst.len() / kp } else { W };
+    debug_assert!(width <= wo && dst.len() == kp * wo);
+    // SAFETY (all reads below): w < width and kk < k (caller).
+    if x.ws == 1 {
+        for (p, d) in dst.chunks_exact_mut(wo).enumerate() {
+            let r0 = unsafe { std::slice::from_raw_parts(x.ptr.add(2 * p * x.ks), width) };
+            if 2 * p + 1 < k {
+                let r1 =
+                    unsafe { std::slice::from_raw_parts(x.ptr.add((2 * p + 1) * x.ks), width) };
+                for ((d, &e), &o) in d.iter_mut().zip(r0).zip(r1) {
+                    *d = pair(e, o);
+                }
+            } else {
+                for (d, &e) in d.iter_mut().zip(r0) {
+                    *d = pair(e, 0.0);
+                }
+            }
+            d[width..].fill(0);
+        }
+    } else if x.ks == 1 && wo == 1 {
+        // one row: a straight element-wise conversion into the pairs' halves
+        let row = unsafe { std::slice::from_raw_parts(x.ptr, k) };
+        let (even, odd) = (&row[..k - k % 2], k % 2 == 1);
+        for (d, e) in dst.iter_mut().zip(even.chunks_exact(2)) {
+            *d = u32::from(to_bf16(e[0])) | (u32::from(to_bf16(e[1])) << 16);
+        }
+        if odd {
+            dst[kp - 1] = pair(row[k - 1], 0.0);
+        }
+    } else if x.ks == 1 {
+        const CH: usize = 16;
+        for w in 0..width {
+            let row = unsafe { std::slice::from_raw_parts(x.ptr.add(w * x.ws), k) };
+            let full = k / (2 * CH);
+            for c in 0..full {
+                let src = &row[c * 2 * CH..][..2 * CH];
+                let t: [u32; CH] = std::array::from_fn(|q| pair(src[2 * q], src[2 * q + 1]));
+                for (q, &v) in t.iter().enumerate() {
+                    dst[(c * CH + q) * wo + w] = v;
+                }
+            }
+            for p in full * CH..kp {
+                let odd = if 2 * p + 1 < k { row[2 * p + 1] } else { 0.0 };
+                dst[p * wo + w] = pair(row[2 * p], odd);
+            }
+        }
+        for d in dst.chunks_exact_mut(wo) {
+            d[width..].fill(0);
+        }
+    } else {
+        let at = |w: usize, kk: usize| unsafe { *x.ptr.add(w * x.ws + kk * x.ks) };
+        for (p, d) in dst.chunks_exact_mut(wo).enumerate() {
+            for (w, d) in d.iter_mut().enumerate() {
+                *d = if w >= width {
+                    0
+                } else {
+                    let odd = if 2 * p + 1 < k { at(w, 2 * p + 1) } else { 0.0 };
+                    pair(at(w, 2 * p), odd)
+                };
+            }
+        }
+    }
+}
+
+/// [`pack_panel_body`] compiled for the widest level the CPU runs (the packing is pure
+/// rounding and moving, identical at every level).
+///
+/// # Safety
+/// As for [`pack_panel_body`].
+unsafe fn pack_panel<const W: usize>(
+    level: Level,
+    x: Panels,
+    width: usize,
+    k: usize,
+    dst: &mut [u32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        unsafe fn avx512<const W: usize>(x: Panels, width: usize, k: usize, dst: &mut [u32]) {
+            // SAFETY: the caller's.
+            unsafe { pack_panel_body::<W>(x, width, k, dst) }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<const W: usize>(x: Panels, width: usize, k: usize, dst: &mut [u32]) {
+            // SAFETY: the caller's.
+            unsafe { pack_panel_body::<W>(x, width, k, dst) }
+        }
+        match level.isa() {
+            // SAFETY: a `Level` is never above what the CPU runs (`isa.rs`); the rest is the
+            // caller's.
+            Isa::Avx512 => return unsafe { avx512::<W>(x, width, k, dst) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { avx2::<W>(x, width, k, dst) },
+            Isa::Portable => {}
+        }
+    }
+    // SAFETY: the caller's.
+    unsafe { pack_panel_body::<W>(x, width, k, dst) }
+}
+
+/// [`pack_panel`] with output rows as wide as `dst` says.
+///
+/// # Safety
+/// As for [`pack_panel_body`].
+unsafe fn pack_panel_dyn(level: Level, x: Panels, width: usize, k: usize, dst: &mut [u32]) {
+    // SAFETY: the caller's.
+    unsafe { pack_panel::<0>(level, x, width, k, dst) }
+}
+
+/// Packs the `len` rows (A) or columns (B) of `x` into W-wide panels in `out` (resized to
+/// `panels·kp·W`, every element written), in parallel.
+///
+/// # Safety
+/// `x` valid for reads of its len × k elements.
+unsafe fn pack<const W: usize>(level: Level, x: Panels, len: usize, k: usize, out: &mut Vec<u32>) {
+    let kp = k.div_ceil(2);
+    let need = len.div_ceil(W) * kp * W;
+    if out.len() < need {
+        out.resize(need, 0);
+    }
+    out[..need]
+        .par_chunks_mut(kp * W)
+        .enumerate()
+        .for_each(|(r, dst)| {
+            let width = W.min(len - r * W);
+            // SAFETY: panel r's first row is row r·W < len of x (caller).
+            let sub = unsafe { x.at_row(r * W) };
+            // SAFETY: rows r·W .. r·W + width of x (caller).
+            unsafe { pack_panel::<W>(level, sub, width, k, dst) }
+        });
+}
+
+/// A (m × k) converted to bf16 pairs in `buf` (every element written), in one of two layouts
+/// whose pair (i, p) lies at `i·rs + p·ps`, returned as (rs, ps): with k contiguous in A, row
+/// by row (`(kp, 1)`: a straight conversion pass); otherwise pair row by pair row (`(1, rows)`:
+/// rows 2p and 2p + 1 interleaved). Rows m..rows (the last tile's padding) are zero.
 ///
 /// # Safety
 /// `a` valid for reads of its m × k elements.
-unsafe fn pack_a(a: Mat, m: usize, k: usize, panels: usize) -> Vec<u32> {
+unsafe fn convert_a(
+    level: Level,
+    a: Mat,
+    m: usize,
+    k: usize,
+    rows: usize,
+    buf: &mut Vec<u32>,
+) -> (usize, usize) {
     let kp = k.div_ceil(2);
-    let mut out = vec![0u32; panels * kp * MR];
-    out.par_chunks_mut(kp * MR)
-        .enumerate()
-        .for_each(|(r, dst)| {
-            for i in 0..MR.min(m - r * MR) {
-                // SAFETY: row r·MR + i < m, columns < k (caller).
-                let at = |j: usize| unsafe { a.at(r * MR + i, j) };
-                for p in 0..kp {
-                    let odd = if 2 * p + 1 < k { at(2 * p + 1) } else { 0.0 };
-                    dst[p * MR + i] = pair(at(2 * p), odd);
+    if buf.len() < rows * kp {
+        buf.resize(rows * kp, 0);
+    }
+    let buf = &mut buf[..rows * kp];
+    if a.cs == 1 {
+        // each row a 1-wide panel with k contiguous
+        let row = Panels {
+            ptr: a.ptr,
+            ws: a.rs,
+            ks: 1,
+        };
+        buf.par_chunks_mut(kp * 64)
+            .enumerate()
+            .for_each(|(t, dst)| {
+                for (r, d) in dst.chunks_exact_mut(kp).enumerate() {
+                    let i = t * 64 + r;
+                    if i < m {
+                        // SAFETY: row i < m of A (caller).
+                        unsafe { pack_panel::<1>(level, row.at_row(i), 1, k, d) };
+                    } else {
+                        d.fill(0);
+                    }
                 }
-            }
-        });
-    out
+            });
+        (kp, 1)
+    } else {
+        // each pair row p: the m-wide panel of rows 2p, 2p + 1 of Aᵀ
+        let t = Panels {
+            ptr: a.ptr,
+            ws: a.rs,
+            ks: a.cs,
+        };
+        buf.par_chunks_mut(rows * 8)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                for (q, d) in dst.chunks_exact_mut(rows).enumerate() {
+                    let p = c * 8 + q;
+                    // SAFETY: columns 2p, 2p + 1 (< k, or the pad) of A's m rows (caller).
+                    unsafe { pack_pair_row(level, t, m, k, p, d) };
+                }
+            });
+        (1, rows)
+    }
 }
 
-/// B → column panels: panel c, pair p, column j at `(c·kp + p)·NR + j`; columns past n and the
-/// pad element of an odd k are zero.
+/// Pair row p of A (rows 2p and 2p + 1 of Aᵀ, each m long) into `dst` (≥ m; the rest zero).
 ///
 /// # Safety
-/// `b` valid for reads of its k × n elements.
-unsafe fn pack_b(b: Mat, n: usize, k: usize, panels: usize) -> Vec<u32> {
-    let kp = k.div_ceil(2);
-    let mut out = vec![0u32; panels * kp * NR];
-    out.par_chunks_mut(kp * NR)
-        .enumerate()
-        .for_each(|(c, dst)| {
-            let cols = NR.min(n - c * NR);
-            // SAFETY: rows < k, columns c·NR + j < n (caller).
-            let at = |r: usize, j: usize| unsafe { b.at(r, c * NR + j) };
-            for (p, d) in dst.chunks_exact_mut(NR).enumerate() {
-                for (j, d) in d.iter_mut().enumerate().take(cols) {
-                    let odd = if 2 * p + 1 < k { at(2 * p + 1, j) } else { 0.0 };
-                    *d = pair(at(2 * p, j), odd);
-                }
-            }
-        });
-    out
+/// `a` valid for reads of its m × k elements (seen as panels along its rows).
+#[inline(always)]
+unsafe fn pack_pair_row(level: Level, a: Panels, m: usize, k: usize, p: usize, dst: &mut [u32]) {
+    // the m × 2 slab of columns 2p, 2p + 1 is a panel of width m over an inner dimension of
+    // 1 or 2, whose single pair row is this output row
+    let slab = Panels {
+        // SAFETY: column 2p < k of A (caller).
+        ptr: unsafe { a.ptr.add(2 * p * a.ks) },
+        ..a
+    };
+    let kk = (k - 2 * p).min(2);
+    if dst.len() == m {
+        // SAFETY: the slab's m × kk elements are inside A (caller).
+        unsafe { pack_panel_dyn(level, slab, m, kk, dst) };
+    } else {
+        // SAFETY: as above.
+        unsafe { pack_panel_dyn(level, slab, m, kk, &mut dst[..m]) };
+        dst[m..].fill(0);
+    }
+}
+
+thread_local! {
+    /// The packed operands of this thread's calls, reused (a call takes them out and puts them
+    /// back, so the buffers are neither zeroed nor page-faulted afresh each call).
+    static SCRATCH: std::cell::Cell<(Vec<u32>, Vec<u32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 #[cfg(test)]
@@ -380,49 +621,56 @@ mod tests {
         (0..len).map(|_| rng.gen_range(-2.0f32..2.0)).collect()
     }
 
-    /// Runs the kernel on row-major A, B (or transposed copies read through swapped strides)
-    /// and a row-major C.
+    /// How the test lays out A and B.
+    #[derive(Clone, Copy, Debug)]
+    enum Layout {
+        RowMajor,
+        /// transposed copies read through swapped strides
+        Transposed,
+        /// every element followed by a gap (neither stride is 1)
+        Spread,
+    }
+
+    /// Runs the kernel on A, B laid out as `layout` and a row-major C.
     fn run(
         level: Level,
         (m, n, k): (usize, usize, usize),
         a: &[f32],
         b: &[f32],
         c0: Option<&[f32]>,
-        transposed: bool,
+        layout: Layout,
     ) -> Vec<f32> {
         let t = |x: &[f32], r: usize, c: usize| -> Vec<f32> {
             (0..r * c).map(|e| x[(e % r) * c + e / r]).collect()
         };
-        let (at, bt) = (t(a, m, k), t(b, k, n));
-        let (am, bm) = if transposed {
-            (
-                Mat {
-                    ptr: at.as_ptr(),
-                    rs: 1,
-                    cs: m,
-                },
-                Mat {
-                    ptr: bt.as_ptr(),
-                    rs: 1,
-                    cs: k,
-                },
-            )
-        } else {
-            (
-                Mat {
-                    ptr: a.as_ptr(),
-                    rs: k,
-                    cs: 1,
-                },
-                Mat {
-                    ptr: b.as_ptr(),
-                    rs: n,
-                    cs: 1,
-                },
-            )
+        let spread = |x: &[f32]| -> Vec<f32> { x.iter().flat_map(|&v| [v, f32::NAN]).collect() };
+        let (ab, bb, am, bm);
+        match layout {
+            Layout::RowMajor => {
+                (ab, bb) = (a.to_vec(), b.to_vec());
+                (am, bm) = ((k, 1), (n, 1));
+            }
+            Layout::Transposed => {
+                (ab, bb) = (t(a, m, k), t(b, k, n));
+                (am, bm) = ((1, m), (1, k));
+            }
+            Layout::Spread => {
+                (ab, bb) = (spread(a), spread(b));
+                (am, bm) = ((2 * k, 2), (2 * n, 2));
+            }
+        }
+        let am = Mat {
+            ptr: ab.as_ptr(),
+            rs: am.0,
+            cs: am.1,
+        };
+        let bm = Mat {
+            ptr: bb.as_ptr(),
+            rs: bm.0,
+            cs: bm.1,
         };
         let mut c = c0.map_or_else(|| vec![f32::NAN; m * n], <[f32]>::to_vec);
-        // SAFETY: A, B, C hold m·k, k·n, m·n elements addressed by the strides above.
+        // SAFETY: A, B, C hold the m·k, k·n, m·n elements addressed by the strides above.
         unsafe {
             gemm_bf16(
                 level,
@@ -442,7 +690,7 @@ mod tests {
     }
 
     /// Every level (the AVX512-BF16 microkernel where the CPU has it, the portable one always)
-    /// gives the reference's bits: ragged tiles, odd k, several KC blocks, strided inputs, and
+    /// gives the reference's bits: ragged tiles, odd k, several KC blocks, each packing layout, and
     /// accumulation into C.
     #[test]
     fn bf16_gemm_matches_scalar_reference_bit_for_bit() {
@@ -465,11 +713,11 @@ mod tests {
                 let want = bits(&reference((m, n, k), &a, &b, acc));
                 for level in isa::supported() {
                     hw_seen |= level.bf16().is_some();
-                    for tr in [false, true] {
-                        let got = bits(&run(level, (m, n, k), &a, &b, acc, tr));
+                    for lay in [Layout::RowMajor, Layout::Transposed, Layout::Spread] {
+                        let got = bits(&run(level, (m, n, k), &a, &b, acc, lay));
                         assert!(
                             got == want,
-                            "{m}x{n}x{k} acc {} transposed {tr} at {:?}",
+                            "{m}x{n}x{k} acc {} {lay:?} at {:?}",
                             acc.is_some(),
                             level.isa()
                         );
@@ -489,7 +737,7 @@ mod tests {
         let (m, n, k) = (9, 40, 257);
         let (a, b) = (rand(&mut rng, m * k), rand(&mut rng, k * n));
         let level = *isa::supported().last().unwrap();
-        let got = run(level, (m, n, k), &a, &b, None, false);
+        let got = run(level, (m, n, k), &a, &b, None, Layout::RowMajor);
         let r = |x: f32| f64::from(from_bf16(to_bf16(x)));
         for i in 0..m {
             for j in 0..n {
