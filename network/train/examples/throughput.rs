@@ -8,7 +8,9 @@
 //!
 //! `cargo run --release -p maskdiff-train --example throughput -- [--iters N] [--warmup N]
 //!  [--batch B] [--len N] [--preset NAME] [--vocab V] [--device cpu|cuda] [--no-forward]
-//!  [--precision f32|bf16]`
+//!  [--precision f32|bf16] [--no-train] [--log-probs]`
+//! `--log-probs` times the forward phase through `log_probs` (forward, log-softmax and the host
+//! copy: what sampling and evaluation call) instead of the bare forward pass.
 //! The last line is machine-readable: `maskdiff forward_tok_s=… train_tok_s=…
 //! train_peak_rss_mb=… train_rss_growth_mb=… precision=…` (`bf16`: the dense layers' products
 //! with bf16 inputs; on a CPU without AVX512-BF16 it runs f32 and says `precision=f32`).
@@ -95,8 +97,13 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
         let mut fwd = Vec::new();
         for i in 0..warmup + iters {
             let s = Instant::now();
-            let logits = trainer.model().forward(&input, NoneTape, None)?;
-            let _ = logits.as_vec(); // synchronise
+            if flag("--log-probs") {
+                let lp = trainer.model().log_probs(&input)?;
+                assert_eq!(lp.data.len(), b * n * v);
+            } else {
+                let logits = trainer.model().forward(&input, NoneTape, None)?;
+                let _ = logits.as_vec(); // synchronise
+            }
             if i >= warmup {
                 fwd.push(s.elapsed().as_secs_f64());
             }
@@ -108,6 +115,10 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
             mem::peak_mb() - rss0
         );
         fwd_tok_s = tokens / f;
+    }
+    if flag("--no-train") {
+        println!("maskdiff forward_tok_s={fwd_tok_s:.1} precision={precision}");
+        return Ok(());
     }
     let batch = TrainBatch {
         x0: &x0,
