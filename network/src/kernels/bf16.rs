@@ -28,7 +28,7 @@
 //! the f32 tile between blocks and loading it again is exact, so the blocking does not change
 //! the summation order.
 
-use super::isa::{Isa, Level};
+use super::isa::Level;
 use rayon::prelude::*;
 
 /// Rows of the microkernel's tile.
@@ -449,12 +449,14 @@ unsafe fn pack_panel<const W: usize>(
         match level.isa() {
             // SAFETY: a `Level` is never above what the CPU runs (`isa.rs`); the rest is the
             // caller's.
-            Isa::Avx512 => return unsafe { avx512::<W>(x, width, k, dst) },
+            super::isa::Isa::Avx512 => return unsafe { avx512::<W>(x, width, k, dst) },
             // SAFETY: as above.
-            Isa::Avx2 => return unsafe { avx2::<W>(x, width, k, dst) },
-            Isa::Portable => {}
+            super::isa::Isa::Avx2 => return unsafe { avx2::<W>(x, width, k, dst) },
+            super::isa::Isa::Portable => {}
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = level;
     // SAFETY: the caller's.
     unsafe { pack_panel_body::<W>(x, width, k, dst) }
 }
