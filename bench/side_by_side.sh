@@ -5,13 +5,16 @@
 # (bench/torch_reference.py), run alternately in one invocation so both see the same machine
 # load. Ends with
 #   maskdiff: ...; PyTorch: ...            (best tokens/s per side, peak RSS of the train phase)
-#   train_ratio=X forward_ratio=Y mem_ratio=Z train_ratio_bf16=.. forward_ratio_bf16=..
+#   train_ratio=X forward_ratio=Y mem_ratio=Z train_ratio_bf16=.. forward_ratio_bf16=.. bf16_side=..
 # It starts with the CPU model, the SIMD features the kernels can use (avx2, fma, avx512f,
 # avx512_bf16, amx_bf16), and the machine's f32 FMA peak (cores × GHz × FMA lanes × 2 FMA units
 # × 2 flops; GHz from /proc/cpuinfo "cpu MHz", 2 FMA units assumed, as on current x86 server
 # cores), and reports each side's achieved GFLOP/s (analytic matmul + attention flops of the
-# cpu-small model: 3× the forward's per train step) against that peak. PyTorch also runs with
-# bf16 autocast (BF16=0 skips it); maskdiff runs f32 (it has no bf16 path yet).
+# cpu-small model: 3× the forward's per train step) against that peak. With BF16=1 (default)
+# PyTorch also runs with bf16 autocast and maskdiff with `--precision bf16` (bf16 inputs to the
+# dense layers' products, f32 accumulation; on a CPU without AVX512-BF16 maskdiff has no bf16
+# path and its f32 numbers stand in, bf16_side=f32 says so); *_ratio_bf16 = maskdiff bf16 over
+# PyTorch bf16 autocast. The load average is printed before and after (shared machines).
 # ratios = maskdiff over PyTorch tokens/s; mem_ratio = maskdiff over PyTorch peak resident
 # memory of the train phase (whole process, Linux VmHWM; < 1 means maskdiff uses less). The
 # spread (min–max over rounds) of each side is printed too.
@@ -54,7 +57,9 @@ echo "f32 FMA peak ≈ $peak GFLOP/s ($cores cores × $(awk -v m="$mhz" 'BEGIN{p
 fwd_flop=$(awk 'BEGIN { L=4; d=256; h=704; V=27; n=256; print 2*(L*(4*d*d + 3*d*h) + d*V) + L*4*n*d }')
 echo "flops per token: forward $(awk -v f="$fwd_flop" 'BEGIN{printf "%.2f", f/1e6}') M, train step $(awk -v f="$fwd_flop" 'BEGIN{printf "%.2f", 3*f/1e6}') M"
 BF16=${BF16:-1}
-rs_f=(); rs_t=(); rs_m=(); py_f=(); py_t=(); py_m=(); pb_f=(); pb_t=()
+rs_f=(); rs_t=(); rs_m=(); py_f=(); py_t=(); py_m=(); pb_f=(); pb_t=(); rb_f=(); rb_t=(); rb_m=()
+bf16_side=f32
+echo "load before: $(cut -d' ' -f1-3 /proc/loadavg); threads per side: ${THREADS:-all ($cores)}"
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 for r in $(seq 1 "$ROUNDS"); do
   echo "== round $r: maskdiff (dfdx)" >&2
@@ -66,6 +71,11 @@ for r in $(seq 1 "$ROUNDS"); do
   py_f+=("$(echo "$line" | field forward_tok_s)"); py_t+=("$(echo "$line" | field train_tok_s)")
   py_m+=("$(echo "$line" | field train_peak_rss_mb)")
   if [ "$BF16" = 1 ]; then
+    echo "== round $r: maskdiff bf16" >&2
+    line=$(./target/release/examples/throughput --iters "$ITERS" --warmup "$WARMUP" --precision bf16 | tee >(cat >&2) | tail -n 1)
+    case "$line" in *precision=bf16*) bf16_side=bf16 ;; esac
+    rb_f+=("$(echo "$line" | field forward_tok_s)"); rb_t+=("$(echo "$line" | field train_tok_s)")
+    rb_m+=("$(echo "$line" | field train_peak_rss_mb)")
     echo "== round $r: PyTorch bf16 autocast" >&2
     line=$(python3 -W ignore bench/torch_reference.py --precision bf16 --iters "$ITERS" --warmup "$WARMUP" "${torch_threads[@]}" 2>/dev/null | tee >(cat >&2) | grep '^torch-bf16 ')
     pb_f+=("$(echo "$line" | field forward_tok_s)"); pb_t+=("$(echo "$line" | field train_tok_s)")
@@ -84,8 +94,11 @@ echo "achieved: maskdiff f32 train $(gf "$rt" 3), forward $(gf "$rf" 1); PyTorch
 bf=""
 if [ "$BF16" = 1 ]; then
   bt=$(best "${pb_t[@]}"); bfw=$(best "${pb_f[@]}")
+  mbt=$(best "${rb_t[@]}"); mbf=$(best "${rb_f[@]}"); mbm=$(least "${rb_m[@]}")
+  echo "maskdiff bf16 (--precision bf16, ran as $bf16_side): forward ${mbf} tok/s, train ${mbt} tok/s, train peak RSS ${mbm} MB (spread: forward $(span "${rb_f[@]}"), train $(span "${rb_t[@]}")); achieved train $(gf "$mbt" 3), forward $(gf "$mbf" 1) (against the f32 peak)"
   echo "PyTorch bf16 autocast: forward ${bfw} tok/s, train ${bt} tok/s (spread: forward $(span "${pb_f[@]}"), train $(span "${pb_t[@]}")); achieved train $(gf "$bt" 3), forward $(gf "$bfw" 1)"
-  bf=$(awk -v rt="$rt" -v bt="$bt" -v rf="$rf" -v bf="$bfw" 'BEGIN { printf " train_ratio_bf16=%.3f forward_ratio_bf16=%.3f", rt / bt, rf / bf }')
+  bf=$(awk -v rt="$mbt" -v bt="$bt" -v rf="$mbf" -v bf="$bfw" -v side="$bf16_side" 'BEGIN { printf " train_ratio_bf16=%.3f forward_ratio_bf16=%.3f bf16_side=%s", rt / bt, rf / bf, side }')
 fi
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 awk -v rt="$rt" -v pt="$pt" -v rf="$rf" -v pf="$pf" -v rm="$rm_" -v pm="$pm" -v bf="$bf" \
   'BEGIN { printf "train_ratio=%.3f forward_ratio=%.3f mem_ratio=%.3f%s\n", rt / pt, rf / pf, rm / pm, bf }'

@@ -3,6 +3,7 @@
 
 use crate::config::{Config, DatasetKind, Device, ModelKind};
 use clap::{Args, Parser, Subcommand};
+use maskdiff_network::Precision;
 use maskdiff_sampler::{RemdmStrategy, SamplerKind};
 use maskdiff_schedule::{SamplingGrid, TimeSampling};
 use std::path::PathBuf;
@@ -128,6 +129,10 @@ pub struct TrainOverrides {
     /// [train.device] cpu | cuda.
     #[arg(long, value_enum, value_name = "DEV")]
     pub device: Option<DeviceArg>,
+    /// [train.precision] f32 | bf16: the dense layers' matrix products (bf16 inputs, f32
+    /// accumulation and weights; needs AVX512-BF16, else f32 with a notice).
+    #[arg(long, value_name = "P", value_parser = parse_precision)]
+    pub precision: Option<Precision>,
     /// [train.log_every] steps between training log records.
     #[arg(long, value_name = "N")]
     pub log_every: Option<u64>,
@@ -223,6 +228,10 @@ fn parse_time_sampling(s: &str) -> Result<TimeSampling, String> {
     }
 }
 
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    Precision::parse(s).ok_or_else(|| format!("{s:?} is not a precision (f32, bf16)"))
+}
+
 fn parse_grid(s: &str) -> Result<SamplingGrid, String> {
     s.parse()
         .map_err(|e: maskdiff_schedule::ScheduleError| e.to_string())
@@ -291,6 +300,7 @@ impl TrainOverrides {
                 DeviceArg::Cuda => Device::Cuda,
             };
         }
+        set!(precision => train.precision);
         set!(log_every => train.log_every);
         set!(eval_every => train.eval_every);
         set!(eval_batches => train.eval_batches);
@@ -323,7 +333,8 @@ impl TrainOverrides {
             ema_decay,
             batch_size,
             seed,
-            device
+            device,
+            precision
         );
         if self.time_free {
             v.push("--time-free");
@@ -362,6 +373,10 @@ pub struct EvalArgs {
     /// [eval.seed] seed of the t and mask draws.
     #[arg(long, value_name = "SEED")]
     pub seed: Option<u64>,
+    /// f32 | bf16: the dense layers' matrix products (bf16 inputs with f32 accumulation; needs
+    /// AVX512-BF16, else f32 with a notice). Default f32, whatever the run trained with.
+    #[arg(long, value_name = "P", value_parser = parse_precision)]
+    pub precision: Option<Precision>,
     /// Use the raw parameters instead of their EMA.
     #[arg(long)]
     pub no_ema: bool,
@@ -430,6 +445,10 @@ pub struct SampleArgs {
     /// [sample.seed] sampling seed.
     #[arg(long, value_name = "SEED")]
     pub seed: Option<u64>,
+    /// f32 | bf16: the dense layers' matrix products (bf16 inputs with f32 accumulation; needs
+    /// AVX512-BF16, else f32 with a notice). Default f32, whatever the run trained with.
+    #[arg(long, value_name = "P", value_parser = parse_precision)]
+    pub precision: Option<Precision>,
     /// Fix the first tokens to this text and generate the rest.
     #[arg(long, value_name = "TEXT", conflicts_with = "infill")]
     pub prompt: Option<String>,

@@ -4,6 +4,7 @@
 //! EMA 0.9999, cosine decay after warm-up) scaled to the chosen preset.
 
 use crate::error::{CliError, Result};
+use maskdiff_network::Precision;
 use maskdiff_sampler::{RemdmConfig, RemdmLoop, RemdmStrategy, SamplerKind};
 use maskdiff_schedule::{AnySchedule, SamplingGrid, TimeSampling};
 use maskdiff_train::LrKind;
@@ -258,6 +259,11 @@ pub struct TrainConfig {
     pub out_dir: PathBuf,
     /// `cpu`, or `cuda` (needs a build with `--features cuda`).
     pub device: Device,
+    /// Matrix products of the dense layers: `f32`, or `bf16` (inputs rounded to bf16, f32
+    /// accumulation, f32 weights and optimizer state; CPU with AVX512-BF16, elsewhere f32 with a
+    /// notice). Also used by the run's periodic validation; `eval` and `sample` take their own
+    /// `--precision` (default f32).
+    pub precision: Precision,
     /// Log a training record every this many steps.
     pub log_every: u64,
     /// Evaluate on the validation split every this many steps (0 = only at the end).
@@ -278,6 +284,7 @@ impl Default for TrainConfig {
             seed: 0,
             out_dir: PathBuf::from("runs/default"),
             device: Device::Cpu,
+            precision: Precision::F32,
             log_every: 10,
             eval_every: 250,
             eval_batches: 8,

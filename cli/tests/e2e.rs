@@ -537,3 +537,65 @@ fn gpt2_model_runs_the_zero_shot_suite() {
         &["gpt-2"],
     );
 }
+
+/// `--precision bf16` trains (recorded as `train.precision` in the run's config), changes the
+/// computed parameters when the CPU has AVX512-BF16 (and falls back to f32, saying so,
+/// when it does not), cannot be changed on resume, and `eval`/`sample` take it too.
+#[test]
+fn bf16_precision_trains_evaluates_and_samples() {
+    let d = tmp("bf16");
+    write_corpus(&d.join("corpus.txt"), 60_000);
+    let quiet = ["--checkpoint-every", "10", "--eval-every", "0"];
+    ok(&train(&d, "f32", 6, &quiet));
+    let mut extra = quiet.to_vec();
+    extra.extend(["--precision", "bf16"]);
+    let o = train(&d, "bf16", 6, &extra);
+    ok(&o);
+    let config = std::fs::read_to_string(d.join("bf16").join("config.toml")).unwrap();
+    assert!(config.contains("precision = \"bf16\""), "{config}");
+    let hw = maskdiff_network::precision::bf16_hardware();
+    assert_eq!(
+        stderr(&o).contains("using f32"),
+        !hw,
+        "fallback notice: {}",
+        stderr(&o)
+    );
+    assert_eq!(checksums(&d.join("f32")) != checksums(&d.join("bf16")), hw);
+    one_line_error(
+        &run(
+            &d,
+            &["train", "--resume", "--out", "f32", "--precision", "bf16"],
+        ),
+        &["--precision"],
+    );
+    ok(&run(
+        &d,
+        &[
+            "eval",
+            "bf16",
+            "-k",
+            "1",
+            "--max-sequences",
+            "4",
+            "--precision",
+            "bf16",
+        ],
+    ));
+    ok(&run(
+        &d,
+        &[
+            "sample",
+            "bf16",
+            "-n",
+            "2",
+            "--steps",
+            "8",
+            "--precision",
+            "bf16",
+        ],
+    ));
+    one_line_error(
+        &run(&d, &["eval", "bf16", "--precision", "fp8"]),
+        &["fp8", "bf16"],
+    );
+}

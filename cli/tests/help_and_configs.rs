@@ -34,6 +34,7 @@ fn every_command_documents_its_flags() {
                 "--device",
                 "--seed",
                 "--time-limit",
+                "--precision",
             ],
         ),
         (
@@ -44,6 +45,7 @@ fn every_command_documents_its_flags() {
                 "--zero-shot",
                 "--split",
                 "--no-ema",
+                "--precision",
             ],
         ),
         (
@@ -58,6 +60,7 @@ fn every_command_documents_its_flags() {
                 "--temperature",
                 "--steps",
                 "--grid",
+                "--precision",
             ],
         ),
         (&["plot", "metrics"], &["--out"]),

@@ -42,6 +42,7 @@ mod layers;
 mod model;
 pub mod modules;
 mod param;
+pub mod precision;
 pub mod tensor_io;
 
 pub use alloc::tune_allocator;
@@ -54,6 +55,7 @@ pub use kernels::{isa, AdamWStep, KernelScope, Kernels, Moments};
 pub use layers::{time_embedding, time_frequency, Rope};
 pub use model::Md4Transformer;
 pub use param::Param;
+pub use precision::{set_precision, with_precision, Precision};
 
 /// Re-exported so that downstream crates name the same dfdx types.
 pub use dfdx;

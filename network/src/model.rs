@@ -295,21 +295,26 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
             .map_err(NetworkError::device)
     }
 
-    /// Normalised log μ_θ (batch, len, V) without a tape, as host data.
+    /// Normalised log μ_θ (batch, len, V) without a tape, as host data: the logits are copied
+    /// to the host once and normalised there in place, row by row in parallel (x − max −
+    /// ln Σ exp(x − max), in the model's precision), then narrowed to f32 — instead of dfdx's
+    /// log-softmax op chain (a max, a broadcast subtraction, exp, sum, log and a second
+    /// subtraction, each allocating a tensor) followed by the host copy.
     pub fn log_probs(&self, batch: &DenoiseBatch<'_>) -> Result<LogProbs, NetworkError> {
-        let logits = self.forward(batch, NoneTape, None)?;
-        let lp = logits
-            .try_log_softmax::<Axis<2>>()
-            .map_err(NetworkError::device)?;
+        use rayon::prelude::*;
+        let v = self.cfg.vocab_size;
+        let mut x = self.forward(batch, NoneTape, None)?.as_vec();
+        x.par_chunks_mut(v * 64)
+            .for_each(|rows| rows.chunks_mut(v).for_each(log_softmax_row));
         Ok(LogProbs {
-            data: lp
-                .as_vec()
+            // f32 models: an in-place map, no new allocation
+            data: x
                 .into_iter()
                 .map(|x| x.to_f32().unwrap_or(f32::NAN))
                 .collect(),
             batch: batch.batch,
             len: batch.len,
-            vocab: self.cfg.vocab_size,
+            vocab: v,
         })
     }
 
@@ -532,4 +537,13 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         let map = param::from_safetensors::<E>(&bytes, path)?;
         param::load_into(self.params_mut(), map, "", path)
     }
+}
+
+/// `row − log Σ exp(row)` in place, shifted by the row's maximum (NaN or infinite logits give
+/// NaN).
+fn log_softmax_row<E: Elem>(row: &mut [E]) {
+    let m = row.iter().copied().fold(E::neg_infinity(), E::max);
+    let sum = row.iter().fold(E::zero(), |s, &x| s + (x - m).exp());
+    let lse = m + sum.ln();
+    row.iter_mut().for_each(|x| *x -= lse);
 }

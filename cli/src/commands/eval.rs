@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 pub fn run(a: EvalArgs) -> Result<()> {
     let dir = run::resolve_checkpoint(&a.run)?;
     let (_, _, mut cfg) = run::read_checkpoint_meta(&dir)?;
+    super::use_precision(a.precision.unwrap_or_default());
     if let Some(d) = &a.data {
         cfg.data.path = d.clone();
     }

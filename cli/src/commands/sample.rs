@@ -14,6 +14,7 @@ use std::path::Path;
 pub fn run(a: SampleArgs) -> Result<()> {
     let dir = run::resolve_checkpoint(&a.run)?;
     let (_, _, mut cfg) = run::read_checkpoint_meta(&dir)?;
+    super::use_precision(a.precision.unwrap_or_default());
     let s = &mut cfg.sample;
     if let Some(v) = a.num_samples {
         s.num_samples = v;

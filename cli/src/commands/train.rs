@@ -19,6 +19,7 @@ use crate::progress::Progress;
 use crate::run::{self, CliExtra, LossWindow};
 use maskdiff_data::Split;
 use maskdiff_network::Kernels as DfdxDevice;
+use maskdiff_network::Precision;
 use maskdiff_objective::{EvalOptions, Objective};
 use maskdiff_train::{Collective, LrKind, SingleProcess, TrainBatch, TrainError, Trainer};
 use std::time::Instant;
@@ -197,6 +198,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         // Stored absolute: `eval` and `sample` from another directory read the same data.
         cfg.data.path = crate::dataset::absolute_data_path(&cfg.data.path)?;
     }
+    if cfg.train.device == Device::Cuda && cfg.train.precision == Precision::Bf16 {
+        eprintln!("maskdiff: precision bf16 applies to the CPU kernels only; CUDA runs f32");
+    }
+    super::use_precision(cfg.train.precision);
     let gpu_ranks = cfg!(feature = "nccl") && cfg.train.device == Device::Cuda;
     with_collective(gpu_ranks, |comm| match cfg.train.device {
         Device::Cpu => {

@@ -91,6 +91,23 @@ pub fn detected() -> Isa {
     Isa::Portable
 }
 
+/// Whether this CPU has AVX512-BF16 (`vdpbf16ps`, `vcvtne2ps2bf16`) on top of the
+/// [`Isa::Avx512`] level: the bf16 matrix products (`kernels::bf16`) use it through
+/// [`Level::bf16`]. (Zen 4, Cooper Lake, Sapphire Rapids and later have it.)
+pub fn detected_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if detected() == Isa::Avx512 {
+            return std::arch::is_x86_feature_detected!("avx512bf16");
+        }
+    }
+    false
+}
+
+/// Proof that this CPU runs AVX512-BF16 (made only by [`Level::bf16`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bf16Hw(());
+
 /// An [`Isa`] this CPU is known to run: made only here, from [`detected`], so holding one is
 /// the proof the dispatched instances rely on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -99,6 +116,13 @@ pub struct Level(Isa);
 impl Level {
     pub fn isa(self) -> Isa {
         self.0
+    }
+
+    /// The AVX512-BF16 proof, when this level is [`Isa::Avx512`] and the CPU has AVX512-BF16;
+    /// a lowered level (`MASKDIFF_ISA=avx2`, [`with_level`]) switches it off, so the bf16
+    /// kernels' portable path is tested and benchmarked the same way as the others.
+    pub fn bf16(self) -> Option<Bf16Hw> {
+        (self.0 == Isa::Avx512 && detected_bf16()).then_some(Bf16Hw(()))
     }
 }
 

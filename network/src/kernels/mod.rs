@@ -18,6 +18,7 @@
 //! f64 to 1e-12, and in f32 (fast exp, different summation order) to 2e-5·(1 + |reference|).
 
 mod attention;
+pub(crate) mod bf16;
 mod elementwise;
 pub mod isa;
 #[cfg(test)]

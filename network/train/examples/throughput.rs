@@ -7,15 +7,19 @@
 //! /proc/self/clear_refs).
 //!
 //! `cargo run --release -p maskdiff-train --example throughput -- [--iters N] [--warmup N]
-//!  [--batch B] [--len N] [--preset NAME] [--vocab V] [--device cpu|cuda] [--no-forward]`
+//!  [--batch B] [--len N] [--preset NAME] [--vocab V] [--device cpu|cuda] [--no-forward]
+//!  [--precision f32|bf16] [--no-train] [--log-probs]`
+//! `--log-probs` times the forward phase through `log_probs` (forward, log-softmax and the host
+//! copy: what sampling and evaluation call) instead of the bare forward pass.
 //! The last line is machine-readable: `maskdiff forward_tok_s=… train_tok_s=…
-//! train_peak_rss_mb=… train_rss_growth_mb=…`.
+//! train_peak_rss_mb=… train_rss_growth_mb=… precision=…` (`bf16`: the dense layers' products
+//! with bf16 inputs; on a CPU without AVX512-BF16 it runs f32 and says `precision=f32`).
 
 #[path = "common/mem.rs"]
 mod mem;
 
 use maskdiff_network::dfdx::prelude::*;
-use maskdiff_network::{Kernels, NetworkConfig};
+use maskdiff_network::{set_precision, Kernels, NetworkConfig, Precision};
 use maskdiff_process::DenoiseBatch;
 use maskdiff_train::{LrSchedule, TrainBatch, TrainConfig, Trainer};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -48,6 +52,13 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
         arg("--batch", 16usize),
     );
     let preset: String = arg("--preset", "cpu-small".to_string());
+    let want = arg("--precision", "f32".to_string());
+    let mut precision = Precision::parse(&want).ok_or(format!("unknown precision {want:?}"))?;
+    if precision == Precision::Bf16 && !maskdiff_network::precision::bf16_hardware() {
+        println!("no AVX512-BF16 at the kernels' level: running f32");
+        precision = Precision::F32;
+    }
+    set_precision(precision);
     let mut cfg = NetworkConfig::preset(&preset, v)?;
     cfg.max_len = cfg.max_len.max(n);
     let train_cfg = TrainConfig {
@@ -56,10 +67,12 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut trainer = Trainer::<_, maskdiff_objective::Md4>::new(cfg.clone(), train_cfg, 0, dev)?;
     println!(
-        "model {preset}: {} parameters, ffn hidden {}, batch {b}, len {n}, rayon threads {}",
+        "model {preset}: {} parameters, ffn hidden {}, batch {b}, len {n}, rayon threads {}, \
+         kernels {}, precision {precision}",
         trainer.model().num_params(),
         cfg.ffn_hidden_dim(),
-        rayon_threads()
+        rayon_threads(),
+        maskdiff_network::isa::isa()
     );
     let mut rng = StdRng::seed_from_u64(0);
     let x0: Vec<u32> = (0..b * n).map(|_| rng.gen_range(0..v as u32)).collect();
@@ -84,8 +97,13 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
         let mut fwd = Vec::new();
         for i in 0..warmup + iters {
             let s = Instant::now();
-            let logits = trainer.model().forward(&input, NoneTape, None)?;
-            let _ = logits.as_vec(); // synchronise
+            if flag("--log-probs") {
+                let lp = trainer.model().log_probs(&input)?;
+                assert_eq!(lp.data.len(), b * n * v);
+            } else {
+                let logits = trainer.model().forward(&input, NoneTape, None)?;
+                let _ = logits.as_vec(); // synchronise
+            }
             if i >= warmup {
                 fwd.push(s.elapsed().as_secs_f64());
             }
@@ -97,6 +115,10 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
             mem::peak_mb() - rss0
         );
         fwd_tok_s = tokens / f;
+    }
+    if flag("--no-train") {
+        println!("maskdiff forward_tok_s={fwd_tok_s:.1} precision={precision}");
+        return Ok(());
     }
     let batch = TrainBatch {
         x0: &x0,
@@ -120,7 +142,7 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
     );
     println!(
         "maskdiff forward_tok_s={fwd_tok_s:.1} train_tok_s={:.1} train_peak_rss_mb={peak:.1} \
-         train_rss_growth_mb={growth:.1}",
+         train_rss_growth_mb={growth:.1} precision={precision}",
         tokens / s
     );
     Ok(())

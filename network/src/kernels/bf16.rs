@@ -1,0 +1,804 @@
+//! Matrix products with bf16 inputs and f32 accumulation (issue 13, "bf16 mixed precision"):
+//! C (m×n) = [C +] bf16(A) (m×k) · bf16(B) (k×n), the operation PyTorch's CPU autocast runs for
+//! a linear layer, here with an f32 result.
+//!
+//! Rounding ([`to_bf16`]) is the x86 `convert_fp32_to_bfloat16` of `vcvtne2ps2bf16`: round to
+//! nearest even, subnormals to ±0, NaN quieted. The product of two bf16 values (8-bit
+//! significands) is exact in f32, so each multiply-add is an f32 add of an exact product;
+//! the k-sum runs pairwise as `vdpbf16ps` does it: for each pair (2p, 2p+1) of the inner
+//! dimension, `c += a[2p+1]·b[2p+1]` then `c += a[2p]·b[2p]`, each rounded to nearest even
+//! (Intel SDM, VDPBF16PS), starting from C (with `accumulate`) or 0; an odd k is padded with
+//! a zero pair element.
+//!
+//! Two instances of the inner loop, chosen per call from the [`Level`]: the AVX512-BF16
+//! microkernel (12 × 32 tile, 24 `vdpbf16ps` accumulators, one broadcast A pair against two
+//! packed B vectors), when [`Level::bf16`] proves the CPU has it, and a portable one. Both give
+//! the same bits as the scalar reference in the tests whenever no product or partial sum is
+//! nonzero and below f32's smallest normal (2⁻¹²⁶) in magnitude (the hardware flushes those to
+//! zero; the portable loop keeps them subnormal) — far below anything a network computes.
+//!
+//! Layout: A is converted once into bf16 pairs (one u32 per row and pair, the even element in
+//! the low half), row by row when its inner dimension is contiguous (a straight conversion
+//! pass, no transpose) or pair row by pair row when it is not (dW = Xᵀ dY: rows 2p and 2p + 1
+//! of X interleaved); the microkernel reads either through strides. B is packed into NR-column
+//! panels (one u32 per column and pair). The buffers are reused per calling thread (no zeroing
+//! or page faults per call), the conversions run in parallel, then rayon runs tiles of up to
+//! 8 × 8 microkernel tiles, each sweeping the inner dimension in KC-pair blocks (a B
+//! micro-panel of KC·NR·4 = 16 KiB stays in L1 while the tile's rows run against it). Storing
+//! the f32 tile between blocks and loading it again is exact, so the blocking does not change
+//! the summation order.
+
+use super::isa::Level;
+use rayon::prelude::*;
+
+/// Rows of the microkernel's tile.
+const MR: usize = 12;
+/// Columns of the microkernel's tile (two AVX-512 vectors of f32).
+const NR: usize = 32;
+/// Pairs of the inner dimension per block.
+const KC: usize = 128;
+
+/// f32 → bf16 bits: round to nearest even; zero and subnormals → ±0 (as the hardware, which
+/// treats subnormal inputs as zero); ±∞ kept; NaN stays NaN (quieted).
+#[inline(always)]
+pub(crate) fn to_bf16(x: f32) -> u16 {
+    let u = x.to_bits();
+    let abs = u & 0x7fff_ffff;
+    let rounded = (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16;
+    if abs > 0x7f80_0000 {
+        ((u >> 16) | 0x40) as u16
+    } else if abs < 0x0080_0000 {
+        ((u >> 16) & 0x8000) as u16
+    } else {
+        rounded
+    }
+}
+
+/// bf16 bits → f32 (exact).
+#[inline(always)]
+pub(crate) fn from_bf16(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// One bf16 pair (k = 2p even element in the low half, 2p + 1 in the high half).
+#[inline(always)]
+fn pair(even: f32, odd: f32) -> u32 {
+    u32::from(to_bf16(even)) | (u32::from(to_bf16(odd)) << 16)
+}
+
+/// A strided f32 matrix (element (i, j) at `ptr + i·rs + j·cs`).
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rs: usize,
+    pub cs: usize,
+}
+// SAFETY: read-only view; the caller of `gemm_bf16` guarantees the memory stays valid and
+// unwritten during the call, so sharing it with rayon's workers is a shared read.
+unsafe impl Send for Mat {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Mat {}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: every task writes a disjoint set of C's elements (its own tile).
+unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for OutPtr {}
+
+/// C (m×n, element (i, j) at `c + i·c_rs + j·c_cs`) = [C +] bf16(A) · bf16(B), multi-threaded
+/// on rayon's pool.
+///
+/// # Safety
+/// `a` must be valid for reads of its m×k strided elements, `b` of its k×n, `c` for reads (with
+/// `accumulate`) and writes of its m×n; `c` must not overlap `a` or `b`, and no other thread may
+/// access C during the call. Distinct (i, j) must address distinct C elements.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_bf16(
+    level: Level,
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    (c_rs, c_cs): (usize, usize),
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kp = k.div_ceil(2);
+    let (row_panels, col_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    let (mut ap, mut bp) = SCRATCH.with(|s| s.take());
+    // SAFETY (both packs): the caller guarantees A and B valid for their elements.
+    let (a_rs, a_ps) = unsafe { convert_a(level, a, m, k, row_panels * MR, &mut ap) };
+    let pb = Panels {
+        ptr: b.ptr,
+        ws: b.cs,
+        ks: b.rs,
+    };
+    // SAFETY: as above.
+    unsafe { pack::<NR>(level, pb, n, k, &mut bp) };
+    // tiles: enough of them to keep every thread busy, at most 8 × 8 panels each
+    let threads = rayon::current_num_threads().max(1);
+    let cols_per = col_panels.min(8);
+    let col_groups = col_panels.div_ceil(cols_per);
+    let want = (4 * threads).div_ceil(col_groups);
+    let rows_per = row_panels.div_ceil(want).clamp(1, 8);
+    let row_groups = row_panels.div_ceil(rows_per);
+    let hw = level.bf16().is_some();
+    let out = OutPtr(c);
+    (0..row_groups * col_groups).into_par_iter().for_each(|t| {
+        let (rg, cg) = (t / col_groups, t % col_groups);
+        let rows = rg * rows_per..((rg + 1) * rows_per).min(row_panels);
+        let cols = cg * cols_per..((cg + 1) * cols_per).min(col_panels);
+        for k0 in (0..kp).step_by(KC) {
+            let kc = KC.min(kp - k0);
+            let load = accumulate || k0 > 0;
+            for cp in cols.clone() {
+                let bpan = &bp[(cp * kp + k0) * NR..][..kc * NR];
+                for rp in rows.clone() {
+                    // pairs k0.. of rows rp·MR.. (the buffer holds every row of the last panel)
+                    let apan = &ap[rp * MR * a_rs + k0 * a_ps..];
+                    let (i0, j0) = (rp * MR, cp * NR);
+                    let (mr, nr) = (MR.min(m - i0), NR.min(n - j0));
+                    // SAFETY: (i0.., j0..) with mr × nr elements is this task's part of C
+                    // (tiles are disjoint); the caller guarantees C valid.
+                    let tile = unsafe { out.get().add(i0 * c_rs + j0 * c_cs) };
+                    // SAFETY: `hw` only when `level.bf16()` proved AVX512-BF16; tile pointers
+                    // as above.
+                    unsafe {
+                        run_tile(
+                            hw,
+                            (apan, a_rs, a_ps),
+                            bpan,
+                            kc,
+                            tile,
+                            (c_rs, c_cs),
+                            (mr, nr),
+                            load,
+                        )
+                    };
+                }
+            }
+        }
+    });
+    SCRATCH.with(|s| s.set((ap, bp)));
+}
+
+/// One MR × NR tile of C over `kc` pairs: in place when it is whole and its rows contiguous,
+/// through a stack copy otherwise.
+///
+/// # Safety
+/// `tile` valid for the mr × nr strided elements (reads with `load`); with `hw`, the CPU has
+/// AVX512-BF16.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn run_tile(
+    hw: bool,
+    (a, a_rs, a_ps): (&[u32], usize, usize),
+    b: &[u32],
+    kc: usize,
+    tile: *mut f32,
+    (rs, cs): (usize, usize),
+    (mr, nr): (usize, usize),
+    load: bool,
+) {
+    debug_assert!(a.len() > (MR - 1) * a_rs + (kc - 1) * a_ps && b.len() >= kc * NR);
+    let micro = |c: *mut f32, ldc: usize, load: bool| {
+        #[cfg(target_arch = "x86_64")]
+        if hw {
+            // SAFETY: the CPU has AVX512-BF16 (caller); c is valid for MR rows of NR
+            // contiguous f32 at stride ldc; a, b hold kc pairs of MR and NR.
+            return unsafe {
+                avx512bf16::micro(kc, (a.as_ptr(), a_rs, a_ps), b.as_ptr(), c, ldc, load)
+            };
+        }
+        let _ = hw;
+        // SAFETY: as above.
+        unsafe { micro_portable(kc, (a, a_rs, a_ps), b, c, ldc, load) }
+    };
+    if mr == MR && nr == NR && cs == 1 {
+        micro(tile, rs, load);
+        return;
+    }
+    let mut buf = [0.0f32; MR * NR];
+    if load {
+        for i in 0..mr {
+            for j in 0..nr {
+                // SAFETY: (i, j) inside the tile (caller).
+                buf[i * NR + j] = unsafe { *tile.add(i * rs + j * cs) };
+            }
+        }
+    }
+    micro(buf.as_mut_ptr(), NR, true);
+    for i in 0..mr {
+        for j in 0..nr {
+            // SAFETY: as above.
+            unsafe { *tile.add(i * rs + j * cs) = buf[i * NR + j] };
+        }
+    }
+}
+
+/// The portable microkernel: the same pairwise order as `vdpbf16ps`, one lane per column.
+///
+/// # Safety
+/// `c` valid for MR rows of NR contiguous f32 at row stride `ldc` (reads with `load`).
+#[inline(always)]
+unsafe fn micro_portable(
+    kc: usize,
+    (a, a_rs, a_ps): (&[u32], usize, usize),
+    b: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+) {
+    let mut acc = [[0.0f32; NR]; MR];
+    if load {
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: row i of the tile (caller).
+            row.copy_from_slice(unsafe { std::slice::from_raw_parts(c.add(i * ldc), NR) });
+        }
+    }
+    for (p, bp) in b.chunks_exact(NR).take(kc).enumerate() {
+        let (be, bo): ([f32; NR], [f32; NR]) = (
+            std::array::from_fn(|j| from_bf16(bp[j] as u16)),
+            std::array::from_fn(|j| from_bf16((bp[j] >> 16) as u16)),
+        );
+        for (i, row) in acc.iter_mut().enumerate() {
+            let x = a[i * a_rs + p * a_ps];
+            let (xe, xo) = (from_bf16(x as u16), from_bf16((x >> 16) as u16));
+            for j in 0..NR {
+                // exact products: each add is vdpbf16ps's single rounding
+                row[j] += xo * bo[j];
+                row[j] += xe * be[j];
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        // SAFETY: row i of the tile (caller).
+        unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), NR) }.copy_from_slice(row);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// C tile (MR × NR, row stride `ldc`) = [C +] Σ_p A pairs · B pairs with `vdpbf16ps`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and AVX512-BF16; `a` holds the pair (i, p) at `i·a_rs + p·a_ps`
+    /// for i < MR, p < kc, `b` holds kc·NR u32, and `c` is
+    /// valid for MR rows of NR contiguous f32 at stride `ldc` (reads with `load`).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn micro(
+        kc: usize,
+        (a, a_rs, a_ps): (*const u32, usize, usize),
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        load: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        if load {
+            for (i, row) in acc.iter_mut().enumerate() {
+                // SAFETY: row i of the tile: NR = 32 contiguous f32 (caller).
+                unsafe {
+                    row[0] = _mm512_loadu_ps(c.add(i * ldc));
+                    row[1] = _mm512_loadu_ps(c.add(i * ldc + 16));
+                }
+            }
+        }
+        for p in 0..kc {
+            // SAFETY: pair p's NR u32 of B and MR u32 of A are inside the packs (caller).
+            unsafe {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR).cast()));
+                let b1: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let x: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*a.add(p * a_ps + i * a_rs) as i32));
+                    row[0] = _mm512_dpbf16_ps(row[0], b0, x);
+                    row[1] = _mm512_dpbf16_ps(row[1], b1, x);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            // SAFETY: as for the loads.
+            unsafe {
+                _mm512_storeu_ps(c.add(i * ldc), row[0]);
+                _mm512_storeu_ps(c.add(i * ldc + 16), row[1]);
+            }
+        }
+    }
+}
+
+/// One operand seen as panels: element (w, kk) — w along the panel (A's rows, B's columns),
+/// kk along the inner dimension — at `ptr + w·ws + kk·ks`.
+#[derive(Clone, Copy)]
+struct Panels {
+    ptr: *const f32,
+    ws: usize,
+    ks: usize,
+}
+impl Panels {
+    /// The same view starting at panel row `w`.
+    ///
+    /// # Safety
+    /// Row `w` inside the operand.
+    unsafe fn at_row(self, w: usize) -> Panels {
+        Panels {
+            // SAFETY: the caller's.
+            ptr: unsafe { self.ptr.add(w * self.ws) },
+            ..self
+        }
+    }
+}
+// SAFETY: a read-only view of memory the caller of `gemm_bf16` keeps valid and unwritten
+// during the call.
+unsafe impl Send for Panels {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Panels {}
+
+/// Packs the `width` (≤ W) panel rows starting at `x.ptr` over the inner dimension k into
+/// `dst` (`kp·W` u32; W = 0: `dst.len() / kp`): pair p of row w at `p·W + w`; rows past `width` and an odd k's pad
+/// element are zero. Two fast layouts (the panel dimension contiguous: two source rows make one
+/// output row; or the inner dimension contiguous: each row converted in 16-pair chunks and
+/// scattered) and a generic one.
+///
+/// # Safety
+/// `x` valid for reads of its width × k elements.
+#[inline(always)]
+unsafe fn pack_panel_body<const W: usize>(x: Panels, width: usize, k: usize, dst: &mut [u32]) {
+    let kp = k.div_ceil(2);
+    // W = 0: the output rows are as wide as dst says
+    let wo = if W == 0 { dst.len() / kp } else { W };
+    debug_assert!(width <= wo && dst.len() == kp * wo);
+    // SAFETY (all reads below): w < width and kk < k (caller).
+    if x.ws == 1 {
+        for (p, d) in dst.chunks_exact_mut(wo).enumerate() {
+            let r0 = unsafe { std::slice::from_raw_parts(x.ptr.add(2 * p * x.ks), width) };
+            if 2 * p + 1 < k {
+                let r1 =
+                    unsafe { std::slice::from_raw_parts(x.ptr.add((2 * p + 1) * x.ks), width) };
+                for ((d, &e), &o) in d.iter_mut().zip(r0).zip(r1) {
+                    *d = pair(e, o);
+                }
+            } else {
+                for (d, &e) in d.iter_mut().zip(r0) {
+                    *d = pair(e, 0.0);
+                }
+            }
+            d[width..].fill(0);
+        }
+    } else if x.ks == 1 && wo == 1 {
+        // one row: a straight element-wise conversion into the pairs' halves
+        let row = unsafe { std::slice::from_raw_parts(x.ptr, k) };
+        let (even, odd) = (&row[..k - k % 2], k % 2 == 1);
+        for (d, e) in dst.iter_mut().zip(even.chunks_exact(2)) {
+            *d = u32::from(to_bf16(e[0])) | (u32::from(to_bf16(e[1])) << 16);
+        }
+        if odd {
+            dst[kp - 1] = pair(row[k - 1], 0.0);
+        }
+    } else if x.ks == 1 {
+        const CH: usize = 16;
+        for w in 0..width {
+            let row = unsafe { std::slice::from_raw_parts(x.ptr.add(w * x.ws), k) };
+            let full = k / (2 * CH);
+            for c in 0..full {
+                let src = &row[c * 2 * CH..][..2 * CH];
+                let t: [u32; CH] = std::array::from_fn(|q| pair(src[2 * q], src[2 * q + 1]));
+                for (q, &v) in t.iter().enumerate() {
+                    dst[(c * CH + q) * wo + w] = v;
+                }
+            }
+            for p in full * CH..kp {
+                let odd = if 2 * p + 1 < k { row[2 * p + 1] } else { 0.0 };
+                dst[p * wo + w] = pair(row[2 * p], odd);
+            }
+        }
+        for d in dst.chunks_exact_mut(wo) {
+            d[width..].fill(0);
+        }
+    } else {
+        let at = |w: usize, kk: usize| unsafe { *x.ptr.add(w * x.ws + kk * x.ks) };
+        for (p, d) in dst.chunks_exact_mut(wo).enumerate() {
+            for (w, d) in d.iter_mut().enumerate() {
+                *d = if w >= width {
+                    0
+                } else {
+                    let odd = if 2 * p + 1 < k { at(w, 2 * p + 1) } else { 0.0 };
+                    pair(at(w, 2 * p), odd)
+                };
+            }
+        }
+    }
+}
+
+/// [`pack_panel_body`] compiled for the widest level the CPU runs (the packing is pure
+/// rounding and moving, identical at every level).
+///
+/// # Safety
+/// As for [`pack_panel_body`].
+unsafe fn pack_panel<const W: usize>(
+    level: Level,
+    x: Panels,
+    width: usize,
+    k: usize,
+    dst: &mut [u32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        unsafe fn avx512<const W: usize>(x: Panels, width: usize, k: usize, dst: &mut [u32]) {
+            // SAFETY: the caller's.
+            unsafe { pack_panel_body::<W>(x, width, k, dst) }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<const W: usize>(x: Panels, width: usize, k: usize, dst: &mut [u32]) {
+            // SAFETY: the caller's.
+            unsafe { pack_panel_body::<W>(x, width, k, dst) }
+        }
+        match level.isa() {
+            // SAFETY: a `Level` is never above what the CPU runs (`isa.rs`); the rest is the
+            // caller's.
+            super::isa::Isa::Avx512 => return unsafe { avx512::<W>(x, width, k, dst) },
+            // SAFETY: as above.
+            super::isa::Isa::Avx2 => return unsafe { avx2::<W>(x, width, k, dst) },
+            super::isa::Isa::Portable => {}
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = level;
+    // SAFETY: the caller's.
+    unsafe { pack_panel_body::<W>(x, width, k, dst) }
+}
+
+/// [`pack_panel`] with output rows as wide as `dst` says.
+///
+/// # Safety
+/// As for [`pack_panel_body`].
+unsafe fn pack_panel_dyn(level: Level, x: Panels, width: usize, k: usize, dst: &mut [u32]) {
+    // SAFETY: the caller's.
+    unsafe { pack_panel::<0>(level, x, width, k, dst) }
+}
+
+/// Packs the `len` rows (A) or columns (B) of `x` into W-wide panels in `out` (resized to
+/// `panels·kp·W`, every element written), in parallel.
+///
+/// # Safety
+/// `x` valid for reads of its len × k elements.
+unsafe fn pack<const W: usize>(level: Level, x: Panels, len: usize, k: usize, out: &mut Vec<u32>) {
+    let kp = k.div_ceil(2);
+    let need = len.div_ceil(W) * kp * W;
+    if out.len() < need {
+        out.resize(need, 0);
+    }
+    out[..need]
+        .par_chunks_mut(kp * W)
+        .enumerate()
+        .for_each(|(r, dst)| {
+            let width = W.min(len - r * W);
+            // SAFETY: panel r's first row is row r·W < len of x (caller).
+            let sub = unsafe { x.at_row(r * W) };
+            // SAFETY: rows r·W .. r·W + width of x (caller).
+            unsafe { pack_panel::<W>(level, sub, width, k, dst) }
+        });
+}
+
+/// A (m × k) converted to bf16 pairs in `buf` (every element written), in one of two layouts
+/// whose pair (i, p) lies at `i·rs + p·ps`, returned as (rs, ps): with k contiguous in A, row
+/// by row (`(kp, 1)`: a straight conversion pass); otherwise pair row by pair row (`(1, rows)`:
+/// rows 2p and 2p + 1 interleaved). Rows m..rows (the last tile's padding) are zero.
+///
+/// # Safety
+/// `a` valid for reads of its m × k elements.
+unsafe fn convert_a(
+    level: Level,
+    a: Mat,
+    m: usize,
+    k: usize,
+    rows: usize,
+    buf: &mut Vec<u32>,
+) -> (usize, usize) {
+    let kp = k.div_ceil(2);
+    if buf.len() < rows * kp {
+        buf.resize(rows * kp, 0);
+    }
+    let buf = &mut buf[..rows * kp];
+    if a.cs == 1 {
+        // each row a 1-wide panel with k contiguous
+        let row = Panels {
+            ptr: a.ptr,
+            ws: a.rs,
+            ks: 1,
+        };
+        buf.par_chunks_mut(kp * 64)
+            .enumerate()
+            .for_each(|(t, dst)| {
+                for (r, d) in dst.chunks_exact_mut(kp).enumerate() {
+                    let i = t * 64 + r;
+                    if i < m {
+                        // SAFETY: row i < m of A (caller).
+                        unsafe { pack_panel::<1>(level, row.at_row(i), 1, k, d) };
+                    } else {
+                        d.fill(0);
+                    }
+                }
+            });
+        (kp, 1)
+    } else {
+        // each pair row p: the m-wide panel of rows 2p, 2p + 1 of Aᵀ
+        let t = Panels {
+            ptr: a.ptr,
+            ws: a.rs,
+            ks: a.cs,
+        };
+        buf.par_chunks_mut(rows * 8)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                for (q, d) in dst.chunks_exact_mut(rows).enumerate() {
+                    let p = c * 8 + q;
+                    // SAFETY: columns 2p, 2p + 1 (< k, or the pad) of A's m rows (caller).
+                    unsafe { pack_pair_row(level, t, m, k, p, d) };
+                }
+            });
+        (1, rows)
+    }
+}
+
+/// Pair row p of A (rows 2p and 2p + 1 of Aᵀ, each m long) into `dst` (≥ m; the rest zero).
+///
+/// # Safety
+/// `a` valid for reads of its m × k elements (seen as panels along its rows).
+#[inline(always)]
+unsafe fn pack_pair_row(level: Level, a: Panels, m: usize, k: usize, p: usize, dst: &mut [u32]) {
+    // the m × 2 slab of columns 2p, 2p + 1 is a panel of width m over an inner dimension of
+    // 1 or 2, whose single pair row is this output row
+    let slab = Panels {
+        // SAFETY: column 2p < k of A (caller).
+        ptr: unsafe { a.ptr.add(2 * p * a.ks) },
+        ..a
+    };
+    let kk = (k - 2 * p).min(2);
+    if dst.len() == m {
+        // SAFETY: the slab's m × kk elements are inside A (caller).
+        unsafe { pack_panel_dyn(level, slab, m, kk, dst) };
+    } else {
+        // SAFETY: as above.
+        unsafe { pack_panel_dyn(level, slab, m, kk, &mut dst[..m]) };
+        dst[m..].fill(0);
+    }
+}
+
+thread_local! {
+    /// The packed operands of this thread's calls, reused (a call takes them out and puts them
+    /// back, so the buffers are neither zeroed nor page-faulted afresh each call).
+    static SCRATCH: std::cell::Cell<(Vec<u32>, Vec<u32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::isa::{self, Isa};
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// The scalar reference: inputs rounded to bf16, f32 fused multiply-adds (libm's `fmaf`,
+    /// independent of the kernels' add-of-exact-product) in `vdpbf16ps`'s order per pair.
+    fn reference(
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        b: &[f32],
+        c0: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let r = |x: f32| from_bf16(to_bf16(x));
+        let mut c = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = c0.map_or(0.0, |c0| c0[i * n + j]);
+                for p in 0..k.div_ceil(2) {
+                    let (ao, bo) = if 2 * p + 1 < k {
+                        (r(a[i * k + 2 * p + 1]), r(b[(2 * p + 1) * n + j]))
+                    } else {
+                        (0.0, 0.0)
+                    };
+                    acc = ao.mul_add(bo, acc);
+                    acc = r(a[i * k + 2 * p]).mul_add(r(b[2 * p * n + j]), acc);
+                }
+                c[i * n + j] = acc;
+            }
+        }
+        c
+    }
+
+    fn rand(rng: &mut StdRng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.gen_range(-2.0f32..2.0)).collect()
+    }
+
+    /// How the test lays out A and B.
+    #[derive(Clone, Copy, Debug)]
+    enum Layout {
+        RowMajor,
+        /// transposed copies read through swapped strides
+        Transposed,
+        /// every element followed by a gap (neither stride is 1)
+        Spread,
+    }
+
+    /// Runs the kernel on A, B laid out as `layout` and a row-major C.
+    fn run(
+        level: Level,
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        b: &[f32],
+        c0: Option<&[f32]>,
+        layout: Layout,
+    ) -> Vec<f32> {
+        let t = |x: &[f32], r: usize, c: usize| -> Vec<f32> {
+            (0..r * c).map(|e| x[(e % r) * c + e / r]).collect()
+        };
+        let spread = |x: &[f32]| -> Vec<f32> { x.iter().flat_map(|&v| [v, f32::NAN]).collect() };
+        let (ab, bb, am, bm);
+        match layout {
+            Layout::RowMajor => {
+                (ab, bb) = (a.to_vec(), b.to_vec());
+                (am, bm) = ((k, 1), (n, 1));
+            }
+            Layout::Transposed => {
+                (ab, bb) = (t(a, m, k), t(b, k, n));
+                (am, bm) = ((1, m), (1, k));
+            }
+            Layout::Spread => {
+                (ab, bb) = (spread(a), spread(b));
+                (am, bm) = ((2 * k, 2), (2 * n, 2));
+            }
+        }
+        let am = Mat {
+            ptr: ab.as_ptr(),
+            rs: am.0,
+            cs: am.1,
+        };
+        let bm = Mat {
+            ptr: bb.as_ptr(),
+            rs: bm.0,
+            cs: bm.1,
+        };
+        let mut c = c0.map_or_else(|| vec![f32::NAN; m * n], <[f32]>::to_vec);
+        // SAFETY: A, B, C hold the m·k, k·n, m·n elements addressed by the strides above.
+        unsafe {
+            gemm_bf16(
+                level,
+                (m, n, k),
+                c.as_mut_ptr(),
+                (n, 1),
+                c0.is_some(),
+                am,
+                bm,
+            )
+        };
+        c
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Every level (the AVX512-BF16 microkernel where the CPU has it, the portable one always)
+    /// gives the reference's bits: ragged tiles, odd k, several KC blocks, each packing layout, and
+    /// accumulation into C.
+    #[test]
+    fn bf16_gemm_matches_scalar_reference_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let shapes = [
+            (1, 1, 1),
+            (13, 37, 19),
+            (12, 32, 2),
+            (50, 70, 301),
+            (25, 96, 600),
+        ];
+        let mut hw_seen = false;
+        for (m, n, k) in shapes {
+            let (a, b, c0) = (
+                rand(&mut rng, m * k),
+                rand(&mut rng, k * n),
+                rand(&mut rng, m * n),
+            );
+            for acc in [None, Some(&c0[..])] {
+                let want = bits(&reference((m, n, k), &a, &b, acc));
+                for level in isa::supported() {
+                    hw_seen |= level.bf16().is_some();
+                    for lay in [Layout::RowMajor, Layout::Transposed, Layout::Spread] {
+                        let got = bits(&run(level, (m, n, k), &a, &b, acc, lay));
+                        assert!(
+                            got == want,
+                            "{m}x{n}x{k} acc {} {lay:?} at {:?}",
+                            acc.is_some(),
+                            level.isa()
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(hw_seen, isa::detected_bf16());
+    }
+
+    /// The result is the f64 product of the rounded inputs up to f32 accumulation error, and
+    /// differs from the f32 product by bf16's input rounding (relative 2⁻⁹ per factor): a
+    /// check on the reference itself, independent of the pairing order.
+    #[test]
+    fn bf16_gemm_is_the_product_of_rounded_inputs() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (m, n, k) = (9, 40, 257);
+        let (a, b) = (rand(&mut rng, m * k), rand(&mut rng, k * n));
+        let level = *isa::supported().last().unwrap();
+        let got = run(level, (m, n, k), &a, &b, None, Layout::RowMajor);
+        let r = |x: f32| f64::from(from_bf16(to_bf16(x)));
+        for i in 0..m {
+            for j in 0..n {
+                let (mut exact, mut abs, mut f32ref) = (0.0f64, 0.0f64, 0.0f64);
+                for p in 0..k {
+                    exact += r(a[i * k + p]) * r(b[p * n + j]);
+                    abs += (r(a[i * k + p]) * r(b[p * n + j])).abs();
+                    f32ref += f64::from(a[i * k + p]) * f64::from(b[p * n + j]);
+                }
+                let g = f64::from(got[i * n + j]);
+                assert!(
+                    (g - exact).abs() <= abs * k as f64 * 6e-8,
+                    "{i},{j}: {g} vs {exact}"
+                );
+                assert!((g - f32ref).abs() <= abs * 2.0 * 2f64.powi(-8), "{i},{j}");
+            }
+        }
+    }
+
+    /// Rounding: known values (ties to even, overflow to ∞, subnormals to ±0, NaN quieted), and
+    /// where the CPU has it, the hardware's `vcvtne2ps2bf16` on random bit patterns.
+    #[test]
+    fn to_bf16_rounds_like_the_hardware() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80); // tie → even
+        assert_eq!(to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82); // tie → even
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(to_bf16(-2.5), 0xc020);
+        assert_eq!(to_bf16(f32::MAX), 0x7f80);
+        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+        assert_eq!(to_bf16(f32::from_bits(0x8000_0001)), 0x8000);
+        assert_eq!(to_bf16(f32::from_bits(0x7f80_0001)), 0x7fc0);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        #[cfg(target_arch = "x86_64")]
+        if isa::detected_bf16() {
+            let mut rng = StdRng::seed_from_u64(9);
+            for _ in 0..2000 {
+                let xs: [f32; 32] = std::array::from_fn(|_| f32::from_bits(rng.gen()));
+                // SAFETY: the CPU has AVX512-BF16 (checked above).
+                let hw = unsafe { hw_round(&xs) };
+                for (x, h) in xs.iter().zip(hw) {
+                    assert_eq!(to_bf16(*x), h, "{:#x}", x.to_bits());
+                }
+            }
+        }
+        assert!(Isa::ALL.contains(&isa::detected()));
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn hw_round(xs: &[f32; 32]) -> [u16; 32] {
+        use std::arch::x86_64::*;
+        // SAFETY: 32 f32 in, 32 u16 out; the CPU has the features (caller).
+        unsafe {
+            let v = _mm512_cvtne2ps_pbh(
+                _mm512_loadu_ps(xs.as_ptr().add(16)),
+                _mm512_loadu_ps(xs.as_ptr()),
+            );
+            std::mem::transmute(v)
+        }
+    }
+}
