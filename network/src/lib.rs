@@ -32,6 +32,7 @@
 //! cuda,dfdx/ci-check` type-checks the CUDA path.
 
 mod alloc;
+mod block;
 mod config;
 mod denoiser;
 mod elem;
@@ -45,6 +46,7 @@ mod param;
 pub mod tensor_io;
 
 pub use alloc::tune_allocator;
+pub use block::BlockMask;
 pub use config::{default_ffn_hidden, MlpKind, NetworkConfig, PRESETS};
 pub use denoiser::NetworkDenoiser;
 pub use elem::{fast_exp_f32, Elem};

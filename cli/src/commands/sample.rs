@@ -67,6 +67,11 @@ fn sample_on<D: DfdxDevice<f32>, O: Objective<D>>(
 ) -> Result<()> {
     // the network and the objective's reverse process of the same parameters (EMA or raw)
     let loaded = Loaded::<D, O>::open(dir, !a.no_ema, &dev)?;
+    if let maskdiff_objective::ObjectiveSpec::Block { .. } = loaded.objective.spec() {
+        return Err(CliError::Input(
+            "sampling a block-diffusion model is not supported by this build".into(),
+        ));
+    }
     let codec = Codec::from_identity(&loaded.extra.data)?;
     if a.class.is_some() && !matches!(codec, Codec::Image(_)) {
         return Err(CliError::Input(
