@@ -368,7 +368,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     }
 
     /// The conditioning vector c (batch, d_c) = Dense(swish(Dense([emb(t), emb(label)]))).
-    fn cond<T: Tape<E, D>>(
+    pub(crate) fn cond<T: Tape<E, D>>(
         &self,
         cond: &Conditioning<E, D>,
         batch: &DenoiseBatch<'_>,
@@ -413,7 +413,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     }
 
     /// Per-sequence modulation vectors: act(c) @ W + b, split into `k` (batch, dim) chunks.
-    fn ada<T: Tape<E, D>>(
+    pub(crate) fn ada<T: Tape<E, D>>(
         &self,
         c_act: &T2<E, D>,
         proj: &Linear<E, D>,
@@ -464,7 +464,11 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     }
 
     /// Gated FFN `W2(act(W1 x) ⊙ W3 x)`.
-    fn ffn<T: Tape<E, D>>(&self, x: T2<E, D, T>, ffn: &Ffn<E, D>) -> Res<T2<E, D, T>, D> {
+    pub(crate) fn ffn<T: Tape<E, D>>(
+        &self,
+        x: T2<E, D, T>,
+        ffn: &Ffn<E, D>,
+    ) -> Res<T2<E, D, T>, D> {
         let a = D::matmul(x.retaped::<T>(), ffn.w1.tensor()?)?;
         let u = D::matmul(x, ffn.w3.tensor()?)?;
         D::matmul(D::glu(self.cfg.mlp, a, u)?, ffn.w2.tensor()?)
@@ -503,6 +507,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         let rope = (&rope, mask);
         // the head reads only the noised half of a block-diffusion input
         let n_out = mask.map_or(n, |m| m.len);
+        let (b_mod, n_mod) = mask.map_or((b, n), |m| (2 * b, m.len));
         let noised = |h: T2<E, D, T>| -> Res<T2<E, D, T>, D> {
             if n_out == n {
                 return Ok(h);
@@ -515,7 +520,26 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
             Trunk::Conditioned { cond, blocks, head } => {
                 // act(c) is shared by every block: compute it once, keep its ops in
                 // `cond_tape`, and hand out tape-free copies (gradients meet on its id).
-                let c: T2<E, D, T> = self.cond(cond, batch)?;
+                // block diffusion: the clean copy is conditioned on t = 0 (it is clean), so its
+                // keys and values do not depend on the noise level and a sampler can cache them;
+                // modulation then groups rows as 2b half-sequences of N: (x_t at t, x_0 at 0).
+                let (t2, l2): (Vec<f64>, Option<Vec<u32>>) = match mask {
+                    None => (batch.t.to_vec(), batch.labels.map(|l| l.to_vec())),
+                    Some(_) => (
+                        batch.t.iter().flat_map(|&t| [t, 0.0]).collect(),
+                        batch
+                            .labels
+                            .map(|l| l.iter().flat_map(|&c| [c, c]).collect()),
+                    ),
+                };
+                let cb = DenoiseBatch {
+                    ids: batch.ids,
+                    batch: t2.len(),
+                    len: n_mod,
+                    t: &t2,
+                    labels: l2.as_deref(),
+                };
+                let c: T2<E, D, T> = self.cond(cond, &cb)?;
                 let (c, mut cond_tape) = act(self.cfg.mlp, c)?.split_tape();
                 for blk in blocks {
                     let (m, t) = self.ada::<T>(&c, &blk.norm, 6)?;
@@ -524,20 +548,23 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     let mut take = || m.next().expect("6 modulation chunks");
                     let (sh_a, sc_a, g_a) = (take(), take(), take());
                     let (sh_m, sc_m, g_m) = (take(), take(), take());
-                    let a = D::modulate(D::layer_norm(h.retaped::<T>())?, sh_a, sc_a, b, n)?;
+                    let a =
+                        D::modulate(D::layer_norm(h.retaped::<T>())?, sh_a, sc_a, b_mod, n_mod)?;
                     let a = self.attention(a, &blk.attn, rope, b, n)?;
-                    h = D::gated_residual(h, channel_dropout(a, next_mask(), b, n)?, g_a, b, n)?;
+                    let a = channel_dropout(a, next_mask(), b, n)?;
+                    h = D::gated_residual(h, a, g_a, b_mod, n_mod)?;
                     D::retain(&scope, &h);
-                    let f = D::modulate(D::layer_norm(h.retaped::<T>())?, sh_m, sc_m, b, n)?;
+                    let f =
+                        D::modulate(D::layer_norm(h.retaped::<T>())?, sh_m, sc_m, b_mod, n_mod)?;
                     let f = channel_dropout(self.ffn(f, &blk.ffn)?, next_mask(), b, n)?;
-                    h = D::gated_residual(h, f, g_m, b, n)?;
+                    h = D::gated_residual(h, f, g_m, b_mod, n_mod)?;
                     D::retain(&scope, &h);
                 }
                 let (m, t) = self.ada::<T>(&c, head, 2)?;
                 let mut m = m.into_iter();
                 let (sh, sc) = (m.next().expect("shift"), m.next().expect("scale"));
                 (
-                    D::modulate(D::layer_norm(noised(h)?)?, sh, sc, b, n_out)?,
+                    noised(D::modulate(D::layer_norm(h)?, sh, sc, b_mod, n_mod)?)?,
                     cond_tape.merge(t),
                 )
             }

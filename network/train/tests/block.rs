@@ -316,3 +316,121 @@ fn trainer_steps_with_the_block_objective() {
     )
     .is_err());
 }
+
+/// f64 model with random parameters (block network).
+fn net64(v: usize, block: usize, time: bool) -> Md4Transformer<f64, Cpu> {
+    let mut cfg = NetworkConfig::preset("tiny", v).unwrap();
+    cfg.time_conditioning = time;
+    cfg.block_size = Some(block);
+    let mut m = cfg.init::<f64, Cpu>(&Cpu::default(), 0).unwrap();
+    let mut rng = StdRng::seed_from_u64(17);
+    for p in m.params_mut() {
+        let vals: Vec<f64> = (0..p.numel())
+            .map(|_| 0.5 * (rng.gen::<f64>() * 2.0 - 1.0))
+            .collect();
+        p.value = Cpu::default().tensor_from_vec(vals, (p.numel(),));
+    }
+    m
+}
+
+#[test]
+fn cached_block_forward_equals_the_training_forward() {
+    // The cache path (prefix encoded once at t = 0, the block's queries over [prefix ; block])
+    // gives the logits the one-pass training forward gives each noised block, in f64.
+    let (v, bs, n) = (6, 3, 8); // blocks {0,1,2} {3,4,5} {6,7}
+    let mut rng = StdRng::seed_from_u64(3);
+    for time in [true, false] {
+        let m = net64(v, bs, time);
+        let x0: Vec<u32> = (0..n).map(|_| rng.gen_range(0..v as u32)).collect();
+        let xt: Vec<u32> = x0
+            .iter()
+            .map(|&x| if rng.gen_bool(0.5) { v as u32 } else { x })
+            .collect();
+        let t = 0.37;
+        let ids = block_input(&xt, &x0, 1, n);
+        let full = m
+            .forward(
+                &DenoiseBatch {
+                    ids: &ids,
+                    batch: 1,
+                    len: 2 * n,
+                    t: &[t],
+                    labels: None,
+                },
+                NoneTape,
+                None,
+            )
+            .unwrap()
+            .as_vec();
+        let mut cache = maskdiff_network::KvCache::new(m.config().n_layers);
+        for start in (0..n).step_by(bs) {
+            let end = (start + bs).min(n);
+            let got = m
+                .forward_cached(&xt[start..end], t, None, &mut cache, false)
+                .unwrap()
+                .as_vec();
+            let want = &full[start * v..end * v];
+            let err = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(err < 1e-10, "block at {start}: max |Δ| = {err}");
+            m.forward_cached(&x0[start..end], 0.0, None, &mut cache, true)
+                .unwrap();
+            assert_eq!(cache.len(), end);
+        }
+    }
+}
+
+#[test]
+fn cached_block_samples_are_bit_identical_to_recomputing_the_prefix() {
+    use maskdiff_network::{BlockDenoiser, CacheMode};
+    use maskdiff_sampler::{sample_blocks, SamplerConfig, SamplerKind};
+    let v = 7;
+    let s = schedule();
+    for (kind, time) in [
+        (SamplerKind::Ancestral, true),
+        (SamplerKind::Remdm, true),
+        (SamplerKind::Threshold, true),
+        (SamplerKind::Cached, false),
+    ] {
+        let m = net(v, Some(4), time, 31);
+        let cfg = SamplerConfig {
+            kind,
+            steps: 6,
+            num_samples: 3,
+            length: 14, // blocks of 4, 4, 4, 2
+            seed: 5,
+            ..SamplerConfig::default()
+        };
+        let mut cached = BlockDenoiser::new(m.clone(), CacheMode::Cached).unwrap();
+        let mut recompute = BlockDenoiser::new(m.clone(), CacheMode::Recompute).unwrap();
+        let a = sample_blocks(&mut cached, &s, &cfg, None, None).unwrap();
+        let b = sample_blocks(&mut recompute, &s, &cfg, None, None).unwrap();
+        assert_eq!(a, b, "{kind:?}");
+        assert!(a
+            .sequences
+            .iter()
+            .all(|q| q.len() == 14 && q.iter().all(|&x| x < v as u32)));
+        assert!(a.blocks.iter().all(|&k| k == 4));
+        // the samples differ from each other (the streams are distinct)
+        assert!(a.sequences[0] != a.sequences[1] || a.sequences[1] != a.sequences[2]);
+        // end-of-text: each sample is cut right after its first eot, found in its last block
+        let eot = 2u32;
+        let c = sample_blocks(&mut cached, &s, &cfg, Some(eot), None).unwrap();
+        for (i, q) in c.sequences.iter().enumerate() {
+            let full = &a.sequences[i];
+            match full.iter().position(|&x| x == eot) {
+                Some(at) => {
+                    assert_eq!(q[..], full[..=at]);
+                    assert!(c.stopped_at_eot[i]);
+                    assert_eq!(c.blocks[i], at / 4 + 1);
+                }
+                None => assert!(q == full && !c.stopped_at_eot[i]),
+            }
+        }
+    }
+    // a plain (non-block) network is refused
+    assert!(BlockDenoiser::new(net(v, None, true, 1), CacheMode::Cached).is_err());
+}
