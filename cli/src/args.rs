@@ -452,6 +452,14 @@ pub struct SampleArgs {
     /// Use the raw parameters instead of their EMA.
     #[arg(long)]
     pub no_ema: bool,
+    /// Block-diffusion models: tokens to generate (default: the training length; at most the
+    /// network's max_len). GPT-2 samples stop earlier at end-of-text.
+    #[arg(long, value_name = "N")]
+    pub length: Option<usize>,
+    /// Block-diffusion models: re-encode the clean prefix at every network call instead of
+    /// keeping its keys and values (same samples, bit for bit; for timing the cache).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 /// `maskdiff plot`.
