@@ -63,9 +63,12 @@ pub struct TrainOverrides {
     /// [model.preset] tiny | cpu-small | md4-s | md4-m.
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
-    /// [model.kind] md4 | genmd4.
+    /// [model.kind] md4 | genmd4 | block.
     #[arg(long, value_enum, value_name = "KIND")]
     pub model: Option<ModelKindArg>,
+    /// [model.block_size] tokens per block of a block-diffusion model (`--model block`).
+    #[arg(long, value_name = "B")]
+    pub block_size: Option<usize>,
     /// [model.time_conditioning = false] train a time-free denoiser (enables `--sampler cached`).
     #[arg(long)]
     pub time_free: bool,
@@ -154,6 +157,7 @@ pub struct TrainOverrides {
 pub enum ModelKindArg {
     Md4,
     Genmd4,
+    Block,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -266,7 +270,11 @@ impl TrainOverrides {
             cfg.model.kind = match k {
                 ModelKindArg::Md4 => ModelKind::Md4,
                 ModelKindArg::Genmd4 => ModelKind::Genmd4,
+                ModelKindArg::Block => ModelKind::Block,
             };
+        }
+        if self.block_size.is_some() {
+            cfg.model.block_size = self.block_size;
         }
         if self.time_free {
             cfg.model.time_conditioning = false;
@@ -468,6 +476,14 @@ pub struct SampleArgs {
     /// Use the raw parameters instead of their EMA.
     #[arg(long)]
     pub no_ema: bool,
+    /// Block-diffusion models: tokens to generate (default: the training length; at most the
+    /// network's max_len). GPT-2 samples stop earlier at end-of-text.
+    #[arg(long, value_name = "N")]
+    pub length: Option<usize>,
+    /// Block-diffusion models: re-encode the clean prefix at every network call instead of
+    /// keeping its keys and values (same samples, bit for bit; for timing the cache).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 /// `maskdiff plot`.

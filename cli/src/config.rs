@@ -32,13 +32,16 @@ pub struct Config {
     pub sample: SampleConfig,
 }
 
-/// MD4 (one schedule for all tokens) or GenMD4 (a learned polynomial exponent per token value).
+/// MD4 (one schedule for all tokens), GenMD4 (a learned polynomial exponent per token value) or
+/// block diffusion (BD3-LM: MD4 inside blocks of `model.block_size` tokens, each conditioned on
+/// the clean blocks before it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
     #[default]
     Md4,
     Genmd4,
+    Block,
 }
 
 /// The compute device.
@@ -114,7 +117,7 @@ pub struct ModelConfig {
     /// Network preset: `tiny` (tests), `cpu-small` (4 layers, width 256), `md4-s` (12 × 768),
     /// `md4-m` (24 × 1024).
     pub preset: String,
-    /// `md4` or `genmd4`.
+    /// `md4`, `genmd4` or `block`.
     pub kind: ModelKind,
     /// Condition the network on t (the official default). A time-free network is a valid MD4
     /// parameterisation and allows the cached (first-hitting) sampler.
@@ -132,6 +135,10 @@ pub struct ModelConfig {
     /// into N dimensions, then a dense layer with bias to the model width; 0 = embed straight
     /// into the width (the official OpenWebText choice).
     pub embed_dim: Option<usize>,
+    /// Block diffusion (`kind = "block"`): tokens per block B (1 = autoregressive, the sequence
+    /// length = MD4 with the block network). Required for `block`, refused for the others.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
 }
 
 impl Default for ModelConfig {
@@ -144,6 +151,7 @@ impl Default for ModelConfig {
             class_conditional: false,
             genmd4_network_samples: 2,
             embed_dim: None,
+            block_size: None,
         }
     }
 }
@@ -464,6 +472,24 @@ impl Config {
                 "model.genmd4_network_samples",
                 "must be 1 or 2",
             ));
+        }
+        match (m.kind, m.block_size) {
+            (ModelKind::Block, None) => {
+                return Err(CliError::config(
+                    "model.block_size",
+                    "a block-diffusion model needs a block size (--block-size B)",
+                ))
+            }
+            (ModelKind::Block, Some(0)) => {
+                return Err(CliError::config("model.block_size", "must be at least 1"))
+            }
+            (ModelKind::Block, Some(_)) | (_, None) => {}
+            (_, Some(_)) => {
+                return Err(CliError::config(
+                    "model.block_size",
+                    "only a block-diffusion model (kind = \"block\") has a block size",
+                ))
+            }
         }
         if m.class_conditional && !self.data.dataset.is_image() {
             return Err(CliError::config(

@@ -413,6 +413,75 @@ fn render_images(
     Ok(())
 }
 
+/// Block-diffusion sampling (BD3-LM): `sc.num_samples` text samples drawn block by block over
+/// `den` (the prefix cached or recomputed, as `den` was built) with `sc.sampler` inside each
+/// block (`sc.steps` steps per block), up to `len` tokens or the tokenizer's end-of-text token
+/// (GPT-2), printed and written as [`generate`] does. Returns the summary and the sampled
+/// token count.
+pub fn generate_blocks<P: maskdiff_process::PrefixDenoiser + ?Sized>(
+    den: &mut P,
+    schedule: ScheduleRef<'_>,
+    sc: &SampleConfig,
+    codec: &Codec,
+    len: usize,
+    req: &Request,
+) -> Result<(Summary, usize)> {
+    let Codec::Text(tok) = codec else {
+        return Err(CliError::Input(
+            "block-diffusion sampling is implemented for text models".into(),
+        ));
+    };
+    if req.prompt.is_some() || req.infill.is_some() || req.class.is_some() || req.show_steps {
+        return Err(CliError::Input(
+            "--prompt, --infill, --class and --show-steps are not available for block-diffusion models"
+                .into(),
+        ));
+    }
+    let eot = matches!(tok, AnyTokenizer::Gpt2(_)).then_some(maskdiff_data::tokenizer::GPT2_EOS);
+    let cfg = SamplerConfig {
+        kind: sc.sampler,
+        steps: sc.steps,
+        grid: sc.grid,
+        num_samples: sc.num_samples,
+        length: len,
+        temperature: sc.temperature,
+        top_p: sc.top_p,
+        seed: sc.seed,
+        first_index: 0,
+        block_size: None,
+        batch_size: 1,
+        remdm: sc.remdm(),
+        threshold: sc.threshold,
+    };
+    let mut text = TextSink::new(tok, req, &vec![None; len])?;
+    let mut summary = Summary::default();
+    let mut tokens = 0usize;
+    // one sample at a time: its stream is its index, so the samples do not depend on -n
+    for i in 0..sc.num_samples {
+        let one = SamplerConfig {
+            num_samples: 1,
+            first_index: i as u64,
+            ..cfg.clone()
+        };
+        let out = maskdiff_sampler::sample_blocks(den, schedule, &one, eot, None)?;
+        tokens += out.sequences[0].len();
+        let so = SampleOutput {
+            reveal_step: vec![vec![0; out.sequences[0].len()]],
+            sequences: out.sequences,
+            nfe: out.nfe,
+            calls: 0,
+            total_steps: sc.steps,
+            complete: true,
+        };
+        summary.add(&so);
+        if !text.batch(i, &so)? {
+            break;
+        }
+    }
+    text.finish(summary.samples)?;
+    Ok((summary, tokens))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

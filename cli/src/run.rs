@@ -70,6 +70,10 @@ pub fn network_config(cfg: &Config, data: &Data) -> Result<NetworkConfig> {
     if let Some(e) = cfg.model.embed_dim {
         net.embed_dim = (e > 0).then_some(e);
     }
+    net.block_size = match cfg.model.kind {
+        crate::config::ModelKind::Block => cfg.model.block_size,
+        _ => None,
+    };
     net.num_classes = if cfg.model.class_conditional {
         data.num_classes()
     } else {
@@ -90,6 +94,12 @@ pub fn train_config(cfg: &Config) -> Result<NetTrainConfig> {
         // GenMD4 ignores [schedule].name: its per-token schedule is learned (spec §5).
         crate::config::ModelKind::Genmd4 => ObjectiveSpec::GenMd4 {
             one_sample: cfg.model.genmd4_network_samples == 1,
+        },
+        crate::config::ModelKind::Block => ObjectiveSpec::Block {
+            block_size: cfg
+                .model
+                .block_size
+                .ok_or_else(|| CliError::config("model.block_size", "missing"))?,
         },
     };
     let t = NetTrainConfig {
@@ -198,6 +208,9 @@ macro_rules! with_objective {
             maskdiff_objective::ObjectiveSpec::Md4 => $f::<$D, maskdiff_objective::Md4>($($args),*),
             maskdiff_objective::ObjectiveSpec::GenMd4 { .. } => {
                 $f::<$D, maskdiff_objective::GenMd4<$D>>($($args),*)
+            }
+            maskdiff_objective::ObjectiveSpec::Block { .. } => {
+                $f::<$D, maskdiff_objective::Block>($($args),*)
             }
         }
     };

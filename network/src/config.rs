@@ -52,6 +52,12 @@ pub struct NetworkConfig {
     pub rope_theta: f64,
     /// FFN init variance scale 2/n_layers instead of 1 (the official `depth_scaled_init`).
     pub depth_scaled_init: bool,
+    /// `Some(B)`: a block-diffusion network (BD3-LM, [`crate::BlockMask`]): its input is the
+    /// noised sequence followed by the clean one (2N ids, N ≤ `max_len`), attention follows the
+    /// block mask with blocks of B tokens, and it returns logits for the N noised positions.
+    /// The parameters are those of the plain model. `None` (absent in older configs): MD4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
 }
 
 /// Names accepted by [`NetworkConfig::preset`].
@@ -94,6 +100,7 @@ impl NetworkConfig {
             embed_dim,
             rope_theta: 10_000.0,
             depth_scaled_init: true,
+            block_size: None,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -141,8 +148,8 @@ impl NetworkConfig {
                 self.cond_dim
             ));
         }
-        if self.ffn_hidden == Some(0) || self.embed_dim == Some(0) {
-            return bad("ffn_hidden and embed_dim must be positive when given".into());
+        if self.ffn_hidden == Some(0) || self.embed_dim == Some(0) || self.block_size == Some(0) {
+            return bad("ffn_hidden, embed_dim and block_size must be positive when given".into());
         }
         if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
             return bad(format!("dropout {} not in [0, 1)", self.dropout));

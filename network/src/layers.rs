@@ -147,9 +147,21 @@ pub struct Rope<E: Elem, D: Device<E>> {
 impl<E: Elem, D: Device<E>> Rope<E, D> {
     /// Tables for `n` positions and head dimension `hd` (even), base `theta`.
     pub fn new(dev: &D, n: usize, hd: usize, theta: f64) -> Res<Self, D> {
+        Self::at_positions(dev, 0..n, hd, theta)
+    }
+
+    /// Tables whose row i rotates by the i-th of `positions` (block diffusion gives the clean
+    /// copy the positions of the noised one; a sampler's cache gives a block its offset).
+    pub fn at_positions(
+        dev: &D,
+        positions: impl ExactSizeIterator<Item = usize>,
+        hd: usize,
+        theta: f64,
+    ) -> Res<Self, D> {
+        let n = positions.len();
         let mut cos = Vec::with_capacity(n * hd);
         let mut sin = Vec::with_capacity(n * hd);
-        for pos in 0..n {
+        for pos in positions {
             for j in 0..hd {
                 let i = (j / 2) as f64;
                 let ang = pos as f64 * theta.powf(-2.0 * i / hd as f64);

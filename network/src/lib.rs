@@ -32,6 +32,8 @@
 //! cuda,dfdx/ci-check` type-checks the CUDA path.
 
 mod alloc;
+mod block;
+mod block_cache;
 mod config;
 mod denoiser;
 mod elem;
@@ -46,6 +48,8 @@ pub mod precision;
 pub mod tensor_io;
 
 pub use alloc::tune_allocator;
+pub use block::BlockMask;
+pub use block_cache::{BlockDenoiser, CacheMode, KvCache};
 pub use config::{default_ffn_hidden, MlpKind, NetworkConfig, PRESETS};
 pub use denoiser::NetworkDenoiser;
 pub use elem::{fast_exp_f32, Elem};

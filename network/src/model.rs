@@ -12,7 +12,7 @@ use crate::modules::{
     RmsScales, Trunk, Values,
 };
 use crate::param::{self, Param};
-use crate::{Elem, Kernels, NetworkConfig, NetworkError};
+use crate::{BlockMask, Elem, Kernels, NetworkConfig, NetworkError};
 use dfdx::prelude::*;
 use maskdiff_process::{DenoiseBatch, LogProbs, Vocab};
 use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
@@ -248,10 +248,34 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         if batch.batch == 0 || batch.len == 0 {
             return Err(NetworkError::Input("empty batch".into()));
         }
-        if batch.len > self.cfg.max_len {
+        let positions = match self.cfg.block_size {
+            None => batch.len,
+            Some(_) => {
+                // block diffusion: [x_t ; x_0], and x_0 holds no mask id
+                if !batch.len.is_multiple_of(2) {
+                    return Err(NetworkError::Input(format!(
+                        "a block-diffusion input is x_t followed by x_0: odd length {}",
+                        batch.len
+                    )));
+                }
+                let half = batch.len / 2;
+                let mask = self.vocab().mask_id();
+                if batch
+                    .ids
+                    .chunks(batch.len)
+                    .any(|row| row[half..].contains(&mask))
+                {
+                    return Err(NetworkError::Input(
+                        "the clean half of a block-diffusion input holds a mask id".into(),
+                    ));
+                }
+                half
+            }
+        };
+        if positions > self.cfg.max_len {
             return Err(NetworkError::Input(format!(
                 "sequence length {} exceeds max_len {}",
-                batch.len, self.cfg.max_len
+                positions, self.cfg.max_len
             )));
         }
         if self.cfg.time_conditioning {
@@ -280,6 +304,8 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
 
     /// Logits (batch, len, V) over the real tokens. `tape` is `NoneTape` for inference or an
     /// `OwnedTape` to record gradients; `dropout_rng` switches channel-wise dropout on (training).
+    /// A block-diffusion model (`block_size` set) takes `len = 2N` ids, x_t then x_0, and
+    /// returns the logits of the N noised positions, (batch, N, V).
     pub fn forward<T: Tape<E, D>>(
         &self,
         batch: &DenoiseBatch<'_>,
@@ -303,7 +329,10 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     pub fn log_probs(&self, batch: &DenoiseBatch<'_>) -> Result<LogProbs, NetworkError> {
         use rayon::prelude::*;
         let v = self.cfg.vocab_size;
-        let mut x = self.forward(batch, NoneTape, None)?.as_vec();
+        // block models read 2N ids and return the N noised positions: the length is the logits'
+        let logits = self.forward(batch, NoneTape, None)?;
+        let len = logits.shape().1;
+        let mut x = logits.as_vec();
         x.par_chunks_mut(v * 64)
             .for_each(|rows| rows.chunks_mut(v).for_each(log_softmax_row));
         Ok(LogProbs {
@@ -313,7 +342,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                 .map(|x| x.to_f32().unwrap_or(f32::NAN))
                 .collect(),
             batch: batch.batch,
-            len: batch.len,
+            len,
             vocab: v,
         })
     }
@@ -346,7 +375,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     }
 
     /// The conditioning vector c (batch, d_c) = Dense(swish(Dense([emb(t), emb(label)]))).
-    fn cond<T: Tape<E, D>>(
+    pub(crate) fn cond<T: Tape<E, D>>(
         &self,
         cond: &Conditioning<E, D>,
         batch: &DenoiseBatch<'_>,
@@ -391,7 +420,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     }
 
     /// Per-sequence modulation vectors: act(c) @ W + b, split into `k` (batch, dim) chunks.
-    fn ada<T: Tape<E, D>>(
+    pub(crate) fn ada<T: Tape<E, D>>(
         &self,
         c_act: &T2<E, D>,
         proj: &Linear<E, D>,
@@ -415,12 +444,13 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         Ok((parts, tape))
     }
 
-    /// Bidirectional multi-head attention with RoPE, bias-free projections.
+    /// Bidirectional multi-head attention with RoPE, bias-free projections; with `mask`, the
+    /// block-diffusion structure over 2N positions.
     fn attention<T: Tape<E, D>>(
         &self,
         x: T2<E, D, T>,
         attn: &Attention<E, D>,
-        rope: &Rope<E, D>,
+        (rope, mask): (&Rope<E, D>, Option<BlockMask>),
         b: usize,
         n: usize,
     ) -> Res<T2<E, D, T>, D> {
@@ -433,12 +463,19 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         let q = D::rope(rope, q, b, n, h, 1.0 / (hd as f64).sqrt())?;
         let k = D::rope(rope, k, b, n, h, 1.0)?;
         let v = v.try_reshape_like(&(b, n, h, hd))?;
-        let o = D::attention(q, k, v)?;
+        let o = match mask {
+            None => D::attention(q, k, v)?,
+            Some(m) => D::block_attention(q, k, v, m)?,
+        };
         D::matmul(o, attn.wo.tensor()?)
     }
 
     /// Gated FFN `W2(act(W1 x) ⊙ W3 x)`.
-    fn ffn<T: Tape<E, D>>(&self, x: T2<E, D, T>, ffn: &Ffn<E, D>) -> Res<T2<E, D, T>, D> {
+    pub(crate) fn ffn<T: Tape<E, D>>(
+        &self,
+        x: T2<E, D, T>,
+        ffn: &Ffn<E, D>,
+    ) -> Res<T2<E, D, T>, D> {
         let a = D::matmul(x.retaped::<T>(), ffn.w1.tensor()?)?;
         let u = D::matmul(x, ffn.w3.tensor()?)?;
         D::matmul(D::glu(self.cfg.mlp, a, u)?, ffn.w2.tensor()?)
@@ -463,12 +500,53 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         if let Some(proj) = &self.embed_proj {
             h = dense(h, proj.weight.tensor()?, Some(proj.bias.tensor()))?;
         }
-        let rope = Rope::new(&self.dev, n, d / self.cfg.n_heads, self.cfg.rope_theta)?;
+        let hd = d / self.cfg.n_heads;
+        let mask = self.cfg.block_size.and_then(|bs| BlockMask::new(n / 2, bs));
+        let rope = match &mask {
+            None => Rope::new(&self.dev, n, hd, self.cfg.rope_theta)?,
+            Some(m) => Rope::at_positions(
+                &self.dev,
+                m.rope_positions().into_iter(),
+                hd,
+                self.cfg.rope_theta,
+            )?,
+        };
+        let rope = (&rope, mask);
+        // the head reads only the noised half of a block-diffusion input
+        let n_out = mask.map_or(n, |m| m.len);
+        let (b_mod, n_mod) = mask.map_or((b, n), |m| (2 * b, m.len));
+        let noised = |h: T2<E, D, T>| -> Res<T2<E, D, T>, D> {
+            if n_out == n {
+                return Ok(h);
+            }
+            h.try_reshape_like(&(b, n, d))?
+                .try_slice((.., 0..n_out, ..))?
+                .try_reshape_like(&(b * n_out, d))
+        };
         let (h, cond_tape) = match &self.trunk {
             Trunk::Conditioned { cond, blocks, head } => {
                 // act(c) is shared by every block: compute it once, keep its ops in
                 // `cond_tape`, and hand out tape-free copies (gradients meet on its id).
-                let c: T2<E, D, T> = self.cond(cond, batch)?;
+                // block diffusion: the clean copy is conditioned on t = 0 (it is clean), so its
+                // keys and values do not depend on the noise level and a sampler can cache them;
+                // modulation then groups rows as 2b half-sequences of N: (x_t at t, x_0 at 0).
+                let (t2, l2): (Vec<f64>, Option<Vec<u32>>) = match mask {
+                    None => (batch.t.to_vec(), batch.labels.map(|l| l.to_vec())),
+                    Some(_) => (
+                        batch.t.iter().flat_map(|&t| [t, 0.0]).collect(),
+                        batch
+                            .labels
+                            .map(|l| l.iter().flat_map(|&c| [c, c]).collect()),
+                    ),
+                };
+                let cb = DenoiseBatch {
+                    ids: batch.ids,
+                    batch: t2.len(),
+                    len: n_mod,
+                    t: &t2,
+                    labels: l2.as_deref(),
+                };
+                let c: T2<E, D, T> = self.cond(cond, &cb)?;
                 let (c, mut cond_tape) = act(self.cfg.mlp, c)?.split_tape();
                 for blk in blocks {
                     let (m, t) = self.ada::<T>(&c, &blk.norm, 6)?;
@@ -477,27 +555,30 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     let mut take = || m.next().expect("6 modulation chunks");
                     let (sh_a, sc_a, g_a) = (take(), take(), take());
                     let (sh_m, sc_m, g_m) = (take(), take(), take());
-                    let a = D::modulate(D::layer_norm(h.retaped::<T>())?, sh_a, sc_a, b, n)?;
-                    let a = self.attention(a, &blk.attn, &rope, b, n)?;
-                    h = D::gated_residual(h, channel_dropout(a, next_mask(), b, n)?, g_a, b, n)?;
+                    let a =
+                        D::modulate(D::layer_norm(h.retaped::<T>())?, sh_a, sc_a, b_mod, n_mod)?;
+                    let a = self.attention(a, &blk.attn, rope, b, n)?;
+                    let a = channel_dropout(a, next_mask(), b, n)?;
+                    h = D::gated_residual(h, a, g_a, b_mod, n_mod)?;
                     D::retain(&scope, &h);
-                    let f = D::modulate(D::layer_norm(h.retaped::<T>())?, sh_m, sc_m, b, n)?;
+                    let f =
+                        D::modulate(D::layer_norm(h.retaped::<T>())?, sh_m, sc_m, b_mod, n_mod)?;
                     let f = channel_dropout(self.ffn(f, &blk.ffn)?, next_mask(), b, n)?;
-                    h = D::gated_residual(h, f, g_m, b, n)?;
+                    h = D::gated_residual(h, f, g_m, b_mod, n_mod)?;
                     D::retain(&scope, &h);
                 }
                 let (m, t) = self.ada::<T>(&c, head, 2)?;
                 let mut m = m.into_iter();
                 let (sh, sc) = (m.next().expect("shift"), m.next().expect("scale"));
                 (
-                    D::modulate(D::layer_norm(h)?, sh, sc, b, n)?,
+                    noised(D::modulate(D::layer_norm(h)?, sh, sc, b_mod, n_mod)?)?,
                     cond_tape.merge(t),
                 )
             }
             Trunk::Plain { blocks, head } => {
                 for blk in blocks {
                     let a = D::rms_norm(h.retaped::<T>(), blk.norm.attn.tensor())?;
-                    let a = self.attention(a, &blk.attn, &rope, b, n)?;
+                    let a = self.attention(a, &blk.attn, rope, b, n)?;
                     h = h.try_add(channel_dropout(a, next_mask(), b, n)?)?;
                     D::retain(&scope, &h);
                     let f = D::rms_norm(h.retaped::<T>(), blk.norm.mlp.tensor())?;
@@ -505,14 +586,14 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     h = h.try_add(f)?;
                     D::retain(&scope, &h);
                 }
-                (D::rms_norm(h, head.tensor())?, T::default())
+                (D::rms_norm(noised(h)?, head.tensor())?, T::default())
             }
         };
         let logits = D::matmul(h, self.out.tensor()?)?;
         let (logits, t) = logits.split_tape();
         logits
             .put_tape(t.merge(cond_tape))
-            .try_reshape_like(&(b, n, self.cfg.vocab_size))
+            .try_reshape_like(&(b, n_out, self.cfg.vocab_size))
     }
 
     /// Write the parameters to a safetensors file with the project's one atomic writer

@@ -12,7 +12,8 @@
 //!
 //! On top of them, the [`Objective`] trait puts each model's schedule, noising, loss, learnable
 //! parameters, NELBO estimator and reverse process together as one type: [`Md4`] and
-//! [`GenMd4`]; trainers and evaluators are generic over it. [`estimate`] is the Monte-Carlo
+//! [`GenMd4`], and block diffusion on top of MD4 (BD3-LM), [`Block`]; trainers and evaluators
+//! are generic over it. [`estimate`] is the Monte-Carlo
 //! NELBO (continuous or T-step, K samples per sequence, standard error over sequences,
 //! reconstruction and prior apart) over any `maskdiff_process::Denoiser`.
 //!
@@ -21,6 +22,7 @@
 //! Sign convention: every loss here is a non-negative number of nats (the negative ELBO); the
 //! schedule's weight α'/(1 − α) is negative, so the per-sequence loss weight is −α'/(1 − α) ≥ 0.
 
+mod block;
 mod error;
 pub mod estimate;
 mod genmd4;
@@ -30,6 +32,7 @@ mod objective;
 pub mod reference;
 pub mod tensor;
 
+pub use block::{block_estimate, block_input, Block};
 pub use error::ObjectiveError;
 pub use estimate::{EvalOptions, NelboEstimate};
 pub use genmd4::{GenMd4, GenMd4Report, GenMd4Stats, THETA_NAME};

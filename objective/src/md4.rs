@@ -71,6 +71,13 @@ pub struct Md4Stats {
     total: usize,
 }
 
+impl Md4Stats {
+    /// Σ of a micro-batch's per-sequence diffusion losses, the sequence length, the step's batch.
+    pub fn new(sum: f64, len: usize, total: usize) -> Self {
+        Self { sum, len, total }
+    }
+}
+
 impl<D: Device<f32>> Objective<D> for Md4 {
     type Noised = MaskedBatch;
     type Stats = Md4Stats;

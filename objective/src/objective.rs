@@ -11,7 +11,7 @@
 //!   `maskdiff_process::Denoiser` ([`crate::estimate`]);
 //! * the reverse process a sampler runs ([`ReverseModel`], paper eq. (3) / eq. (11)).
 //!
-//! Implemented by [`crate::Md4`] and [`crate::GenMd4`]. A trainer generic over this trait needs
+//! Implemented by [`crate::Md4`], [`crate::GenMd4`] and [`crate::Block`]. A trainer generic over this trait needs
 //! no edit for a third objective; the choice among them is made once, from [`ObjectiveSpec`].
 
 use crate::estimate::{EvalOptions, NelboEstimate};
@@ -42,6 +42,10 @@ pub enum ObjectiveSpec {
         #[serde(default)]
         one_sample: bool,
     },
+    /// Block diffusion (BD3-LM): MD4 inside blocks of `block_size` tokens, each conditioned on
+    /// the clean blocks before it ([`crate::Block`]); the network must be built with the same
+    /// block size.
+    Block { block_size: usize },
 }
 
 /// What an objective is built from: its spec, the masking schedule of the run (ε-shifted),

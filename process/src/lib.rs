@@ -12,6 +12,7 @@
 mod denoiser;
 mod error;
 mod forward;
+mod prefix;
 mod reverse;
 mod token;
 
@@ -20,5 +21,6 @@ pub use error::{BackendError, ProcessError};
 pub use forward::{
     forward_sample, forward_sample_per_token, posterior, transition_prob, Posterior,
 };
+pub use prefix::PrefixDenoiser;
 pub use reverse::{reverse_step, reverse_step_genmd4, ReverseStep};
 pub use token::{State, Token, Vocab};

@@ -17,7 +17,10 @@
 //!   masked-position law adjusted so each step keeps the forward marginal.
 //! * Confidence-threshold parallel decoding (Fast-dLLM, Wu et al. 2025): per network call,
 //!   reveal every masked position the model is more than τ sure of (at least one).
-//! * Both work per block, so a block sampler reuses them inside each block.
+//! * Both work per block, so a block sampler reuses them inside each block: [`sample_blocks`]
+//!   draws block-diffusion (BD3-LM) sequences block by block over a
+//!   `maskdiff_process::PrefixDenoiser` (a clean prefix, cached or recomputed by the backend),
+//!   with any of the samplers above inside each block, stopping at a length or end-of-text.
 //! * Conditioning by fixed tokens ([`Constraint`], spec §6.4) and per-sequence class labels.
 //! * Streaming: a [`Sampler`] is an iterator of [`StepEvent`]s.
 //!
@@ -52,6 +55,7 @@
 //! assert!(out.nfe.iter().all(|&n| n <= 6)); // at most one call per generated position
 //! ```
 
+mod blocks;
 pub mod categorical;
 mod config;
 mod constraint;
@@ -62,6 +66,7 @@ pub mod plan;
 pub mod rng;
 mod shaping;
 
+pub use blocks::{sample_blocks, BlockSampleOutput};
 pub use config::{RemdmConfig, RemdmLoop, RemdmStrategy, SamplerConfig, SamplerKind};
 pub use constraint::{Anchor, Constraint, Span};
 pub use engine::Sampler;

@@ -36,7 +36,7 @@ pub use optimizer::AdamWStep;
 pub use storage::KernelScope;
 
 use crate::layers::{self, Res, Rope, T1, T2, T4};
-use crate::{Elem, MlpKind};
+use crate::{BlockMask, Elem, MlpKind};
 use dfdx::prelude::*;
 
 /// The fused operations the model uses, with generic defaults.
@@ -99,6 +99,36 @@ pub trait Kernels<E: Elem>: Device<E> {
         let k = k.try_permute::<_, Axes4<0, 2, 3, 1>>()?;
         let v = v.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
         let p = Self::softmax_last(q.try_matmul(k)?)?;
+        let o: T4<E, Self, T> = p.try_matmul(v)?;
+        o.try_permute::<_, Axes4<0, 2, 1, 3>>()?
+            .try_reshape_like(&(b * n, h * hd))
+    }
+    /// [`Kernels::attention`] over the 2N positions of block diffusion, each query restricted to
+    /// the keys [`BlockMask`] allows (n = 2N): −∞ added to the other scores before the softmax.
+    fn block_attention<T: Tape<E, Self>>(
+        q: T4<E, Self, T>,
+        k: T4<E, Self, T>,
+        v: T4<E, Self, T>,
+        mask: BlockMask,
+    ) -> Res<T2<E, Self, T>, Self> {
+        let (b, n, h, hd) = *q.shape();
+        let dev = q.device().clone();
+        let bias: Vec<E> = (0..n * n)
+            .map(|ij| {
+                if mask.allowed(ij / n, ij % n) {
+                    E::zero()
+                } else {
+                    E::neg_infinity()
+                }
+            })
+            .collect();
+        let bias = dev
+            .try_tensor_from_vec(bias, (n, n))?
+            .try_broadcast_like::<_, Axes2<0, 1>>(&(b, h, n, n))?;
+        let q = q.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
+        let k = k.try_permute::<_, Axes4<0, 2, 3, 1>>()?;
+        let v = v.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
+        let p = Self::softmax_last(q.try_matmul(k)?.try_add(bias)?)?;
         let o: T4<E, Self, T> = p.try_matmul(v)?;
         o.try_permute::<_, Axes4<0, 2, 1, 3>>()?
             .try_reshape_like(&(b * n, h * hd))
@@ -220,7 +250,15 @@ where
         k: T4<E, Self, T>,
         v: T4<E, Self, T>,
     ) -> Res<T2<E, Self, T>, Self> {
-        attention::attention(q, k, v)
+        attention::attention(q, k, v, None)
+    }
+    fn block_attention<T: Tape<E, Self>>(
+        q: T4<E, Self, T>,
+        k: T4<E, Self, T>,
+        v: T4<E, Self, T>,
+        mask: BlockMask,
+    ) -> Res<T2<E, Self, T>, Self> {
+        attention::attention(q, k, v, Some(mask))
     }
     fn rope<T: Tape<E, Self>>(
         rope: &Rope<E, Self>,

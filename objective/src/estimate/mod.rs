@@ -63,8 +63,8 @@ pub fn mix_seed(seed: u64, index: u64, salt: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// MD4's per-sequence stream salt for [`mix_seed`].
-const MD4_STREAM: u64 = 0x6A09_E667_F3BC_C909;
+/// MD4's per-sequence stream salt for [`mix_seed`] (block diffusion draws the same way).
+pub(crate) const MD4_STREAM: u64 = 0x6A09_E667_F3BC_C909;
 
 /// One call of the denoiser on pending rows, each given as (x_t ids, t, sequence index); the
 /// labels (if any) are indexed by sequence.
@@ -92,7 +92,7 @@ pub(crate) fn predict_rows<'r, D: Denoiser + ?Sized>(
 }
 
 /// log μ[k] of a network row (f32 log-probabilities), renormalised in f64.
-fn log_prob(row: &[f32], k: usize) -> f64 {
+pub(crate) fn log_prob(row: &[f32], k: usize) -> f64 {
     let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
     let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
     row[k] as f64 - lse
@@ -141,7 +141,8 @@ pub(crate) fn mc_means<D: Denoiser + ?Sized>(
             return Ok(());
         }
         let rows = pending.iter().map(|r| (r.xt.as_slice(), r.t, r.seq));
-        let lp = predict_rows(den, rows, len, labels)?;
+        // the network input may be longer than x_0 (block diffusion: x_t then x_0)
+        let lp = predict_rows(den, rows, pending[0].xt.len(), labels)?;
         for (b, r) in pending.iter().enumerate() {
             let est = score(r, &sequences[r.seq], &lp, b)?;
             if !est.is_finite() {
