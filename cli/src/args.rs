@@ -526,6 +526,17 @@ pub enum PlotWhat {
         #[arg(short, long, value_name = "PNG", default_value = "exponents.png")]
         out: PathBuf,
     },
+    /// The sampler frontier: network calls per sample against the generative perplexity of the
+    /// samples under a judge, one line per sampler, from the JSON lines `bench/frontier.sh`
+    /// writes (fields `sampler`, `nfe`, `gen_perplexity`).
+    Frontier {
+        /// A JSON-lines file of frontier points.
+        #[arg(value_name = "JSONL")]
+        points: PathBuf,
+        /// Output PNG.
+        #[arg(short, long, value_name = "PNG", default_value = "frontier.png")]
+        out: PathBuf,
+    },
 }
 
 #[cfg(test)]

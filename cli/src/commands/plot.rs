@@ -1,4 +1,4 @@
-//! `maskdiff plot metrics|schedule|exponents`.
+//! `maskdiff plot metrics|schedule|exponents|frontier`.
 
 use crate::args::{PlotArgs, PlotWhat};
 use crate::dataset::{token_pieces, Codec};
@@ -66,6 +66,10 @@ pub fn run(a: PlotArgs) -> Result<()> {
             let names = token_names(&metrics)?;
             crate::plot::exponents(&recs, names.as_deref(), &out)?;
             print_extremes(&recs, names.as_deref());
+        }
+        PlotWhat::Frontier { points, out } => {
+            let pts = crate::plot::read_frontier(&points)?;
+            crate::plot::frontier(&pts, &out)?;
         }
     }
     Ok(())

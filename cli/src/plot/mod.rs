@@ -293,6 +293,112 @@ pub fn token_label(piece: &str) -> String {
     }
 }
 
+/// One point of the sampler frontier (a line of `bench/frontier.sh`'s JSON-lines output).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct FrontierPoint {
+    /// The line this point belongs to (e.g. `ancestral`, `remdm cap 0.02`, `threshold`).
+    pub sampler: String,
+    /// Mean network calls per sample.
+    pub nfe: f64,
+    /// Generative perplexity of the samples under the judge.
+    pub gen_perplexity: f64,
+}
+
+/// Reads frontier points, one JSON object per non-empty line (other fields are ignored).
+pub fn read_frontier(path: &Path) -> Result<Vec<FrontierPoint>> {
+    let text = std::fs::read_to_string(path).map_err(|e| CliError::io("cannot read", path, e))?;
+    let mut pts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let p: FrontierPoint = serde_json::from_str(line).map_err(|e| CliError::Format {
+            what: "frontier point",
+            path: path.to_path_buf(),
+            message: format!("line {}: {e}", i + 1),
+        })?;
+        if !(p.nfe > 0.0 && p.nfe.is_finite() && p.gen_perplexity.is_finite()) {
+            return Err(CliError::Format {
+                what: "frontier point",
+                path: path.to_path_buf(),
+                message: format!("line {}: nfe must be positive, perplexity finite", i + 1),
+            });
+        }
+        pts.push(p);
+    }
+    if pts.is_empty() {
+        return Err(CliError::Plot(format!(
+            "{} holds no points",
+            path.display()
+        )));
+    }
+    Ok(pts)
+}
+
+/// Network calls per sample (log axis) against generative perplexity, one line per sampler in
+/// order of first appearance, each sorted by calls.
+pub fn frontier(points: &[FrontierPoint], out: &Path) -> Result<()> {
+    let mut names: Vec<&str> = Vec::new();
+    for p in points {
+        if !names.contains(&p.sampler.as_str()) {
+            names.push(&p.sampler);
+        }
+    }
+    let series: Vec<(&str, Vec<(f64, f64)>)> = names
+        .iter()
+        .map(|&n| {
+            let mut pts: Vec<(f64, f64)> = points
+                .iter()
+                .filter(|p| p.sampler == n)
+                .map(|p| (p.nfe, p.gen_perplexity))
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (n, pts)
+        })
+        .collect();
+    let (xlo, xhi) = points.iter().fold((f64::INFINITY, 0.0f64), |(a, b), p| {
+        (a.min(p.nfe), b.max(p.nfe))
+    });
+    let (y0, y1) = range(points.iter().map(|p| p.gen_perplexity));
+    render(out, SIZE, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption("sampler frontier", ("sans-serif", 24))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((xlo / 1.2..xhi * 1.2).log_scale(), y0..y1)
+            .map_err(perr)?;
+        chart
+            .configure_mesh()
+            .x_desc("network calls per sample")
+            .y_desc("generative perplexity (judge)")
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(perr)?;
+        for (i, (name, pts)) in series.iter().enumerate() {
+            let c = PALETTE[i % PALETTE.len()];
+            chart
+                .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+                .map_err(perr)?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
+                .map_err(perr)?;
+        }
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", 12))
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(perr)?;
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,5 +489,35 @@ mod tests {
         // wrong name count and no exponents at all are errors
         assert!(exponents(&recs, Some(&names[..3]), &out).is_err());
         assert!(exponents(&[Record::new(0, "train", 4.0)], None, &out).is_err());
+    }
+
+    #[test]
+    fn frontier_points_are_read_checked_and_plotted() {
+        let d = tmpdir("frontier");
+        let f = d.join("f.jsonl");
+        let lines = [
+            r#"{"sampler": "ancestral", "nfe": 16, "gen_perplexity": 34.5, "wall_s": 1}"#,
+            "",
+            r#"{"sampler": "threshold", "nfe": 16, "gen_perplexity": 22.4}"#,
+            r#"{"sampler": "ancestral", "nfe": 256, "gen_perplexity": 30.5}"#,
+        ];
+        std::fs::write(&f, lines.join("\n")).unwrap();
+        let pts = read_frontier(&f).unwrap();
+        assert_eq!(pts.len(), 3);
+        assert_eq!(pts[2].sampler, "ancestral");
+        assert_eq!(pts[2].nfe, 256.0);
+        let out = d.join("f.png");
+        frontier(&pts, &out).unwrap();
+        check_png(&out, SIZE);
+        // a point without calls, malformed JSON and an empty file are errors naming the line
+        std::fs::write(&f, r#"{"sampler": "a", "nfe": 0, "gen_perplexity": 3}"#).unwrap();
+        assert!(read_frontier(&f)
+            .unwrap_err()
+            .to_string()
+            .contains("line 1"));
+        std::fs::write(&f, "{\"sampler\": 1}\n").unwrap();
+        assert!(read_frontier(&f).is_err());
+        std::fs::write(&f, "\n").unwrap();
+        assert!(read_frontier(&f).is_err());
     }
 }
