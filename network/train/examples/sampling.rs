@@ -6,10 +6,11 @@
 //! cached sampler may reuse outputs), untrained: its weights do not change the cost.
 //!
 //! `cargo run --release -p maskdiff-train --example sampling -- [--steps T] [--samples S]
-//!  [--len N] [--preset NAME] [--device cpu|cuda]` — prints a Markdown table.
+//!  [--len N] [--preset NAME] [--device cpu|cuda] [--f32-only]` — prints a Markdown table; each
+//! sampler runs at f32, then with bf16 matrix products where the CPU has AVX512-BF16.
 
 use maskdiff_network::dfdx::prelude::*;
-use maskdiff_network::{Kernels, NetworkConfig, NetworkDenoiser};
+use maskdiff_network::{set_precision, Kernels, NetworkConfig, NetworkDenoiser, Precision};
 use maskdiff_sampler::{sample, SamplerConfig, SamplerKind};
 use maskdiff_schedule::{Linear, Shifted};
 use std::time::Instant;
@@ -47,11 +48,22 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
     println!("|---|---|---|---|---|");
     let mut base = None;
     let mut reference: Option<Vec<Vec<u32>>> = None;
-    for (name, kind) in [
-        ("ancestral (Alg. 2)", SamplerKind::Ancestral),
-        ("cached", SamplerKind::Cached),
-        ("first-hitting", SamplerKind::FirstHitting),
-    ] {
+    // f32 first (its ancestral row is the baseline), then bf16 products where the CPU has them
+    let mut precisions = vec![Precision::F32];
+    if maskdiff_network::precision::bf16_hardware() && !std::env::args().any(|a| a == "--f32-only")
+    {
+        precisions.push(Precision::Bf16);
+    }
+    for (precision, (name, kind)) in precisions.iter().flat_map(|&p| {
+        [
+            ("ancestral (Alg. 2)", SamplerKind::Ancestral),
+            ("cached", SamplerKind::Cached),
+            ("first-hitting", SamplerKind::FirstHitting),
+        ]
+        .map(move |k| (p, k))
+    }) {
+        set_precision(precision);
+        let name = format!("{name}, {precision}");
         let config = SamplerConfig {
             kind,
             steps,
@@ -71,7 +83,7 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
             out.calls,
             base_wall / wall
         );
-        // the cached sampler must reproduce Alg. 2 exactly for the same seed
+        // the cached sampler must reproduce Alg. 2 (of the same precision) exactly for the same seed
         match kind {
             SamplerKind::Ancestral => reference = Some(out.sequences),
             SamplerKind::Cached if reference.as_ref() != Some(&out.sequences) => {
