@@ -10,6 +10,9 @@
 //!  [--batch B] [--len N] [--preset NAME]`
 //! The last lines are machine-readable: `isa=<level> kernels_s=… forward_tok_s=… train_tok_s=…`.
 
+#[path = "common/args.rs"]
+mod args;
+use args::arg;
 use maskdiff_network::dfdx::prelude::*;
 use maskdiff_network::isa::{self, Level};
 use maskdiff_network::{Kernels, MlpKind, NetworkConfig, Rope};
@@ -19,15 +22,6 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
 type Err = Box<dyn std::error::Error>;
-
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Inputs of the fused kernels at the preset's activation shapes.
 struct KernelInputs {
@@ -122,12 +116,7 @@ fn main() -> Result<(), Err> {
         ..Default::default()
     };
     let mut trainer = Trainer::<_, maskdiff_objective::Md4>::new(cfg, train_cfg, 0, &dev)?;
-    let x0: Vec<u32> = (0..b * n).map(|_| rng.gen_range(0..v as u32)).collect();
-    let xt: Vec<u32> = x0
-        .iter()
-        .map(|&x| if rng.gen::<bool>() { x } else { v as u32 })
-        .collect();
-    let t: Vec<f64> = (0..b).map(|i| (i as f64 + 0.5) / b as f64).collect();
+    let (x0, xt, t) = args::random_batch(&mut rng, v, b, n);
     let input = DenoiseBatch {
         ids: &xt,
         batch: b,

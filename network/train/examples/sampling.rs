@@ -9,20 +9,14 @@
 //!  [--len N] [--preset NAME] [--device cpu|cuda] [--f32-only]` — prints a Markdown table; each
 //! sampler runs at f32, then with bf16 matrix products where the CPU has AVX512-BF16.
 
+#[path = "common/args.rs"]
+mod args;
+use args::{arg, flag};
 use maskdiff_network::dfdx::prelude::*;
 use maskdiff_network::{set_precision, Kernels, NetworkConfig, NetworkDenoiser, Precision};
 use maskdiff_sampler::{sample, SamplerConfig, SamplerKind};
 use maskdiff_schedule::{Linear, Shifted};
 use std::time::Instant;
-
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
     let (steps, samples, len) = (
@@ -50,8 +44,7 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
     let mut reference: Option<Vec<Vec<u32>>> = None;
     // f32 first (its ancestral row is the baseline), then bf16 products where the CPU has them
     let mut precisions = vec![Precision::F32];
-    if maskdiff_network::precision::bf16_hardware() && !std::env::args().any(|a| a == "--f32-only")
-    {
+    if maskdiff_network::precision::bf16_hardware() && !flag("--f32-only") {
         precisions.push(Precision::Bf16);
     }
     for (precision, (name, kind)) in precisions.iter().flat_map(|&p| {

@@ -18,25 +18,15 @@
 #[path = "common/mem.rs"]
 mod mem;
 
+#[path = "common/args.rs"]
+mod args;
+use args::{arg, flag};
 use maskdiff_network::dfdx::prelude::*;
 use maskdiff_network::{set_precision, Kernels, NetworkConfig, Precision};
 use maskdiff_process::DenoiseBatch;
 use maskdiff_train::{LrSchedule, TrainBatch, TrainConfig, Trainer};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
 use std::time::Instant;
-
-fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn flag(name: &str) -> bool {
-    std::env::args().any(|a| a == name)
-}
 
 /// (fastest, median) of the timings.
 fn summary(mut xs: Vec<f64>) -> (f64, f64) {
@@ -75,13 +65,7 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
         maskdiff_network::isa::isa()
     );
     let mut rng = StdRng::seed_from_u64(0);
-    let x0: Vec<u32> = (0..b * n).map(|_| rng.gen_range(0..v as u32)).collect();
-    // half-masked inputs for the forward pass
-    let xt: Vec<u32> = x0
-        .iter()
-        .map(|&x| if rng.gen::<bool>() { x } else { v as u32 })
-        .collect();
-    let t: Vec<f64> = (0..b).map(|i| (i as f64 + 0.5) / b as f64).collect();
+    let (x0, xt, t) = args::random_batch(&mut rng, v, b, n);
     let input = DenoiseBatch {
         ids: &xt,
         batch: b,
