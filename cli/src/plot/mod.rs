@@ -59,6 +59,40 @@ fn range(vals: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// One coloured line per named series (with point markers when it has fewer than 60 points)
+/// and the legend, on any f64 × f64 chart (linear or log axes).
+fn named_lines<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let c = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+            .map_err(perr)?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        if pts.len() < 60 {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
+                .map_err(perr)?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 12))
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(perr)?;
+    Ok(())
+}
+
 /// Training and validation loss (bits/token) against step.
 pub fn metrics(records: &[Record], title: &str, out: &Path) -> Result<()> {
     let series: Vec<(&str, Vec<(f64, f64)>)> = ["train", "val", "test"]
@@ -95,29 +129,7 @@ pub fn metrics(records: &[Record], title: &str, out: &Path) -> Result<()> {
             .label_style(("sans-serif", 12))
             .draw()
             .map_err(perr)?;
-        for (i, (name, pts)) in series.iter().enumerate() {
-            let c = PALETTE[i % PALETTE.len()];
-            chart
-                .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-                .map_err(perr)?
-                .label(*name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                });
-            if pts.len() < 60 {
-                chart
-                    .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
-                    .map_err(perr)?;
-            }
-        }
-        chart
-            .configure_series_labels()
-            .label_font(("sans-serif", 12))
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(perr)?;
-        Ok(())
+        named_lines(&mut chart, &series)
     })
 }
 
@@ -375,27 +387,7 @@ pub fn frontier(points: &[FrontierPoint], out: &Path) -> Result<()> {
             .label_style(("sans-serif", 12))
             .draw()
             .map_err(perr)?;
-        for (i, (name, pts)) in series.iter().enumerate() {
-            let c = PALETTE[i % PALETTE.len()];
-            chart
-                .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-                .map_err(perr)?
-                .label(*name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                });
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
-                .map_err(perr)?;
-        }
-        chart
-            .configure_series_labels()
-            .label_font(("sans-serif", 12))
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(perr)?;
-        Ok(())
+        named_lines(&mut chart, &series)
     })
 }
 
