@@ -116,7 +116,8 @@ impl FromStr for DatasetKind {
 pub struct ModelConfig {
     /// Network preset: `tiny` (tests), `cpu-small` (4 layers, width 256), `md4-s` (12 × 768),
     /// `md4-m` (24 × 1024) — the transformer; `unet-tiny`, `unet-small`, `unet-cifar10` — the
-    /// U-Net image denoiser of spec §7.3 (image data only; built for the data's image shape).
+    /// U-Net image denoiser of spec §7.3; `uvit-tiny`, `uvit-small`, `uvit-imagenet64` — the
+    /// U-ViT of spec §7.4 (image networks take image data only and are built for its shape).
     pub preset: String,
     /// `md4`, `genmd4` or `block`.
     pub kind: ModelKind,
@@ -400,7 +401,7 @@ impl Default for SampleConfig {
 }
 
 /// The network presets the CLI accepts.
-pub const PRESETS: [&str; 7] = [
+pub const PRESETS: [&str; 10] = [
     "tiny",
     "cpu-small",
     "md4-s",
@@ -408,6 +409,9 @@ pub const PRESETS: [&str; 7] = [
     "unet-tiny",
     "unet-small",
     "unet-cifar10",
+    "uvit-tiny",
+    "uvit-small",
+    "uvit-imagenet64",
 ];
 
 fn positive(field: &str, v: f64) -> Result<()> {

@@ -39,6 +39,21 @@ pub enum Arch {
         channels: usize,
         groups: usize,
     },
+    /// The U-ViT of spec §7.4 (official `uvit.py` + `dit.py`) over `height × width` pixels of
+    /// `channels` tokens: conditional-GroupNorm residual blocks (`groups` groups) around a DiT
+    /// middle on `patch × patch` patches with `dit_layers` blocks of `dit_heads` heads and width
+    /// `dit_dim`. Reads the same [`NetworkConfig`] fields as the U-Net (`dim` = residual-block
+    /// channels, `n_layers` = residual blocks per side); needs conditioning (on t and/or a label).
+    Uvit {
+        height: usize,
+        width: usize,
+        channels: usize,
+        groups: usize,
+        patch: usize,
+        dit_layers: usize,
+        dit_heads: usize,
+        dit_dim: usize,
+    },
 }
 
 impl Arch {
@@ -91,7 +106,7 @@ pub struct NetworkConfig {
 }
 
 /// Names accepted by [`NetworkConfig::preset`].
-pub const PRESETS: [&str; 7] = [
+pub const PRESETS: [&str; 10] = [
     "tiny",
     "cpu-small",
     "md4-s",
@@ -99,6 +114,9 @@ pub const PRESETS: [&str; 7] = [
     "unet-tiny",
     "unet-small",
     "unet-cifar10",
+    "uvit-tiny",
+    "uvit-small",
+    "uvit-imagenet64",
 ];
 
 impl NetworkConfig {
@@ -122,7 +140,55 @@ impl NetworkConfig {
     /// GroupNorm groups); `unet-small` (CPU: 64 channels, 4 blocks, embedding 32, d_c = 64,
     /// 16 groups, dropout 0.1) and `unet-tiny` (tests: 16 channels, 1 block, embedding 8,
     /// d_c = 16, 4 groups, no dropout).
+    ///
+    /// U-ViT presets (spec §7.4; image shape 64 × 64 × 3 until [`NetworkConfig::set_image`]):
+    /// `uvit-imagenet64` is the official `md4/imagenet64` likelihood network (the config's
+    /// sweep comment: 24 residual blocks per side and 12 DiT layers; 256 channels, per-channel
+    /// embedding 256, d_c = 256, 32 groups, patch 2, DiT width 768 with 12 heads, dropout 0.1:
+    /// 198,279,680 parameters, the paper's "198M"); `uvit-small` (CPU: 64 channels, 2 blocks,
+    /// embedding 32, d_c = 64, 16 groups, patch 2, 4 DiT layers of width 128 with 4 heads,
+    /// dropout 0.1) and `uvit-tiny` (tests: 16 channels, 1 block, embedding 8, d_c = 16,
+    /// 4 groups, patch 2, 1 DiT layer of width 16 with 2 heads, no dropout).
     pub fn preset(name: &str, vocab_size: usize) -> Result<Self, NetworkError> {
+        if let Some(size) = name.strip_prefix("uvit-") {
+            #[rustfmt::skip]
+            let (dim, n_layers, embed, cond_dim, groups, (dit_layers, dit_heads, dit_dim), dropout) =
+                match size {
+                    "tiny" => (16, 1, 8, 16, 4, (1, 2, 16), 0.0),
+                    "small" => (64, 2, 32, 64, 16, (4, 4, 128), 0.1),
+                    "imagenet64" => (256, 24, 256, 256, 32, (12, 12, 768), 0.1),
+                    _ => return Err(NetworkError::UnknownPreset(name.to_string())),
+                };
+            let mut cfg = NetworkConfig {
+                vocab_size,
+                max_len: 0,
+                dim,
+                n_layers,
+                n_heads: 1,
+                cond_dim,
+                mlp: MlpKind::Glu,
+                ffn_hidden: None,
+                time_conditioning: true,
+                num_classes: 0,
+                dropout,
+                embed_dim: Some(embed),
+                rope_theta: 10_000.0,
+                depth_scaled_init: false,
+                block_size: None,
+                arch: Arch::Uvit {
+                    height: 64,
+                    width: 64,
+                    channels: 3,
+                    groups,
+                    patch: 2,
+                    dit_layers,
+                    dit_heads,
+                    dit_dim,
+                },
+            };
+            cfg.set_image(64, 64, 3)?;
+            return Ok(cfg);
+        }
         if let Some(size) = name.strip_prefix("unet-") {
             let (dim, n_layers, embed, cond_dim, groups, dropout) = match size {
                 "tiny" => (16, 1, 8, 16, 4, 0.0),
@@ -204,6 +270,12 @@ impl NetworkConfig {
                 width: w,
                 channels: c,
                 ..
+            }
+            | Arch::Uvit {
+                height: h,
+                width: w,
+                channels: c,
+                ..
             } => (*h, *w, *c) = (height, width, channels),
         }
         self.max_len = height * width * channels;
@@ -215,6 +287,12 @@ impl NetworkConfig {
         match self.arch {
             Arch::Transformer => None,
             Arch::Unet {
+                height,
+                width,
+                channels,
+                ..
+            }
+            | Arch::Uvit {
                 height,
                 width,
                 channels,
@@ -271,13 +349,23 @@ impl NetworkConfig {
         if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
             return bad(format!("dropout {} not in [0, 1)", self.dropout));
         }
-        if let Arch::Unet {
-            height,
-            width,
-            channels,
-            groups,
-        } = self.arch
-        {
+        let image = match self.arch {
+            Arch::Transformer => None,
+            Arch::Unet {
+                height,
+                width,
+                channels,
+                groups,
+            }
+            | Arch::Uvit {
+                height,
+                width,
+                channels,
+                groups,
+                ..
+            } => Some((height, width, channels, groups)),
+        };
+        if let Some((height, width, channels, groups)) = image {
             if height == 0 || width == 0 || channels == 0 {
                 return bad("the image shape must be positive".into());
             }
@@ -299,6 +387,39 @@ impl NetworkConfig {
             }
             if self.block_size.is_some() {
                 return bad("block diffusion needs the transformer, not an image network".into());
+            }
+        }
+        if let Arch::Uvit {
+            height,
+            width,
+            patch,
+            dit_layers,
+            dit_heads,
+            dit_dim,
+            ..
+        } = self.arch
+        {
+            if patch == 0 || !height.is_multiple_of(patch) || !width.is_multiple_of(patch) {
+                return bad(format!(
+                    "the U-ViT's {height}×{width} image is not divisible into {patch}×{patch} patches"
+                ));
+            }
+            if dit_layers == 0 || dit_heads == 0 || !dit_dim.is_multiple_of(dit_heads) {
+                return bad(format!(
+                    "U-ViT DiT: {dit_layers} layers, width {dit_dim} over {dit_heads} heads \
+                     (layers and heads must be positive, the width divisible by the heads)"
+                ));
+            }
+            // the 2-D sin-cos table gives each axis dit_dim/2 columns of sin/cos pairs
+            if dit_dim == 0 || !dit_dim.is_multiple_of(4) {
+                return bad(format!(
+                    "U-ViT DiT width {dit_dim} must be a positive multiple of 4 (2-D sin-cos positions)"
+                ));
+            }
+            if !self.is_conditioned() {
+                return bad(
+                    "the U-ViT needs conditioning (time and/or class): its norms are adaLN".into(),
+                );
             }
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {

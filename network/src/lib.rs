@@ -20,6 +20,9 @@
 //!   `unet-small`, `unet-cifar10`), with 3×3 convolutions and GroupNorm as [`Kernels`] ops;
 //!   [`Network`] holds either network (chosen by [`NetworkConfig::arch`]) for the trainer,
 //!   checkpoints and the denoiser.
+//! * [`Uvit`]: the U-ViT image denoiser of spec §7.4 (conditional-GroupNorm residual blocks
+//!   around a DiT middle; presets `uvit-tiny`, `uvit-small`, `uvit-imagenet64`), also a
+//!   [`Network`] variant.
 //! * [`NetworkDenoiser`] puts a model behind `maskdiff_process::Denoiser`.
 //! * [`tensor_io`]: named flat tensors to and from safetensors bytes.
 //!
@@ -53,6 +56,7 @@ pub mod precision;
 pub mod tensor_io;
 pub mod unet;
 mod unet_layers;
+pub mod uvit;
 
 pub use alloc::tune_allocator;
 pub use block::BlockMask;
@@ -69,6 +73,7 @@ pub use network::Network;
 pub use param::Param;
 pub use precision::{set_precision, with_precision, Precision};
 pub use unet::UNet;
+pub use uvit::Uvit;
 
 /// Re-exported so that downstream crates name the same dfdx types.
 pub use dfdx;

@@ -6,6 +6,7 @@ use crate::layers::T3;
 use crate::modules::Parameters;
 use crate::param::{self, Param};
 use crate::unet::UNet;
+use crate::uvit::Uvit;
 use crate::{Arch, Elem, Kernels, Md4Transformer, NetworkConfig, NetworkError};
 use dfdx::prelude::*;
 use maskdiff_process::{DenoiseBatch, LogProbs, Vocab};
@@ -19,6 +20,13 @@ use std::path::Path;
 pub enum Network<E: Elem, D: Kernels<E>> {
     Transformer(Md4Transformer<E, D>),
     UNet(UNet<E, D>),
+    Uvit(Uvit<E, D>),
+}
+
+impl<E: Elem, D: Kernels<E>> From<Uvit<E, D>> for Network<E, D> {
+    fn from(m: Uvit<E, D>) -> Self {
+        Network::Uvit(m)
+    }
 }
 
 impl<E: Elem, D: Kernels<E>> From<Md4Transformer<E, D>> for Network<E, D> {
@@ -38,12 +46,14 @@ impl<E: Elem, D: Kernels<E>> Parameters<E, D> for Network<E, D> {
         match self {
             Network::Transformer(m) => m.visit(f),
             Network::UNet(m) => m.visit(f),
+            Network::Uvit(m) => m.visit(f),
         }
     }
     fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
         match self {
             Network::Transformer(m) => m.visit_mut(f),
             Network::UNet(m) => m.visit_mut(f),
+            Network::Uvit(m) => m.visit_mut(f),
         }
     }
 }
@@ -54,6 +64,7 @@ impl<E: Elem, D: Kernels<E>> Network<E, D> {
         match cfg.arch {
             Arch::Transformer => Ok(Md4Transformer::new(cfg, dev, seed)?.into()),
             Arch::Unet { .. } => Ok(UNet::new(cfg, dev, seed)?.into()),
+            Arch::Uvit { .. } => Ok(Uvit::new(cfg, dev, seed)?.into()),
         }
     }
 
@@ -65,6 +76,9 @@ impl<E: Elem, D: Kernels<E>> Network<E, D> {
             Network::UNet(_) => Err(NetworkError::Config(
                 "this operation needs the transformer, not the U-Net".into(),
             )),
+            Network::Uvit(_) => Err(NetworkError::Config(
+                "this operation needs the transformer, not the U-ViT".into(),
+            )),
         }
     }
 
@@ -72,6 +86,7 @@ impl<E: Elem, D: Kernels<E>> Network<E, D> {
         match self {
             Network::Transformer(m) => m.config(),
             Network::UNet(m) => m.config(),
+            Network::Uvit(m) => m.config(),
         }
     }
     pub fn vocab(&self) -> Vocab {
@@ -81,6 +96,7 @@ impl<E: Elem, D: Kernels<E>> Network<E, D> {
         match self {
             Network::Transformer(m) => m.device(),
             Network::UNet(m) => m.device(),
+            Network::Uvit(m) => m.device(),
         }
     }
     /// All parameters in their fixed order (their names are the checkpoint keys).
@@ -119,6 +135,16 @@ impl<E: Elem, D: Kernels<E>> Network<E, D> {
                 };
                 Ok(UNet::build(m.config().clone(), dev, &mut take)?.into())
             }
+            Network::Uvit(m) => {
+                let mut src = m.params().into_iter();
+                let mut take = |name: &str, _: &[usize], _: crate::Init| match src.next() {
+                    Some(p) if p.name == name => Ok(p.value.as_vec()),
+                    _ => Err(NetworkError::Config(format!(
+                        "to_device: no source tensor {name}"
+                    ))),
+                };
+                Ok(Uvit::build(m.config().clone(), dev, &mut take)?.into())
+            }
         }
     }
 
@@ -137,15 +163,19 @@ impl<E: Elem, D: Kernels<E>> Network<E, D> {
                 m.forward_impl(batch, tape, dropout_rng)
                     .map_err(NetworkError::device)
             }
+            Network::Uvit(m) => {
+                check_image_input(m.config(), batch)?;
+                m.forward_impl(batch, tape, dropout_rng)
+                    .map_err(NetworkError::device)
+            }
         }
     }
 
     /// Normalised log μ_θ (batch, len, V) without a tape, as host data.
     pub fn log_probs(&self, batch: &DenoiseBatch<'_>) -> Result<LogProbs, NetworkError> {
-        let m = match self {
-            Network::Transformer(m) => return m.log_probs(batch),
-            Network::UNet(m) => m,
-        };
+        if let Network::Transformer(m) = self {
+            return m.log_probs(batch);
+        }
         let logits = self.forward(batch, NoneTape, None)?;
         let lp = logits
             .try_log_softmax::<Axis<2>>()
@@ -158,7 +188,7 @@ impl<E: Elem, D: Kernels<E>> Network<E, D> {
                 .collect(),
             batch: batch.batch,
             len: batch.len,
-            vocab: m.config().vocab_size,
+            vocab: self.config().vocab_size,
         })
     }
 

@@ -125,7 +125,7 @@ impl<E: Elem, D: Kernels<E>> Parameters<E, D> for UNet<E, D> {
 }
 
 /// Flax's default Dense/Conv initialiser: LeCun normal (truncated, variance 1/fan_in).
-fn lecun(fan_in: usize) -> Init {
+pub(crate) fn lecun(fan_in: usize) -> Init {
     Init::TruncatedFanIn { scale: 1.0, fan_in }
 }
 
@@ -136,7 +136,7 @@ impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
             bias: self.vector(format!("{name}.bias"), c, Init::Zeros)?,
         })
     }
-    fn conv(
+    pub(crate) fn conv(
         &mut self,
         name: &str,
         (cin, cout): (usize, usize),
@@ -288,7 +288,7 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
     fn groups(&self) -> usize {
         match self.cfg.arch {
             Arch::Unet { groups, .. } => groups,
-            Arch::Transformer => unreachable!("a U-Net has a U-Net configuration"),
+            _ => unreachable!("a U-Net has a U-Net configuration"),
         }
     }
 

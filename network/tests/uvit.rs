@@ -1,0 +1,373 @@
+//! U-ViT (spec §7.4) properties: the official ImageNet-64 likelihood network's parameter count
+//! from the layer formula (the paper's 198M), the sin-cos initialisation of the positional table,
+//! zero-initialised output (uniform prediction), configuration and input errors, gradients
+//! against central finite differences (f64, every parameter tensor), save → load identity,
+//! dropout's effect and the device round trip.
+
+use maskdiff_network::dfdx::prelude::*;
+use maskdiff_network::uvit::sincos_2d;
+use maskdiff_network::{Arch, Network, NetworkConfig, NetworkDenoiser, NetworkError};
+use maskdiff_process::{DenoiseBatch, Denoiser};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+fn uvit(preset: &str, v: usize, (h, w, c): (usize, usize, usize)) -> NetworkConfig {
+    let mut cfg = NetworkConfig::preset(preset, v).unwrap();
+    cfg.set_image(h, w, c).unwrap();
+    cfg
+}
+
+fn random_ids(rng: &mut StdRng, n: usize, v: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.gen_range(0..=v as u32)).collect()
+}
+
+fn set_arch(
+    cfg: &mut NetworkConfig,
+    f: impl FnOnce(&mut usize, &mut usize, &mut usize, &mut usize),
+) {
+    match &mut cfg.arch {
+        Arch::Uvit {
+            groups,
+            patch,
+            dit_heads,
+            dit_dim,
+            ..
+        } => f(groups, patch, dit_heads, dit_dim),
+        _ => panic!("not a U-ViT"),
+    }
+}
+
+/// The U-ViT's parameter count layer by layer (official `uvit.py`, `dit.py`, `backward.py`):
+/// `ch` channels, `l` residual blocks per side, per-channel embedding `e`, image `h × w × c`,
+/// V levels, conditioning width `dc` (time only), patch `p`, `k` DiT layers of width `d`.
+#[allow(clippy::too_many_arguments)]
+fn uvit_params(
+    ch: usize,
+    l: usize,
+    e: usize,
+    (h, w, c): (usize, usize, usize),
+    v: usize,
+    dc: usize,
+    p: usize,
+    (k, d): (usize, usize),
+) -> usize {
+    let dense = |i: usize, o: usize| i * o + o;
+    let conv = |i: usize, o: usize| 9 * i * o + o;
+    // CondGroupNorm: Dense(c → 2·channels) with bias, no GroupNorm parameters
+    let cgn = |k: usize| dense(dc, 2 * k);
+    let res = |i: usize, o: usize| {
+        cgn(i) + conv(i, o) + cgn(o) + conv(o, o) + if i != o { dense(i, o) } else { 0 }
+    };
+    let cond = dense(dc, 4 * dc) + dense(4 * dc, dc);
+    let block = dense(dc, 6 * d) + 3 * dense(d, d) + d * d + dense(d, 4 * d) + dense(4 * d, d);
+    let tokens = (h / p) * (w / p);
+    let dit =
+        dense(p * p * ch, d) + tokens * d + k * block + dense(dc, 2 * d) + dense(d, p * p * ch);
+    (v + 1) * e
+        + cond
+        + conv(c * e, ch)
+        + l * res(ch, ch)
+        + dit
+        + (l + 1) * res(2 * ch, ch)
+        + cgn(ch)
+        + conv(ch, c * v)
+}
+
+#[test]
+fn imagenet64_preset_has_the_official_parameter_count() {
+    let dev = Cpu::default();
+    let cfg = NetworkConfig::preset("uvit-imagenet64", 256).unwrap();
+    assert_eq!(cfg.image(), Some((64, 64, 3)));
+    assert_eq!(cfg.max_len, 64 * 64 * 3);
+    assert_eq!(
+        (
+            cfg.dim,
+            cfg.n_layers,
+            cfg.cond_dim,
+            cfg.embed_dim,
+            cfg.dropout
+        ),
+        (256, 24, 256, Some(256), 0.1)
+    );
+    assert!(matches!(
+        cfg.arch,
+        Arch::Uvit {
+            groups: 32,
+            patch: 2,
+            dit_layers: 12,
+            dit_heads: 12,
+            dit_dim: 768,
+            ..
+        }
+    ));
+    let m = Network::<f32, Cpu>::new(cfg, &dev, 0).unwrap();
+    let n = m.num_params();
+    assert_eq!(
+        n,
+        uvit_params(256, 24, 256, (64, 64, 3), 256, 256, 2, (12, 768))
+    );
+    // the paper's "198M" (App. J.4, Table 3): the exact count of the likelihood network
+    assert_eq!(n, 198_279_680);
+}
+
+#[test]
+fn small_presets_count_and_positions_start_as_sincos() {
+    let dev = Cpu::default();
+    for (preset, ch, l, e, dc, (k, d)) in [
+        ("uvit-tiny", 16, 1, 8, 16, (1, 16)),
+        ("uvit-small", 64, 2, 32, 64, (4, 128)),
+    ] {
+        let cfg = uvit(preset, 17, (8, 6, 1));
+        let m = Network::<f64, Cpu>::new(cfg, &dev, 0).unwrap();
+        assert_eq!(
+            m.num_params(),
+            uvit_params(ch, l, e, (8, 6, 1), 17, dc, 2, (k, d)),
+            "{preset}"
+        );
+        let pos = m
+            .params()
+            .into_iter()
+            .find(|p| p.name == "dit.pos")
+            .unwrap();
+        assert_eq!(pos.shape, vec![4 * 3, d]);
+        assert_eq!(pos.value.as_vec(), sincos_2d(4, 3, d));
+    }
+}
+
+#[test]
+fn fresh_uvit_predicts_uniform_exactly() {
+    let dev = Cpu::default();
+    for (time, classes) in [(true, 0), (true, 3), (false, 2)] {
+        let mut cfg = uvit("uvit-tiny", 7, (4, 6, 2));
+        cfg.time_conditioning = time;
+        cfg.num_classes = classes;
+        let m = Network::<f32, Cpu>::new(cfg, &dev, 7).unwrap();
+        let n = 4 * 6 * 2;
+        let mut rng = StdRng::seed_from_u64(1);
+        let ids = random_ids(&mut rng, 3 * n, 7);
+        let labels = [0u32, 1, 1];
+        let batch = DenoiseBatch {
+            ids: &ids,
+            batch: 3,
+            len: n,
+            t: &[0.1, 0.5, 0.99],
+            labels: (classes > 0).then_some(&labels[..]),
+        };
+        let logits = m.forward(&batch, NoneTape, None).unwrap();
+        assert_eq!(*logits.shape(), (3, n, 7));
+        assert!(logits.as_vec().iter().all(|&x| x == 0.0));
+        let mut den = NetworkDenoiser::new(m);
+        let lp = den.log_probs(&batch).unwrap();
+        let target = -(7f32).ln();
+        assert!(lp.data.iter().all(|&x| (x - target).abs() < 1e-6));
+        assert_eq!(den.is_time_conditioned(), time);
+        assert_eq!(den.num_classes(), classes);
+    }
+}
+
+#[test]
+fn bad_configs_and_inputs_are_errors() {
+    let dev = Cpu::default();
+    let cfg = uvit("uvit-tiny", 5, (2, 2, 1));
+    let m = Network::<f32, Cpu>::new(cfg.clone(), &dev, 0).unwrap();
+    let batch = |ids: &'static [u32], t: &'static [f64], labels| DenoiseBatch {
+        ids,
+        batch: 1,
+        len: ids.len(),
+        t,
+        labels,
+    };
+    // not the image's token count, an id above the mask id, t outside [0, 1], stray labels
+    assert!(matches!(
+        m.forward(&batch(&[0, 1, 2], &[0.5], None), NoneTape, None),
+        Err(NetworkError::Input(_))
+    ));
+    assert!(matches!(
+        m.forward(&batch(&[0, 1, 2, 6], &[0.5], None), NoneTape, None),
+        Err(NetworkError::Process(_))
+    ));
+    assert!(matches!(
+        m.forward(&batch(&[0, 1, 2, 5], &[1.5], None), NoneTape, None),
+        Err(NetworkError::Input(_))
+    ));
+    assert!(matches!(
+        m.forward(&batch(&[0, 1, 2, 5], &[0.5], Some(&[0])), NoneTape, None),
+        Err(NetworkError::Input(_))
+    ));
+    assert!(m
+        .forward(&batch(&[0, 1, 2, 5], &[0.5], None), NoneTape, None)
+        .is_ok());
+    let config_err = |c: &NetworkConfig| {
+        assert!(
+            matches!(c.validate(), Err(NetworkError::Config(_))),
+            "{:?}",
+            c.arch
+        );
+        assert!(matches!(
+            Network::<f32, Cpu>::new(c.clone(), &dev, 0),
+            Err(NetworkError::Config(_))
+        ));
+    };
+    // an image not divisible into patches (both axes), patch 0
+    let mut c = NetworkConfig::preset("uvit-tiny", 5).unwrap();
+    assert!(matches!(c.set_image(5, 4, 1), Err(NetworkError::Config(_))));
+    assert!(matches!(c.set_image(4, 3, 1), Err(NetworkError::Config(_))));
+    for (patch, heads, dim, groups) in [(0, 2, 16, 4), (2, 3, 16, 4), (2, 2, 18, 4), (2, 2, 16, 3)]
+    {
+        // patch 0; width not divisible by the heads; width not a multiple of 4 (sin-cos
+        // positions); groups not dividing the channels
+        let mut c = cfg.clone();
+        set_arch(&mut c, |g, p, h, d| {
+            (*g, *p, *h, *d) = (groups, patch, heads, dim)
+        });
+        config_err(&c);
+    }
+    let mut c = cfg.clone();
+    if let Arch::Uvit { dit_layers, .. } = &mut c.arch {
+        *dit_layers = 0;
+    }
+    config_err(&c);
+    // every norm is adaptive: an unconditioned U-ViT is refused
+    let mut c = cfg.clone();
+    c.time_conditioning = false;
+    config_err(&c);
+    assert!(matches!(
+        NetworkConfig::preset("uvit-huge", 5),
+        Err(NetworkError::UnknownPreset(_))
+    ));
+    // block diffusion is the transformer's
+    let mut c = cfg.clone();
+    c.block_size = Some(2);
+    config_err(&c);
+}
+
+/// d/dθ Σ R ⊙ logits by the tape vs central differences in f64, for every parameter tensor (a
+/// few random coordinates each), with every path live (randomised weights, dropout off), for a
+/// time-and-label-conditioned and a label-only U-ViT on a non-square image with GroupNorm over
+/// several groups and a DiT of two blocks of two heads.
+#[test]
+fn uvit_gradients_match_central_differences() {
+    let dev = Cpu::default();
+    for (time, classes) in [(true, 2), (false, 3)] {
+        let mut cfg = uvit("uvit-tiny", 4, (4, 2, 2));
+        cfg.dim = 4;
+        cfg.cond_dim = 4;
+        cfg.embed_dim = Some(3);
+        cfg.time_conditioning = time;
+        cfg.num_classes = classes;
+        set_arch(&mut cfg, |g, p, h, d| (*g, *p, *h, *d) = (2, 2, 2, 8));
+        if let Arch::Uvit { dit_layers, .. } = &mut cfg.arch {
+            *dit_layers = 2;
+        }
+        let mut m = Network::<f64, Cpu>::new(cfg, &dev, 3).unwrap();
+        let mut rng = StdRng::seed_from_u64(11);
+        for p in m.params_mut() {
+            let vals: Vec<f64> = (0..p.numel())
+                .map(|_| 0.6 * (rng.gen::<f64>() * 2.0 - 1.0))
+                .collect();
+            p.value = dev.tensor_from_vec(vals, (p.numel(),));
+        }
+        let (b, n, v) = (2, 4 * 2 * 2, 4);
+        let ids = random_ids(&mut rng, b * n, v);
+        let r: Vec<f64> = (0..b * n * v).map(|_| rng.gen::<f64>() - 0.5).collect();
+        let labels = [1u32, 0];
+        let batch = DenoiseBatch {
+            ids: &ids,
+            batch: b,
+            len: n,
+            t: &[0.3, 0.8],
+            labels: (classes > 0).then_some(&labels[..]),
+        };
+        let rt = dev.tensor_from_vec(r.clone(), (b, n, v));
+        let f = |m: &Network<f64, Cpu>| -> f64 {
+            let l = m.forward(&batch, NoneTape, None).unwrap().as_vec();
+            l.iter().zip(&r).map(|(a, b)| a * b).sum()
+        };
+        let logits = m.forward(&batch, m.tape(), None).unwrap();
+        let grads = (logits * rt).sum::<Rank0, _>().backward();
+        let h = 1e-5;
+        let mut checked = 0;
+        let np = m.params().len();
+        for pi in 0..np {
+            let g = grads.get(&m.params()[pi].value).as_vec();
+            let base = m.params()[pi].value.as_vec();
+            for _ in 0..2 {
+                let j = rng.gen_range(0..base.len());
+                let eval = |delta: f64| {
+                    let mut mm = m.clone();
+                    let mut vals = base.clone();
+                    vals[j] += delta;
+                    mm.params_mut()[pi].value = dev.tensor_from_vec(vals, (base.len(),));
+                    f(&mm)
+                };
+                let fd = (eval(h) - eval(-h)) / (2.0 * h);
+                let err = (fd - g[j]).abs();
+                assert!(
+                    err <= 1e-6 * (1.0 + fd.abs()),
+                    "{} [{j}]: tape {} vs fd {fd}",
+                    m.params()[pi].name,
+                    g[j]
+                );
+                checked += 1;
+            }
+        }
+        // embed, cond (3 or 4 + 3), conv_in 2, 1 down block 8, DiT 4 + 2·13 + 4, 2 up blocks
+        // 2·10, out 4
+        assert!(checked >= 2 * 70, "{checked}");
+    }
+}
+
+#[test]
+fn uvit_save_load_roundtrip_dropout_and_device_copy() {
+    let dev = Cpu::default();
+    let mut cfg = uvit("uvit-tiny", 6, (4, 4, 1));
+    cfg.dropout = 0.5;
+    let mut m = Network::<f32, Cpu>::new(cfg.clone(), &dev, 1).unwrap();
+    let mut rng = StdRng::seed_from_u64(2);
+    for p in m.params_mut() {
+        let vals: Vec<f32> = (0..p.numel())
+            .map(|_| rng.gen::<f32>() * 0.4 - 0.2)
+            .collect();
+        p.value = dev.tensor_from_vec(vals, (p.numel(),));
+    }
+    let dir = std::env::temp_dir().join(format!("maskdiff-uvit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("m.safetensors");
+    m.save_safetensors(&path).unwrap();
+    let mut m2 = Network::<f32, Cpu>::new(cfg.clone(), &dev, 99).unwrap();
+    m2.load_safetensors(&path).unwrap();
+    let ids = random_ids(&mut rng, 2 * 16, 6);
+    let batch = DenoiseBatch {
+        ids: &ids,
+        batch: 2,
+        len: 16,
+        t: &[0.2, 0.7],
+        labels: None,
+    };
+    let a = m.forward(&batch, NoneTape, None).unwrap().as_vec();
+    assert!(a.iter().any(|&x| x != 0.0));
+    assert_eq!(a, m2.forward(&batch, NoneTape, None).unwrap().as_vec());
+    assert_eq!(
+        a,
+        m.to_device(&dev)
+            .unwrap()
+            .forward(&batch, NoneTape, None)
+            .unwrap()
+            .as_vec()
+    );
+    // a U-Net checkpoint does not load into a U-ViT
+    let mut unet = NetworkConfig::preset("unet-tiny", 6).unwrap();
+    unet.set_image(4, 4, 1).unwrap();
+    let u = Network::<f32, Cpu>::new(unet, &dev, 0).unwrap();
+    let upath = dir.join("u.safetensors");
+    u.save_safetensors(&upath).unwrap();
+    assert!(m2.load_safetensors(&upath).is_err());
+    // dropout changes the output only in training
+    let mut drng = StdRng::seed_from_u64(4);
+    let d = m
+        .forward(&batch, NoneTape, Some(&mut drng as &mut dyn rand::RngCore))
+        .unwrap()
+        .as_vec();
+    assert_ne!(a, d);
+    assert!(m.clone().into_transformer().is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
