@@ -398,8 +398,9 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
         if !root {
             return Ok(());
         }
+        // any architecture (the transformer, the U-Net, the U-ViT)
         let model =
-            maskdiff_network::Md4Transformer::<f32, _>::new(net_cfg.clone(), &dev, cfg.train.seed)?;
+            maskdiff_network::Network::<f32, _>::new(net_cfg.clone(), &dev, cfg.train.seed)?;
         let p = model.num_params();
         println!(
             "config OK: {} {} on {:?}",
