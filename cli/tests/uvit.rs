@@ -1,7 +1,8 @@
 //! The U-ViT (spec §7.4) through the command line: `--dry-run` counts its parameters (not a
 //! transformer's), a class-conditional `uvit-tiny` trains on digits-format images, its manifest
-//! records the U-ViT architecture, and it evaluates (bits/dim) and samples a class to a PNG;
-//! a U-ViT preset on text is refused with one line.
+//! records the U-ViT architecture, and it evaluates (bits/dim) and samples a class to a PNG; a
+//! time-free U-ViT trains and samples with the cached sampler; a U-ViT preset on text is
+//! refused with one line.
 
 mod common;
 use common::*;
@@ -99,6 +100,30 @@ fn uvit_trains_evaluates_and_samples_from_the_command_line() {
         ],
     ));
     assert!(d.join("u.png").is_file());
+
+    // time-free (μ_θ(x_t), spec §4.1): plain GroupNorms and RMSNorm DiT blocks; the cached
+    // sampler, which needs a time-free network, samples it
+    ok(&run(&d, &uvit_args("f", &["--time-free"])));
+    let m = manifest(&d.join("f"));
+    assert_eq!(m["network"]["time_conditioning"], false);
+    ok(&run(
+        &d,
+        &[
+            "sample",
+            "f",
+            "--class",
+            "1",
+            "-n",
+            "2",
+            "--sampler",
+            "cached",
+            "--steps",
+            "8",
+            "-o",
+            "f.png",
+        ],
+    ));
+    assert!(d.join("f.png").is_file());
 }
 
 #[test]

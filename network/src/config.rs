@@ -43,7 +43,7 @@ pub enum Arch {
     /// `channels` tokens: conditional-GroupNorm residual blocks (`groups` groups) around a DiT
     /// middle on `patch × patch` patches with `dit_layers` blocks of `dit_heads` heads and width
     /// `dit_dim`. Reads the same [`NetworkConfig`] fields as the U-Net (`dim` = residual-block
-    /// channels, `n_layers` = residual blocks per side); needs conditioning (on t and/or a label).
+    /// channels, `n_layers` = residual blocks per side).
     Uvit {
         height: usize,
         width: usize,
@@ -415,11 +415,6 @@ impl NetworkConfig {
                 return bad(format!(
                     "U-ViT DiT width {dit_dim} must be a positive multiple of 4 (2-D sin-cos positions)"
                 ));
-            }
-            if !self.is_conditioned() {
-                return bad(
-                    "the U-ViT needs conditioning (time and/or class): its norms are adaLN".into(),
-                );
             }
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {

@@ -25,35 +25,116 @@
 //! residual blocks, the attention output (channel-wise, the official `Dropout1d`) and both MLP
 //! dropouts, but not the attention probabilities (the fused attention kernel has none, as for the
 //! transformer); non-square images get a gh × gw position grid (the official code assumes a
-//! square one). Unconditioned configurations are rejected: every norm here is adaptive.
+//! square one).
+//!
+//! Without conditioning (`time_conditioning = false` and no classes: the time-free
+//! parameterisation of spec §4.1), as in the official code with `cond = None`: every
+//! CondGroupNorm is a plain GroupNorm with learnable scale and bias, and the DiT blocks are
+//! pre-RMSNorm (learnable scale; the fused kernel's ε = 1e-5, Flax's default 1e-6) without
+//! gates: `x += Attn(RMS(x))`, `x += MLP(RMS(x))`, with a final RMSNorm before the
+//! zero-initialised output Dense.
 //!
 //! Checkpoint names (`{i}` a block index; conv weights `[k, k, in, out]`, Dense `[in, out]`):
-//! `embed`, `cond.*` (as the transformer's), `conv_in.{w,b}`, `down.{i}.*`,
-//! `dit.patch.{w,b}` (`[p, p, ch, dit_dim]`), `dit.pos` (`[gh·gw, dit_dim]`),
-//! `dit.blocks.{l}.{ada,q,k,v}.{w,b}`, `dit.blocks.{l}.o.w`, `dit.blocks.{l}.{fc1,fc2}.{w,b}`,
-//! `dit.final.ada.{w,b}`, `dit.final.out.{w,b}`, `up.{i}.*`, `out.norm.{w,b}`, `out.conv.{w,b}`;
-//! a residual block `*` is `norm1.{w,b}` (the CondGroupNorm Dense), `conv1.{w,b}`, `norm2.{w,b}`,
-//! `conv2.{w,b}`, and `skip.{w,b}` (up blocks).
+//! `embed`, `cond.*` (as the transformer's; conditioned models), `conv_in.{w,b}`, `down.{i}.*`,
+//! `dit.patch.{w,b}` (`[p, p, ch, dit_dim]`), `dit.pos` (`[gh·gw, dit_dim]`), per block
+//! `dit.blocks.{l}.ada.{w,b}` (conditioned) or `dit.blocks.{l}.{norm_attn,norm_mlp}` (RMSNorm
+//! scales, unconditioned), `dit.blocks.{l}.{q,k,v}.{w,b}`, `dit.blocks.{l}.o.w`,
+//! `dit.blocks.{l}.{fc1,fc2}.{w,b}`; `dit.final.ada.{w,b}` (conditioned) or `dit.final.norm`,
+//! `dit.final.out.{w,b}`, `up.{i}.*`, `out.norm.*`, `out.conv.{w,b}`; a residual block `*` is
+//! `norm1.*`, `conv1.{w,b}`, `norm2.*`, `conv2.{w,b}`, and `skip.{w,b}` (up blocks), where a
+//! norm `*` is `{w,b}` (the CondGroupNorm Dense, conditioned) or `{scale,bias}` (GroupNorm).
 
 use crate::init::Init;
 use crate::layers::{channel_dropout, dense, swish, Res, T2, T3};
-use crate::modules::{Builder, Conditioning, LabelInput, Linear, Matrix, Parameters};
+use crate::modules::{
+    Builder, Conditioning, LabelInput, Linear, Matrix, Parameters, RmsScales, Vector,
+};
 use crate::param::Param;
-use crate::unet::{lecun, Conv};
+use crate::unet::{lecun, Conv, GroupNormParams};
 use crate::unet_layers::conditioning;
 use crate::{Arch, Elem, Kernels, NetworkConfig, NetworkError};
 use dfdx::prelude::*;
 use maskdiff_process::DenoiseBatch;
 use rand::{Rng, RngCore};
 
+/// A `CondGroupNorm`: adaptive with conditioning, a plain affine GroupNorm without.
+#[derive(Clone, Debug)]
+pub enum CondNorm<E: Elem, D: Device<E>> {
+    /// Dense(c → 2·channels) giving `[scale, shift]`; zero-initialised.
+    Ada(Linear<E, D>),
+    /// GroupNorm's own scale (ones) and bias (zeros).
+    Affine(GroupNormParams<E, D>),
+}
+
+impl<E: Elem, D: Device<E>> Parameters<E, D> for CondNorm<E, D> {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
+        match self {
+            CondNorm::Ada(l) => l.visit(f),
+            CondNorm::Affine(g) => g.visit(f),
+        }
+    }
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
+        match self {
+            CondNorm::Ada(l) => l.visit_mut(f),
+            CondNorm::Affine(g) => g.visit_mut(f),
+        }
+    }
+}
+
+/// A DiT block's normalisation: adaLN-Zero, or two RMSNorm scales without conditioning.
+#[derive(Clone, Debug)]
+pub enum DitNorm<E: Elem, D: Device<E>> {
+    /// Dense(swish(c) → 6·dit_dim), zero-initialised: shift/scale/gate of attention and MLP.
+    Ada(Linear<E, D>),
+    Rms(RmsScales<E, D>),
+}
+
+/// The DiT's final normalisation: adaLN (zero-init shift/scale) or an RMSNorm scale.
+#[derive(Clone, Debug)]
+pub enum FinalNorm<E: Elem, D: Device<E>> {
+    /// Dense(swish(c) → 2·dit_dim), zero-initialised.
+    Ada(Linear<E, D>),
+    Rms(Vector<E, D>),
+}
+
+impl<E: Elem, D: Device<E>> Parameters<E, D> for DitNorm<E, D> {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
+        match self {
+            DitNorm::Ada(l) => l.visit(f),
+            DitNorm::Rms(r) => r.visit(f),
+        }
+    }
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
+        match self {
+            DitNorm::Ada(l) => l.visit_mut(f),
+            DitNorm::Rms(r) => r.visit_mut(f),
+        }
+    }
+}
+
+impl<E: Elem, D: Device<E>> Parameters<E, D> for FinalNorm<E, D> {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
+        match self {
+            FinalNorm::Ada(l) => l.visit(f),
+            FinalNorm::Rms(v) => v.visit(f),
+        }
+    }
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
+        match self {
+            FinalNorm::Ada(l) => l.visit_mut(f),
+            FinalNorm::Rms(v) => v.visit_mut(f),
+        }
+    }
+}
+
 /// A residual block with conditional GroupNorms (see the module docs).
 #[derive(Clone, Debug)]
 pub struct UvitResBlock<E: Elem, D: Device<E>> {
-    /// Dense(c → 2·in) giving `[scale, shift]` of the first GroupNorm; zero-initialised.
-    pub norm1: Linear<E, D>,
+    /// The first GroupNorm (over the input channels).
+    pub norm1: CondNorm<E, D>,
     pub conv1: Conv<E, D>,
-    /// Dense(c → 2·out) of the second GroupNorm; zero-initialised.
-    pub norm2: Linear<E, D>,
+    /// The second GroupNorm (over the output channels).
+    pub norm2: CondNorm<E, D>,
     /// Zero-initialised, so a fresh block is the identity (or its skip projection).
     pub conv2: Conv<E, D>,
     /// Dense(in → out) with bias when the channel counts differ (the up blocks).
@@ -63,8 +144,7 @@ pub struct UvitResBlock<E: Elem, D: Device<E>> {
 /// One DiT block with adaLN-Zero conditioning.
 #[derive(Clone, Debug)]
 pub struct DitBlock<E: Elem, D: Device<E>> {
-    /// Dense(swish(c) → 6·dit_dim), zero-initialised: shift/scale/gate of attention and MLP.
-    pub ada: Linear<E, D>,
+    pub norm: DitNorm<E, D>,
     pub q: Linear<E, D>,
     pub k: Linear<E, D>,
     pub v: Linear<E, D>,
@@ -82,8 +162,7 @@ pub struct Dit<E: Elem, D: Device<E>> {
     /// `[gh·gw, dit_dim]`, initialised with the 2-D sin-cos table ([`sincos_2d`]), learnable.
     pub pos: Matrix<E, D>,
     pub blocks: Vec<DitBlock<E, D>>,
-    /// Dense(swish(c) → 2·dit_dim), zero-initialised: the final shift/scale.
-    pub final_ada: Linear<E, D>,
+    pub final_norm: FinalNorm<E, D>,
     /// Dense(dit_dim → p²·ch), zero-initialised.
     pub final_out: Linear<E, D>,
 }
@@ -96,7 +175,7 @@ crate::modules::parameters!(UvitResBlock {
     skip
 });
 crate::modules::parameters!(DitBlock {
-    ada,
+    norm,
     q,
     k,
     v,
@@ -108,7 +187,7 @@ crate::modules::parameters!(Dit {
     patch,
     pos,
     blocks,
-    final_ada,
+    final_norm,
     final_out
 });
 
@@ -118,13 +197,13 @@ pub struct Uvit<E: Elem, D: Kernels<E>> {
     cfg: NetworkConfig,
     /// `embed`: `[V + 1, e]` per channel token.
     pub embed: Matrix<E, D>,
-    pub cond: Conditioning<E, D>,
+    /// The conditioning MLP of spec §7.1 (absent without time and label conditioning).
+    pub cond: Option<Conditioning<E, D>>,
     pub conv_in: Conv<E, D>,
     pub down: Vec<UvitResBlock<E, D>>,
     pub dit: Dit<E, D>,
     pub up: Vec<UvitResBlock<E, D>>,
-    /// The output CondGroupNorm's Dense(c → 2·ch), zero-initialised.
-    pub out_norm: Linear<E, D>,
+    pub out_norm: CondNorm<E, D>,
     /// Zero-initialised: a fresh model outputs all-zero logits.
     pub out_conv: Conv<E, D>,
     dev: D,
@@ -274,24 +353,33 @@ impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
         })
     }
 
+    /// A CondGroupNorm over `c` channels: zero-initialised Dense(d_c → 2c) when conditioned
+    /// (`dc` given), GroupNorm scale and bias otherwise.
+    fn cond_norm(
+        &mut self,
+        name: &str,
+        c: usize,
+        dc: Option<usize>,
+    ) -> Result<CondNorm<E, D>, NetworkError> {
+        Ok(match dc {
+            Some(dc) => CondNorm::Ada(self.linear(name, (dc, 2 * c), Init::Zeros, Init::Zeros)?),
+            None => CondNorm::Affine(GroupNormParams {
+                scale: self.vector(format!("{name}.scale"), c, Init::Ones)?,
+                bias: self.vector(format!("{name}.bias"), c, Init::Zeros)?,
+            }),
+        })
+    }
+
     fn uvit_block(
         &mut self,
         name: &str,
         (cin, cout): (usize, usize),
-        dc: usize,
+        dc: Option<usize>,
     ) -> Result<UvitResBlock<E, D>, NetworkError> {
-        let zero = |b: &mut Self, n: &str, c: usize| {
-            b.linear(
-                &format!("{name}.{n}"),
-                (dc, 2 * c),
-                Init::Zeros,
-                Init::Zeros,
-            )
-        };
         Ok(UvitResBlock {
-            norm1: zero(self, "norm1", cin)?,
+            norm1: self.cond_norm(&format!("{name}.norm1"), cin, dc)?,
             conv1: self.conv(&format!("{name}.conv1"), (cin, cout), false)?,
-            norm2: zero(self, "norm2", cout)?,
+            norm2: self.cond_norm(&format!("{name}.norm2"), cout, dc)?,
             conv2: self.conv(&format!("{name}.conv2"), (cout, cout), true)?,
             skip: if cin != cout {
                 Some(self.linear(
@@ -306,7 +394,7 @@ impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
         })
     }
 
-    fn dit(&mut self, s: &Shape, ch: usize, dc: usize) -> Result<Dit<E, D>, NetworkError> {
+    fn dit(&mut self, s: &Shape, ch: usize, dc: Option<usize>) -> Result<Dit<E, D>, NetworkError> {
         let (p, d) = (s.patch, s.dit_dim);
         let hidden = 4 * d;
         let patch = self.linear("dit.patch", (p * p * ch, d), lecun(p * p * ch), Init::Zeros)?;
@@ -315,8 +403,20 @@ impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
         let blocks = (0..s.dit_layers)
             .map(|l| {
                 let n = |x: &str| format!("dit.blocks.{l}.{x}");
+                let norm = match dc {
+                    Some(dc) => DitNorm::Ada(self.linear(
+                        &n("ada"),
+                        (dc, 6 * d),
+                        Init::Zeros,
+                        Init::Zeros,
+                    )?),
+                    None => DitNorm::Rms(RmsScales {
+                        attn: self.vector(n("norm_attn"), d, Init::Ones)?,
+                        mlp: self.vector(n("norm_mlp"), d, Init::Ones)?,
+                    }),
+                };
                 Ok(DitBlock {
-                    ada: self.linear(&n("ada"), (dc, 6 * d), Init::Zeros, Init::Zeros)?,
+                    norm,
                     q: self.linear(&n("q"), (d, d), lecun(d), Init::Zeros)?,
                     k: self.linear(&n("k"), (d, d), lecun(d), Init::Zeros)?,
                     v: self.linear(&n("v"), (d, d), lecun(d), Init::Zeros)?,
@@ -326,24 +426,35 @@ impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
                 })
             })
             .collect::<Result<Vec<_>, NetworkError>>()?;
+        let final_norm = match dc {
+            Some(dc) => FinalNorm::Ada(self.linear(
+                "dit.final.ada",
+                (dc, 2 * d),
+                Init::Zeros,
+                Init::Zeros,
+            )?),
+            None => FinalNorm::Rms(self.vector("dit.final.norm", d, Init::Ones)?),
+        };
         Ok(Dit {
             patch,
             pos,
             blocks,
-            final_ada: self.linear("dit.final.ada", (dc, 2 * d), Init::Zeros, Init::Zeros)?,
+            final_norm,
             final_out: self.linear("dit.final.out", (d, p * p * ch), Init::Zeros, Init::Zeros)?,
         })
     }
 }
+
+/// A per-image (shift, scale) pair of adaLN modulation vectors.
+type ShiftScale<E, D, T> = (T2<E, D, T>, T2<E, D, T>);
 
 /// What the forward pass needs besides the parameters.
 struct Ctx<'a, E: Elem, D: Kernels<E>> {
     b: usize,
     s: Shape,
     /// The conditioning vector c and swish(c), tape-free (their ops travel separately; the
-    /// gradients of every use meet on their ids).
-    c: T2<E, D>,
-    c_act: T2<E, D>,
+    /// gradients of every use meet on their ids); `None` without conditioning.
+    c: Option<(T2<E, D>, T2<E, D>)>,
     dropout: Option<(f64, &'a mut dyn RngCore)>,
 }
 
@@ -408,7 +519,12 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
         let e = cfg.embed_dim.expect("validated: the U-ViT has embed_dim");
         // N(0, 1/e), as the transformer's and the U-Net's embedding
         let embed = b.matrix("embed", v + 1, e, Init::Normal(1.0 / (e as f64).sqrt()))?;
-        let cond = b.cond_mlp(&cfg)?;
+        let cond = if cfg.is_conditioned() {
+            Some(b.cond_mlp(&cfg)?)
+        } else {
+            None
+        };
+        let dc = cond.is_some().then_some(dc);
         let conv_in = b.conv("conv_in", (s.channels * e, ch), false)?;
         let down = (0..cfg.n_layers)
             .map(|i| b.uvit_block(&format!("down.{i}"), (ch, ch), dc))
@@ -417,7 +533,7 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
         let up = (0..=cfg.n_layers)
             .map(|i| b.uvit_block(&format!("up.{i}"), (2 * ch, ch), dc))
             .collect::<Result<Vec<_>, _>>()?;
-        let out_norm = b.linear("out.norm", (dc, 2 * ch), Init::Zeros, Init::Zeros)?;
+        let out_norm = b.cond_norm("out.norm", ch, dc)?;
         let out_conv = b.conv("out.conv", (ch, s.channels * v), true)?;
         Ok(Uvit {
             cfg,
@@ -464,15 +580,20 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
         let v = self.cfg.vocab_size;
         let e = self.embed.cols();
         let scope = D::scope();
-        let c: T2<E, D, T> = conditioning(&self.dev, &self.cond, batch, self.cfg.cond_dim)?;
-        let (c, cond_tape) = c.split_tape();
-        let (c_act, act_tape) = swish(c.clone().put_tape(T::default()))?.split_tape();
+        let (c, cond_tape) = match &self.cond {
+            Some(cond) => {
+                let c: T2<E, D, T> = conditioning(&self.dev, cond, batch, self.cfg.cond_dim)?;
+                let (c, t1) = c.split_tape();
+                let (c_act, t2) = swish(c.clone().put_tape(T::default()))?.split_tape();
+                (Some((c, c_act)), t1.merge(t2))
+            }
+            None => (None, T::default()),
+        };
         let p = self.cfg.dropout;
         let mut ctx = Ctx {
             b,
             s,
             c,
-            c_act,
             dropout: dropout_rng.filter(|_| p > 0.0).map(|r| (p, r)),
         };
         let ids = self.dev.try_tensor_from_vec(
@@ -499,7 +620,7 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
         let logits = self.conv(y, &self.out_conv, &ctx)?;
         let (logits, t) = logits.split_tape();
         logits
-            .put_tape(t.merge(cond_tape).merge(act_tape))
+            .put_tape(t.merge(cond_tape))
             .try_reshape_like(&(b, s.h * s.w * s.channels, v))
     }
 
@@ -516,16 +637,24 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
     }
 
     /// `CondGroupNorm`: GroupNorm without affine parameters, then `·(1 + scale) + shift` per
-    /// image with `[scale, shift] = Dense(c)` (scale first, as `jnp.split` in `uvit.py`).
+    /// image with `[scale, shift] = Dense(c)` (scale first, as `jnp.split` in `uvit.py`); a
+    /// plain GroupNorm without conditioning.
     fn cond_norm<T: Tape<E, D>>(
         &self,
         x: T2<E, D, T>,
-        proj: &Linear<E, D>,
+        norm: &CondNorm<E, D>,
         ctx: &Ctx<'_, E, D>,
     ) -> Res<T2<E, D, T>, D> {
+        let (proj, (c, _)) = match (norm, &ctx.c) {
+            (CondNorm::Ada(proj), Some(c)) => (proj, c),
+            (CondNorm::Affine(g), _) => {
+                return D::group_norm(x, g.scale.tensor(), g.bias.tensor(), ctx.b, ctx.s.groups)
+            }
+            (CondNorm::Ada(_), None) => unreachable!("adaptive norms exist with conditioning"),
+        };
         let ch = x.shape().1;
         let m = dense(
-            ctx.c.clone().put_tape(T::default()),
+            c.clone().put_tape(T::default()),
             proj.weight.tensor()?,
             Some(proj.bias.tensor()),
         )?;
@@ -566,8 +695,9 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
         ctx: &Ctx<'_, E, D>,
     ) -> Res<Vec<T2<E, D, T>>, D> {
         let d = ctx.s.dit_dim;
+        let (_, c_act) = ctx.c.as_ref().expect("adaLN exists with conditioning");
         let m = dense(
-            ctx.c_act.clone().put_tape(T::default()),
+            c_act.clone().put_tape(T::default()),
             proj.weight.tensor()?,
             Some(proj.bias.tensor()),
         )?;
@@ -609,16 +739,45 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
             .try_add(pos)?
             .try_reshape_like(&(b * n, d))?;
         let scale = E::c(1.0 / (hd as f64).sqrt());
-        for blk in &dit.blocks {
-            let mut m = self.ada::<T>(&blk.ada, 6, ctx)?.into_iter();
-            let mut take = || m.next().expect("6 modulation chunks");
-            let (sh_a, sc_a, g_a) = (take(), take(), take());
-            let (sh_m, sc_m, g_m) = (take(), take(), take());
-            // attention
-            let a = D::modulate(D::layer_norm(h.retaped::<T>())?, sh_a, sc_a, b, n)?;
-            let proj = |z: T2<E, D, T>, l: &Linear<E, D>| -> Res<T2<E, D, T>, D> {
-                dense(z, l.weight.tensor()?, Some(l.bias.tensor()))
+        let proj = |z: T2<E, D, T>, l: &Linear<E, D>| -> Res<T2<E, D, T>, D> {
+            dense(z, l.weight.tensor()?, Some(l.bias.tensor()))
+        };
+        // adaLN: LN then modulation; unconditioned: RMSNorm with its scale
+        let pre_norm = |x: T2<E, D, T>,
+                        m: Option<ShiftScale<E, D, T>>,
+                        rms: Option<&Vector<E, D>>|
+         -> Res<T2<E, D, T>, D> {
+            match (m, rms) {
+                (Some((shift, scale)), _) => D::modulate(D::layer_norm(x)?, shift, scale, b, n),
+                (None, Some(r)) => D::rms_norm(x, r.tensor()),
+                (None, None) => unreachable!("a DiT block has adaLN or RMSNorm scales"),
+            }
+        };
+        let residual =
+            |h: T2<E, D, T>, y: T2<E, D, T>, gate: Option<T2<E, D, T>>| -> Res<T2<E, D, T>, D> {
+                match gate {
+                    Some(g) => D::gated_residual(h, y, g, b, n),
+                    None => h.try_add(y),
+                }
             };
+        for blk in &dit.blocks {
+            // [sh_a, sc_a, g_a, sh_m, sc_m, g_m] with adaLN-Zero; RMSNorm scales otherwise
+            let (ada, rms) = match &blk.norm {
+                DitNorm::Ada(l) => {
+                    let mut m = self.ada::<T>(l, 6, ctx)?.into_iter();
+                    let mut take = || m.next().expect("6 modulation chunks");
+                    let (sh_a, sc_a, g_a) = (take(), take(), take());
+                    let (sh_m, sc_m, g_m) = (take(), take(), take());
+                    (Some(((sh_a, sc_a), g_a, (sh_m, sc_m), g_m)), None)
+                }
+                DitNorm::Rms(r) => (None, Some(r)),
+            };
+            let (mod_a, g_a, mod_m, g_m) = match ada {
+                Some((ma, ga, mm, gm)) => (Some(ma), Some(ga), Some(mm), Some(gm)),
+                None => (None, None, None, None),
+            };
+            // attention
+            let a = pre_norm(h.retaped::<T>(), mod_a, rms.map(|r| &r.attn))?;
             let q = proj(a.retaped::<T>(), &blk.q)?
                 .try_mul(scale)?
                 .try_reshape_like(&(b, n, heads, hd))?;
@@ -627,20 +786,25 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
             let o = D::matmul(D::attention(q, k, v)?, blk.o.tensor()?)?;
             let mask = ctx.mask(&self.dev, (b, d))?;
             let o = channel_dropout(o, mask, b, n)?;
-            h = D::gated_residual(h, o, g_a, b, n)?;
+            h = residual(h, o, g_a)?;
             D::retain(scope, &h);
             // MLP
-            let f = D::modulate(D::layer_norm(h.retaped::<T>())?, sh_m, sc_m, b, n)?;
+            let f = pre_norm(h.retaped::<T>(), mod_m, rms.map(|r| &r.mlp))?;
             let f = proj(f, &blk.fc1)?.try_fast_gelu()?;
             let f = ctx.dropout(&self.dev, f)?;
             let f = proj(f, &blk.fc2)?;
             let f = ctx.dropout(&self.dev, f)?;
-            h = D::gated_residual(h, f, g_m, b, n)?;
+            h = residual(h, f, g_m)?;
             D::retain(scope, &h);
         }
-        let mut m = self.ada::<T>(&dit.final_ada, 2, ctx)?.into_iter();
-        let (sh, sc) = (m.next().expect("shift"), m.next().expect("scale"));
-        let y = D::modulate(D::layer_norm(h)?, sh, sc, b, n)?;
+        let y = match &dit.final_norm {
+            FinalNorm::Ada(l) => {
+                let mut m = self.ada::<T>(l, 2, ctx)?.into_iter();
+                let (sh, sc) = (m.next().expect("shift"), m.next().expect("scale"));
+                pre_norm(h, Some((sh, sc)), None)?
+            }
+            FinalNorm::Rms(r) => pre_norm(h, None, Some(r))?,
+        };
         let out = dense(
             y,
             dit.final_out.weight.tensor()?,

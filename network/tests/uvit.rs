@@ -38,7 +38,8 @@ fn set_arch(
 
 /// The U-ViT's parameter count layer by layer (official `uvit.py`, `dit.py`, `backward.py`):
 /// `ch` channels, `l` residual blocks per side, per-channel embedding `e`, image `h × w × c`,
-/// V levels, conditioning width `dc` (time only), patch `p`, `k` DiT layers of width `d`.
+/// V levels, conditioning width `dc` (time only; 0 = unconditioned: GroupNorm scale and bias,
+/// RMSNorm DiT blocks), patch `p`, `k` DiT layers of width `d`.
 #[allow(clippy::too_many_arguments)]
 fn uvit_params(
     ch: usize,
@@ -53,15 +54,22 @@ fn uvit_params(
     let dense = |i: usize, o: usize| i * o + o;
     let conv = |i: usize, o: usize| 9 * i * o + o;
     // CondGroupNorm: Dense(c → 2·channels) with bias, no GroupNorm parameters
-    let cgn = |k: usize| dense(dc, 2 * k);
+    let cgn = |k: usize| if dc > 0 { dense(dc, 2 * k) } else { 2 * k };
     let res = |i: usize, o: usize| {
         cgn(i) + conv(i, o) + cgn(o) + conv(o, o) + if i != o { dense(i, o) } else { 0 }
     };
-    let cond = dense(dc, 4 * dc) + dense(4 * dc, dc);
-    let block = dense(dc, 6 * d) + 3 * dense(d, d) + d * d + dense(d, 4 * d) + dense(4 * d, d);
+    let (cond, ada6, ada2) = if dc > 0 {
+        (
+            dense(dc, 4 * dc) + dense(4 * dc, dc),
+            dense(dc, 6 * d),
+            dense(dc, 2 * d),
+        )
+    } else {
+        (0, 2 * d, d)
+    };
+    let block = ada6 + 3 * dense(d, d) + d * d + dense(d, 4 * d) + dense(4 * d, d);
     let tokens = (h / p) * (w / p);
-    let dit =
-        dense(p * p * ch, d) + tokens * d + k * block + dense(dc, 2 * d) + dense(d, p * p * ch);
+    let dit = dense(p * p * ch, d) + tokens * d + k * block + ada2 + dense(d, p * p * ch);
     (v + 1) * e
         + cond
         + conv(c * e, ch)
@@ -130,13 +138,22 @@ fn small_presets_count_and_positions_start_as_sincos() {
             .unwrap();
         assert_eq!(pos.shape, vec![4 * 3, d]);
         assert_eq!(pos.value.as_vec(), sincos_2d(4, 3, d));
+        // time-free: no conditioning MLP, GroupNorm scale/bias, RMSNorm DiT blocks
+        let mut cfg = uvit(preset, 17, (8, 6, 1));
+        cfg.time_conditioning = false;
+        let m = Network::<f64, Cpu>::new(cfg, &dev, 0).unwrap();
+        assert_eq!(
+            m.num_params(),
+            uvit_params(ch, l, e, (8, 6, 1), 17, 0, 2, (k, d)),
+            "{preset} time-free"
+        );
     }
 }
 
 #[test]
 fn fresh_uvit_predicts_uniform_exactly() {
     let dev = Cpu::default();
-    for (time, classes) in [(true, 0), (true, 3), (false, 2)] {
+    for (time, classes) in [(true, 0), (true, 3), (false, 2), (false, 0)] {
         let mut cfg = uvit("uvit-tiny", 7, (4, 6, 2));
         cfg.time_conditioning = time;
         cfg.num_classes = classes;
@@ -226,10 +243,7 @@ fn bad_configs_and_inputs_are_errors() {
         *dit_layers = 0;
     }
     config_err(&c);
-    // every norm is adaptive: an unconditioned U-ViT is refused
-    let mut c = cfg.clone();
-    c.time_conditioning = false;
-    config_err(&c);
+
     assert!(matches!(
         NetworkConfig::preset("uvit-huge", 5),
         Err(NetworkError::UnknownPreset(_))
@@ -242,12 +256,12 @@ fn bad_configs_and_inputs_are_errors() {
 
 /// d/dθ Σ R ⊙ logits by the tape vs central differences in f64, for every parameter tensor (a
 /// few random coordinates each), with every path live (randomised weights, dropout off), for a
-/// time-and-label-conditioned and a label-only U-ViT on a non-square image with GroupNorm over
-/// several groups and a DiT of two blocks of two heads.
+/// time-and-label-conditioned, a label-only and an unconditioned U-ViT on a non-square image
+/// with GroupNorm over several groups and a DiT of two blocks of two heads.
 #[test]
 fn uvit_gradients_match_central_differences() {
     let dev = Cpu::default();
-    for (time, classes) in [(true, 2), (false, 3)] {
+    for (time, classes) in [(true, 2), (false, 3), (false, 0)] {
         let mut cfg = uvit("uvit-tiny", 4, (4, 2, 2));
         cfg.dim = 4;
         cfg.cond_dim = 4;
@@ -310,9 +324,9 @@ fn uvit_gradients_match_central_differences() {
                 checked += 1;
             }
         }
-        // embed, cond (3 or 4 + 3), conv_in 2, 1 down block 8, DiT 4 + 2·13 + 4, 2 up blocks
-        // 2·10, out 4
-        assert!(checked >= 2 * 70, "{checked}");
+        // embed, cond (0, 4 or 5), conv_in 2, 1 down block 8 (or 12), DiT 4 + 2·(12 or 13) + 4,
+        // 2 up blocks 2·10 (or 2·14), out 4
+        assert!(checked >= 2 * 60, "{checked}");
     }
 }
 
@@ -442,17 +456,35 @@ mod reference {
     }
 
     /// CondGroupNorm of one image (n pixels, ch): affine-free GroupNorm (ε = 1e-6), then
-    /// ·(1 + scale) + shift with [scale, shift] = Dense(c).
-    pub fn cond_gn(x: &[f64], ch: usize, groups: usize, c: &[f64], p: &P, name: &str) -> Vec<f64> {
-        let dc = c.len();
-        let m = dense(
-            c,
-            p.get(&format!("{name}.w")),
-            Some(p.get(&format!("{name}.b"))),
-            dc,
-            2 * ch,
-        );
-        let (scale, shift) = m.split_at(ch);
+    /// ·(1 + scale) + shift with [scale, shift] = Dense(c); without c, GroupNorm's own affine
+    /// parameters in their place (·scale + bias).
+    pub fn cond_gn(
+        x: &[f64],
+        ch: usize,
+        groups: usize,
+        c: Option<&[f64]>,
+        p: &P,
+        name: &str,
+    ) -> Vec<f64> {
+        let (scale, shift): (Vec<f64>, Vec<f64>) = match c {
+            Some(c) => {
+                let m = dense(
+                    c,
+                    p.get(&format!("{name}.w")),
+                    Some(p.get(&format!("{name}.b"))),
+                    c.len(),
+                    2 * ch,
+                );
+                (m[..ch].to_vec(), m[ch..].to_vec())
+            }
+            None => (
+                p.get(&format!("{name}.scale"))
+                    .iter()
+                    .map(|s| s - 1.0)
+                    .collect(),
+                p.get(&format!("{name}.bias")).to_vec(),
+            ),
+        };
         let n = x.len() / ch;
         let cg = ch / groups;
         let mut y = vec![0.0; x.len()];
@@ -476,7 +508,7 @@ mod reference {
     pub fn res_block(
         x: &[f64],
         (h, w, cin, cout, groups): (usize, usize, usize, usize, usize),
-        c: &[f64],
+        c: Option<&[f64]>,
         p: &P,
         name: &str,
     ) -> Vec<f64> {
@@ -514,6 +546,18 @@ mod reference {
         skip.iter().zip(&a).map(|(s, a)| s + a).collect()
     }
 
+    /// RMSNorm with a scale (ε = 1e-5, the fused kernel's).
+    pub fn rms(x: &[f64], d: usize, scale: &[f64]) -> Vec<f64> {
+        let mut y = vec![0.0; x.len()];
+        for (row, out) in x.chunks(d).zip(y.chunks_mut(d)) {
+            let ms = row.iter().map(|v| v * v).sum::<f64>() / d as f64;
+            for k in 0..d {
+                out[k] = row[k] / (ms + 1e-5).sqrt() * scale[k];
+            }
+        }
+        y
+    }
+
     /// LayerNorm without affine parameters (ε = 1e-5, the fused kernel's), then modulation.
     pub fn ln_mod(x: &[f64], d: usize, shift: &[f64], scale: &[f64]) -> Vec<f64> {
         let mut y = vec![0.0; x.len()];
@@ -527,19 +571,19 @@ mod reference {
         y
     }
 
-    /// The DiT middle on one image (h, w, ch) → (h, w, ch).
+    /// The DiT middle on one image (h, w, ch) → (h, w, ch): adaLN-Zero blocks with c,
+    /// pre-RMSNorm blocks without gates otherwise.
     #[allow(clippy::too_many_arguments)]
     pub fn dit(
         x: &[f64],
         (h, w, ch): (usize, usize, usize),
         (pt, layers, heads, d): (usize, usize, usize, usize),
-        c: &[f64],
+        c: Option<&[f64]>,
         p: &P,
     ) -> Vec<f64> {
         let (gh, gw) = (h / pt, w / pt);
         let n = gh * gw;
-        let c_act: Vec<f64> = c.iter().map(|&v| swish(v)).collect();
-        let dc = c.len();
+        let c_act: Option<Vec<f64>> = c.map(|c| c.iter().map(|&v| swish(v)).collect());
         // patchify: token (gy, gx) holds [py][px][ch]
         let mut patches = Vec::with_capacity(n * pt * pt * ch);
         for gy in 0..gh {
@@ -565,15 +609,26 @@ mod reference {
         let hd = d / heads;
         for l in 0..layers {
             let q = |s: &str| format!("dit.blocks.{l}.{s}");
-            let m = dense(
-                &c_act,
-                p.get(&q("ada.w")),
-                Some(p.get(&q("ada.b"))),
-                dc,
-                6 * d,
-            );
-            let ch6: Vec<&[f64]> = m.chunks(d).collect();
-            let a = ln_mod(&t, d, ch6[0], ch6[1]);
+            // [sh_a, sc_a, g_a, sh_m, sc_m, g_m]; unconditioned: RMSNorm and unit gates
+            let m = c_act.as_ref().map(|ca| {
+                dense(
+                    ca,
+                    p.get(&q("ada.w")),
+                    Some(p.get(&q("ada.b"))),
+                    ca.len(),
+                    6 * d,
+                )
+            });
+            let ones = vec![1.0; d];
+            let ch6: Vec<&[f64]> = match &m {
+                Some(m) => m.chunks(d).collect(),
+                None => vec![&ones; 6].into_iter().map(|v| &v[..]).collect(),
+            };
+            let pre = |x: &[f64], i: usize, norm: &str| match &m {
+                Some(_) => ln_mod(x, d, ch6[i], ch6[i + 1]),
+                None => rms(x, d, p.get(&q(norm))),
+            };
+            let a = pre(&t, 0, "norm_attn");
             let qs = dense(&a, p.get(&q("q.w")), Some(p.get(&q("q.b"))), d, d);
             let ks = dense(&a, p.get(&q("k.w")), Some(p.get(&q("k.b"))), d, d);
             let vs = dense(&a, p.get(&q("v.w")), Some(p.get(&q("v.b"))), d, d);
@@ -602,7 +657,7 @@ mod reference {
             for (i, v) in t.iter_mut().enumerate() {
                 *v += ch6[2][i % d] * o[i];
             }
-            let f = ln_mod(&t, d, ch6[3], ch6[4]);
+            let f = pre(&t, 3, "norm_mlp");
             let f: Vec<f64> = dense(&f, p.get(&q("fc1.w")), Some(p.get(&q("fc1.b"))), d, 4 * d)
                 .into_iter()
                 .map(gelu_tanh)
@@ -612,14 +667,19 @@ mod reference {
                 *v += ch6[5][i % d] * f[i];
             }
         }
-        let m = dense(
-            &c_act,
-            p.get("dit.final.ada.w"),
-            Some(p.get("dit.final.ada.b")),
-            dc,
-            2 * d,
-        );
-        let y = ln_mod(&t, d, &m[..d], &m[d..]);
+        let y = match &c_act {
+            Some(ca) => {
+                let m = dense(
+                    ca,
+                    p.get("dit.final.ada.w"),
+                    Some(p.get("dit.final.ada.b")),
+                    ca.len(),
+                    2 * d,
+                );
+                ln_mod(&t, d, &m[..d], &m[d..])
+            }
+            None => rms(&t, d, p.get("dit.final.norm")),
+        };
         let y = dense(
             &y,
             p.get("dit.final.out.w"),
@@ -645,10 +705,15 @@ mod reference {
 }
 
 /// The network's logits equal the direct f64 reference of spec §7.4 on a randomised model
-/// (every path live): two images, time and label conditioning, a non-square image, two DiT
-/// blocks of two heads.
+/// (every path live): two images, time and label conditioning (and none), a non-square image,
+/// two DiT blocks of two heads.
 #[test]
 fn uvit_forward_matches_a_direct_reference() {
+    forward_matches_reference(true);
+    forward_matches_reference(false);
+}
+
+fn forward_matches_reference(conditioned: bool) {
     use reference::*;
     let dev = Cpu::default();
     let (h, w, cimg, v, k) = (4usize, 6usize, 2usize, 5usize, 3usize);
@@ -656,7 +721,8 @@ fn uvit_forward_matches_a_direct_reference() {
     cfg.dim = 4;
     cfg.cond_dim = 6;
     cfg.embed_dim = Some(3);
-    cfg.num_classes = k;
+    cfg.num_classes = if conditioned { k } else { 0 };
+    cfg.time_conditioning = conditioned;
     set_arch(&mut cfg, |g, p, hh, d| (*g, *p, *hh, *d) = (2, 2, 2, 8));
     if let Arch::Uvit { dit_layers, .. } = &mut cfg.arch {
         *dit_layers = 2;
@@ -684,25 +750,28 @@ fn uvit_forward_matches_a_direct_reference() {
         batch: b,
         len: n,
         t: &t,
-        labels: Some(&labels),
+        labels: conditioned.then_some(&labels[..]),
     };
     let got = m.forward(&batch, NoneTape, None).unwrap().as_vec();
     for img in 0..b {
         // conditioning: Dense(swish(Dense([emb(t), emb(label)]))), spec §7.1
-        let temb = maskdiff_network::time_embedding(&t[img..img + 1], dc);
-        let lemb = &p.get("cond.label_embed")[labels[img] as usize * dc..][..dc];
-        let h1: Vec<f64> = dense(
-            &temb,
-            p.get("cond.w1_t"),
-            Some(p.get("cond.b1")),
-            dc,
-            4 * dc,
-        )
-        .iter()
-        .zip(dense(lemb, p.get("cond.w1_label"), None, dc, 4 * dc))
-        .map(|(a, b)| swish(a + b))
-        .collect();
-        let c = dense(&h1, p.get("cond.w2"), Some(p.get("cond.b2")), 4 * dc, dc);
+        let c = conditioned.then(|| {
+            let temb = maskdiff_network::time_embedding(&t[img..img + 1], dc);
+            let lemb = &p.get("cond.label_embed")[labels[img] as usize * dc..][..dc];
+            let h1: Vec<f64> = dense(
+                &temb,
+                p.get("cond.w1_t"),
+                Some(p.get("cond.b1")),
+                dc,
+                4 * dc,
+            )
+            .iter()
+            .zip(dense(lemb, p.get("cond.w1_label"), None, dc, 4 * dc))
+            .map(|(a, b)| swish(a + b))
+            .collect();
+            dense(&h1, p.get("cond.w2"), Some(p.get("cond.b2")), 4 * dc, dc)
+        });
+        let c = c.as_deref();
         let x: Vec<f64> = ids[img * n..(img + 1) * n]
             .iter()
             .flat_map(|&id| p.get("embed")[id as usize * e..(id as usize + 1) * e].to_vec())
@@ -715,10 +784,10 @@ fn uvit_forward_matches_a_direct_reference() {
         );
         let mut skips = vec![hs.clone()];
         for i in 0..layers {
-            hs = res_block(&hs, (h, w, ch, ch, groups), &c, &p, &format!("down.{i}"));
+            hs = res_block(&hs, (h, w, ch, ch, groups), c, &p, &format!("down.{i}"));
             skips.push(hs.clone());
         }
-        hs = dit(&hs, (h, w, ch), (2, 2, 2, 8), &c, &p);
+        hs = dit(&hs, (h, w, ch), (2, 2, 2, 8), c, &p);
         for i in 0..=layers {
             let s = skips.pop().unwrap();
             let cat: Vec<f64> = (0..h * w)
@@ -730,9 +799,9 @@ fn uvit_forward_matches_a_direct_reference() {
                         .collect::<Vec<_>>()
                 })
                 .collect();
-            hs = res_block(&cat, (h, w, 2 * ch, ch, groups), &c, &p, &format!("up.{i}"));
+            hs = res_block(&cat, (h, w, 2 * ch, ch, groups), c, &p, &format!("up.{i}"));
         }
-        let y: Vec<f64> = cond_gn(&hs, ch, groups, &c, &p, "out.norm")
+        let y: Vec<f64> = cond_gn(&hs, ch, groups, c, &p, "out.norm")
             .into_iter()
             .map(swish)
             .collect();
