@@ -140,6 +140,13 @@ pub struct ModelConfig {
     /// length = MD4 with the block network). Required for `block`, refused for the others.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
+    /// Override the preset's width (transformer: model dimension, a multiple of its heads;
+    /// U-Net: channels, a multiple of its GroupNorm groups); unset = the preset's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
+    /// Override the preset's depth (transformer: blocks; U-Net: residual blocks per side).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<usize>,
 }
 
 impl Default for ModelConfig {
@@ -153,6 +160,8 @@ impl Default for ModelConfig {
             genmd4_network_samples: 2,
             embed_dim: None,
             block_size: None,
+            width: None,
+            layers: None,
         }
     }
 }

@@ -70,6 +70,12 @@ pub fn network_config(cfg: &Config, data: &Data) -> Result<NetworkConfig> {
     if let Some(e) = cfg.model.embed_dim {
         net.embed_dim = (e > 0).then_some(e);
     }
+    if let Some(w) = cfg.model.width {
+        net.dim = w;
+    }
+    if let Some(l) = cfg.model.layers {
+        net.n_layers = l;
+    }
     net.block_size = match cfg.model.kind {
         crate::config::ModelKind::Block => cfg.model.block_size,
         _ => None,
