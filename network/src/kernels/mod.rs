@@ -19,6 +19,9 @@
 
 mod attention;
 pub(crate) mod bf16;
+// not yet behind `Kernels` (the U-Net's trait methods land with the image networks)
+#[cfg_attr(not(test), allow(dead_code))]
+mod conv;
 mod elementwise;
 pub mod isa;
 #[cfg(test)]
