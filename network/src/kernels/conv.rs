@@ -37,9 +37,10 @@ use crate::Elem;
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-/// Elements of the im2col panel built and multiplied at a time (4 MiB of f32): large enough for
-/// gemm to run at full speed, small enough to stay out of the way of the activations.
-const PANEL: usize = 1 << 20;
+/// Elements of the im2col panel built and multiplied at a time (1 MiB of f32, which stays in
+/// cache between being written and being multiplied; at `unet-small`'s layer shapes 2¹⁸ ran
+/// the convolution's forward and backward faster than 2²⁰ or 2²²).
+const PANEL: usize = 1 << 18;
 
 /// GroupNorm's ε (Flax's `nn.GroupNorm` default, used by the official U-Net).
 const GROUP_NORM_EPS: f64 = 1e-6;
@@ -724,11 +725,11 @@ mod tests {
         });
     }
 
-    /// A shape whose im2col panels (of x: 2048 × 576 elements; of dY: 2048 × 585) exceed
+    /// A shape whose im2col panels (of x: 512 × 576 elements; of dY: 512 × 585) exceed
     /// [`PANEL`], so each product runs over two panels.
     #[test]
     fn conv_over_several_panels_matches_the_definition() {
-        let dims @ (b, h, wd, cin, cout) = (2, 32, 32, 64, 65);
+        let dims @ (b, h, wd, cin, cout) = (2, 16, 16, 64, 65);
         let m = b * h * wd;
         assert!(m * 9 * cin > PANEL && m * 9 * cout > PANEL);
         let (dev, mut rng) = (Cpu::default(), StdRng::seed_from_u64(1));
@@ -874,5 +875,146 @@ mod tests {
             close_to(g.get(&st).as_vec(), &ds, "group_norm f32 dscale");
             close_to(g.get(&bt).as_vec(), &db, "group_norm f32 dbias");
         }
+    }
+
+    /// At bf16 the convolution's three products take bf16-rounded operands: the forward pass
+    /// and both gradients are the definitions' values for the rounded x, w and dY (up to f32
+    /// accumulation error), and differ from the f32 kernel's.
+    #[test]
+    fn bf16_conv_rounds_every_product_input() {
+        use super::super::bf16::{from_bf16, to_bf16};
+        use crate::precision::with_precision;
+        let (dev, mut rng) = (Cpu::default(), StdRng::seed_from_u64(5));
+        let dims @ (b, h, wd, cin, cout) = (2, 5, 6, 7, 9);
+        let m = b * h * wd;
+        let (x, w) = (
+            rand32(&mut rng, m * cin, 1.0),
+            rand32(&mut rng, 9 * cin * cout, 1.0),
+        );
+        let r = rand32(&mut rng, m * cout, 1.0);
+        let xt = dev.tensor_from_vec(x.clone(), (m, cin));
+        let wt = dev.tensor_from_vec(w.clone(), (9 * cin, cout));
+        let run = |p| {
+            with_precision(p, || {
+                let y = conv3x3(xt.leaky_trace(), wt.clone(), b, h, wd).unwrap();
+                let (f, g) = grads32(y, &r);
+                (f, g.get(&xt).as_vec(), g.get(&wt).as_vec())
+            })
+        };
+        let (f16, gx16, gw16) = run(Precision::Bf16);
+        let (f32v, gx32, gw32) = run(Precision::F32);
+        assert!(f16 != f32v && gx16 != gx32 && gw16 != gw32);
+        let q = |v: &[f32]| -> Vec<f64> {
+            v.iter()
+                .map(|&v| f64::from(from_bf16(to_bf16(v))))
+                .collect()
+        };
+        let abs = |v: &[f64]| -> Vec<f64> { v.iter().map(|v| v.abs()).collect() };
+        let (xq, wq, rq) = (q(&x), q(&w), q(&r));
+        // |error| ≤ (terms · 2⁻²³) · Σ|terms| (f32 accumulation of exact products)
+        let check = |got: &[f32], want: &[f64], bound: &[f64], terms: usize, what: &str| {
+            for (i, ((&g, &e), &a)) in got.iter().zip(want).zip(bound).enumerate() {
+                let tol = a * terms as f64 * 1.2e-7 + 1e-30;
+                assert!((f64::from(g) - e).abs() <= tol, "{what}[{i}]: {g} vs {e}");
+            }
+        };
+        check(
+            &f16,
+            &naive_conv(&xq, &wq, dims),
+            &naive_conv(&abs(&xq), &abs(&wq), dims),
+            9 * cin,
+            "y",
+        );
+        let (dx, dw) = naive_conv_grads(&xq, &wq, &rq, dims);
+        let (bx, bw) = naive_conv_grads(&abs(&xq), &abs(&wq), &abs(&rq), dims);
+        check(&gx16, &dx, &bx, 9 * cout, "dx");
+        check(&gw16, &dw, &bw, m, "dw");
+    }
+
+    /// The dfdx-op formulations (im2col by a gather of neighbour rows and one matmul;
+    /// GroupNorm by reshape, permute and normalize), for the timing comparison.
+    fn generic_conv<T: Tape<f32, Cpu>>(
+        x: T2<f32, Cpu, T>,
+        w: T2<f32, Cpu>,
+        (b, h, wd): (usize, usize, usize),
+    ) -> T2<f32, Cpu, T> {
+        let (m, cin) = *x.shape();
+        let dev = x.device().clone();
+        let rows: Vec<usize> = (0..m * 9)
+            .map(|pt| {
+                neighbour(
+                    pt / 9,
+                    (pt % 9) as isize / 3 - 1,
+                    (pt % 9) as isize % 3 - 1,
+                    (h, wd),
+                )
+                .unwrap_or(m)
+            })
+            .collect();
+        let zero: T2<f32, Cpu> = dev.zeros_like(&(1, cin));
+        let cols: T2<f32, Cpu, T> = (x, zero)
+            .concat_along(Axis::<0>)
+            .gather(dev.tensor_from_vec(rows, (9 * m,)));
+        let _ = b;
+        <Cpu as super::super::Kernels<f32>>::matmul(cols.reshape_like(&(m, 9 * cin)), w).unwrap()
+    }
+
+    fn generic_gn<T: Tape<f32, Cpu>>(
+        x: T2<f32, Cpu, T>,
+        s: T1<f32, Cpu>,
+        bias: T1<f32, Cpu>,
+        b: usize,
+        groups: usize,
+    ) -> T2<f32, Cpu, T> {
+        let (m, c) = *x.shape();
+        let (n, cg) = (m / b, c / groups);
+        let y = x
+            .reshape_like(&(b, n, groups, cg))
+            .permute::<_, Axes4<0, 2, 1, 3>>()
+            .reshape_like(&(b * groups, n * cg))
+            .normalize::<Axis<1>>(GROUP_NORM_EPS)
+            .reshape_like(&(b, groups, n, cg))
+            .permute::<_, Axes4<0, 2, 1, 3>>()
+            .reshape_like(&(m, c));
+        y * s.broadcast_like::<_, Axis<0>>(&(m, c)) + bias.broadcast_like::<_, Axis<0>>(&(m, c))
+    }
+
+    /// Forward + backward times of the fused kernels and the dfdx-op formulations at the
+    /// U-Net `unet-small` layer shapes (batch 8, 28 × 28, 64 channels, 16 groups).
+    /// `cargo test --release -p maskdiff-network --lib conv_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn conv_timing() {
+        use std::time::Instant;
+        let (dev, mut rng) = (Cpu::default(), StdRng::seed_from_u64(6));
+        let (b, h, wd, cin, cout, groups) = (8, 28, 28, 64, 64, 16);
+        let m = b * h * wd;
+        let x = dev.tensor_from_vec(rand32(&mut rng, m * cin, 1.0), (m, cin));
+        let w = dev.tensor_from_vec(rand32(&mut rng, 9 * cin * cout, 0.1), (9 * cin, cout));
+        let s = dev.tensor_from_vec(rand32(&mut rng, cin, 1.0), (cin,));
+        let r = rand32(&mut rng, m * cout, 1.0);
+        let time = |f: &dyn Fn() -> Vec<f32>| {
+            let _ = f();
+            let reps = 10;
+            let t = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(f());
+            }
+            t.elapsed().as_secs_f64() * 1e3 / reps as f64
+        };
+        let loss = |y: T2<f32, Cpu, T32>| grads32(y, &r).1.get(&x).as_vec();
+        let fc = time(&|| loss(conv3x3(x.leaky_trace(), w.clone(), b, h, wd).unwrap()));
+        let gc = time(&|| loss(generic_conv(x.leaky_trace(), w.clone(), (b, h, wd))));
+        let fg =
+            time(&|| loss(group_norm(x.leaky_trace(), s.clone(), s.clone(), b, groups).unwrap()));
+        let gg = time(&|| loss(generic_gn(x.leaky_trace(), s.clone(), s.clone(), b, groups)));
+        let fwd = |f: &dyn Fn() -> T2<f32, Cpu>| time(&|| f().as_vec());
+        let fcf = fwd(&|| conv3x3(x.clone(), w.clone(), b, h, wd).unwrap());
+        let gcf = fwd(&|| generic_conv(x.clone(), w.clone(), (b, h, wd)));
+        eprintln!(
+            "{} threads, ({m}, {cin}) → {cout}: conv3x3 fwd+bwd fused {fc:.2} ms, generic {gc:.2} ms; \
+             fwd only fused {fcf:.2} ms, generic {gcf:.2} ms; group_norm fwd+bwd fused {fg:.2} ms, generic {gg:.2} ms",
+            rayon::current_num_threads()
+        );
     }
 }
