@@ -115,7 +115,8 @@ impl FromStr for DatasetKind {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// Network preset: `tiny` (tests), `cpu-small` (4 layers, width 256), `md4-s` (12 × 768),
-    /// `md4-m` (24 × 1024).
+    /// `md4-m` (24 × 1024) — the transformer; `unet-tiny`, `unet-small`, `unet-cifar10` — the
+    /// U-Net image denoiser of spec §7.3 (image data only; built for the data's image shape).
     pub preset: String,
     /// `md4`, `genmd4` or `block`.
     pub kind: ModelKind,
@@ -399,7 +400,15 @@ impl Default for SampleConfig {
 }
 
 /// The network presets the CLI accepts.
-pub const PRESETS: [&str; 4] = ["tiny", "cpu-small", "md4-s", "md4-m"];
+pub const PRESETS: [&str; 7] = [
+    "tiny",
+    "cpu-small",
+    "md4-s",
+    "md4-m",
+    "unet-tiny",
+    "unet-small",
+    "unet-cifar10",
+];
 
 fn positive(field: &str, v: f64) -> Result<()> {
     if v.is_finite() && v > 0.0 {

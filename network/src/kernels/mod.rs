@@ -147,6 +147,27 @@ pub trait Kernels<E: Elem>: Device<E> {
     ) -> Res<T4<E, Self, T>, Self> {
         rope.apply(x, b, n, h, scale)
     }
+    /// 3×3 "same" convolution (zero padding, stride 1) of NHWC activations x (b·h·w, cin) with
+    /// a tape-free weight (9·cin, cout) laid out (ky, kx, cin, cout) → (b·h·w, cout).
+    fn conv3x3<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        w: T2<E, Self>,
+        b: usize,
+        h: usize,
+        wd: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        crate::unet_layers::conv3x3(x, w, b, h, wd)
+    }
+    /// GroupNorm (eps 1e-6) of x (b·n, c) in `groups` groups with tape-free scale and bias (c).
+    fn group_norm<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        scale: T1<E, Self>,
+        bias: T1<E, Self>,
+        b: usize,
+        groups: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        crate::unet_layers::group_norm(x, scale, bias, b, groups)
+    }
     /// One AdamW update of a flat parameter (spec §8): (θ', m', v') from θ, its gradient and
     /// the moments m, v (tape-free; the optimizer is `maskdiff_train::AdamW`).
     fn adamw(
