@@ -33,6 +33,7 @@ use super::storage::input;
 use super::tape::{backward, fused, Backward, Forward};
 use crate::layers::{Res, T1, T2};
 use crate::precision::{self, Precision};
+use crate::unet_layers::GROUP_NORM_EPS;
 use crate::Elem;
 use dfdx::prelude::*;
 use rayon::prelude::*;
@@ -42,11 +43,34 @@ use rayon::prelude::*;
 /// the convolution's forward and backward faster than 2²⁰ or 2²²).
 const PANEL: usize = 1 << 18;
 
-/// GroupNorm's ε (Flax's `nn.GroupNorm` default, used by the official U-Net).
-const GROUP_NORM_EPS: f64 = 1e-6;
-
 /// Rows of one GroupNorm task: per-channel sums in E run over at most this many rows.
 const GN_ROWS: usize = 256;
+
+#[cfg(test)]
+thread_local! {
+    static GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the CPU's `conv3x3` and `group_norm` run the generic defaults instead (tests and
+/// timings compare the two in one process).
+#[cfg(test)]
+pub(crate) fn generic_image_ops() -> bool {
+    GENERIC.with(|g| g.get())
+}
+
+/// Runs `f` with this thread's CPU `conv3x3` and `group_norm` calls going to the generic
+/// defaults (restored afterwards, also on panic).
+#[cfg(test)]
+pub(crate) fn with_generic_image_ops<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GENERIC.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GENERIC.with(|g| g.replace(true)));
+    f()
+}
 
 /// The image geometry of a convolution: b images of h × w pixels.
 #[derive(Clone, Copy, Debug)]
@@ -931,32 +955,12 @@ mod tests {
         check(&gw16, &dw, &bw, m, "dw");
     }
 
-    /// The dfdx-op formulations (im2col by a gather of neighbour rows and one matmul;
-    /// GroupNorm by reshape, permute and normalize), for the timing comparison.
     fn generic_conv<T: Tape<f32, Cpu>>(
         x: T2<f32, Cpu, T>,
         w: T2<f32, Cpu>,
         (b, h, wd): (usize, usize, usize),
     ) -> T2<f32, Cpu, T> {
-        let (m, cin) = *x.shape();
-        let dev = x.device().clone();
-        let rows: Vec<usize> = (0..m * 9)
-            .map(|pt| {
-                neighbour(
-                    pt / 9,
-                    (pt % 9) as isize / 3 - 1,
-                    (pt % 9) as isize % 3 - 1,
-                    (h, wd),
-                )
-                .unwrap_or(m)
-            })
-            .collect();
-        let zero: T2<f32, Cpu> = dev.zeros_like(&(1, cin));
-        let cols: T2<f32, Cpu, T> = (x, zero)
-            .concat_along(Axis::<0>)
-            .gather(dev.tensor_from_vec(rows, (9 * m,)));
-        let _ = b;
-        <Cpu as super::super::Kernels<f32>>::matmul(cols.reshape_like(&(m, 9 * cin)), w).unwrap()
+        crate::unet_layers::conv3x3(x, w, b, h, wd).unwrap()
     }
 
     fn generic_gn<T: Tape<f32, Cpu>>(
@@ -966,17 +970,52 @@ mod tests {
         b: usize,
         groups: usize,
     ) -> T2<f32, Cpu, T> {
-        let (m, c) = *x.shape();
-        let (n, cg) = (m / b, c / groups);
-        let y = x
-            .reshape_like(&(b, n, groups, cg))
-            .permute::<_, Axes4<0, 2, 1, 3>>()
-            .reshape_like(&(b * groups, n * cg))
-            .normalize::<Axis<1>>(GROUP_NORM_EPS)
-            .reshape_like(&(b, groups, n, cg))
-            .permute::<_, Axes4<0, 2, 1, 3>>()
-            .reshape_like(&(m, c));
-        y * s.broadcast_like::<_, Axis<0>>(&(m, c)) + bias.broadcast_like::<_, Axis<0>>(&(m, c))
+        crate::unet_layers::group_norm(x, s, bias, b, groups).unwrap()
+    }
+
+    /// The CPU kernels against the generic defaults (`unet_layers`: gather + matmul;
+    /// reshape/permute/normalize), values and gradients in f64.
+    #[test]
+    fn image_ops_match_the_generic_defaults() {
+        use super::super::Kernels;
+        each_path(|dev, rng| {
+            for (b, h, wd, cin, cout) in CONV_SHAPES {
+                let m = b * h * wd;
+                let x = rand2(dev, rng, (m, cin));
+                let w = rand2(dev, rng, (9 * cin, cout));
+                let r = rand_vec(rng, m * cout);
+                let fused = <Cpu as Kernels<f64>>::conv3x3(x.leaky_trace(), w.clone(), b, h, wd);
+                let (fa, ga) = grads(fused.unwrap(), &r);
+                let generic = crate::unet_layers::conv3x3(x.leaky_trace(), w.clone(), b, h, wd);
+                let (fb, gb) = grads(generic.unwrap(), &r);
+                close(&fa, &fb, "conv3x3");
+                close(&ga.get(&x).as_vec(), &gb.get(&x).as_vec(), "conv3x3 dx");
+                close(&ga.get(&w).as_vec(), &gb.get(&w).as_vec(), "conv3x3 dw");
+            }
+            for (b, n, c, groups) in GN_SHAPES {
+                let x = rand2(dev, rng, (b * n, c));
+                let (s, bias) = (rand_t1(dev, rng, c), rand_t1(dev, rng, c));
+                let r = rand_vec(rng, b * n * c);
+                let (sc, bc) = (s.clone(), bias.clone());
+                let fused = <Cpu as Kernels<f64>>::group_norm(x.leaky_trace(), sc, bc, b, groups);
+                let (fa, ga) = grads(fused.unwrap(), &r);
+                let (sc, bc) = (s.clone(), bias.clone());
+                let generic = crate::unet_layers::group_norm(x.leaky_trace(), sc, bc, b, groups);
+                let (fb, gb) = grads(generic.unwrap(), &r);
+                close(&fa, &fb, "group_norm");
+                close(&ga.get(&x).as_vec(), &gb.get(&x).as_vec(), "group_norm dx");
+                close(
+                    &ga.get(&s).as_vec(),
+                    &gb.get(&s).as_vec(),
+                    "group_norm dscale",
+                );
+                close(
+                    &ga.get(&bias).as_vec(),
+                    &gb.get(&bias).as_vec(),
+                    "group_norm dbias",
+                );
+            }
+        });
     }
 
     /// Forward + backward times of the fused kernels and the dfdx-op formulations at the
@@ -1015,6 +1054,67 @@ mod tests {
             "{} threads, ({m}, {cin}) → {cout}: conv3x3 fwd+bwd fused {fc:.2} ms, generic {gc:.2} ms; \
              fwd only fused {fcf:.2} ms, generic {gcf:.2} ms; group_norm fwd+bwd fused {fg:.2} ms, generic {gg:.2} ms",
             rayon::current_num_threads()
+        );
+    }
+
+    /// The `unet-small` training step's network part — forward with tape (dropout on) and
+    /// backward of Σ R ⊙ logits — on 8 Fashion-MNIST-shaped images (28 × 28 × 1, 256 levels),
+    /// with the fused image kernels and with the generic defaults, alternating in one process
+    /// (the optimizer step, the same for both, is left out).
+    /// `cargo test --release -p maskdiff-network --lib unet_step_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn unet_step_timing() {
+        use crate::{Network, NetworkConfig};
+        use maskdiff_process::DenoiseBatch;
+        use std::time::Instant;
+        crate::tune_allocator();
+        let (v, b, (h, wd)) = (256, 8, (28, 28));
+        let mut cfg = NetworkConfig::preset("unet-small", v).unwrap();
+        cfg.set_image(h, wd, 1).unwrap();
+        let dev = Cpu::default();
+        let model = Network::<f32, Cpu>::new(cfg, &dev, 0).unwrap();
+        let n = h * wd;
+        let mut rng = StdRng::seed_from_u64(0);
+        let ids: Vec<u32> = (0..b * n).map(|_| rng.gen_range(0..=v as u32)).collect();
+        let t: Vec<f64> = (0..b).map(|_| rng.gen_range(0.0..1.0)).collect();
+        let r = rand32(&mut rng, b * n * v, 1.0);
+        let batch = DenoiseBatch {
+            ids: &ids,
+            batch: b,
+            len: n,
+            t: &t,
+            labels: None,
+        };
+        let step = |rng: &mut StdRng| {
+            let t0 = Instant::now();
+            let logits = model.forward(&batch, model.tape(), Some(rng)).unwrap();
+            let t1 = t0.elapsed().as_secs_f64();
+            let (_, g) = grads32(logits, &r);
+            std::hint::black_box(g);
+            (t1, t0.elapsed().as_secs_f64())
+        };
+        let (mut fused, mut generic) = (Vec::new(), Vec::new());
+        for it in 0..4 {
+            let a = step(&mut rng);
+            let g = with_generic_image_ops(|| step(&mut rng));
+            if it > 0 {
+                fused.push(a);
+                generic.push(g);
+            }
+        }
+        let mean = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+            v.iter().map(f).sum::<f64>() / v.len() as f64 * 1e3
+        };
+        eprintln!(
+            "unet-small, batch {b} × {h}×{wd}×1, V = {v}, {} threads, mean of {} steps: \
+             fused forward {:.0} ms, step {:.0} ms; generic forward {:.0} ms, step {:.0} ms",
+            rayon::current_num_threads(),
+            fused.len(),
+            mean(&fused, |x| x.0),
+            mean(&fused, |x| x.1),
+            mean(&generic, |x| x.0),
+            mean(&generic, |x| x.1),
         );
     }
 }

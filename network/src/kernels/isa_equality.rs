@@ -101,7 +101,7 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     let xi = t2(&mut rng, (B * ih * iw, cin), 1.0);
     let wi = t2(&mut rng, (9 * cin, cout), 1.0);
     let r = rand32(&mut rng, B * ih * iw * cout, 1.0);
-    let y = super::conv::conv3x3(xi.leaky_trace(), wi.clone(), B, ih, iw).unwrap();
+    let y = <K as Kernels<f32>>::conv3x3(xi.leaky_trace(), wi.clone(), B, ih, iw).unwrap();
     let (f, g) = grads32(y, &r);
     push("conv3x3", f);
     push("conv3x3 dx", g.get(&xi).as_vec());
@@ -111,7 +111,8 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     let sg: T1<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, gc, 1.0), (gc,));
     let bg: T1<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, gc, 1.0), (gc,));
     let r = rand32(&mut rng, B * gn * gc, 1.0);
-    let y = super::conv::group_norm(xg.leaky_trace(), sg.clone(), bg.clone(), B, groups).unwrap();
+    let y = <K as Kernels<f32>>::group_norm(xg.leaky_trace(), sg.clone(), bg.clone(), B, groups)
+        .unwrap();
     let (f, g) = grads32(y, &r);
     push("group_norm", f);
     push("group_norm dx", g.get(&xg).as_vec());
