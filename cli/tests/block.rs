@@ -1,8 +1,9 @@
 //! `maskdiff train --model block --block-size B` end to end on a tiny corpus: the run records the
 //! block objective and the block network, its test NELBO beats the uniform baseline by many
 //! standard errors, `sample` draws block by block with the KV cache and gives the same bytes
-//! with `--no-cache`, with any sampler inside a block, and inconsistent settings are one-line
-//! errors naming the field.
+//! with `--no-cache`, with any sampler inside a block, keeps a prompt (not block-aligned) and
+//! infill text verbatim, draws the unmasking with `--show-steps`, and inconsistent settings are
+//! one-line errors naming the field.
 
 mod common;
 use common::*;
@@ -71,6 +72,70 @@ fn block_model_trains_and_evaluates() {
         args.extend_from_slice(sampler);
         ok(&run(&d, &args));
     }
+    // a prompt that ends inside a block (11 characters, B = 8) and infill text in a later
+    // block are kept verbatim; --show-steps draws the block-by-block unmasking
+    let o = run(
+        &d,
+        &[
+            "sample",
+            "blk",
+            "-n",
+            "2",
+            "--steps",
+            "4",
+            "--length",
+            "24",
+            "--prompt",
+            "the quick b",
+            "-o",
+            "prompt.txt",
+        ],
+    );
+    ok(&o);
+    let text = std::fs::read_to_string(d.join("prompt.txt")).unwrap();
+    assert_eq!(text.lines().count(), 2);
+    for l in text.lines() {
+        assert!(
+            l.starts_with("the quick b") && l.chars().count() == 24,
+            "{l:?}"
+        );
+    }
+    let o = run(
+        &d,
+        &[
+            "sample",
+            "blk",
+            "-n",
+            "1",
+            "--steps",
+            "4",
+            "--infill",
+            "ab{14}xyz{5}",
+            "-o",
+            "infill.txt",
+        ],
+    );
+    ok(&o);
+    let l = std::fs::read_to_string(d.join("infill.txt")).unwrap();
+    let l: Vec<char> = l.lines().next().unwrap().chars().collect();
+    assert_eq!(l[..2], ['a', 'b']);
+    assert_eq!(l[16..19], ['x', 'y', 'z']);
+    let o = run(
+        &d,
+        &[
+            "sample",
+            "blk",
+            "-n",
+            "1",
+            "--steps",
+            "4",
+            "--show-steps",
+            "--length",
+            "16",
+        ],
+    );
+    ok(&o);
+    assert!(stdout(&o).contains("[step"), "{}", stdout(&o));
     one_line_error(&run(&d, &["sample", "blk", "--length", "0"]), &["length"]);
     one_line_error(
         &run(&d, &["sample", "blk", "--length", "100000"]),
