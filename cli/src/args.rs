@@ -1,7 +1,7 @@
 //! Command-line syntax (clap). Every flag is documented here; `maskdiff <cmd> --help` prints it.
 //! Training flags override the values of the TOML config (see `config.rs` for defaults).
 
-use crate::config::{Config, DatasetKind, Device, ModelKind};
+use crate::config::{BlockObjective, Config, DatasetKind, Device, ModelKind};
 use clap::{Args, Parser, Subcommand};
 use maskdiff_network::Precision;
 use maskdiff_sampler::{RemdmStrategy, SamplerKind};
@@ -76,6 +76,9 @@ pub struct TrainOverrides {
     /// [model.block_size] tokens per block of a block-diffusion model (`--model block`).
     #[arg(long, value_name = "B")]
     pub block_size: Option<usize>,
+    /// [model.block_objective] md4 | genmd4: the objective inside the blocks (`--model block`).
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub block_objective: Option<BlockObjectiveArg>,
     /// [model.time_conditioning = false] train a time-free denoiser (enables `--sampler cached`).
     #[arg(long)]
     pub time_free: bool,
@@ -165,6 +168,12 @@ pub enum ModelKindArg {
     Md4,
     Genmd4,
     Block,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BlockObjectiveArg {
+    Md4,
+    Genmd4,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -288,6 +297,12 @@ impl TrainOverrides {
         }
         if self.layers.is_some() {
             cfg.model.layers = self.layers;
+        }
+        if let Some(k) = self.block_objective {
+            cfg.model.block_objective = match k {
+                BlockObjectiveArg::Md4 => BlockObjective::Md4,
+                BlockObjectiveArg::Genmd4 => BlockObjective::Genmd4,
+            };
         }
         if self.time_free {
             cfg.model.time_conditioning = false;
