@@ -345,8 +345,9 @@ fn human_bytes(b: f64) -> String {
 /// A rough f32 training-memory estimate: parameters, gradients, two AdamW moments and the EMA,
 /// plus activations kept for the backward pass. Transformer: per layer ≈ 16·d + 3·ffn values
 /// per token and 2 attention matrices per head. U-Net: per residual block (2·layers + 3 of
-/// them, the up blocks on 2·ch inputs) ≈ 8·ch values per pixel plus the two convolutions'
-/// 3×3 neighbourhoods (9·inputs each), and one pixels × pixels attention matrix per image.
+/// them, the up blocks on 2·ch inputs) ≈ 8·ch values per pixel plus its input, and the middle
+/// attention's pixels × pixels matrices (the CPU's fused convolution keeps no 3×3
+/// neighbourhood panels; dfdx's generic one on CUDA keeps 9·(inputs) more per convolution).
 fn memory_estimate(
     params: usize,
     net: &maskdiff_network::NetworkConfig,
@@ -362,7 +363,7 @@ fn memory_estimate(
         }
         Some((h, w, _)) => {
             let (ch, l, px) = (net.dim as f64, net.n_layers as f64, (h * w) as f64);
-            let block = |cin: f64| 8.0 * ch + 9.0 * (cin + ch);
+            let block = |cin: f64| 8.0 * ch + cin;
             let per_px = (l + 2.0) * block(ch) + (l + 1.0) * block(2.0 * ch);
             batch as f64 * (px * per_px + 2.0 * px * px)
         }
