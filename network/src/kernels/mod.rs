@@ -4,7 +4,8 @@
 //! 0.19, whose AVX-512 kernels are ~2.8× faster than dfdx's gemm 0.15), attention per
 //! (sequence, head) ([`attention`]), LayerNorm without affine and RMSNorm with a scale
 //! ([`norms`]), softmax over the last axis, adaLN modulation, gated residual, the GLU/SwiGLU gate
-//! and RoPE ([`elementwise`]). dfdx composes the element-wise ones from 4–10 separate ops, each
+//! and RoPE ([`elementwise`]), and the U-Net's 3×3 convolution and GroupNorm ([`conv`]). dfdx
+//! composes the element-wise ones from 4–10 separate ops, each
 //! allocating and sweeping memory; here each is one sweep forward and one backward. The
 //! optimizer's passes (AdamW, EMA, Σ g²; tape-free) are in [`optimizer`], bit-identical to their
 //! dfdx-op defaults.
@@ -19,6 +20,7 @@
 
 mod attention;
 pub(crate) mod bf16;
+mod conv;
 mod elementwise;
 pub mod isa;
 #[cfg(test)]
@@ -290,6 +292,32 @@ where
         scale: f64,
     ) -> Res<T4<E, Self, T>, Self> {
         elementwise::rope(rope, x, b, n, h, scale)
+    }
+    fn conv3x3<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        w: T2<E, Self>,
+        b: usize,
+        h: usize,
+        wd: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        #[cfg(test)]
+        if conv::generic_image_ops() {
+            return crate::unet_layers::conv3x3(x, w, b, h, wd);
+        }
+        conv::conv3x3(x, w, b, h, wd)
+    }
+    fn group_norm<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        scale: T1<E, Self>,
+        bias: T1<E, Self>,
+        b: usize,
+        groups: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        #[cfg(test)]
+        if conv::generic_image_ops() {
+            return crate::unet_layers::group_norm(x, scale, bias, b, groups);
+        }
+        conv::group_norm(x, scale, bias, b, groups)
     }
     fn adamw(
         p: &T1<E, Self>,
