@@ -61,13 +61,16 @@ pub struct TrainArgs {
 #[derive(Debug, Args, Default, Clone)]
 pub struct TrainOverrides {
     /// [model.preset] tiny | cpu-small | md4-s | md4-m (transformer); unet-tiny | unet-small |
-    /// unet-cifar10 (U-Net, image data).
+    /// unet-cifar10 (U-Net, image data); uvit-tiny | uvit-small | uvit-imagenet64 (U-ViT,
+    /// image data).
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
-    /// [model.width] override the preset's width (transformer dimension / U-Net channels).
+    /// [model.width] override the preset's width (transformer dimension / U-Net, U-ViT
+    /// channels).
     #[arg(long, value_name = "N")]
     pub width: Option<usize>,
-    /// [model.layers] override the preset's depth (transformer blocks / U-Net blocks per side).
+    /// [model.layers] override the preset's depth (transformer blocks / U-Net, U-ViT residual
+    /// blocks per side).
     #[arg(long, value_name = "N")]
     pub layers: Option<usize>,
     /// [model.kind] md4 | genmd4 | block.

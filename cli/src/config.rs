@@ -158,10 +158,11 @@ pub struct ModelConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
     /// Override the preset's width (transformer: model dimension, a multiple of its heads;
-    /// U-Net: channels, a multiple of its GroupNorm groups); unset = the preset's.
+    /// U-Net, U-ViT: channels, a multiple of its GroupNorm groups); unset = the preset's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub width: Option<usize>,
-    /// Override the preset's depth (transformer: blocks; U-Net: residual blocks per side).
+    /// Override the preset's depth (transformer: blocks; U-Net, U-ViT: residual blocks per
+    /// side).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers: Option<usize>,
     /// Block diffusion: the objective inside each block, `md4` (the default) or `genmd4`

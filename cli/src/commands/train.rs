@@ -348,6 +348,7 @@ fn human_bytes(b: f64) -> String {
 /// them, the up blocks on 2·ch inputs) ≈ 8·ch values per pixel plus its input, and the middle
 /// attention's pixels × pixels matrices (the CPU's fused convolution keeps no 3×3
 /// neighbourhood panels; dfdx's generic one on CUDA keeps 9·(inputs) more per convolution).
+/// U-ViT: the same residual blocks, and its DiT middle counted as transformer layers.
 fn memory_estimate(
     params: usize,
     net: &maskdiff_network::NetworkConfig,
@@ -365,7 +366,23 @@ fn memory_estimate(
             let (ch, l, px) = (net.dim as f64, net.n_layers as f64, (h * w) as f64);
             let block = |cin: f64| 8.0 * ch + cin;
             let per_px = (l + 2.0) * block(ch) + (l + 1.0) * block(2.0 * ch);
-            batch as f64 * (px * per_px + 2.0 * px * px)
+            let middle = match net.arch {
+                // U-ViT: the DiT on (h/p)·(w/p) tokens, per layer as a transformer layer with
+                // a 4·d MLP
+                maskdiff_network::Arch::Uvit {
+                    patch,
+                    dit_layers,
+                    dit_heads,
+                    dit_dim,
+                    ..
+                } => {
+                    let n = ((h / patch) * (w / patch)) as f64;
+                    let per_tok = 16.0 * dit_dim as f64 + 12.0 * dit_dim as f64;
+                    dit_layers as f64 * n * (per_tok + 2.0 * dit_heads as f64 * n)
+                }
+                _ => 2.0 * px * px,
+            };
+            batch as f64 * (px * per_px + middle)
         }
     };
     state + act * 4.0
@@ -431,11 +448,25 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
                 net_cfg.vocab_size,
                 len
             ),
-            Some((h, w, c)) => println!(
-                "network: U-Net, {} channels, {} residual blocks per side, {h}×{w}×{c} images, \
-                 {} levels (+mask)",
-                net_cfg.dim, net_cfg.n_layers, net_cfg.vocab_size
-            ),
+            Some((h, w, c)) => match net_cfg.arch {
+                maskdiff_network::Arch::Uvit {
+                    patch,
+                    dit_layers,
+                    dit_heads,
+                    dit_dim,
+                    ..
+                } => println!(
+                    "network: U-ViT, {} channels, {} residual blocks per side around a DiT of \
+                     {dit_layers} layers × {dit_heads} heads × width {dit_dim} on {patch}×{patch} \
+                     patches, {h}×{w}×{c} images, {} levels (+mask)",
+                    net_cfg.dim, net_cfg.n_layers, net_cfg.vocab_size
+                ),
+                _ => println!(
+                    "network: U-Net, {} channels, {} residual blocks per side, {h}×{w}×{c} \
+                     images, {} levels (+mask)",
+                    net_cfg.dim, net_cfg.n_layers, net_cfg.vocab_size
+                ),
+            },
         }
         println!("parameters: {p} ({:.2} M)", p as f64 / 1e6);
         println!(
