@@ -1,7 +1,7 @@
 //! Command-line syntax (clap). Every flag is documented here; `maskdiff <cmd> --help` prints it.
 //! Training flags override the values of the TOML config (see `config.rs` for defaults).
 
-use crate::config::{Config, DatasetKind, Device, ModelKind};
+use crate::config::{BlockObjective, Config, DatasetKind, Device, ModelKind};
 use clap::{Args, Parser, Subcommand};
 use maskdiff_network::Precision;
 use maskdiff_sampler::{RemdmStrategy, SamplerKind};
@@ -60,15 +60,25 @@ pub struct TrainArgs {
 /// Flags that override config values. Each names its TOML field.
 #[derive(Debug, Args, Default, Clone)]
 pub struct TrainOverrides {
-    /// [model.preset] tiny | cpu-small | md4-s | md4-m.
+    /// [model.preset] tiny | cpu-small | md4-s | md4-m (transformer); unet-tiny | unet-small |
+    /// unet-cifar10 (U-Net, image data).
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
+    /// [model.width] override the preset's width (transformer dimension / U-Net channels).
+    #[arg(long, value_name = "N")]
+    pub width: Option<usize>,
+    /// [model.layers] override the preset's depth (transformer blocks / U-Net blocks per side).
+    #[arg(long, value_name = "N")]
+    pub layers: Option<usize>,
     /// [model.kind] md4 | genmd4 | block.
     #[arg(long, value_enum, value_name = "KIND")]
     pub model: Option<ModelKindArg>,
     /// [model.block_size] tokens per block of a block-diffusion model (`--model block`).
     #[arg(long, value_name = "B")]
     pub block_size: Option<usize>,
+    /// [model.block_objective] md4 | genmd4: the objective inside the blocks (`--model block`).
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub block_objective: Option<BlockObjectiveArg>,
     /// [model.time_conditioning = false] train a time-free denoiser (enables `--sampler cached`).
     #[arg(long)]
     pub time_free: bool,
@@ -158,6 +168,12 @@ pub enum ModelKindArg {
     Md4,
     Genmd4,
     Block,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BlockObjectiveArg {
+    Md4,
+    Genmd4,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -276,6 +292,18 @@ impl TrainOverrides {
         if self.block_size.is_some() {
             cfg.model.block_size = self.block_size;
         }
+        if self.width.is_some() {
+            cfg.model.width = self.width;
+        }
+        if self.layers.is_some() {
+            cfg.model.layers = self.layers;
+        }
+        if let Some(k) = self.block_objective {
+            cfg.model.block_objective = match k {
+                BlockObjectiveArg::Md4 => BlockObjective::Md4,
+                BlockObjectiveArg::Genmd4 => BlockObjective::Genmd4,
+            };
+        }
         if self.time_free {
             cfg.model.time_conditioning = false;
         }
@@ -324,6 +352,8 @@ impl TrainOverrides {
         }
         check!(
             preset,
+            width,
+            layers,
             model,
             dropout,
             genmd4_network_samples,

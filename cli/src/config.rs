@@ -44,6 +44,22 @@ pub enum ModelKind {
     Block,
 }
 
+/// The objective inside the blocks of a block-diffusion model: MD4 with `[schedule]`, or GenMD4
+/// (per-token-value exponents, learned, shared by the blocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockObjective {
+    #[default]
+    Md4,
+    Genmd4,
+}
+
+impl BlockObjective {
+    pub fn is_md4(&self) -> bool {
+        *self == BlockObjective::Md4
+    }
+}
+
 /// The compute device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -140,6 +156,25 @@ pub struct ModelConfig {
     /// length = MD4 with the block network). Required for `block`, refused for the others.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
+    /// Override the preset's width (transformer: model dimension, a multiple of its heads;
+    /// U-Net: channels, a multiple of its GroupNorm groups); unset = the preset's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
+    /// Override the preset's depth (transformer: blocks; U-Net: residual blocks per side).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<usize>,
+    /// Block diffusion: the objective inside each block, `md4` (the default) or `genmd4`
+    /// (`genmd4_network_samples` applies to it). Only for `kind = "block"`.
+    #[serde(skip_serializing_if = "BlockObjective::is_md4")]
+    pub block_objective: BlockObjective,
+}
+
+impl ModelConfig {
+    /// Whether the model's schedule is GenMD4's learned one (alone or inside blocks).
+    pub fn is_genmd4(&self) -> bool {
+        self.kind == ModelKind::Genmd4
+            || (self.kind == ModelKind::Block && self.block_objective == BlockObjective::Genmd4)
+    }
 }
 
 impl Default for ModelConfig {
@@ -153,6 +188,9 @@ impl Default for ModelConfig {
             genmd4_network_samples: 2,
             embed_dim: None,
             block_size: None,
+            width: None,
+            layers: None,
+            block_objective: BlockObjective::Md4,
         }
     }
 }
@@ -500,6 +538,12 @@ impl Config {
                 ))
             }
         }
+        if m.kind != ModelKind::Block && !m.block_objective.is_md4() {
+            return Err(CliError::config(
+                "model.block_objective",
+                "only a block-diffusion model (kind = \"block\") has an objective inside blocks",
+            ));
+        }
         if m.class_conditional && !self.data.dataset.is_image() {
             return Err(CliError::config(
                 "model.class_conditional",
@@ -592,14 +636,13 @@ impl Config {
             };
             CliError::config(field, e.to_string())
         })?;
-        if m.kind == ModelKind::Genmd4 && s.sampler == SamplerKind::Remdm && s.remdm_loop.is_some()
-        {
+        if m.is_genmd4() && s.sampler == SamplerKind::Remdm && s.remdm_loop.is_some() {
             return Err(CliError::config(
                 "sample.remdm_loop",
                 "the loop schedule is not available for GenMD4",
             ));
         }
-        if m.kind == ModelKind::Genmd4
+        if m.is_genmd4()
             && matches!(
                 s.sampler,
                 SamplerKind::FirstHitting | SamplerKind::Confidence

@@ -416,8 +416,11 @@ fn render_images(
 /// Block-diffusion sampling (BD3-LM): `sc.num_samples` text samples drawn block by block over
 /// `den` (the prefix cached or recomputed, as `den` was built) with `sc.sampler` inside each
 /// block (`sc.steps` steps per block), up to `len` tokens or the tokenizer's end-of-text token
-/// (GPT-2), printed and written as [`generate`] does. Returns the summary and the sampled
-/// token count.
+/// (GPT-2), printed and written as [`generate`] does. `--prompt` / `--infill` fix tokens
+/// (`maskdiff_sampler::sample_blocks_streamed`: a prompt's whole blocks are committed without a
+/// network call, a partial block is clamped inside its sampler); the progress bar and
+/// `--show-steps` follow the sampler's step events (global steps: block j's are j·T + 1 ..=
+/// (j + 1)·T). Returns the summary and the sampled token count.
 pub fn generate_blocks<P: maskdiff_process::PrefixDenoiser + ?Sized>(
     den: &mut P,
     schedule: ScheduleRef<'_>,
@@ -431,12 +434,17 @@ pub fn generate_blocks<P: maskdiff_process::PrefixDenoiser + ?Sized>(
             "block-diffusion sampling is implemented for text models".into(),
         ));
     };
-    if req.prompt.is_some() || req.infill.is_some() || req.class.is_some() || req.show_steps {
+    if req.class.is_some() {
         return Err(CliError::Input(
-            "--prompt, --infill, --class and --show-steps are not available for block-diffusion models"
-                .into(),
+            "--class is not available for block-diffusion (text) models".into(),
         ));
     }
+    let fixed = constraint_of(req, codec, len)?;
+    let constraints = if fixed.iter().all(Option::is_none) {
+        vec![]
+    } else {
+        vec![Constraint::from_template(&fixed)]
+    };
     let eot = matches!(tok, AnyTokenizer::Gpt2(_)).then_some(maskdiff_data::tokenizer::GPT2_EOS);
     let cfg = SamplerConfig {
         kind: sc.sampler,
@@ -453,31 +461,62 @@ pub fn generate_blocks<P: maskdiff_process::PrefixDenoiser + ?Sized>(
         remdm: sc.remdm(),
         threshold: sc.threshold,
     };
-    let mut text = TextSink::new(tok, req, &vec![None; len])?;
+    let total_steps = len.div_ceil(den.block_size().max(1)) * sc.steps;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new((sc.num_samples * total_steps) as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "sampling {bar:30.cyan/blue} step {pos}/{len} ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        b
+    });
+    let mut text = TextSink::new(tok, req, &fixed)?;
     let mut summary = Summary::default();
     let mut tokens = 0usize;
     // one sample at a time: its stream is its index, so the samples do not depend on -n
-    for i in 0..sc.num_samples {
-        let one = SamplerConfig {
-            num_samples: 1,
-            first_index: i as u64,
-            ..cfg.clone()
-        };
-        let out = maskdiff_sampler::sample_blocks(den, schedule, &one, eot, None)?;
-        tokens += out.sequences[0].len();
-        let so = SampleOutput {
-            reveal_step: vec![vec![0; out.sequences[0].len()]],
-            sequences: out.sequences,
-            nfe: out.nfe,
-            calls: 0,
-            total_steps: sc.steps,
-            complete: true,
-        };
-        summary.add(&so);
-        if !text.batch(i, &so)? {
-            break;
+    let result = (|| -> Result<()> {
+        for i in 0..sc.num_samples {
+            let one = SamplerConfig {
+                num_samples: 1,
+                first_index: i as u64,
+                ..cfg.clone()
+            };
+            let mut on_event = |ev: &maskdiff_sampler::StepEvent| {
+                if let Some(b) = &bar {
+                    b.set_position((i * total_steps + ev.step) as u64);
+                }
+            };
+            let out = maskdiff_sampler::sample_blocks_streamed(
+                den,
+                schedule,
+                &one,
+                eot,
+                None,
+                &constraints,
+                &mut on_event,
+            )?;
+            tokens += out.sequences[0].len();
+            let so = SampleOutput {
+                reveal_step: out.reveal_step,
+                sequences: out.sequences,
+                nfe: out.nfe,
+                calls: 0,
+                total_steps,
+                complete: true,
+            };
+            summary.add(&so);
+            if !text.batch(i, &so)? {
+                break;
+            }
         }
+        Ok(())
+    })();
+    if let Some(b) = &bar {
+        b.finish_and_clear();
     }
+    result?;
     text.finish(summary.samples)?;
     Ok((summary, tokens))
 }

@@ -70,6 +70,12 @@ pub fn network_config(cfg: &Config, data: &Data) -> Result<NetworkConfig> {
     if let Some(e) = cfg.model.embed_dim {
         net.embed_dim = (e > 0).then_some(e);
     }
+    if let Some(w) = cfg.model.width {
+        net.dim = w;
+    }
+    if let Some(l) = cfg.model.layers {
+        net.n_layers = l;
+    }
     net.block_size = match cfg.model.kind {
         crate::config::ModelKind::Block => cfg.model.block_size,
         _ => None,
@@ -115,6 +121,12 @@ pub fn train_config(cfg: &Config) -> Result<NetTrainConfig> {
                 .model
                 .block_size
                 .ok_or_else(|| CliError::config("model.block_size", "missing"))?,
+            inner: match cfg.model.block_objective {
+                crate::config::BlockObjective::Md4 => maskdiff_objective::InnerSpec::Md4,
+                crate::config::BlockObjective::Genmd4 => maskdiff_objective::InnerSpec::GenMd4 {
+                    one_sample: cfg.model.genmd4_network_samples == 1,
+                },
+            },
         },
     };
     let t = NetTrainConfig {
@@ -224,6 +236,10 @@ macro_rules! with_objective {
             maskdiff_objective::ObjectiveSpec::GenMd4 { .. } => {
                 $f::<$D, maskdiff_objective::GenMd4<$D>>($($args),*)
             }
+            maskdiff_objective::ObjectiveSpec::Block {
+                inner: maskdiff_objective::InnerSpec::GenMd4 { .. },
+                ..
+            } => $f::<$D, maskdiff_objective::Block<maskdiff_objective::GenMd4<$D>>>($($args),*),
             maskdiff_objective::ObjectiveSpec::Block { .. } => {
                 $f::<$D, maskdiff_objective::Block>($($args),*)
             }

@@ -12,7 +12,7 @@
 //!
 //! On top of them, the [`Objective`] trait puts each model's schedule, noising, loss, learnable
 //! parameters, NELBO estimator and reverse process together as one type: [`Md4`] and
-//! [`GenMd4`], and block diffusion on top of MD4 (BD3-LM), [`Block`]; trainers and evaluators
+//! [`GenMd4`], and block diffusion (BD3-LM) with either inside the blocks, [`Block`]; trainers and evaluators
 //! are generic over it. [`estimate`] is the Monte-Carlo
 //! NELBO (continuous or T-step, K samples per sequence, standard error over sequences,
 //! reconstruction and prior apart) over any `maskdiff_process::Denoiser`.
@@ -32,14 +32,14 @@ mod objective;
 pub mod reference;
 pub mod tensor;
 
-pub use block::{block_estimate, block_input, Block};
+pub use block::{block_estimate, block_input, Block, BlockNet, InBlocks};
 pub use error::ObjectiveError;
 pub use estimate::{EvalOptions, NelboEstimate};
 pub use genmd4::{GenMd4, GenMd4Report, GenMd4Stats, THETA_NAME};
 pub use md4::{Md4, Md4Stats};
 pub use objective::{
-    CleanBatch, Flat, Logits, LogitsNet, MicroLoss, Noised, Objective, ObjectiveSettings,
-    ObjectiveSpec, ReverseModel, Share, StepLosses,
+    CleanBatch, Flat, InnerSpec, Logits, LogitsNet, MicroLoss, Noised, Objective,
+    ObjectiveSettings, ObjectiveSpec, ReverseModel, Share, StepLosses,
 };
 pub use tensor::{
     genmd4_loss, md4_diffusion_loss, md4_recon_constant, GenMd4Batch, GenMd4Loss, GenMd4Options,

@@ -11,8 +11,9 @@
 //!   `maskdiff_process::Denoiser` ([`crate::estimate`]);
 //! * the reverse process a sampler runs ([`ReverseModel`], paper eq. (3) / eq. (11)).
 //!
-//! Implemented by [`crate::Md4`], [`crate::GenMd4`] and [`crate::Block`]. A trainer generic over this trait needs
-//! no edit for a third objective; the choice among them is made once, from [`ObjectiveSpec`].
+//! Implemented by [`crate::Md4`], [`crate::GenMd4`] and [`crate::Block`] (either of them inside
+//! blocks). A trainer generic over this trait needs no edit for a third objective; the choice
+//! among them is made once, from [`ObjectiveSpec`].
 
 use crate::estimate::{EvalOptions, NelboEstimate};
 use crate::ObjectiveError;
@@ -42,10 +43,44 @@ pub enum ObjectiveSpec {
         #[serde(default)]
         one_sample: bool,
     },
-    /// Block diffusion (BD3-LM): MD4 inside blocks of `block_size` tokens, each conditioned on
-    /// the clean blocks before it ([`crate::Block`]); the network must be built with the same
-    /// block size.
-    Block { block_size: usize },
+    /// Block diffusion (BD3-LM): MD4 or GenMD4 (`inner`) inside blocks of `block_size` tokens,
+    /// each conditioned on the clean blocks before it ([`crate::Block`]); the network must be
+    /// built with the same block size.
+    Block {
+        block_size: usize,
+        /// The objective inside each block; MD4 when absent (manifests written before GenMD4
+        /// blocks existed), and not written for MD4, so those manifests are unchanged.
+        #[serde(default, skip_serializing_if = "InnerSpec::is_md4")]
+        inner: InnerSpec,
+    },
+}
+
+/// The objective inside the blocks of [`ObjectiveSpec::Block`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InnerSpec {
+    /// MD4 with the run's schedule.
+    #[default]
+    Md4,
+    /// GenMD4: learned per-token exponents shared by all blocks (see [`ObjectiveSpec::GenMd4`]).
+    #[serde(rename = "genmd4")]
+    GenMd4 {
+        #[serde(default)]
+        one_sample: bool,
+    },
+}
+
+impl InnerSpec {
+    pub fn is_md4(&self) -> bool {
+        *self == InnerSpec::Md4
+    }
+    /// The objective this names, as a spec of its own.
+    pub fn objective(self) -> ObjectiveSpec {
+        match self {
+            InnerSpec::Md4 => ObjectiveSpec::Md4,
+            InnerSpec::GenMd4 { one_sample } => ObjectiveSpec::GenMd4 { one_sample },
+        }
+    }
 }
 
 /// What an objective is built from: its spec, the masking schedule of the run (ε-shifted),

@@ -20,7 +20,8 @@
 //! * Both work per block, so a block sampler reuses them inside each block: [`sample_blocks`]
 //!   draws block-diffusion (BD3-LM) sequences block by block over a
 //!   `maskdiff_process::PrefixDenoiser` (a clean prefix, cached or recomputed by the backend),
-//!   with any of the samplers above inside each block, stopping at a length or end-of-text.
+//!   with any of the samplers above inside each block, stopping at a length or end-of-text;
+//!   [`sample_blocks_streamed`] adds fixed tokens (prompts, infill) and the same step events.
 //! * Conditioning by fixed tokens ([`Constraint`], spec §6.4) and per-sequence class labels.
 //! * Streaming: a [`Sampler`] is an iterator of [`StepEvent`]s.
 //!
@@ -66,7 +67,7 @@ pub mod plan;
 pub mod rng;
 mod shaping;
 
-pub use blocks::{sample_blocks, BlockSampleOutput};
+pub use blocks::{sample_blocks, sample_blocks_streamed, BlockSampleOutput};
 pub use config::{RemdmConfig, RemdmLoop, RemdmStrategy, SamplerConfig, SamplerKind};
 pub use constraint::{Anchor, Constraint, Span};
 pub use engine::Sampler;

@@ -85,10 +85,6 @@ fn sample_on<D: DfdxDevice<f32>, O: Objective<D>>(
     }
     let mut den = loaded.denoiser.clone();
     let reverse = loaded.objective.reverse_model()?;
-    let schedule_ref = match &reverse {
-        ReverseModel::GenMd4(g) => maskdiff_sampler::ScheduleRef::genmd4(g),
-        ReverseModel::Md4(s) => s.into(),
-    };
     let req = Request {
         prompt: a.prompt.clone(),
         infill: a.infill.clone(),
@@ -98,7 +94,7 @@ fn sample_on<D: DfdxDevice<f32>, O: Objective<D>>(
     };
     let out = generate(
         &mut den,
-        schedule_ref,
+        schedule_ref(&reverse),
         &cfg.sample,
         &codec,
         loaded.extra.data.seq_len,
@@ -115,6 +111,14 @@ fn sample_on<D: DfdxDevice<f32>, O: Objective<D>>(
     Ok(())
 }
 
+/// The schedule a sampler runs for an objective's reverse process.
+fn schedule_ref(reverse: &ReverseModel) -> maskdiff_sampler::ScheduleRef<'_> {
+    match reverse {
+        ReverseModel::GenMd4(g) => maskdiff_sampler::ScheduleRef::genmd4(g),
+        ReverseModel::Md4(s) => s.into(),
+    }
+}
+
 /// Block-diffusion sampling (BD3-LM): block by block over the cached (or, with `--no-cache`,
 /// recomputed) clean prefix; prints the network calls per sample and the throughput.
 fn sample_blocks<D: DfdxDevice<f32>, O: Objective<D>>(
@@ -123,11 +127,7 @@ fn sample_blocks<D: DfdxDevice<f32>, O: Objective<D>>(
     cfg: &Config,
     a: &SampleArgs,
 ) -> Result<()> {
-    let ReverseModel::Md4(schedule) = loaded.objective.reverse_model()? else {
-        return Err(CliError::Input(
-            "a block-diffusion model has an MD4 schedule".into(),
-        ));
-    };
+    let reverse = loaded.objective.reverse_model()?;
     let mode = if a.no_cache {
         CacheMode::Recompute
     } else {
@@ -146,8 +146,14 @@ fn sample_blocks<D: DfdxDevice<f32>, O: Objective<D>>(
         out: a.out.clone(),
     };
     let start = std::time::Instant::now();
-    let (out, tokens) =
-        generate_blocks(&mut den, (&schedule).into(), &cfg.sample, codec, len, &req)?;
+    let (out, tokens) = generate_blocks(
+        &mut den,
+        schedule_ref(&reverse),
+        &cfg.sample,
+        codec,
+        len,
+        &req,
+    )?;
     let secs = start.elapsed().as_secs_f64();
     let mean_nfe = out.nfe_total as f64 / out.samples.max(1) as f64;
     eprintln!(

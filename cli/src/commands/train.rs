@@ -343,8 +343,10 @@ fn human_bytes(b: f64) -> String {
 }
 
 /// A rough f32 training-memory estimate: parameters, gradients, two AdamW moments and the EMA,
-/// plus activations kept for the backward pass (per layer ≈ 16·d + 3·ffn values per token, and
-/// 2 attention matrices per head).
+/// plus activations kept for the backward pass. Transformer: per layer ≈ 16·d + 3·ffn values
+/// per token and 2 attention matrices per head. U-Net: per residual block (2·layers + 3 of
+/// them, the up blocks on 2·ch inputs) ≈ 8·ch values per pixel plus the two convolutions'
+/// 3×3 neighbourhoods (9·inputs each), and one pixels × pixels attention matrix per image.
 fn memory_estimate(
     params: usize,
     net: &maskdiff_network::NetworkConfig,
@@ -352,10 +354,20 @@ fn memory_estimate(
     len: usize,
 ) -> f64 {
     let state = 5.0 * params as f64 * 4.0;
-    let per_tok = 16.0 * net.dim as f64 + 3.0 * net.ffn_hidden_dim() as f64;
-    let attn = 2.0 * net.n_heads as f64 * len as f64;
-    let act = net.n_layers as f64 * batch as f64 * len as f64 * (per_tok + attn) * 4.0;
-    state + act
+    let act = match net.image() {
+        None => {
+            let per_tok = 16.0 * net.dim as f64 + 3.0 * net.ffn_hidden_dim() as f64;
+            let attn = 2.0 * net.n_heads as f64 * len as f64;
+            net.n_layers as f64 * batch as f64 * len as f64 * (per_tok + attn)
+        }
+        Some((h, w, _)) => {
+            let (ch, l, px) = (net.dim as f64, net.n_layers as f64, (h * w) as f64);
+            let block = |cin: f64| 8.0 * ch + 9.0 * (cin + ch);
+            let per_px = (l + 2.0) * block(ch) + (l + 1.0) * block(2.0 * ch);
+            batch as f64 * (px * per_px + 2.0 * px * px)
+        }
+    };
+    state + act * 4.0
 }
 
 fn train_on<D: DfdxDevice<f32>>(
@@ -399,7 +411,7 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             return Ok(());
         }
         let model =
-            maskdiff_network::Md4Transformer::<f32, _>::new(net_cfg.clone(), &dev, cfg.train.seed)?;
+            maskdiff_network::Network::<f32, _>::new(net_cfg.clone(), &dev, cfg.train.seed)?;
         let p = model.num_params();
         println!(
             "config OK: {} {} on {:?}",
@@ -407,15 +419,22 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             format!("{:?}", cfg.model.kind).to_lowercase(),
             cfg.data.dataset
         );
-        println!(
-            "network: {} layers, {} heads, width {}, FFN {}, vocabulary {} (+mask), length {}",
-            net_cfg.n_layers,
-            net_cfg.n_heads,
-            net_cfg.dim,
-            net_cfg.ffn_hidden_dim(),
-            net_cfg.vocab_size,
-            len
-        );
+        match net_cfg.image() {
+            None => println!(
+                "network: {} layers, {} heads, width {}, FFN {}, vocabulary {} (+mask), length {}",
+                net_cfg.n_layers,
+                net_cfg.n_heads,
+                net_cfg.dim,
+                net_cfg.ffn_hidden_dim(),
+                net_cfg.vocab_size,
+                len
+            ),
+            Some((h, w, c)) => println!(
+                "network: U-Net, {} channels, {} residual blocks per side, {h}×{w}×{c} images, \
+                 {} levels (+mask)",
+                net_cfg.dim, net_cfg.n_layers, net_cfg.vocab_size
+            ),
+        }
         println!("parameters: {p} ({:.2} M)", p as f64 / 1e6);
         println!(
             "memory estimate (f32, batch {micro}): {} (weights+grads+AdamW+EMA {}, activations the rest)",

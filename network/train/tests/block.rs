@@ -10,7 +10,7 @@ use maskdiff_network::dfdx::prelude::*;
 use maskdiff_network::{Md4Transformer, NetworkConfig, NetworkDenoiser};
 use maskdiff_objective::tensor::MaskedBatch;
 use maskdiff_objective::{
-    block_input, Block, CleanBatch, EvalOptions, Md4, Objective, ObjectiveSpec, Share,
+    block_input, Block, CleanBatch, EvalOptions, InnerSpec, Md4, Objective, ObjectiveSpec, Share,
 };
 use maskdiff_process::DenoiseBatch;
 use maskdiff_schedule::{AnySchedule, Linear, MaskingSchedule, ScheduleSpec, TimeSampling};
@@ -273,7 +273,10 @@ fn trainer_steps_with_the_block_objective() {
     let mut net_cfg = NetworkConfig::preset("tiny", v).unwrap();
     net_cfg.block_size = Some(4);
     let train_cfg = TrainConfig {
-        objective: ObjectiveSpec::Block { block_size: 4 },
+        objective: ObjectiveSpec::Block {
+            block_size: 4,
+            inner: InnerSpec::Md4,
+        },
         lr: LrSchedule::constant(3e-3, 0),
         ema_decay: 0.0,
         ..Default::default()
@@ -308,7 +311,10 @@ fn trainer_steps_with_the_block_objective() {
     assert!(Trainer::<Cpu, Md4>::new(
         bad,
         TrainConfig {
-            objective: ObjectiveSpec::Block { block_size: 4 },
+            objective: ObjectiveSpec::Block {
+                block_size: 4,
+                inner: InnerSpec::Md4,
+            },
             ..Default::default()
         },
         1,

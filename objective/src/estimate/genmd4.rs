@@ -5,7 +5,7 @@
 //! Σ_{masked n} (1/t)(Σ_v w_v μ_v − w_x − w_x log μ_x) plus the reconstruction term at t1 (which
 //! depends on the sequence's tokens). Same seeding and reporting as [`super::md4`].
 
-use super::{mc_means, mean_stderr, Draw, EvalOptions, NelboEstimate, Result};
+use super::{mc_means, mean_stderr, Draw, EvalOptions, NelboEstimate, NetInput, Result};
 use crate::reference::{genmd4_integrand, genmd4_prior_kl, genmd4_recon};
 use crate::ObjectiveError;
 use maskdiff_process::{forward_sample_per_token, Denoiser, LogProbs, Token};
@@ -24,6 +24,27 @@ pub fn genmd4<D: Denoiser + ?Sized>(
     labels: Option<&[u32]>,
     opts: EvalOptions,
     progress: &mut dyn FnMut(usize),
+) -> Result<NelboEstimate> {
+    genmd4_on(
+        denoiser,
+        schedule,
+        sequences,
+        labels,
+        opts,
+        progress,
+        NetInput::Noised,
+    )
+}
+
+/// [`genmd4`] with the network reading `input` (block diffusion: x_t then x_0).
+pub(crate) fn genmd4_on<D: Denoiser + ?Sized>(
+    denoiser: &mut D,
+    schedule: &PerTokenPolynomial,
+    sequences: &[Vec<u32>],
+    labels: Option<&[u32]>,
+    opts: EvalOptions,
+    progress: &mut dyn FnMut(usize),
+    input: NetInput,
 ) -> Result<NelboEstimate> {
     if opts.discrete_steps.is_some() {
         return Err(ObjectiveError::Unsupported(
@@ -48,6 +69,7 @@ pub fn genmd4<D: Denoiser + ?Sized>(
     let mut row_lp = vec![0.0f64; v];
     let score = |r: &Draw, x0: &[u32], lp: &LogProbs, b: usize| {
         let mut est = 0.0f64;
+        // (zipping with x_0 reads the noised half of a block network's input)
         for (n, (&xt, &x)) in r.xt.iter().zip(x0).enumerate() {
             if xt != vocab.mask_id() {
                 continue;
@@ -69,6 +91,7 @@ pub fn genmd4<D: Denoiser + ?Sized>(
         labels,
         opts,
         GENMD4_STREAM,
+        input,
         progress,
         draw,
         score,

@@ -8,6 +8,7 @@
 mod genmd4;
 
 pub use genmd4::genmd4;
+pub(crate) use genmd4::genmd4_on;
 
 use crate::reference;
 use crate::ObjectiveError;
@@ -64,7 +65,7 @@ pub fn mix_seed(seed: u64, index: u64, salt: u64) -> u64 {
 }
 
 /// MD4's per-sequence stream salt for [`mix_seed`] (block diffusion draws the same way).
-pub(crate) const MD4_STREAM: u64 = 0x6A09_E667_F3BC_C909;
+const MD4_STREAM: u64 = 0x6A09_E667_F3BC_C909;
 
 /// One call of the denoiser on pending rows, each given as (x_t ids, t, sequence index); the
 /// labels (if any) are indexed by sequence.
@@ -107,11 +108,20 @@ pub(crate) struct Draw {
     pub xt: Vec<u32>,
 }
 
+/// What the network reads for a draw: x_t alone, or x_t followed by x_0 (a block-diffusion
+/// network, BD3-LM: it returns log μ for the N noised positions only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NetInput {
+    Noised,
+    NoisedThenClean,
+}
+
 /// The Monte-Carlo loop of every estimate here (MD4 and GenMD4): checks the inputs, draws K
 /// (t, u, x_t) per sequence with `draw` from the sequence's own stream (seeded by (seed, index,
 /// `salt`), so results do not depend on the batch size), runs the network on batches of
-/// `opts.batch_rows` draws, scores each draw with `score(draw, x_0, log_probs, row)`, and returns
-/// the sequence length and each sequence's mean score.
+/// `opts.batch_rows` draws (each x_t followed by its x_0 for `NetInput::NoisedThenClean`),
+/// scores each draw with `score(draw, x_0, log_probs, row)` (`draw.xt` holds what the network
+/// read), and returns the sequence length and each sequence's mean score.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn mc_means<D: Denoiser + ?Sized>(
     denoiser: &mut D,
@@ -119,6 +129,7 @@ pub(crate) fn mc_means<D: Denoiser + ?Sized>(
     labels: Option<&[u32]>,
     opts: EvalOptions,
     salt: u64,
+    input: NetInput,
     progress: &mut dyn FnMut(usize),
     mut draw: impl FnMut(&[Token], &mut StdRng) -> Result<(f64, f64, Vec<State>)>,
     mut score: impl FnMut(&Draw, &[u32], &LogProbs, usize) -> Result<f64>,
@@ -167,13 +178,16 @@ pub(crate) fn mc_means<D: Denoiser + ?Sized>(
         let mut rng = StdRng::seed_from_u64(mix_seed(opts.seed, i as u64, salt));
         for _ in 0..opts.mc_samples {
             let (t, u, xt) = draw(&toks, &mut rng)?;
-            let xt = xt
+            let mut xt: Vec<u32> = xt
                 .iter()
                 .map(|s| match s {
                     State::Real(tok) => tok.id(),
                     State::Mask => vocab.mask_id(),
                 })
                 .collect();
+            if input == NetInput::NoisedThenClean {
+                xt.extend_from_slice(x0);
+            }
             pending.push(Draw { seq: i, t, u, xt });
             if pending.len() >= opts.batch_rows {
                 flush(&mut pending, &mut sums, denoiser)?;
@@ -208,6 +222,27 @@ pub fn md4<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
     opts: EvalOptions,
     progress: &mut dyn FnMut(usize),
 ) -> Result<NelboEstimate> {
+    md4_on(
+        denoiser,
+        schedule,
+        sequences,
+        labels,
+        opts,
+        progress,
+        NetInput::Noised,
+    )
+}
+
+/// [`md4`] with the network reading `input` (block diffusion: x_t then x_0).
+pub(crate) fn md4_on<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
+    denoiser: &mut D,
+    schedule: &S,
+    sequences: &[Vec<u32>],
+    labels: Option<&[u32]>,
+    opts: EvalOptions,
+    progress: &mut dyn FnMut(usize),
+    input: NetInput,
+) -> Result<NelboEstimate> {
     let vocab = denoiser.vocab();
     let v = vocab.size();
     let draw = |toks: &[Token], rng: &mut StdRng| {
@@ -220,7 +255,8 @@ pub fn md4<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
     };
     let score = |r: &Draw, x0: &[u32], lp: &LogProbs, b: usize| {
         // Σ_{masked n} −log μ_n[x_0^n], rows renormalised in f64; only masked rows are read,
-        // so a GPT-2 vocabulary costs no [len × V] f64 copy.
+        // so a GPT-2 vocabulary costs no [len × V] f64 copy. (Zipping with x_0 reads the
+        // noised half of a block network's input.)
         let mut ce = 0.0f64;
         for (n, (&xt, &x)) in r.xt.iter().zip(x0).enumerate() {
             if xt == vocab.mask_id() {
@@ -242,7 +278,7 @@ pub fn md4<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
         })
     };
     let (len, means) = mc_means(
-        denoiser, sequences, labels, opts, MD4_STREAM, progress, draw, score,
+        denoiser, sequences, labels, opts, MD4_STREAM, input, progress, draw, score,
     )?;
     let n_seq = means.len();
     let (mean, stderr) = mean_stderr(&means);
