@@ -22,7 +22,11 @@
 # side is used. On a shared machine other processes only ever add time (PyTorch's OpenMP threads
 # degrade badly when cores are oversubscribed), so best-of is the fair comparison.
 # Env: ITERS (timed iterations, default 10), WARMUP (default 2), ROUNDS (alternations, default 2),
-#      THREADS (threads per side, default: all cores; THREADS=1 is the least load-sensitive).
+#      THREADS (threads per side, default: all cores; THREADS=1 is the least load-sensitive),
+#      MODEL=transformer (default) or MODEL=unet: the `unet-small` U-Net image denoiser (spec §7.3;
+#      64 channels, 4 residual blocks per side) on one Fashion-MNIST-shaped 28×28×1 image of 256
+#      levels per sequence, batch 16, against the same network in bench/torch_unet.py (tokens =
+#      pixels; flops: the convolutions, projections and middle attention per pixel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ITERS=${ITERS:-10}
@@ -55,6 +59,17 @@ echo "CPU: $model, $cores cores at ${mhz} MHz; features:${feats:- (none of avx2/
 echo "f32 FMA peak ≈ $peak GFLOP/s ($cores cores × $(awk -v m="$mhz" 'BEGIN{printf "%.2f", m/1000}') GHz × $lanes lanes × 2 FMA units × 2)"
 # cpu-small, length 256: matmul flops per token 2·(L(4d² + 3dh) + dV), attention 4·n·d per layer
 fwd_flop=$(awk 'BEGIN { L=4; d=256; h=704; V=27; n=256; print 2*(L*(4*d*d + 3*d*h) + d*V) + L*4*n*d }')
+rust_model=(); torch_script=bench/torch_reference.py; torch_model=()
+if [ "${MODEL:-transformer}" = unet ]; then
+  rust_model=(--preset unet-small --vocab 256 --image 28x28x1 --batch 16)
+  torch_script=bench/torch_unet.py
+  torch_model=(--preset unet-small --vocab 256 --image 28x28x1 --batch 16)
+  # per pixel: conv_in (e·C → ch), 6 blocks of two ch→ch convs (4 down, 2 middle), 5 up blocks
+  # (2ch→ch conv, ch→ch conv, 2ch→ch skip), attention (4 projections + 4·n·ch), out conv ch→C·V
+  fwd_flop=$(awk 'BEGIN { ch=64; e=32; C=1; V=256; n=784; k=2*9*ch*ch;
+    print 2*9*e*C*ch + 6*2*k + 5*(2*k + k + 2*2*ch*ch) + 4*2*ch*ch + 4*n*ch + 2*9*ch*C*V }')
+  echo "model: unet-small U-Net, 28x28x1 images, V = 256, batch 16"
+fi
 echo "flops per token: forward $(awk -v f="$fwd_flop" 'BEGIN{printf "%.2f", f/1e6}') M, train step $(awk -v f="$fwd_flop" 'BEGIN{printf "%.2f", 3*f/1e6}') M"
 BF16=${BF16:-1}
 rs_f=(); rs_t=(); rs_m=(); py_f=(); py_t=(); py_m=(); pb_f=(); pb_t=(); rb_f=(); rb_t=(); rb_m=()
@@ -63,21 +78,21 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg); threads per side: ${THREADS
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 for r in $(seq 1 "$ROUNDS"); do
   echo "== round $r: maskdiff (dfdx)" >&2
-  line=$(./target/release/examples/throughput --iters "$ITERS" --warmup "$WARMUP" | tee >(cat >&2) | tail -n 1)
+  line=$(./target/release/examples/throughput "${rust_model[@]}" --iters "$ITERS" --warmup "$WARMUP" | tee >(cat >&2) | tail -n 1)
   rs_f+=("$(echo "$line" | field forward_tok_s)"); rs_t+=("$(echo "$line" | field train_tok_s)")
   rs_m+=("$(echo "$line" | field train_peak_rss_mb)")
   echo "== round $r: PyTorch" >&2
-  line=$(python3 -W ignore bench/torch_reference.py --iters "$ITERS" --warmup "$WARMUP" "${torch_threads[@]}" 2>/dev/null | tee >(cat >&2) | grep '^torch ')
+  line=$(python3 -W ignore "$torch_script" "${torch_model[@]}" --iters "$ITERS" --warmup "$WARMUP" "${torch_threads[@]}" 2>/dev/null | tee >(cat >&2) | grep '^torch ')
   py_f+=("$(echo "$line" | field forward_tok_s)"); py_t+=("$(echo "$line" | field train_tok_s)")
   py_m+=("$(echo "$line" | field train_peak_rss_mb)")
   if [ "$BF16" = 1 ]; then
     echo "== round $r: maskdiff bf16" >&2
-    line=$(./target/release/examples/throughput --iters "$ITERS" --warmup "$WARMUP" --precision bf16 | tee >(cat >&2) | tail -n 1)
+    line=$(./target/release/examples/throughput "${rust_model[@]}" --iters "$ITERS" --warmup "$WARMUP" --precision bf16 | tee >(cat >&2) | tail -n 1)
     case "$line" in *precision=bf16*) bf16_side=bf16 ;; esac
     rb_f+=("$(echo "$line" | field forward_tok_s)"); rb_t+=("$(echo "$line" | field train_tok_s)")
     rb_m+=("$(echo "$line" | field train_peak_rss_mb)")
     echo "== round $r: PyTorch bf16 autocast" >&2
-    line=$(python3 -W ignore bench/torch_reference.py --precision bf16 --iters "$ITERS" --warmup "$WARMUP" "${torch_threads[@]}" 2>/dev/null | tee >(cat >&2) | grep '^torch-bf16 ')
+    line=$(python3 -W ignore "$torch_script" "${torch_model[@]}" --precision bf16 --iters "$ITERS" --warmup "$WARMUP" "${torch_threads[@]}" 2>/dev/null | tee >(cat >&2) | grep '^torch-bf16 ')
     pb_f+=("$(echo "$line" | field forward_tok_s)"); pb_t+=("$(echo "$line" | field train_tok_s)")
   fi
 done

@@ -60,9 +60,19 @@ pub struct TrainArgs {
 /// Flags that override config values. Each names its TOML field.
 #[derive(Debug, Args, Default, Clone)]
 pub struct TrainOverrides {
-    /// [model.preset] tiny | cpu-small | md4-s | md4-m.
+    /// [model.preset] tiny | cpu-small | md4-s | md4-m (transformer); unet-tiny | unet-small |
+    /// unet-cifar10 (U-Net, image data); uvit-tiny | uvit-small | uvit-imagenet64 (U-ViT,
+    /// image data).
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
+    /// [model.width] override the preset's width (transformer dimension / U-Net, U-ViT
+    /// channels).
+    #[arg(long, value_name = "N")]
+    pub width: Option<usize>,
+    /// [model.layers] override the preset's depth (transformer blocks / U-Net, U-ViT residual
+    /// blocks per side).
+    #[arg(long, value_name = "N")]
+    pub layers: Option<usize>,
     /// [model.kind] md4 | genmd4 | block.
     #[arg(long, value_enum, value_name = "KIND")]
     pub model: Option<ModelKindArg>,
@@ -285,6 +295,12 @@ impl TrainOverrides {
         if self.block_size.is_some() {
             cfg.model.block_size = self.block_size;
         }
+        if self.width.is_some() {
+            cfg.model.width = self.width;
+        }
+        if self.layers.is_some() {
+            cfg.model.layers = self.layers;
+        }
         if let Some(k) = self.block_objective {
             cfg.model.block_objective = match k {
                 BlockObjectiveArg::Md4 => BlockObjective::Md4,
@@ -339,6 +355,8 @@ impl TrainOverrides {
         }
         check!(
             preset,
+            width,
+            layers,
             model,
             dropout,
             genmd4_network_samples,

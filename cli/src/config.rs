@@ -131,7 +131,9 @@ impl FromStr for DatasetKind {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// Network preset: `tiny` (tests), `cpu-small` (4 layers, width 256), `md4-s` (12 × 768),
-    /// `md4-m` (24 × 1024).
+    /// `md4-m` (24 × 1024) — the transformer; `unet-tiny`, `unet-small`, `unet-cifar10` — the
+    /// U-Net image denoiser of spec §7.3; `uvit-tiny`, `uvit-small`, `uvit-imagenet64` — the
+    /// U-ViT of spec §7.4 (image networks take image data only and are built for its shape).
     pub preset: String,
     /// `md4`, `genmd4` or `block`.
     pub kind: ModelKind,
@@ -155,6 +157,14 @@ pub struct ModelConfig {
     /// length = MD4 with the block network). Required for `block`, refused for the others.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
+    /// Override the preset's width (transformer: model dimension, a multiple of its heads;
+    /// U-Net, U-ViT: channels, a multiple of its GroupNorm groups); unset = the preset's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
+    /// Override the preset's depth (transformer: blocks; U-Net, U-ViT: residual blocks per
+    /// side).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<usize>,
     /// Block diffusion: the objective inside each block, `md4` (the default) or `genmd4`
     /// (`genmd4_network_samples` applies to it). Only for `kind = "block"`.
     #[serde(skip_serializing_if = "BlockObjective::is_md4")]
@@ -180,6 +190,8 @@ impl Default for ModelConfig {
             genmd4_network_samples: 2,
             embed_dim: None,
             block_size: None,
+            width: None,
+            layers: None,
             block_objective: BlockObjective::Md4,
         }
     }
@@ -428,7 +440,18 @@ impl Default for SampleConfig {
 }
 
 /// The network presets the CLI accepts.
-pub const PRESETS: [&str; 4] = ["tiny", "cpu-small", "md4-s", "md4-m"];
+pub const PRESETS: [&str; 10] = [
+    "tiny",
+    "cpu-small",
+    "md4-s",
+    "md4-m",
+    "unet-tiny",
+    "unet-small",
+    "unet-cifar10",
+    "uvit-tiny",
+    "uvit-small",
+    "uvit-imagenet64",
+];
 
 fn positive(field: &str, v: f64) -> Result<()> {
     if v.is_finite() && v > 0.0 {

@@ -70,6 +70,12 @@ pub fn network_config(cfg: &Config, data: &Data) -> Result<NetworkConfig> {
     if let Some(e) = cfg.model.embed_dim {
         net.embed_dim = (e > 0).then_some(e);
     }
+    if let Some(w) = cfg.model.width {
+        net.dim = w;
+    }
+    if let Some(l) = cfg.model.layers {
+        net.n_layers = l;
+    }
     net.block_size = match cfg.model.kind {
         crate::config::ModelKind::Block => cfg.model.block_size,
         _ => None,
@@ -79,8 +85,23 @@ pub fn network_config(cfg: &Config, data: &Data) -> Result<NetworkConfig> {
     } else {
         0
     };
-    // RoPE has no position table: the preset's length is a guard rail, raised to the data's.
-    net.max_len = net.max_len.max(data.seq_len());
+    if net.arch.is_transformer() {
+        // RoPE has no position table: the preset's length is a guard rail, raised to the data's.
+        net.max_len = net.max_len.max(data.seq_len());
+    } else {
+        // an image network is built for the data's image shape
+        let s = data.image_shape().ok_or_else(|| {
+            CliError::config(
+                "model.preset",
+                format!(
+                    "`{}` is an image network: it needs image data",
+                    cfg.model.preset
+                ),
+            )
+        })?;
+        net.set_image(s.height, s.width, s.channels)
+            .map_err(|e| CliError::config("model", e.to_string()))?;
+    }
     net.validate()
         .map_err(|e| CliError::config("model", e.to_string()))?;
     Ok(net)

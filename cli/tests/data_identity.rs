@@ -23,7 +23,7 @@ fn write_digits(path: &Path, n: usize) {
     std::fs::write(path, s).unwrap();
 }
 
-fn image_train(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
+fn image_train(d: &Path, out: &str, preset: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "train",
         "--out",
@@ -33,7 +33,7 @@ fn image_train(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
         "--data",
         "digits.csv",
         "--preset",
-        "tiny",
+        preset,
         "--steps",
         "3",
         "--batch-size",
@@ -50,10 +50,61 @@ fn image_train(d: &Path, out: &str, extra: &[&str]) -> std::process::Output {
 
 #[test]
 fn unconditional_models_train_evaluate_and_sample_on_labelled_images() {
-    let d = tmp("uncond-images");
+    train_evaluate_and_sample_images("tiny");
+}
+
+/// The same with the U-Net image denoiser (spec §7.3), which is built for the data's 8×8×1
+/// shape, and the unmasking picture (`--show-steps`: `<out>-steps.png`).
+#[test]
+fn unet_models_train_evaluate_and_sample_on_labelled_images() {
+    train_evaluate_and_sample_images("unet-tiny");
+    let d = tmp("unet-steps");
+    write_digits(&d.join("digits.csv"), 40);
+    ok(&image_train(&d, "u", "unet-tiny", &[]));
+    assert_eq!(manifest(&d.join("u"))["network"]["arch"]["height"], 8);
+    ok(&run(
+        &d,
+        &[
+            "sample",
+            "u",
+            "-n",
+            "2",
+            "--steps",
+            "4",
+            "--show-steps",
+            "-o",
+            "s.png",
+        ],
+    ));
+    assert!(d.join("s-steps.png").is_file());
+    // An image network refuses text data with one line.
+    write_corpus(&d.join("corpus.txt"), 20_000);
+    one_line_error(
+        &run(
+            &d,
+            &[
+                "train",
+                "--out",
+                "t",
+                "--preset",
+                "unet-tiny",
+                "--data",
+                "corpus.txt",
+                "--steps",
+                "1",
+                "--warmup-steps",
+                "0",
+            ],
+        ),
+        &["image"],
+    );
+}
+
+fn train_evaluate_and_sample_images(preset: &str) {
+    let d = tmp(&format!("uncond-images-{preset}"));
     write_digits(&d.join("digits.csv"), 120);
     // Unconditional (the fashion-mnist config's setting): the labels are ignored.
-    let o = image_train(&d, "u", &[]);
+    let o = image_train(&d, "u", preset, &[]);
     ok(&o);
     assert_eq!(manifest(&d.join("u"))["network"]["num_classes"], 0);
     let e = run(&d, &["eval", "u", "--max-sequences", "4"]);
@@ -70,7 +121,7 @@ fn unconditional_models_train_evaluate_and_sample_on_labelled_images() {
         &["class"],
     );
     // Class-conditional on the same data gets the labels.
-    ok(&image_train(&d, "c", &["--class-conditional"]));
+    ok(&image_train(&d, "c", preset, &["--class-conditional"]));
     assert_eq!(manifest(&d.join("c"))["network"]["num_classes"], 10);
     ok(&run(
         &d,

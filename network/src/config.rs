@@ -20,7 +20,49 @@ pub enum MlpKind {
     Geglu,
 }
 
-/// The MD4 text transformer's hyper-parameters.
+/// Which network the configuration builds. The transformer reads every field; the U-Net
+/// (spec §7.3) reads `dim` (its channel count), `n_layers` (residual blocks per side),
+/// `n_heads` (heads of its middle attention), `cond_dim`, `embed_dim` (per-channel token
+/// embedding width), `dropout`, `time_conditioning`, `num_classes` and `vocab_size`, and ignores
+/// the transformer-only fields (`mlp`, `ffn_hidden`, `rope_theta`, `depth_scaled_init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase", tag = "kind", deny_unknown_fields)]
+pub enum Arch {
+    /// The text transformer of spec §7.2 (over any token sequence).
+    #[default]
+    Transformer,
+    /// The VDM-style U-Net of spec §7.3 over `height × width` pixels of `channels` tokens
+    /// each (sequence order: row, column, channel); GroupNorm with `groups` groups.
+    Unet {
+        height: usize,
+        width: usize,
+        channels: usize,
+        groups: usize,
+    },
+    /// The U-ViT of spec §7.4 (official `uvit.py` + `dit.py`) over `height × width` pixels of
+    /// `channels` tokens: conditional-GroupNorm residual blocks (`groups` groups) around a DiT
+    /// middle on `patch × patch` patches with `dit_layers` blocks of `dit_heads` heads and width
+    /// `dit_dim`. Reads the same [`NetworkConfig`] fields as the U-Net (`dim` = residual-block
+    /// channels, `n_layers` = residual blocks per side).
+    Uvit {
+        height: usize,
+        width: usize,
+        channels: usize,
+        groups: usize,
+        patch: usize,
+        dit_layers: usize,
+        dit_heads: usize,
+        dit_dim: usize,
+    },
+}
+
+impl Arch {
+    pub fn is_transformer(&self) -> bool {
+        matches!(self, Arch::Transformer)
+    }
+}
+
+/// The MD4 denoising network's hyper-parameters (the transformer's, or the U-Net's: [`Arch`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkConfig {
@@ -58,10 +100,24 @@ pub struct NetworkConfig {
     /// The parameters are those of the plain model. `None` (absent in older configs): MD4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
+    /// The network type (absent in older manifests: the transformer).
+    #[serde(default, skip_serializing_if = "Arch::is_transformer")]
+    pub arch: Arch,
 }
 
 /// Names accepted by [`NetworkConfig::preset`].
-pub const PRESETS: [&str; 4] = ["tiny", "cpu-small", "md4-s", "md4-m"];
+pub const PRESETS: [&str; 10] = [
+    "tiny",
+    "cpu-small",
+    "md4-s",
+    "md4-m",
+    "unet-tiny",
+    "unet-small",
+    "unet-cifar10",
+    "uvit-tiny",
+    "uvit-small",
+    "uvit-imagenet64",
+];
 
 impl NetworkConfig {
     /// A named preset for a vocabulary of `vocab_size` real tokens:
@@ -77,7 +133,95 @@ impl NetworkConfig {
     /// OpenWebText models (length 1024) and embed straight into the width; `tiny` (tests) does
     /// too. Set [`NetworkConfig::embed_dim`] to choose otherwise (the official text8 `md4-s` is
     /// `md4-s` with `embed_dim = Some(64)`).
+    ///
+    /// U-Net presets (spec §7.3; image shape 32 × 32 × 3 until [`NetworkConfig::set_image`]
+    /// sets the data's): `unet-cifar10` is the official `md4/cifar10` network (128 channels,
+    /// 32 residual blocks per side, per-channel embedding 128, d_c = 128, dropout 0.1, 32
+    /// GroupNorm groups); `unet-small` (CPU: 64 channels, 4 blocks, embedding 32, d_c = 64,
+    /// 16 groups, dropout 0.1) and `unet-tiny` (tests: 16 channels, 1 block, embedding 8,
+    /// d_c = 16, 4 groups, no dropout).
+    ///
+    /// U-ViT presets (spec §7.4; image shape 64 × 64 × 3 until [`NetworkConfig::set_image`]):
+    /// `uvit-imagenet64` is the official `md4/imagenet64` likelihood network (the config's
+    /// sweep comment: 24 residual blocks per side and 12 DiT layers; 256 channels, per-channel
+    /// embedding 256, d_c = 256, 32 groups, patch 2, DiT width 768 with 12 heads, dropout 0.1:
+    /// 198,279,680 parameters, the paper's "198M"); `uvit-small` (CPU: 64 channels, 2 blocks,
+    /// embedding 32, d_c = 64, 16 groups, patch 2, 4 DiT layers of width 128 with 4 heads,
+    /// dropout 0.1) and `uvit-tiny` (tests: 16 channels, 1 block, embedding 8, d_c = 16,
+    /// 4 groups, patch 2, 1 DiT layer of width 16 with 2 heads, no dropout).
     pub fn preset(name: &str, vocab_size: usize) -> Result<Self, NetworkError> {
+        if let Some(size) = name.strip_prefix("uvit-") {
+            #[rustfmt::skip]
+            let (dim, n_layers, embed, cond_dim, groups, (dit_layers, dit_heads, dit_dim), dropout) =
+                match size {
+                    "tiny" => (16, 1, 8, 16, 4, (1, 2, 16), 0.0),
+                    "small" => (64, 2, 32, 64, 16, (4, 4, 128), 0.1),
+                    "imagenet64" => (256, 24, 256, 256, 32, (12, 12, 768), 0.1),
+                    _ => return Err(NetworkError::UnknownPreset(name.to_string())),
+                };
+            let mut cfg = NetworkConfig {
+                vocab_size,
+                max_len: 0,
+                dim,
+                n_layers,
+                n_heads: 1,
+                cond_dim,
+                mlp: MlpKind::Glu,
+                ffn_hidden: None,
+                time_conditioning: true,
+                num_classes: 0,
+                dropout,
+                embed_dim: Some(embed),
+                rope_theta: 10_000.0,
+                depth_scaled_init: false,
+                block_size: None,
+                arch: Arch::Uvit {
+                    height: 64,
+                    width: 64,
+                    channels: 3,
+                    groups,
+                    patch: 2,
+                    dit_layers,
+                    dit_heads,
+                    dit_dim,
+                },
+            };
+            cfg.set_image(64, 64, 3)?;
+            return Ok(cfg);
+        }
+        if let Some(size) = name.strip_prefix("unet-") {
+            let (dim, n_layers, embed, cond_dim, groups, dropout) = match size {
+                "tiny" => (16, 1, 8, 16, 4, 0.0),
+                "small" => (64, 4, 32, 64, 16, 0.1),
+                "cifar10" => (128, 32, 128, 128, 32, 0.1),
+                _ => return Err(NetworkError::UnknownPreset(name.to_string())),
+            };
+            let mut cfg = NetworkConfig {
+                vocab_size,
+                max_len: 0,
+                dim,
+                n_layers,
+                n_heads: 1,
+                cond_dim,
+                mlp: MlpKind::Glu,
+                ffn_hidden: None,
+                time_conditioning: true,
+                num_classes: 0,
+                dropout,
+                embed_dim: Some(embed),
+                rope_theta: 10_000.0,
+                depth_scaled_init: false,
+                block_size: None,
+                arch: Arch::Unet {
+                    height: 32,
+                    width: 32,
+                    channels: 3,
+                    groups,
+                },
+            };
+            cfg.set_image(32, 32, 3)?;
+            return Ok(cfg);
+        }
         let (max_len, dim, n_layers, n_heads, cond_dim, embed_dim) = match name {
             "tiny" => (64, 32, 2, 2, 16, None),
             "cpu-small" => (256, 256, 4, 4, 64, Some(64)),
@@ -101,9 +245,60 @@ impl NetworkConfig {
             rope_theta: 10_000.0,
             depth_scaled_init: true,
             block_size: None,
+            arch: Arch::Transformer,
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Sets an image network's input shape (and `max_len` to its token count); an error for
+    /// the transformer, which takes any sequence.
+    pub fn set_image(
+        &mut self,
+        height: usize,
+        width: usize,
+        channels: usize,
+    ) -> Result<(), NetworkError> {
+        match &mut self.arch {
+            Arch::Transformer => {
+                return Err(NetworkError::Config(
+                    "the transformer has no image shape".into(),
+                ))
+            }
+            Arch::Unet {
+                height: h,
+                width: w,
+                channels: c,
+                ..
+            }
+            | Arch::Uvit {
+                height: h,
+                width: w,
+                channels: c,
+                ..
+            } => (*h, *w, *c) = (height, width, channels),
+        }
+        self.max_len = height * width * channels;
+        self.validate()
+    }
+
+    /// `(height, width, channels)` of an image network.
+    pub fn image(&self) -> Option<(usize, usize, usize)> {
+        match self.arch {
+            Arch::Transformer => None,
+            Arch::Unet {
+                height,
+                width,
+                channels,
+                ..
+            }
+            | Arch::Uvit {
+                height,
+                width,
+                channels,
+                ..
+            } => Some((height, width, channels)),
+        }
     }
 
     /// The FFN hidden width actually used.
@@ -153,6 +348,74 @@ impl NetworkConfig {
         }
         if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
             return bad(format!("dropout {} not in [0, 1)", self.dropout));
+        }
+        let image = match self.arch {
+            Arch::Transformer => None,
+            Arch::Unet {
+                height,
+                width,
+                channels,
+                groups,
+            }
+            | Arch::Uvit {
+                height,
+                width,
+                channels,
+                groups,
+                ..
+            } => Some((height, width, channels, groups)),
+        };
+        if let Some((height, width, channels, groups)) = image {
+            if height == 0 || width == 0 || channels == 0 {
+                return bad("the image shape must be positive".into());
+            }
+            if self.max_len != height * width * channels {
+                return bad(format!(
+                    "max_len {} is not height·width·channels = {}",
+                    self.max_len,
+                    height * width * channels
+                ));
+            }
+            if groups == 0 || !self.dim.is_multiple_of(groups) {
+                return bad(format!(
+                    "U-Net channels {} not divisible by {groups} GroupNorm groups",
+                    self.dim
+                ));
+            }
+            if self.embed_dim.is_none() {
+                return bad("the U-Net needs a per-channel embed_dim".into());
+            }
+            if self.block_size.is_some() {
+                return bad("block diffusion needs the transformer, not an image network".into());
+            }
+        }
+        if let Arch::Uvit {
+            height,
+            width,
+            patch,
+            dit_layers,
+            dit_heads,
+            dit_dim,
+            ..
+        } = self.arch
+        {
+            if patch == 0 || !height.is_multiple_of(patch) || !width.is_multiple_of(patch) {
+                return bad(format!(
+                    "the U-ViT's {height}×{width} image is not divisible into {patch}×{patch} patches"
+                ));
+            }
+            if dit_layers == 0 || dit_heads == 0 || !dit_dim.is_multiple_of(dit_heads) {
+                return bad(format!(
+                    "U-ViT DiT: {dit_layers} layers, width {dit_dim} over {dit_heads} heads \
+                     (layers and heads must be positive, the width divisible by the heads)"
+                ));
+            }
+            // the 2-D sin-cos table gives each axis dit_dim/2 columns of sin/cos pairs
+            if dit_dim == 0 || !dit_dim.is_multiple_of(4) {
+                return bad(format!(
+                    "U-ViT DiT width {dit_dim} must be a positive multiple of 4 (2-D sin-cos positions)"
+                ));
+            }
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return bad(format!("rope_theta {} must be > 1", self.rope_theta));

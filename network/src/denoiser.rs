@@ -1,18 +1,20 @@
 //! [`NetworkDenoiser`]: a model behind the backend-agnostic `maskdiff_process::Denoiser` trait
 //! (inference only: no tape, no dropout), returning normalised log μ_θ over the V real tokens.
 
-use crate::{Elem, Kernels, Md4Transformer};
+use crate::{Elem, Kernels, Network};
 use maskdiff_process::{BackendError, DenoiseBatch, Denoiser, LogProbs, ProcessError, Vocab};
 
 /// Wraps a model (typically the EMA parameters) as a [`Denoiser`].
 #[derive(Clone, Debug)]
 pub struct NetworkDenoiser<E: Elem, D: Kernels<E>> {
-    pub model: Md4Transformer<E, D>,
+    pub model: Network<E, D>,
 }
 
 impl<E: Elem, D: Kernels<E>> NetworkDenoiser<E, D> {
-    pub fn new(model: Md4Transformer<E, D>) -> Self {
-        Self { model }
+    pub fn new(model: impl Into<Network<E, D>>) -> Self {
+        Self {
+            model: model.into(),
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 pub enum NetworkError {
     #[error("invalid network configuration: {0}")]
     Config(String),
-    #[error("unknown preset {0:?} (known: tiny, cpu-small, md4-s, md4-m)")]
+    #[error("unknown preset {0:?} (known: tiny, cpu-small, md4-s, md4-m, unet-tiny, unet-small, unet-cifar10, uvit-tiny, uvit-small, uvit-imagenet64)")]
     UnknownPreset(String),
     #[error("bad input: {0}")]
     Input(String),

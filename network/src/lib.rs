@@ -16,6 +16,13 @@
 //! * [`tune_allocator`]: glibc allocator tuning for the training step's large buffers, opt-in
 //!   (the `maskdiff` binary and the benchmarks call it at the start of `main`; the library
 //!   never does).
+//! * [`UNet`]: the VDM-style U-Net image denoiser of spec §7.3 (presets `unet-tiny`,
+//!   `unet-small`, `unet-cifar10`), with 3×3 convolutions and GroupNorm as [`Kernels`] ops;
+//!   [`Network`] holds either network (chosen by [`NetworkConfig::arch`]) for the trainer,
+//!   checkpoints and the denoiser.
+//! * [`Uvit`]: the U-ViT image denoiser of spec §7.4 (conditional-GroupNorm residual blocks
+//!   around a DiT middle; presets `uvit-tiny`, `uvit-small`, `uvit-imagenet64`), also a
+//!   [`Network`] variant.
 //! * [`NetworkDenoiser`] puts a model behind `maskdiff_process::Denoiser`.
 //! * [`tensor_io`]: named flat tensors to and from safetensors bytes.
 //!
@@ -43,14 +50,18 @@ mod kernels;
 mod layers;
 mod model;
 pub mod modules;
+mod network;
 mod param;
 pub mod precision;
 pub mod tensor_io;
+pub mod unet;
+mod unet_layers;
+pub mod uvit;
 
 pub use alloc::tune_allocator;
 pub use block::BlockMask;
 pub use block_cache::{BlockDenoiser, CacheMode, KvCache};
-pub use config::{default_ffn_hidden, MlpKind, NetworkConfig, PRESETS};
+pub use config::{default_ffn_hidden, Arch, MlpKind, NetworkConfig, PRESETS};
 pub use denoiser::NetworkDenoiser;
 pub use elem::{fast_exp_f32, Elem};
 pub use error::NetworkError;
@@ -58,8 +69,11 @@ pub use init::Init;
 pub use kernels::{isa, AdamWStep, KernelScope, Kernels, Moments};
 pub use layers::{time_embedding, time_frequency, Rope};
 pub use model::Md4Transformer;
+pub use network::Network;
 pub use param::Param;
 pub use precision::{set_precision, with_precision, Precision};
+pub use unet::UNet;
+pub use uvit::Uvit;
 
 /// Re-exported so that downstream crates name the same dfdx types.
 pub use dfdx;

@@ -79,6 +79,7 @@ macro_rules! parameters {
         }
     };
 }
+pub(crate) use parameters;
 
 /// A learnable vector `[n]` (a bias or a norm scale).
 #[derive(Clone, Debug)]

@@ -137,7 +137,7 @@ fn sample_blocks<D: DfdxDevice<f32>, O: Objective<D>>(
     if len == 0 {
         return Err(CliError::Input("--length must be at least 1".into()));
     }
-    let mut den = BlockDenoiser::new(loaded.denoiser.model, mode)?;
+    let mut den = BlockDenoiser::new(loaded.denoiser.model.into_transformer()?, mode)?;
     let req = Request {
         prompt: a.prompt.clone(),
         infill: a.infill.clone(),

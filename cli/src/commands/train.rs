@@ -343,8 +343,12 @@ fn human_bytes(b: f64) -> String {
 }
 
 /// A rough f32 training-memory estimate: parameters, gradients, two AdamW moments and the EMA,
-/// plus activations kept for the backward pass (per layer ≈ 16·d + 3·ffn values per token, and
-/// 2 attention matrices per head).
+/// plus activations kept for the backward pass. Transformer: per layer ≈ 16·d + 3·ffn values
+/// per token and 2 attention matrices per head. U-Net: per residual block (2·layers + 3 of
+/// them, the up blocks on 2·ch inputs) ≈ 8·ch values per pixel plus its input, and the middle
+/// attention's pixels × pixels matrices (the CPU's fused convolution keeps no 3×3
+/// neighbourhood panels; dfdx's generic one on CUDA keeps 9·(inputs) more per convolution).
+/// U-ViT: the same residual blocks, and its DiT middle counted as transformer layers.
 fn memory_estimate(
     params: usize,
     net: &maskdiff_network::NetworkConfig,
@@ -352,10 +356,36 @@ fn memory_estimate(
     len: usize,
 ) -> f64 {
     let state = 5.0 * params as f64 * 4.0;
-    let per_tok = 16.0 * net.dim as f64 + 3.0 * net.ffn_hidden_dim() as f64;
-    let attn = 2.0 * net.n_heads as f64 * len as f64;
-    let act = net.n_layers as f64 * batch as f64 * len as f64 * (per_tok + attn) * 4.0;
-    state + act
+    let act = match net.image() {
+        None => {
+            let per_tok = 16.0 * net.dim as f64 + 3.0 * net.ffn_hidden_dim() as f64;
+            let attn = 2.0 * net.n_heads as f64 * len as f64;
+            net.n_layers as f64 * batch as f64 * len as f64 * (per_tok + attn)
+        }
+        Some((h, w, _)) => {
+            let (ch, l, px) = (net.dim as f64, net.n_layers as f64, (h * w) as f64);
+            let block = |cin: f64| 8.0 * ch + cin;
+            let per_px = (l + 2.0) * block(ch) + (l + 1.0) * block(2.0 * ch);
+            let middle = match net.arch {
+                // U-ViT: the DiT on (h/p)·(w/p) tokens, per layer as a transformer layer with
+                // a 4·d MLP
+                maskdiff_network::Arch::Uvit {
+                    patch,
+                    dit_layers,
+                    dit_heads,
+                    dit_dim,
+                    ..
+                } => {
+                    let n = ((h / patch) * (w / patch)) as f64;
+                    let per_tok = 16.0 * dit_dim as f64 + 12.0 * dit_dim as f64;
+                    dit_layers as f64 * n * (per_tok + 2.0 * dit_heads as f64 * n)
+                }
+                _ => 2.0 * px * px,
+            };
+            batch as f64 * (px * per_px + middle)
+        }
+    };
+    state + act * 4.0
 }
 
 fn train_on<D: DfdxDevice<f32>>(
@@ -398,8 +428,9 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
         if !root {
             return Ok(());
         }
+        // any architecture (the transformer, the U-Net, the U-ViT)
         let model =
-            maskdiff_network::Md4Transformer::<f32, _>::new(net_cfg.clone(), &dev, cfg.train.seed)?;
+            maskdiff_network::Network::<f32, _>::new(net_cfg.clone(), &dev, cfg.train.seed)?;
         let p = model.num_params();
         println!(
             "config OK: {} {} on {:?}",
@@ -407,15 +438,36 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             format!("{:?}", cfg.model.kind).to_lowercase(),
             cfg.data.dataset
         );
-        println!(
-            "network: {} layers, {} heads, width {}, FFN {}, vocabulary {} (+mask), length {}",
-            net_cfg.n_layers,
-            net_cfg.n_heads,
-            net_cfg.dim,
-            net_cfg.ffn_hidden_dim(),
-            net_cfg.vocab_size,
-            len
-        );
+        match net_cfg.image() {
+            None => println!(
+                "network: {} layers, {} heads, width {}, FFN {}, vocabulary {} (+mask), length {}",
+                net_cfg.n_layers,
+                net_cfg.n_heads,
+                net_cfg.dim,
+                net_cfg.ffn_hidden_dim(),
+                net_cfg.vocab_size,
+                len
+            ),
+            Some((h, w, c)) => match net_cfg.arch {
+                maskdiff_network::Arch::Uvit {
+                    patch,
+                    dit_layers,
+                    dit_heads,
+                    dit_dim,
+                    ..
+                } => println!(
+                    "network: U-ViT, {} channels, {} residual blocks per side around a DiT of \
+                     {dit_layers} layers × {dit_heads} heads × width {dit_dim} on {patch}×{patch} \
+                     patches, {h}×{w}×{c} images, {} levels (+mask)",
+                    net_cfg.dim, net_cfg.n_layers, net_cfg.vocab_size
+                ),
+                _ => println!(
+                    "network: U-Net, {} channels, {} residual blocks per side, {h}×{w}×{c} \
+                     images, {} levels (+mask)",
+                    net_cfg.dim, net_cfg.n_layers, net_cfg.vocab_size
+                ),
+            },
+        }
         println!("parameters: {p} ({:.2} M)", p as f64 / 1e6);
         println!(
             "memory estimate (f32, batch {micro}): {} (weights+grads+AdamW+EMA {}, activations the rest)",

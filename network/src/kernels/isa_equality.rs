@@ -96,6 +96,29 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
         push(name, g.get(t).as_vec());
     }
 
+    // 3×3 convolution and GroupNorm (ragged channel counts, an image over several row tasks)
+    let (ih, iw, cin, cout) = (5, 7, 13, 11);
+    let xi = t2(&mut rng, (B * ih * iw, cin), 1.0);
+    let wi = t2(&mut rng, (9 * cin, cout), 1.0);
+    let r = rand32(&mut rng, B * ih * iw * cout, 1.0);
+    let y = <K as Kernels<f32>>::conv3x3(xi.leaky_trace(), wi.clone(), B, ih, iw).unwrap();
+    let (f, g) = grads32(y, &r);
+    push("conv3x3", f);
+    push("conv3x3 dx", g.get(&xi).as_vec());
+    push("conv3x3 dw", g.get(&wi).as_vec());
+    let (gn, gc, groups) = (300, 21, 3);
+    let xg = t2(&mut rng, (B * gn, gc), 3.0);
+    let sg: T1<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, gc, 1.0), (gc,));
+    let bg: T1<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, gc, 1.0), (gc,));
+    let r = rand32(&mut rng, B * gn * gc, 1.0);
+    let y = <K as Kernels<f32>>::group_norm(xg.leaky_trace(), sg.clone(), bg.clone(), B, groups)
+        .unwrap();
+    let (f, g) = grads32(y, &r);
+    push("group_norm", f);
+    push("group_norm dx", g.get(&xg).as_vec());
+    push("group_norm dscale", g.get(&sg).as_vec());
+    push("group_norm dbias", g.get(&bg).as_vec());
+
     // optimizer passes over several parallel chunks and a ragged tail
     let len = (1 << 16) + 37;
     let t1 = |rng: &mut StdRng, s: f32| -> T1<f32, Cpu> {

@@ -95,7 +95,7 @@ pub(crate) fn matmul<E: Elem, T: Tape<E, Cpu>>(
 /// # Safety
 /// As for [`mm_par`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn product<E: Elem>(
+pub(super) unsafe fn product<E: Elem>(
     prec: Precision,
     level: Level,
     dims: (usize, usize, usize),

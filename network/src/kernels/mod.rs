@@ -4,7 +4,8 @@
 //! 0.19, whose AVX-512 kernels are ~2.8× faster than dfdx's gemm 0.15), attention per
 //! (sequence, head) ([`attention`]), LayerNorm without affine and RMSNorm with a scale
 //! ([`norms`]), softmax over the last axis, adaLN modulation, gated residual, the GLU/SwiGLU gate
-//! and RoPE ([`elementwise`]). dfdx composes the element-wise ones from 4–10 separate ops, each
+//! and RoPE ([`elementwise`]), and the U-Net's 3×3 convolution and GroupNorm ([`conv`]). dfdx
+//! composes the element-wise ones from 4–10 separate ops, each
 //! allocating and sweeping memory; here each is one sweep forward and one backward. The
 //! optimizer's passes (AdamW, EMA, Σ g²; tape-free) are in [`optimizer`], bit-identical to their
 //! dfdx-op defaults.
@@ -19,6 +20,7 @@
 
 mod attention;
 pub(crate) mod bf16;
+mod conv;
 mod elementwise;
 pub mod isa;
 #[cfg(test)]
@@ -143,6 +145,27 @@ pub trait Kernels<E: Elem>: Device<E> {
         scale: f64,
     ) -> Res<T4<E, Self, T>, Self> {
         rope.apply(x, b, n, h, scale)
+    }
+    /// 3×3 "same" convolution (zero padding, stride 1) of NHWC activations x (b·h·w, cin) with
+    /// a tape-free weight (9·cin, cout) laid out (ky, kx, cin, cout) → (b·h·w, cout).
+    fn conv3x3<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        w: T2<E, Self>,
+        b: usize,
+        h: usize,
+        wd: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        crate::unet_layers::conv3x3(x, w, b, h, wd)
+    }
+    /// GroupNorm (eps 1e-6) of x (b·n, c) in `groups` groups with tape-free scale and bias (c).
+    fn group_norm<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        scale: T1<E, Self>,
+        bias: T1<E, Self>,
+        b: usize,
+        groups: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        crate::unet_layers::group_norm(x, scale, bias, b, groups)
     }
     /// One AdamW update of a flat parameter (spec §8): (θ', m', v') from θ, its gradient and
     /// the moments m, v (tape-free; the optimizer is `maskdiff_train::AdamW`).
@@ -269,6 +292,32 @@ where
         scale: f64,
     ) -> Res<T4<E, Self, T>, Self> {
         elementwise::rope(rope, x, b, n, h, scale)
+    }
+    fn conv3x3<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        w: T2<E, Self>,
+        b: usize,
+        h: usize,
+        wd: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        #[cfg(test)]
+        if conv::generic_image_ops() {
+            return crate::unet_layers::conv3x3(x, w, b, h, wd);
+        }
+        conv::conv3x3(x, w, b, h, wd)
+    }
+    fn group_norm<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        scale: T1<E, Self>,
+        bias: T1<E, Self>,
+        b: usize,
+        groups: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        #[cfg(test)]
+        if conv::generic_image_ops() {
+            return crate::unet_layers::group_norm(x, scale, bias, b, groups);
+        }
+        conv::group_norm(x, scale, bias, b, groups)
     }
     fn adamw(
         p: &T1<E, Self>,

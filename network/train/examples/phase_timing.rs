@@ -16,7 +16,7 @@ fn main() {
     let (v, n, b) = (27usize, 256usize, 16usize);
     let cfg = NetworkConfig::preset("cpu-small", v).unwrap();
     let dev = Cpu::default();
-    let mut model = cfg.init::<f32, Cpu>(&dev, 0).unwrap();
+    let mut model = maskdiff_network::Network::from(cfg.init::<f32, Cpu>(&dev, 0).unwrap());
     let mut ema = model.clone();
     let mut opt = AdamW::new(
         AdamWConfig::default(),

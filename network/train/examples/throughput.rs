@@ -8,7 +8,9 @@
 //!
 //! `cargo run --release -p maskdiff-train --example throughput -- [--iters N] [--warmup N]
 //!  [--batch B] [--len N] [--preset NAME] [--vocab V] [--device cpu|cuda] [--no-forward]
-//!  [--precision f32|bf16] [--no-train] [--log-probs]`
+//!  [--precision f32|bf16] [--no-train] [--log-probs] [--image HxWxC]`
+//! With an image preset (`unet-small`, ...) the sequence is one `--image` (default 28x28x1,
+//! Fashion-MNIST's shape; give `--vocab 256` for 8-bit pixels) and `--len` is ignored.
 //! `--log-probs` times the forward phase through `log_probs` (forward, log-softmax and the host
 //! copy: what sampling and evaluation call) instead of the bare forward pass.
 //! The last line is machine-readable: `maskdiff forward_tok_s=… train_tok_s=…
@@ -50,7 +52,19 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
     }
     set_precision(precision);
     let mut cfg = NetworkConfig::preset(&preset, v)?;
-    cfg.max_len = cfg.max_len.max(n);
+    // an image network (U-Net) is built for one image shape: `--image HxWxC` (default 28x28x1)
+    let n = if cfg.image().is_some() {
+        let img: String = arg("--image", "28x28x1".to_string());
+        let d: Vec<usize> = img.split('x').filter_map(|s| s.parse().ok()).collect();
+        let [h, w, c] = d[..] else {
+            return Err(format!("--image {img:?} is not HxWxC").into());
+        };
+        cfg.set_image(h, w, c)?;
+        h * w * c
+    } else {
+        cfg.max_len = cfg.max_len.max(n);
+        n
+    };
     let train_cfg = TrainConfig {
         lr: LrSchedule::cosine(3e-4, 0, 1_000_000),
         ..Default::default()

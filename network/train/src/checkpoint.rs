@@ -20,7 +20,7 @@ use crate::{TrainConfig, TrainError, Trainer};
 use maskdiff_data::{fnv1a64, write_atomic};
 use maskdiff_network::dfdx::prelude::*;
 use maskdiff_network::tensor_io::{from_safetensors, to_safetensors, NamedTensor, TensorMap};
-use maskdiff_network::{Kernels, Md4Transformer, NetworkConfig};
+use maskdiff_network::{Kernels, Network, NetworkConfig};
 use maskdiff_objective::{Flat, Objective};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -167,7 +167,7 @@ fn no_extra(map: &TensorMap<f32>, path: &Path) -> Result<(), TrainError> {
 
 /// Load a model's parameters from a parsed tensor file (names as keys).
 fn load_model_params<D: Kernels<f32>>(
-    model: &mut Md4Transformer<f32, D>,
+    model: &mut Network<f32, D>,
     mut map: TensorMap<f32>,
     prefix: &str,
     path: &Path,
@@ -194,7 +194,7 @@ fn load_model_params<D: Kernels<f32>>(
     Ok(())
 }
 
-fn model_items<D: Kernels<f32>>(m: &Md4Transformer<f32, D>) -> Vec<NamedTensor<'_, f32, D>> {
+fn model_items<D: Kernels<f32>>(m: &Network<f32, D>) -> Vec<NamedTensor<'_, f32, D>> {
     m.params()
         .iter()
         .map(|p| (p.name.clone(), p.shape.clone(), &p.value))
@@ -212,7 +212,7 @@ pub enum Weights {
 #[derive(Debug, Clone)]
 pub struct LoadedModel<D: Kernels<f32>, O: Objective<D>> {
     pub manifest: Manifest,
-    pub model: Md4Transformer<f32, D>,
+    pub model: Network<f32, D>,
     pub objective: O,
 }
 
@@ -227,7 +227,7 @@ pub fn load_model<D: Kernels<f32>, O: Objective<D>>(
     let p = dir.join(MANIFEST);
     let mut objective = O::from_settings(&settings(&man.train, man.network.vocab_size), dev)?;
     // Parameters are initialised only to be overwritten; seed 0 is as good as any.
-    let mut model = Md4Transformer::new(man.network.clone(), dev, 0)?;
+    let mut model = Network::new(man.network.clone(), dev, 0)?;
     let role = match weights {
         Weights::Live => "params",
         Weights::Ema => "ema",

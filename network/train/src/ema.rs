@@ -5,7 +5,7 @@
 
 use crate::TrainError;
 use maskdiff_network::dfdx::prelude::HasShape;
-use maskdiff_network::{Kernels, Md4Transformer};
+use maskdiff_network::{Kernels, Network};
 use maskdiff_objective::Flat;
 
 fn check_decay(decay: f64) -> Result<f64, TrainError> {
@@ -39,8 +39,8 @@ pub fn ema_tensors<'a, D: Kernels<f32> + 'a>(
 
 /// Move every EMA parameter of a model towards the live one.
 pub fn ema_update<D: Kernels<f32>>(
-    ema: &mut Md4Transformer<f32, D>,
-    live: &Md4Transformer<f32, D>,
+    ema: &mut Network<f32, D>,
+    live: &Network<f32, D>,
     decay: f64,
 ) -> Result<(), TrainError> {
     let same = ema.params().len() == live.params().len()

@@ -18,7 +18,7 @@
 
 use crate::{ema_tensors, ema_update, AdamW, Collective, SingleProcess, TrainConfig, TrainError};
 use maskdiff_network::dfdx::prelude::*;
-use maskdiff_network::{Kernels, Md4Transformer, NetworkConfig, NetworkDenoiser};
+use maskdiff_network::{Kernels, Md4Transformer, Network, NetworkConfig, NetworkDenoiser};
 use maskdiff_objective::{
     CleanBatch, Flat, Logits, LogitsNet, MicroLoss, Noised, Objective, ObjectiveSettings, Share,
 };
@@ -130,22 +130,29 @@ pub(crate) fn mix(seed: u64, step: u64, stream: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A model as the objective's [`LogitsNet`].
-pub struct ModelNet<'a, D: Kernels<f32>>(pub &'a Md4Transformer<f32, D>);
+/// A model as the objective's [`LogitsNet`]: a [`Network`] (what the trainer holds) or a bare
+/// [`Md4Transformer`].
+pub struct ModelNet<'a, M>(pub &'a M);
 
-impl<D: Kernels<f32>> LogitsNet<D> for ModelNet<'_, D> {
-    type Error = TrainError;
-    fn logits<T: Tape<f32, D>>(
-        &self,
-        input: &DenoiseBatch<'_>,
-        tape: T,
-        dropout: Option<&mut StdRng>,
-    ) -> Result<Logits<D, T>, TrainError> {
-        Ok(self
-            .0
-            .forward(input, tape, dropout.map(|r| r as &mut dyn RngCore))?)
-    }
+macro_rules! logits_net {
+    ($model:ident) => {
+        impl<D: Kernels<f32>> LogitsNet<D> for ModelNet<'_, $model<f32, D>> {
+            type Error = TrainError;
+            fn logits<T: Tape<f32, D>>(
+                &self,
+                input: &DenoiseBatch<'_>,
+                tape: T,
+                dropout: Option<&mut StdRng>,
+            ) -> Result<Logits<D, T>, TrainError> {
+                Ok(self
+                    .0
+                    .forward(input, tape, dropout.map(|r| r as &mut dyn RngCore))?)
+            }
+        }
+    };
 }
+logits_net!(Network);
+logits_net!(Md4Transformer);
 
 /// Model, EMA model, objective (with its parameters and their EMA), optimizer state and
 /// progress of one training run.
@@ -155,8 +162,8 @@ pub struct Trainer<D: Kernels<f32>, O: Objective<D>> {
     pub(crate) train_cfg: TrainConfig,
     pub(crate) seed: u64,
     pub(crate) step: u64,
-    pub(crate) model: Md4Transformer<f32, D>,
-    pub(crate) ema: Md4Transformer<f32, D>,
+    pub(crate) model: Network<f32, D>,
+    pub(crate) ema: Network<f32, D>,
     pub(crate) opt: AdamW<D>,
     pub(crate) objective: O,
     pub(crate) ema_objective: O,
@@ -176,7 +183,7 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
         dev: &D,
     ) -> Result<Self, TrainError> {
         train_cfg.validate()?;
-        let model = Md4Transformer::new(net_cfg.clone(), dev, seed)?;
+        let model = Network::new(net_cfg.clone(), dev, seed)?;
         let opt = AdamW::new(train_cfg.adamw, model.params().iter().map(|p| &p.value))?;
         let objective = O::from_settings(&settings(&train_cfg, net_cfg.vocab_size), dev)?;
         let objective_opt = AdamW::new(
@@ -212,14 +219,14 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
     pub fn step_count(&self) -> u64 {
         self.step
     }
-    pub fn model(&self) -> &Md4Transformer<f32, D> {
+    pub fn model(&self) -> &Network<f32, D> {
         &self.model
     }
     /// Mutable access to the live model (e.g. to import weights before training).
-    pub fn model_mut(&mut self) -> &mut Md4Transformer<f32, D> {
+    pub fn model_mut(&mut self) -> &mut Network<f32, D> {
         &mut self.model
     }
-    pub fn ema_model(&self) -> &Md4Transformer<f32, D> {
+    pub fn ema_model(&self) -> &Network<f32, D> {
         &self.ema
     }
     pub fn optimizer(&self) -> &AdamW<D> {

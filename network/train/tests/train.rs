@@ -4,7 +4,7 @@
 //! config mismatch errors and old manifests.
 
 use maskdiff_network::dfdx::prelude::*;
-use maskdiff_network::{NetworkConfig, Param};
+use maskdiff_network::{Network, NetworkConfig, Param};
 use maskdiff_objective::tensor::MaskedBatch;
 use maskdiff_objective::{GenMd4, Md4, Objective, ObjectiveSpec};
 use maskdiff_process::DenoiseBatch;
@@ -528,8 +528,8 @@ fn old_manifests_keep_their_meaning_and_clip_changes_are_refused() {
 fn ema_update_moves_towards_live_and_checks_its_inputs() {
     let dev = Cpu::default();
     let cfg = NetworkConfig::preset("tiny", 7).unwrap();
-    let live = cfg.init::<f32, Cpu>(&dev, 1).unwrap();
-    let mut ema = cfg.init::<f32, Cpu>(&dev, 2).unwrap();
+    let live = Network::from(cfg.init::<f32, Cpu>(&dev, 1).unwrap());
+    let mut ema = Network::from(cfg.init::<f32, Cpu>(&dev, 2).unwrap());
     let before: Vec<Vec<f32>> = ema.params().iter().map(|p| p.value.as_vec()).collect();
     ema_update(&mut ema, &live, 0.75).unwrap();
     for ((e, l), b) in ema.params().iter().zip(live.params()).zip(&before) {
@@ -537,10 +537,12 @@ fn ema_update_moves_towards_live_and_checks_its_inputs() {
             assert!((e - (b + 0.25 * (l - b))).abs() <= 1e-6 * (1.0 + b.abs()));
         }
     }
-    let other = NetworkConfig::preset("tiny", 9)
-        .unwrap()
-        .init::<f32, Cpu>(&dev, 1)
-        .unwrap();
+    let other = Network::from(
+        NetworkConfig::preset("tiny", 9)
+            .unwrap()
+            .init::<f32, Cpu>(&dev, 1)
+            .unwrap(),
+    );
     assert!(matches!(
         ema_update(&mut ema, &other, 0.5),
         Err(TrainError::Input(_))

@@ -1,0 +1,435 @@
+//! The VDM-style U-Net image denoiser of MD4's CIFAR-10 model (spec §7.3; paper App. J.4; the
+//! official `unet.py`, which adapts VDM's `model_vdm.py`): every channel token of a pixel is
+//! embedded (`Embed(V + 1, e)`), the C embeddings of a pixel are concatenated, a 3×3 convolution
+//! maps them to `ch` channels; `n_layers` residual blocks at full resolution (no down-sampling),
+//! each stored; a middle of ResBlock → single-head self-attention → ResBlock; `n_layers + 1` up
+//! blocks, each on the concatenation with the matching stored activation; then GroupNorm →
+//! swish → a zero-initialised 3×3 convolution to C·V logits per pixel.
+//!
+//! ResBlock: GroupNorm → swish → Conv3×3 → + Dense(c) (no bias, zero-init) → GroupNorm → swish →
+//! dropout → Conv3×3 (zero-init) → + the input (through a Dense projection when the channel
+//! counts differ). The conditioning vector c is the MLP of spec §7.1 over the time (and label)
+//! embedding. Since the output convolution is zero-initialised, a fresh model predicts the
+//! uniform distribution (paper eq. (2), §11).
+//!
+//! Checkpoint names (`{i}` a block index; conv weights `[3, 3, in, out]`, Dense `[in, out]`):
+//! `embed`, `cond.*` (as the transformer's), `conv_in.{w,b}`, `down.{i}.*`, `mid.0.*`,
+//! `mid.attn.{norm.scale,norm.bias,q.w,q.b,k.w,k.b,v.w,v.b,o.w,o.b}`, `mid.1.*`, `up.{i}.*`,
+//! `out.norm.{scale,bias}`, `out.conv.{w,b}`; a block `*` is `norm1.{scale,bias}`,
+//! `conv1.{w,b}`, `cond.w` (conditioned models), `norm2.{scale,bias}`, `conv2.{w,b}`, and
+//! `skip.{w,b}` (up blocks).
+
+use crate::init::Init;
+use crate::layers::{dense, swish, Res, T2, T3};
+use crate::modules::{Builder, Conditioning, LabelInput, Linear, Matrix, Parameters, Vector};
+use crate::param::Param;
+use crate::unet_layers::conditioning;
+use crate::{Arch, Elem, Kernels, NetworkConfig, NetworkError};
+use dfdx::prelude::*;
+use maskdiff_process::DenoiseBatch;
+use rand::{Rng, RngCore};
+
+/// GroupNorm's affine parameters.
+#[derive(Clone, Debug)]
+pub struct GroupNormParams<E: Elem, D: Device<E>> {
+    pub scale: Vector<E, D>,
+    pub bias: Vector<E, D>,
+}
+
+/// A 3×3 convolution: weight `[3, 3, in, out]` (read as `(9·in, out)`) and bias.
+#[derive(Clone, Debug)]
+pub struct Conv<E: Elem, D: Device<E>> {
+    pub weight: Matrix<E, D>,
+    pub bias: Vector<E, D>,
+}
+
+/// One residual block (see the module docs).
+#[derive(Clone, Debug)]
+pub struct ResBlock<E: Elem, D: Device<E>> {
+    pub norm1: GroupNormParams<E, D>,
+    pub conv1: Conv<E, D>,
+    /// Dense(c → out), no bias, zero-initialised (conditioned models only).
+    pub cond: Option<Matrix<E, D>>,
+    pub norm2: GroupNormParams<E, D>,
+    /// Zero-initialised, so a fresh block is the identity (or its skip projection).
+    pub conv2: Conv<E, D>,
+    /// Dense(in → out) with bias when the channel counts differ (the up blocks).
+    pub skip: Option<Linear<E, D>>,
+}
+
+/// Single-head self-attention over all pixels with a GroupNorm in front and a residual
+/// (Flax `MultiHeadDotProductAttention`: q/k/v/o projections with biases).
+#[derive(Clone, Debug)]
+pub struct SelfAttention<E: Elem, D: Device<E>> {
+    pub norm: GroupNormParams<E, D>,
+    pub q: Linear<E, D>,
+    pub k: Linear<E, D>,
+    pub v: Linear<E, D>,
+    pub o: Linear<E, D>,
+}
+
+crate::modules::parameters!(GroupNormParams { scale, bias });
+crate::modules::parameters!(Conv { weight, bias });
+crate::modules::parameters!(ResBlock {
+    norm1,
+    conv1,
+    cond,
+    norm2,
+    conv2,
+    skip
+});
+crate::modules::parameters!(SelfAttention { norm, q, k, v, o });
+
+/// The U-Net denoiser with run-time shapes, generic over element type and device.
+#[derive(Clone, Debug)]
+pub struct UNet<E: Elem, D: Kernels<E>> {
+    cfg: NetworkConfig,
+    /// `embed`: `[V + 1, e]` per channel token.
+    pub embed: Matrix<E, D>,
+    pub cond: Option<Conditioning<E, D>>,
+    pub conv_in: Conv<E, D>,
+    pub down: Vec<ResBlock<E, D>>,
+    pub mid: (ResBlock<E, D>, SelfAttention<E, D>, ResBlock<E, D>),
+    pub up: Vec<ResBlock<E, D>>,
+    pub out_norm: GroupNormParams<E, D>,
+    /// Zero-initialised: a fresh model outputs all-zero logits.
+    pub out_conv: Conv<E, D>,
+    dev: D,
+}
+
+impl<E: Elem, D: Kernels<E>> Parameters<E, D> for UNet<E, D> {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
+        self.embed.visit(f);
+        self.cond.visit(f);
+        self.conv_in.visit(f);
+        self.down.visit(f);
+        self.mid.0.visit(f);
+        self.mid.1.visit(f);
+        self.mid.2.visit(f);
+        self.up.visit(f);
+        self.out_norm.visit(f);
+        self.out_conv.visit(f);
+    }
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
+        self.embed.visit_mut(f);
+        self.cond.visit_mut(f);
+        self.conv_in.visit_mut(f);
+        self.down.visit_mut(f);
+        self.mid.0.visit_mut(f);
+        self.mid.1.visit_mut(f);
+        self.mid.2.visit_mut(f);
+        self.up.visit_mut(f);
+        self.out_norm.visit_mut(f);
+        self.out_conv.visit_mut(f);
+    }
+}
+
+/// Flax's default Dense/Conv initialiser: LeCun normal (truncated, variance 1/fan_in).
+pub(crate) fn lecun(fan_in: usize) -> Init {
+    Init::TruncatedFanIn { scale: 1.0, fan_in }
+}
+
+impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
+    fn group_norm(&mut self, name: &str, c: usize) -> Result<GroupNormParams<E, D>, NetworkError> {
+        Ok(GroupNormParams {
+            scale: self.vector(format!("{name}.scale"), c, Init::Ones)?,
+            bias: self.vector(format!("{name}.bias"), c, Init::Zeros)?,
+        })
+    }
+    pub(crate) fn conv(
+        &mut self,
+        name: &str,
+        (cin, cout): (usize, usize),
+        zero: bool,
+    ) -> Result<Conv<E, D>, NetworkError> {
+        let init = if zero { Init::Zeros } else { lecun(9 * cin) };
+        Ok(Conv {
+            weight: self.matrix(format!("{name}.w"), 9 * cin, cout, init)?,
+            bias: self.vector(format!("{name}.b"), cout, Init::Zeros)?,
+        })
+    }
+    fn res_block(
+        &mut self,
+        name: &str,
+        (cin, cout): (usize, usize),
+        cond_dim: Option<usize>,
+    ) -> Result<ResBlock<E, D>, NetworkError> {
+        Ok(ResBlock {
+            norm1: self.group_norm(&format!("{name}.norm1"), cin)?,
+            conv1: self.conv(&format!("{name}.conv1"), (cin, cout), false)?,
+            cond: match cond_dim {
+                Some(dc) => Some(self.matrix(format!("{name}.cond.w"), dc, cout, Init::Zeros)?),
+                None => None,
+            },
+            norm2: self.group_norm(&format!("{name}.norm2"), cout)?,
+            conv2: self.conv(&format!("{name}.conv2"), (cout, cout), true)?,
+            skip: if cin != cout {
+                Some(self.linear(
+                    &format!("{name}.skip"),
+                    (cin, cout),
+                    lecun(cin),
+                    Init::Zeros,
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// What the forward pass needs besides the parameters.
+struct Ctx<'a, E: Elem, D: Kernels<E>> {
+    b: usize,
+    h: usize,
+    w: usize,
+    groups: usize,
+    /// The conditioning vector, tape-free (its ops travel separately).
+    c: Option<T2<E, D>>,
+    dropout: Option<(f64, &'a mut dyn RngCore)>,
+}
+
+impl<E: Elem, D: Kernels<E>> UNet<E, D> {
+    /// Initialise every parameter on the host in f64 from `seed`, then upload.
+    pub fn new(cfg: NetworkConfig, dev: &D, seed: u64) -> Result<Self, NetworkError> {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        Self::build(cfg, dev, &mut |_, shape, init| {
+            let n: usize = shape.iter().product();
+            Ok(init.sample(n, &mut rng).into_iter().map(E::c).collect())
+        })
+    }
+
+    pub(crate) fn build(
+        cfg: NetworkConfig,
+        dev: &D,
+        values: &mut crate::modules::Values<'_, E>,
+    ) -> Result<Self, NetworkError> {
+        cfg.validate()?;
+        let Some((_, _, channels)) = cfg.image() else {
+            return Err(NetworkError::Config("not a U-Net configuration".into()));
+        };
+        let mut b = Builder { dev, values };
+        let (ch, dc, v) = (cfg.dim, cfg.cond_dim, cfg.vocab_size);
+        let e = cfg.embed_dim.expect("validated: the U-Net has embed_dim");
+        // N(0, 1/e), as the transformer's embedding
+        let embed = b.matrix("embed", v + 1, e, Init::Normal(1.0 / (e as f64).sqrt()))?;
+        let cond = if cfg.is_conditioned() {
+            let time_in = if cfg.time_conditioning {
+                Some(b.matrix("cond.w1_t", dc, 4 * dc, lecun(dc))?)
+            } else {
+                None
+            };
+            let label = if cfg.num_classes > 0 {
+                let fan_in = if cfg.time_conditioning { 2 * dc } else { dc };
+                Some(LabelInput {
+                    table: b.matrix(
+                        "cond.label_embed",
+                        cfg.num_classes,
+                        dc,
+                        Init::Normal(1.0 / (dc as f64).sqrt()),
+                    )?,
+                    proj: b.matrix("cond.w1_label", dc, 4 * dc, lecun(fan_in))?,
+                })
+            } else {
+                None
+            };
+            Some(Conditioning {
+                time_in,
+                label,
+                hidden_bias: b.vector("cond.b1", 4 * dc, Init::Zeros)?,
+                out: Linear {
+                    weight: b.matrix("cond.w2", 4 * dc, dc, lecun(4 * dc))?,
+                    bias: b.vector("cond.b2", dc, Init::Zeros)?,
+                },
+            })
+        } else {
+            None
+        };
+        let cdim = cond.is_some().then_some(dc);
+        let conv_in = b.conv("conv_in", (channels * e, ch), false)?;
+        let down = (0..cfg.n_layers)
+            .map(|i| b.res_block(&format!("down.{i}"), (ch, ch), cdim))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mid0 = b.res_block("mid.0", (ch, ch), cdim)?;
+        let attn = SelfAttention {
+            norm: b.group_norm("mid.attn.norm", ch)?,
+            q: b.linear("mid.attn.q", (ch, ch), lecun(ch), Init::Zeros)?,
+            k: b.linear("mid.attn.k", (ch, ch), lecun(ch), Init::Zeros)?,
+            v: b.linear("mid.attn.v", (ch, ch), lecun(ch), Init::Zeros)?,
+            o: b.linear("mid.attn.o", (ch, ch), lecun(ch), Init::Zeros)?,
+        };
+        let mid1 = b.res_block("mid.1", (ch, ch), cdim)?;
+        let up = (0..=cfg.n_layers)
+            .map(|i| b.res_block(&format!("up.{i}"), (2 * ch, ch), cdim))
+            .collect::<Result<Vec<_>, _>>()?;
+        let out_norm = b.group_norm("out.norm", ch)?;
+        let out_conv = b.conv("out.conv", (ch, channels * v), true)?;
+        Ok(UNet {
+            cfg,
+            embed,
+            cond,
+            conv_in,
+            down,
+            mid: (mid0, attn, mid1),
+            up,
+            out_norm,
+            out_conv,
+            dev: dev.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &NetworkConfig {
+        &self.cfg
+    }
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    fn groups(&self) -> usize {
+        match self.cfg.arch {
+            Arch::Unet { groups, .. } => groups,
+            _ => unreachable!("a U-Net has a U-Net configuration"),
+        }
+    }
+
+    /// Logits (batch, h·w·C, V); `dropout_rng` switches dropout on (training). The input is
+    /// checked by the caller ([`crate::Network::forward`]).
+    pub(crate) fn forward_impl<T: Tape<E, D>>(
+        &self,
+        batch: &DenoiseBatch<'_>,
+        tape: T,
+        dropout_rng: Option<&mut dyn RngCore>,
+    ) -> Res<T3<E, D, T>, D> {
+        let (h, w, channels) = self.cfg.image().expect("a U-Net configuration");
+        let b = batch.batch;
+        let v = self.cfg.vocab_size;
+        let e = self.embed.cols();
+        let scope = D::scope();
+        let (c, cond_tape) = match &self.cond {
+            Some(cond) => {
+                let c: T2<E, D, T> = conditioning(&self.dev, cond, batch, self.cfg.cond_dim)?;
+                let (c, t) = c.split_tape();
+                (Some(c), t)
+            }
+            None => (None, T::default()),
+        };
+        let p = self.cfg.dropout;
+        let mut ctx = Ctx {
+            b,
+            h,
+            w,
+            groups: self.groups(),
+            c,
+            dropout: dropout_rng.filter(|_| p > 0.0).map(|r| (p, r)),
+        };
+        let ids = self.dev.try_tensor_from_vec(
+            batch.ids.iter().map(|&i| i as usize).collect(),
+            (b * h * w * channels,),
+        )?;
+        let x: T2<E, D, T> = self.embed.tensor()?.put_tape(tape).try_gather(ids)?;
+        let x = x.try_reshape_like(&(b * h * w, channels * e))?;
+        let mut hcur = self.conv(x, &self.conv_in, &ctx)?;
+        let mut skips = vec![hcur.retaped::<T>()];
+        for blk in &self.down {
+            hcur = self.res_block(hcur, blk, &mut ctx)?;
+            D::retain(&scope, &hcur);
+            skips.push(hcur.retaped::<T>());
+        }
+        hcur = self.res_block(hcur, &self.mid.0, &mut ctx)?;
+        hcur = self.attention(hcur, &self.mid.1, &ctx)?;
+        hcur = self.res_block(hcur, &self.mid.2, &mut ctx)?;
+        for blk in &self.up {
+            let s = skips.pop().expect("one stored activation per up block");
+            let cat = (hcur, s).try_concat_along(Axis::<1>)?;
+            hcur = self.res_block(cat, blk, &mut ctx)?;
+        }
+        let y = swish(self.norm(hcur, &self.out_norm, &ctx)?)?;
+        let logits = self.conv(y, &self.out_conv, &ctx)?;
+        let (logits, t) = logits.split_tape();
+        logits
+            .put_tape(t.merge(cond_tape))
+            .try_reshape_like(&(b, h * w * channels, v))
+    }
+
+    fn norm<T: Tape<E, D>>(
+        &self,
+        x: T2<E, D, T>,
+        p: &GroupNormParams<E, D>,
+        ctx: &Ctx<'_, E, D>,
+    ) -> Res<T2<E, D, T>, D> {
+        D::group_norm(x, p.scale.tensor(), p.bias.tensor(), ctx.b, ctx.groups)
+    }
+
+    fn conv<T: Tape<E, D>>(
+        &self,
+        x: T2<E, D, T>,
+        conv: &Conv<E, D>,
+        ctx: &Ctx<'_, E, D>,
+    ) -> Res<T2<E, D, T>, D> {
+        let y = D::conv3x3(x, conv.weight.tensor()?, ctx.b, ctx.h, ctx.w)?;
+        let s = *y.shape();
+        y.try_add(conv.bias.tensor().try_broadcast_like::<_, Axis<0>>(&s)?)
+    }
+
+    fn res_block<T: Tape<E, D>>(
+        &self,
+        x: T2<E, D, T>,
+        blk: &ResBlock<E, D>,
+        ctx: &mut Ctx<'_, E, D>,
+    ) -> Res<T2<E, D, T>, D> {
+        let (b, n) = (ctx.b, ctx.h * ctx.w);
+        let y = swish(self.norm(x.retaped::<T>(), &blk.norm1, ctx)?)?;
+        let mut y = self.conv(y, &blk.conv1, ctx)?;
+        if let (Some(wc), Some(c)) = (&blk.cond, &ctx.c) {
+            let cw = D::matmul(c.clone().put_tape(T::default()), wc.tensor()?)?;
+            let out = cw.shape().1;
+            let s3 = (b, n, out);
+            y = y
+                .try_reshape_like(&s3)?
+                .try_add(cw.try_broadcast_like::<_, Axis<1>>(&s3)?)?
+                .try_reshape_like(&(b * n, out))?;
+        }
+        let mut y = swish(self.norm(y, &blk.norm2, ctx)?)?;
+        if let Some((p, rng)) = ctx.dropout.as_mut() {
+            let s = *y.shape();
+            let keep = E::c(1.0 / (1.0 - *p));
+            let m: Vec<E> = (0..s.0 * s.1)
+                .map(|_| {
+                    if rng.gen::<f64>() < *p {
+                        E::zero()
+                    } else {
+                        keep
+                    }
+                })
+                .collect();
+            y = y.try_mul(self.dev.try_tensor_from_vec(m, s)?)?;
+        }
+        let y = self.conv(y, &blk.conv2, ctx)?;
+        let x = match &blk.skip {
+            Some(lin) => dense(x, lin.weight.tensor()?, Some(lin.bias.tensor()))?,
+            None => x,
+        };
+        x.try_add(y)
+    }
+
+    fn attention<T: Tape<E, D>>(
+        &self,
+        x: T2<E, D, T>,
+        a: &SelfAttention<E, D>,
+        ctx: &Ctx<'_, E, D>,
+    ) -> Res<T2<E, D, T>, D> {
+        let (b, n) = (ctx.b, ctx.h * ctx.w);
+        let c = x.shape().1;
+        let z = self.norm(x.retaped::<T>(), &a.norm, ctx)?;
+        let proj = |z: T2<E, D, T>, l: &Linear<E, D>| -> Res<T2<E, D, T>, D> {
+            dense(z, l.weight.tensor()?, Some(l.bias.tensor()))
+        };
+        let q = proj(z.retaped::<T>(), &a.q)?
+            .try_mul(E::c(1.0 / (c as f64).sqrt()))?
+            .try_reshape_like(&(b, n, 1, c))?;
+        let k = proj(z.retaped::<T>(), &a.k)?.try_reshape_like(&(b, n, 1, c))?;
+        let v = proj(z, &a.v)?.try_reshape_like(&(b, n, 1, c))?;
+        let o = D::attention(q, k, v)?;
+        x.try_add(proj(o, &a.o)?)
+    }
+}

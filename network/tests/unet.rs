@@ -1,0 +1,246 @@
+//! U-Net (spec §7.3) properties: the official CIFAR-10 parameter count from the layer formula,
+//! zero-initialised output (uniform prediction), input errors, gradients against central finite
+//! differences (f64, every parameter tensor), save → load identity and dropout's effect.
+
+use maskdiff_network::dfdx::prelude::*;
+use maskdiff_network::{Arch, Network, NetworkConfig, NetworkDenoiser, NetworkError};
+use maskdiff_process::{DenoiseBatch, Denoiser};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+fn unet(preset: &str, v: usize, (h, w, c): (usize, usize, usize)) -> NetworkConfig {
+    let mut cfg = NetworkConfig::preset(preset, v).unwrap();
+    cfg.set_image(h, w, c).unwrap();
+    cfg
+}
+
+fn random_ids(rng: &mut StdRng, n: usize, v: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.gen_range(0..=v as u32)).collect()
+}
+
+/// The parameter count of the U-Net layer by layer (spec §7.3, official `unet.py`): `ch`
+/// channels, `l` blocks per side, per-channel embedding `e`, `c` image channels, V levels,
+/// conditioning width `dc` (time only).
+fn unet_params(ch: usize, l: usize, e: usize, c: usize, v: usize, dc: usize) -> usize {
+    let gn = |k: usize| 2 * k;
+    let conv = |i: usize, o: usize| 9 * i * o + o;
+    let res = |i: usize, o: usize| {
+        gn(i) + conv(i, o) + dc * o + gn(o) + conv(o, o) + if i != o { i * o + o } else { 0 }
+    };
+    let cond = dc * 4 * dc + 4 * dc + 4 * dc * dc + dc;
+    let attn = gn(ch) + 4 * (ch * ch + ch);
+    (v + 1) * e
+        + cond
+        + conv(c * e, ch)
+        + l * res(ch, ch)
+        + 2 * res(ch, ch)
+        + attn
+        + (l + 1) * res(2 * ch, ch)
+        + gn(ch)
+        + conv(ch, c * v)
+}
+
+#[test]
+fn cifar10_preset_has_the_official_parameter_count() {
+    let dev = Cpu::default();
+    let cfg = NetworkConfig::preset("unet-cifar10", 256).unwrap();
+    assert_eq!(cfg.image(), Some((32, 32, 3)));
+    assert_eq!(cfg.max_len, 32 * 32 * 3);
+    assert_eq!(
+        (cfg.dim, cfg.n_layers, cfg.cond_dim, cfg.embed_dim),
+        (128, 32, 128, Some(128))
+    );
+    let m = Network::<f32, Cpu>::new(cfg, &dev, 0).unwrap();
+    let n = m.num_params();
+    assert_eq!(n, unet_params(128, 32, 128, 3, 256, 128));
+    // ≈ 28 M (spec §7.3); the exact count of the official md4/cifar10 network:
+    assert_eq!(n, 28_427_520);
+}
+
+#[test]
+fn fresh_unet_predicts_uniform_exactly() {
+    let dev = Cpu::default();
+    for (time, classes) in [(true, 0), (false, 0), (true, 3), (false, 2)] {
+        let mut cfg = unet("unet-tiny", 7, (4, 3, 2));
+        cfg.time_conditioning = time;
+        cfg.num_classes = classes;
+        let m = Network::<f32, Cpu>::new(cfg, &dev, 7).unwrap();
+        let n = 4 * 3 * 2;
+        let mut rng = StdRng::seed_from_u64(1);
+        let ids = random_ids(&mut rng, 3 * n, 7);
+        let labels = [0u32, 1, 1];
+        let batch = DenoiseBatch {
+            ids: &ids,
+            batch: 3,
+            len: n,
+            t: &[0.1, 0.5, 0.99],
+            labels: (classes > 0).then_some(&labels[..]),
+        };
+        let logits = m.forward(&batch, NoneTape, None).unwrap();
+        assert_eq!(*logits.shape(), (3, n, 7));
+        assert!(logits.as_vec().iter().all(|&x| x == 0.0));
+        let mut den = NetworkDenoiser::new(m);
+        let lp = den.log_probs(&batch).unwrap();
+        let target = -(7f32).ln();
+        assert!(lp.data.iter().all(|&x| (x - target).abs() < 1e-6));
+        assert_eq!(den.is_time_conditioned(), time);
+        assert_eq!(den.num_classes(), classes);
+    }
+}
+
+#[test]
+fn bad_configs_and_inputs_are_errors() {
+    let dev = Cpu::default();
+    let mut cfg = unet("unet-tiny", 5, (2, 2, 1));
+    let m = Network::<f32, Cpu>::new(cfg.clone(), &dev, 0).unwrap();
+    let batch = |ids: &'static [u32], t: &'static [f64], labels| DenoiseBatch {
+        ids,
+        batch: 1,
+        len: ids.len(),
+        t,
+        labels,
+    };
+    // not the image's token count
+    assert!(matches!(
+        m.forward(&batch(&[0, 1, 2], &[0.5], None), NoneTape, None),
+        Err(NetworkError::Input(_))
+    ));
+    // an id above the mask id
+    assert!(matches!(
+        m.forward(&batch(&[0, 1, 2, 6], &[0.5], None), NoneTape, None),
+        Err(NetworkError::Process(_))
+    ));
+    assert!(matches!(
+        m.forward(&batch(&[0, 1, 2, 5], &[1.5], None), NoneTape, None),
+        Err(NetworkError::Input(_))
+    ));
+    assert!(matches!(
+        m.forward(&batch(&[0, 1, 2, 5], &[0.5], Some(&[0])), NoneTape, None),
+        Err(NetworkError::Input(_))
+    ));
+    assert!(m
+        .forward(&batch(&[0, 1, 2, 5], &[0.5], None), NoneTape, None)
+        .is_ok());
+    // groups must divide the channels; the transformer has no image shape
+    if let Arch::Unet { groups, .. } = &mut cfg.arch {
+        *groups = 3;
+    }
+    assert!(matches!(cfg.validate(), Err(NetworkError::Config(_))));
+    let mut t = NetworkConfig::preset("tiny", 5).unwrap();
+    assert!(t.set_image(2, 2, 1).is_err());
+    assert!(matches!(
+        NetworkConfig::preset("unet-huge", 5),
+        Err(NetworkError::UnknownPreset(_))
+    ));
+}
+
+/// d/dθ Σ R ⊙ logits by the tape vs central differences in f64, for every parameter tensor (a
+/// few random coordinates each), with every path live (randomised weights, dropout off), for a
+/// time-and-label-conditioned and an unconditioned U-Net whose up blocks use GroupNorm over
+/// several groups.
+#[test]
+fn unet_gradients_match_central_differences() {
+    let dev = Cpu::default();
+    for (time, classes) in [(true, 2), (false, 0)] {
+        let mut cfg = unet("unet-tiny", 4, (3, 2, 2));
+        cfg.dim = 8;
+        cfg.cond_dim = 8;
+        cfg.embed_dim = Some(3);
+        cfg.time_conditioning = time;
+        cfg.num_classes = classes;
+        if let Arch::Unet { groups, .. } = &mut cfg.arch {
+            *groups = 2;
+        }
+        let mut m = Network::<f64, Cpu>::new(cfg, &dev, 3).unwrap();
+        let mut rng = StdRng::seed_from_u64(11);
+        for p in m.params_mut() {
+            let vals: Vec<f64> = (0..p.numel())
+                .map(|_| 0.6 * (rng.gen::<f64>() * 2.0 - 1.0))
+                .collect();
+            p.value = dev.tensor_from_vec(vals, (p.numel(),));
+        }
+        let (b, n, v) = (2, 3 * 2 * 2, 4);
+        let ids = random_ids(&mut rng, b * n, v);
+        let r: Vec<f64> = (0..b * n * v).map(|_| rng.gen::<f64>() - 0.5).collect();
+        let labels = [1u32, 0];
+        let batch = DenoiseBatch {
+            ids: &ids,
+            batch: b,
+            len: n,
+            t: &[0.3, 0.8],
+            labels: (classes > 0).then_some(&labels[..]),
+        };
+        let rt = dev.tensor_from_vec(r.clone(), (b, n, v));
+        let f = |m: &Network<f64, Cpu>| -> f64 {
+            let l = m.forward(&batch, NoneTape, None).unwrap().as_vec();
+            l.iter().zip(&r).map(|(a, b)| a * b).sum()
+        };
+        let logits = m.forward(&batch, m.tape(), None).unwrap();
+        let grads = (logits * rt).sum::<Rank0, _>().backward();
+        let h = 1e-5;
+        let mut checked = 0;
+        let np = m.params().len();
+        for pi in 0..np {
+            let g = grads.get(&m.params()[pi].value).as_vec();
+            let base = m.params()[pi].value.as_vec();
+            for _ in 0..2 {
+                let j = rng.gen_range(0..base.len());
+                let eval = |delta: f64| {
+                    let mut mm = m.clone();
+                    let mut vals = base.clone();
+                    vals[j] += delta;
+                    mm.params_mut()[pi].value = dev.tensor_from_vec(vals, (base.len(),));
+                    f(&mm)
+                };
+                let fd = (eval(h) - eval(-h)) / (2.0 * h);
+                let err = (fd - g[j]).abs();
+                assert!(
+                    err <= 1e-6 * (1.0 + fd.abs()),
+                    "{} [{j}]: tape {} vs fd {fd}",
+                    m.params()[pi].name,
+                    g[j]
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 2 * 40, "{checked}");
+    }
+}
+
+#[test]
+fn unet_save_load_roundtrip_and_dropout() {
+    let dev = Cpu::default();
+    let mut cfg = unet("unet-tiny", 6, (3, 3, 1));
+    cfg.dropout = 0.5;
+    let mut m = Network::<f32, Cpu>::new(cfg.clone(), &dev, 1).unwrap();
+    let mut rng = StdRng::seed_from_u64(2);
+    for p in m.params_mut() {
+        let vals: Vec<f32> = (0..p.numel())
+            .map(|_| rng.gen::<f32>() * 0.4 - 0.2)
+            .collect();
+        p.value = dev.tensor_from_vec(vals, (p.numel(),));
+    }
+    let dir = std::env::temp_dir().join(format!("maskdiff-unet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("m.safetensors");
+    m.save_safetensors(&path).unwrap();
+    let mut m2 = Network::<f32, Cpu>::new(cfg, &dev, 99).unwrap();
+    m2.load_safetensors(&path).unwrap();
+    let ids = random_ids(&mut rng, 2 * 9, 6);
+    let batch = DenoiseBatch {
+        ids: &ids,
+        batch: 2,
+        len: 9,
+        t: &[0.2, 0.7],
+        labels: None,
+    };
+    let a = m.forward(&batch, NoneTape, None).unwrap().as_vec();
+    assert_eq!(a, m2.forward(&batch, NoneTape, None).unwrap().as_vec());
+    // dropout changes the output only in training
+    let mut drng = StdRng::seed_from_u64(4);
+    let d = m
+        .forward(&batch, NoneTape, Some(&mut drng as &mut dyn rand::RngCore))
+        .unwrap()
+        .as_vec();
+    assert_ne!(a, d);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
