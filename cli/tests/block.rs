@@ -226,6 +226,15 @@ fn block_genmd4_model_trains_evaluates_and_samples() {
     assert!(text
         .lines()
         .all(|l| l.chars().count() == 20 && l.chars().all(|c| c.is_ascii_lowercase() || c == ' ')));
+    // remasking and threshold decoding inside the blocks, with the learned schedule
+    for sampler in [
+        &["--sampler", "threshold"][..],
+        &["--sampler", "remdm", "--eta", "0.3"][..],
+    ] {
+        let mut args = vec!["sample", "bg", "-n", "2", "--steps", "8", "--length", "20"];
+        args.extend_from_slice(sampler);
+        ok(&run(&d, &args));
+    }
     one_line_error(
         &run(&d, &["sample", "bg", "--sampler", "first-hitting"]),
         &["sample.sampler", "GenMD4"],

@@ -6,8 +6,8 @@
 //!   over run-time-shaped tensors, generic over element type ([`Elem`]: f32, f64) and dfdx
 //!   device (`Cpu`, or `Cuda` with the `cuda` feature).
 //! * [`Kernels`]: the device extension the model runs on — fused CPU kernels (matmul through
-//!   gemm 0.19, attention, softmax, LayerNorm, RMSNorm, adaLN modulation, RoPE, GLU; and the
-//!   optimizer's AdamW, EMA and Σ g² passes) with dfdx-generic defaults for other devices. The
+//!   gemm 0.19, attention, softmax, LayerNorm, RMSNorm, adaLN modulation, RoPE, GLU, the
+//!   U-Net's 3×3 convolution and GroupNorm; and the optimizer's AdamW, EMA and Σ g² passes) with dfdx-generic defaults for other devices. The
 //!   CPU kernels read earlier kernels' outputs in place (soundly: through handles registered in
 //!   a [`KernelScope`] frame that the forward pass opens; other inputs are copied once), take
 //!   their output's gradient out of the gradient store (so those intermediate gradients are not

@@ -1,16 +1,17 @@
 //! Block-by-block sampling (BD3-LM) with step events and fixed tokens, over a toy
 //! `PrefixDenoiser` whose law depends on the committed prefix, the block's revealed tokens, the
 //! position and t: the events replayed on an all-mask state give the final samples and their
-//! reveal steps (every sampler, ReMDM's remasks included, end-of-text cuts too); a prompt is kept
+//! reveal steps (every sampler, ReMDM's remasks included, end-of-text cuts too; MD4 and GenMD4
+//! schedules); a prompt is kept
 //! verbatim, its whole blocks are committed without a network call, and prompting with a
 //! sample's own first blocks reproduces that sample; a fixed token in a later block is kept.
 
 use maskdiff_process::{DenoiseBatch, LogProbs, PrefixDenoiser, ProcessError, Vocab};
 use maskdiff_sampler::{
     sample_blocks, sample_blocks_streamed, Constraint, RemdmConfig, SamplerConfig, SamplerError,
-    SamplerKind, StepEvent,
+    SamplerKind, ScheduleRef, StepEvent,
 };
-use maskdiff_schedule::{Linear, Shifted};
+use maskdiff_schedule::{Linear, PerTokenPolynomial, Shifted};
 
 const V: usize = 5;
 const B: usize = 4;
@@ -99,22 +100,22 @@ const KINDS: [SamplerKind; 5] = [
     SamplerKind::Threshold,
 ];
 
-#[test]
-fn events_replay_to_the_final_samples() {
-    let s = Shifted::official(Linear);
+/// Replays the events of every sampler in `kinds` under schedule `s` (see the module docs);
+/// returns the number of remasks and of end-of-text stops seen.
+fn replay(s: ScheduleRef<'_>, kinds: &[SamplerKind]) -> (usize, usize) {
     let (n, len) = (3, 10); // blocks of 4, 4, 2
     let (mut remasks, mut stops) = (0, 0);
-    for kind in KINDS {
+    for &kind in kinds {
         for eot in [None, Some(1u32)] {
             let cfg = config(kind, n, len);
             let mut events: Vec<StepEvent> = Vec::new();
             let out =
-                sample_blocks_streamed(&mut Toy::default(), &s, &cfg, eot, None, &[], &mut |e| {
+                sample_blocks_streamed(&mut Toy::default(), s, &cfg, eot, None, &[], &mut |e| {
                     events.push(e.clone())
                 })
                 .unwrap();
             // the same samples as without events
-            let plain = sample_blocks(&mut Toy::default(), &s, &cfg, eot, None).unwrap();
+            let plain = sample_blocks(&mut Toy::default(), s, &cfg, eot, None).unwrap();
             assert_eq!(plain, out, "{kind:?}");
             let mask = V as u32;
             let mut state = vec![vec![mask; len]; n];
@@ -175,14 +176,35 @@ fn events_replay_to_the_final_samples() {
             }
         }
     }
-    assert!(
-        remasks > 0,
-        "ReMDM remasked nothing: the replay of remasks was not tested"
-    );
-    assert!(
-        stops > 0,
-        "no sample stopped at end-of-text: the cut was not tested"
-    );
+    (remasks, stops)
+}
+
+#[test]
+fn events_replay_to_the_final_samples() {
+    let md4 = Shifted::official(Linear);
+    let genmd4 = PerTokenPolynomial::new(vec![0.5, 1.0, 1.5, 2.0, 3.0]).unwrap();
+    for (s, kinds) in [
+        (ScheduleRef::md4(&md4), &KINDS[..]),
+        (
+            ScheduleRef::genmd4(&genmd4),
+            &[
+                SamplerKind::Ancestral,
+                SamplerKind::Mean,
+                SamplerKind::Remdm,
+                SamplerKind::Threshold,
+            ][..],
+        ),
+    ] {
+        let (remasks, stops) = replay(s, kinds);
+        assert!(
+            remasks > 0,
+            "ReMDM remasked nothing: the replay of remasks was not tested"
+        );
+        assert!(
+            stops > 0,
+            "no sample stopped at end-of-text: the cut was not tested"
+        );
+    }
 }
 
 #[test]

@@ -260,6 +260,10 @@ fn zero_shot<M: maskdiff_process::Denoiser + ?Sized, D: DfdxDevice<f32>, O: Obje
     let model = match loaded.objective.spec() {
         maskdiff_objective::ObjectiveSpec::Md4 => "MD4",
         maskdiff_objective::ObjectiveSpec::GenMd4 { .. } => "GenMD4",
+        maskdiff_objective::ObjectiveSpec::Block {
+            inner: maskdiff_objective::InnerSpec::GenMd4 { .. },
+            ..
+        } => "block diffusion (GenMD4 inside)",
         maskdiff_objective::ObjectiveSpec::Block { .. } => "block diffusion",
     };
     if loaded.extra.data.dataset != DatasetKind::Gpt2 {

@@ -1050,9 +1050,13 @@ mod tests {
         let fwd = |f: &dyn Fn() -> T2<f32, Cpu>| time(&|| f().as_vec());
         let fcf = fwd(&|| conv3x3(x.clone(), w.clone(), b, h, wd).unwrap());
         let gcf = fwd(&|| generic_conv(x.clone(), w.clone(), (b, h, wd)));
+        // the product alone, on a ready (m, 9·cin) panel: what im2col adds
+        let panel = dev.tensor_from_vec(rand32(&mut rng, m * 9 * cin, 1.0), (m, 9 * cin));
+        let mm =
+            fwd(&|| <Cpu as super::super::Kernels<f32>>::matmul(panel.clone(), w.clone()).unwrap());
         eprintln!(
             "{} threads, ({m}, {cin}) → {cout}: conv3x3 fwd+bwd fused {fc:.2} ms, generic {gc:.2} ms; \
-             fwd only fused {fcf:.2} ms, generic {gcf:.2} ms; group_norm fwd+bwd fused {fg:.2} ms, generic {gg:.2} ms",
+             fwd only fused {fcf:.2} ms, generic {gcf:.2} ms, its matmul alone {mm:.2} ms; group_norm fwd+bwd fused {fg:.2} ms, generic {gg:.2} ms",
             rayon::current_num_threads()
         );
     }
