@@ -103,7 +103,7 @@ pub struct TrainOverrides {
     /// [schedule.time_sampling] antithetic | iid.
     #[arg(long, value_name = "HOW", value_parser = parse_time_sampling)]
     pub time_sampling: Option<TimeSampling>,
-    /// [data.dataset] text8 | bytes | gpt2 | fashion-mnist | mnist | digits.
+    /// [data.dataset] text8 | bytes | gpt2 | fashion-mnist | mnist | digits | cifar10.
     #[arg(long, value_name = "KIND", value_parser = parse_dataset)]
     pub dataset: Option<DatasetKind>,
     /// [data.path] the data file or directory.

@@ -86,15 +86,22 @@ pub enum DatasetKind {
     Mnist,
     /// The 8×8 digits CSV (17 grey levels, V = 17, 10 classes).
     Digits,
+    /// CIFAR-10, binary version (`data_batch_{1..5}.bin`, `test_batch.bin`): 32×32×3 8-bit
+    /// pixels, V = 256, 10 classes (the paper's Table 3; not on a package registry, so the user
+    /// supplies the directory).
+    Cifar10,
 }
 
 impl DatasetKind {
-    pub const NAMES: &'static str = "text8, bytes, gpt2, fashion-mnist, mnist, digits";
+    pub const NAMES: &'static str = "text8, bytes, gpt2, fashion-mnist, mnist, digits, cifar10";
     /// Images are reported in bits per dimension, text in bits per character/token.
     pub fn is_image(self) -> bool {
         matches!(
             self,
-            DatasetKind::FashionMnist | DatasetKind::Mnist | DatasetKind::Digits
+            DatasetKind::FashionMnist
+                | DatasetKind::Mnist
+                | DatasetKind::Digits
+                | DatasetKind::Cifar10
         )
     }
     /// The unit of the per-token loss in reports.
@@ -117,6 +124,7 @@ impl FromStr for DatasetKind {
             "fashion-mnist" | "fashion_mnist" | "fashionmnist" => DatasetKind::FashionMnist,
             "mnist" => DatasetKind::Mnist,
             "digits" => DatasetKind::Digits,
+            "cifar10" | "cifar-10" | "cifar_10" => DatasetKind::Cifar10,
             _ => {
                 return Err(format!(
                     "unknown dataset `{s}` (expected one of {})",

@@ -220,6 +220,21 @@ fn split_images(all: ImageSet) -> [ImageSet; 3] {
     [take(a), take(b), take(c)]
 }
 
+/// A data set shipped as training and test images: the last 5 % of the training images serve
+/// as the validation split (neither MNIST-style IDX files nor CIFAR-10 have one).
+fn train_test_images(train: ImageSet, test: ImageSet) -> [ImageSet; 3] {
+    let n = train.len();
+    let cut = n - n / 20;
+    let per = train.shape.tokens_per_image();
+    let part = |r: Range<usize>| ImageSet {
+        shape: train.shape,
+        tokens: train.tokens[r.start * per..r.end * per].to_vec(),
+        labels: train.labels.as_ref().map(|l| l[r.clone()].to_vec()),
+        num_classes: train.num_classes,
+    };
+    [part(0..cut), part(cut..n), test]
+}
+
 impl Data {
     pub fn open(cfg: &DataConfig) -> Result<Data> {
         let path = cfg.path.as_path();
@@ -285,21 +300,14 @@ impl Data {
             return Err(missing(path, "image data"));
         }
         let splits = match cfg.dataset {
-            DatasetKind::FashionMnist | DatasetKind::Mnist => {
-                let train = maskdiff_data::images::load_fashion_mnist(path, Split::Train)?;
-                let test = maskdiff_data::images::load_fashion_mnist(path, Split::Test)?;
-                // No validation split: the last 5 % of the training images serve as one.
-                let n = train.len();
-                let cut = n - n / 20;
-                let per = train.shape.tokens_per_image();
-                let part = |r: Range<usize>| ImageSet {
-                    shape: train.shape,
-                    tokens: train.tokens[r.start * per..r.end * per].to_vec(),
-                    labels: train.labels.as_ref().map(|l| l[r.clone()].to_vec()),
-                    num_classes: train.num_classes,
-                };
-                [part(0..cut), part(cut..n), test]
-            }
+            DatasetKind::FashionMnist | DatasetKind::Mnist => train_test_images(
+                maskdiff_data::images::load_fashion_mnist(path, Split::Train)?,
+                maskdiff_data::images::load_fashion_mnist(path, Split::Test)?,
+            ),
+            DatasetKind::Cifar10 => train_test_images(
+                maskdiff_data::images::load_cifar10(path, Split::Train)?,
+                maskdiff_data::images::load_cifar10(path, Split::Test)?,
+            ),
             DatasetKind::Digits => split_images(maskdiff_data::images::load_digits(path)?),
             _ => unreachable!("text datasets handled above"),
         };

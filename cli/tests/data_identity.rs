@@ -100,6 +100,61 @@ fn unet_models_train_evaluate_and_sample_on_labelled_images() {
     );
 }
 
+/// CIFAR-10's binary batches (`--dataset cifar10`: the user's directory of `data_batch_{1..5}.bin`
+/// and `test_batch.bin`, records of one label byte and three 32×32 colour planes) train the U-Net
+/// at 32×32×3 and evaluate in bits/dim; a truncated batch file is one error line.
+#[test]
+fn cifar10_binary_batches_train_and_evaluate_a_unet() {
+    let d = tmp("cifar10");
+    let dir = d.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let records = |n: usize, seed: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| {
+                let label = ((i + seed) % 10) as u8;
+                std::iter::once(label)
+                    .chain((0..3072).map(move |p| ((p * 7 + i * 13 + seed) % 256) as u8))
+            })
+            .collect()
+    };
+    for k in 1..=5 {
+        std::fs::write(dir.join(format!("data_batch_{k}.bin")), records(8, k)).unwrap();
+    }
+    std::fs::write(dir.join("test_batch.bin"), records(4, 9)).unwrap();
+    let args = [
+        "train",
+        "--out",
+        "c",
+        "--dataset",
+        "cifar10",
+        "--data",
+        "cifar-10-batches-bin",
+        "--preset",
+        "unet-tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "1",
+        "--warmup-steps",
+        "0",
+        "--no-progress",
+    ];
+    ok(&run(&d, &args));
+    let m = manifest(&d.join("c"));
+    assert_eq!(m["network"]["arch"]["height"], 32);
+    assert_eq!(m["network"]["arch"]["channels"], 3);
+    assert_eq!(m["network"]["vocab_size"], 256);
+    let e = run(&d, &["eval", "c", "--max-sequences", "2"]);
+    ok(&e);
+    assert!(stdout(&e).contains("bits/dim"), "{}", stdout(&e));
+    std::fs::write(dir.join("test_batch.bin"), &records(1, 0)[..100]).unwrap();
+    let mut bad = args.to_vec();
+    bad[2] = "c2";
+    one_line_error(&run(&d, &bad), &["truncated"]);
+}
+
 fn train_evaluate_and_sample_images(preset: &str) {
     let d = tmp(&format!("uncond-images-{preset}"));
     write_digits(&d.join("digits.csv"), 120);
