@@ -315,6 +315,43 @@ impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
             cols,
         })
     }
+    /// The conditioning MLP of spec §7.1, `cond.*` (shared by the transformer, the U-Net and
+    /// the U-ViT: one set of tensor names, one construction order).
+    pub(crate) fn cond_mlp(
+        &mut self,
+        cfg: &crate::NetworkConfig,
+    ) -> Result<Conditioning<E, D>, NetworkError> {
+        let dc = cfg.cond_dim;
+        let time_in = if cfg.time_conditioning {
+            Some(self.matrix("cond.w1_t", dc, 4 * dc, crate::init::lecun(dc))?)
+        } else {
+            None
+        };
+        let label = if cfg.num_classes > 0 {
+            let fan_in = if cfg.time_conditioning { 2 * dc } else { dc };
+            Some(LabelInput {
+                table: self.matrix(
+                    "cond.label_embed",
+                    cfg.num_classes,
+                    dc,
+                    Init::Normal(1.0 / (dc as f64).sqrt()),
+                )?,
+                proj: self.matrix("cond.w1_label", dc, 4 * dc, crate::init::lecun(fan_in))?,
+            })
+        } else {
+            None
+        };
+        Ok(Conditioning {
+            time_in,
+            label,
+            hidden_bias: self.vector("cond.b1", 4 * dc, Init::Zeros)?,
+            out: Linear {
+                weight: self.matrix("cond.w2", 4 * dc, dc, crate::init::lecun(4 * dc))?,
+                bias: self.vector("cond.b2", dc, Init::Zeros)?,
+            },
+        })
+    }
+
     pub(crate) fn linear(
         &mut self,
         name: &str,

@@ -7,15 +7,9 @@ use maskdiff_network::{Arch, Network, NetworkConfig, NetworkDenoiser, NetworkErr
 use maskdiff_process::{DenoiseBatch, Denoiser};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-fn unet(preset: &str, v: usize, (h, w, c): (usize, usize, usize)) -> NetworkConfig {
-    let mut cfg = NetworkConfig::preset(preset, v).unwrap();
-    cfg.set_image(h, w, c).unwrap();
-    cfg
-}
+mod image_common;
 
-fn random_ids(rng: &mut StdRng, n: usize, v: usize) -> Vec<u32> {
-    (0..n).map(|_| rng.gen_range(0..=v as u32)).collect()
-}
+use image_common::{image_config as unet, random_ids, randomize};
 
 /// The parameter count of the U-Net layer by layer (spec §7.3, official `unet.py`): `ch`
 /// channels, `l` blocks per side, per-channel embedding `e`, `c` image channels, V levels,
@@ -139,7 +133,6 @@ fn bad_configs_and_inputs_are_errors() {
 /// several groups.
 #[test]
 fn unet_gradients_match_central_differences() {
-    let dev = Cpu::default();
     for (time, classes) in [(true, 2), (false, 0)] {
         let mut cfg = unet("unet-tiny", 4, (3, 2, 2));
         cfg.dim = 8;
@@ -150,58 +143,7 @@ fn unet_gradients_match_central_differences() {
         if let Arch::Unet { groups, .. } = &mut cfg.arch {
             *groups = 2;
         }
-        let mut m = Network::<f64, Cpu>::new(cfg, &dev, 3).unwrap();
-        let mut rng = StdRng::seed_from_u64(11);
-        for p in m.params_mut() {
-            let vals: Vec<f64> = (0..p.numel())
-                .map(|_| 0.6 * (rng.gen::<f64>() * 2.0 - 1.0))
-                .collect();
-            p.value = dev.tensor_from_vec(vals, (p.numel(),));
-        }
-        let (b, n, v) = (2, 3 * 2 * 2, 4);
-        let ids = random_ids(&mut rng, b * n, v);
-        let r: Vec<f64> = (0..b * n * v).map(|_| rng.gen::<f64>() - 0.5).collect();
-        let labels = [1u32, 0];
-        let batch = DenoiseBatch {
-            ids: &ids,
-            batch: b,
-            len: n,
-            t: &[0.3, 0.8],
-            labels: (classes > 0).then_some(&labels[..]),
-        };
-        let rt = dev.tensor_from_vec(r.clone(), (b, n, v));
-        let f = |m: &Network<f64, Cpu>| -> f64 {
-            let l = m.forward(&batch, NoneTape, None).unwrap().as_vec();
-            l.iter().zip(&r).map(|(a, b)| a * b).sum()
-        };
-        let logits = m.forward(&batch, m.tape(), None).unwrap();
-        let grads = (logits * rt).sum::<Rank0, _>().backward();
-        let h = 1e-5;
-        let mut checked = 0;
-        let np = m.params().len();
-        for pi in 0..np {
-            let g = grads.get(&m.params()[pi].value).as_vec();
-            let base = m.params()[pi].value.as_vec();
-            for _ in 0..2 {
-                let j = rng.gen_range(0..base.len());
-                let eval = |delta: f64| {
-                    let mut mm = m.clone();
-                    let mut vals = base.clone();
-                    vals[j] += delta;
-                    mm.params_mut()[pi].value = dev.tensor_from_vec(vals, (base.len(),));
-                    f(&mm)
-                };
-                let fd = (eval(h) - eval(-h)) / (2.0 * h);
-                let err = (fd - g[j]).abs();
-                assert!(
-                    err <= 1e-6 * (1.0 + fd.abs()),
-                    "{} [{j}]: tape {} vs fd {fd}",
-                    m.params()[pi].name,
-                    g[j]
-                );
-                checked += 1;
-            }
-        }
+        let checked = image_common::gradients_match_central_differences(cfg, 3 * 2 * 2, classes);
         assert!(checked >= 2 * 40, "{checked}");
     }
 }
@@ -213,12 +155,7 @@ fn unet_save_load_roundtrip_and_dropout() {
     cfg.dropout = 0.5;
     let mut m = Network::<f32, Cpu>::new(cfg.clone(), &dev, 1).unwrap();
     let mut rng = StdRng::seed_from_u64(2);
-    for p in m.params_mut() {
-        let vals: Vec<f32> = (0..p.numel())
-            .map(|_| rng.gen::<f32>() * 0.4 - 0.2)
-            .collect();
-        p.value = dev.tensor_from_vec(vals, (p.numel(),));
-    }
+    randomize(&mut m, &mut rng, |r| r.gen::<f32>() * 0.4 - 0.2);
     let dir = std::env::temp_dir().join(format!("maskdiff-unet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("m.safetensors");
