@@ -81,6 +81,25 @@ macro_rules! parameters {
 }
 pub(crate) use parameters;
 
+/// `Parameters` for an enum `$ty<E, D>` of one-field variants: those of the variant present.
+macro_rules! enum_parameters {
+    ($ty:ident { $($variant:ident),+ }) => {
+        impl<E: Elem, D: Device<E>> Parameters<E, D> for $ty<E, D> {
+            fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
+                match self {
+                    $($ty::$variant(x) => x.visit(f),)+
+                }
+            }
+            fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
+                match self {
+                    $($ty::$variant(x) => x.visit_mut(f),)+
+                }
+            }
+        }
+    };
+}
+pub(crate) use enum_parameters;
+
 /// A learnable vector `[n]` (a bias or a norm scale).
 #[derive(Clone, Debug)]
 pub struct Vector<E: Elem, D: Device<E>>(Param<E, D>);

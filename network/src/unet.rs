@@ -43,14 +43,18 @@ pub struct Conv<E: Elem, D: Device<E>> {
     pub bias: Vector<E, D>,
 }
 
-/// One residual block (see the module docs).
+/// One residual block (see the module docs), with GroupNorms `N`: the U-Net's affine ones, or
+/// the U-ViT's conditional ones ([`crate::uvit::CondNorm`]).
 #[derive(Clone, Debug)]
-pub struct ResBlock<E: Elem, D: Device<E>> {
-    pub norm1: GroupNormParams<E, D>,
+pub struct ResBlock<E: Elem, D: Device<E>, N = GroupNormParams<E, D>> {
+    /// The first GroupNorm (over the input channels).
+    pub norm1: N,
     pub conv1: Conv<E, D>,
-    /// Dense(c → out), no bias, zero-initialised (conditioned models only).
+    /// Dense(c → out), no bias, zero-initialised (conditioned U-Nets only; the U-ViT is
+    /// conditioned through its norms).
     pub cond: Option<Matrix<E, D>>,
-    pub norm2: GroupNormParams<E, D>,
+    /// The second GroupNorm (over the output channels).
+    pub norm2: N,
     /// Zero-initialised, so a fresh block is the identity (or its skip projection).
     pub conv2: Conv<E, D>,
     /// Dense(in → out) with bias when the channel counts differ (the up blocks).
@@ -70,14 +74,24 @@ pub struct SelfAttention<E: Elem, D: Device<E>> {
 
 crate::modules::parameters!(GroupNormParams { scale, bias });
 crate::modules::parameters!(Conv { weight, bias });
-crate::modules::parameters!(ResBlock {
-    norm1,
-    conv1,
-    cond,
-    norm2,
-    conv2,
-    skip
-});
+impl<E: Elem, D: Device<E>, N: Parameters<E, D>> Parameters<E, D> for ResBlock<E, D, N> {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
+        self.norm1.visit(f);
+        self.conv1.visit(f);
+        self.cond.visit(f);
+        self.norm2.visit(f);
+        self.conv2.visit(f);
+        self.skip.visit(f);
+    }
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
+        self.norm1.visit_mut(f);
+        self.conv1.visit_mut(f);
+        self.cond.visit_mut(f);
+        self.norm2.visit_mut(f);
+        self.conv2.visit_mut(f);
+        self.skip.visit_mut(f);
+    }
+}
 crate::modules::parameters!(SelfAttention { norm, q, k, v, o });
 
 /// The U-Net denoiser with run-time shapes, generic over element type and device.
@@ -150,17 +164,28 @@ impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
     fn res_block(
         &mut self,
         name: &str,
-        (cin, cout): (usize, usize),
+        dims: (usize, usize),
         cond_dim: Option<usize>,
     ) -> Result<ResBlock<E, D>, NetworkError> {
+        self.res_block_with(name, dims, cond_dim, |b, name, c| b.group_norm(name, c))
+    }
+    /// A residual block (parameters in checkpoint order) whose GroupNorms `norm(self, name, c)`
+    /// builds; `cond_dim`: the U-Net's Dense(c → out).
+    pub(crate) fn res_block_with<N>(
+        &mut self,
+        name: &str,
+        (cin, cout): (usize, usize),
+        cond_dim: Option<usize>,
+        mut norm: impl FnMut(&mut Self, &str, usize) -> Result<N, NetworkError>,
+    ) -> Result<ResBlock<E, D, N>, NetworkError> {
         Ok(ResBlock {
-            norm1: self.group_norm(&format!("{name}.norm1"), cin)?,
+            norm1: norm(self, &format!("{name}.norm1"), cin)?,
             conv1: self.conv(&format!("{name}.conv1"), (cin, cout), false)?,
             cond: match cond_dim {
                 Some(dc) => Some(self.matrix(format!("{name}.cond.w"), dc, cout, Init::Zeros)?),
                 None => None,
             },
-            norm2: self.group_norm(&format!("{name}.norm2"), cout)?,
+            norm2: norm(self, &format!("{name}.norm2"), cout)?,
             conv2: self.conv(&format!("{name}.conv2"), (cout, cout), true)?,
             skip: self.res_skip(name, (cin, cout))?,
         })

@@ -50,7 +50,7 @@ use crate::modules::{Builder, Conditioning, Linear, Matrix, Parameters, RmsScale
 use crate::param::Param;
 use crate::unet::{
     conv_bias, embed_pixels, keep_mask, skip_add, split_conditioning, u_trunk, Conv,
-    GroupNormParams,
+    GroupNormParams, ResBlock,
 };
 use crate::{Arch, Elem, Kernels, NetworkConfig, NetworkError};
 use dfdx::prelude::*;
@@ -66,20 +66,7 @@ pub enum CondNorm<E: Elem, D: Device<E>> {
     Affine(GroupNormParams<E, D>),
 }
 
-impl<E: Elem, D: Device<E>> Parameters<E, D> for CondNorm<E, D> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        match self {
-            CondNorm::Ada(l) => l.visit(f),
-            CondNorm::Affine(g) => g.visit(f),
-        }
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        match self {
-            CondNorm::Ada(l) => l.visit_mut(f),
-            CondNorm::Affine(g) => g.visit_mut(f),
-        }
-    }
-}
+crate::modules::enum_parameters!(CondNorm { Ada, Affine });
 
 /// A DiT block's normalisation: adaLN-Zero, or two RMSNorm scales without conditioning.
 #[derive(Clone, Debug)]
@@ -97,49 +84,12 @@ pub enum FinalNorm<E: Elem, D: Device<E>> {
     Rms(Vector<E, D>),
 }
 
-impl<E: Elem, D: Device<E>> Parameters<E, D> for DitNorm<E, D> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        match self {
-            DitNorm::Ada(l) => l.visit(f),
-            DitNorm::Rms(r) => r.visit(f),
-        }
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        match self {
-            DitNorm::Ada(l) => l.visit_mut(f),
-            DitNorm::Rms(r) => r.visit_mut(f),
-        }
-    }
-}
+crate::modules::enum_parameters!(DitNorm { Ada, Rms });
+crate::modules::enum_parameters!(FinalNorm { Ada, Rms });
 
-impl<E: Elem, D: Device<E>> Parameters<E, D> for FinalNorm<E, D> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        match self {
-            FinalNorm::Ada(l) => l.visit(f),
-            FinalNorm::Rms(v) => v.visit(f),
-        }
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        match self {
-            FinalNorm::Ada(l) => l.visit_mut(f),
-            FinalNorm::Rms(v) => v.visit_mut(f),
-        }
-    }
-}
-
-/// A residual block with conditional GroupNorms (see the module docs).
-#[derive(Clone, Debug)]
-pub struct UvitResBlock<E: Elem, D: Device<E>> {
-    /// The first GroupNorm (over the input channels).
-    pub norm1: CondNorm<E, D>,
-    pub conv1: Conv<E, D>,
-    /// The second GroupNorm (over the output channels).
-    pub norm2: CondNorm<E, D>,
-    /// Zero-initialised, so a fresh block is the identity (or its skip projection).
-    pub conv2: Conv<E, D>,
-    /// Dense(in → out) with bias when the channel counts differ (the up blocks).
-    pub skip: Option<Linear<E, D>>,
-}
+/// A residual block with conditional GroupNorms (see the module docs; `cond` is always
+/// `None`).
+pub type UvitResBlock<E, D> = ResBlock<E, D, CondNorm<E, D>>;
 
 /// One DiT block with adaLN-Zero conditioning.
 #[derive(Clone, Debug)]
@@ -167,13 +117,6 @@ pub struct Dit<E: Elem, D: Device<E>> {
     pub final_out: Linear<E, D>,
 }
 
-crate::modules::parameters!(UvitResBlock {
-    norm1,
-    conv1,
-    norm2,
-    conv2,
-    skip
-});
 crate::modules::parameters!(DitBlock {
     norm,
     q,
@@ -337,16 +280,10 @@ impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
     fn uvit_block(
         &mut self,
         name: &str,
-        (cin, cout): (usize, usize),
+        dims: (usize, usize),
         dc: Option<usize>,
     ) -> Result<UvitResBlock<E, D>, NetworkError> {
-        Ok(UvitResBlock {
-            norm1: self.cond_norm(&format!("{name}.norm1"), cin, dc)?,
-            conv1: self.conv(&format!("{name}.conv1"), (cin, cout), false)?,
-            norm2: self.cond_norm(&format!("{name}.norm2"), cout, dc)?,
-            conv2: self.conv(&format!("{name}.conv2"), (cout, cout), true)?,
-            skip: self.res_skip(name, (cin, cout))?,
-        })
+        self.res_block_with(name, dims, None, |b, name, c| b.cond_norm(name, c, dc))
     }
 
     fn dit(&mut self, s: &Shape, ch: usize, dc: Option<usize>) -> Result<Dit<E, D>, NetworkError> {
