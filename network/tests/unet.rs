@@ -3,8 +3,8 @@
 //! differences (f64, every parameter tensor), save → load identity and dropout's effect.
 
 use maskdiff_network::dfdx::prelude::*;
-use maskdiff_network::{Arch, Network, NetworkConfig, NetworkDenoiser, NetworkError};
-use maskdiff_process::{DenoiseBatch, Denoiser};
+use maskdiff_network::{Arch, Network, NetworkConfig, NetworkError};
+use maskdiff_process::DenoiseBatch;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod image_common;
@@ -52,32 +52,11 @@ fn cifar10_preset_has_the_official_parameter_count() {
 
 #[test]
 fn fresh_unet_predicts_uniform_exactly() {
-    let dev = Cpu::default();
     for (time, classes) in [(true, 0), (false, 0), (true, 3), (false, 2)] {
         let mut cfg = unet("unet-tiny", 7, (4, 3, 2));
         cfg.time_conditioning = time;
         cfg.num_classes = classes;
-        let m = Network::<f32, Cpu>::new(cfg, &dev, 7).unwrap();
-        let n = 4 * 3 * 2;
-        let mut rng = StdRng::seed_from_u64(1);
-        let ids = random_ids(&mut rng, 3 * n, 7);
-        let labels = [0u32, 1, 1];
-        let batch = DenoiseBatch {
-            ids: &ids,
-            batch: 3,
-            len: n,
-            t: &[0.1, 0.5, 0.99],
-            labels: (classes > 0).then_some(&labels[..]),
-        };
-        let logits = m.forward(&batch, NoneTape, None).unwrap();
-        assert_eq!(*logits.shape(), (3, n, 7));
-        assert!(logits.as_vec().iter().all(|&x| x == 0.0));
-        let mut den = NetworkDenoiser::new(m);
-        let lp = den.log_probs(&batch).unwrap();
-        let target = -(7f32).ln();
-        assert!(lp.data.iter().all(|&x| (x - target).abs() < 1e-6));
-        assert_eq!(den.is_time_conditioned(), time);
-        assert_eq!(den.num_classes(), classes);
+        image_common::fresh_predicts_uniform_exactly(cfg, 4 * 3 * 2, (time, classes));
     }
 }
 

@@ -6,8 +6,8 @@
 
 use maskdiff_network::dfdx::prelude::*;
 use maskdiff_network::uvit::sincos_2d;
-use maskdiff_network::{Arch, Network, NetworkConfig, NetworkDenoiser, NetworkError};
-use maskdiff_process::{DenoiseBatch, Denoiser};
+use maskdiff_network::{Arch, Network, NetworkConfig, NetworkError};
+use maskdiff_process::DenoiseBatch;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod image_common;
@@ -146,32 +146,11 @@ fn small_presets_count_and_positions_start_as_sincos() {
 
 #[test]
 fn fresh_uvit_predicts_uniform_exactly() {
-    let dev = Cpu::default();
     for (time, classes) in [(true, 0), (true, 3), (false, 2), (false, 0)] {
         let mut cfg = uvit("uvit-tiny", 7, (4, 6, 2));
         cfg.time_conditioning = time;
         cfg.num_classes = classes;
-        let m = Network::<f32, Cpu>::new(cfg, &dev, 7).unwrap();
-        let n = 4 * 6 * 2;
-        let mut rng = StdRng::seed_from_u64(1);
-        let ids = random_ids(&mut rng, 3 * n, 7);
-        let labels = [0u32, 1, 1];
-        let batch = DenoiseBatch {
-            ids: &ids,
-            batch: 3,
-            len: n,
-            t: &[0.1, 0.5, 0.99],
-            labels: (classes > 0).then_some(&labels[..]),
-        };
-        let logits = m.forward(&batch, NoneTape, None).unwrap();
-        assert_eq!(*logits.shape(), (3, n, 7));
-        assert!(logits.as_vec().iter().all(|&x| x == 0.0));
-        let mut den = NetworkDenoiser::new(m);
-        let lp = den.log_probs(&batch).unwrap();
-        let target = -(7f32).ln();
-        assert!(lp.data.iter().all(|&x| (x - target).abs() < 1e-6));
-        assert_eq!(den.is_time_conditioned(), time);
-        assert_eq!(den.num_classes(), classes);
+        image_common::fresh_predicts_uniform_exactly(cfg, 4 * 6 * 2, (time, classes));
     }
 }
 

@@ -1,8 +1,8 @@
 //! Helpers shared by the image networks' tests (`tests/unet.rs`, `tests/uvit.rs`).
 
 use maskdiff_network::dfdx::prelude::*;
-use maskdiff_network::{Elem, Kernels, Network, NetworkConfig};
-use maskdiff_process::DenoiseBatch;
+use maskdiff_network::{Elem, Kernels, Network, NetworkConfig, NetworkDenoiser};
+use maskdiff_process::{DenoiseBatch, Denoiser};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// The `preset` network with V levels on h × w × c images.
@@ -86,4 +86,35 @@ pub fn gradients_match_central_differences(cfg: NetworkConfig, n: usize, classes
         }
     }
     checked
+}
+
+/// A fresh network of `cfg` (V = 7, n tokens a sequence, built with time conditioning and
+/// `classes` as given) outputs all-zero logits, hence exactly uniform log-probabilities, and
+/// its denoiser reports its conditioning.
+pub fn fresh_predicts_uniform_exactly(
+    cfg: NetworkConfig,
+    n: usize,
+    (time, classes): (bool, usize),
+) {
+    let dev = Cpu::default();
+    let m = Network::<f32, Cpu>::new(cfg, &dev, 7).unwrap();
+    let mut rng = StdRng::seed_from_u64(1);
+    let ids = random_ids(&mut rng, 3 * n, 7);
+    let labels = [0u32, 1, 1];
+    let batch = DenoiseBatch {
+        ids: &ids,
+        batch: 3,
+        len: n,
+        t: &[0.1, 0.5, 0.99],
+        labels: (classes > 0).then_some(&labels[..]),
+    };
+    let logits = m.forward(&batch, NoneTape, None).unwrap();
+    assert_eq!(*logits.shape(), (3, n, 7));
+    assert!(logits.as_vec().iter().all(|&x| x == 0.0));
+    let mut den = NetworkDenoiser::new(m);
+    let lp = den.log_probs(&batch).unwrap();
+    let target = -(7f32).ln();
+    assert!(lp.data.iter().all(|&x| (x - target).abs() < 1e-6));
+    assert_eq!(den.is_time_conditioned(), time);
+    assert_eq!(den.num_classes(), classes);
 }
