@@ -21,6 +21,11 @@ pub enum Init {
     },
 }
 
+/// Flax's default Dense/Conv initialiser: LeCun normal (truncated, variance 1/fan_in).
+pub(crate) fn lecun(fan_in: usize) -> Init {
+    Init::TruncatedFanIn { scale: 1.0, fan_in }
+}
+
 /// Standard deviation of a unit normal truncated to [−2, 2] (Flax's correction constant).
 const TRUNC_STD: f64 = 0.879_625_661_034_239_8;
 

@@ -5,11 +5,11 @@
 //! model outputs all-zero logits, i.e. the uniform distribution (paper §4.1 / eq. (2)).
 //! Without conditioning the blocks are pre-RMSNorm without gates (`time_features = "none"`).
 
-use crate::init::Init;
+use crate::init::{lecun, Init};
 use crate::layers::*;
 use crate::modules::{
-    Attention, Block, Builder, Conditioning, Ffn, LabelInput, Linear, Matrix, Parameters,
-    RmsScales, Trunk, Values,
+    Attention, Block, Builder, Conditioning, Ffn, Linear, Matrix, Parameters, RmsScales, Trunk,
+    Values,
 };
 use crate::param::{self, Param};
 use crate::{BlockMask, Elem, Kernels, NetworkConfig, NetworkError};
@@ -83,7 +83,6 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         cfg.validate()?;
         let mut b = Builder { dev, values };
         let (d, dc, v) = (cfg.dim, cfg.cond_dim, cfg.vocab_size);
-        let lecun = |fan_in| Init::TruncatedFanIn { scale: 1.0, fan_in };
         let e = cfg.embed_dim.unwrap_or(d);
         let embed = b.matrix("embed", v + 1, e, Init::Normal(1.0 / (e as f64).sqrt()))?;
         let embed_proj = match cfg.embed_dim {
@@ -91,34 +90,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
             None => None,
         };
         let cond = if cfg.is_conditioned() {
-            let time_in = if cfg.time_conditioning {
-                Some(b.matrix("cond.w1_t", dc, 4 * dc, lecun(dc))?)
-            } else {
-                None
-            };
-            let label = if cfg.num_classes > 0 {
-                let fan_in = if cfg.time_conditioning { 2 * dc } else { dc };
-                Some(LabelInput {
-                    table: b.matrix(
-                        "cond.label_embed",
-                        cfg.num_classes,
-                        dc,
-                        Init::Normal(1.0 / (dc as f64).sqrt()),
-                    )?,
-                    proj: b.matrix("cond.w1_label", dc, 4 * dc, lecun(fan_in))?,
-                })
-            } else {
-                None
-            };
-            Some(Conditioning {
-                time_in,
-                label,
-                hidden_bias: b.vector("cond.b1", 4 * dc, Init::Zeros)?,
-                out: Linear {
-                    weight: b.matrix("cond.w2", 4 * dc, dc, lecun(4 * dc))?,
-                    bias: b.vector("cond.b2", dc, Init::Zeros)?,
-                },
-            })
+            Some(b.cond_mlp(&cfg)?)
         } else {
             None
         };
@@ -380,43 +352,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         cond: &Conditioning<E, D>,
         batch: &DenoiseBatch<'_>,
     ) -> Res<T2<E, D, T>, D> {
-        let (b, dc) = (batch.batch, self.cfg.cond_dim);
-        let mut h: Option<T2<E, D, T>> = None;
-        if let Some(w1_t) = &cond.time_in {
-            let emb: Vec<E> = time_embedding(batch.t, dc).into_iter().map(E::c).collect();
-            let x = self
-                .dev
-                .try_tensor_from_vec(emb, (b, dc))?
-                .put_tape(T::default());
-            h = Some(D::matmul(x, w1_t.tensor()?)?);
-        }
-        if let (Some(label), Some(labels)) = (&cond.label, batch.labels) {
-            let idx = self
-                .dev
-                .try_tensor_from_vec(labels.iter().map(|&l| l as usize).collect(), (b,))?;
-            let e: T2<E, D, T> = label
-                .table
-                .tensor()?
-                .put_tape(T::default())
-                .try_gather(idx)?;
-            let y = D::matmul(e, label.proj.tensor()?)?;
-            h = Some(match h {
-                Some(h) => h.try_add(y)?,
-                None => y,
-            });
-        }
-        let h = h.expect("a conditioned model has time or label input");
-        let s = *h.shape();
-        let h = h.try_add(
-            cond.hidden_bias
-                .tensor()
-                .try_broadcast_like::<_, Axis<0>>(&s)?,
-        )?;
-        dense(
-            swish(h)?,
-            cond.out.weight.tensor()?,
-            Some(cond.out.bias.tensor()),
-        )
+        crate::unet_layers::conditioning(&self.dev, cond, batch, self.cfg.cond_dim)
     }
 
     /// Per-sequence modulation vectors: act(c) @ W + b, split into `k` (batch, dim) chunks.
@@ -599,24 +535,13 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     /// Write the parameters to a safetensors file with the project's one atomic writer
     /// (`maskdiff_data::write_atomic`).
     pub fn save_safetensors(&self, path: &Path) -> Result<(), NetworkError> {
-        let items: Vec<_> = self
-            .params()
-            .into_iter()
-            .map(|p| (p.name.clone(), p.shape.clone(), &p.value))
-            .collect();
-        let bytes = param::to_safetensors(&items, path)?;
-        maskdiff_data::write_atomic(path, &bytes).map_err(|e| match e {
-            maskdiff_data::DataError::Write { path, source } => NetworkError::io(path, source),
-            other => NetworkError::ckpt(path, other.to_string()),
-        })
+        param::save_file(self.params(), path)
     }
 
     /// Load parameters saved by [`Self::save_safetensors`] from a model of the same
     /// configuration; any missing, extra or mis-shaped tensor is an error.
     pub fn load_safetensors(&mut self, path: &Path) -> Result<(), NetworkError> {
-        let bytes = std::fs::read(path).map_err(|e| NetworkError::io(path, e))?;
-        let map = param::from_safetensors::<E>(&bytes, path)?;
-        param::load_into(self.params_mut(), map, "", path)
+        param::load_file(self.params_mut(), path)
     }
 }
 

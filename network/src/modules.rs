@@ -81,6 +81,25 @@ macro_rules! parameters {
 }
 pub(crate) use parameters;
 
+/// `Parameters` for an enum `$ty<E, D>` of one-field variants: those of the variant present.
+macro_rules! enum_parameters {
+    ($ty:ident { $($variant:ident),+ }) => {
+        impl<E: Elem, D: Device<E>> Parameters<E, D> for $ty<E, D> {
+            fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
+                match self {
+                    $($ty::$variant(x) => x.visit(f),)+
+                }
+            }
+            fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
+                match self {
+                    $($ty::$variant(x) => x.visit_mut(f),)+
+                }
+            }
+        }
+    };
+}
+pub(crate) use enum_parameters;
+
 /// A learnable vector `[n]` (a bias or a norm scale).
 #[derive(Clone, Debug)]
 pub struct Vector<E: Elem, D: Device<E>>(Param<E, D>);
@@ -315,6 +334,43 @@ impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
             cols,
         })
     }
+    /// The conditioning MLP of spec §7.1, `cond.*` (shared by the transformer, the U-Net and
+    /// the U-ViT: one set of tensor names, one construction order).
+    pub(crate) fn cond_mlp(
+        &mut self,
+        cfg: &crate::NetworkConfig,
+    ) -> Result<Conditioning<E, D>, NetworkError> {
+        let dc = cfg.cond_dim;
+        let time_in = if cfg.time_conditioning {
+            Some(self.matrix("cond.w1_t", dc, 4 * dc, crate::init::lecun(dc))?)
+        } else {
+            None
+        };
+        let label = if cfg.num_classes > 0 {
+            let fan_in = if cfg.time_conditioning { 2 * dc } else { dc };
+            Some(LabelInput {
+                table: self.matrix(
+                    "cond.label_embed",
+                    cfg.num_classes,
+                    dc,
+                    Init::Normal(1.0 / (dc as f64).sqrt()),
+                )?,
+                proj: self.matrix("cond.w1_label", dc, 4 * dc, crate::init::lecun(fan_in))?,
+            })
+        } else {
+            None
+        };
+        Ok(Conditioning {
+            time_in,
+            label,
+            hidden_bias: self.vector("cond.b1", 4 * dc, Init::Zeros)?,
+            out: Linear {
+                weight: self.matrix("cond.w2", 4 * dc, dc, crate::init::lecun(4 * dc))?,
+                bias: self.vector("cond.b2", dc, Init::Zeros)?,
+            },
+        })
+    }
+
     pub(crate) fn linear(
         &mut self,
         name: &str,

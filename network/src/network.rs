@@ -194,24 +194,13 @@ impl<E: Elem, D: Kernels<E>> Network<E, D> {
 
     /// Write the parameters to a safetensors file (atomically).
     pub fn save_safetensors(&self, path: &Path) -> Result<(), NetworkError> {
-        let items: Vec<_> = self
-            .params()
-            .into_iter()
-            .map(|p| (p.name.clone(), p.shape.clone(), &p.value))
-            .collect();
-        let bytes = param::to_safetensors(&items, path)?;
-        maskdiff_data::write_atomic(path, &bytes).map_err(|e| match e {
-            maskdiff_data::DataError::Write { path, source } => NetworkError::io(path, source),
-            other => NetworkError::ckpt(path, other.to_string()),
-        })
+        param::save_file(self.params(), path)
     }
 
     /// Load parameters saved by [`Self::save_safetensors`] from a network of the same
     /// configuration; any missing, extra or mis-shaped tensor is an error.
     pub fn load_safetensors(&mut self, path: &Path) -> Result<(), NetworkError> {
-        let bytes = std::fs::read(path).map_err(|e| NetworkError::io(path, e))?;
-        let map = param::from_safetensors::<E>(&bytes, path)?;
-        param::load_into(self.params_mut(), map, "", path)
+        param::load_file(self.params_mut(), path)
     }
 }
 

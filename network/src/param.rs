@@ -74,6 +74,34 @@ pub fn from_safetensors<E: Elem>(
     Ok(out)
 }
 
+/// Write `params` to a safetensors file with the project's one atomic writer
+/// (`maskdiff_data::write_atomic`); the networks' `save_safetensors`.
+pub(crate) fn save_file<E: Elem, D: Device<E>>(
+    params: Vec<&Param<E, D>>,
+    path: &std::path::Path,
+) -> Result<(), NetworkError> {
+    let items: Vec<_> = params
+        .into_iter()
+        .map(|p| (p.name.clone(), p.shape.clone(), &p.value))
+        .collect();
+    let bytes = to_safetensors(&items, path)?;
+    maskdiff_data::write_atomic(path, &bytes).map_err(|e| match e {
+        maskdiff_data::DataError::Write { path, source } => NetworkError::io(path, source),
+        other => NetworkError::ckpt(path, other.to_string()),
+    })
+}
+
+/// Load a safetensors file written by [`save_file`] into `params` ([`load_into`] without a
+/// prefix); the networks' `load_safetensors`.
+pub(crate) fn load_file<E: Elem, D: crate::Kernels<E>>(
+    params: Vec<&mut Param<E, D>>,
+    path: &std::path::Path,
+) -> Result<(), NetworkError> {
+    let bytes = std::fs::read(path).map_err(|e| NetworkError::io(path, e))?;
+    let map = from_safetensors::<E>(&bytes, path)?;
+    load_into(params, map, "", path)
+}
+
 /// Replace the values of `params` from a parsed safetensors map; names and shapes must match
 /// exactly (no missing, no extra tensors).
 pub(crate) fn load_into<E: Elem, D: crate::Kernels<E>>(

@@ -19,9 +19,9 @@
 //! `conv1.{w,b}`, `cond.w` (conditioned models), `norm2.{scale,bias}`, `conv2.{w,b}`, and
 //! `skip.{w,b}` (up blocks).
 
-use crate::init::Init;
+use crate::init::{lecun, Init};
 use crate::layers::{dense, swish, Res, T2, T3};
-use crate::modules::{Builder, Conditioning, LabelInput, Linear, Matrix, Parameters, Vector};
+use crate::modules::{Builder, Conditioning, Linear, Matrix, Parameters, Vector};
 use crate::param::Param;
 use crate::unet_layers::conditioning;
 use crate::{Arch, Elem, Kernels, NetworkConfig, NetworkError};
@@ -43,14 +43,18 @@ pub struct Conv<E: Elem, D: Device<E>> {
     pub bias: Vector<E, D>,
 }
 
-/// One residual block (see the module docs).
+/// One residual block (see the module docs), with GroupNorms `N`: the U-Net's affine ones, or
+/// the U-ViT's conditional ones ([`crate::uvit::CondNorm`]).
 #[derive(Clone, Debug)]
-pub struct ResBlock<E: Elem, D: Device<E>> {
-    pub norm1: GroupNormParams<E, D>,
+pub struct ResBlock<E: Elem, D: Device<E>, N = GroupNormParams<E, D>> {
+    /// The first GroupNorm (over the input channels).
+    pub norm1: N,
     pub conv1: Conv<E, D>,
-    /// Dense(c → out), no bias, zero-initialised (conditioned models only).
+    /// Dense(c → out), no bias, zero-initialised (conditioned U-Nets only; the U-ViT is
+    /// conditioned through its norms).
     pub cond: Option<Matrix<E, D>>,
-    pub norm2: GroupNormParams<E, D>,
+    /// The second GroupNorm (over the output channels).
+    pub norm2: N,
     /// Zero-initialised, so a fresh block is the identity (or its skip projection).
     pub conv2: Conv<E, D>,
     /// Dense(in → out) with bias when the channel counts differ (the up blocks).
@@ -70,14 +74,24 @@ pub struct SelfAttention<E: Elem, D: Device<E>> {
 
 crate::modules::parameters!(GroupNormParams { scale, bias });
 crate::modules::parameters!(Conv { weight, bias });
-crate::modules::parameters!(ResBlock {
-    norm1,
-    conv1,
-    cond,
-    norm2,
-    conv2,
-    skip
-});
+impl<E: Elem, D: Device<E>, N: Parameters<E, D>> Parameters<E, D> for ResBlock<E, D, N> {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
+        self.norm1.visit(f);
+        self.conv1.visit(f);
+        self.cond.visit(f);
+        self.norm2.visit(f);
+        self.conv2.visit(f);
+        self.skip.visit(f);
+    }
+    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
+        self.norm1.visit_mut(f);
+        self.conv1.visit_mut(f);
+        self.cond.visit_mut(f);
+        self.norm2.visit_mut(f);
+        self.conv2.visit_mut(f);
+        self.skip.visit_mut(f);
+    }
+}
 crate::modules::parameters!(SelfAttention { norm, q, k, v, o });
 
 /// The U-Net denoiser with run-time shapes, generic over element type and device.
@@ -124,13 +138,12 @@ impl<E: Elem, D: Kernels<E>> Parameters<E, D> for UNet<E, D> {
     }
 }
 
-/// Flax's default Dense/Conv initialiser: LeCun normal (truncated, variance 1/fan_in).
-pub(crate) fn lecun(fan_in: usize) -> Init {
-    Init::TruncatedFanIn { scale: 1.0, fan_in }
-}
-
 impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
-    fn group_norm(&mut self, name: &str, c: usize) -> Result<GroupNormParams<E, D>, NetworkError> {
+    pub(crate) fn group_norm(
+        &mut self,
+        name: &str,
+        c: usize,
+    ) -> Result<GroupNormParams<E, D>, NetworkError> {
         Ok(GroupNormParams {
             scale: self.vector(format!("{name}.scale"), c, Init::Ones)?,
             bias: self.vector(format!("{name}.bias"), c, Init::Zeros)?,
@@ -151,30 +164,153 @@ impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
     fn res_block(
         &mut self,
         name: &str,
-        (cin, cout): (usize, usize),
+        dims: (usize, usize),
         cond_dim: Option<usize>,
     ) -> Result<ResBlock<E, D>, NetworkError> {
+        self.res_block_with(name, dims, cond_dim, |b, name, c| b.group_norm(name, c))
+    }
+    /// A residual block (parameters in checkpoint order) whose GroupNorms `norm(self, name, c)`
+    /// builds; `cond_dim`: the U-Net's Dense(c → out).
+    pub(crate) fn res_block_with<N>(
+        &mut self,
+        name: &str,
+        (cin, cout): (usize, usize),
+        cond_dim: Option<usize>,
+        mut norm: impl FnMut(&mut Self, &str, usize) -> Result<N, NetworkError>,
+    ) -> Result<ResBlock<E, D, N>, NetworkError> {
         Ok(ResBlock {
-            norm1: self.group_norm(&format!("{name}.norm1"), cin)?,
+            norm1: norm(self, &format!("{name}.norm1"), cin)?,
             conv1: self.conv(&format!("{name}.conv1"), (cin, cout), false)?,
             cond: match cond_dim {
                 Some(dc) => Some(self.matrix(format!("{name}.cond.w"), dc, cout, Init::Zeros)?),
                 None => None,
             },
-            norm2: self.group_norm(&format!("{name}.norm2"), cout)?,
+            norm2: norm(self, &format!("{name}.norm2"), cout)?,
             conv2: self.conv(&format!("{name}.conv2"), (cout, cout), true)?,
-            skip: if cin != cout {
-                Some(self.linear(
-                    &format!("{name}.skip"),
-                    (cin, cout),
-                    lecun(cin),
-                    Init::Zeros,
-                )?)
-            } else {
-                None
-            },
+            skip: self.res_skip(name, (cin, cout))?,
         })
     }
+    /// A residual block's `{name}.skip` Dense(in → out) with bias, when the channel counts
+    /// differ.
+    pub(crate) fn res_skip(
+        &mut self,
+        name: &str,
+        (cin, cout): (usize, usize),
+    ) -> Result<Option<Linear<E, D>>, NetworkError> {
+        Ok(if cin != cout {
+            Some(self.linear(
+                &format!("{name}.skip"),
+                (cin, cout),
+                lecun(cin),
+                Init::Zeros,
+            )?)
+        } else {
+            None
+        })
+    }
+}
+
+/// 3×3 "same" convolution with bias over (b·h·w, in) pixels.
+pub(crate) fn conv_bias<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
+    x: T2<E, D, T>,
+    conv: &Conv<E, D>,
+    (b, h, w): (usize, usize, usize),
+) -> Res<T2<E, D, T>, D> {
+    let y = D::conv3x3(x, conv.weight.tensor()?, b, h, w)?;
+    let s = *y.shape();
+    y.try_add(conv.bias.tensor().try_broadcast_like::<_, Axis<0>>(&s)?)
+}
+
+/// An inverted-dropout keep mask of `n` values, 0 (probability p) or 1/(1 − p), one draw each.
+pub(crate) fn keep_mask<E: Elem>(p: f64, rng: &mut dyn RngCore, n: usize) -> Vec<E> {
+    let keep = E::c(1.0 / (1.0 - p));
+    (0..n)
+        .map(|_| {
+            if rng.gen::<f64>() < p {
+                E::zero()
+            } else {
+                keep
+            }
+        })
+        .collect()
+}
+
+/// A residual block's output: the input (through the skip projection when present) + y.
+pub(crate) fn skip_add<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
+    x: T2<E, D, T>,
+    skip: &Option<Linear<E, D>>,
+    y: T2<E, D, T>,
+) -> Res<T2<E, D, T>, D> {
+    let x = match skip {
+        Some(lin) => dense(x, lin.weight.tensor()?, Some(lin.bias.tensor()))?,
+        None => x,
+    };
+    x.try_add(y)
+}
+
+/// The pixel embedding: every channel token embedded, the C embeddings of a pixel concatenated
+/// into one `(pixels, C·e)` row.
+pub(crate) fn embed_pixels<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
+    dev: &D,
+    embed: &Matrix<E, D>,
+    batch: &DenoiseBatch<'_>,
+    tape: T,
+    (pixels, channels): (usize, usize),
+) -> Res<T2<E, D, T>, D> {
+    let ids = dev.try_tensor_from_vec(
+        batch.ids.iter().map(|&i| i as usize).collect(),
+        (pixels * channels,),
+    )?;
+    let x: T2<E, D, T> = embed.tensor()?.put_tape(tape).try_gather(ids)?;
+    x.try_reshape_like(&(pixels, channels * embed.cols()))
+}
+
+/// The conditioning vector c tape-free (its uses' gradients meet on its id) and the tape of
+/// its ops; `None` and an empty tape without conditioning.
+pub(crate) fn split_conditioning<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
+    dev: &D,
+    cond: &Option<Conditioning<E, D>>,
+    batch: &DenoiseBatch<'_>,
+    dc: usize,
+) -> Res<(Option<T2<E, D>>, T), D> {
+    Ok(match cond {
+        Some(cond) => {
+            let c: T2<E, D, T> = conditioning(dev, cond, batch, dc)?;
+            let (c, t) = c.split_tape();
+            (Some(c), t)
+        }
+        None => (None, T::default()),
+    })
+}
+
+/// The U-shaped trunk shared by the U-Net and the U-ViT: the `down` blocks from x, each output
+/// stored (after x itself); `mid`; the `up` blocks, each on the concatenation of the activation
+/// with the last stored one (`retain_up`: keep the up blocks' outputs in the kernel scope too).
+pub(crate) fn u_trunk<E: Elem, D: Kernels<E>, T: Tape<E, D>, B, C>(
+    x: T2<E, D, T>,
+    (down, up): (&[B], &[B]),
+    ctx: &mut C,
+    (scope, retain_up): (&crate::KernelScope, bool),
+    mut block: impl FnMut(T2<E, D, T>, &B, &mut C) -> Res<T2<E, D, T>, D>,
+    mid: impl FnOnce(T2<E, D, T>, &mut C) -> Res<T2<E, D, T>, D>,
+) -> Res<T2<E, D, T>, D> {
+    let mut hcur = x;
+    let mut skips = vec![hcur.retaped::<T>()];
+    for blk in down {
+        hcur = block(hcur, blk, ctx)?;
+        D::retain(scope, &hcur);
+        skips.push(hcur.retaped::<T>());
+    }
+    hcur = mid(hcur, ctx)?;
+    for blk in up {
+        let s = skips.pop().expect("one stored activation per up block");
+        let cat = (hcur, s).try_concat_along(Axis::<1>)?;
+        hcur = block(cat, blk, ctx)?;
+        if retain_up {
+            D::retain(scope, &hcur);
+        }
+    }
+    Ok(hcur)
 }
 
 /// What the forward pass needs besides the parameters.
@@ -214,34 +350,7 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
         // N(0, 1/e), as the transformer's embedding
         let embed = b.matrix("embed", v + 1, e, Init::Normal(1.0 / (e as f64).sqrt()))?;
         let cond = if cfg.is_conditioned() {
-            let time_in = if cfg.time_conditioning {
-                Some(b.matrix("cond.w1_t", dc, 4 * dc, lecun(dc))?)
-            } else {
-                None
-            };
-            let label = if cfg.num_classes > 0 {
-                let fan_in = if cfg.time_conditioning { 2 * dc } else { dc };
-                Some(LabelInput {
-                    table: b.matrix(
-                        "cond.label_embed",
-                        cfg.num_classes,
-                        dc,
-                        Init::Normal(1.0 / (dc as f64).sqrt()),
-                    )?,
-                    proj: b.matrix("cond.w1_label", dc, 4 * dc, lecun(fan_in))?,
-                })
-            } else {
-                None
-            };
-            Some(Conditioning {
-                time_in,
-                label,
-                hidden_bias: b.vector("cond.b1", 4 * dc, Init::Zeros)?,
-                out: Linear {
-                    weight: b.matrix("cond.w2", 4 * dc, dc, lecun(4 * dc))?,
-                    bias: b.vector("cond.b2", dc, Init::Zeros)?,
-                },
-            })
+            Some(b.cond_mlp(&cfg)?)
         } else {
             None
         };
@@ -303,16 +412,9 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
         let (h, w, channels) = self.cfg.image().expect("a U-Net configuration");
         let b = batch.batch;
         let v = self.cfg.vocab_size;
-        let e = self.embed.cols();
         let scope = D::scope();
-        let (c, cond_tape) = match &self.cond {
-            Some(cond) => {
-                let c: T2<E, D, T> = conditioning(&self.dev, cond, batch, self.cfg.cond_dim)?;
-                let (c, t) = c.split_tape();
-                (Some(c), t)
-            }
-            None => (None, T::default()),
-        };
+        let (c, cond_tape) =
+            split_conditioning::<E, D, T>(&self.dev, &self.cond, batch, self.cfg.cond_dim)?;
         let p = self.cfg.dropout;
         let mut ctx = Ctx {
             b,
@@ -322,27 +424,20 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
             c,
             dropout: dropout_rng.filter(|_| p > 0.0).map(|r| (p, r)),
         };
-        let ids = self.dev.try_tensor_from_vec(
-            batch.ids.iter().map(|&i| i as usize).collect(),
-            (b * h * w * channels,),
+        let x = embed_pixels(&self.dev, &self.embed, batch, tape, (b * h * w, channels))?;
+        let x = self.conv(x, &self.conv_in, &ctx)?;
+        let hcur = u_trunk(
+            x,
+            (&self.down, &self.up),
+            &mut ctx,
+            (&scope, false),
+            |x, blk, ctx| self.res_block(x, blk, ctx),
+            |x, ctx| {
+                let x = self.res_block(x, &self.mid.0, ctx)?;
+                let x = self.attention(x, &self.mid.1, ctx)?;
+                self.res_block(x, &self.mid.2, ctx)
+            },
         )?;
-        let x: T2<E, D, T> = self.embed.tensor()?.put_tape(tape).try_gather(ids)?;
-        let x = x.try_reshape_like(&(b * h * w, channels * e))?;
-        let mut hcur = self.conv(x, &self.conv_in, &ctx)?;
-        let mut skips = vec![hcur.retaped::<T>()];
-        for blk in &self.down {
-            hcur = self.res_block(hcur, blk, &mut ctx)?;
-            D::retain(&scope, &hcur);
-            skips.push(hcur.retaped::<T>());
-        }
-        hcur = self.res_block(hcur, &self.mid.0, &mut ctx)?;
-        hcur = self.attention(hcur, &self.mid.1, &ctx)?;
-        hcur = self.res_block(hcur, &self.mid.2, &mut ctx)?;
-        for blk in &self.up {
-            let s = skips.pop().expect("one stored activation per up block");
-            let cat = (hcur, s).try_concat_along(Axis::<1>)?;
-            hcur = self.res_block(cat, blk, &mut ctx)?;
-        }
         let y = swish(self.norm(hcur, &self.out_norm, &ctx)?)?;
         let logits = self.conv(y, &self.out_conv, &ctx)?;
         let (logits, t) = logits.split_tape();
@@ -366,9 +461,7 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
         conv: &Conv<E, D>,
         ctx: &Ctx<'_, E, D>,
     ) -> Res<T2<E, D, T>, D> {
-        let y = D::conv3x3(x, conv.weight.tensor()?, ctx.b, ctx.h, ctx.w)?;
-        let s = *y.shape();
-        y.try_add(conv.bias.tensor().try_broadcast_like::<_, Axis<0>>(&s)?)
+        conv_bias(x, conv, (ctx.b, ctx.h, ctx.w))
     }
 
     fn res_block<T: Tape<E, D>>(
@@ -392,24 +485,11 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
         let mut y = swish(self.norm(y, &blk.norm2, ctx)?)?;
         if let Some((p, rng)) = ctx.dropout.as_mut() {
             let s = *y.shape();
-            let keep = E::c(1.0 / (1.0 - *p));
-            let m: Vec<E> = (0..s.0 * s.1)
-                .map(|_| {
-                    if rng.gen::<f64>() < *p {
-                        E::zero()
-                    } else {
-                        keep
-                    }
-                })
-                .collect();
+            let m = keep_mask(*p, &mut **rng, s.0 * s.1);
             y = y.try_mul(self.dev.try_tensor_from_vec(m, s)?)?;
         }
         let y = self.conv(y, &blk.conv2, ctx)?;
-        let x = match &blk.skip {
-            Some(lin) => dense(x, lin.weight.tensor()?, Some(lin.bias.tensor()))?,
-            None => x,
-        };
-        x.try_add(y)
+        skip_add(x, &blk.skip, y)
     }
 
     fn attention<T: Tape<E, D>>(

@@ -44,18 +44,18 @@
 //! `norm1.*`, `conv1.{w,b}`, `norm2.*`, `conv2.{w,b}`, and `skip.{w,b}` (up blocks), where a
 //! norm `*` is `{w,b}` (the CondGroupNorm Dense, conditioned) or `{scale,bias}` (GroupNorm).
 
-use crate::init::Init;
+use crate::init::{lecun, Init};
 use crate::layers::{channel_dropout, dense, swish, Res, T2, T3};
-use crate::modules::{
-    Builder, Conditioning, LabelInput, Linear, Matrix, Parameters, RmsScales, Vector,
-};
+use crate::modules::{Builder, Conditioning, Linear, Matrix, Parameters, RmsScales, Vector};
 use crate::param::Param;
-use crate::unet::{lecun, Conv, GroupNormParams};
-use crate::unet_layers::conditioning;
+use crate::unet::{
+    conv_bias, embed_pixels, keep_mask, skip_add, split_conditioning, u_trunk, Conv,
+    GroupNormParams, ResBlock,
+};
 use crate::{Arch, Elem, Kernels, NetworkConfig, NetworkError};
 use dfdx::prelude::*;
 use maskdiff_process::DenoiseBatch;
-use rand::{Rng, RngCore};
+use rand::RngCore;
 
 /// A `CondGroupNorm`: adaptive with conditioning, a plain affine GroupNorm without.
 #[derive(Clone, Debug)]
@@ -66,20 +66,7 @@ pub enum CondNorm<E: Elem, D: Device<E>> {
     Affine(GroupNormParams<E, D>),
 }
 
-impl<E: Elem, D: Device<E>> Parameters<E, D> for CondNorm<E, D> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        match self {
-            CondNorm::Ada(l) => l.visit(f),
-            CondNorm::Affine(g) => g.visit(f),
-        }
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        match self {
-            CondNorm::Ada(l) => l.visit_mut(f),
-            CondNorm::Affine(g) => g.visit_mut(f),
-        }
-    }
-}
+crate::modules::enum_parameters!(CondNorm { Ada, Affine });
 
 /// A DiT block's normalisation: adaLN-Zero, or two RMSNorm scales without conditioning.
 #[derive(Clone, Debug)]
@@ -97,49 +84,12 @@ pub enum FinalNorm<E: Elem, D: Device<E>> {
     Rms(Vector<E, D>),
 }
 
-impl<E: Elem, D: Device<E>> Parameters<E, D> for DitNorm<E, D> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        match self {
-            DitNorm::Ada(l) => l.visit(f),
-            DitNorm::Rms(r) => r.visit(f),
-        }
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        match self {
-            DitNorm::Ada(l) => l.visit_mut(f),
-            DitNorm::Rms(r) => r.visit_mut(f),
-        }
-    }
-}
+crate::modules::enum_parameters!(DitNorm { Ada, Rms });
+crate::modules::enum_parameters!(FinalNorm { Ada, Rms });
 
-impl<E: Elem, D: Device<E>> Parameters<E, D> for FinalNorm<E, D> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        match self {
-            FinalNorm::Ada(l) => l.visit(f),
-            FinalNorm::Rms(v) => v.visit(f),
-        }
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        match self {
-            FinalNorm::Ada(l) => l.visit_mut(f),
-            FinalNorm::Rms(v) => v.visit_mut(f),
-        }
-    }
-}
-
-/// A residual block with conditional GroupNorms (see the module docs).
-#[derive(Clone, Debug)]
-pub struct UvitResBlock<E: Elem, D: Device<E>> {
-    /// The first GroupNorm (over the input channels).
-    pub norm1: CondNorm<E, D>,
-    pub conv1: Conv<E, D>,
-    /// The second GroupNorm (over the output channels).
-    pub norm2: CondNorm<E, D>,
-    /// Zero-initialised, so a fresh block is the identity (or its skip projection).
-    pub conv2: Conv<E, D>,
-    /// Dense(in → out) with bias when the channel counts differ (the up blocks).
-    pub skip: Option<Linear<E, D>>,
-}
+/// A residual block with conditional GroupNorms (see the module docs; `cond` is always
+/// `None`).
+pub type UvitResBlock<E, D> = ResBlock<E, D, CondNorm<E, D>>;
 
 /// One DiT block with adaLN-Zero conditioning.
 #[derive(Clone, Debug)]
@@ -167,13 +117,6 @@ pub struct Dit<E: Elem, D: Device<E>> {
     pub final_out: Linear<E, D>,
 }
 
-crate::modules::parameters!(UvitResBlock {
-    norm1,
-    conv1,
-    norm2,
-    conv2,
-    skip
-});
 crate::modules::parameters!(DitBlock {
     norm,
     q,
@@ -320,39 +263,6 @@ fn unpatch_rows(b: usize, h: usize, w: usize, p: usize) -> Vec<usize> {
 }
 
 impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
-    /// The conditioning MLP of spec §7.1 (the transformer's and the U-Net's tensor names).
-    fn cond_mlp(&mut self, cfg: &NetworkConfig) -> Result<Conditioning<E, D>, NetworkError> {
-        let dc = cfg.cond_dim;
-        let time_in = if cfg.time_conditioning {
-            Some(self.matrix("cond.w1_t", dc, 4 * dc, lecun(dc))?)
-        } else {
-            None
-        };
-        let label = if cfg.num_classes > 0 {
-            let fan_in = if cfg.time_conditioning { 2 * dc } else { dc };
-            Some(LabelInput {
-                table: self.matrix(
-                    "cond.label_embed",
-                    cfg.num_classes,
-                    dc,
-                    Init::Normal(1.0 / (dc as f64).sqrt()),
-                )?,
-                proj: self.matrix("cond.w1_label", dc, 4 * dc, lecun(fan_in))?,
-            })
-        } else {
-            None
-        };
-        Ok(Conditioning {
-            time_in,
-            label,
-            hidden_bias: self.vector("cond.b1", 4 * dc, Init::Zeros)?,
-            out: Linear {
-                weight: self.matrix("cond.w2", 4 * dc, dc, lecun(4 * dc))?,
-                bias: self.vector("cond.b2", dc, Init::Zeros)?,
-            },
-        })
-    }
-
     /// A CondGroupNorm over `c` channels: zero-initialised Dense(d_c → 2c) when conditioned
     /// (`dc` given), GroupNorm scale and bias otherwise.
     fn cond_norm(
@@ -363,35 +273,17 @@ impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
     ) -> Result<CondNorm<E, D>, NetworkError> {
         Ok(match dc {
             Some(dc) => CondNorm::Ada(self.linear(name, (dc, 2 * c), Init::Zeros, Init::Zeros)?),
-            None => CondNorm::Affine(GroupNormParams {
-                scale: self.vector(format!("{name}.scale"), c, Init::Ones)?,
-                bias: self.vector(format!("{name}.bias"), c, Init::Zeros)?,
-            }),
+            None => CondNorm::Affine(self.group_norm(name, c)?),
         })
     }
 
     fn uvit_block(
         &mut self,
         name: &str,
-        (cin, cout): (usize, usize),
+        dims: (usize, usize),
         dc: Option<usize>,
     ) -> Result<UvitResBlock<E, D>, NetworkError> {
-        Ok(UvitResBlock {
-            norm1: self.cond_norm(&format!("{name}.norm1"), cin, dc)?,
-            conv1: self.conv(&format!("{name}.conv1"), (cin, cout), false)?,
-            norm2: self.cond_norm(&format!("{name}.norm2"), cout, dc)?,
-            conv2: self.conv(&format!("{name}.conv2"), (cout, cout), true)?,
-            skip: if cin != cout {
-                Some(self.linear(
-                    &format!("{name}.skip"),
-                    (cin, cout),
-                    lecun(cin),
-                    Init::Zeros,
-                )?)
-            } else {
-                None
-            },
-        })
+        self.res_block_with(name, dims, None, |b, name, c| b.cond_norm(name, c, dc))
     }
 
     fn dit(&mut self, s: &Shape, ch: usize, dc: Option<usize>) -> Result<Dit<E, D>, NetworkError> {
@@ -464,16 +356,7 @@ impl<E: Elem, D: Kernels<E>> Ctx<'_, E, D> {
         let Some((p, rng)) = self.dropout.as_mut() else {
             return Ok(None);
         };
-        let keep = E::c(1.0 / (1.0 - *p));
-        let m: Vec<E> = (0..shape.0 * shape.1)
-            .map(|_| {
-                if rng.gen::<f64>() < *p {
-                    E::zero()
-                } else {
-                    keep
-                }
-            })
-            .collect();
+        let m = keep_mask(*p, &mut **rng, shape.0 * shape.1);
         Ok(Some(dev.try_tensor_from_vec(m, shape)?))
     }
 
@@ -578,16 +461,15 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
         let s = shape(&self.cfg).expect("a U-ViT configuration");
         let b = batch.batch;
         let v = self.cfg.vocab_size;
-        let e = self.embed.cols();
         let scope = D::scope();
-        let (c, cond_tape) = match &self.cond {
-            Some(cond) => {
-                let c: T2<E, D, T> = conditioning(&self.dev, cond, batch, self.cfg.cond_dim)?;
-                let (c, t1) = c.split_tape();
+        let (c, cond_tape) =
+            split_conditioning::<E, D, T>(&self.dev, &self.cond, batch, self.cfg.cond_dim)?;
+        let (c, cond_tape) = match c {
+            Some(c) => {
                 let (c_act, t2) = swish(c.clone().put_tape(T::default()))?.split_tape();
-                (Some((c, c_act)), t1.merge(t2))
+                (Some((c, c_act)), cond_tape.merge(t2))
             }
-            None => (None, T::default()),
+            None => (None, cond_tape),
         };
         let p = self.cfg.dropout;
         let mut ctx = Ctx {
@@ -596,26 +478,17 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
             c,
             dropout: dropout_rng.filter(|_| p > 0.0).map(|r| (p, r)),
         };
-        let ids = self.dev.try_tensor_from_vec(
-            batch.ids.iter().map(|&i| i as usize).collect(),
-            (b * s.h * s.w * s.channels,),
+        let pixels = b * s.h * s.w;
+        let x = embed_pixels(&self.dev, &self.embed, batch, tape, (pixels, s.channels))?;
+        let x = self.conv(x, &self.conv_in, &ctx)?;
+        let hcur = u_trunk(
+            x,
+            (&self.down, &self.up),
+            &mut ctx,
+            (&scope, true),
+            |x, blk, ctx| self.res_block(x, blk, ctx),
+            |x, ctx| self.dit_forward(x, ctx, &scope),
         )?;
-        let x: T2<E, D, T> = self.embed.tensor()?.put_tape(tape).try_gather(ids)?;
-        let x = x.try_reshape_like(&(b * s.h * s.w, s.channels * e))?;
-        let mut hcur = self.conv(x, &self.conv_in, &ctx)?;
-        let mut skips = vec![hcur.retaped::<T>()];
-        for blk in &self.down {
-            hcur = self.res_block(hcur, blk, &mut ctx)?;
-            D::retain(&scope, &hcur);
-            skips.push(hcur.retaped::<T>());
-        }
-        hcur = self.dit_forward(hcur, &mut ctx, &scope)?;
-        for blk in &self.up {
-            let skip = skips.pop().expect("one stored activation per up block");
-            let cat = (hcur, skip).try_concat_along(Axis::<1>)?;
-            hcur = self.res_block(cat, blk, &mut ctx)?;
-            D::retain(&scope, &hcur);
-        }
         let y = swish(self.cond_norm(hcur, &self.out_norm, &ctx)?)?;
         let logits = self.conv(y, &self.out_conv, &ctx)?;
         let (logits, t) = logits.split_tape();
@@ -631,9 +504,7 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
         conv: &Conv<E, D>,
         ctx: &Ctx<'_, E, D>,
     ) -> Res<T2<E, D, T>, D> {
-        let y = D::conv3x3(x, conv.weight.tensor()?, ctx.b, ctx.s.h, ctx.s.w)?;
-        let sh = *y.shape();
-        y.try_add(conv.bias.tensor().try_broadcast_like::<_, Axis<0>>(&sh)?)
+        conv_bias(x, conv, (ctx.b, ctx.s.h, ctx.s.w))
     }
 
     /// `CondGroupNorm`: GroupNorm without affine parameters, then `·(1 + scale) + shift` per
@@ -679,11 +550,7 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
         let y = swish(self.cond_norm(y, &blk.norm2, ctx)?)?;
         let y = ctx.dropout(&self.dev, y)?;
         let y = self.conv(y, &blk.conv2, ctx)?;
-        let x = match &blk.skip {
-            Some(lin) => dense(x, lin.weight.tensor()?, Some(lin.bias.tensor()))?,
-            None => x,
-        };
-        x.try_add(y)
+        skip_add(x, &blk.skip, y)
     }
 
     /// `k` per-image modulation vectors `Dense(swish(c))` split into (b, width) chunks; the

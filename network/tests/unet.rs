@@ -3,19 +3,13 @@
 //! differences (f64, every parameter tensor), save → load identity and dropout's effect.
 
 use maskdiff_network::dfdx::prelude::*;
-use maskdiff_network::{Arch, Network, NetworkConfig, NetworkDenoiser, NetworkError};
-use maskdiff_process::{DenoiseBatch, Denoiser};
+use maskdiff_network::{Arch, Network, NetworkConfig, NetworkError};
+use maskdiff_process::DenoiseBatch;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-fn unet(preset: &str, v: usize, (h, w, c): (usize, usize, usize)) -> NetworkConfig {
-    let mut cfg = NetworkConfig::preset(preset, v).unwrap();
-    cfg.set_image(h, w, c).unwrap();
-    cfg
-}
+mod image_common;
 
-fn random_ids(rng: &mut StdRng, n: usize, v: usize) -> Vec<u32> {
-    (0..n).map(|_| rng.gen_range(0..=v as u32)).collect()
-}
+use image_common::{image_config as unet, random_ids, randomize};
 
 /// The parameter count of the U-Net layer by layer (spec §7.3, official `unet.py`): `ch`
 /// channels, `l` blocks per side, per-channel embedding `e`, `c` image channels, V levels,
@@ -58,32 +52,11 @@ fn cifar10_preset_has_the_official_parameter_count() {
 
 #[test]
 fn fresh_unet_predicts_uniform_exactly() {
-    let dev = Cpu::default();
     for (time, classes) in [(true, 0), (false, 0), (true, 3), (false, 2)] {
         let mut cfg = unet("unet-tiny", 7, (4, 3, 2));
         cfg.time_conditioning = time;
         cfg.num_classes = classes;
-        let m = Network::<f32, Cpu>::new(cfg, &dev, 7).unwrap();
-        let n = 4 * 3 * 2;
-        let mut rng = StdRng::seed_from_u64(1);
-        let ids = random_ids(&mut rng, 3 * n, 7);
-        let labels = [0u32, 1, 1];
-        let batch = DenoiseBatch {
-            ids: &ids,
-            batch: 3,
-            len: n,
-            t: &[0.1, 0.5, 0.99],
-            labels: (classes > 0).then_some(&labels[..]),
-        };
-        let logits = m.forward(&batch, NoneTape, None).unwrap();
-        assert_eq!(*logits.shape(), (3, n, 7));
-        assert!(logits.as_vec().iter().all(|&x| x == 0.0));
-        let mut den = NetworkDenoiser::new(m);
-        let lp = den.log_probs(&batch).unwrap();
-        let target = -(7f32).ln();
-        assert!(lp.data.iter().all(|&x| (x - target).abs() < 1e-6));
-        assert_eq!(den.is_time_conditioned(), time);
-        assert_eq!(den.num_classes(), classes);
+        image_common::fresh_predicts_uniform_exactly(cfg, 4 * 3 * 2, (time, classes));
     }
 }
 
@@ -139,7 +112,6 @@ fn bad_configs_and_inputs_are_errors() {
 /// several groups.
 #[test]
 fn unet_gradients_match_central_differences() {
-    let dev = Cpu::default();
     for (time, classes) in [(true, 2), (false, 0)] {
         let mut cfg = unet("unet-tiny", 4, (3, 2, 2));
         cfg.dim = 8;
@@ -150,58 +122,7 @@ fn unet_gradients_match_central_differences() {
         if let Arch::Unet { groups, .. } = &mut cfg.arch {
             *groups = 2;
         }
-        let mut m = Network::<f64, Cpu>::new(cfg, &dev, 3).unwrap();
-        let mut rng = StdRng::seed_from_u64(11);
-        for p in m.params_mut() {
-            let vals: Vec<f64> = (0..p.numel())
-                .map(|_| 0.6 * (rng.gen::<f64>() * 2.0 - 1.0))
-                .collect();
-            p.value = dev.tensor_from_vec(vals, (p.numel(),));
-        }
-        let (b, n, v) = (2, 3 * 2 * 2, 4);
-        let ids = random_ids(&mut rng, b * n, v);
-        let r: Vec<f64> = (0..b * n * v).map(|_| rng.gen::<f64>() - 0.5).collect();
-        let labels = [1u32, 0];
-        let batch = DenoiseBatch {
-            ids: &ids,
-            batch: b,
-            len: n,
-            t: &[0.3, 0.8],
-            labels: (classes > 0).then_some(&labels[..]),
-        };
-        let rt = dev.tensor_from_vec(r.clone(), (b, n, v));
-        let f = |m: &Network<f64, Cpu>| -> f64 {
-            let l = m.forward(&batch, NoneTape, None).unwrap().as_vec();
-            l.iter().zip(&r).map(|(a, b)| a * b).sum()
-        };
-        let logits = m.forward(&batch, m.tape(), None).unwrap();
-        let grads = (logits * rt).sum::<Rank0, _>().backward();
-        let h = 1e-5;
-        let mut checked = 0;
-        let np = m.params().len();
-        for pi in 0..np {
-            let g = grads.get(&m.params()[pi].value).as_vec();
-            let base = m.params()[pi].value.as_vec();
-            for _ in 0..2 {
-                let j = rng.gen_range(0..base.len());
-                let eval = |delta: f64| {
-                    let mut mm = m.clone();
-                    let mut vals = base.clone();
-                    vals[j] += delta;
-                    mm.params_mut()[pi].value = dev.tensor_from_vec(vals, (base.len(),));
-                    f(&mm)
-                };
-                let fd = (eval(h) - eval(-h)) / (2.0 * h);
-                let err = (fd - g[j]).abs();
-                assert!(
-                    err <= 1e-6 * (1.0 + fd.abs()),
-                    "{} [{j}]: tape {} vs fd {fd}",
-                    m.params()[pi].name,
-                    g[j]
-                );
-                checked += 1;
-            }
-        }
+        let checked = image_common::gradients_match_central_differences(cfg, 3 * 2 * 2, classes);
         assert!(checked >= 2 * 40, "{checked}");
     }
 }
@@ -213,12 +134,7 @@ fn unet_save_load_roundtrip_and_dropout() {
     cfg.dropout = 0.5;
     let mut m = Network::<f32, Cpu>::new(cfg.clone(), &dev, 1).unwrap();
     let mut rng = StdRng::seed_from_u64(2);
-    for p in m.params_mut() {
-        let vals: Vec<f32> = (0..p.numel())
-            .map(|_| rng.gen::<f32>() * 0.4 - 0.2)
-            .collect();
-        p.value = dev.tensor_from_vec(vals, (p.numel(),));
-    }
+    randomize(&mut m, &mut rng, |r| r.gen::<f32>() * 0.4 - 0.2);
     let dir = std::env::temp_dir().join(format!("maskdiff-unet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("m.safetensors");
