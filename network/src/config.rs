@@ -159,35 +159,17 @@ impl NetworkConfig {
                     "imagenet64" => (256, 24, 256, 256, 32, (12, 12, 768), 0.1),
                     _ => return Err(NetworkError::UnknownPreset(name.to_string())),
                 };
-            let mut cfg = NetworkConfig {
-                vocab_size,
-                max_len: 0,
-                dim,
-                n_layers,
-                n_heads: 1,
-                cond_dim,
-                mlp: MlpKind::Glu,
-                ffn_hidden: None,
-                time_conditioning: true,
-                num_classes: 0,
-                dropout,
-                embed_dim: Some(embed),
-                rope_theta: 10_000.0,
-                depth_scaled_init: false,
-                block_size: None,
-                arch: Arch::Uvit {
-                    height: 64,
-                    width: 64,
-                    channels: 3,
-                    groups,
-                    patch: 2,
-                    dit_layers,
-                    dit_heads,
-                    dit_dim,
-                },
+            let arch = Arch::Uvit {
+                height: 64,
+                width: 64,
+                channels: 3,
+                groups,
+                patch: 2,
+                dit_layers,
+                dit_heads,
+                dit_dim,
             };
-            cfg.set_image(64, 64, 3)?;
-            return Ok(cfg);
+            return Self::image_preset(vocab_size, (dim, n_layers, embed, cond_dim), dropout, arch);
         }
         if let Some(size) = name.strip_prefix("unet-") {
             let (dim, n_layers, embed, cond_dim, groups, dropout) = match size {
@@ -196,31 +178,13 @@ impl NetworkConfig {
                 "cifar10" => (128, 32, 128, 128, 32, 0.1),
                 _ => return Err(NetworkError::UnknownPreset(name.to_string())),
             };
-            let mut cfg = NetworkConfig {
-                vocab_size,
-                max_len: 0,
-                dim,
-                n_layers,
-                n_heads: 1,
-                cond_dim,
-                mlp: MlpKind::Glu,
-                ffn_hidden: None,
-                time_conditioning: true,
-                num_classes: 0,
-                dropout,
-                embed_dim: Some(embed),
-                rope_theta: 10_000.0,
-                depth_scaled_init: false,
-                block_size: None,
-                arch: Arch::Unet {
-                    height: 32,
-                    width: 32,
-                    channels: 3,
-                    groups,
-                },
+            let arch = Arch::Unet {
+                height: 32,
+                width: 32,
+                channels: 3,
+                groups,
             };
-            cfg.set_image(32, 32, 3)?;
-            return Ok(cfg);
+            return Self::image_preset(vocab_size, (dim, n_layers, embed, cond_dim), dropout, arch);
         }
         let (max_len, dim, n_layers, n_heads, cond_dim, embed_dim) = match name {
             "tiny" => (64, 32, 2, 2, 16, None),
@@ -248,6 +212,37 @@ impl NetworkConfig {
             arch: Arch::Transformer,
         };
         cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// An image network's configuration: `(channels, blocks per side, per-channel embedding,
+    /// d_c)`, time-conditioned, unconditional on labels, built for `arch`'s image shape.
+    fn image_preset(
+        vocab_size: usize,
+        (dim, n_layers, embed, cond_dim): (usize, usize, usize, usize),
+        dropout: f64,
+        arch: Arch,
+    ) -> Result<Self, NetworkError> {
+        let mut cfg = NetworkConfig {
+            vocab_size,
+            max_len: 0,
+            dim,
+            n_layers,
+            n_heads: 1,
+            cond_dim,
+            mlp: MlpKind::Glu,
+            ffn_hidden: None,
+            time_conditioning: true,
+            num_classes: 0,
+            dropout,
+            embed_dim: Some(embed),
+            rope_theta: 10_000.0,
+            depth_scaled_init: false,
+            block_size: None,
+            arch,
+        };
+        let (h, w, c) = cfg.image().expect("an image architecture");
+        cfg.set_image(h, w, c)?;
         Ok(cfg)
     }
 
