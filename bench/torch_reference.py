@@ -165,6 +165,46 @@ def reset_peak():
     return _status_mb("VmRSS:")
 
 
+def time_model(model, vocab, b, n, iters, warmup, autocast, tag):
+    """Times the tape-free forward and the MD4 train step (AdamW + EMA) of `model` on one fixed
+    random batch of b × n tokens, and prints the line bench/side_by_side.sh parses. Shared by
+    this script and torch_unet.py so both peers are timed the same way."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.03)
+    ema = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, vocab, (b, n), generator=gen)
+    xt = torch.where(torch.rand((b, n), generator=gen) < 0.5, x0, torch.full_like(x0, vocab))
+    t = (torch.arange(b, dtype=torch.float64) + 0.5) / b
+
+    rss0 = reset_peak()
+    fwd = []
+    model.eval()  # dropout off for the forward, as in sampling
+    with torch.inference_mode(), autocast():
+        for i in range(warmup + iters):
+            s = time.perf_counter()
+            model(xt, t)
+            if i >= warmup:
+                fwd.append(time.perf_counter() - s)
+    fwd_peak = _status_mb("VmHWM:")
+    model.train()
+    rss1 = reset_peak()
+    step = []
+    for i in range(warmup + iters):
+        s = time.perf_counter()
+        md4_step(model, opt, ema, x0, vocab, gen, autocast)
+        if i >= warmup:
+            step.append(time.perf_counter() - s)
+    peak = _status_mb("VmHWM:")
+    # fastest iteration (other processes only ever add time); medians for information
+    f, st = min(fwd), min(step)
+    print(f"forward: best {f:.4f} s/batch, median {sorted(fwd)[len(fwd) // 2]:.4f}, "
+          f"peak RSS {fwd_peak:.1f} MB (+{fwd_peak - rss0:.1f} over the model)")
+    print(f"train step: best {st:.4f} s/step, median {sorted(step)[len(step) // 2]:.4f}, "
+          f"peak RSS {peak:.1f} MB (+{peak - rss1:.1f})")
+    print(f"{tag} forward_tok_s={b * n / f:.1f} train_tok_s={b * n / st:.1f} "
+          f"train_peak_rss_mb={peak:.1f} train_rss_growth_mb={peak - rss1:.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=10)
@@ -188,38 +228,7 @@ def main():
     model = Md4Transformer(vocab)
     nparams = sum(p.numel() for p in model.parameters())
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {nparams} parameters")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.03)
-    ema = [p.detach().clone() for p in model.parameters()]
-    gen = torch.Generator().manual_seed(0)
-    x0 = torch.randint(0, vocab, (b, n), generator=gen)
-    xt = torch.where(torch.rand((b, n), generator=gen) < 0.5, x0, torch.full_like(x0, vocab))
-    t = (torch.arange(b, dtype=torch.float64) + 0.5) / b
-
-    rss0 = reset_peak()
-    fwd = []
-    with torch.inference_mode(), autocast():
-        for i in range(args.warmup + args.iters):
-            s = time.perf_counter()
-            model(xt, t)
-            if i >= args.warmup:
-                fwd.append(time.perf_counter() - s)
-    fwd_peak = _status_mb("VmHWM:")
-    rss1 = reset_peak()
-    step = []
-    for i in range(args.warmup + args.iters):
-        s = time.perf_counter()
-        md4_step(model, opt, ema, x0, vocab, gen, autocast)
-        if i >= args.warmup:
-            step.append(time.perf_counter() - s)
-    peak = _status_mb("VmHWM:")
-    # fastest iteration (other processes only ever add time); medians for information
-    f, st = min(fwd), min(step)
-    print(f"forward: best {f:.4f} s/batch, median {sorted(fwd)[len(fwd) // 2]:.4f}, "
-          f"peak RSS {fwd_peak:.1f} MB (+{fwd_peak - rss0:.1f} over the model)")
-    print(f"train step: best {st:.4f} s/step, median {sorted(step)[len(step) // 2]:.4f}, "
-          f"peak RSS {peak:.1f} MB (+{peak - rss1:.1f})")
-    print(f"{tag} forward_tok_s={b * n / f:.1f} train_tok_s={b * n / st:.1f} "
-          f"train_peak_rss_mb={peak:.1f} train_rss_growth_mb={peak - rss1:.1f}")
+    time_model(model, vocab, b, n, args.iters, args.warmup, autocast, tag)
 
 
 if __name__ == "__main__":

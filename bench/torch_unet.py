@@ -20,10 +20,9 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_reference import _status_mb, md4_step, reset_peak, time_embedding  # noqa: E402
+from torch_reference import time_embedding, time_model  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -128,41 +127,7 @@ def main():
     nparams = sum(p.numel() for p in model.parameters())
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.preset} "
           f"{h}x{w}x{c} V={vocab}: {nparams} parameters")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=0.03)
-    ema = [p.detach().clone() for p in model.parameters()]
-    gen = torch.Generator().manual_seed(0)
-    x0 = torch.randint(0, vocab, (b, n), generator=gen)
-    xt = torch.where(torch.rand((b, n), generator=gen) < 0.5, x0, torch.full_like(x0, vocab))
-    t = (torch.arange(b, dtype=torch.float64) + 0.5) / b
-
-    rss0 = reset_peak()
-    fwd = []
-    model.eval()
-    with torch.inference_mode(), autocast():
-        for i in range(args.warmup + args.iters):
-            s = time.perf_counter()
-            model(xt, t)
-            if i >= args.warmup:
-                fwd.append(time.perf_counter() - s)
-    fwd_peak = _status_mb("VmHWM:")
-    model.train()
-    rss1 = reset_peak()
-    step = []
-    for i in range(args.warmup + args.iters):
-        s = time.perf_counter()
-        md4_step(model, opt, ema, x0, vocab, gen, autocast)
-        if i >= args.warmup:
-            step.append(time.perf_counter() - s)
-    peak = _status_mb("VmHWM:")
-    f, st = min(fwd), min(step)
-    print(f"forward: best {f:.4f} s/batch, median {sorted(fwd)[len(fwd) // 2]:.4f}, "
-          f"peak RSS {fwd_peak:.1f} MB (+{fwd_peak - rss0:.1f} over the model)")
-    print(f"train step: best {st:.4f} s/step, median {sorted(step)[len(step) // 2]:.4f}, "
-          f"peak RSS {peak:.1f} MB (+{peak - rss1:.1f})")
-    print(f"{tag} forward_tok_s={b * n / f:.1f} train_tok_s={b * n / st:.1f} "
-          f"train_peak_rss_mb={peak:.1f} train_rss_growth_mb={peak - rss1:.1f}")
-
+    time_model(model, vocab, b, n, args.iters, args.warmup, autocast, tag)
 
 if __name__ == "__main__":
     main()
