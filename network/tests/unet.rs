@@ -9,7 +9,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod image_common;
 
-use image_common::{image_config as unet, random_ids, randomize};
+use image_common::{bad_inputs_are_errors, image_config as unet, random_ids, randomize};
 
 /// The parameter count of the U-Net layer by layer (spec §7.3, official `unet.py`): `ch`
 /// channels, `l` blocks per side, per-channel embedding `e`, `c` image channels, V levels,
@@ -62,37 +62,8 @@ fn fresh_unet_predicts_uniform_exactly() {
 
 #[test]
 fn bad_configs_and_inputs_are_errors() {
-    let dev = Cpu::default();
     let mut cfg = unet("unet-tiny", 5, (2, 2, 1));
-    let m = Network::<f32, Cpu>::new(cfg.clone(), &dev, 0).unwrap();
-    let batch = |ids: &'static [u32], t: &'static [f64], labels| DenoiseBatch {
-        ids,
-        batch: 1,
-        len: ids.len(),
-        t,
-        labels,
-    };
-    // not the image's token count
-    assert!(matches!(
-        m.forward(&batch(&[0, 1, 2], &[0.5], None), NoneTape, None),
-        Err(NetworkError::Input(_))
-    ));
-    // an id above the mask id
-    assert!(matches!(
-        m.forward(&batch(&[0, 1, 2, 6], &[0.5], None), NoneTape, None),
-        Err(NetworkError::Process(_))
-    ));
-    assert!(matches!(
-        m.forward(&batch(&[0, 1, 2, 5], &[1.5], None), NoneTape, None),
-        Err(NetworkError::Input(_))
-    ));
-    assert!(matches!(
-        m.forward(&batch(&[0, 1, 2, 5], &[0.5], Some(&[0])), NoneTape, None),
-        Err(NetworkError::Input(_))
-    ));
-    assert!(m
-        .forward(&batch(&[0, 1, 2, 5], &[0.5], None), NoneTape, None)
-        .is_ok());
+    bad_inputs_are_errors(cfg.clone());
     // groups must divide the channels; the transformer has no image shape
     if let Arch::Unet { groups, .. } = &mut cfg.arch {
         *groups = 3;

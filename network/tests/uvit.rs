@@ -12,7 +12,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod image_common;
 
-use image_common::{image_config as uvit, random_ids, randomize};
+use image_common::{bad_inputs_are_errors, image_config as uvit, random_ids, randomize};
 
 fn set_arch(
     cfg: &mut NetworkConfig,
@@ -158,34 +158,7 @@ fn fresh_uvit_predicts_uniform_exactly() {
 fn bad_configs_and_inputs_are_errors() {
     let dev = Cpu::default();
     let cfg = uvit("uvit-tiny", 5, (2, 2, 1));
-    let m = Network::<f32, Cpu>::new(cfg.clone(), &dev, 0).unwrap();
-    let batch = |ids: &'static [u32], t: &'static [f64], labels| DenoiseBatch {
-        ids,
-        batch: 1,
-        len: ids.len(),
-        t,
-        labels,
-    };
-    // not the image's token count, an id above the mask id, t outside [0, 1], stray labels
-    assert!(matches!(
-        m.forward(&batch(&[0, 1, 2], &[0.5], None), NoneTape, None),
-        Err(NetworkError::Input(_))
-    ));
-    assert!(matches!(
-        m.forward(&batch(&[0, 1, 2, 6], &[0.5], None), NoneTape, None),
-        Err(NetworkError::Process(_))
-    ));
-    assert!(matches!(
-        m.forward(&batch(&[0, 1, 2, 5], &[1.5], None), NoneTape, None),
-        Err(NetworkError::Input(_))
-    ));
-    assert!(matches!(
-        m.forward(&batch(&[0, 1, 2, 5], &[0.5], Some(&[0])), NoneTape, None),
-        Err(NetworkError::Input(_))
-    ));
-    assert!(m
-        .forward(&batch(&[0, 1, 2, 5], &[0.5], None), NoneTape, None)
-        .is_ok());
+    bad_inputs_are_errors(cfg.clone());
     let config_err = |c: &NetworkConfig| {
         assert!(
             matches!(c.validate(), Err(NetworkError::Config(_))),

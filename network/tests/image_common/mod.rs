@@ -118,3 +118,39 @@ pub fn fresh_predicts_uniform_exactly(
     assert_eq!(den.is_time_conditioned(), time);
     assert_eq!(den.num_classes(), classes);
 }
+
+/// A 2 × 2 × 1 image network with V = 5 (mask id 5), unconditional: a batch of the wrong token
+/// count or an id above the mask is an input error, t outside [0, 1] and stray labels too; a
+/// well-formed batch runs.
+pub fn bad_inputs_are_errors(cfg: NetworkConfig) {
+    use maskdiff_network::NetworkError;
+    let m = Network::<f32, Cpu>::new(cfg, &Cpu::default(), 0).unwrap();
+    let batch = |ids: &'static [u32], t: &'static [f64], labels| DenoiseBatch {
+        ids,
+        batch: 1,
+        len: ids.len(),
+        t,
+        labels,
+    };
+    let run = |ids, t, labels| {
+        m.forward(&batch(ids, t, labels), NoneTape, None)
+            .map(|_| ())
+    };
+    assert!(matches!(
+        run(&[0, 1, 2], &[0.5], None),
+        Err(NetworkError::Input(_))
+    ));
+    assert!(matches!(
+        run(&[0, 1, 2, 6], &[0.5], None),
+        Err(NetworkError::Process(_))
+    ));
+    assert!(matches!(
+        run(&[0, 1, 2, 5], &[1.5], None),
+        Err(NetworkError::Input(_))
+    ));
+    assert!(matches!(
+        run(&[0, 1, 2, 5], &[0.5], Some(&[0])),
+        Err(NetworkError::Input(_))
+    ));
+    assert!(run(&[0, 1, 2, 5], &[0.5], None).is_ok());
+}
