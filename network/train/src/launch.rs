@@ -231,39 +231,54 @@ mod tests {
 
     #[test]
     fn reads_each_launcher() {
-        let t = Launch::from_vars(vars(&[
-            ("RANK", "3"),
-            ("WORLD_SIZE", "8"),
-            ("LOCAL_RANK", "1"),
-            ("TORCHELASTIC_RUN_ID", "abc"),
-        ]))
-        .unwrap();
-        assert_eq!(
-            (t.launcher, t.rank, t.world, t.local_rank, t.job.as_str()),
-            (Launcher::Torchrun, 3, 8, 1, "TORCHELASTIC_RUN_ID=abc")
+        type Case<'a> = (
+            &'a [(&'a str, &'a str)],
+            Launcher,
+            (usize, usize, usize),
+            &'a str,
         );
-        let o = Launch::from_vars(vars(&[
-            ("OMPI_COMM_WORLD_RANK", "1"),
-            ("OMPI_COMM_WORLD_SIZE", "2"),
-            ("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
-        ]))
-        .unwrap();
-        assert_eq!(
-            (o.launcher, o.rank, o.world, o.local_rank, o.job.as_str()),
-            (Launcher::OpenMpi, 1, 2, 0, "")
-        );
-        let s = Launch::from_vars(vars(&[
-            ("SLURM_PROCID", "5"),
-            ("SLURM_NTASKS", "16"),
-            ("SLURM_LOCALID", "5"),
-            ("SLURM_JOB_ID", "77"),
-            ("SLURM_STEP_ID", "0"),
-        ]))
-        .unwrap();
-        assert_eq!(
-            (s.launcher, s.rank, s.world, s.local_rank, s.job.as_str()),
-            (Launcher::Slurm, 5, 16, 5, "SLURM_JOB_ID=77,SLURM_STEP_ID=0")
-        );
+        let cases: [Case; 3] = [
+            (
+                &[
+                    ("RANK", "3"),
+                    ("WORLD_SIZE", "8"),
+                    ("LOCAL_RANK", "1"),
+                    ("TORCHELASTIC_RUN_ID", "abc"),
+                ],
+                Launcher::Torchrun,
+                (3, 8, 1),
+                "TORCHELASTIC_RUN_ID=abc",
+            ),
+            (
+                &[
+                    ("OMPI_COMM_WORLD_RANK", "1"),
+                    ("OMPI_COMM_WORLD_SIZE", "2"),
+                    ("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+                ],
+                Launcher::OpenMpi,
+                (1, 2, 0),
+                "",
+            ),
+            (
+                &[
+                    ("SLURM_PROCID", "5"),
+                    ("SLURM_NTASKS", "16"),
+                    ("SLURM_LOCALID", "5"),
+                    ("SLURM_JOB_ID", "77"),
+                    ("SLURM_STEP_ID", "0"),
+                ],
+                Launcher::Slurm,
+                (5, 16, 5),
+                "SLURM_JOB_ID=77,SLURM_STEP_ID=0",
+            ),
+        ];
+        for (kv, launcher, (rank, world, local_rank), job) in cases {
+            let l = Launch::from_vars(vars(kv)).unwrap();
+            assert_eq!(
+                (l.launcher, l.rank, l.world, l.local_rank, l.job.as_str()),
+                (launcher, rank, world, local_rank, job)
+            );
+        }
     }
 
     #[test]
