@@ -138,6 +138,11 @@ fn block_model_trains_and_evaluates() {
     ok(&o);
     assert!(stdout(&o).contains("[step"), "{}", stdout(&o));
     one_line_error(&run(&d, &["sample", "blk", "--length", "0"]), &["length"]);
+    // --class reaches block sampling; this text model has no classes
+    one_line_error(
+        &run(&d, &["sample", "blk", "--class", "1"]),
+        &["--class 1", "not class-conditional"],
+    );
     one_line_error(
         &run(&d, &["sample", "blk", "--length", "100000"]),
         &["max_len"],
