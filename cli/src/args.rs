@@ -82,6 +82,11 @@ pub struct TrainOverrides {
     /// [model.block_objective] md4 | genmd4: the objective inside the blocks (`--model block`).
     #[arg(long, value_enum, value_name = "KIND")]
     pub block_objective: Option<BlockObjectiveArg>,
+    /// [model.block_time] sequence | block: one t per sequence shared by its blocks, or one per
+    /// block (BD3-LM; needs --time-free). Default: block for a time-free MD4-inside block model,
+    /// else sequence.
+    #[arg(long, value_enum, value_name = "WHICH")]
+    pub block_time: Option<BlockTimeArg>,
     /// [model.time_conditioning = false] train a time-free denoiser (enables `--sampler cached`).
     #[arg(long)]
     pub time_free: bool,
@@ -177,6 +182,12 @@ pub enum ModelKindArg {
 pub enum BlockObjectiveArg {
     Md4,
     Genmd4,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BlockTimeArg {
+    Sequence,
+    Block,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -307,6 +318,12 @@ impl TrainOverrides {
                 BlockObjectiveArg::Genmd4 => BlockObjective::Genmd4,
             };
         }
+        if let Some(k) = self.block_time {
+            cfg.model.block_time = Some(match k {
+                BlockTimeArg::Sequence => maskdiff_objective::BlockTime::Sequence,
+                BlockTimeArg::Block => maskdiff_objective::BlockTime::Block,
+            });
+        }
         if self.time_free {
             cfg.model.time_conditioning = false;
         }
@@ -358,6 +375,7 @@ impl TrainOverrides {
             width,
             layers,
             model,
+            block_time,
             dropout,
             genmd4_network_samples,
             schedule,
@@ -405,6 +423,11 @@ pub struct EvalArgs {
     /// [eval.discrete_steps] evaluate the T-step discrete-time ELBO instead of the continuous one.
     #[arg(long, value_name = "T")]
     pub discrete_steps: Option<usize>,
+    /// Block-diffusion models with MD4 inside: draw the evaluation times per sequence or per
+    /// block (per block needs a time-free network) instead of as the run was trained. Both are
+    /// unbiased estimates of the same NELBO; they differ in variance.
+    #[arg(long, value_enum, value_name = "WHICH")]
+    pub block_time: Option<BlockTimeArg>,
     /// [eval.max_sequences] evaluate at most this many sequences (0 = all).
     #[arg(long, value_name = "N")]
     pub max_sequences: Option<usize>,

@@ -5,6 +5,7 @@
 
 use crate::error::{CliError, Result};
 use maskdiff_network::Precision;
+pub use maskdiff_objective::BlockTime;
 use maskdiff_sampler::{RemdmConfig, RemdmLoop, RemdmStrategy, SamplerKind};
 use maskdiff_schedule::{AnySchedule, SamplingGrid, TimeSampling};
 use maskdiff_train::LrKind;
@@ -177,9 +178,26 @@ pub struct ModelConfig {
     /// (`genmd4_network_samples` applies to it). Only for `kind = "block"`.
     #[serde(skip_serializing_if = "BlockObjective::is_md4")]
     pub block_objective: BlockObjective,
+    /// Block diffusion: `"block"` draws one t per block (BD3-LM's estimator: lower variance;
+    /// needs a time-free network, `time_conditioning = false`, and MD4 inside the blocks) or
+    /// `"sequence"` one t per sequence shared by its blocks. Unset = `"block"` for a time-free
+    /// network with MD4 inside (what BD3-LM does), else `"sequence"` (a network conditioned on
+    /// one time per sequence cannot take per-block times). Only for `kind = "block"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_time: Option<BlockTime>,
 }
 
 impl ModelConfig {
+    /// The times of a block-diffusion model: `block_time`, or its default (see the field).
+    pub fn block_time(&self) -> BlockTime {
+        self.block_time.unwrap_or(
+            if !self.time_conditioning && self.block_objective.is_md4() {
+                BlockTime::Block
+            } else {
+                BlockTime::Sequence
+            },
+        )
+    }
     /// Whether the model's schedule is GenMD4's learned one (alone or inside blocks).
     pub fn is_genmd4(&self) -> bool {
         self.kind == ModelKind::Genmd4
@@ -201,6 +219,7 @@ impl Default for ModelConfig {
             width: None,
             layers: None,
             block_objective: BlockObjective::Md4,
+            block_time: None,
         }
     }
 }
@@ -556,6 +575,29 @@ impl Config {
                 "model.block_objective",
                 "only a block-diffusion model (kind = \"block\") has an objective inside blocks",
             ));
+        }
+        match (m.kind, m.block_time) {
+            (ModelKind::Block, Some(BlockTime::Block)) if m.time_conditioning => {
+                return Err(CliError::config(
+                    "model.block_time",
+                    "per-block times need a time-free network (--time-free; the network is \
+                     conditioned on one time per sequence), or use block_time = \"sequence\"",
+                ))
+            }
+            (ModelKind::Block, Some(BlockTime::Block)) if !m.block_objective.is_md4() => {
+                return Err(CliError::config(
+                    "model.block_time",
+                    "per-block times are implemented with MD4 inside the blocks; GenMD4's \
+                     two-mask batch holds one time per sequence (use block_time = \"sequence\")",
+                ))
+            }
+            (ModelKind::Block, _) | (_, None) => {}
+            (_, Some(_)) => {
+                return Err(CliError::config(
+                    "model.block_time",
+                    "only a block-diffusion model (kind = \"block\") has per-block times",
+                ))
+            }
         }
         if m.class_conditional && !self.data.dataset.is_image() {
             return Err(CliError::config(

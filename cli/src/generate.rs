@@ -66,6 +66,26 @@ pub enum LabelPlan {
 }
 
 impl LabelPlan {
+    /// The plan for `--class` (if given) and a model with `num_classes` labels (0 =
+    /// unconditional): a class the model does not have is an error.
+    pub fn of(class: Option<u32>, num_classes: usize) -> Result<Self> {
+        Ok(match (class, num_classes) {
+            (Some(c), k) if (c as usize) < k => LabelPlan::Fixed(c),
+            (Some(c), 0) => {
+                return Err(CliError::Input(format!(
+                    "--class {c}: this model is not class-conditional"
+                )))
+            }
+            (Some(c), k) => {
+                return Err(CliError::Input(format!(
+                    "--class {c}: the model has {k} classes"
+                )))
+            }
+            // A class-conditional model needs a label: cycle through the classes.
+            (None, k) if k > 0 => LabelPlan::Cycle(k),
+            (None, _) => LabelPlan::None,
+        })
+    }
     fn labels(self, range: std::ops::Range<usize>) -> Option<Vec<u32>> {
         match self {
             LabelPlan::None => None,
@@ -152,22 +172,7 @@ pub fn generate<'a, D: Denoiser + ?Sized>(
 ) -> Result<Summary> {
     let fixed = constraint_of(req, codec, len)?;
     let n = sc.num_samples;
-    let labels = match (req.class, denoiser.num_classes()) {
-        (Some(c), k) if (c as usize) < k => LabelPlan::Fixed(c),
-        (Some(c), 0) => {
-            return Err(CliError::Input(format!(
-                "--class {c}: this model is not class-conditional"
-            )))
-        }
-        (Some(c), k) => {
-            return Err(CliError::Input(format!(
-                "--class {c}: the model has {k} classes"
-            )))
-        }
-        // A class-conditional model needs a label: cycle through the classes.
-        (None, k) if k > 0 => LabelPlan::Cycle(k),
-        (None, _) => LabelPlan::None,
-    };
+    let labels = LabelPlan::of(req.class, denoiser.num_classes())?;
     if matches!(codec, Codec::Image(_)) && n > MAX_IMAGE_SAMPLES {
         return Err(CliError::Input(format!(
             "-n {n}: image samples are drawn into one PNG grid, at most {MAX_IMAGE_SAMPLES}"
@@ -434,11 +439,9 @@ pub fn generate_blocks<P: maskdiff_process::PrefixDenoiser + ?Sized>(
             "block-diffusion sampling is implemented for text models".into(),
         ));
     };
-    if req.class.is_some() {
-        return Err(CliError::Input(
-            "--class is not available for block-diffusion (text) models".into(),
-        ));
-    }
+    // `--class` as for the other models: a class-conditional block network gets sample i's
+    // label at every block (its prefix cache is reset with it).
+    let plan = LabelPlan::of(req.class, den.num_classes())?;
     let fixed = constraint_of(req, codec, len)?;
     let constraints = if fixed.iter().all(Option::is_none) {
         vec![]
@@ -488,12 +491,13 @@ pub fn generate_blocks<P: maskdiff_process::PrefixDenoiser + ?Sized>(
                     b.set_position((i * total_steps + ev.step) as u64);
                 }
             };
+            let label = plan.labels(i..i + 1);
             let out = maskdiff_sampler::sample_blocks_streamed(
                 den,
                 schedule,
                 &one,
                 eot,
-                None,
+                label.as_deref(),
                 &constraints,
                 &mut on_event,
             )?;
@@ -634,6 +638,134 @@ mod tests {
                 assert_eq!(firsts, expect);
             }
         }
+    }
+
+    /// A class-conditional toy block denoiser (V = 27, blocks of 4): at absolute position p it
+    /// puts (almost) all mass on token (9·label + p) mod 27, and it records the label of every
+    /// sequence it is reset for.
+    struct ToyBlocks {
+        classes: usize,
+        label: Option<u32>,
+        prefix: usize,
+        resets: Vec<Option<u32>>,
+    }
+    impl maskdiff_process::PrefixDenoiser for ToyBlocks {
+        fn vocab(&self) -> Vocab {
+            Vocab::new(27).unwrap()
+        }
+        fn is_time_conditioned(&self) -> bool {
+            false
+        }
+        fn num_classes(&self) -> usize {
+            self.classes
+        }
+        fn block_size(&self) -> usize {
+            4
+        }
+        fn max_len(&self) -> usize {
+            64
+        }
+        fn prefix_len(&self) -> usize {
+            self.prefix
+        }
+        fn reset(&mut self, label: Option<u32>) {
+            self.resets.push(label);
+            self.label = label;
+            self.prefix = 0;
+        }
+        fn block_log_probs(&mut self, b: &DenoiseBatch<'_>) -> Result<LogProbs, ProcessError> {
+            let c = self.label.unwrap_or(0) as usize;
+            let mut data = Vec::with_capacity(b.batch * b.len * 27);
+            for _ in 0..b.batch {
+                for n in 0..b.len {
+                    let hot = (9 * c + self.prefix + n) % 27;
+                    data.extend((0..27).map(|k| if k == hot { 0.0 } else { -60.0 }));
+                }
+            }
+            Ok(LogProbs {
+                data,
+                batch: b.batch,
+                len: b.len,
+                vocab: 27,
+            })
+        }
+        fn commit(&mut self, block: &[u32]) -> Result<(), ProcessError> {
+            self.prefix += block.len();
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn block_sampling_takes_class_labels() {
+        let schedule = Shifted::official(Linear);
+        let tok = AnyTokenizer::new(maskdiff_data::TokenizerId::Text8).unwrap();
+        let codec = Codec::Text(tok.clone());
+        let sc = SampleConfig {
+            num_samples: 4,
+            steps: 4,
+            ..SampleConfig::default()
+        };
+        let dir =
+            std::env::temp_dir().join(format!("maskdiff-blocks-class-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let toy = |classes| ToyBlocks {
+            classes,
+            label: None,
+            prefix: 0,
+            resets: Vec::new(),
+        };
+        let expect = |c: usize| -> String {
+            use maskdiff_data::Tokenizer;
+            let ids: Vec<u32> = (0..10).map(|p| ((9 * c + p) % 27) as u32).collect();
+            tok.decode(&ids).unwrap()
+        };
+        // `--class 1`: every sample is drawn with label 1; without it, labels cycle 0, 1, 2, 0
+        for (class, labels) in [(Some(1), [1, 1, 1, 1]), (None, [0, 1, 2, 0])] {
+            let out = dir.join("samples.txt");
+            let req = Request {
+                class,
+                out: Some(out.clone()),
+                ..Request::default()
+            };
+            let mut den = toy(3);
+            let (summary, tokens) =
+                generate_blocks(&mut den, ScheduleRef::md4(&schedule), &sc, &codec, 10, &req)
+                    .unwrap();
+            assert_eq!((summary.samples, tokens), (4, 40));
+            let want: Vec<Option<u32>> = labels.iter().map(|&c| Some(c)).collect();
+            assert_eq!(den.resets, want);
+            let text = std::fs::read_to_string(&out).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            let want: Vec<String> = labels.iter().map(|&c| expect(c as usize)).collect();
+            assert_eq!(lines, want);
+        }
+        // a class the model does not have, and a class for an unconditional model
+        let req = |c| Request {
+            class: Some(c),
+            out: Some(dir.join("bad.txt")),
+            ..Request::default()
+        };
+        let e = generate_blocks(
+            &mut toy(3),
+            ScheduleRef::md4(&schedule),
+            &sc,
+            &codec,
+            10,
+            &req(3),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("3 classes"), "{e}");
+        let e = generate_blocks(
+            &mut toy(0),
+            ScheduleRef::md4(&schedule),
+            &sc,
+            &codec,
+            10,
+            &req(0),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not class-conditional"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -127,6 +127,7 @@ pub fn train_config(cfg: &Config) -> Result<NetTrainConfig> {
                     one_sample: cfg.model.genmd4_network_samples == 1,
                 },
             },
+            time: cfg.model.block_time(),
         },
     };
     let t = NetTrainConfig {

@@ -2,8 +2,9 @@
 //! block objective and the block network, its test NELBO beats the uniform baseline by many
 //! standard errors, `sample` draws block by block with the KV cache and gives the same bytes
 //! with `--no-cache`, with any sampler inside a block, keeps a prompt (not block-aligned) and
-//! infill text verbatim, draws the unmasking with `--show-steps`, and inconsistent settings are
-//! one-line errors naming the field.
+//! infill text verbatim, draws the unmasking with `--show-steps`, `eval --discrete-steps T`
+//! gives the T-step block NELBO, a time-free block model trains with one t per block by default
+//! (`--block-time`), and inconsistent settings are one-line errors naming the field.
 
 mod common;
 use common::*;
@@ -137,14 +138,70 @@ fn block_model_trains_and_evaluates() {
     ok(&o);
     assert!(stdout(&o).contains("[step"), "{}", stdout(&o));
     one_line_error(&run(&d, &["sample", "blk", "--length", "0"]), &["length"]);
+    // --class reaches block sampling; this text model has no classes
+    one_line_error(
+        &run(&d, &["sample", "blk", "--class", "1"]),
+        &["--class 1", "not class-conditional"],
+    );
     one_line_error(
         &run(&d, &["sample", "blk", "--length", "100000"]),
         &["max_len"],
     );
-    // the block NELBO is a continuous-time estimate only
+    // the T-step block NELBO (MD4's bound per block, summed)
+    let o = run(&d, &["eval", "blk", "-k", "2", "--discrete-steps", "4"]);
+    ok(&o);
+    assert!(
+        stdout(&o).contains("4-step discrete-time ELBO"),
+        "{}",
+        stdout(&o)
+    );
+    let (bits, se) = parse_nelbo(&stdout(&o));
+    assert!(se > 0.0 && bits < UNIFORM_BITS - 5.0 * se, "{bits} ± {se}");
+    // this run is time-conditioned: its default is one t per sequence (nothing recorded), and
+    // per-block times are refused, in training and in evaluation
+    assert!(man["train"]["objective"]["block"].get("time").is_none());
     one_line_error(
-        &run(&d, &["eval", "blk", "--discrete-steps", "4"]),
-        &["continuous"],
+        &run(&d, &["eval", "blk", "--block-time", "block"]),
+        &["time-free"],
+    );
+    one_line_error(
+        &train(
+            &d,
+            "bad",
+            2,
+            &[
+                "--model",
+                "block",
+                "--block-size",
+                "4",
+                "--block-time",
+                "block",
+            ],
+        ),
+        &["model.block_time", "time-free"],
+    );
+    one_line_error(
+        &train(
+            &d,
+            "bad",
+            2,
+            &[
+                "--model",
+                "block",
+                "--block-size",
+                "4",
+                "--time-free",
+                "--block-objective",
+                "genmd4",
+                "--block-time",
+                "block",
+            ],
+        ),
+        &["model.block_time", "MD4"],
+    );
+    one_line_error(
+        &train(&d, "bad", 2, &["--time-free", "--block-time", "block"]),
+        &["model.block_time"],
     );
     // a block model needs a block size; only a block model takes one
     one_line_error(
@@ -159,6 +216,41 @@ fn block_model_trains_and_evaluates() {
         &train(&d, "bad", 2, &["--model", "block", "--block-size", "0"]),
         &["model.block_size"],
     );
+}
+
+/// A time-free block model draws one t per block by default (BD3-LM): the manifest records it,
+/// `eval` estimates the NELBO with per-block or (`--block-time sequence`) per-sequence times and
+/// the T-step bound, all beating the uniform baseline.
+#[test]
+fn time_free_block_model_trains_with_per_block_times() {
+    let d = tmp("block-time");
+    write_corpus(&d.join("corpus.txt"), 40_000);
+    ok(&train(
+        &d,
+        "pb",
+        40,
+        &["--model", "block", "--block-size", "8", "--time-free"],
+    ));
+    let man = manifest(&d.join("pb"));
+    assert_eq!(
+        man["train"]["objective"]["block"]["time"],
+        serde_json::json!("block")
+    );
+    for extra in [
+        &[][..],
+        &["--block-time", "sequence"][..],
+        &["--discrete-steps", "8"][..],
+    ] {
+        let mut args = vec!["eval", "pb", "-k", "2"];
+        args.extend_from_slice(extra);
+        let o = run(&d, &args);
+        ok(&o);
+        let (bits, se) = parse_nelbo(&stdout(&o));
+        assert!(
+            se > 0.0 && bits < UNIFORM_BITS - 5.0 * se,
+            "{extra:?}: {bits} ± {se}"
+        );
+    }
 }
 
 /// `--block-objective genmd4`: GenMD4's learned per-token exponents inside the blocks, through

@@ -10,23 +10,37 @@
 //! returns the logits of the N noised positions (`maskdiff_network::BlockMask`).
 //!
 //! [`Block<O>`] is the inner objective `O` ([`crate::Md4`] or [`crate::GenMd4`]) run on that
-//! network: its noising, loss, parameters, step report and reverse process are O's own, unchanged;
-//! only the network call differs — [`BlockNet`] appends each row's clean x_0 to the x_t the inner
-//! objective passes. So the sum of per-block ELBOs is O's loss with the block-conditioned
-//! denoiser, one t per sequence shared by its blocks (the paper draws one per block; a shared t
-//! keeps the network's per-sequence time conditioning and is still an unbiased estimate of every
-//! block's integral over t, so of their sum). With GenMD4 inside, the per-token-value exponents
+//! network: its loss, parameters, step report and reverse process are O's own, unchanged; only
+//! the network call differs — [`BlockNet`] appends each row's clean x_0 to the x_t the inner
+//! objective passes — and, with per-block times, the noising.
+//!
+//! Times ([`BlockTime`]): `Sequence` draws one t per sequence shared by its blocks (O's own
+//! noising): an unbiased estimate of every block's integral over t, so of their sum, which keeps
+//! a network conditioned on one time per sequence usable. `Block` is the paper's estimator
+//! (BD3-LM eq. (8) with bd3lms' `_sample_t`): every block draws its own t (antithetic over
+//! batch × blocks, [`crate::tensor::block_times`]), is masked with its own α_t and weighted with
+//! its own −α'_t/(1 − α_t), so the summed per-block ELBO adds independent draws instead of one
+//! draw per sequence (lower variance). The network input has one time per row, so per-block
+//! times need a time-free network (as BD3-LM's are; refused with
+//! [`ObjectiveError::PerBlockTimeNeedsTimeFree`] otherwise), and they are implemented with MD4
+//! inside the blocks (GenMD4's two-mask RLOO batch holds one t per sequence: refused).
+//!
+//! With GenMD4 inside, the per-token-value exponents
 //! w = softplus(θ) are shared by all blocks and learned with the network: x_t ~ q_w factorises
 //! over positions, so GenMD4's two masks per sequence and its leave-one-out REINFORCE gradient of
 //! θ (log q of the whole pattern) stay unbiased for the block NELBO.
+//!
+//! The finite-step (T-step) NELBO (MD4 paper §3.2, spec §3.2) is MD4's bound per block, summed:
+//! Σ_b Σ_{i=1}^T E_q[(α_{s(i)} − α_{t(i)})/(1 − α_{t(i)}) Σ_{masked n ∈ b} −log μ_n[x_0^n]],
+//! estimated with one step index per sequence or per block ([`block_estimate`]).
 //!
 //! Limits (tested): B = N is the inner objective itself (same x_t, same t); with MD4 inside,
 //! B = 1 is (α_0 − α_1) times the autoregressive cross-entropy of the same network.
 
 use crate::estimate::{self, EvalOptions, NelboEstimate, NetInput};
 use crate::objective::{
-    CleanBatch, Flat, InnerSpec, Logits, LogitsNet, MicroLoss, Objective, ObjectiveSettings,
-    ObjectiveSpec, ReverseModel, Share, StepLosses,
+    BlockTime, CleanBatch, Flat, InnerSpec, Logits, LogitsNet, MicroLoss, Objective,
+    ObjectiveSettings, ObjectiveSpec, ReverseModel, Share, StepLosses,
 };
 use crate::tensor::{GenMd4Batch, MaskedBatch};
 use crate::{GenMd4, Md4, ObjectiveError};
@@ -41,6 +55,7 @@ use dfdx::prelude::*;
 pub struct Block<O = Md4> {
     inner: O,
     block_size: usize,
+    time: BlockTime,
 }
 
 /// `[x_t ; x_0]` per sequence: the input of a block-diffusion network.
@@ -60,17 +75,43 @@ pub trait InBlocks<D: Device<f32>>: Objective<D> {
     fn inner_spec(&self) -> InnerSpec;
     /// x_0 of a noised batch, row-major `[batch, len]`.
     fn clean(noised: &Self::Noised) -> &[u32];
+    /// Whether the objective implements one time per block ([`BlockTime::Block`]).
+    fn supports_block_time(&self) -> bool;
+    /// The noised batch with one time per block of `block` tokens.
+    fn noise_per_block(
+        &self,
+        batch: &CleanBatch<'_>,
+        block: usize,
+        rng: &mut StdRng,
+    ) -> Result<Self::Noised, ObjectiveError>;
+    /// Per-sequence NELBO estimates (as [`Objective::eval_nelbo`]) with one time per block;
+    /// `net` is already the block network seen as a plain one.
+    fn eval_per_block<N: LogitsNet<D>>(
+        &self,
+        net: &N,
+        batch: &CleanBatch<'_>,
+        block: usize,
+        rng: &mut StdRng,
+    ) -> Result<Vec<f64>, N::Error>;
     /// The block NELBO of `sequences` under a block `denoiser` (it reads `[x_t ; x_0]` and
-    /// returns log μ for the N noised positions): the objective's own estimator.
+    /// returns log μ for the N noised positions): the objective's own estimator, with times
+    /// drawn per sequence or per block of `block` tokens.
+    #[allow(clippy::too_many_arguments)]
     fn estimate_in_blocks<M: Denoiser + ?Sized>(
         &self,
         denoiser: &mut M,
         sequences: &[Vec<u32>],
         labels: Option<&[u32]>,
         opts: EvalOptions,
+        block: usize,
+        time: BlockTime,
         progress: &mut dyn FnMut(usize),
     ) -> Result<NelboEstimate, ObjectiveError>;
 }
+
+/// Per-block times with an objective that has none.
+const NO_BLOCK_TIME: &str = "per-block times (block_time = \"block\") are implemented with MD4 inside \
+     the blocks; GenMD4's two-mask batch holds one time per sequence (use block_time = \"sequence\")";
 
 impl<D: Device<f32>> InBlocks<D> for Md4 {
     fn inner_spec(&self) -> InnerSpec {
@@ -79,15 +120,47 @@ impl<D: Device<f32>> InBlocks<D> for Md4 {
     fn clean(noised: &MaskedBatch) -> &[u32] {
         &noised.x0
     }
+    fn supports_block_time(&self) -> bool {
+        true
+    }
+    fn noise_per_block(
+        &self,
+        batch: &CleanBatch<'_>,
+        block: usize,
+        rng: &mut StdRng,
+    ) -> Result<MaskedBatch, ObjectiveError> {
+        self.noise_in_blocks(batch, block, rng)
+    }
+    fn eval_per_block<N: LogitsNet<D>>(
+        &self,
+        net: &N,
+        batch: &CleanBatch<'_>,
+        block: usize,
+        rng: &mut StdRng,
+    ) -> Result<Vec<f64>, N::Error> {
+        let masked = self.noise_in_blocks(batch, block, rng)?;
+        self.eval_masked(net, batch, &masked)
+    }
     fn estimate_in_blocks<M: Denoiser + ?Sized>(
         &self,
         denoiser: &mut M,
         sequences: &[Vec<u32>],
         labels: Option<&[u32]>,
         opts: EvalOptions,
+        block: usize,
+        time: BlockTime,
         progress: &mut dyn FnMut(usize),
     ) -> Result<NelboEstimate, ObjectiveError> {
-        block_estimate(denoiser, self.schedule(), sequences, labels, opts, progress)
+        block_estimate(
+            denoiser,
+            self.schedule(),
+            sequences,
+            labels,
+            opts,
+            block,
+            time,
+            progress,
+        )
     }
 }
 
@@ -100,14 +173,39 @@ impl<D: Device<f32>> InBlocks<D> for GenMd4<D> {
     fn clean(noised: &GenMd4Batch) -> &[u32] {
         &noised.x0
     }
+    fn supports_block_time(&self) -> bool {
+        false
+    }
+    fn noise_per_block(
+        &self,
+        _: &CleanBatch<'_>,
+        _: usize,
+        _: &mut StdRng,
+    ) -> Result<GenMd4Batch, ObjectiveError> {
+        Err(ObjectiveError::Unsupported(NO_BLOCK_TIME))
+    }
+    fn eval_per_block<N: LogitsNet<D>>(
+        &self,
+        _: &N,
+        _: &CleanBatch<'_>,
+        _: usize,
+        _: &mut StdRng,
+    ) -> Result<Vec<f64>, N::Error> {
+        Err(ObjectiveError::Unsupported(NO_BLOCK_TIME).into())
+    }
     fn estimate_in_blocks<M: Denoiser + ?Sized>(
         &self,
         denoiser: &mut M,
         sequences: &[Vec<u32>],
         labels: Option<&[u32]>,
         opts: EvalOptions,
+        _block: usize,
+        time: BlockTime,
         progress: &mut dyn FnMut(usize),
     ) -> Result<NelboEstimate, ObjectiveError> {
+        if time == BlockTime::Block {
+            return Err(ObjectiveError::Unsupported(NO_BLOCK_TIME));
+        }
         estimate::genmd4_on(
             denoiser,
             &self.schedule()?,
@@ -171,6 +269,9 @@ impl<D: Device<f32>, N: LogitsNet<D>> LogitsNet<D> for BlockNet<'_, N> {
         };
         self.net.logits(&doubled, tape, dropout)
     }
+    fn is_time_conditioned(&self) -> bool {
+        self.net.is_time_conditioned()
+    }
 }
 
 impl Block<Md4> {
@@ -200,10 +301,22 @@ impl<O> Block<O> {
                 "block size must be at least 1".into(),
             ));
         }
-        Ok(Self { inner, block_size })
+        Ok(Self {
+            inner,
+            block_size,
+            time: BlockTime::Sequence,
+        })
+    }
+    /// The same objective with its times drawn per sequence or per block (not checked against
+    /// the inner objective here: [`Objective::from_settings`] and the noising are).
+    pub fn with_time(self, time: BlockTime) -> Self {
+        Self { time, ..self }
     }
     pub fn block_size(&self) -> usize {
         self.block_size
+    }
+    pub fn time(&self) -> BlockTime {
+        self.time
     }
     /// The objective inside the blocks.
     pub fn inner(&self) -> &O {
@@ -214,6 +327,16 @@ impl<O> Block<O> {
     }
 }
 
+impl<O> Block<O> {
+    /// Per-block times need a time-free network (its input has one time per row).
+    fn check_net<D: Device<f32>, N: LogitsNet<D>>(&self, net: &N) -> Result<(), ObjectiveError> {
+        if self.time == BlockTime::Block && net.is_time_conditioned() {
+            return Err(ObjectiveError::PerBlockTimeNeedsTimeFree);
+        }
+        Ok(())
+    }
+}
+
 impl<D: Device<f32>, O: InBlocks<D>> Objective<D> for Block<O> {
     type Noised = O::Noised;
     type Stats = O::Stats;
@@ -221,10 +344,17 @@ impl<D: Device<f32>, O: InBlocks<D>> Objective<D> for Block<O> {
 
     fn from_settings(s: &ObjectiveSettings<'_>, dev: &D) -> Result<Self, ObjectiveError> {
         match *s.spec {
-            ObjectiveSpec::Block { block_size, inner } => {
+            ObjectiveSpec::Block {
+                block_size,
+                inner,
+                time,
+            } => {
                 let spec = inner.objective();
                 let inner = O::from_settings(&ObjectiveSettings { spec: &spec, ..*s }, dev)?;
-                Block::with_inner(inner, block_size)
+                if time == BlockTime::Block && !inner.supports_block_time() {
+                    return Err(ObjectiveError::Unsupported(NO_BLOCK_TIME));
+                }
+                Ok(Block::with_inner(inner, block_size)?.with_time(time))
             }
             other => Err(ObjectiveError::WrongObjective {
                 expected: "block",
@@ -236,11 +366,19 @@ impl<D: Device<f32>, O: InBlocks<D>> Objective<D> for Block<O> {
         ObjectiveSpec::Block {
             block_size: self.block_size,
             inner: self.inner.inner_spec(),
+            time: self.time,
         }
     }
 
     fn noise(&self, b: &CleanBatch<'_>, rng: &mut StdRng) -> Result<O::Noised, ObjectiveError> {
-        self.inner.noise(b, rng)
+        match self.time {
+            BlockTime::Sequence => self.inner.noise(b, rng),
+            BlockTime::Block => self.inner.noise_per_block(b, self.block_size, rng),
+        }
+    }
+
+    fn needs_time_free_network(&self) -> bool {
+        self.time == BlockTime::Block
     }
 
     fn loss<N: LogitsNet<D>>(
@@ -251,6 +389,7 @@ impl<D: Device<f32>, O: InBlocks<D>> Objective<D> for Block<O> {
         share: Share,
         rng: &mut StdRng,
     ) -> Result<MicroLoss<D, O::Stats>, N::Error> {
+        self.check_net(net)?;
         let net = BlockNet::new(net, O::clean(mb));
         self.inner.loss(&net, mb, labels, share, rng)
     }
@@ -277,8 +416,12 @@ impl<D: Device<f32>, O: InBlocks<D>> Objective<D> for Block<O> {
         batch: &CleanBatch<'_>,
         rng: &mut StdRng,
     ) -> Result<Vec<f64>, N::Error> {
-        self.inner
-            .eval_nelbo(&BlockNet::new(net, batch.x0()), batch, rng)
+        self.check_net(net)?;
+        let net = BlockNet::new(net, batch.x0());
+        match self.time {
+            BlockTime::Sequence => self.inner.eval_nelbo(&net, batch, rng),
+            BlockTime::Block => self.inner.eval_per_block(&net, batch, self.block_size, rng),
+        }
     }
 
     fn params(&self) -> Vec<(&'static str, &Flat<D>)> {
@@ -299,8 +442,15 @@ impl<D: Device<f32>, O: InBlocks<D>> Objective<D> for Block<O> {
         opts: EvalOptions,
         progress: &mut dyn FnMut(usize),
     ) -> Result<NelboEstimate, ObjectiveError> {
-        self.inner
-            .estimate_in_blocks(denoiser, sequences, labels, opts, progress)
+        self.inner.estimate_in_blocks(
+            denoiser,
+            sequences,
+            labels,
+            opts,
+            self.block_size,
+            self.time,
+            progress,
+        )
     }
 
     fn exponents(&self) -> Option<Vec<f64>> {
@@ -314,19 +464,24 @@ impl<D: Device<f32>, O: InBlocks<D>> Objective<D> for Block<O> {
 
 /// The MD4 block NELBO of `sequences` under a block-diffusion `denoiser` (it reads `[x_t ; x_0]`
 /// and returns log μ for the N noised positions): MD4's estimator ([`estimate::md4`]) on that
-/// input, K draws of (t, x_t) per sequence, continuous time only (the T-step bound is MD4's,
-/// per block, and is not offered here).
+/// input, K draws per sequence, continuous time or the T-step bound (`opts.discrete_steps`, MD4's
+/// per block, summed). `time`: one (t, x_t) draw per sequence shared by its blocks, or one t per
+/// block of `block` tokens (an antithetic grid over the sequence's blocks; needs a time-free
+/// denoiser). With one block (`block ≥ N`) both are MD4's own estimate, random numbers included.
+#[allow(clippy::too_many_arguments)]
 pub fn block_estimate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
     denoiser: &mut D,
     schedule: &S,
     sequences: &[Vec<u32>],
     labels: Option<&[u32]>,
     opts: EvalOptions,
+    block: usize,
+    time: BlockTime,
     progress: &mut dyn FnMut(usize),
 ) -> Result<NelboEstimate, ObjectiveError> {
-    if opts.discrete_steps.is_some() {
-        return Err(ObjectiveError::Unsupported(
-            "the block-diffusion NELBO is estimated in continuous time only",
+    if block == 0 {
+        return Err(ObjectiveError::Input(
+            "block size must be at least 1".into(),
         ));
     }
     estimate::md4_on(
@@ -337,5 +492,6 @@ pub fn block_estimate<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
         opts,
         progress,
         NetInput::NoisedThenClean,
+        (time == BlockTime::Block).then_some(block),
     )
 }

@@ -33,6 +33,8 @@ pub enum ObjectiveError {
         expected: &'static str,
         found: String,
     },
+    #[error("per-block times (block_time = \"block\") need a time-free network, but this one is conditioned on one time per sequence: train with --time-free, or use block_time = \"sequence\"")]
+    PerBlockTimeNeedsTimeFree,
     #[error("tensor backend failed: {0}")]
     Backend(String),
     #[error(transparent)]

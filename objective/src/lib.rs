@@ -38,7 +38,7 @@ pub use estimate::{EvalOptions, NelboEstimate};
 pub use genmd4::{GenMd4, GenMd4Report, GenMd4Stats, THETA_NAME};
 pub use md4::{Md4, Md4Stats};
 pub use objective::{
-    CleanBatch, Flat, InnerSpec, Logits, LogitsNet, MicroLoss, Noised, Objective,
+    BlockTime, CleanBatch, Flat, InnerSpec, Logits, LogitsNet, MicroLoss, Noised, Objective,
     ObjectiveSettings, ObjectiveSpec, ReverseModel, Share, StepLosses,
 };
 pub use tensor::{

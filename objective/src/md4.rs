@@ -41,20 +41,71 @@ impl Md4 {
     }
 }
 
+impl Md4 {
+    /// Per-sequence NELBO estimates in nats of a drawn batch (no dropout, no tape): the
+    /// diffusion loss of `masked` plus the reconstruction term.
+    pub(crate) fn eval_masked<D: Device<f32>, N: LogitsNet<D>>(
+        &self,
+        net: &N,
+        batch: &CleanBatch<'_>,
+        masked: &MaskedBatch,
+    ) -> Result<Vec<f64>, N::Error> {
+        let t = masked.row_times();
+        let input = DenoiseBatch {
+            ids: &masked.xt,
+            batch: batch.batch(),
+            len: batch.len(),
+            t: &t,
+            labels: batch.labels(),
+        };
+        let logits = net.logits(&input, NoneTape, None)?;
+        let per_seq = md4_diffusion_loss(logits, masked)?;
+        let recon = self.recon(batch.len());
+        Ok(per_seq
+            .as_vec()
+            .into_iter()
+            .map(|x| x as f64 + recon)
+            .collect())
+    }
+
+    /// A noised batch with one time per block of `block` tokens (BD3-LM; see
+    /// [`MaskedBatch::sample_in_blocks`]), drawn with this objective's time sampling.
+    pub fn noise_in_blocks(
+        &self,
+        b: &CleanBatch<'_>,
+        block: usize,
+        rng: &mut StdRng,
+    ) -> Result<MaskedBatch, ObjectiveError> {
+        MaskedBatch::sample_in_blocks(
+            b.x0(),
+            b.batch(),
+            b.len(),
+            self.vocab,
+            block,
+            &self.schedule,
+            self.time_sampling,
+            None,
+            rng,
+        )
+    }
+}
+
 impl Noised for MaskedBatch {
     fn batch(&self) -> usize {
         self.batch
     }
     fn slice(&self, lo: usize, hi: usize) -> Result<Self, ObjectiveError> {
         let r = lo * self.len..hi * self.len;
-        MaskedBatch::new(
+        let k = self.times_per_row();
+        MaskedBatch::new_in_blocks(
             self.x0[r.clone()].to_vec(),
             self.xt[r].to_vec(),
             hi - lo,
             self.len,
             self.vocab,
-            self.t[lo..hi].to_vec(),
-            self.weight[lo..hi].to_vec(),
+            self.segment,
+            self.t[lo * k..hi * k].to_vec(),
+            self.weight[lo * k..hi * k].to_vec(),
         )
     }
     fn masked_fraction(&self) -> f64 {
@@ -116,11 +167,12 @@ impl<D: Device<f32>> Objective<D> for Md4 {
         share: Share,
         rng: &mut StdRng,
     ) -> Result<MicroLoss<D, Md4Stats>, N::Error> {
+        let t = mb.row_times();
         let input = DenoiseBatch {
             ids: &mb.xt,
             batch: mb.batch,
             len: mb.len,
-            t: &mb.t,
+            t: &t,
             labels,
         };
         let logits = net.logits(&input, OwnedTape::default(), Some(rng))?;
@@ -172,21 +224,7 @@ impl<D: Device<f32>> Objective<D> for Md4 {
         rng: &mut StdRng,
     ) -> Result<Vec<f64>, N::Error> {
         let masked = <Self as Objective<D>>::noise(self, batch, rng)?;
-        let input = DenoiseBatch {
-            ids: &masked.xt,
-            batch: batch.batch(),
-            len: batch.len(),
-            t: &masked.t,
-            labels: batch.labels(),
-        };
-        let logits = net.logits(&input, NoneTape, None)?;
-        let per_seq = md4_diffusion_loss(logits, &masked)?;
-        let recon = self.recon(batch.len());
-        Ok(per_seq
-            .as_vec()
-            .into_iter()
-            .map(|x| x as f64 + recon)
-            .collect())
+        self.eval_masked(net, batch, &masked)
     }
 
     fn estimate<M: Denoiser + ?Sized>(

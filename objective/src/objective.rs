@@ -52,7 +52,32 @@ pub enum ObjectiveSpec {
         /// blocks existed), and not written for MD4, so those manifests are unchanged.
         #[serde(default, skip_serializing_if = "InnerSpec::is_md4")]
         inner: InnerSpec,
+        /// One t per sequence shared by its blocks, or one per block (BD3-LM); per sequence
+        /// when absent (manifests written before per-block times existed), and not written for
+        /// it, so those manifests are unchanged.
+        #[serde(default, skip_serializing_if = "BlockTime::is_sequence")]
+        time: BlockTime,
     },
+}
+
+/// How the diffusion times of a block-diffusion batch are drawn ([`crate::Block`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockTime {
+    /// One t per sequence, shared by its blocks: an unbiased estimate of every block's integral
+    /// over t, so of their sum; works with a network conditioned on one time per sequence.
+    #[default]
+    Sequence,
+    /// One t per block (BD3-LM's `_sample_t`, antithetic over batch × blocks): the blocks'
+    /// terms are independent draws, so the summed NELBO estimate has lower variance. The
+    /// network must be time-free (its input has one time per sequence).
+    Block,
+}
+
+impl BlockTime {
+    pub fn is_sequence(&self) -> bool {
+        *self == BlockTime::Sequence
+    }
 }
 
 /// The objective inside the blocks of [`ObjectiveSpec::Block`].
@@ -163,6 +188,9 @@ pub trait LogitsNet<D: Device<f32>> {
         tape: T,
         dropout: Option<&mut StdRng>,
     ) -> Result<Logits<D, T>, Self::Error>;
+    /// Whether the network reads the time of each row (objectives that draw more than one time
+    /// per row, per-block block diffusion, need a time-free network).
+    fn is_time_conditioned(&self) -> bool;
 }
 
 /// Which part of a step's batch a micro-batch is: sequences `lo..hi` of `total`.
@@ -240,6 +268,11 @@ pub trait Objective<D: Device<f32>>: Clone + Sized {
         share: Share,
         rng: &mut StdRng,
     ) -> Result<MicroLoss<D, Self::Stats>, N::Error>;
+    /// Whether the objective needs a time-free network (it draws more than one time per
+    /// sequence: block diffusion with per-block times); trainers refuse a time-conditioned one.
+    fn needs_time_free_network(&self) -> bool {
+        false
+    }
     /// Factor on the network's gradient (GenMD4's one-sample variant: 2, see its docs).
     fn network_grad_scale(&self) -> Option<f32> {
         None

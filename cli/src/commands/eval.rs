@@ -77,6 +77,47 @@ fn elbo_name(r: &NelboEstimate) -> String {
     }
 }
 
+/// `--block-time`: the MD4 block NELBO with the evaluation times drawn per sequence or per
+/// block, whatever the run trained with.
+fn block_estimate_with<
+    M: maskdiff_process::Denoiser + ?Sized,
+    D: DfdxDevice<f32>,
+    O: Objective<D>,
+>(
+    den: &mut M,
+    loaded: &Loaded<D, O>,
+    seqs: &[Vec<u32>],
+    labels: Option<&[u32]>,
+    opts: EvalOptions,
+    time: crate::args::BlockTimeArg,
+    progress: &mut dyn FnMut(usize),
+) -> Result<NelboEstimate> {
+    use maskdiff_objective::{BlockTime, InnerSpec, ObjectiveSpec, ReverseModel};
+    let (block_size, schedule) = match (loaded.objective.spec(), loaded.objective.reverse_model()?)
+    {
+        (
+            ObjectiveSpec::Block {
+                block_size,
+                inner: InnerSpec::Md4,
+                ..
+            },
+            ReverseModel::Md4(s),
+        ) => (block_size, s),
+        _ => {
+            return Err(CliError::Input(
+                "--block-time is for block-diffusion models with MD4 inside the blocks".into(),
+            ))
+        }
+    };
+    let time = match time {
+        crate::args::BlockTimeArg::Sequence => BlockTime::Sequence,
+        crate::args::BlockTimeArg::Block => BlockTime::Block,
+    };
+    Ok(maskdiff_objective::block_estimate(
+        den, &schedule, seqs, labels, opts, block_size, time, progress,
+    )?)
+}
+
 fn eval_on<D: DfdxDevice<f32>, O: Objective<D>>(
     dev: D,
     dir: &Path,
@@ -111,13 +152,29 @@ fn eval_on<D: DfdxDevice<f32>, O: Objective<D>>(
     // An unconditional model of labelled images ignores the labels.
     let labels = labels.filter(|_| maskdiff_process::Denoiser::num_classes(&den) > 0);
     let pb = bar(seqs.len(), "evaluating");
-    let r = loaded
-        .objective
-        .estimate(&mut den, &seqs, labels.as_deref(), opts(cfg), &mut |i| {
-            if let Some(b) = &pb {
-                b.set_position(i as u64)
-            }
-        })?;
+    let mut progress = |i: usize| {
+        if let Some(b) = &pb {
+            b.set_position(i as u64)
+        }
+    };
+    let r = match a.block_time {
+        None => loaded.objective.estimate(
+            &mut den,
+            &seqs,
+            labels.as_deref(),
+            opts(cfg),
+            &mut progress,
+        )?,
+        Some(time) => block_estimate_with(
+            &mut den,
+            &loaded,
+            &seqs,
+            labels.as_deref(),
+            opts(cfg),
+            time,
+            &mut progress,
+        )?,
+    };
     if let Some(b) = pb {
         b.finish_and_clear();
     }

@@ -148,6 +148,9 @@ macro_rules! logits_net {
                     .0
                     .forward(input, tape, dropout.map(|r| r as &mut dyn RngCore))?)
             }
+            fn is_time_conditioned(&self) -> bool {
+                self.0.config().time_conditioning
+            }
         }
     };
 }
@@ -186,6 +189,9 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
         let model = Network::new(net_cfg.clone(), dev, seed)?;
         let opt = AdamW::new(train_cfg.adamw, model.params().iter().map(|p| &p.value))?;
         let objective = O::from_settings(&settings(&train_cfg, net_cfg.vocab_size), dev)?;
+        if objective.needs_time_free_network() && net_cfg.time_conditioning {
+            return Err(maskdiff_objective::ObjectiveError::PerBlockTimeNeedsTimeFree.into());
+        }
         let objective_opt = AdamW::new(
             train_cfg.adamw,
             objective.params().into_iter().map(|(_, t)| t),

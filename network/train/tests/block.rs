@@ -10,44 +10,26 @@ use maskdiff_network::dfdx::prelude::*;
 use maskdiff_network::{Md4Transformer, NetworkConfig, NetworkDenoiser};
 use maskdiff_objective::tensor::MaskedBatch;
 use maskdiff_objective::{
-    block_input, Block, CleanBatch, EvalOptions, InnerSpec, Md4, Objective, ObjectiveSpec, Share,
+    block_input, Block, BlockTime, CleanBatch, EvalOptions, InnerSpec, Md4, Objective,
+    ObjectiveSpec, Share,
 };
 use maskdiff_process::DenoiseBatch;
 use maskdiff_schedule::{AnySchedule, Linear, MaskingSchedule, ScheduleSpec, TimeSampling};
 use maskdiff_train::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+mod block_common;
+use block_common::{mean_se, nll, pattern_log_mu, simpson, with_block};
+
+/// A tiny network with every parameter uniform in ±0.51.
+fn net(v: usize, block: Option<usize>, time: bool, seed: u64) -> Md4Transformer<f32, Cpu> {
+    block_common::net(v, block, time, seed, 0.51)
+}
+
 fn schedule() -> maskdiff_schedule::Shifted<AnySchedule> {
     ScheduleSpec::official(AnySchedule::Linear(Linear))
         .build()
         .unwrap()
-}
-
-/// A tiny network with every parameter random (so every path carries signal).
-fn net(v: usize, block: Option<usize>, time: bool, seed: u64) -> Md4Transformer<f32, Cpu> {
-    let mut cfg = NetworkConfig::preset("tiny", v).unwrap();
-    cfg.time_conditioning = time;
-    cfg.block_size = block;
-    let mut m = cfg.init::<f32, Cpu>(&Cpu::default(), 0).unwrap();
-    let mut rng = StdRng::seed_from_u64(seed);
-    for p in m.params_mut() {
-        let vals: Vec<f32> = (0..p.numel())
-            .map(|_| 0.3 * (rng.gen::<f32>() * 2.0 - 1.0) * 1.7)
-            .collect();
-        p.value = Cpu::default().tensor_from_vec(vals, (p.numel(),));
-    }
-    m
-}
-
-/// The same parameters under another block size (block_size changes no parameter).
-fn with_block(m: &Md4Transformer<f32, Cpu>, block: Option<usize>) -> Md4Transformer<f32, Cpu> {
-    let mut cfg = m.config().clone();
-    cfg.block_size = block;
-    let mut out = cfg.init::<f32, Cpu>(&Cpu::default(), 0).unwrap();
-    for (d, s) in out.params_mut().into_iter().zip(m.params()) {
-        d.value = s.value.clone();
-    }
-    out
 }
 
 fn share(b: usize) -> Share {
@@ -98,13 +80,6 @@ fn block_size_n_is_md4_on_the_same_noise() {
             "B = 4 should differ from MD4: {a} vs {d}"
         );
     }
-}
-
-/// −log softmax(logits)[k].
-fn nll(row: &[f32], k: usize) -> f64 {
-    let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
-    let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-    lse - row[k] as f64
 }
 
 /// Autoregressive cross-entropy of each position: the B = 1 network on the prefix x_0[..=n]
@@ -175,23 +150,6 @@ fn block_size_one_is_weighted_autoregressive_cross_entropy() {
     );
 }
 
-fn mean_se(x: &[f64]) -> (f64, f64) {
-    let n = x.len() as f64;
-    let m = x.iter().sum::<f64>() / n;
-    let var = x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1.0);
-    (m, (var / n).sqrt())
-}
-
-/// ∫ from a0 to a1 of f by composite Simpson with `k` (even) intervals.
-fn simpson(f: impl Fn(f64) -> f64, a0: f64, a1: f64, k: usize) -> f64 {
-    let h = (a1 - a0) / k as f64;
-    let mut s = f(a0) + f(a1);
-    for i in 1..k {
-        s += f(a0 + i as f64 * h) * if i % 2 == 1 { 4.0 } else { 2.0 };
-    }
-    s * h / 3.0
-}
-
 #[test]
 fn block_nelbo_is_unbiased_against_enumeration() {
     // N = 4, V = 3, B = 2, a time-free network: C(S) = Σ_{n∈S} −log μ_n[x_0^n] with exactly
@@ -201,29 +159,12 @@ fn block_nelbo_is_unbiased_against_enumeration() {
     let s = schedule();
     let m = net(v, Some(bs), false, 21);
     let x0: Vec<u32> = vec![2, 0, 1, 1];
+    let log_mu = pattern_log_mu(&m, &x0, v);
     let mut exact = 0.0;
-    for pattern in 1u32..(1 << n) {
-        let xt: Vec<u32> = (0..n)
-            .map(|i| {
-                if pattern >> i & 1 == 1 {
-                    v as u32
-                } else {
-                    x0[i]
-                }
-            })
-            .collect();
-        let ids = block_input(&xt, &x0, 1, n);
-        let batch = DenoiseBatch {
-            ids: &ids,
-            batch: 1,
-            len: 2 * n,
-            t: &[0.5],
-            labels: None,
-        };
-        let logits = m.forward(&batch, NoneTape, None).unwrap().as_vec();
+    for (pattern, lm) in log_mu.iter().enumerate().skip(1) {
         let c: f64 = (0..n)
             .filter(|&i| pattern >> i & 1 == 1)
-            .map(|i| nll(&logits[i * v..(i + 1) * v], x0[i] as usize))
+            .map(|i| -lm[i][x0[i] as usize])
             .sum();
         let k = pattern.count_ones() as i32;
         let integral = simpson(
@@ -276,6 +217,7 @@ fn trainer_steps_with_the_block_objective() {
         objective: ObjectiveSpec::Block {
             block_size: 4,
             inner: InnerSpec::Md4,
+            time: BlockTime::Sequence,
         },
         lr: LrSchedule::constant(3e-3, 0),
         ema_decay: 0.0,
@@ -314,6 +256,7 @@ fn trainer_steps_with_the_block_objective() {
             objective: ObjectiveSpec::Block {
                 block_size: 4,
                 inner: InnerSpec::Md4,
+                time: BlockTime::Sequence,
             },
             ..Default::default()
         },

@@ -8,43 +8,23 @@
 use maskdiff_network::dfdx::prelude::*;
 use maskdiff_network::{Md4Transformer, NetworkConfig, NetworkDenoiser};
 use maskdiff_objective::{
-    block_input, Block, CleanBatch, EvalOptions, GenMd4, GenMd4Batch, GenMd4Options, GenMd4Stats,
+    Block, BlockTime, CleanBatch, EvalOptions, GenMd4, GenMd4Batch, GenMd4Options, GenMd4Stats,
     InnerSpec, Objective, ObjectiveSpec, Share,
 };
-use maskdiff_process::DenoiseBatch;
 use maskdiff_schedule::{inverse_softplus, softplus, GENMD4_T1};
 use maskdiff_train::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+mod block_common;
+use block_common::{mean_se, pattern_log_mu, with_block};
+
+/// A tiny network with every parameter uniform in ±0.5.
+fn net(v: usize, block: Option<usize>, time: bool, seed: u64) -> Md4Transformer<f32, Cpu> {
+    block_common::net(v, block, time, seed, 0.5)
+}
+
 /// GenMD4's ε (official 1e−4).
 const EPS: f64 = 1e-4;
-
-/// A tiny network with every parameter random (so every path carries signal).
-fn net(v: usize, block: Option<usize>, time: bool, seed: u64) -> Md4Transformer<f32, Cpu> {
-    let mut cfg = NetworkConfig::preset("tiny", v).unwrap();
-    cfg.time_conditioning = time;
-    cfg.block_size = block;
-    let mut m = cfg.init::<f32, Cpu>(&Cpu::default(), 0).unwrap();
-    let mut rng = StdRng::seed_from_u64(seed);
-    for p in m.params_mut() {
-        let vals: Vec<f32> = (0..p.numel())
-            .map(|_| 0.5 * (rng.gen::<f32>() * 2.0 - 1.0))
-            .collect();
-        p.value = Cpu::default().tensor_from_vec(vals, (p.numel(),));
-    }
-    m
-}
-
-/// The same parameters under another block size (block_size changes no parameter).
-fn with_block(m: &Md4Transformer<f32, Cpu>, block: Option<usize>) -> Md4Transformer<f32, Cpu> {
-    let mut cfg = m.config().clone();
-    cfg.block_size = block;
-    let mut out = cfg.init::<f32, Cpu>(&Cpu::default(), 0).unwrap();
-    for (d, s) in out.params_mut().into_iter().zip(m.params()) {
-        d.value = s.value.clone();
-    }
-    out
-}
 
 /// GenMD4 as `from_settings` builds it, with exponents `w`.
 fn genmd4(w: &[f64], one_sample: bool) -> GenMd4<Cpu> {
@@ -103,7 +83,8 @@ fn block_size_n_is_genmd4_on_the_same_noise() {
             Objective::<Cpu>::spec(&blk),
             ObjectiveSpec::Block {
                 block_size: n,
-                inner: InnerSpec::GenMd4 { one_sample }
+                inner: InnerSpec::GenMd4 { one_sample },
+                time: BlockTime::Sequence,
             }
         );
         let mut rng = StdRng::seed_from_u64(9);
@@ -125,20 +106,6 @@ fn block_size_n_is_genmd4_on_the_same_noise() {
         assert!((a - d).abs() > 1e-3, "B = 4 should differ: {a} vs {d}");
         assert!(max_rel(&ga, &gd) > 1e-3, "{ga:?} vs {gd:?}");
     }
-}
-
-fn mean_se(x: &[f64]) -> (f64, f64) {
-    let n = x.len() as f64;
-    let m = x.iter().sum::<f64>() / n;
-    let var = x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1.0);
-    (m, (var / n).sqrt())
-}
-
-/// log softmax of a row, in f64.
-fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
-    let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-    row.iter().map(|&x| x as f64 - lse).collect()
 }
 
 /// The exact block-GenMD4 NELBO of `x0` (official conventions: t ~ U[t1, 1) without the
@@ -208,25 +175,7 @@ fn block_genmd4_nelbo_and_theta_gradient_are_unbiased_against_enumeration() {
     let theta: Vec<f64> = w.iter().map(|&x| inverse_softplus(x)).collect();
     let m = net(v, Some(bs), false, 21);
     let x0: Vec<u32> = vec![2, 0, 1, 1];
-    let log_mu: Vec<Vec<Vec<f64>>> = (0..1usize << n)
-        .map(|s| {
-            let xt: Vec<u32> = (0..n)
-                .map(|i| if s >> i & 1 == 1 { v as u32 } else { x0[i] })
-                .collect();
-            let ids = block_input(&xt, &x0, 1, n);
-            let batch = DenoiseBatch {
-                ids: &ids,
-                batch: 1,
-                len: 2 * n,
-                t: &[0.5],
-                labels: None,
-            };
-            let logits = m.forward(&batch, NoneTape, None).unwrap().as_vec();
-            (0..n)
-                .map(|i| log_softmax(&logits[i * v..(i + 1) * v]))
-                .collect()
-        })
-        .collect();
+    let log_mu = pattern_log_mu(&m, &x0, v);
     let exact = exact_nelbo(&theta, &x0, &log_mu);
     let blk = Block::with_inner(genmd4(&w, false), bs).unwrap();
 
@@ -310,6 +259,7 @@ fn trainer_steps_with_genmd4_inside_blocks() {
     let spec = ObjectiveSpec::Block {
         block_size: 4,
         inner: InnerSpec::GenMd4 { one_sample: false },
+        time: BlockTime::Sequence,
     };
     let train_cfg = TrainConfig {
         objective: spec,
@@ -358,6 +308,7 @@ fn trainer_steps_with_genmd4_inside_blocks() {
         objective: ObjectiveSpec::Block {
             block_size: 4,
             inner: InnerSpec::Md4,
+            time: BlockTime::Sequence,
         },
         ..Default::default()
     };
@@ -373,7 +324,8 @@ fn block_spec_serialisation_is_backward_compatible() {
         old,
         ObjectiveSpec::Block {
             block_size: 4,
-            inner: InnerSpec::Md4
+            inner: InnerSpec::Md4,
+            time: BlockTime::Sequence,
         }
     );
     assert_eq!(
@@ -383,7 +335,17 @@ fn block_spec_serialisation_is_backward_compatible() {
     let g = ObjectiveSpec::Block {
         block_size: 2,
         inner: InnerSpec::GenMd4 { one_sample: true },
+        time: BlockTime::Sequence,
     };
     let s = serde_json::to_string(&g).unwrap();
     assert_eq!(serde_json::from_str::<ObjectiveSpec>(&s).unwrap(), g);
+    // per-block times are written, and read back
+    let pb = ObjectiveSpec::Block {
+        block_size: 4,
+        inner: InnerSpec::Md4,
+        time: BlockTime::Block,
+    };
+    let s = serde_json::to_string(&pb).unwrap();
+    assert_eq!(s, r#"{"block":{"block_size":4,"time":"block"}}"#);
+    assert_eq!(serde_json::from_str::<ObjectiveSpec>(&s).unwrap(), pb);
 }

@@ -64,7 +64,7 @@ pub(crate) fn genmd4_on<D: Denoiser + ?Sized>(
     let draw = |toks: &[Token], rng: &mut StdRng| {
         let t = t1 + (1.0 - t1) * rng.gen::<f64>();
         let xt = forward_sample_per_token(toks, |x| schedule.alpha(t, x.index()), rng)?;
-        Ok((t, t, xt))
+        Ok((t, vec![t], xt))
     };
     let mut row_lp = vec![0.0f64; v];
     let score = |r: &Draw, x0: &[u32], lp: &LogProbs, b: usize| {

@@ -99,12 +99,14 @@ pub(crate) fn log_prob(row: &[f32], k: usize) -> f64 {
     row[k] as f64 - lse
 }
 
-/// One Monte-Carlo draw for a sequence: the time the network sees, the value the estimate
-/// needs besides t (the T-step draw u; t itself in continuous time), and x_t as ids.
+/// One Monte-Carlo draw for a sequence: the time the network sees, the values the estimate
+/// needs besides t (the T-step draw u, t itself in continuous time; one per block for per-block
+/// times), and x_t as ids.
 pub(crate) struct Draw {
     pub seq: usize,
     pub t: f64,
-    pub u: f64,
+    /// One value per time of the draw (one per sequence, or one per block).
+    pub u: Vec<f64>,
     pub xt: Vec<u32>,
 }
 
@@ -131,7 +133,7 @@ pub(crate) fn mc_means<D: Denoiser + ?Sized>(
     salt: u64,
     input: NetInput,
     progress: &mut dyn FnMut(usize),
-    mut draw: impl FnMut(&[Token], &mut StdRng) -> Result<(f64, f64, Vec<State>)>,
+    mut draw: impl FnMut(&[Token], &mut StdRng) -> Result<(f64, Vec<f64>, Vec<State>)>,
     mut score: impl FnMut(&Draw, &[u32], &LogProbs, usize) -> Result<f64>,
 ) -> Result<(usize, Vec<f64>)> {
     let vocab = denoiser.vocab();
@@ -230,10 +232,18 @@ pub fn md4<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
         opts,
         progress,
         NetInput::Noised,
+        None,
     )
 }
 
-/// [`md4`] with the network reading `input` (block diffusion: x_t then x_0).
+/// [`md4`] with the network reading `input` (block diffusion: x_t then x_0) and, for
+/// `per_block = Some(B)`, one time per block of B tokens (BD3-LM): a draw takes one u ~ U[0, 1)
+/// and gives block j of the ⌈N / B⌉ blocks u_j = (u + j/⌈N / B⌉) mod 1 (the antithetic grid of
+/// [`crate::tensor::block_times`] for one row: each u_j is marginally uniform, so every block's
+/// term is unbiased), masks block j with α(t_j) and weights its cross-entropy with its own
+/// coefficient; the network is given t_0 and must be time-free. With one block this is the
+/// per-sequence draw, random numbers included.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn md4_on<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
     denoiser: &mut D,
     schedule: &S,
@@ -242,40 +252,64 @@ pub(crate) fn md4_on<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
     opts: EvalOptions,
     progress: &mut dyn FnMut(usize),
     input: NetInput,
+    per_block: Option<usize>,
 ) -> Result<NelboEstimate> {
     let vocab = denoiser.vocab();
     let v = vocab.size();
+    if per_block == Some(0) {
+        return Err(ObjectiveError::Input(
+            "block size must be at least 1".into(),
+        ));
+    }
+    if per_block.is_some() && denoiser.is_time_conditioned() {
+        return Err(ObjectiveError::PerBlockTimeNeedsTimeFree);
+    }
+    // positions sharing one time (a whole sequence without per-block times)
+    let segment = |len: usize| per_block.unwrap_or(len).clamp(1, len.max(1));
+    let time_of = |u: f64| -> Result<f64> {
+        match opts.discrete_steps {
+            None => Ok(u),
+            Some(steps) => Ok(reference::discrete_times(u, steps)?.0),
+        }
+    };
     let draw = |toks: &[Token], rng: &mut StdRng| {
-        let u: f64 = rng.gen();
-        let t = match opts.discrete_steps {
-            None => u,
-            Some(steps) => reference::discrete_times(u, steps)?.0,
-        };
-        Ok((t, u, forward_sample(toks, schedule.alpha(t), rng)?))
+        let seg = segment(toks.len());
+        let u0: f64 = rng.gen();
+        let us = crate::tensor::block_grid(u0, 1, toks.len().div_ceil(seg));
+        let mut xt = Vec::with_capacity(toks.len());
+        for (part, &u) in toks.chunks(seg).zip(&us) {
+            xt.extend(forward_sample(part, schedule.alpha(time_of(u)?), rng)?);
+        }
+        Ok((time_of(u0)?, us, xt))
     };
     let score = |r: &Draw, x0: &[u32], lp: &LogProbs, b: usize| {
-        // Σ_{masked n} −log μ_n[x_0^n], rows renormalised in f64; only masked rows are read,
-        // so a GPT-2 vocabulary costs no [len × V] f64 copy. (Zipping with x_0 reads the
-        // noised half of a block network's input.)
-        let mut ce = 0.0f64;
+        // Per time: Σ_{masked n} −log μ_n[x_0^n], rows renormalised in f64; only masked rows
+        // are read, so a GPT-2 vocabulary costs no [len × V] f64 copy. (Zipping with x_0 reads
+        // the noised half of a block network's input.)
+        let seg = segment(x0.len());
+        let mut ce = vec![0.0f64; r.u.len()];
         for (n, (&xt, &x)) in r.xt.iter().zip(x0).enumerate() {
             if xt == vocab.mask_id() {
-                ce -= log_prob(lp.row(b, n), x as usize);
+                ce[n / seg] -= log_prob(lp.row(b, n), x as usize);
             }
         }
-        if ce == 0.0 {
-            // Nothing masked (or a perfect prediction): the weight may be infinite at t = 0.
-            return Ok(0.0);
-        }
-        Ok(match opts.discrete_steps {
-            // Continuous time, eq. (4): −α'_t/(1 − α_t) · CE.
-            None => -schedule.weight(r.t) * ce,
-            // T-step ELBO (§3.2): T · (α_s − α_t)/(1 − α_t) · CE for the step u selects.
-            Some(steps) => {
-                let (t, s) = reference::discrete_times(r.u, steps)?;
-                steps as f64 * reference::discrete_coefficient(schedule, s, t)? * ce
+        let mut est = 0.0;
+        for (&c, &u) in ce.iter().zip(&r.u) {
+            if c == 0.0 {
+                // Nothing masked (or a perfect prediction): the weight may be infinite at t = 0.
+                continue;
             }
-        })
+            est += c * match opts.discrete_steps {
+                // Continuous time, eq. (4): −α'_t/(1 − α_t) · CE.
+                None => -schedule.weight(u),
+                // T-step ELBO (§3.2): T · (α_s − α_t)/(1 − α_t) · CE for the step u selects.
+                Some(steps) => {
+                    let (t, s) = reference::discrete_times(u, steps)?;
+                    steps as f64 * reference::discrete_coefficient(schedule, s, t)?
+                }
+            };
+        }
+        Ok(est)
     };
     let (len, means) = mc_means(
         denoiser, sequences, labels, opts, MD4_STREAM, input, progress, draw, score,

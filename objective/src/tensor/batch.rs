@@ -1,5 +1,7 @@
 //! [`MaskedBatch`]: one noised MD4 training batch — x_0, x_t ~ q(x_t | x_0) with one time per
-//! sequence (spec §1.3, §2.3), and the per-sequence loss weight.
+//! sequence (spec §1.3, §2.3), and the per-sequence loss weight; or, for block diffusion with
+//! per-block times (BD3-LM's estimator, [`MaskedBatch::sample_in_blocks`]), one time and one
+//! weight per block of each sequence.
 
 use crate::reference::discrete_coefficient;
 use crate::ObjectiveError;
@@ -15,6 +17,10 @@ use rand::Rng;
 /// For the continuous-time loss (paper eq. (4)) the weight is −α'_t/(1 − α_t); for the
 /// discrete-time T-step loss ([`MaskedBatch::sample_discrete`]) it is
 /// T·(α_s − α_t)/(1 − α_t), so one loss function serves both.
+///
+/// Times and weights belong to segments of `segment` positions of each row: the whole row
+/// (`segment = len`, one time per sequence) or the blocks of a block-diffusion model
+/// (`segment = B`, ⌈len / B⌉ times per row, row-major; the last block may be shorter).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MaskedBatch {
     pub(crate) x0: Vec<u32>,
@@ -24,6 +30,7 @@ pub struct MaskedBatch {
     pub(crate) vocab: usize,
     pub(crate) t: Vec<f64>,
     pub(crate) weight: Vec<f64>,
+    pub(crate) segment: usize,
 }
 
 /// Check `x0` against `[batch, len]` and the vocabulary.
@@ -113,6 +120,39 @@ pub(crate) fn noise_rows<R: Rng>(
     Ok(xt)
 }
 
+/// One u ∈ [0, 1) per block of each of `batch` rows, row-major (`[batch, blocks]`): BD3-LM's
+/// per-block times. `Iid`: independent uniforms. `Antithetic`: MD4's shifted grid (spec §2.3)
+/// over all batch × blocks draws, u_{r,j} = (u + (j·batch + r)/M) mod 1 with one u ~ U[0, 1)
+/// and M = batch · blocks — exactly one draw in each [k/M, (k + 1)/M), and every draw is
+/// marginally U[0, 1), so each block's loss (not only the batch sum) is unbiased. (bd3lms'
+/// `_sample_t` gives draw k a fixed stratum with its own jitter, which is unbiased only for the
+/// batch sum over exchangeable rows.) The grid runs block-major, so the blocks of one row are
+/// 1/blocks apart and spread over [0, 1) like the antithetic times of a batch.
+pub fn block_times<R: Rng + ?Sized>(
+    sampling: TimeSampling,
+    batch: usize,
+    blocks: usize,
+    rng: &mut R,
+) -> Vec<f64> {
+    match sampling {
+        TimeSampling::Iid => (0..batch * blocks).map(|_| rng.gen::<f64>()).collect(),
+        TimeSampling::Antithetic => block_grid(rng.gen::<f64>(), batch, blocks),
+    }
+}
+
+/// The antithetic grid of [`block_times`] for a given u: `[batch, blocks]` row-major.
+pub fn block_grid(u: f64, batch: usize, blocks: usize) -> Vec<f64> {
+    let m = (batch * blocks) as f64;
+    let mut out = Vec::with_capacity(batch * blocks);
+    for r in 0..batch {
+        for j in 0..blocks {
+            let x = u + (j * batch + r) as f64 / m;
+            out.push(if x >= 1.0 { x - 1.0 } else { x });
+        }
+    }
+    out
+}
+
 fn finite_weight(w: f64) -> Result<f64, ObjectiveError> {
     if w.is_finite() && w >= 0.0 {
         Ok(w)
@@ -144,13 +184,36 @@ impl MaskedBatch {
     pub fn vocab(&self) -> usize {
         self.vocab
     }
-    /// One time per sequence.
+    /// One time per sequence (per block of each sequence, row-major, for a batch drawn with
+    /// [`MaskedBatch::sample_in_blocks`]).
     pub fn t(&self) -> &[f64] {
         &self.t
     }
-    /// One loss weight per sequence.
+    /// One loss weight per time of [`MaskedBatch::t`].
     pub fn weight(&self) -> &[f64] {
         &self.weight
+    }
+    /// Positions that share one time: `len`, or the block size B of a per-block batch.
+    pub fn segment(&self) -> usize {
+        self.segment
+    }
+    /// Times per sequence: 1, or ⌈len / B⌉ for a per-block batch.
+    pub fn times_per_row(&self) -> usize {
+        self.len.div_ceil(self.segment.max(1))
+    }
+    /// The time a network is given for each row: the row's time (its first block's for a
+    /// per-block batch, which only a time-free network may read).
+    pub fn row_times(&self) -> Vec<f64> {
+        self.t
+            .iter()
+            .step_by(self.times_per_row())
+            .copied()
+            .collect()
+    }
+    /// The loss weight of position `i` (row-major index).
+    pub fn weight_at(&self, i: usize) -> f64 {
+        let (row, pos) = (i / self.len, i % self.len);
+        self.weight[row * self.times_per_row() + pos / self.segment]
     }
     /// A batch from its parts, validated (shapes, ids, x_t consistent with x_0, t ∈ [0, 1],
     /// weights finite and ≥ 0).
@@ -184,7 +247,102 @@ impl MaskedBatch {
             vocab,
             t,
             weight,
+            segment: len,
         })
+    }
+
+    /// A per-block batch from its parts, validated as [`MaskedBatch::new`]: ⌈len / block⌉ times
+    /// and weights per row, row-major.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_in_blocks(
+        x0: Vec<u32>,
+        xt: Vec<u32>,
+        batch: usize,
+        len: usize,
+        vocab: usize,
+        block: usize,
+        t: Vec<f64>,
+        weight: Vec<f64>,
+    ) -> Result<Self, ObjectiveError> {
+        if block == 0 {
+            return Err(ObjectiveError::Input(
+                "block size must be at least 1".into(),
+            ));
+        }
+        let per_row = len.div_ceil(block);
+        check_x0(&x0, batch, len, vocab)?;
+        check_xt(&x0, &xt, vocab)?;
+        if t.len() != batch * per_row || weight.len() != batch * per_row {
+            return Err(ObjectiveError::Shape(format!(
+                "{} times and {} weights for batch {batch} x {per_row} blocks",
+                t.len(),
+                weight.len()
+            )));
+        }
+        check_times(&t, batch * per_row, |x| (0.0..=1.0).contains(&x))?;
+        for &w in &weight {
+            finite_weight(w)?;
+        }
+        Ok(Self {
+            x0,
+            xt,
+            batch,
+            len,
+            vocab,
+            t,
+            weight,
+            segment: block.min(len.max(1)),
+        })
+    }
+
+    /// Block diffusion with one time per block (BD3-LM's training estimator): the ⌈len / B⌉
+    /// blocks of every row get their own u ∈ [0, 1) ([`block_times`]), t = u (continuous time,
+    /// weight −α'_t/(1 − α_t)) or the T-step t = (⌊u·T⌋ + 1)/T (`steps = Some(T)`, weight
+    /// T·(α_s − α_t)/(1 − α_t), spec §3.2), and each block is masked with its own α_t.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_in_blocks<S: MaskingSchedule<f64>, R: Rng>(
+        x0: &[u32],
+        batch: usize,
+        len: usize,
+        vocab: usize,
+        block: usize,
+        schedule: &S,
+        sampling: TimeSampling,
+        steps: Option<usize>,
+        rng: &mut R,
+    ) -> Result<Self, ObjectiveError> {
+        let v = check_x0(x0, batch, len, vocab)?;
+        if block == 0 {
+            return Err(ObjectiveError::Input(
+                "block size must be at least 1".into(),
+            ));
+        }
+        let per_row = len.div_ceil(block);
+        let u = block_times(sampling, batch, per_row, rng);
+        let mut t = Vec::with_capacity(u.len());
+        let mut weight = Vec::with_capacity(u.len());
+        let mut alphas = Vec::with_capacity(u.len());
+        for &ui in &u {
+            let (ti, wi) = match steps {
+                None => (ui, -schedule.weight(ui)),
+                Some(steps) => {
+                    let (ti, si) = crate::reference::discrete_times(ui, steps)?;
+                    (ti, steps as f64 * discrete_coefficient(schedule, si, ti)?)
+                }
+            };
+            t.push(ti);
+            alphas.push(schedule.alpha(ti));
+            weight.push(finite_weight(wi)?);
+        }
+        let mut xt = Vec::with_capacity(x0.len());
+        for (r, row) in x0.chunks(len.max(1)).enumerate() {
+            for (j, part) in row.chunks(block).enumerate() {
+                let toks = v.tokens(part)?;
+                let states = forward_sample(&toks, alphas[r * per_row + j], rng)?;
+                xt.extend(v.input_ids(&states));
+            }
+        }
+        Self::new_in_blocks(x0.to_vec(), xt, batch, len, vocab, block, t, weight)
     }
 
     /// Sample t for each sequence with `sampling` (antithetic by default) and x_t ~ q(x_t | x0);
@@ -230,6 +388,7 @@ impl MaskedBatch {
             vocab,
             t,
             weight,
+            segment: len,
         })
     }
 
@@ -272,6 +431,7 @@ impl MaskedBatch {
             vocab,
             t,
             weight,
+            segment: len,
         })
     }
 

@@ -6,7 +6,9 @@ use crate::ObjectiveError;
 use dfdx::prelude::*;
 use maskdiff_schedule::MaskingSchedule;
 
-/// Per-sequence MD4 diffusion loss in nats: `weight_b · Σ_{n masked} −log_softmax(logits)[x0]`.
+/// Per-sequence MD4 diffusion loss in nats: `weight_b · Σ_{n masked} −log_softmax(logits)[x0]`
+/// (for a per-block batch, each position weighted by its block's weight: the sum of the blocks'
+/// losses).
 /// `logits`: `[batch, len, vocab]` f32 with any tape; the output `(batch,)` keeps the tape.
 ///
 /// The network's outputs at unmasked positions get no gradient (carry-over, spec §4.1). Add
@@ -33,7 +35,7 @@ pub fn md4_diffusion_loss<D: Device<f32>, T: Tape<f32, D>>(
     let coef: Vec<f32> = (0..b * l)
         .map(|i| {
             if batch.is_masked(i) {
-                batch.weight[i / l] as f32
+                batch.weight_at(i) as f32
             } else {
                 0.0
             }
