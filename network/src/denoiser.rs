@@ -2,7 +2,9 @@
 //! (inference only: no tape, no dropout), returning normalised log μ_θ over the V real tokens.
 
 use crate::{Elem, Kernels, Network};
-use maskdiff_process::{BackendError, DenoiseBatch, Denoiser, LogProbs, ProcessError, Vocab};
+use maskdiff_process::{
+    BackendError, DenoiseBatch, Denoiser, LogProbs, ProcessError, RowLogProbs, Vocab,
+};
 
 /// Wraps a model (typically the EMA parameters) as a [`Denoiser`].
 #[derive(Clone, Debug)]
@@ -29,9 +31,23 @@ impl<E: Elem, D: Kernels<E>> Denoiser for NetworkDenoiser<E, D> {
         self.model.config().num_classes
     }
     fn log_probs(&mut self, batch: &DenoiseBatch<'_>) -> Result<LogProbs, ProcessError> {
-        self.model.log_probs(batch).map_err(|e| match e {
-            crate::NetworkError::Process(p) => p,
-            other => ProcessError::Backend(BackendError::new(other)),
-        })
+        self.model.log_probs(batch).map_err(process_error)
+    }
+    /// The transformer runs its last block only at the requested rows.
+    fn log_probs_rows(
+        &mut self,
+        batch: &DenoiseBatch<'_>,
+        rows: &[Vec<usize>],
+    ) -> Result<RowLogProbs, ProcessError> {
+        self.model
+            .log_probs_rows(batch, rows)
+            .map_err(process_error)
+    }
+}
+
+fn process_error(e: crate::NetworkError) -> ProcessError {
+    match e {
+        crate::NetworkError::Process(p) => p,
+        other => ProcessError::Backend(BackendError::new(other)),
     }
 }

@@ -14,12 +14,54 @@ use crate::modules::{
 use crate::param::{self, Param};
 use crate::{BlockMask, Elem, Kernels, NetworkConfig, NetworkError};
 use dfdx::prelude::*;
-use maskdiff_process::{DenoiseBatch, LogProbs, Vocab};
+use maskdiff_process::{DenoiseBatch, LogProbs, RowLogProbs, Vocab};
 use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 use std::path::Path;
 
 /// Per-sequence modulation chunks and the tape holding their projection.
 type Modulation<E, D, T> = (Vec<T2<E, D, T>>, T);
+
+/// The rows a row-restricted forward ([`Md4Transformer::log_probs_rows`]) carries past the last
+/// block's keys and values: each sequence's requested positions, padded to the longest list
+/// (`per`) by repeating one of them (position 0 when none), so that the queries stay a
+/// (batch, per, heads, head_dim) tensor; `keep` picks the requested ones out again.
+struct RowSel {
+    per: usize,
+    /// Flat row `b·n + pos` of each of the `batch·per` carried rows.
+    flat: Vec<usize>,
+    /// The sequence of each carried row.
+    seq: Vec<usize>,
+    /// The position of each carried row.
+    pos: Vec<usize>,
+    /// The carried rows that were requested, in request order.
+    keep: Vec<usize>,
+}
+
+impl RowSel {
+    fn new(rows: &[Vec<usize>], n: usize) -> Self {
+        let per = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let (mut flat, mut seq, mut pos, mut keep) = (vec![], vec![], vec![], vec![]);
+        for (b, r) in rows.iter().enumerate() {
+            let pad = r.last().copied().unwrap_or(0);
+            for k in 0..per {
+                if k < r.len() {
+                    keep.push(seq.len());
+                }
+                let p = r.get(k).copied().unwrap_or(pad);
+                flat.push(b * n + p);
+                seq.push(b);
+                pos.push(p);
+            }
+        }
+        RowSel {
+            per,
+            flat,
+            seq,
+            pos,
+            keep,
+        }
+    }
+}
 
 /// The MD4 transformer denoiser with run-time shapes, generic over element type and device.
 /// Its parameters are typed fields (see [`crate::modules`] for the checkpoint name table).
@@ -289,7 +331,12 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
             Some(rng) if self.cfg.dropout > 0.0 => Some(self.dropout_masks(batch.batch, rng)?),
             _ => None,
         };
-        self.forward_impl(batch, tape, masks)
+        let b = batch.batch;
+        self.forward_impl(batch, tape, masks, None)
+            .and_then(|l| {
+                let n_out = l.shape().0 / b;
+                l.try_reshape_like(&(b, n_out, self.cfg.vocab_size))
+            })
             .map_err(NetworkError::device)
     }
 
@@ -315,6 +362,47 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                 .collect(),
             batch: batch.batch,
             len,
+            vocab: v,
+        })
+    }
+
+    /// Normalised log μ_θ at only the positions `rows[b]` (strictly increasing) of each
+    /// sequence b: the matching rows of [`Self::log_probs`] up to float rounding, with the last
+    /// block computing its keys and values at every position but its queries, attention, FFN,
+    /// the final norm and the output layer only at those rows (the rest of the network runs in
+    /// full: every position feeds the last block's keys). A sampler asks for the positions it
+    /// reveals — about 1.7 of 256 per sequence and call for the cached sampler at T = N = 256.
+    /// Block-diffusion models run the full forward and select.
+    pub fn log_probs_rows(
+        &self,
+        batch: &DenoiseBatch<'_>,
+        rows: &[Vec<usize>],
+    ) -> Result<RowLogProbs, NetworkError> {
+        self.check_input(batch)?;
+        let (offsets, positions) = RowLogProbs::layout(rows, batch.batch, batch.len)?;
+        if self.cfg.block_size.is_some() {
+            return Ok(RowLogProbs::select(&self.log_probs(batch)?, rows)?);
+        }
+        let v = self.cfg.vocab_size;
+        let mut data = Vec::with_capacity(positions.len() * v);
+        if !positions.is_empty() {
+            let sel = RowSel::new(rows, batch.len);
+            let logits = self
+                .forward_impl(batch, NoneTape, None, Some(&sel))
+                .map_err(NetworkError::device)?
+                .as_vec();
+            let mut row = Vec::with_capacity(v);
+            for &r in &sel.keep {
+                row.clear();
+                row.extend_from_slice(&logits[r * v..(r + 1) * v]);
+                log_softmax_row(&mut row);
+                data.extend(row.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)));
+            }
+        }
+        Ok(RowLogProbs {
+            data,
+            offsets,
+            positions,
             vocab: v,
         })
     }
@@ -406,6 +494,41 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         D::matmul(o, attn.wo.tensor()?)
     }
 
+    /// [`Self::attention`] with queries only at the rows of `sel` (no block mask): keys and
+    /// values from every row of x (b·n, d), queries from x's `sel` rows, rotated at their own
+    /// positions → (b·per, d).
+    fn attention_rows<T: Tape<E, D>>(
+        &self,
+        x: T2<E, D, T>,
+        attn: &Attention<E, D>,
+        rope: &Rope<E, D>,
+        sel: &RowSel,
+        (b, n): (usize, usize),
+    ) -> Res<T2<E, D, T>, D> {
+        let (d, h) = (self.cfg.dim, self.cfg.n_heads);
+        let (hd, m) = (d / h, sel.flat.len());
+        let xs = x
+            .retaped::<T>()
+            .try_gather(gather_ids(&self.dev, &sel.flat)?)?;
+        let q = D::matmul(xs, attn.wq.tensor()?)?;
+        let k = D::matmul(x.retaped::<T>(), attn.wk.tensor()?)?;
+        let v = D::matmul(x, attn.wv.tensor()?)?;
+        let rope_q =
+            Rope::at_positions(&self.dev, sel.pos.iter().copied(), hd, self.cfg.rope_theta)?;
+        // one "sequence" of m rows, each rotated at its own position
+        let q = D::rope(&rope_q, q, 1, m, h, 1.0 / (hd as f64).sqrt())?
+            .try_reshape_like(&(b, sel.per, h, hd))?;
+        let k = D::rope(rope, k, b, n, h, 1.0)?;
+        let v = v.try_reshape_like(&(b, n, h, hd))?;
+        // inference only (`log_probs_rows` runs without a tape): the restricted attention is not
+        // recorded, its inputs' tapes pass straight to its output
+        let (q, tq) = q.split_tape();
+        let (k, tk) = k.split_tape();
+        let (v, tv) = v.split_tape();
+        let o = D::attention_rows(q, k, v)?.put_tape(tq.merge(tk).merge(tv));
+        D::matmul(o, attn.wo.tensor()?)
+    }
+
     /// Gated FFN `W2(act(W1 x) ⊙ W3 x)`.
     pub(crate) fn ffn<T: Tape<E, D>>(
         &self,
@@ -417,12 +540,16 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         D::matmul(D::glu(self.cfg.mlp, a, u)?, ffn.w2.tensor()?)
     }
 
+    /// Logits as (rows, V): every position (b·n_out rows) or, with `sel` (no block mask, no
+    /// dropout), the rows of `sel`, the last block running past its keys and values at those
+    /// rows only.
     fn forward_impl<T: Tape<E, D>>(
         &self,
         batch: &DenoiseBatch<'_>,
         tape: T,
         masks: Option<Vec<T2<E, D>>>,
-    ) -> Res<T3<E, D, T>, D> {
+        sel: Option<&RowSel>,
+    ) -> Res<T2<E, D, T>, D> {
         let (b, n, d) = (batch.batch, batch.len, self.cfg.dim);
         // the fused CPU kernels' outputs stay registered (read in place by the next kernels)
         // while this frame is open; it is pruned to the residual stream after every sub-layer
@@ -484,7 +611,17 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                 };
                 let c: T2<E, D, T> = self.cond(cond, &cb)?;
                 let (c, mut cond_tape) = act(self.cfg.mlp, c)?.split_tape();
-                for blk in blocks {
+                // row-restricted: each carried row's sequence picks its modulation vector
+                let seq = match sel {
+                    Some(s) => Some(gather_ids(&self.dev, &s.seq)?),
+                    None => None,
+                };
+                let per_row = |x: T2<E, D, T>| match &seq {
+                    Some(ids) => x.try_gather(ids.clone()),
+                    None => Ok(x),
+                };
+                let last = blocks.len().saturating_sub(1);
+                for (l, blk) in blocks.iter().enumerate() {
                     let (m, t) = self.ada::<T>(&c, &blk.norm, 6)?;
                     cond_tape = cond_tape.merge(t);
                     let mut m = m.into_iter();
@@ -493,6 +630,17 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     let (sh_m, sc_m, g_m) = (take(), take(), take());
                     let a =
                         D::modulate(D::layer_norm(h.retaped::<T>())?, sh_a, sc_a, b_mod, n_mod)?;
+                    if let (Some(s), true) = (sel, l == last) {
+                        let rows = s.flat.len();
+                        let a = self.attention_rows(a, &blk.attn, rope.0, s, (b, n))?;
+                        let hs = h.try_gather(gather_ids(&self.dev, &s.flat)?)?;
+                        h = D::gated_residual(hs, a, per_row(g_a)?, rows, 1)?;
+                        let f = D::layer_norm(h.retaped::<T>())?;
+                        let f = D::modulate(f, per_row(sh_m)?, per_row(sc_m)?, rows, 1)?;
+                        let f = self.ffn(f, &blk.ffn)?;
+                        h = D::gated_residual(h, f, per_row(g_m)?, rows, 1)?;
+                        break;
+                    }
                     let a = self.attention(a, &blk.attn, rope, b, n)?;
                     let a = channel_dropout(a, next_mask(), b, n)?;
                     h = D::gated_residual(h, a, g_a, b_mod, n_mod)?;
@@ -506,14 +654,26 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                 let (m, t) = self.ada::<T>(&c, head, 2)?;
                 let mut m = m.into_iter();
                 let (sh, sc) = (m.next().expect("shift"), m.next().expect("scale"));
-                (
-                    noised(D::modulate(D::layer_norm(h)?, sh, sc, b_mod, n_mod)?)?,
-                    cond_tape.merge(t),
-                )
+                let out = match sel {
+                    Some(s) => {
+                        let rows = s.flat.len();
+                        D::modulate(D::layer_norm(h)?, per_row(sh)?, per_row(sc)?, rows, 1)?
+                    }
+                    None => noised(D::modulate(D::layer_norm(h)?, sh, sc, b_mod, n_mod)?)?,
+                };
+                (out, cond_tape.merge(t))
             }
             Trunk::Plain { blocks, head } => {
-                for blk in blocks {
+                let last = blocks.len().saturating_sub(1);
+                for (l, blk) in blocks.iter().enumerate() {
                     let a = D::rms_norm(h.retaped::<T>(), blk.norm.attn.tensor())?;
+                    if let (Some(s), true) = (sel, l == last) {
+                        let a = self.attention_rows(a, &blk.attn, rope.0, s, (b, n))?;
+                        h = h.try_gather(gather_ids(&self.dev, &s.flat)?)?.try_add(a)?;
+                        let f = D::rms_norm(h.retaped::<T>(), blk.norm.mlp.tensor())?;
+                        h = h.try_add(self.ffn(f, &blk.ffn)?)?;
+                        break;
+                    }
                     let a = self.attention(a, &blk.attn, rope, b, n)?;
                     h = h.try_add(channel_dropout(a, next_mask(), b, n)?)?;
                     D::retain(&scope, &h);
@@ -522,14 +682,13 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     h = h.try_add(f)?;
                     D::retain(&scope, &h);
                 }
-                (D::rms_norm(noised(h)?, head.tensor())?, T::default())
+                let h = if sel.is_some() { h } else { noised(h)? };
+                (D::rms_norm(h, head.tensor())?, T::default())
             }
         };
         let logits = D::matmul(h, self.out.tensor()?)?;
         let (logits, t) = logits.split_tape();
-        logits
-            .put_tape(t.merge(cond_tape))
-            .try_reshape_like(&(b, n_out, self.cfg.vocab_size))
+        Ok(logits.put_tape(t.merge(cond_tape)))
     }
 
     /// Write the parameters to a safetensors file with the project's one atomic writer
@@ -543,6 +702,14 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     pub fn load_safetensors(&mut self, path: &Path) -> Result<(), NetworkError> {
         param::load_file(self.params_mut(), path)
     }
+}
+
+/// Row indices as a device tensor for `try_gather`.
+fn gather_ids<E: Elem, D: Kernels<E>>(
+    dev: &D,
+    ids: &[usize],
+) -> Res<Tensor<(usize,), usize, D>, D> {
+    dev.try_tensor_from_vec(ids.to_vec(), (ids.len(),))
 }
 
 /// `row − log Σ exp(row)` in place, shifted by the row's maximum (NaN or infinite logits give

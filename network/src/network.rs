@@ -9,7 +9,7 @@ use crate::unet::UNet;
 use crate::uvit::Uvit;
 use crate::{Arch, Elem, Kernels, Md4Transformer, NetworkConfig, NetworkError};
 use dfdx::prelude::*;
-use maskdiff_process::{DenoiseBatch, LogProbs, Vocab};
+use maskdiff_process::{DenoiseBatch, LogProbs, RowLogProbs, Vocab};
 use rand::RngCore;
 use std::path::Path;
 
@@ -190,6 +190,19 @@ impl<E: Elem, D: Kernels<E>> Network<E, D> {
             len: batch.len,
             vocab: self.config().vocab_size,
         })
+    }
+
+    /// Normalised log μ_θ at only the positions `rows[b]` of each sequence b (see
+    /// [`Md4Transformer::log_probs_rows`]; the image networks run the full forward and select).
+    pub fn log_probs_rows(
+        &self,
+        batch: &DenoiseBatch<'_>,
+        rows: &[Vec<usize>],
+    ) -> Result<RowLogProbs, NetworkError> {
+        match self {
+            Network::Transformer(m) => m.log_probs_rows(batch, rows),
+            _ => Ok(RowLogProbs::select(&self.log_probs(batch)?, rows)?),
+        }
     }
 
     /// Write the parameters to a safetensors file (atomically).

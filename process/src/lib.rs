@@ -16,7 +16,7 @@ mod prefix;
 mod reverse;
 mod token;
 
-pub use denoiser::{DenoiseBatch, Denoiser, LogProbs};
+pub use denoiser::{DenoiseBatch, Denoiser, LogProbs, RowLogProbs};
 pub use error::{BackendError, ProcessError};
 pub use forward::{
     forward_sample, forward_sample_per_token, posterior, transition_prob, Posterior,

@@ -43,17 +43,26 @@ use crate::{
     Constraint, Remask, RemdmStrategy, Reveal, SampleOutput, SamplerConfig, SamplerError,
     SamplerKind, ScheduleRef, Shaping, StepEvent,
 };
-use maskdiff_process::{reverse_step_genmd4, DenoiseBatch, Denoiser, LogProbs, ProcessError};
+use maskdiff_process::{
+    reverse_step_genmd4, DenoiseBatch, Denoiser, LogProbs, ProcessError, RowLogProbs,
+};
 use maskdiff_schedule::PerTokenPolynomial;
 use std::sync::Arc;
 
 /// A denoiser output kept for reuse: valid while the sequence is unchanged (and, for
-/// time-conditioned denoisers, at the same t).
+/// time-conditioned denoisers, at the same t), at the positions it holds.
 struct Cache {
-    out: Arc<LogProbs>,
-    row: usize,
+    out: Output,
     t: f64,
     version: u64,
+}
+
+/// One sequence's share of a batched denoiser answer.
+enum Output {
+    /// Every position: row `row` of a full answer.
+    Full { out: Arc<LogProbs>, row: usize },
+    /// Only the positions asked for (the ones a step reveals): sequence `seq` of the answer.
+    Rows { out: Arc<RowLogProbs>, seq: usize },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -631,7 +640,9 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
             c.dedup();
             c
         };
-        self.ensure(&callers, t, !call_all)?;
+        // only the revealed positions' μ is read (the reveal coins need no network output)
+        let rows = rows_of(&callers, cands.iter().map(|c| (c.0, c.1)));
+        self.ensure_rows(&callers, &rows, t, !call_all)?;
         cands
             .into_iter()
             .map(|(i, pos, u)| {
@@ -725,7 +736,8 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
         }
         let mut callers: Vec<usize> = cands.iter().map(|c| c.0).collect();
         callers.dedup();
-        self.ensure(&callers, t, true)?;
+        let rows = rows_of(&callers, cands.iter().copied());
+        self.ensure_rows(&callers, &rows, t, true)?;
         cands
             .into_iter()
             .map(|(i, pos)| {
@@ -779,10 +791,11 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
             self.cfg.kind,
             SamplerKind::Ancestral | SamplerKind::Mean | SamplerKind::Remdm
         );
-        self.ensure(&active, 0.0, reuse)?;
+        let rows: Vec<Vec<usize>> = active.iter().map(|&i| self.eligible(i)).collect();
+        self.ensure_rows(&active, &rows, 0.0, reuse)?;
         let mut out = Vec::new();
-        for &i in &active {
-            for pos in self.eligible(i) {
+        for (&i, rows) in active.iter().zip(rows) {
+            for pos in rows {
                 let mu = self.probs(i, pos)?;
                 let k = argmax(&mu);
                 out.push(self.reveal(i, pos, k, mu[k]));
@@ -837,10 +850,31 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
         }
     }
 
-    fn cache_valid(&self, i: usize, t: f64) -> bool {
-        self.cache[i]
-            .as_ref()
-            .is_some_and(|c| c.version == self.version[i] && (self.time_free || c.t == t))
+    /// Whether sequence `i` has an output for its current state at t, at the positions `want`
+    /// (every position when `None`).
+    fn cache_valid(&self, i: usize, t: f64, want: Option<&[usize]>) -> bool {
+        self.cache[i].as_ref().is_some_and(|c| {
+            c.version == self.version[i]
+                && (self.time_free || c.t == t)
+                && match (&c.out, want) {
+                    (Output::Full { .. }, _) => true,
+                    (Output::Rows { out, seq }, Some(w)) => out.has_all(*seq, w),
+                    (Output::Rows { .. }, None) => false,
+                }
+        })
+    }
+
+    /// [`Self::ensure`] for callers that read only the positions `rows[k]` of `callers[k]`:
+    /// the denoiser is asked for those rows only ([`Denoiser::log_probs_rows`]).
+    fn ensure_rows(
+        &mut self,
+        callers: &[usize],
+        rows: &[Vec<usize>],
+        t: f64,
+        reuse: bool,
+    ) -> Result<(), SamplerError> {
+        let at: Vec<(usize, f64)> = callers.iter().map(|&i| (i, t)).collect();
+        self.call(&at, Some(rows), reuse)
     }
 
     /// Make sure every sequence in `callers` has a denoiser output for its current state at t:
@@ -852,11 +886,30 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
 
     /// [`Self::ensure`] with a time per sequence.
     fn ensure_at(&mut self, callers: &[(usize, f64)], reuse: bool) -> Result<(), SamplerError> {
-        let (need, ts): (Vec<usize>, Vec<f64>) = callers
-            .iter()
-            .copied()
-            .filter(|&(i, t)| !reuse || !self.cache_valid(i, t))
-            .unzip();
+        self.call(callers, None, reuse)
+    }
+
+    /// One batched call for the callers without a valid cached output (all of them when
+    /// `reuse` is off): of every position, or with `rows` (one list per caller) of those only.
+    fn call(
+        &mut self,
+        callers: &[(usize, f64)],
+        rows: Option<&[Vec<usize>]>,
+        reuse: bool,
+    ) -> Result<(), SamplerError> {
+        let mut need = Vec::new();
+        let mut ts = Vec::new();
+        let mut need_rows = Vec::new();
+        for (k, &(i, t)) in callers.iter().enumerate() {
+            let want = rows.map(|r| r[k].as_slice());
+            if !reuse || !self.cache_valid(i, t, want) {
+                need.push(i);
+                ts.push(t);
+                if let Some(w) = want {
+                    need_rows.push(w.to_vec());
+                }
+            }
+        }
         if need.is_empty() {
             return Ok(());
         }
@@ -876,6 +929,9 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
             t: &ts,
             labels: labels.as_deref(),
         };
+        if rows.is_some() {
+            return self.store_rows(&need, &ts, &batch, need_rows);
+        }
         let out = self.den.log_probs(&batch)?;
         if out.batch != need.len()
             || out.len != len
@@ -904,8 +960,57 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
         for (row, (&i, &t)) in need.iter().zip(&ts).enumerate() {
             self.nfe[i] += 1;
             self.cache[i] = Some(Cache {
-                out: Arc::clone(&out),
-                row,
+                out: Output::Full {
+                    out: Arc::clone(&out),
+                    row,
+                },
+                t,
+                version: self.version[i],
+            });
+        }
+        Ok(())
+    }
+
+    /// The row-restricted call of [`Self::call`]: checks the answer holds exactly the rows
+    /// asked for, then caches it.
+    fn store_rows(
+        &mut self,
+        need: &[usize],
+        ts: &[f64],
+        batch: &DenoiseBatch<'_>,
+        rows: Vec<Vec<usize>>,
+    ) -> Result<(), SamplerError> {
+        let out = self.den.log_probs_rows(batch, &rows)?;
+        let (offsets, positions) = RowLogProbs::layout(&rows, need.len(), self.cfg.length)?;
+        if out.offsets != offsets
+            || out.positions != positions
+            || out.vocab != self.vocab
+            || out.data.len() != positions.len() * self.vocab
+        {
+            return Err(ProcessError::Shape(format!(
+                "denoiser returned {} rows of {} ({} values) for {} rows of {}",
+                out.positions.len(),
+                out.vocab,
+                out.data.len(),
+                positions.len(),
+                self.vocab
+            ))
+            .into());
+        }
+        if out.data.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
+            return Err(SamplerError::BadPrediction(
+                "log-probabilities contain NaN or +inf".into(),
+            ));
+        }
+        self.calls += 1;
+        let out = Arc::new(out);
+        for (seq, (&i, &t)) in need.iter().zip(ts).enumerate() {
+            self.nfe[i] += 1;
+            self.cache[i] = Some(Cache {
+                out: Output::Rows {
+                    out: Arc::clone(&out),
+                    seq,
+                },
                 t,
                 version: self.version[i],
             });
@@ -919,7 +1024,14 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
             .as_ref()
             .ok_or_else(|| SamplerError::BadPrediction("no denoiser output".into()))?;
         // NaN and +inf were rejected when the output arrived.
-        let row = c.out.row(c.row, pos);
+        let row = match &c.out {
+            Output::Full { out, row } => out.row(*row, pos),
+            Output::Rows { out, seq } => out.find(*seq, pos).ok_or_else(|| {
+                SamplerError::BadPrediction(format!(
+                    "no denoiser output at sequence {i}, position {pos}"
+                ))
+            })?,
+        };
         let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
         if m == f64::NEG_INFINITY {
             return Err(SamplerError::BadPrediction(format!(
@@ -956,4 +1068,16 @@ impl<D: Denoiser + ?Sized> Iterator for Sampler<'_, D> {
             }
         }
     }
+}
+
+/// Per caller (in `callers`' order), its positions among `cands` ((sequence, position) pairs,
+/// positions increasing within a sequence).
+fn rows_of(callers: &[usize], cands: impl Iterator<Item = (usize, usize)>) -> Vec<Vec<usize>> {
+    let mut rows = vec![Vec::new(); callers.len()];
+    for (i, pos) in cands {
+        if let Ok(k) = callers.binary_search(&i) {
+            rows[k].push(pos);
+        }
+    }
+    rows
 }

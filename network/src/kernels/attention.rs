@@ -60,6 +60,73 @@ pub(crate) fn attention<E: Elem, T: Tape<E, Cpu>>(
     })
 }
 
+/// Inference-only attention at a few query rows: q (scaled) (b, r, h, hd) against k, v
+/// (b, n, h, hd) → o (b·r, h·hd), per (sequence, head) S = Q Kᵀ (r × n), the row softmax and
+/// O = P V with the same single-threaded products and softmax as [`forward`], so each row is
+/// what [`forward`] gives for that query.
+pub(crate) fn attention_rows<E: Elem>(
+    q: T4<E, Cpu>,
+    k: T4<E, Cpu>,
+    v: T4<E, Cpu>,
+) -> Res<T2<E, Cpu>, Cpu> {
+    let (b, r, h, hd) = *q.shape();
+    let n = k.shape().1;
+    assert!(
+        *k.shape() == (b, n, h, hd) && *v.shape() == (b, n, h, hd),
+        "attention_rows: k, v shapes differ from q's"
+    );
+    assert!(n > 0 || b * r == 0, "attention_rows: queries without keys");
+    let d = h * hd;
+    let (qv, kv, vv) = (input(&q), input(&k), input(&v));
+    let (qv, kv, vv): (&[E], &[E], &[E]) = (&qv, &kv, &vv);
+    assert!(qv.len() == b * r * d && kv.len() == b * n * d && vv.len() == b * n * d);
+    let mut o: Vec<E> = Vec::with_capacity(b * r * d);
+    if b * r * d > 0 {
+        let op = SendPtr(o.as_mut_ptr());
+        let level = super::isa::level();
+        (0..b * h).into_par_iter().for_each(|task| {
+            let (bi, hi) = (task / h, task % h);
+            let (qt, kt) = ((bi * r * h + hi) * hd, (bi * n * h + hi) * hd);
+            let mut p: Vec<E> = Vec::with_capacity(r * n);
+            // SAFETY: bi < b, hi < h: the strided blocks end at qt + (r−1)·d + hd ≤ b·r·d
+            // (inside q and o) and kt + (n−1)·d + hd ≤ b·n·d (inside k and v), lengths asserted
+            // above and by `input`; gemm writes all r·n elements of the fresh scratch `p`
+            // without reading them, and this task's (bi, ·, hi, ·) block of o — disjoint from
+            // every other task's — without reading it; o is not otherwise accessed until all
+            // tasks have finished.
+            unsafe {
+                mm(
+                    (r, n, hd),
+                    p.as_mut_ptr(),
+                    (n, 1),
+                    false,
+                    qv.as_ptr().add(qt),
+                    (d, 1),
+                    kv.as_ptr().add(kt),
+                    (1, d),
+                );
+                p.set_len(r * n);
+                softmax_rows(level, &mut p, n, None);
+                mm(
+                    (r, hd, n),
+                    op.get().add(qt),
+                    (d, 1),
+                    false,
+                    p.as_ptr(),
+                    (n, 1),
+                    vv.as_ptr().add(kt),
+                    (d, 1),
+                );
+            }
+        });
+    }
+    // SAFETY: the tasks' (bi, ·, hi, ·) blocks tile the b·r·d elements of o (none when it is
+    // empty) and each wrote all of its block.
+    unsafe { o.set_len(b * r * d) };
+    let dev = q.device().clone();
+    Ok(super::storage::output(&dev, o, (b * r, d))?.0)
+}
+
 /// A raw pointer that may cross threads: tasks write disjoint (sequence, head) blocks.
 #[derive(Clone, Copy)]
 struct SendPtr<E>(*mut E);

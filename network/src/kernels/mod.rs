@@ -105,6 +105,19 @@ pub trait Kernels<E: Elem>: Device<E> {
         o.try_permute::<_, Axes4<0, 2, 1, 3>>()?
             .try_reshape_like(&(b * n, h * hd))
     }
+    /// Inference-only attention for a few query rows: q (scaled) (b, r, h, hd) against every
+    /// key and value of its sequence, k, v (b, n, h, hd) → (b·r, h·hd) — row for row what
+    /// [`Self::attention`] gives at those queries (the row-restricted forward's last block).
+    fn attention_rows(q: T4<E, Self>, k: T4<E, Self>, v: T4<E, Self>) -> Res<T2<E, Self>, Self> {
+        let (b, r, h, hd) = *q.shape();
+        let q = q.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
+        let k = k.try_permute::<_, Axes4<0, 2, 3, 1>>()?;
+        let v = v.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
+        let p = Self::softmax_last(q.try_matmul(k)?)?;
+        let o: T4<E, Self> = p.try_matmul(v)?;
+        o.try_permute::<_, Axes4<0, 2, 1, 3>>()?
+            .try_reshape_like(&(b * r, h * hd))
+    }
     /// [`Kernels::attention`] over the 2N positions of block diffusion, each query restricted to
     /// the keys [`BlockMask`] allows (n = 2N): −∞ added to the other scores before the softmax.
     fn block_attention<T: Tape<E, Self>>(
@@ -274,6 +287,9 @@ where
         v: T4<E, Self, T>,
     ) -> Res<T2<E, Self, T>, Self> {
         attention::attention(q, k, v, None)
+    }
+    fn attention_rows(q: T4<E, Self>, k: T4<E, Self>, v: T4<E, Self>) -> Res<T2<E, Self>, Self> {
+        attention::attention_rows(q, k, v)
     }
     fn block_attention<T: Tape<E, Self>>(
         q: T4<E, Self, T>,

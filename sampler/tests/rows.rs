@@ -1,0 +1,121 @@
+//! The samplers ask the denoiser only for the rows they read (`Denoiser::log_probs_rows`):
+//! under Alg. 2 which masked positions a step reveals is decided before the network is called,
+//! so ancestral, cached and first-hitting sampling (and the final fill) request exactly the
+//! positions they reveal — each reveal once — and a row they did not request is never read
+//! (the answer holds nothing else, and reading a missing row is an error).
+
+mod common;
+
+use common::*;
+use maskdiff_process::{DenoiseBatch, Denoiser, LogProbs, ProcessError, RowLogProbs, Vocab};
+use maskdiff_sampler::{sample, SamplerConfig, SamplerKind};
+use maskdiff_schedule::{Linear, SamplingGrid, Shifted};
+
+/// Answers row requests with the requested rows only, counting them.
+struct Counting {
+    inner: HashDenoiser,
+    rows: usize,
+    row_calls: usize,
+}
+
+impl Denoiser for Counting {
+    fn vocab(&self) -> Vocab {
+        self.inner.vocab()
+    }
+    fn is_time_conditioned(&self) -> bool {
+        self.inner.is_time_conditioned()
+    }
+    fn log_probs(&mut self, b: &DenoiseBatch<'_>) -> Result<LogProbs, ProcessError> {
+        self.inner.log_probs(b)
+    }
+    fn log_probs_rows(
+        &mut self,
+        b: &DenoiseBatch<'_>,
+        rows: &[Vec<usize>],
+    ) -> Result<RowLogProbs, ProcessError> {
+        self.row_calls += 1;
+        self.rows += rows.iter().map(Vec::len).sum::<usize>();
+        RowLogProbs::select(&self.inner.log_probs(b)?, rows)
+    }
+}
+
+#[test]
+fn samplers_request_exactly_the_revealed_rows() {
+    let sched = Shifted::official(Linear);
+    for kind in [
+        SamplerKind::Ancestral,
+        SamplerKind::Cached,
+        SamplerKind::FirstHitting,
+    ] {
+        for tc in [false, true] {
+            let c = SamplerConfig {
+                kind,
+                steps: 40,
+                grid: SamplingGrid::Cosine,
+                num_samples: 6,
+                length: 10,
+                seed: 11,
+                batch_size: 4,
+                ..SamplerConfig::default()
+            };
+            let mut d = Counting {
+                inner: HashDenoiser::new(5, tc),
+                rows: 0,
+                row_calls: 0,
+            };
+            let out = sample(&mut d, &sched, &c, &[], None).unwrap();
+            // every position starts masked and is revealed once (some by the final fill)
+            assert_eq!(d.rows, 6 * 10, "{kind:?}, time-conditioned {tc}");
+            assert_eq!(d.row_calls as u64, out.calls, "{kind:?}");
+            assert!(out.sequences.iter().flatten().all(|&x| x < 5));
+            // the same samples as with a denoiser that answers from its full output
+            let full = sample(&mut HashDenoiser::new(5, tc), &sched, &c, &[], None).unwrap();
+            assert_eq!(out.sequences, full.sequences, "{kind:?}");
+            assert_eq!(out.nfe, full.nfe);
+        }
+    }
+}
+
+/// Reading a row the denoiser did not return is an error, not a silent wrong value.
+#[test]
+fn a_denoiser_missing_rows_is_an_error() {
+    struct Short(HashDenoiser);
+    impl Denoiser for Short {
+        fn vocab(&self) -> Vocab {
+            self.0.vocab()
+        }
+        fn is_time_conditioned(&self) -> bool {
+            false
+        }
+        fn log_probs(&mut self, b: &DenoiseBatch<'_>) -> Result<LogProbs, ProcessError> {
+            self.0.log_probs(b)
+        }
+        fn log_probs_rows(
+            &mut self,
+            b: &DenoiseBatch<'_>,
+            rows: &[Vec<usize>],
+        ) -> Result<RowLogProbs, ProcessError> {
+            // drops every sequence's last requested row
+            let fewer: Vec<Vec<usize>> = rows
+                .iter()
+                .map(|r| r[..r.len().saturating_sub(1)].to_vec())
+                .collect();
+            RowLogProbs::select(&self.0.log_probs(b)?, &fewer)
+        }
+    }
+    let c = SamplerConfig {
+        kind: SamplerKind::Cached,
+        steps: 20,
+        num_samples: 2,
+        length: 6,
+        ..SamplerConfig::default()
+    };
+    let r = sample(
+        &mut Short(HashDenoiser::new(4, false)),
+        &Shifted::official(Linear),
+        &c,
+        &[],
+        None,
+    );
+    assert!(r.is_err());
+}
