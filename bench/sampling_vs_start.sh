@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Sampling wall time against the start of issue 13 (commit ce880e1), in one invocation:
-# builds that commit's `network/train/examples/sampling` (in a git worktree under $WORK, sharing
-# this checkout's target directory so the dependencies are not rebuilt) and the current one,
+# builds that commit's `network/train/examples/sampling` (in a git worktree under $WORK, with
+# its own target directory under $WORK, first seeded with a copy of this checkout's release
+# build so that the dependencies are not rebuilt — cargo names a workspace's own crates by
+# their path relative to the workspace root, so two checkouts must not share one target
+# directory) and the current one,
 # then runs them alternately ROUNDS times — start (its ancestral row is the baseline; that
 # binary also runs its cached and first-hitting samplers, which are not used), then the current
 # cached and first-hitting samplers (`--only`) at each precision of PRECISIONS. Prints a
@@ -13,7 +16,8 @@
 # Environment: ROUNDS (2), STEPS (256), SAMPLES (16), LEN (256), PRECISIONS (f32,bf16 where the
 # CPU has avx512_bf16, else f32), START (ce880e1), WORK (${TMPDIR:-/tmp}/maskdiff-vs-start),
 # CARGO_TARGET_DIR (this checkout's target/), NICE (10: niceness of builds and runs).
-# Nothing is written inside the repository but build products in the target directory.
+# Nothing is written inside the repository but build products in its target directory; the
+# start's worktree stays registered in git (`git worktree remove "$WORK/start-$START"`).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,8 +46,19 @@ START_DIR="$WORK/start-$START"
 if [ ! -e "$START_DIR/.git" ]; then
     git -C "$ROOT" worktree add --detach "$START_DIR" "$START" >&2
 fi
+START_TARGET="$WORK/target"
+if [ ! -d "$START_TARGET/release" ] && [ -d "$CARGO_TARGET_DIR/release" ]; then
+    echo "seeding $START_TARGET with a copy of $CARGO_TARGET_DIR/release ..." >&2
+    mkdir -p "$START_TARGET/release"
+    for d in deps build .fingerprint; do
+        cp -r "$CARGO_TARGET_DIR/release/$d" "$START_TARGET/release/"
+    done
+    # only the dependencies: the workspace's own crates are rebuilt from the start's sources
+    rm -rf "$START_TARGET"/release/deps/*maskdiff* "$START_TARGET"/release/.fingerprint/maskdiff-* \
+        "$START_TARGET"/release/build/maskdiff-*
+fi
 echo "building the start ($START) ..." >&2
-start_exe=$(build_example "$START_DIR")
+start_exe=$(CARGO_TARGET_DIR="$START_TARGET" build_example "$START_DIR")
 cp "$start_exe" "$WORK/start-sampling"
 echo "building the current checkout ..." >&2
 new_exe=$(build_example "$ROOT")
