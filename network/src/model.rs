@@ -21,6 +21,9 @@ use std::path::Path;
 /// Per-sequence modulation chunks and the tape holding their projection.
 type Modulation<E, D, T> = (Vec<T2<E, D, T>>, T);
 
+/// Attention's q, k, v projections, (b·n, d) each.
+type Qkv<E, D, T> = (T2<E, D, T>, T2<E, D, T>, T2<E, D, T>);
+
 /// The rows a row-restricted forward ([`Md4Transformer::log_probs_rows`]) carries past the last
 /// block's keys and values: each sequence's requested positions, padded to the longest list
 /// (`per`) by repeating one of them (position 0 when none), so that the queries stay a
@@ -508,7 +511,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     /// The rest of [`Self::attention`] after the q/k/v projections (b·n, d) each.
     fn attend<T: Tape<E, D>>(
         &self,
-        (q, k, v): (T2<E, D, T>, T2<E, D, T>, T2<E, D, T>),
+        (q, k, v): Qkv<E, D, T>,
         attn: &Attention<E, D>,
         (rope, mask): (&Rope<E, D>, Option<BlockMask>),
         b: usize,
