@@ -6,7 +6,7 @@
 # their path relative to the workspace root, so two checkouts must not share one target
 # directory) and the current one,
 # then runs them alternately ROUNDS times — start (its ancestral row is the baseline; that
-# binary also runs its cached and first-hitting samplers, which are not used), then the current
+# binary also runs its cached and first-hitting samplers: it is stopped once its ancestral row is out), then the current
 # cached and first-hitting samplers (`--only`) at each precision of PRECISIONS. Prints a
 # Markdown table and the line
 #   best_exact_over_start_ancestral=X
@@ -74,8 +74,17 @@ results="$WORK/results.txt"
 row() { awk -F'|' -v s="$1" 'index($2, " " s) == 1 { gsub(/ /, "", $3); print $3; exit }'; }
 for r in $(seq 1 "$ROUNDS"); do
     echo "round $r: start ancestral ..." >&2
-    out=$(nice -n "$NICE" "$WORK/start-sampling" "${args[@]}")
-    echo "$r start ancestral f32 $(echo "$out" | row 'ancestral')" >>"$results"
+    # the start binary runs ancestral, cached and first-hitting; it prints (line-buffered) the
+    # ancestral row first: stop it there
+    log="$WORK/start-round$r.txt"
+    nice -n "$NICE" "$WORK/start-sampling" "${args[@]}" >"$log" &
+    pid=$!
+    until [ -n "$(row 'ancestral' <"$log")" ] || ! kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    t=$(row 'ancestral' <"$log")
+    [ -n "$t" ] || { echo "the start binary printed no ancestral row:" >&2; cat "$log" >&2; exit 1; }
+    echo "$r start ancestral f32 $t" >>"$results"
     echo "round $r: current cached, first-hitting at $PRECISIONS ..." >&2
     out=$(nice -n "$NICE" "$WORK/new-sampling" "${args[@]}" --only cached,first-hitting \
         --precisions "$PRECISIONS")
@@ -87,7 +96,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
-cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
+cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -1) (family $(lscpu | sed -n 's/^CPU family: *//p' | head -1), model $(lscpu | sed -n 's/^Model: *//p' | head -1))"
 feats=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' |
     grep -xE 'avx2|fma|avx512f|avx512_bf16|amx_bf16|amx_tile' | sort -u | tr '\n' ' ')
 threads=${RAYON_NUM_THREADS:-$(nproc)}
