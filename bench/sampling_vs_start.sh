@@ -77,7 +77,8 @@ for r in $(seq 1 "$ROUNDS"); do
     # the start binary runs ancestral, cached and first-hitting; it prints (line-buffered) the
     # ancestral row first: stop it there
     log="$WORK/start-round$r.txt"
-    nice -n "$NICE" "$WORK/start-sampling" "${args[@]}" >"$log" &
+    : >"$log" # emptied before the start, which runs concurrently with the polling below
+    nice -n "$NICE" "$WORK/start-sampling" "${args[@]}" >>"$log" &
     pid=$!
     until [ -n "$(row 'ancestral' <"$log")" ] || ! kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
     kill "$pid" 2>/dev/null || true
