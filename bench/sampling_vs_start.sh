@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Sampling wall time against the start of issue 13 (commit ce880e1), in one invocation:
-# builds that commit's `network/train/examples/sampling` (in a git worktree under $WORK, sharing
-# this checkout's target directory so the dependencies are not rebuilt) and the current one,
+# builds that commit's `network/train/examples/sampling` (in a git worktree under $WORK, with
+# its own target directory under $WORK, first seeded with a copy of this checkout's release
+# build so that the dependencies are not rebuilt — cargo names a workspace's own crates by
+# their path relative to the workspace root, so two checkouts must not share one target
+# directory) and the current one,
 # then runs them alternately ROUNDS times — start (its ancestral row is the baseline; that
-# binary also runs its cached and first-hitting samplers, which are not used), then the current
+# binary also runs its cached and first-hitting samplers: it is stopped once its ancestral row is out), then the current
 # cached and first-hitting samplers (`--only`) at each precision of PRECISIONS. Prints a
 # Markdown table and the line
 #   best_exact_over_start_ancestral=X
@@ -13,7 +16,8 @@
 # Environment: ROUNDS (2), STEPS (256), SAMPLES (16), LEN (256), PRECISIONS (f32,bf16 where the
 # CPU has avx512_bf16, else f32), START (ce880e1), WORK (${TMPDIR:-/tmp}/maskdiff-vs-start),
 # CARGO_TARGET_DIR (this checkout's target/), NICE (10: niceness of builds and runs).
-# Nothing is written inside the repository but build products in the target directory.
+# Nothing is written inside the repository but build products in its target directory; the
+# start's worktree stays registered in git (`git worktree remove "$WORK/start-$START"`).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,8 +46,19 @@ START_DIR="$WORK/start-$START"
 if [ ! -e "$START_DIR/.git" ]; then
     git -C "$ROOT" worktree add --detach "$START_DIR" "$START" >&2
 fi
+START_TARGET="$WORK/target"
+if [ ! -d "$START_TARGET/release" ] && [ -d "$CARGO_TARGET_DIR/release" ]; then
+    echo "seeding $START_TARGET with a copy of $CARGO_TARGET_DIR/release ..." >&2
+    mkdir -p "$START_TARGET/release"
+    for d in deps build .fingerprint; do
+        cp -r "$CARGO_TARGET_DIR/release/$d" "$START_TARGET/release/"
+    done
+    # only the dependencies: the workspace's own crates are rebuilt from the start's sources
+    rm -rf "$START_TARGET"/release/deps/*maskdiff* "$START_TARGET"/release/.fingerprint/maskdiff-* \
+        "$START_TARGET"/release/build/maskdiff-*
+fi
 echo "building the start ($START) ..." >&2
-start_exe=$(build_example "$START_DIR")
+start_exe=$(CARGO_TARGET_DIR="$START_TARGET" build_example "$START_DIR")
 cp "$start_exe" "$WORK/start-sampling"
 echo "building the current checkout ..." >&2
 new_exe=$(build_example "$ROOT")
@@ -59,8 +74,18 @@ results="$WORK/results.txt"
 row() { awk -F'|' -v s="$1" 'index($2, " " s) == 1 { gsub(/ /, "", $3); print $3; exit }'; }
 for r in $(seq 1 "$ROUNDS"); do
     echo "round $r: start ancestral ..." >&2
-    out=$(nice -n "$NICE" "$WORK/start-sampling" "${args[@]}")
-    echo "$r start ancestral f32 $(echo "$out" | row 'ancestral')" >>"$results"
+    # the start binary runs ancestral, cached and first-hitting; it prints (line-buffered) the
+    # ancestral row first: stop it there
+    log="$WORK/start-round$r.txt"
+    : >"$log" # emptied before the start, which runs concurrently with the polling below
+    nice -n "$NICE" "$WORK/start-sampling" "${args[@]}" >>"$log" &
+    pid=$!
+    until [ -n "$(row 'ancestral' <"$log")" ] || ! kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    t=$(row 'ancestral' <"$log")
+    [ -n "$t" ] || { echo "the start binary printed no ancestral row:" >&2; cat "$log" >&2; exit 1; }
+    echo "$r start ancestral f32 $t" >>"$results"
     echo "round $r: current cached, first-hitting at $PRECISIONS ..." >&2
     out=$(nice -n "$NICE" "$WORK/new-sampling" "${args[@]}" --only cached,first-hitting \
         --precisions "$PRECISIONS")
@@ -72,7 +97,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
-cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
+cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -1) (family $(lscpu | sed -n 's/^CPU family: *//p' | head -1), model $(lscpu | sed -n 's/^Model: *//p' | head -1))"
 feats=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' |
     grep -xE 'avx2|fma|avx512f|avx512_bf16|amx_bf16|amx_tile' | sort -u | tr '\n' ' ')
 threads=${RAYON_NUM_THREADS:-$(nproc)}

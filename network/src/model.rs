@@ -21,6 +21,9 @@ use std::path::Path;
 /// Per-sequence modulation chunks and the tape holding their projection.
 type Modulation<E, D, T> = (Vec<T2<E, D, T>>, T);
 
+/// Attention's q, k, v projections, (b·n, d) each.
+type Qkv<E, D, T> = (T2<E, D, T>, T2<E, D, T>, T2<E, D, T>);
+
 /// The rows a row-restricted forward ([`Md4Transformer::log_probs_rows`]) carries past the last
 /// block's keys and values: each sequence's requested positions, padded to the longest list
 /// (`per`) by repeating one of them (position 0 when none), so that the queries stay a
@@ -332,7 +335,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
             _ => None,
         };
         let b = batch.batch;
-        self.forward_impl(batch, tape, masks, None)
+        self.forward_impl(batch, tape, masks, None, false)
             .and_then(|l| {
                 let n_out = l.shape().0 / b;
                 l.try_reshape_like(&(b, n_out, self.cfg.vocab_size))
@@ -349,8 +352,11 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         use rayon::prelude::*;
         let v = self.cfg.vocab_size;
         // block models read 2N ids and return the N noised positions: the length is the logits'
-        let logits = self.forward(batch, NoneTape, None)?;
-        let len = logits.shape().1;
+        self.check_input(batch)?;
+        let logits = self
+            .forward_impl(batch, NoneTape, None, None, true)
+            .map_err(NetworkError::device)?;
+        let len = logits.shape().0 / batch.batch;
         let mut x = logits.as_vec();
         x.par_chunks_mut(v * 64)
             .for_each(|rows| rows.chunks_mut(v).for_each(log_softmax_row));
@@ -388,7 +394,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         if !positions.is_empty() {
             let sel = RowSel::new(rows, batch.len);
             let logits = self
-                .forward_impl(batch, NoneTape, None, Some(&sel))
+                .forward_impl(batch, NoneTape, None, Some(&sel), true)
                 .map_err(NetworkError::device)?
                 .as_vec();
             let mut row = Vec::with_capacity(v);
@@ -478,11 +484,41 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         b: usize,
         n: usize,
     ) -> Res<T2<E, D, T>, D> {
-        let (d, h) = (self.cfg.dim, self.cfg.n_heads);
-        let hd = d / h;
         let q = D::matmul(x.retaped::<T>(), attn.wq.tensor()?)?;
         let k = D::matmul(x.retaped::<T>(), attn.wk.tensor()?)?;
         let v = D::matmul(x, attn.wv.tensor()?)?;
+        self.attend((q, k, v), attn, (rope, mask), b, n)
+    }
+
+    /// [`Self::attention`] of an input whose rows depend only on their token: `x_tab` holds
+    /// the V + 1 distinct rows (one per id), so the q/k/v projections run on those and are
+    /// gathered by `ids` (b·n) — row for row the same products (block 0 of a time-free model).
+    fn attention_lookup<T: Tape<E, D>>(
+        &self,
+        x_tab: T2<E, D, T>,
+        ids: &Tensor<(usize,), usize, D>,
+        attn: &Attention<E, D>,
+        rope: (&Rope<E, D>, Option<BlockMask>),
+        b: usize,
+        n: usize,
+    ) -> Res<T2<E, D, T>, D> {
+        let q = D::matmul(x_tab.retaped::<T>(), attn.wq.tensor()?)?.try_gather(ids.clone())?;
+        let k = D::matmul(x_tab.retaped::<T>(), attn.wk.tensor()?)?.try_gather(ids.clone())?;
+        let v = D::matmul(x_tab, attn.wv.tensor()?)?.try_gather(ids.clone())?;
+        self.attend((q, k, v), attn, rope, b, n)
+    }
+
+    /// The rest of [`Self::attention`] after the q/k/v projections (b·n, d) each.
+    fn attend<T: Tape<E, D>>(
+        &self,
+        (q, k, v): Qkv<E, D, T>,
+        attn: &Attention<E, D>,
+        (rope, mask): (&Rope<E, D>, Option<BlockMask>),
+        b: usize,
+        n: usize,
+    ) -> Res<T2<E, D, T>, D> {
+        let (d, h) = (self.cfg.dim, self.cfg.n_heads);
+        let hd = d / h;
         // 1/sqrt(hd) is folded into q's rotation
         let q = D::rope(rope, q, b, n, h, 1.0 / (hd as f64).sqrt())?;
         let k = D::rope(rope, k, b, n, h, 1.0)?;
@@ -541,14 +577,18 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     }
 
     /// Logits as (rows, V): every position (b·n_out rows) or, with `sel` (no block mask, no
-    /// dropout), the rows of `sel`, the last block running past its keys and values at those
-    /// rows only.
+    /// dropout, no tape: the restricted attention is not recorded), the rows of `sel`, the last
+    /// block running past its keys and values at those rows only. With `lookup` (inference)
+    /// the embedding, and for a time-free model block 0's q/k/v projections, are computed
+    /// once per token id (V + 1 rows) and gathered, instead of once per position: they depend
+    /// only on the token.
     fn forward_impl<T: Tape<E, D>>(
         &self,
         batch: &DenoiseBatch<'_>,
         tape: T,
         masks: Option<Vec<T2<E, D>>>,
         sel: Option<&RowSel>,
+        lookup: bool,
     ) -> Res<T2<E, D, T>, D> {
         let (b, n, d) = (batch.batch, batch.len, self.cfg.dim);
         // the fused CPU kernels' outputs stay registered (read in place by the next kernels)
@@ -559,10 +599,31 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         let ids = self
             .dev
             .try_tensor_from_vec(batch.ids.iter().map(|&i| i as usize).collect(), (b * n,))?;
-        let mut h: T2<E, D, T> = self.embed.tensor()?.put_tape(tape).try_gather(ids)?;
-        if let Some(proj) = &self.embed_proj {
-            h = dense(h, proj.weight.tensor()?, Some(proj.bias.tensor()))?;
-        }
+        let lookup = lookup && b * n > self.cfg.vocab_size + 1;
+        // block 0 from the table: a time-free model whose block 0 is not the row-restricted one
+        let plain = matches!(self.trunk, Trunk::Plain { .. });
+        let table0 = lookup && plain && !(sel.is_some() && self.cfg.n_layers == 1);
+        let (mut h, mut table): (T2<E, D, T>, _) = if lookup {
+            let mut e = self.embed.tensor()?.put_tape(tape);
+            if let Some(proj) = &self.embed_proj {
+                e = dense(e, proj.weight.tensor()?, Some(proj.bias.tensor()))?;
+            }
+            if table0 {
+                (e.retaped::<T>().try_gather(ids.clone())?, Some(e))
+            } else {
+                (e.try_gather(ids.clone())?, None)
+            }
+        } else {
+            let mut h = self
+                .embed
+                .tensor()?
+                .put_tape(tape)
+                .try_gather(ids.clone())?;
+            if let Some(proj) = &self.embed_proj {
+                h = dense(h, proj.weight.tensor()?, Some(proj.bias.tensor()))?;
+            }
+            (h, None)
+        };
         let hd = d / self.cfg.n_heads;
         let mask = self.cfg.block_size.and_then(|bs| BlockMask::new(n / 2, bs));
         let rope = match &mask {
@@ -666,6 +727,18 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
             Trunk::Plain { blocks, head } => {
                 let last = blocks.len().saturating_sub(1);
                 for (l, blk) in blocks.iter().enumerate() {
+                    if let Some(e) = table.take() {
+                        // block 0: RMSNorm and the projections of the V + 1 ids' rows
+                        let a_tab = D::rms_norm(e, blk.norm.attn.tensor())?;
+                        let a = self.attention_lookup(a_tab, &ids, &blk.attn, rope, b, n)?;
+                        h = h.try_add(channel_dropout(a, next_mask(), b, n)?)?;
+                        D::retain(&scope, &h);
+                        let f = D::rms_norm(h.retaped::<T>(), blk.norm.mlp.tensor())?;
+                        let f = channel_dropout(self.ffn(f, &blk.ffn)?, next_mask(), b, n)?;
+                        h = h.try_add(f)?;
+                        D::retain(&scope, &h);
+                        continue;
+                    }
                     let a = D::rms_norm(h.retaped::<T>(), blk.norm.attn.tensor())?;
                     if let (Some(s), true) = (sel, l == last) {
                         let a = self.attention_rows(a, &blk.attn, rope.0, s, (b, n))?;

@@ -190,3 +190,65 @@ fn bad_row_requests_are_errors() {
         assert!(m.log_probs_rows(&batch, &rows).is_err(), "{rows:?}");
     }
 }
+
+/// `log_probs` (inference: embedding and, time-free, block 0's q/k/v projections computed per
+/// token id and gathered) equals the log-softmax of `forward`'s logits (computed per position)
+/// on random weights, time-free and conditioned, with and without an embedding projection.
+#[test]
+fn token_table_forward_equals_the_per_position_forward() {
+    let dev = Cpu::default();
+    let cases = [
+        config(|c| c.time_conditioning = false),
+        config(|c| {
+            c.time_conditioning = false;
+            c.embed_dim = Some(6);
+        }),
+        config(|c| {
+            c.time_conditioning = false;
+            c.n_layers = 1;
+        }),
+        config(|c| c.embed_dim = Some(6)),
+    ];
+    for (k, cfg) in cases.into_iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(20 + k as u64);
+        let (b, n) = (3, 11);
+        let ids: Vec<u32> = (0..b * n).map(|_| rng.gen_range(0..=7u32)).collect();
+        let batch = DenoiseBatch {
+            ids: &ids,
+            batch: b,
+            len: n,
+            t: &[0.1, 0.5, 0.9],
+            labels: None,
+        };
+        let mut m = cfg.init::<f32, Cpu>(&dev, 1).unwrap();
+        randomise(&mut m, 30 + k as u64, 0.5);
+        let want = m.forward(&batch, NoneTape, None).unwrap().as_vec();
+        let got = m.log_probs(&batch).unwrap();
+        for (row, g) in want.chunks(7).zip(got.data.chunks(7)) {
+            let mx = row
+                .iter()
+                .fold(f64::NEG_INFINITY, |a, &x| a.max(f64::from(x)));
+            let lse = mx
+                + row
+                    .iter()
+                    .map(|&x| (f64::from(x) - mx).exp())
+                    .sum::<f64>()
+                    .ln();
+            for (&x, &y) in row.iter().zip(g) {
+                let w = f64::from(x) - lse;
+                assert!(
+                    (f64::from(y) - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                    "case {k}: {y} vs {w}"
+                );
+            }
+        }
+        // and the row-restricted forward on top of it (block 0 from the table, last block rows)
+        let rows = vec![vec![0, 5], vec![], vec![10]];
+        let r = m.log_probs_rows(&batch, &rows).unwrap();
+        for (bi, ps) in rows.iter().enumerate() {
+            for &p in ps {
+                assert_eq!(r.find(bi, p).unwrap(), got.row(bi, p), "case {k}");
+            }
+        }
+    }
+}
