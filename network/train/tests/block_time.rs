@@ -23,7 +23,7 @@ use maskdiff_train::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 mod block_common;
-use block_common::{masked, mean_se, nll, pattern_log_mu, simpson, with_block};
+use block_common::{assert_eval_nelbo_unbiased, masked, nll, pattern_log_mu, simpson, with_block};
 
 fn schedule() -> maskdiff_schedule::Shifted<AnySchedule> {
     ScheduleSpec::official(AnySchedule::Linear(Linear))
@@ -281,18 +281,7 @@ fn per_block_nelbo_is_unbiased_against_enumeration() {
     let blk = per_block(v, bs);
     let recon = blk.recon(n);
     // (a) the training/validation path: per-block antithetic times over the copies
-    let copies = 6000;
-    let xs: Vec<u32> = (0..copies).flat_map(|_| x0.iter().copied()).collect();
-    let clean = CleanBatch::new(&xs, copies, n, v, None).unwrap();
-    let per = blk
-        .eval_nelbo(&ModelNet(&m), &clean, &mut StdRng::seed_from_u64(8))
-        .unwrap();
-    let d: Vec<f64> = per.iter().map(|x| x - recon).collect();
-    let (mean, se) = mean_se(&d);
-    assert!(
-        se > 0.0 && (mean - exact).abs() < 4.0 * se,
-        "{mean} ± {se} vs exact {exact}"
-    );
+    assert_eval_nelbo_unbiased(&blk, &m, &x0, v, recon, exact);
     // (b) `eval`'s estimator with per-block times
     let seqs = vec![x0.clone(); 3000];
     let mut den = NetworkDenoiser::new(m.clone());

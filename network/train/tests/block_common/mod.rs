@@ -108,3 +108,32 @@ pub fn simpson(f: impl Fn(f64) -> f64, a0: f64, a1: f64, k: usize) -> f64 {
     }
     s * h / 3.0
 }
+
+/// The validation path (`Objective::eval_nelbo`: one (t, x_t) per copy, the objective's own time
+/// draws) over 6000 copies of `x0` is unbiased: its mean minus `offset` (the reconstruction term
+/// where `exact` leaves it out) is within 4 standard errors of the enumerated `exact`.
+pub fn assert_eval_nelbo_unbiased(
+    obj: &impl maskdiff_objective::Objective<Cpu>,
+    m: &Md4Transformer<f32, Cpu>,
+    x0: &[u32],
+    v: usize,
+    offset: f64,
+    exact: f64,
+) {
+    let copies = 6000;
+    let xs: Vec<u32> = (0..copies).flat_map(|_| x0.iter().copied()).collect();
+    let clean = maskdiff_objective::CleanBatch::new(&xs, copies, x0.len(), v, None).unwrap();
+    let per = obj
+        .eval_nelbo(
+            &maskdiff_train::ModelNet(m),
+            &clean,
+            &mut StdRng::seed_from_u64(8),
+        )
+        .unwrap();
+    let d: Vec<f64> = per.iter().map(|x| x - offset).collect();
+    let (mean, se) = mean_se(&d);
+    assert!(
+        se > 0.0 && (mean - exact).abs() < 4.0 * se,
+        "{mean} ± {se} vs exact {exact}"
+    );
+}
