@@ -226,29 +226,7 @@ impl MaskedBatch {
         t: Vec<f64>,
         weight: Vec<f64>,
     ) -> Result<Self, ObjectiveError> {
-        check_x0(&x0, batch, len, vocab)?;
-        check_xt(&x0, &xt, vocab)?;
-        if t.len() != batch || weight.len() != batch {
-            return Err(ObjectiveError::Shape(format!(
-                "{} times and {} weights for batch {batch}",
-                t.len(),
-                weight.len()
-            )));
-        }
-        check_times(&t, batch, |x| (0.0..=1.0).contains(&x))?;
-        for &w in &weight {
-            finite_weight(w)?;
-        }
-        Ok(Self {
-            x0,
-            xt,
-            batch,
-            len,
-            vocab,
-            t,
-            weight,
-            segment: len,
-        })
+        Self::from_parts(x0, xt, (batch, len, vocab), 1, len, t, weight)
     }
 
     /// A per-block batch from its parts, validated as [`MaskedBatch::new`]: ⌈len / block⌉ times
@@ -270,11 +248,26 @@ impl MaskedBatch {
             ));
         }
         let per_row = len.div_ceil(block);
+        let segment = block.min(len.max(1));
+        Self::from_parts(x0, xt, (batch, len, vocab), per_row, segment, t, weight)
+    }
+
+    /// The checks both constructors share: x_0 and x_t, `per_row` finite times in [0, 1] and
+    /// finite weights per row; `segment` positions share each time.
+    fn from_parts(
+        x0: Vec<u32>,
+        xt: Vec<u32>,
+        (batch, len, vocab): (usize, usize, usize),
+        per_row: usize,
+        segment: usize,
+        t: Vec<f64>,
+        weight: Vec<f64>,
+    ) -> Result<Self, ObjectiveError> {
         check_x0(&x0, batch, len, vocab)?;
         check_xt(&x0, &xt, vocab)?;
         if t.len() != batch * per_row || weight.len() != batch * per_row {
             return Err(ObjectiveError::Shape(format!(
-                "{} times and {} weights for batch {batch} x {per_row} blocks",
+                "{} times and {} weights for batch {batch} x {per_row} per row",
                 t.len(),
                 weight.len()
             )));
@@ -291,7 +284,7 @@ impl MaskedBatch {
             vocab,
             t,
             weight,
-            segment: block.min(len.max(1)),
+            segment,
         })
     }
 
