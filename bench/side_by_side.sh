@@ -7,12 +7,15 @@
 #   maskdiff: ...; PyTorch: ...            (best tokens/s per side, peak RSS of the train phase)
 #   train_ratio=X forward_ratio=Y mem_ratio=Z train_ratio_bf16=.. forward_ratio_bf16=.. bf16_side=..
 # It starts with the CPU model, the SIMD features the kernels can use (avx2, fma, avx512f,
-# avx512_bf16, amx_bf16), and the machine's f32 FMA peak (cores × GHz × FMA lanes × 2 FMA units
-# × 2 flops; GHz from /proc/cpuinfo "cpu MHz", 2 FMA units assumed, as on current x86 server
-# cores), and reports each side's achieved GFLOP/s (analytic matmul + attention flops of the
-# cpu-small model: 3× the forward's per train step) against that peak. With BF16=1 (default)
-# PyTorch also runs with bf16 autocast and maskdiff with `--precision bf16` (bf16 inputs to the
-# dense layers' products, f32 accumulation; on a CPU without AVX512-BF16 maskdiff has no bf16
+# avx512_bf16, amx_bf16), the machine's f32 FMA peak by formula (cores × GHz × FMA lanes × 2 FMA
+# units × 2 flops; GHz from /proc/cpuinfo "cpu MHz", 2 FMA units assumed) and as measured
+# (network/train/examples/fma_peak.rs: independent FMA chains on every thread, and vdpbf16ps
+# where AVX512-BF16 exists — the formula is wrong where the clock boosts above the reported
+# one or the CPU has one 512-bit FMA per cycle, as AMD Zen 4), and reports each side's achieved
+# GFLOP/s (analytic matmul + attention flops of the cpu-small model: 3× the forward's per train
+# step) against the measured f32 peak (bf16 sides also against the measured bf16 dot peak).
+# With BF16=1 (default) PyTorch also runs with bf16 autocast and maskdiff with
+# `--precision bf16` (bf16 inputs to the dense layers' products, f32 accumulation; on a CPU without AVX512-BF16 maskdiff has no bf16
 # path and its f32 numbers stand in, bf16_side=f32 says so); *_ratio_bf16 = maskdiff bf16 over
 # PyTorch bf16 autocast. The load average is printed before and after (shared machines).
 # ratios = maskdiff over PyTorch tokens/s; mem_ratio = maskdiff over PyTorch peak resident
@@ -34,7 +37,7 @@ WARMUP=${WARMUP:-2}
 ROUNDS=${ROUNDS:-2}
 THREADS=${THREADS:-}
 
-cargo build --release -p maskdiff-train --example throughput >&2
+cargo build --release -p maskdiff-train --example throughput --example fma_peak >&2
 python3 -c "import torch" 2>/dev/null || python3 -m pip install --quiet torch >&2
 if [ -n "$THREADS" ]; then
   export RAYON_NUM_THREADS=$THREADS
@@ -56,7 +59,13 @@ case " $flags " in *" avx2 "*) lanes=8 ;; esac
 case " $flags " in *" avx512f "*) lanes=16 ;; esac
 peak=$(awk -v c="$cores" -v m="$mhz" -v l="$lanes" 'BEGIN { printf "%.0f", c * m / 1000 * l * 2 * 2 }')
 echo "CPU: $model, $cores cores at ${mhz} MHz; features:${feats:- (none of avx2/avx512)}"
-echo "f32 FMA peak ≈ $peak GFLOP/s ($cores cores × $(awk -v m="$mhz" 'BEGIN{printf "%.2f", m/1000}') GHz × $lanes lanes × 2 FMA units × 2)"
+echo "f32 FMA peak by formula ≈ $peak GFLOP/s ($cores cores × $(awk -v m="$mhz" 'BEGIN{printf "%.2f", m/1000}') GHz × $lanes lanes × 2 FMA units × 2)"
+# measured with the benchmark's own thread count (RAYON_NUM_THREADS is exported above if THREADS)
+peak_line=$(./target/release/examples/fma_peak | tee >(cat >&2) | tail -n 1)
+mpeak=$(echo "$peak_line" | sed -n 's/.*peak_f32_gflops=\([0-9.]*\).*/\1/p')
+bpeak=$(echo "$peak_line" | sed -n 's/.*peak_bf16_gflops=\([0-9.]*\).*/\1/p')
+echo "measured peak (${RAYON_NUM_THREADS:-$cores} threads): f32 FMA ${mpeak} GFLOP/s, bf16 dot ${bpeak:-none} GFLOP/s"
+peak=${mpeak:-$peak}
 # cpu-small, length 256: matmul flops per token 2·(L(4d² + 3dh) + dV), attention 4·n·d per layer
 fwd_flop=$(awk 'BEGIN { L=4; d=256; h=704; V=27; n=256; print 2*(L*(4*d*d + 3*d*h) + d*V) + L*4*n*d }')
 rust_model=(); torch_script=bench/torch_reference.py; torch_model=()
@@ -104,14 +113,20 @@ rf=$(best "${rs_f[@]}"); rt=$(best "${rs_t[@]}"); pf=$(best "${py_f[@]}"); pt=$(
 rm_=$(least "${rs_m[@]}"); pm=$(least "${py_m[@]}")
 echo "spread over $ROUNDS rounds (tok/s): maskdiff forward $(span "${rs_f[@]}"), train $(span "${rs_t[@]}"); PyTorch forward $(span "${py_f[@]}"), train $(span "${py_t[@]}")"
 echo "maskdiff: forward ${rf} tok/s, train ${rt} tok/s, train peak RSS ${rm_} MB; PyTorch: forward ${pf} tok/s, train ${pt} tok/s, train peak RSS ${pm} MB"
-gf() { awk -v tok="$1" -v f="$fwd_flop" -v k="$2" -v p="$peak" 'BEGIN { g = tok * f * k / 1e9; printf "%.0f GFLOP/s (%.0f%% of peak)", g, 100 * g / p }'; }
+gf() { awk -v tok="$1" -v f="$fwd_flop" -v k="$2" -v p="$peak" 'BEGIN { g = tok * f * k / 1e9; printf "%.0f GFLOP/s (%.0f%% of the f32 peak)", g, 100 * g / p }'; }
+# bf16 sides: also against the measured bf16 dot peak, where there is one
+gfb() {
+  if [ -n "$bpeak" ]; then
+    awk -v tok="$1" -v f="$fwd_flop" -v k="$2" -v p="$peak" -v b="$bpeak" 'BEGIN { g = tok * f * k / 1e9; printf "%.0f GFLOP/s (%.0f%% of the f32 peak, %.0f%% of the bf16 peak)", g, 100 * g / p, 100 * g / b }'
+  else gf "$@"; fi
+}
 echo "achieved: maskdiff f32 train $(gf "$rt" 3), forward $(gf "$rf" 1); PyTorch f32 train $(gf "$pt" 3), forward $(gf "$pf" 1)"
 bf=""
 if [ "$BF16" = 1 ]; then
   bt=$(best "${pb_t[@]}"); bfw=$(best "${pb_f[@]}")
   mbt=$(best "${rb_t[@]}"); mbf=$(best "${rb_f[@]}"); mbm=$(least "${rb_m[@]}")
-  echo "maskdiff bf16 (--precision bf16, ran as $bf16_side): forward ${mbf} tok/s, train ${mbt} tok/s, train peak RSS ${mbm} MB (spread: forward $(span "${rb_f[@]}"), train $(span "${rb_t[@]}")); achieved train $(gf "$mbt" 3), forward $(gf "$mbf" 1) (against the f32 peak)"
-  echo "PyTorch bf16 autocast: forward ${bfw} tok/s, train ${bt} tok/s (spread: forward $(span "${pb_f[@]}"), train $(span "${pb_t[@]}")); achieved train $(gf "$bt" 3), forward $(gf "$bfw" 1)"
+  echo "maskdiff bf16 (--precision bf16, ran as $bf16_side): forward ${mbf} tok/s, train ${mbt} tok/s, train peak RSS ${mbm} MB (spread: forward $(span "${rb_f[@]}"), train $(span "${rb_t[@]}")); achieved train $(gfb "$mbt" 3), forward $(gfb "$mbf" 1)"
+  echo "PyTorch bf16 autocast: forward ${bfw} tok/s, train ${bt} tok/s (spread: forward $(span "${pb_f[@]}"), train $(span "${pb_t[@]}")); achieved train $(gfb "$bt" 3), forward $(gfb "$bfw" 1)"
   bf=$(awk -v rt="$mbt" -v bt="$bt" -v rf="$mbf" -v bf="$bfw" -v side="$bf16_side" 'BEGIN { printf " train_ratio_bf16=%.3f forward_ratio_bf16=%.3f bf16_side=%s", rt / bt, rf / bf, side }')
 fi
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
