@@ -61,11 +61,14 @@ peak=$(awk -v c="$cores" -v m="$mhz" -v l="$lanes" 'BEGIN { printf "%.0f", c * m
 echo "CPU: $model, $cores cores at ${mhz} MHz; features:${feats:- (none of avx2/avx512)}"
 echo "f32 FMA peak by formula ≈ $peak GFLOP/s ($cores cores × $(awk -v m="$mhz" 'BEGIN{printf "%.2f", m/1000}') GHz × $lanes lanes × 2 FMA units × 2)"
 # measured with the benchmark's own thread count (RAYON_NUM_THREADS is exported above if THREADS)
-peak_line=$(./target/release/examples/fma_peak | tee >(cat >&2) | tail -n 1)
-mpeak=$(echo "$peak_line" | sed -n 's/.*peak_f32_gflops=\([0-9.]*\).*/\1/p')
-bpeak=$(echo "$peak_line" | sed -n 's/.*peak_bf16_gflops=\([0-9.]*\).*/\1/p')
-echo "measured peak (${RAYON_NUM_THREADS:-$cores} threads): f32 FMA ${mpeak} GFLOP/s, bf16 dot ${bpeak:-none} GFLOP/s"
-peak=${mpeak:-$peak}
+# at the start of every round; the best over rounds is the peak (load only ever lowers it)
+pk_f=(); pk_b=()
+measure_peak() {
+  local line
+  line=$(./target/release/examples/fma_peak | tee >(cat >&2) | tail -n 1)
+  pk_f+=("$(echo "$line" | sed -n 's/.*peak_f32_gflops=\([0-9.]*\).*/\1/p')")
+  pk_b+=("$(echo "$line" | sed -n 's/.*peak_bf16_gflops=\([0-9.]*\).*/\1/p')")
+}
 # cpu-small, length 256: matmul flops per token 2·(L(4d² + 3dh) + dV), attention 4·n·d per layer
 fwd_flop=$(awk 'BEGIN { L=4; d=256; h=704; V=27; n=256; print 2*(L*(4*d*d + 3*d*h) + d*V) + L*4*n*d }')
 rust_model=(); torch_script=bench/torch_reference.py; torch_model=()
@@ -86,6 +89,8 @@ bf16_side=f32
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg); threads per side: ${THREADS:-all ($cores)}"
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 for r in $(seq 1 "$ROUNDS"); do
+  echo "== round $r: measured peak" >&2
+  measure_peak
   echo "== round $r: maskdiff (dfdx)" >&2
   line=$(./target/release/examples/throughput "${rust_model[@]}" --iters "$ITERS" --warmup "$WARMUP" | tee >(cat >&2) | tail -n 1)
   rs_f+=("$(echo "$line" | field forward_tok_s)"); rs_t+=("$(echo "$line" | field train_tok_s)")
@@ -107,6 +112,9 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 sleep 0.2 # let the tee'd copies reach stderr first
 best() { printf '%s\n' "$@" | sort -g | tail -n 1; }
+mpeak=$(best "${pk_f[@]}"); bpeak=$(printf '%s\n' "${pk_b[@]}" | grep . | sort -g | tail -n 1 || true)
+echo "measured peak (${RAYON_NUM_THREADS:-$cores} threads, best of $ROUNDS rounds): f32 FMA ${mpeak} GFLOP/s, bf16 dot ${bpeak:-none} GFLOP/s"
+peak=${mpeak:-$peak}
 least() { printf '%s\n' "$@" | sort -g | head -n 1; }
 span() { echo "$(least "$@")–$(best "$@")"; }
 rf=$(best "${rs_f[@]}"); rt=$(best "${rs_t[@]}"); pf=$(best "${py_f[@]}"); pt=$(best "${py_t[@]}")

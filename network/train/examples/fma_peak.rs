@@ -10,7 +10,8 @@
 //! cores) at the widest level the CPU has, and the same for `vdpbf16ps` (the bf16 pair dot
 //! product with f32 accumulation, 2 multiply-adds per f32 lane) where AVX512-BF16 exists.
 //!
-//! `cargo run --release -p maskdiff-train --example fma_peak -- [--millis MS]`
+//! `cargo run --release -p maskdiff-train --example fma_peak -- [--millis MS] [--tries N]`
+//! (best of N runs of MS milliseconds each, for each kind).
 //! Threads: `RAYON_NUM_THREADS` (default all cores, as the kernels), one busy loop each.
 //! Last line (machine-readable): `peak_f32_gflops=X peak_bf16_gflops=Y|none threads=T isa=..`.
 
@@ -195,7 +196,8 @@ fn measure(kind: Kind, threads: usize, span: Duration) -> f64 {
 }
 
 fn main() -> Result<(), Err> {
-    let millis: u64 = arg("--millis", 600);
+    let millis: u64 = arg("--millis", 200);
+    let tries: usize = arg("--tries", 5);
     let span = Duration::from_millis(millis.max(50));
     // the kernels' thread count: rayon's, which RAYON_NUM_THREADS sets (default all cores)
     let threads = std::env::var("RAYON_NUM_THREADS")
