@@ -206,9 +206,9 @@ fn main() -> Result<(), Err> {
         .filter(|&t| t > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let (f32k, has_bf16) = detect();
-    // best of 3: other processes only ever take cycles away
+    // best of `tries`: other processes only ever take cycles away
     let best = |k: Kind| {
-        (0..3)
+        (0..tries.max(1))
             .map(|_| measure(k, threads, span))
             .fold(0.0, f64::max)
     };
