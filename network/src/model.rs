@@ -81,20 +81,7 @@ pub struct Md4Transformer<E: Elem, D: Kernels<E>> {
     dev: D,
 }
 
-impl<E: Elem, D: Kernels<E>> Parameters<E, D> for Md4Transformer<E, D> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        self.embed.visit(f);
-        self.embed_proj.visit(f);
-        self.trunk.visit(f);
-        self.out.visit(f);
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        self.embed.visit_mut(f);
-        self.embed_proj.visit_mut(f);
-        self.trunk.visit_mut(f);
-        self.out.visit_mut(f);
-    }
-}
+crate::modules::parameters!([D: Kernels<E>] Md4Transformer<E, D> { embed, embed_proj, trunk, out });
 
 impl NetworkConfig {
     /// Build a freshly initialised model on `dev` (see [`Md4Transformer::new`]).

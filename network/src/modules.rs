@@ -66,25 +66,34 @@ impl<E: Elem, D: Device<E>, M: Parameters<E, D>> Parameters<E, D> for Vec<M> {
     }
 }
 
-/// `Parameters` for a struct: its fields visited in the order listed.
+/// `Parameters` for a struct: its fields (or fields of fields, `mid.0`) visited in the order
+/// listed. `parameters!(Ty { .. })` is for `Ty<E, D>` with `D: Device<E>`; other bounds and
+/// type parameters go in brackets: `parameters!([D: Kernels<E>] Ty<E, D> { .. })`.
 macro_rules! parameters {
-    ($ty:ident { $($field:ident),+ }) => {
-        impl<E: Elem, D: Device<E>> Parameters<E, D> for $ty<E, D> {
+    ($ty:ident { $($($field:tt).+),+ $(,)? }) => {
+        crate::modules::parameters!([D: Device<E>] $ty<E, D> { $($($field).+),+ });
+    };
+    ([$($bounds:tt)*] $ty:ty { $($($field:tt).+),+ $(,)? }) => {
+        impl<E: Elem, $($bounds)*> Parameters<E, D> for $ty {
             fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-                $(self.$field.visit(f);)+
+                $(self$(.$field)+.visit(f);)+
             }
             fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-                $(self.$field.visit_mut(f);)+
+                $(self$(.$field)+.visit_mut(f);)+
             }
         }
     };
 }
 pub(crate) use parameters;
 
-/// `Parameters` for an enum `$ty<E, D>` of one-field variants: those of the variant present.
+/// `Parameters` for an enum `$ty<E, D>` of one-field variants: those of the variant present
+/// (bounds in brackets as for [`parameters!`]).
 macro_rules! enum_parameters {
     ($ty:ident { $($variant:ident),+ }) => {
-        impl<E: Elem, D: Device<E>> Parameters<E, D> for $ty<E, D> {
+        crate::modules::enum_parameters!([D: Device<E>] $ty { $($variant),+ });
+    };
+    ([$($bounds:tt)*] $ty:ident { $($variant:ident),+ }) => {
+        impl<E: Elem, $($bounds)*> Parameters<E, D> for $ty<E, D> {
             fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
                 match self {
                     $($ty::$variant(x) => x.visit(f),)+
@@ -231,18 +240,7 @@ pub struct Block<E: Elem, D: Device<E>, N> {
     pub ffn: Ffn<E, D>,
 }
 
-impl<E: Elem, D: Device<E>, N: Parameters<E, D>> Parameters<E, D> for Block<E, D, N> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        self.norm.visit(f);
-        self.attn.visit(f);
-        self.ffn.visit(f);
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        self.norm.visit_mut(f);
-        self.attn.visit_mut(f);
-        self.ffn.visit_mut(f);
-    }
-}
+parameters!([D: Device<E>, N: Parameters<E, D>] Block<E, D, N> { norm, attn, ffn });
 
 /// The blocks and the final norm: adaLN-zero throughout when the model is conditioned (on time
 /// and/or a class label), RMSNorm throughout otherwise.

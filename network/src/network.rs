@@ -41,22 +41,7 @@ impl<E: Elem, D: Kernels<E>> From<UNet<E, D>> for Network<E, D> {
     }
 }
 
-impl<E: Elem, D: Kernels<E>> Parameters<E, D> for Network<E, D> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        match self {
-            Network::Transformer(m) => m.visit(f),
-            Network::UNet(m) => m.visit(f),
-            Network::Uvit(m) => m.visit(f),
-        }
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        match self {
-            Network::Transformer(m) => m.visit_mut(f),
-            Network::UNet(m) => m.visit_mut(f),
-            Network::Uvit(m) => m.visit_mut(f),
-        }
-    }
-}
+crate::modules::enum_parameters!([D: Kernels<E>] Network { Transformer, UNet, Uvit });
 
 impl<E: Elem, D: Kernels<E>> Network<E, D> {
     /// A freshly initialised network of `cfg`'s architecture, parameters from `seed`.

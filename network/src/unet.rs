@@ -74,24 +74,9 @@ pub struct SelfAttention<E: Elem, D: Device<E>> {
 
 crate::modules::parameters!(GroupNormParams { scale, bias });
 crate::modules::parameters!(Conv { weight, bias });
-impl<E: Elem, D: Device<E>, N: Parameters<E, D>> Parameters<E, D> for ResBlock<E, D, N> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        self.norm1.visit(f);
-        self.conv1.visit(f);
-        self.cond.visit(f);
-        self.norm2.visit(f);
-        self.conv2.visit(f);
-        self.skip.visit(f);
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        self.norm1.visit_mut(f);
-        self.conv1.visit_mut(f);
-        self.cond.visit_mut(f);
-        self.norm2.visit_mut(f);
-        self.conv2.visit_mut(f);
-        self.skip.visit_mut(f);
-    }
-}
+crate::modules::parameters!([D: Device<E>, N: Parameters<E, D>] ResBlock<E, D, N> {
+    norm1, conv1, cond, norm2, conv2, skip
+});
 crate::modules::parameters!(SelfAttention { norm, q, k, v, o });
 
 /// The U-Net denoiser with run-time shapes, generic over element type and device.
@@ -111,32 +96,9 @@ pub struct UNet<E: Elem, D: Kernels<E>> {
     dev: D,
 }
 
-impl<E: Elem, D: Kernels<E>> Parameters<E, D> for UNet<E, D> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        self.embed.visit(f);
-        self.cond.visit(f);
-        self.conv_in.visit(f);
-        self.down.visit(f);
-        self.mid.0.visit(f);
-        self.mid.1.visit(f);
-        self.mid.2.visit(f);
-        self.up.visit(f);
-        self.out_norm.visit(f);
-        self.out_conv.visit(f);
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        self.embed.visit_mut(f);
-        self.cond.visit_mut(f);
-        self.conv_in.visit_mut(f);
-        self.down.visit_mut(f);
-        self.mid.0.visit_mut(f);
-        self.mid.1.visit_mut(f);
-        self.mid.2.visit_mut(f);
-        self.up.visit_mut(f);
-        self.out_norm.visit_mut(f);
-        self.out_conv.visit_mut(f);
-    }
-}
+crate::modules::parameters!([D: Kernels<E>] UNet<E, D> {
+    embed, cond, conv_in, down, mid.0, mid.1, mid.2, up, out_norm, out_conv
+});
 
 impl<E: Elem, D: Kernels<E>> Builder<'_, '_, E, D> {
     pub(crate) fn group_norm(

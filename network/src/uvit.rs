@@ -152,28 +152,9 @@ pub struct Uvit<E: Elem, D: Kernels<E>> {
     dev: D,
 }
 
-impl<E: Elem, D: Kernels<E>> Parameters<E, D> for Uvit<E, D> {
-    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Param<E, D>)) {
-        self.embed.visit(f);
-        self.cond.visit(f);
-        self.conv_in.visit(f);
-        self.down.visit(f);
-        self.dit.visit(f);
-        self.up.visit(f);
-        self.out_norm.visit(f);
-        self.out_conv.visit(f);
-    }
-    fn visit_mut<'a>(&'a mut self, f: &mut dyn FnMut(&'a mut Param<E, D>)) {
-        self.embed.visit_mut(f);
-        self.cond.visit_mut(f);
-        self.conv_in.visit_mut(f);
-        self.down.visit_mut(f);
-        self.dit.visit_mut(f);
-        self.up.visit_mut(f);
-        self.out_norm.visit_mut(f);
-        self.out_conv.visit_mut(f);
-    }
-}
+crate::modules::parameters!([D: Kernels<E>] Uvit<E, D> {
+    embed, cond, conv_in, down, dit, up, out_norm, out_conv
+});
 
 /// The U-ViT's shape parameters, read from [`Arch::Uvit`].
 #[derive(Clone, Copy, Debug)]
