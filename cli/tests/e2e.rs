@@ -404,50 +404,71 @@ fn killed_while_checkpointing_resumes_from_the_last_good_checkpoint_exactly() {
     );
 }
 
+/// One stop request — a Ctrl-C (SIGINT), or a SIGTERM delivered twice within a few
+/// milliseconds as GNU `timeout` and batch schedulers deliver it (to the process, then to its
+/// process group) — saves a checkpoint of the last finished step and exits cleanly.
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let d = tmp("sigint");
     write_corpus(&d.join("corpus.txt"), 60_000);
-    let child = spawn_train(
-        &d,
-        "r",
-        100_000,
-        &[
-            "--checkpoint-every",
-            "100000",
-            "--eval-every",
-            "0",
-            "--log-every",
-            "1",
-        ],
-    );
-    let metrics = d.join("r/metrics.jsonl");
-    let t0 = Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 3 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "training did not start"
+    for (signal, times) in [("-INT", 1), ("-TERM", 2)] {
+        let out = format!("r{}", &signal[1..]);
+        let child = spawn_train(
+            &d,
+            &out,
+            100_000,
+            &[
+                "--checkpoint-every",
+                "100000",
+                "--eval-every",
+                "0",
+                "--log-every",
+                "1",
+                // steps of ≈ 0.1 s or more, so that the second signal lands mid-step
+                "--batch-size",
+                "256",
+                "--seq-len",
+                "128",
+            ],
         );
-        std::thread::sleep(Duration::from_millis(5));
+        let metrics = d.join(&out).join("metrics.jsonl");
+        let t0 = Instant::now();
+        while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 3 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "training did not start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for k in 0..times {
+            if k > 0 {
+                // apart enough to arrive as two signals, not one pending signal
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            let st = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let o = child.wait_with_output().unwrap();
+        let err = stderr(&o);
+        assert!(
+            o.status.success(),
+            "{signal} x{times}: {:?}\n{err}",
+            o.status
+        );
+        assert!(
+            err.contains("interrupt") && err.contains("--resume") && !err.contains("aborting"),
+            "{err}"
+        );
+        // The checkpoint is the state after the last finished step.
+        let step = manifest(&d.join(&out))["step"].as_u64().unwrap();
+        assert!(step >= 3, "step {step}");
+        let last = std::fs::read_to_string(&metrics).unwrap();
+        let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+        assert_eq!(last["step"].as_u64().unwrap(), step);
     }
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let o = child.wait_with_output().unwrap();
-    let err = stderr(&o);
-    assert!(o.status.success(), "{:?}\n{err}", o.status);
-    assert!(
-        err.contains("interrupt") && err.contains("--resume"),
-        "{err}"
-    );
-    // The checkpoint is the state after the last finished step.
-    let step = manifest(&d.join("r"))["step"].as_u64().unwrap();
-    assert!(step >= 3, "step {step}");
-    let last = std::fs::read_to_string(&metrics).unwrap();
-    let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
-    assert_eq!(last["step"].as_u64().unwrap(), step);
 }
 
 /// The zero-shot sets beside the workspace (`../shared/data/zeroshot`, as CI lays it out).
