@@ -73,6 +73,24 @@ fn block_model_trains_and_evaluates() {
         args.extend_from_slice(sampler);
         ok(&run(&d, &args));
     }
+    // MD4's semi-autoregressive --block-size is refused unless it is the model's own
+    let sample_with = |b: &str| {
+        run(
+            &d,
+            &[
+                "sample",
+                "blk",
+                "-n",
+                "1",
+                "--steps",
+                "4",
+                "--block-size",
+                b,
+            ],
+        )
+    };
+    one_line_error(&sample_with("4"), &["--block-size 4", "blocks of 8"]);
+    ok(&sample_with("8"));
     // a prompt that ends inside a block (11 characters, B = 8) and infill text in a later
     // block are kept verbatim; --show-steps draws the block-by-block unmasking
     let o = run(

@@ -138,6 +138,16 @@ fn sample_blocks<D: DfdxDevice<f32>, O: Objective<D>>(
         return Err(CliError::Input("--length must be at least 1".into()));
     }
     let mut den = BlockDenoiser::new(loaded.denoiser.model.into_transformer()?, mode)?;
+    // --block-size is MD4's semi-autoregressive decoding; a block-diffusion model generates in
+    // the blocks it was trained with, so another size would be silently ignored
+    let trained = den.model().config().block_size.unwrap_or(0);
+    if let Some(b) = a.block_size.filter(|&b| b != 0 && b != trained) {
+        return Err(CliError::Input(format!(
+            "--block-size {b}: this block-diffusion model generates in the blocks of {trained} \
+             tokens it was trained with (--block-size is semi-autoregressive decoding for MD4 \
+             and GenMD4 models)"
+        )));
+    }
     let req = Request {
         prompt: a.prompt.clone(),
         infill: a.infill.clone(),
