@@ -93,6 +93,33 @@ pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Check, before any work, that the output file `path` can be created: its directory exists
+/// (it is not created: a missing one is more likely a typo) and accepts new files. Evaluation
+/// and sampling can run for minutes; failing at the final write would lose their result.
+pub fn ensure_output_file(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(CliError::Input(format!(
+            "cannot write {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        )));
+    }
+    if path.is_dir() {
+        return Err(CliError::Input(format!(
+            "cannot write {}: it is a directory",
+            path.display()
+        )));
+    }
+    let probe = dir.join(format!(".maskdiff-write-test{}", std::process::id()));
+    fs::write(&probe, b"ok").map_err(|e| CliError::io("cannot write to directory", dir, e))?;
+    let _ = fs::remove_file(&probe);
+    Ok(())
+}
+
 /// Read a whole file, naming it in the error.
 pub fn read(path: &Path) -> Result<Vec<u8>> {
     fs::read(path).map_err(|e| CliError::io("cannot read", path, e))

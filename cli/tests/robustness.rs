@@ -361,6 +361,58 @@ fn evaluation_and_sampling_need_no_optimizer_state() {
     }
 }
 
+/// An output file in a missing directory is refused before evaluating or sampling (which can
+/// take minutes), not after.
+#[test]
+fn outputs_in_a_missing_directory_fail_before_the_work() {
+    let d = tmp("missing-out-dir");
+    write_corpus(&d.join("corpus.txt"), 20_000);
+    ok(&train(&d, "m", 2, &[]));
+    let o = run(
+        &d,
+        &[
+            "eval",
+            "m",
+            "--max-sequences",
+            "2",
+            "-k",
+            "1",
+            "--json",
+            "nope/r.json",
+        ],
+    );
+    one_line_error(&o, &["nope/r.json", "does not exist"]);
+    assert!(stdout(&o).is_empty(), "evaluated first: {}", stdout(&o));
+    let o = run(
+        &d,
+        &["sample", "m", "-n", "1", "--steps", "4", "-o", "nope/s.txt"],
+    );
+    one_line_error(&o, &["nope/s.txt", "does not exist"]);
+    assert!(stdout(&o).is_empty(), "sampled first: {}", stdout(&o));
+    // a directory given as the output file
+    let o = run(&d, &["sample", "m", "-n", "1", "--steps", "4", "-o", "m"]);
+    one_line_error(&o, &["is a directory"]);
+    // in an existing directory both write their file
+    ok(&run(
+        &d,
+        &[
+            "eval",
+            "m",
+            "--max-sequences",
+            "2",
+            "-k",
+            "1",
+            "--json",
+            "m/r.json",
+        ],
+    ));
+    ok(&run(
+        &d,
+        &["sample", "m", "-n", "1", "--steps", "4", "-o", "s.txt"],
+    ));
+    assert!(d.join("m/r.json").is_file() && d.join("s.txt").is_file());
+}
+
 #[test]
 fn divergence_names_the_checkpoint_in_force_and_lists_causes() {
     let d = tmp("diverge");

@@ -18,6 +18,9 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    if let Some(p) = &a.json {
+        crate::fsutil::ensure_output_file(p)?;
+    }
     let dir = run::resolve_checkpoint(&a.run)?;
     let (_, _, mut cfg) = run::read_checkpoint_meta(&dir)?;
     super::use_precision(a.precision.unwrap_or_default());

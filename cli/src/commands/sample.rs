@@ -13,6 +13,9 @@ use maskdiff_objective::{Objective, ReverseModel};
 use std::path::Path;
 
 pub fn run(a: SampleArgs) -> Result<()> {
+    if let Some(p) = &a.out {
+        crate::fsutil::ensure_output_file(p)?;
+    }
     let dir = run::resolve_checkpoint(&a.run)?;
     let (_, _, mut cfg) = run::read_checkpoint_meta(&dir)?;
     super::use_precision(a.precision.unwrap_or_default());
