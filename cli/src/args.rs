@@ -108,6 +108,10 @@ pub struct TrainOverrides {
     /// [schedule.time_sampling] antithetic | iid.
     #[arg(long, value_name = "HOW", value_parser = parse_time_sampling)]
     pub time_sampling: Option<TimeSampling>,
+    /// [schedule.mask_rate] LO,HI: BD3-LM's clipped schedule, training mask rates uniform on
+    /// [LO, HI] of the schedule's range (e.g. 0.3,0.8); validation and eval stay the NELBO.
+    #[arg(long, value_name = "LO,HI", value_parser = parse_mask_rate)]
+    pub mask_rate: Option<maskdiff_schedule::MaskRate>,
     /// [data.dataset] text8 | bytes | gpt2 | fashion-mnist | mnist | digits | cifar10.
     #[arg(long, value_name = "KIND", value_parser = parse_dataset)]
     pub dataset: Option<DatasetKind>,
@@ -262,6 +266,11 @@ fn parse_time_sampling(s: &str) -> Result<TimeSampling, String> {
     }
 }
 
+fn parse_mask_rate(s: &str) -> Result<maskdiff_schedule::MaskRate, String> {
+    s.parse()
+        .map_err(|e: maskdiff_schedule::ScheduleError| e.to_string())
+}
+
 fn parse_precision(s: &str) -> Result<Precision, String> {
     Precision::parse(s).ok_or_else(|| format!("{s:?} is not a precision (f32, bf16)"))
 }
@@ -337,6 +346,9 @@ impl TrainOverrides {
         set!(schedule => schedule.name);
         set!(schedule_eps => schedule.eps);
         set!(time_sampling => schedule.time_sampling);
+        if self.mask_rate.is_some() {
+            cfg.schedule.mask_rate = self.mask_rate;
+        }
         set!(dataset => data.dataset);
         set!(data => data.path);
         set!(seq_len => data.seq_len);
@@ -381,6 +393,7 @@ impl TrainOverrides {
             schedule,
             schedule_eps,
             time_sampling,
+            mask_rate,
             dataset,
             data,
             seq_len,
@@ -455,6 +468,23 @@ pub struct EvalArgs {
     /// and cut into sequences of the model's length) and the samples' unigram entropy.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["zero_shot", "data", "split"])]
     pub samples: Option<PathBuf>,
+    /// BD3-LM's clipped-schedule search (Arriola et al. 2025, §5) on the validation split: for
+    /// the full range and every interval of `--clip-widths` stepped by `--clip-delta`, the
+    /// variance of the per-block clipped loss over sequences × K draws × blocks, and the
+    /// interval of least variance (for `train --mask-rate`). MD4 and MD4-inside block models.
+    #[arg(long, conflicts_with_all = ["zero_shot", "samples", "split", "block_time", "discrete_steps"])]
+    pub clip_search: bool,
+    /// Interval widths for `--clip-search`, comma-separated.
+    #[arg(
+        long,
+        value_name = "W,W,..",
+        value_delimiter = ',',
+        default_value = "0.25,0.5,0.75"
+    )]
+    pub clip_widths: Vec<f64>,
+    /// Step of the interval starts for `--clip-search` (bd3lms' `clip_search_delta`).
+    #[arg(long, value_name = "D", default_value_t = 0.05)]
+    pub clip_delta: f64,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

@@ -233,6 +233,13 @@ pub struct ScheduleConfig {
     pub eps: f64,
     /// Training times: `antithetic` (one u per batch, t_i = (u + i/B) mod 1) or `iid`.
     pub time_sampling: TimeSampling,
+    /// BD3-LM's clipped noise schedule (Arriola et al. 2025, §5): `[LO, HI]` with
+    /// 0 <= LO < HI <= 1, training mask rates uniform on that part of the schedule's range
+    /// (with the linear schedule, t in [LO, HI]); the training loss is the clipped objective,
+    /// validation and `eval` stay the NELBO. Unset = the NELBO (MD4, alone or inside blocks;
+    /// not GenMD4).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_rate: Option<maskdiff_schedule::MaskRate>,
 }
 
 impl Default for ScheduleConfig {
@@ -241,6 +248,7 @@ impl Default for ScheduleConfig {
             name: "linear".into(),
             eps: maskdiff_schedule::DEFAULT_EPS,
             time_sampling: TimeSampling::Antithetic,
+            mask_rate: None,
         }
     }
 }
@@ -606,6 +614,13 @@ impl Config {
             ));
         }
         self.schedule.parsed()?;
+        if self.schedule.mask_rate.is_some() && m.is_genmd4() {
+            return Err(CliError::config(
+                "schedule.mask_rate",
+                "clipped mask rates need one mask rate per time: GenMD4's learned per-token \
+                 schedule has none (use MD4, alone or inside blocks)",
+            ));
+        }
         let e = self.schedule.eps;
         if !(e.is_finite() && (0.0..0.5).contains(&e)) {
             return Err(CliError::config(

@@ -137,6 +137,7 @@ pub fn train_config(cfg: &Config) -> Result<NetTrainConfig> {
             eps: cfg.schedule.eps,
         },
         time_sampling: cfg.schedule.time_sampling,
+        mask_rate: cfg.schedule.mask_rate,
         // A constant schedule has no horizon: its record must not depend on train.steps (so
         // that a run can be extended on resume).
         lr: match o.schedule {

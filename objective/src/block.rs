@@ -37,7 +37,7 @@
 //! Limits (tested): B = N is the inner objective itself (same x_t, same t); with MD4 inside,
 //! B = 1 is (α_0 − α_1) times the autoregressive cross-entropy of the same network.
 
-use crate::estimate::{self, EvalOptions, NelboEstimate, NetInput};
+use crate::estimate::{self, ClipVariance, EvalOptions, NelboEstimate, NetInput};
 use crate::objective::{
     BlockTime, CleanBatch, Flat, InnerSpec, Logits, LogitsNet, MicroLoss, Objective,
     ObjectiveSettings, ObjectiveSpec, ReverseModel, Share, StepLosses,
@@ -45,7 +45,7 @@ use crate::objective::{
 use crate::tensor::{GenMd4Batch, MaskedBatch};
 use crate::{GenMd4, Md4, ObjectiveError};
 use maskdiff_process::{DenoiseBatch, Denoiser};
-use maskdiff_schedule::{AnySchedule, MaskingSchedule, Shifted, TimeSampling};
+use maskdiff_schedule::{AnySchedule, MaskRate, MaskingSchedule, Shifted, TimeSampling};
 use rand::rngs::StdRng;
 
 use dfdx::prelude::*;
@@ -107,6 +107,19 @@ pub trait InBlocks<D: Device<f32>>: Objective<D> {
         time: BlockTime,
         progress: &mut dyn FnMut(usize),
     ) -> Result<NelboEstimate, ObjectiveError>;
+    /// The variance of the clipped per-block loss ([`Objective::clip_variance`]) under a block
+    /// `denoiser`, times drawn per sequence or per block of `block` tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn clip_variance_in_blocks<M: Denoiser + ?Sized>(
+        &self,
+        denoiser: &mut M,
+        sequences: &[Vec<u32>],
+        labels: Option<&[u32]>,
+        opts: EvalOptions,
+        block: usize,
+        time: BlockTime,
+        clip: MaskRate,
+    ) -> Result<ClipVariance, ObjectiveError>;
 }
 
 /// Per-block times with an objective that has none.
@@ -138,8 +151,33 @@ impl<D: Device<f32>> InBlocks<D> for Md4 {
         block: usize,
         rng: &mut StdRng,
     ) -> Result<Vec<f64>, N::Error> {
-        let masked = self.noise_in_blocks(batch, block, rng)?;
+        // The NELBO, whatever the training clip.
+        let masked = self
+            .clone()
+            .with_mask_rate(None)
+            .noise_in_blocks(batch, block, rng)?;
         self.eval_masked(net, batch, &masked)
+    }
+    fn clip_variance_in_blocks<M: Denoiser + ?Sized>(
+        &self,
+        denoiser: &mut M,
+        sequences: &[Vec<u32>],
+        labels: Option<&[u32]>,
+        opts: EvalOptions,
+        block: usize,
+        time: BlockTime,
+        clip: MaskRate,
+    ) -> Result<ClipVariance, ObjectiveError> {
+        estimate::md4_clip_variance(
+            denoiser,
+            self.schedule(),
+            sequences,
+            labels,
+            opts,
+            NetInput::NoisedThenClean,
+            Some((block, time == BlockTime::Block)),
+            clip,
+        )
     }
     fn estimate_in_blocks<M: Denoiser + ?Sized>(
         &self,
@@ -215,6 +253,18 @@ impl<D: Device<f32>> InBlocks<D> for GenMd4<D> {
             progress,
             NetInput::NoisedThenClean,
         )
+    }
+    fn clip_variance_in_blocks<M: Denoiser + ?Sized>(
+        &self,
+        _: &mut M,
+        _: &[Vec<u32>],
+        _: Option<&[u32]>,
+        _: EvalOptions,
+        _: usize,
+        _: BlockTime,
+        _: MaskRate,
+    ) -> Result<ClipVariance, ObjectiveError> {
+        Err(ObjectiveError::Unsupported(crate::genmd4::NO_MASK_RATE))
     }
 }
 
@@ -455,6 +505,29 @@ impl<D: Device<f32>, O: InBlocks<D>> Objective<D> for Block<O> {
 
     fn exponents(&self) -> Option<Vec<f64>> {
         self.inner.exponents()
+    }
+
+    fn mask_rate(&self) -> Option<MaskRate> {
+        self.inner.mask_rate()
+    }
+
+    fn clip_variance<M: Denoiser + ?Sized>(
+        &self,
+        denoiser: &mut M,
+        sequences: &[Vec<u32>],
+        labels: Option<&[u32]>,
+        opts: EvalOptions,
+        clip: MaskRate,
+    ) -> Result<ClipVariance, ObjectiveError> {
+        self.inner.clip_variance_in_blocks(
+            denoiser,
+            sequences,
+            labels,
+            opts,
+            self.block_size,
+            self.time,
+            clip,
+        )
     }
 
     fn reverse_model(&self) -> Result<ReverseModel, ObjectiveError> {

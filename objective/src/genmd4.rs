@@ -33,6 +33,11 @@ use maskdiff_schedule::{
 };
 use rand::rngs::StdRng;
 
+/// Clipped mask rates with GenMD4's learned schedule.
+pub(crate) const NO_MASK_RATE: &str = "clipped mask rates (mask_rate, BD3-LM's clipped schedules) \
+     need one mask rate per time; GenMD4's learned per-token schedule masks each token value at \
+     its own rate t^w_v, so there is no single rate to clip (use MD4, alone or inside blocks)";
+
 /// Checkpoint name of θ.
 pub const THETA_NAME: &str = "theta";
 
@@ -203,6 +208,9 @@ impl<D: Device<f32>> Objective<D> for GenMd4<D> {
     fn from_settings(s: &ObjectiveSettings<'_>, dev: &D) -> Result<Self, ObjectiveError> {
         match *s.spec {
             ObjectiveSpec::GenMd4 { one_sample } => {
+                if s.mask_rate.is_some_and(|c| !c.is_full()) {
+                    return Err(ObjectiveError::Unsupported(NO_MASK_RATE));
+                }
                 // t ∈ [t1, 1) with the configured sampling, official t1 = 1e−3, no (1 − t1)
                 // factor (spec §5.4); the schedule spec's base is not used (w is learned).
                 let options = GenMd4Options {

@@ -34,7 +34,7 @@ pub mod tensor;
 
 pub use block::{block_estimate, block_input, Block, BlockNet, InBlocks};
 pub use error::ObjectiveError;
-pub use estimate::{EvalOptions, NelboEstimate};
+pub use estimate::{ClipVariance, EvalOptions, NelboEstimate, NetInput};
 pub use genmd4::{GenMd4, GenMd4Report, GenMd4Stats, THETA_NAME};
 pub use md4::{Md4, Md4Stats};
 pub use objective::{

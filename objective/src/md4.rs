@@ -3,8 +3,16 @@
 //! continuous-time loss of eq. (4), `−α'_t/(1 − α_t) · Σ_masked −log μ_θ(x_t, t)[x_0]`, plus
 //! the constant reconstruction term N·(1 − α̃_0)·log V (spec §3.3), the Monte-Carlo NELBO
 //! estimator, and the reverse process of eq. (3) for sampling.
+//!
+//! With a clipped mask-rate interval ([`MaskRate`], BD3-LM: Arriola et al., ICLR 2025, §5) the
+//! training times are drawn so that the mask rate is uniform on the interval and the masked
+//! cross-entropy is weighted by the ELBO density in mask-rate coordinates, dm/m
+//! ([`MaskedBatch::sample_clipped`]): the training loss is then the clipped objective
+//! L_[β,ω] (not a bound; the step's `nelbo` is L_[β,ω] plus the reconstruction constant), while
+//! validation ([`Objective::eval_nelbo`]) and evaluation ([`Objective::estimate`]) stay the
+//! full-range NELBO. The interval [0, 1] is no clipping: exactly the unclipped estimator.
 
-use crate::estimate::{self, EvalOptions, NelboEstimate};
+use crate::estimate::{self, ClipVariance, EvalOptions, NelboEstimate, NetInput};
 use crate::objective::{
     CleanBatch, Flat, LogitsNet, MicroLoss, Noised, Objective, ObjectiveSettings, ObjectiveSpec,
     ReverseModel, Share, StepLosses,
@@ -13,7 +21,7 @@ use crate::tensor::{md4_diffusion_loss, md4_recon_constant, MaskedBatch};
 use crate::ObjectiveError;
 use dfdx::prelude::*;
 use maskdiff_process::{DenoiseBatch, Denoiser};
-use maskdiff_schedule::{AnySchedule, Shifted, TimeSampling};
+use maskdiff_schedule::{AnySchedule, MaskRate, Shifted, TimeSampling};
 use rand::rngs::StdRng;
 
 /// The MD4 objective: a masking schedule, how training times are drawn, the vocabulary.
@@ -22,6 +30,8 @@ pub struct Md4 {
     schedule: Shifted<AnySchedule>,
     time_sampling: TimeSampling,
     vocab: usize,
+    /// Clipped training mask rates; `None` (also for [0, 1]) = the NELBO.
+    mask_rate: Option<MaskRate>,
 }
 
 impl Md4 {
@@ -30,7 +40,20 @@ impl Md4 {
             schedule,
             time_sampling,
             vocab,
+            mask_rate: None,
         }
+    }
+    /// The same objective training on the clipped mask rates `clip` (BD3-LM §5); `None` or
+    /// [0, 1]: no clipping.
+    pub fn with_mask_rate(self, clip: Option<MaskRate>) -> Self {
+        Self {
+            mask_rate: clip.filter(|c| !c.is_full()),
+            ..self
+        }
+    }
+    /// The clipped training mask rates, if any.
+    pub fn mask_rate(&self) -> Option<MaskRate> {
+        self.mask_rate
     }
     pub fn schedule(&self) -> &Shifted<AnySchedule> {
         &self.schedule
@@ -76,6 +99,19 @@ impl Md4 {
         block: usize,
         rng: &mut StdRng,
     ) -> Result<MaskedBatch, ObjectiveError> {
+        if let Some(clip) = self.mask_rate {
+            return MaskedBatch::sample_clipped(
+                b.x0(),
+                b.batch(),
+                b.len(),
+                self.vocab,
+                block,
+                &self.schedule,
+                self.time_sampling,
+                clip,
+                rng,
+            );
+        }
         MaskedBatch::sample_in_blocks(
             b.x0(),
             b.batch(),
@@ -136,7 +172,10 @@ impl<D: Device<f32>> Objective<D> for Md4 {
 
     fn from_settings(s: &ObjectiveSettings<'_>, _dev: &D) -> Result<Self, ObjectiveError> {
         match s.spec {
-            ObjectiveSpec::Md4 => Ok(Md4::new(s.schedule.build()?, s.time_sampling, s.vocab)),
+            ObjectiveSpec::Md4 => {
+                Ok(Md4::new(s.schedule.build()?, s.time_sampling, s.vocab)
+                    .with_mask_rate(s.mask_rate))
+            }
             other => Err(ObjectiveError::WrongObjective {
                 expected: "md4",
                 found: format!("{other:?}"),
@@ -148,6 +187,19 @@ impl<D: Device<f32>> Objective<D> for Md4 {
     }
 
     fn noise(&self, b: &CleanBatch<'_>, rng: &mut StdRng) -> Result<MaskedBatch, ObjectiveError> {
+        if let Some(clip) = self.mask_rate {
+            return MaskedBatch::sample_clipped(
+                b.x0(),
+                b.batch(),
+                b.len(),
+                self.vocab,
+                b.len(),
+                &self.schedule,
+                self.time_sampling,
+                clip,
+                rng,
+            );
+        }
         MaskedBatch::sample(
             b.x0(),
             b.batch(),
@@ -223,8 +275,34 @@ impl<D: Device<f32>> Objective<D> for Md4 {
         batch: &CleanBatch<'_>,
         rng: &mut StdRng,
     ) -> Result<Vec<f64>, N::Error> {
-        let masked = <Self as Objective<D>>::noise(self, batch, rng)?;
+        // The NELBO, whatever the training clip.
+        let full = self.clone().with_mask_rate(None);
+        let masked = <Self as Objective<D>>::noise(&full, batch, rng)?;
         self.eval_masked(net, batch, &masked)
+    }
+
+    fn mask_rate(&self) -> Option<MaskRate> {
+        self.mask_rate
+    }
+
+    fn clip_variance<M: Denoiser + ?Sized>(
+        &self,
+        denoiser: &mut M,
+        sequences: &[Vec<u32>],
+        labels: Option<&[u32]>,
+        opts: EvalOptions,
+        clip: MaskRate,
+    ) -> Result<ClipVariance, ObjectiveError> {
+        estimate::md4_clip_variance(
+            denoiser,
+            &self.schedule,
+            sequences,
+            labels,
+            opts,
+            NetInput::Noised,
+            None,
+            clip,
+        )
     }
 
     fn estimate<M: Denoiser + ?Sized>(

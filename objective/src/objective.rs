@@ -15,11 +15,13 @@
 //! blocks). A trainer generic over this trait needs no edit for a third objective; the choice
 //! among them is made once, from [`ObjectiveSpec`].
 
-use crate::estimate::{EvalOptions, NelboEstimate};
+use crate::estimate::{ClipVariance, EvalOptions, NelboEstimate};
 use crate::ObjectiveError;
 use dfdx::prelude::*;
 use maskdiff_process::{DenoiseBatch, Denoiser, Vocab};
-use maskdiff_schedule::{AnySchedule, PerTokenPolynomial, ScheduleSpec, Shifted, TimeSampling};
+use maskdiff_schedule::{
+    AnySchedule, MaskRate, PerTokenPolynomial, ScheduleSpec, Shifted, TimeSampling,
+};
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
@@ -116,6 +118,8 @@ pub struct ObjectiveSettings<'a> {
     pub schedule: &'a ScheduleSpec,
     pub time_sampling: TimeSampling,
     pub vocab: usize,
+    /// BD3-LM's clipped training mask rates (MD4, alone or inside blocks); `None` = the NELBO.
+    pub mask_rate: Option<MaskRate>,
 }
 
 /// A batch of clean sequences, row-major `[batch, len]`, ids checked `< V` once, at
@@ -325,6 +329,27 @@ pub trait Objective<D: Device<f32>>: Clone + Sized {
 
     /// The reverse process for samplers.
     fn reverse_model(&self) -> Result<ReverseModel, ObjectiveError>;
+
+    /// The clipped training mask rates (BD3-LM §5), `None` when training on the NELBO.
+    fn mask_rate(&self) -> Option<MaskRate> {
+        None
+    }
+
+    /// BD3-LM's clip search statistic for `clip` on `sequences` (bd3lms `valid_vars`): the
+    /// mean and variance of the per-block clipped loss (nats per token) over sequences × K
+    /// draws × blocks, with the objective's own time draws restricted to `clip`
+    /// ([`crate::estimate::md4_clip_variance`]). Objectives without a single mask rate per
+    /// time (GenMD4's learned per-token schedule) refuse.
+    fn clip_variance<M: Denoiser + ?Sized>(
+        &self,
+        _denoiser: &mut M,
+        _sequences: &[Vec<u32>],
+        _labels: Option<&[u32]>,
+        _opts: EvalOptions,
+        _clip: MaskRate,
+    ) -> Result<ClipVariance, ObjectiveError> {
+        Err(ObjectiveError::Unsupported(crate::genmd4::NO_MASK_RATE))
+    }
 }
 
 /// Mean of `v` (0 for an empty slice).

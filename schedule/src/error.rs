@@ -19,6 +19,12 @@ pub enum ScheduleError {
     UnknownSchedule(String),
     #[error("unknown sampling grid {0:?}; expected uniform or cosine")]
     UnknownGrid(String),
+    #[error("mask-rate interval [{lo}, {hi}] is invalid: need finite 0 <= lo < hi <= 1")]
+    BadMaskRate { lo: f64, hi: f64 },
+    #[error("mask-rate interval {0:?} is not of the form LO,HI (e.g. 0.3,0.8)")]
+    BadMaskRateText(String),
+    #[error("the schedule has no closed-form time for mask rate {0}")]
+    NoInverse(f64),
     #[error("GenMD4 needs at least one exponent")]
     NoExponents,
 }

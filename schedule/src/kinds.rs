@@ -29,6 +29,9 @@ impl<F: Float> MaskingSchedule<F> for Linear {
     fn t_of_alpha(&self, a: F) -> Option<F> {
         in_unit(a).then(|| F::one() - a)
     }
+    fn t_of_mask_rate(&self, m: F) -> Option<F> {
+        in_unit(m).then_some(m)
+    }
 }
 
 /// α_t = 1 − cos(π/2 · (1 − t)) (MaskGIT's schedule; slows unmasking near t = 1).
@@ -53,6 +56,9 @@ impl<F: Float> MaskingSchedule<F> for Cosine {
     fn t_of_alpha(&self, a: F) -> Option<F> {
         // 1 − α = sin(π t / 2).
         in_unit(a).then(|| (F::one() - a).asin() / c::<F>(std::f64::consts::FRAC_PI_2))
+    }
+    fn t_of_mask_rate(&self, m: F) -> Option<F> {
+        in_unit(m).then(|| m.asin() / c::<F>(std::f64::consts::FRAC_PI_2))
     }
 }
 
@@ -94,6 +100,9 @@ impl<F: Float> MaskingSchedule<F> for Polynomial {
     }
     fn t_of_alpha(&self, a: F) -> Option<F> {
         in_unit(a).then(|| (F::one() - a).powf(F::one() / c(self.exponent)))
+    }
+    fn t_of_mask_rate(&self, m: F) -> Option<F> {
+        in_unit(m).then(|| m.powf(F::one() / c(self.exponent)))
     }
 }
 
@@ -155,6 +164,15 @@ impl<F: Float> MaskingSchedule<F> for Geometric {
         let (lo, hi): (F, F) = (c(self.beta_min.ln()), c(self.beta_max.ln()));
         Some((b.ln() - lo) / (hi - lo))
     }
+    fn t_of_mask_rate(&self, m: F) -> Option<F> {
+        if !(m > F::zero() && m < F::one()) {
+            return None;
+        }
+        // B = −log(1 − m), without forming 1 − m.
+        let b = -(-m).ln_1p();
+        let (lo, hi): (F, F) = (c(self.beta_min.ln()), c(self.beta_max.ln()));
+        Some((b.ln() - lo) / (hi - lo))
+    }
 }
 
 /// The ε-shifted schedule α̃ = (1 − 2ε)α + ε of the official code (App. J.1): α̃(0) = 1 − ε,
@@ -205,6 +223,11 @@ impl<F: Float, S: MaskingSchedule<F>> MaskingSchedule<F> for Shifted<S> {
     fn t_of_alpha(&self, a: F) -> Option<F> {
         let e: F = c(self.eps);
         self.inner.t_of_alpha((a - e) / (F::one() - e - e))
+    }
+    fn t_of_mask_rate(&self, m: F) -> Option<F> {
+        // 1 − α̃ = (1 − 2ε)(1 − α) + ε.
+        let e: F = c(self.eps);
+        self.inner.t_of_mask_rate((m - e) / (F::one() - e - e))
     }
 }
 

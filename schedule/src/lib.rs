@@ -11,7 +11,8 @@
 //! * [`Shifted`] — the official code's numerical shift α̃ = (1 − 2ε)α + ε, composable with any of
 //!   them at the type level (`Shifted<Cosine>`).
 //! * [`PerTokenPolynomial`] — GenMD4's state-dependent schedule α_{t,v} = 1 − (1 − ε)t^{w_v}.
-//! * [`grid`] — sampling time grids; [`time`] — training-time samplers (i.i.d. and antithetic).
+//! * [`grid`] — sampling time grids; [`time`] — training-time samplers (i.i.d. and antithetic)
+//!   and BD3-LM's clipped mask rates ([`MaskRate`]).
 //! * [`ScheduleSpec`] / [`AnySchedule`] — a schedule chosen at run time (CLI, configs).
 
 mod error;
@@ -26,7 +27,7 @@ pub use genmd4::{inverse_softplus, softplus, PerTokenPolynomial, GENMD4_T1, THET
 pub use grid::SamplingGrid;
 pub use kinds::{Cosine, Geometric, Linear, Polynomial, Shifted, DEFAULT_EPS};
 pub use spec::{AnySchedule, ScheduleSpec};
-pub use time::{Time, TimeSampling};
+pub use time::{MaskRate, Time, TimeSampling};
 
 use num_traits::Float;
 
@@ -62,6 +63,13 @@ pub trait MaskingSchedule<F: Float>: Send + Sync {
     /// The time at which α_t = `alpha`, where a closed form exists.
     fn t_of_alpha(&self, _alpha: F) -> Option<F> {
         None
+    }
+
+    /// The time at which the mask rate 1 − α_t equals `m`, where a closed form exists. The
+    /// default inverts α at 1 − m; the schedules here override it with a form in m itself, so a
+    /// small mask rate keeps its relative precision.
+    fn t_of_mask_rate(&self, m: F) -> Option<F> {
+        self.t_of_alpha(F::one() - m)
     }
 
     /// Probability that a token masked at time t is revealed by the earlier time s < t:
@@ -106,6 +114,9 @@ macro_rules! forward_schedule {
             }
             fn t_of_alpha(&self, a: F) -> Option<F> {
                 (**self).t_of_alpha(a)
+            }
+            fn t_of_mask_rate(&self, m: F) -> Option<F> {
+                (**self).t_of_mask_rate(m)
             }
             fn reveal_prob(&self, s: F, t: F) -> F {
                 (**self).reveal_prob(s, t)

@@ -47,6 +47,9 @@ impl<F: Float> MaskingSchedule<F> for AnySchedule {
     fn t_of_alpha(&self, a: F) -> Option<F> {
         delegate!(self, s => s.t_of_alpha(a))
     }
+    fn t_of_mask_rate(&self, m: F) -> Option<F> {
+        delegate!(self, s => s.t_of_mask_rate(m))
+    }
     fn reveal_prob(&self, s_: F, t: F) -> F {
         delegate!(self, s => MaskingSchedule::<F>::reveal_prob(s, s_, t))
     }

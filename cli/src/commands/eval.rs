@@ -146,6 +146,9 @@ fn eval_on<D: DfdxDevice<f32>, O: Objective<D>>(
     let data = Data::open(&cfg.data)?;
     let id = data.identity(cfg.data.dataset)?;
     id.check_against(&loaded.extra.data, dir, &cfg.data.path)?;
+    if a.clip_search {
+        return clip_search(&mut den, &loaded, cfg, &data, a, params);
+    }
     let (split, name) = match a.split {
         SplitArg::Train => (Split::Train, "train"),
         SplitArg::Val => (Split::Valid, "validation"),
@@ -209,6 +212,83 @@ fn eval_on<D: DfdxDevice<f32>, O: Objective<D>>(
     );
     if let Some(p) = &a.json {
         let v = serde_json::json!({ "split": name, "unit": unit, "result": r });
+        crate::fsutil::write_atomic(
+            p,
+            serde_json::to_string_pretty(&v).expect("json").as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// `--clip-search`: BD3-LM's variance of the clipped per-block loss per candidate interval on
+/// the validation split, and the interval of least variance.
+fn clip_search<D: DfdxDevice<f32>, O: Objective<D>>(
+    den: &mut maskdiff_network::NetworkDenoiser<f32, D>,
+    loaded: &Loaded<D, O>,
+    cfg: &Config,
+    data: &Data,
+    a: &EvalArgs,
+    params: &str,
+) -> Result<()> {
+    use maskdiff_schedule::MaskRate;
+    let candidates = MaskRate::candidates(&a.clip_widths, a.clip_delta)
+        .map_err(|e| CliError::Input(format!("--clip-widths / --clip-delta: {e}")))?;
+    let (seqs, labels) = data.eval_sequences(Split::Valid, cfg.eval.max_sequences)?;
+    let labels = labels.filter(|_| maskdiff_process::Denoiser::num_classes(den) > 0);
+    let pb = bar(candidates.len(), "clip search");
+    let mut rows = Vec::with_capacity(candidates.len());
+    for (i, &c) in candidates.iter().enumerate() {
+        rows.push(
+            loaded
+                .objective
+                .clip_variance(den, &seqs, labels.as_deref(), opts(cfg), c)?,
+        );
+        if let Some(b) = &pb {
+            b.set_position(i as u64 + 1);
+        }
+    }
+    if let Some(b) = pb {
+        b.finish_and_clear();
+    }
+    let best = rows
+        .iter()
+        .min_by(|x, y| x.variance.total_cmp(&y.variance))
+        .expect("at least the full range");
+    let trained = match loaded.objective.mask_rate() {
+        Some(m) => format!("trained on mask rates {m}"),
+        None => "trained on the NELBO (full range)".into(),
+    };
+    println!(
+        "clipped-schedule search on the validation split: {} sequences, K = {}, {params} parameters; {trained}",
+        seqs.len(),
+        cfg.eval.mc_samples
+    );
+    println!(
+        "  {:<16} {:>14} {:>16} {:>8}",
+        "mask rates", "mean nats/tok", "variance", "values"
+    );
+    for r in &rows {
+        let mark = if std::ptr::eq(r, best) {
+            "  <- least"
+        } else {
+            ""
+        };
+        println!(
+            "  {:<16} {:>14.5} {:>16.6} {:>8}{mark}",
+            r.mask_rate.to_string(),
+            r.mean_nats,
+            r.variance,
+            r.values
+        );
+    }
+    println!(
+        "least variance: {} (train with --mask-rate {},{})",
+        best.mask_rate,
+        best.mask_rate.lo(),
+        best.mask_rate.hi()
+    );
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({ "split": "validation", "candidates": rows, "best": best.mask_rate });
         crate::fsutil::write_atomic(
             p,
             serde_json::to_string_pretty(&v).expect("json").as_bytes(),

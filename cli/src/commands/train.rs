@@ -616,6 +616,11 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
         Ok((r.bits_per_token, r.stderr_bits))
     };
 
+    // With BD3-LM's clip the step loss is the clipped objective, not the NELBO.
+    let loss_name = match cfg.schedule.mask_rate {
+        Some(m) if !m.is_full() => format!("clipped loss {m}"),
+        _ => "loss".to_string(),
+    };
     let session = Instant::now();
     let mut window_start = Instant::now();
     let mut window_tokens = 0usize;
@@ -671,7 +676,7 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             metrics.write(&r)?;
             if a.no_progress || progress_is_plain() {
                 log(&format!(
-                    "step {step}/{} loss {:.4} {unit} lr {:.2e} |g| {:.3} {:.0} tok/s ETA {:.0}s",
+                    "step {step}/{} {loss_name} {:.4} {unit} lr {:.2e} |g| {:.3} {:.0} tok/s ETA {:.0}s",
                     cfg.train.steps,
                     mean,
                     stats.lr,

@@ -4,7 +4,7 @@
 use crate::{AdamWConfig, LrSchedule, TrainError};
 use maskdiff_objective::ObjectiveSpec;
 
-use maskdiff_schedule::{AnySchedule, Linear, ScheduleSpec, TimeSampling};
+use maskdiff_schedule::{AnySchedule, Linear, MaskRate, ScheduleSpec, TimeSampling};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -15,6 +15,11 @@ pub struct TrainConfig {
     pub schedule: ScheduleSpec,
     /// Per-sequence training times: antithetic (official default) or i.i.d.
     pub time_sampling: TimeSampling,
+    /// BD3-LM's clipped training mask rates (Arriola et al. 2025, §5; see [`MaskRate`]): the
+    /// training loss becomes the clipped objective, validation stays the NELBO. Absent (and not
+    /// written, so older manifests are unchanged) = the NELBO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_rate: Option<MaskRate>,
     pub lr: LrSchedule,
     pub adamw: AdamWConfig,
     /// Clip the global norm of the network's gradient to this value; 0 = off (the official
@@ -41,6 +46,7 @@ impl Default for TrainConfig {
             objective: ObjectiveSpec::Md4,
             schedule: ScheduleSpec::official(AnySchedule::Linear(Linear)),
             time_sampling: TimeSampling::Antithetic,
+            mask_rate: None,
             lr: LrSchedule::cosine(3e-4, 2000, 1_000_000),
             adamw: AdamWConfig::default(),
             grad_clip: 0.0,

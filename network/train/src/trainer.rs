@@ -584,6 +584,7 @@ pub(crate) fn settings(cfg: &TrainConfig, vocab: usize) -> ObjectiveSettings<'_>
         schedule: &cfg.schedule,
         time_sampling: cfg.time_sampling,
         vocab,
+        mask_rate: cfg.mask_rate,
     }
 }
 

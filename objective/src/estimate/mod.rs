@@ -13,7 +13,7 @@ pub(crate) use genmd4::genmd4_on;
 use crate::reference;
 use crate::ObjectiveError;
 use maskdiff_process::{forward_sample, DenoiseBatch, Denoiser, LogProbs, State, Token};
-use maskdiff_schedule::MaskingSchedule;
+use maskdiff_schedule::{MaskRate, MaskingSchedule};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
@@ -113,7 +113,7 @@ pub(crate) struct Draw {
 /// What the network reads for a draw: x_t alone, or x_t followed by x_0 (a block-diffusion
 /// network, BD3-LM: it returns log μ for the N noised positions only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum NetInput {
+pub enum NetInput {
     Noised,
     NoisedThenClean,
 }
@@ -333,6 +333,110 @@ pub(crate) fn md4_on<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
         stderr_bits: to_bits(stderr),
         bits_per_token_with_prior: to_bits(mean + recon + prior),
         perplexity: bits.exp2(),
+    })
+}
+
+/// The search statistic of one candidate interval ([`md4_clip_variance`]).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct ClipVariance {
+    pub mask_rate: MaskRate,
+    /// Mean of the per-block clipped loss, nats per token (L_[lo,hi] / N for equal blocks).
+    pub mean_nats: f64,
+    /// Sample variance of the per-block clipped loss (nats per token, squared).
+    pub variance: f64,
+    /// Number of per-block values (sequences × K × blocks).
+    pub values: usize,
+}
+
+/// The statistic of BD3-LM's clipped-schedule search (Arriola et al. 2025, §5; bd3lms
+/// `validation_step` / `_clipped_schedule_search`): every sequence gets K draws whose mask rates
+/// are uniform on `clip` ([`MaskRate::time_and_weight`]), one per sequence or, for
+/// `blocks = Some((B, true))`, one per block of B tokens on the antithetic grid of one row; each
+/// block's value is its clipped-loss term w·Σ_{masked n ∈ block} −log μ_n[x_0^n] divided by the
+/// block's length (bd3lms' per-block mean of the token losses). Returns their mean and sample
+/// variance over sequences × draws × blocks. The interval of least variance gives the
+/// lowest-variance training gradient in bd3lms' heuristic. `blocks = None`: one block, the
+/// whole sequence (MD4).
+#[allow(clippy::too_many_arguments)]
+pub fn md4_clip_variance<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
+    denoiser: &mut D,
+    schedule: &S,
+    sequences: &[Vec<u32>],
+    labels: Option<&[u32]>,
+    opts: EvalOptions,
+    input: NetInput,
+    blocks: Option<(usize, bool)>,
+    clip: MaskRate,
+) -> Result<ClipVariance> {
+    let vocab = denoiser.vocab();
+    let per_block = blocks.is_some_and(|(_, p)| p);
+    if blocks.is_some_and(|(b, _)| b == 0) {
+        return Err(ObjectiveError::Input(
+            "block size must be at least 1".into(),
+        ));
+    }
+    if per_block && denoiser.is_time_conditioned() {
+        return Err(ObjectiveError::PerBlockTimeNeedsTimeFree);
+    }
+    let segment = |len: usize| blocks.map_or(len, |(b, _)| b).clamp(1, len.max(1));
+    let draw = |toks: &[Token], rng: &mut StdRng| {
+        let seg = segment(toks.len());
+        let k = toks.len().div_ceil(seg);
+        let u0: f64 = rng.gen();
+        let us = if per_block {
+            crate::tensor::block_grid(u0, 1, k)
+        } else {
+            vec![u0; k]
+        };
+        let mut xt = Vec::with_capacity(toks.len());
+        for (part, &u) in toks.chunks(seg).zip(&us) {
+            let (t, _) = clip.time_and_weight(schedule, u)?;
+            xt.extend(forward_sample(part, schedule.alpha(t), rng)?);
+        }
+        Ok((clip.time_and_weight(schedule, u0)?.0, us, xt))
+    };
+    let mut values: Vec<f64> = Vec::new();
+    let score = |r: &Draw, x0: &[u32], lp: &LogProbs, b: usize| {
+        let seg = segment(x0.len());
+        let mut ce = vec![0.0f64; r.u.len()];
+        for (n, (&xt, &x)) in r.xt.iter().zip(x0).enumerate() {
+            if xt == vocab.mask_id() {
+                ce[n / seg] -= log_prob(lp.row(b, n), x as usize);
+            }
+        }
+        let mut total = 0.0;
+        for (j, (&c, &u)) in ce.iter().zip(&r.u).enumerate() {
+            let (_, w) = clip.time_and_weight(schedule, u)?;
+            let v = if c == 0.0 { 0.0 } else { w * c };
+            let size = seg.min(x0.len() - j * seg);
+            values.push(v / size as f64);
+            total += v;
+        }
+        Ok(total)
+    };
+    mc_means(
+        denoiser,
+        sequences,
+        labels,
+        opts,
+        MD4_STREAM,
+        input,
+        &mut |_| {},
+        draw,
+        score,
+    )?;
+    let n = values.len();
+    let mean = values.iter().sum::<f64>() / n.max(1) as f64;
+    let variance = if n > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64
+    } else {
+        0.0
+    };
+    Ok(ClipVariance {
+        mask_rate: clip,
+        mean_nats: mean,
+        variance,
+        values: n,
     })
 }
 

@@ -6,7 +6,7 @@
 use crate::reference::discrete_coefficient;
 use crate::ObjectiveError;
 use maskdiff_process::{forward_sample, Vocab};
-use maskdiff_schedule::{MaskingSchedule, TimeSampling};
+use maskdiff_schedule::{MaskRate, MaskingSchedule, TimeSampling};
 use rand::Rng;
 
 /// One noised batch: x0 and x_t ids row-major `[batch, len]` (mask id = `vocab`), and the
@@ -336,6 +336,53 @@ impl MaskedBatch {
             }
         }
         Self::new_in_blocks(x0.to_vec(), xt, batch, len, vocab, block, t, weight)
+    }
+
+    /// BD3-LM's clipped training batch (Arriola et al. 2025, §5): one draw u per sequence
+    /// (`block ≥ len`) or per block of `block` tokens ([`block_times`]: i.i.d. or antithetic
+    /// over batch × blocks), mapped by `clip` to a mask rate uniform on the clipped interval,
+    /// its time t and the ELBO weight in mask-rate coordinates ([`MaskRate::time_and_weight`]);
+    /// each segment is masked with its own α_t. The expected loss is the clipped objective
+    /// L_[lo,hi] of [`MaskRate`], per segment.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_clipped<S: MaskingSchedule<f64>, R: Rng>(
+        x0: &[u32],
+        batch: usize,
+        len: usize,
+        vocab: usize,
+        block: usize,
+        schedule: &S,
+        sampling: TimeSampling,
+        clip: MaskRate,
+        rng: &mut R,
+    ) -> Result<Self, ObjectiveError> {
+        let v = check_x0(x0, batch, len, vocab)?;
+        if block == 0 {
+            return Err(ObjectiveError::Input(
+                "block size must be at least 1".into(),
+            ));
+        }
+        let seg = block.min(len.max(1));
+        let per_row = len.div_ceil(seg);
+        let u = block_times(sampling, batch, per_row, rng);
+        let mut t = Vec::with_capacity(u.len());
+        let mut weight = Vec::with_capacity(u.len());
+        let mut alphas = Vec::with_capacity(u.len());
+        for &ui in &u {
+            let (ti, wi) = clip.time_and_weight(schedule, ui)?;
+            t.push(ti);
+            alphas.push(schedule.alpha(ti));
+            weight.push(finite_weight(wi)?);
+        }
+        let mut xt = Vec::with_capacity(x0.len());
+        for (r, row) in x0.chunks(len.max(1)).enumerate() {
+            for (j, part) in row.chunks(seg).enumerate() {
+                let toks = v.tokens(part)?;
+                let states = forward_sample(&toks, alphas[r * per_row + j], rng)?;
+                xt.extend(v.input_ids(&states));
+            }
+        }
+        Self::new_in_blocks(x0.to_vec(), xt, batch, len, vocab, seg, t, weight)
     }
 
     /// Sample t for each sequence with `sampling` (antithetic by default) and x_t ~ q(x_t | x0);
