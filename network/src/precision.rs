@@ -1,10 +1,11 @@
 //! The matrix-product precision of the CPU kernels (issue 13, bf16 mixed precision): `F32`
 //! (the default) or `Bf16`, where every dense layer's product — forward, and both products of
-//! its backward pass — rounds its two inputs to bf16 and accumulates in f32
-//! (`kernels::bf16`), the arithmetic of PyTorch's CPU autocast for linear layers (whose
-//! outputs are then bf16; here they stay f32). Parameters, gradients, optimizer state and every
-//! other op (norms, softmax, attention's own products, the loss) stay f32: the master weights
-//! are f32 and only the products' inputs are rounded.
+//! its backward pass — and attention's per-head products (S = QKᵀ, O = PV and the four of
+//! the backward pass) round their two inputs to bf16 and accumulate in f32
+//! (`kernels::bf16`), the arithmetic of PyTorch's CPU autocast for linear layers and batched
+//! products (whose outputs are then bf16; here they stay f32). Parameters, gradients, optimizer
+//! state and every other op (norms, softmax and its log-sum-exp, the attention mask, the loss)
+//! stay f32: the master weights are f32 and only the products' inputs are rounded.
 //!
 //! The setting is process-wide ([`set_precision`]; the `maskdiff` binary sets it from
 //! `--precision` or the config) with a scoped per-thread override for tests and benchmarks
@@ -17,7 +18,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// The precision of the dense layers' matrix products.
+/// The precision of the matrix products (dense layers and attention).
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
 )]

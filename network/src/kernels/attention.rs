@@ -5,12 +5,23 @@
 //! layout (no permute copies) and dfdx's loop of per-matrix multi-threaded gemm calls is avoided.
 //! Q arrives already scaled by 1/√hd. Also the plain multi-threaded matrix product [`mm_par`]
 //! (used by `matmul`) and the row softmax (used by `softmax_last`).
+//!
+//! At [`Precision::Bf16`] (f32 models; issue 13, "bf16 mixed precision") the six products —
+//! S = Q Kᵀ and O = P V, and dP = dO Vᵀ, dV += Pᵀ dO, dQ += dS K, dK += dSᵀ Q — take
+//! bf16-rounded inputs (P and dS rounded where they are a product's input) with f32
+//! accumulation ([`super::bf16::gemm_bf16_serial`], on the task's own thread), as PyTorch's CPU
+//! autocast runs attention's batched products; the masking, the softmax, its log-sum-exp and
+//! its backward, and every output and gradient stay f32. The precision is read once per call
+//! on the calling thread (rayon's workers do not see a scoped override) and the backward pass
+//! uses the forward's.
 
-use super::isa::multiversion;
+use super::bf16::{gemm_bf16_serial, Mat};
+use super::isa::{multiversion, Level};
 use super::reduce;
 use super::storage::input;
 use super::tape::{backward as backward_op, fused, Backward, Forward};
 use crate::layers::{Res, T2, T4};
+use crate::precision::{self, Precision};
 use crate::{BlockMask, Elem};
 use dfdx::prelude::*;
 use rayon::prelude::*;
@@ -33,7 +44,14 @@ pub(crate) fn attention<E: Elem, T: Tape<E, Cpu>>(
         if let Some(m) = mask {
             assert_eq!(m.positions(), n, "block mask for another length");
         }
-        let dims = Dims { b, n, h, hd, mask };
+        let dims = Dims {
+            b,
+            n,
+            h,
+            hd,
+            mask,
+            bf16: bf16_products::<E>(),
+        };
         let (qv, kv, vv) = (input(&q), input(&k), input(&v));
         let (o, lse) = forward(&qv, &kv, &vv, dims, records);
         let (qg, kg, vg) = (q.ghost(), k.ghost(), v.ghost());
@@ -84,6 +102,7 @@ pub(crate) fn attention_rows<E: Elem>(
     if b * r * d > 0 {
         let op = SendPtr(o.as_mut_ptr());
         let level = super::isa::level();
+        let bf16 = bf16_products::<E>();
         (0..b * h).into_par_iter().for_each(|task| {
             let (bi, hi) = (task / h, task % h);
             let (qt, kt) = ((bi * r * h + hi) * hd, (bi * n * h + hi) * hd);
@@ -96,6 +115,7 @@ pub(crate) fn attention_rows<E: Elem>(
             // tasks have finished.
             unsafe {
                 mm(
+                    bf16,
                     (r, n, hd),
                     p.as_mut_ptr(),
                     (n, 1),
@@ -108,6 +128,7 @@ pub(crate) fn attention_rows<E: Elem>(
                 p.set_len(r * n);
                 softmax_rows(level, &mut p, n, None);
                 mm(
+                    bf16,
                     (r, hd, n),
                     op.get().add(qt),
                     (d, 1),
@@ -142,9 +163,19 @@ impl<E> SendPtr<E> {
     }
 }
 
+/// Where attention's products take bf16 inputs: `Some(level)` (the calling thread's
+/// instruction-set level, whose AVX512-BF16 proof picks the microkernel) when this thread's
+/// precision is [`Precision::Bf16`] and E is f32; `None` (f32 or f64 products) otherwise.
+fn bf16_products<E: Elem>() -> Option<Level> {
+    (precision::precision() == Precision::Bf16
+        && std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>())
+    .then(super::isa::level)
+}
+
 /// dst (m×n) = [dst +] lhs (m×k) · rhs (k×n), all with (row, column) element strides,
-/// single-threaded (the callers parallelise over (sequence, head)). Without `acc` dst is
-/// written without being read, so it may be uninitialised.
+/// single-threaded (the callers parallelise over (sequence, head)); with `bf16` (and E f32)
+/// the inputs are rounded to bf16 and accumulated in f32 ([`gemm_bf16_serial`]). Without
+/// `acc` dst is written without being read (for k > 0), so it may be uninitialised.
 ///
 /// # Safety
 /// Every pointer must be valid for its whole strided matrix (reads for `lhs` and `rhs`; writes,
@@ -152,6 +183,7 @@ impl<E> SendPtr<E> {
 /// and no other thread may access dst's elements during the call.
 #[allow(clippy::too_many_arguments)]
 unsafe fn mm<E: Elem>(
+    bf16: Option<Level>,
     (m, n, k): (usize, usize, usize),
     dst: *mut E,
     (d_rs, d_cs): (usize, usize),
@@ -161,6 +193,30 @@ unsafe fn mm<E: Elem>(
     rhs: *const E,
     (r_rs, r_cs): (usize, usize),
 ) {
+    if let Some(level) = bf16 {
+        if std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>() && k > 0 {
+            let (a, b) = (
+                Mat {
+                    ptr: lhs.cast::<f32>(),
+                    rs: l_rs,
+                    cs: l_cs,
+                },
+                Mat {
+                    ptr: rhs.cast::<f32>(),
+                    rs: r_rs,
+                    cs: r_cs,
+                },
+            );
+            // SAFETY: E is f32 (checked above), so the pointers address f32 elements; their
+            // validity, the output's exclusivity and the non-overlap are the caller's, as
+            // `gemm_bf16_serial` requires; (i, j) ↦ i·d_rs + j·d_cs is injective for every
+            // destination here (row-major scratch or a (sequence, head) block with d_rs ≥ n·d_cs).
+            unsafe {
+                gemm_bf16_serial(level, (m, n, k), dst.cast::<f32>(), (d_rs, d_cs), acc, a, b)
+            };
+            return;
+        }
+    }
     gemm::gemm(
         m,
         n,
@@ -274,6 +330,8 @@ pub(crate) struct Dims {
     pub hd: usize,
     /// The block-diffusion structure, if any (None: every query sees every key).
     pub mask: Option<BlockMask>,
+    /// Products with bf16 inputs at this level (see [`bf16_products`]), or f32/f64 ones.
+    pub bf16: Option<Level>,
 }
 
 impl Dims {
@@ -323,6 +381,7 @@ fn unmasked_scores<E: Elem>(q: &[E], k: &[E], t: usize, dims: Dims) -> Vec<E> {
     // fresh scratch without reading it.
     unsafe {
         mm(
+            dims.bf16,
             (n, n, hd),
             s.as_mut_ptr(),
             (n, 1),
@@ -387,6 +446,7 @@ pub(crate) fn forward<E: Elem>(
             let l = keep_lse.then(|| std::slice::from_raw_parts_mut(lp.get().add(task * n), n));
             softmax_rows(level, &mut p, n, l);
             mm(
+                dims.bf16,
                 (n, hd, n),
                 op.get().add(t),
                 (d, 1),
@@ -446,6 +506,7 @@ pub(crate) unsafe fn backward<E: Elem>(
         unsafe {
             // dP = dO Vᵀ
             mm(
+                dims.bf16,
                 (n, n, hd),
                 ds.as_mut_ptr(),
                 (n, 1),
@@ -460,6 +521,7 @@ pub(crate) unsafe fn backward<E: Elem>(
             softmax_grad_rows(level, &mut p, &mut ds, l, n);
             // dV += Pᵀ dO, dQ += dS K, dK += dSᵀ Q
             mm(
+                dims.bf16,
                 (n, hd, n),
                 pv.get().add(t),
                 (d, 1),
@@ -470,6 +532,7 @@ pub(crate) unsafe fn backward<E: Elem>(
                 (d, 1),
             );
             mm(
+                dims.bf16,
                 (n, hd, n),
                 pq.get().add(t),
                 (d, 1),
@@ -480,6 +543,7 @@ pub(crate) unsafe fn backward<E: Elem>(
                 (d, 1),
             );
             mm(
+                dims.bf16,
                 (n, hd, n),
                 pk.get().add(t),
                 (d, 1),
@@ -724,6 +788,277 @@ mod tests {
             for (t, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
                 close32(&ga.get(t).as_vec(), &gb.get(t).as_vec(), name);
             }
+        });
+    }
+
+    /// bf16 rounding (nearest even) of an f64 taken to f32 first, as the kernels' f32 inputs are.
+    fn rb(x: f64) -> f64 {
+        use super::super::bf16::{from_bf16, to_bf16};
+        f64::from(from_bf16(to_bf16(x as f32)))
+    }
+
+    /// How far the bf16 rounding of a value known only to within ±δ of `x` can land from
+    /// `rb(x)` (rounding is monotone, so the ends of the interval bound it).
+    fn spread(x: f64, dl: f64) -> f64 {
+        let c = rb(x);
+        (rb(x - dl) - c).abs().max((rb(x + dl) - c).abs())
+    }
+
+    /// f32's unit roundoff (2⁻²⁴), rounded up: the accumulation bound per term.
+    const U: f64 = 6e-8;
+
+    /// The f64 reference of bf16 attention on (b, n, h, hd) inputs with dO = `go`: every
+    /// product's inputs rounded to bf16 (Q, K, V, dO, and P and dS where they enter a product),
+    /// everything else exact. Returns (value, tolerance) per element of o, dq, dk, dv. The
+    /// tolerance is f32 accumulation (k·U·Σ|terms| per product) plus, for P and dS, the reach of
+    /// their rounding given a worst-case bound on the kernel's f32 error in them (from S's and
+    /// dP's accumulation, the f32 softmax at ≤ 1e-5 relative, and the row dot product).
+    #[allow(clippy::type_complexity)]
+    fn bf16_reference(
+        (q, k, v, go): (&[f32], &[f32], &[f32], &[f32]),
+        (b, n, h, hd): (usize, usize, usize, usize),
+        mask: Option<crate::BlockMask>,
+    ) -> [(Vec<f64>, Vec<f64>); 4] {
+        let len = b * n * h * hd;
+        let mut out: [(Vec<f64>, Vec<f64>); 4] =
+            std::array::from_fn(|_| (vec![0.0; len], vec![0.0; len]));
+        let allowed = |i: usize, j: usize| mask.is_none_or(|m| m.allowed(i, j));
+        for bi in 0..b {
+            for hi in 0..h {
+                let ix = |i: usize, c: usize| ((bi * n + i) * h + hi) * hd + c;
+                let r = |x: &[f32], i: usize, c: usize| rb(f64::from(x[ix(i, c)]));
+                // S and its row error bound; P with its elementwise error bound
+                let (mut p, mut dp) = (vec![0.0; n * n], vec![0.0; n * n]);
+                for i in 0..n {
+                    let mut es = 0.0f64;
+                    for j in 0..n {
+                        let (mut sv, mut abs) = (0.0, 0.0);
+                        for c in 0..hd {
+                            let t = r(q, i, c) * r(k, j, c);
+                            sv += t;
+                            abs += t.abs();
+                        }
+                        es = es.max(abs * hd as f64 * U);
+                        p[i * n + j] = if allowed(i, j) { sv } else { f64::NEG_INFINITY };
+                    }
+                    let row = &mut p[i * n..(i + 1) * n];
+                    let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    row.iter_mut().for_each(|x| *x = (*x - m).exp());
+                    let z: f64 = row.iter().sum();
+                    row.iter_mut().for_each(|x| *x /= z);
+                    dp[i * n..(i + 1) * n].fill(2.2 * es + 1e-5);
+                }
+                let dpk: Vec<f64> = p.iter().zip(&dp).map(|(p, e)| p * e).collect();
+                // dP = dO Vᵀ (error bound per element), the row dots and dS (bounds too)
+                let (mut gp, mut egp) = (vec![0.0; n * n], vec![0.0; n * n]);
+                for i in 0..n {
+                    for j in 0..n {
+                        let (mut sv, mut abs) = (0.0, 0.0);
+                        for c in 0..hd {
+                            let t = r(go, i, c) * r(v, j, c);
+                            sv += t;
+                            abs += t.abs();
+                        }
+                        gp[i * n + j] = sv;
+                        egp[i * n + j] = abs * hd as f64 * U;
+                    }
+                }
+                let (mut dsv, mut eds) = (vec![0.0; n * n], vec![0.0; n * n]);
+                for i in 0..n {
+                    let ri = i * n..(i + 1) * n;
+                    let dot: f64 = ri.clone().map(|e| p[e] * gp[e]).sum();
+                    let edot: f64 = ri
+                        .clone()
+                        .map(|e| {
+                            dpk[e] * gp[e].abs()
+                                + p[e] * egp[e]
+                                + n as f64 * U * (p[e] * gp[e]).abs()
+                        })
+                        .sum();
+                    for e in ri {
+                        dsv[e] = p[e] * (gp[e] - dot);
+                        eds[e] = dpk[e] * (gp[e] - dot).abs()
+                            + p[e] * (egp[e] + edot)
+                            + 4.0 * U * dsv[e].abs();
+                    }
+                }
+                // the four products, each Σ_l rb(x_l)·other_l with x's bound
+                let prod = |terms: &mut dyn Iterator<Item = (f64, f64, f64)>| {
+                    let (mut val, mut abs, mut reach, mut cnt) = (0.0, 0.0, 0.0, 0.0);
+                    for (x, ex, other) in terms {
+                        let t = rb(x) * other;
+                        val += t;
+                        abs += t.abs();
+                        reach += other.abs() * spread(x, ex);
+                        cnt += 1.0;
+                    }
+                    (val, abs * cnt * U + reach)
+                };
+                for i in 0..n {
+                    for c in 0..hd {
+                        let mut put = |w: usize, (val, tol): (f64, f64)| {
+                            out[w].0[ix(i, c)] = val;
+                            out[w].1[ix(i, c)] = tol;
+                        };
+                        // o_i = Σ_j P_ij v_j
+                        put(
+                            0,
+                            prod(&mut (0..n).map(|j| (p[i * n + j], dpk[i * n + j], r(v, j, c)))),
+                        );
+                        // dq_i = Σ_j dS_ij k_j
+                        put(
+                            1,
+                            prod(&mut (0..n).map(|j| (dsv[i * n + j], eds[i * n + j], r(k, j, c)))),
+                        );
+                        // dk_i = Σ_j dS_ji q_j (row i of dSᵀ Q)
+                        put(
+                            2,
+                            prod(&mut (0..n).map(|j| (dsv[j * n + i], eds[j * n + i], r(q, j, c)))),
+                        );
+                        // dv_i = Σ_j P_ji dO_j
+                        put(
+                            3,
+                            prod(&mut (0..n).map(|j| (p[j * n + i], dpk[j * n + i], r(go, j, c)))),
+                        );
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// At bf16, attention's forward output and its three input gradients — unmasked and with
+    /// a block-diffusion mask, at every level (the AVX512-BF16 microkernel and the portable
+    /// one) — are those of the f64 reference on bf16-rounded product inputs (P and dS rounded
+    /// where they are a product's input) within f32 accumulation tolerance, while most
+    /// elements of the f32 op's results lie outside that tolerance (so the bf16 path ran, and
+    /// the tolerance tells the two precisions apart). At F32 nothing changed: the f32 results
+    /// are compared with dfdx in `f32_attention_within_tolerance`, and the levels bit for bit in
+    /// `isa_equality`.
+    #[test]
+    fn bf16_attention_is_the_product_of_rounded_operands() {
+        use crate::precision::{with_precision, Precision};
+        each_path(|dev, rng| {
+            let (b, half, h, hd) = (2, 19, 2, 20);
+            let n = 2 * half;
+            let s4 = (b, n, h, hd);
+            let len = b * n * h * hd;
+            for mask in [None, Some(crate::BlockMask::new(half, 5).unwrap())] {
+                let (qs, ks, vs, r) = (
+                    rand32(rng, len, 1.5),
+                    rand32(rng, len, 1.5),
+                    rand32(rng, len, 1.0),
+                    rand32(rng, len, 1.0),
+                );
+                let (q, k, v): (T4<f32, Cpu>, T4<f32, Cpu>, T4<f32, Cpu>) = (
+                    tensor(dev, qs.clone(), s4),
+                    tensor(dev, ks.clone(), s4),
+                    tensor(dev, vs.clone(), s4),
+                );
+                let run = |p| {
+                    with_precision(p, || {
+                        let (lq, lk, lv) = (q.leaky_trace(), k.leaky_trace(), v.leaky_trace());
+                        let o = match mask {
+                            None => <Cpu as Kernels<f32>>::attention(lq, lk, lv),
+                            Some(m) => <Cpu as Kernels<f32>>::block_attention(lq, lk, lv, m),
+                        };
+                        let (f, g) = grads32(o.unwrap(), &r);
+                        let plain = match mask {
+                            None => {
+                                <Cpu as Kernels<f32>>::attention(q.clone(), k.clone(), v.clone())
+                            }
+                            Some(m) => <Cpu as Kernels<f32>>::block_attention(
+                                q.clone(),
+                                k.clone(),
+                                v.clone(),
+                                m,
+                            ),
+                        };
+                        // the tape-free path computes the same products
+                        assert_eq!(plain.unwrap().as_vec(), f, "{p} without tape");
+                        [
+                            f,
+                            g.get(&q).as_vec(),
+                            g.get(&k).as_vec(),
+                            g.get(&v).as_vec(),
+                        ]
+                    })
+                };
+                let (got, f32s) = (run(Precision::Bf16), run(Precision::F32));
+                let want = bf16_reference((&qs, &ks, &vs, &r), (b, n, h, hd), mask);
+                for (w, name) in ["o", "dq", "dk", "dv"].iter().enumerate() {
+                    let (val, tol) = &want[w];
+                    let mut outside = 0;
+                    for e in 0..len {
+                        let g = f64::from(got[w][e]);
+                        assert!(
+                            (g - val[e]).abs() <= tol[e] + 1e-30,
+                            "bf16 {name}[{e}] (mask {}): {g} vs {} ± {}",
+                            mask.is_some(),
+                            val[e],
+                            tol[e]
+                        );
+                        outside += usize::from((f64::from(f32s[w][e]) - val[e]).abs() > tol[e]);
+                    }
+                    assert!(
+                        2 * outside > len,
+                        "{name} (mask {}): only {outside} of {len} f32 values outside the bf16 tolerance",
+                        mask.is_some()
+                    );
+                }
+            }
+        });
+    }
+
+    /// `attention_rows` at a few query rows gives the rows of the full attention at those
+    /// queries: bit for bit at bf16 (each element of the bf16 products depends on its own row
+    /// and column only), within f32 tolerance at f32 (gemm's blocking may depend on the shape);
+    /// and the bf16 rows differ from the f32 ones.
+    #[test]
+    fn attention_rows_are_the_full_rows_at_both_precisions() {
+        use crate::precision::{with_precision, Precision};
+        each_path(|dev, rng| {
+            let (b, n, h, hd) = (2, 37, 2, 20);
+            let d = h * hd;
+            let picks = [0, 5, 17, 36];
+            let rn = picks.len();
+            let (qs, ks, vs) = (
+                rand32(rng, b * n * d, 1.5),
+                rand32(rng, b * n * d, 1.5),
+                rand32(rng, b * n * d, 1.0),
+            );
+            let qr: Vec<f32> = (0..b)
+                .flat_map(|bi| picks.iter().map(move |&i| bi * n + i))
+                .flat_map(|row| qs[row * d..(row + 1) * d].to_vec())
+                .collect();
+            let s4 = (b, n, h, hd);
+            let (q, k, v): (T4<f32, Cpu>, T4<f32, Cpu>, T4<f32, Cpu>) = (
+                tensor(dev, qs, s4),
+                tensor(dev, ks, s4),
+                tensor(dev, vs, s4),
+            );
+            let q_rows: T4<f32, Cpu> = tensor(dev, qr, (b, rn, h, hd));
+            let mut per_precision = Vec::new();
+            for p in Precision::ALL {
+                let (full, rows) = with_precision(p, || {
+                    let full = <Cpu as Kernels<f32>>::attention(q.clone(), k.clone(), v.clone());
+                    let rows =
+                        <Cpu as Kernels<f32>>::attention_rows(q_rows.clone(), k.clone(), v.clone());
+                    (full.unwrap().as_vec(), rows.unwrap().as_vec())
+                });
+                for bi in 0..b {
+                    for (ri, &i) in picks.iter().enumerate() {
+                        let a = &rows[(bi * rn + ri) * d..][..d];
+                        let f = &full[(bi * n + i) * d..][..d];
+                        match p {
+                            Precision::Bf16 => assert_eq!(a, f, "bf16 row {bi},{i}"),
+                            Precision::F32 => close32(a, f, "f32 rows"),
+                        }
+                    }
+                }
+                per_precision.push(rows);
+            }
+            assert_ne!(per_precision[0], per_precision[1]);
         });
     }
 }

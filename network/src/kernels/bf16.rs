@@ -101,6 +101,63 @@ unsafe impl Sync for OutPtr {}
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_bf16(
     level: Level,
+    dims: (usize, usize, usize),
+    c: *mut f32,
+    c_st: (usize, usize),
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+) {
+    // SAFETY: the caller's.
+    unsafe { gemm_bf16_on(level, true, dims, c, c_st, accumulate, a, b) }
+}
+
+/// [`gemm_bf16`] on the calling thread only (no rayon tasks): for callers that already run one
+/// task per small product (attention, per (sequence, head)). Same results, bit for bit: the
+/// tiles and the k blocks are the same, only who runs them differs. The packed operands go to
+/// the calling thread's scratch, as for [`gemm_bf16`], so a rayon worker reuses its own.
+///
+/// # Safety
+/// As for [`gemm_bf16`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_bf16_serial(
+    level: Level,
+    dims: (usize, usize, usize),
+    c: *mut f32,
+    c_st: (usize, usize),
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+) {
+    // SAFETY: the caller's.
+    unsafe { gemm_bf16_on(level, false, dims, c, c_st, accumulate, a, b) }
+}
+
+/// Runs `f(index, chunk)` over `size`-long chunks of `buf`: as rayon tasks when `par`, in order
+/// on this thread otherwise.
+fn chunks_each<T: Send>(
+    par: bool,
+    buf: &mut [T],
+    size: usize,
+    f: impl Fn(usize, &mut [T]) + Send + Sync,
+) {
+    if par {
+        buf.par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        buf.chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// [`gemm_bf16`] with the parallelism chosen by `par`.
+///
+/// # Safety
+/// As for [`gemm_bf16`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_bf16_on(
+    level: Level,
+    par: bool,
     (m, n, k): (usize, usize, usize),
     c: *mut f32,
     (c_rs, c_cs): (usize, usize),
@@ -115,16 +172,20 @@ pub(crate) unsafe fn gemm_bf16(
     let (row_panels, col_panels) = (m.div_ceil(MR), n.div_ceil(NR));
     let (mut ap, mut bp) = SCRATCH.with(|s| s.take());
     // SAFETY (both packs): the caller guarantees A and B valid for their elements.
-    let (a_rs, a_ps) = unsafe { convert_a(level, a, m, k, row_panels * MR, &mut ap) };
+    let (a_rs, a_ps) = unsafe { convert_a(level, par, a, m, k, row_panels * MR, &mut ap) };
     let pb = Panels {
         ptr: b.ptr,
         ws: b.cs,
         ks: b.rs,
     };
     // SAFETY: as above.
-    unsafe { pack::<NR>(level, pb, n, k, &mut bp) };
+    unsafe { pack::<NR>(level, par, pb, n, k, &mut bp) };
     // tiles: enough of them to keep every thread busy, at most 8 × 8 panels each
-    let threads = rayon::current_num_threads().max(1);
+    let threads = if par {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
     let cols_per = col_panels.min(8);
     let col_groups = col_panels.div_ceil(cols_per);
     let want = (4 * threads).div_ceil(col_groups);
@@ -132,7 +193,7 @@ pub(crate) unsafe fn gemm_bf16(
     let row_groups = row_panels.div_ceil(rows_per);
     let hw = level.bf16().is_some();
     let out = OutPtr(c);
-    (0..row_groups * col_groups).into_par_iter().for_each(|t| {
+    let tile_task = |t: usize| {
         let (rg, cg) = (t / col_groups, t % col_groups);
         let rows = rg * rows_per..((rg + 1) * rows_per).min(row_panels);
         let cols = cg * cols_per..((cg + 1) * cols_per).min(col_panels);
@@ -166,7 +227,14 @@ pub(crate) unsafe fn gemm_bf16(
                 }
             }
         }
-    });
+    };
+    if par {
+        (0..row_groups * col_groups)
+            .into_par_iter()
+            .for_each(tile_task);
+    } else {
+        (0..row_groups * col_groups).for_each(tile_task);
+    }
     SCRATCH.with(|s| s.set((ap, bp)));
 }
 
@@ -471,26 +539,30 @@ unsafe fn pack_panel_dyn(level: Level, x: Panels, width: usize, k: usize, dst: &
 }
 
 /// Packs the `len` rows (A) or columns (B) of `x` into W-wide panels in `out` (resized to
-/// `panels·kp·W`, every element written), in parallel.
+/// `panels·kp·W`, every element written), in parallel when `par`.
 ///
 /// # Safety
 /// `x` valid for reads of its len × k elements.
-unsafe fn pack<const W: usize>(level: Level, x: Panels, len: usize, k: usize, out: &mut Vec<u32>) {
+unsafe fn pack<const W: usize>(
+    level: Level,
+    par: bool,
+    x: Panels,
+    len: usize,
+    k: usize,
+    out: &mut Vec<u32>,
+) {
     let kp = k.div_ceil(2);
     let need = len.div_ceil(W) * kp * W;
     if out.len() < need {
         out.resize(need, 0);
     }
-    out[..need]
-        .par_chunks_mut(kp * W)
-        .enumerate()
-        .for_each(|(r, dst)| {
-            let width = W.min(len - r * W);
-            // SAFETY: panel r's first row is row r·W < len of x (caller).
-            let sub = unsafe { x.at_row(r * W) };
-            // SAFETY: rows r·W .. r·W + width of x (caller).
-            unsafe { pack_panel::<W>(level, sub, width, k, dst) }
-        });
+    chunks_each(par, &mut out[..need], kp * W, |r, dst| {
+        let width = W.min(len - r * W);
+        // SAFETY: panel r's first row is row r·W < len of x (caller).
+        let sub = unsafe { x.at_row(r * W) };
+        // SAFETY: rows r·W .. r·W + width of x (caller).
+        unsafe { pack_panel::<W>(level, sub, width, k, dst) }
+    });
 }
 
 /// A (m × k) converted to bf16 pairs in `buf` (every element written), in one of two layouts
@@ -502,6 +574,7 @@ unsafe fn pack<const W: usize>(level: Level, x: Panels, len: usize, k: usize, ou
 /// `a` valid for reads of its m × k elements.
 unsafe fn convert_a(
     level: Level,
+    par: bool,
     a: Mat,
     m: usize,
     k: usize,
@@ -520,19 +593,17 @@ unsafe fn convert_a(
             ws: a.rs,
             ks: 1,
         };
-        buf.par_chunks_mut(kp * 64)
-            .enumerate()
-            .for_each(|(t, dst)| {
-                for (r, d) in dst.chunks_exact_mut(kp).enumerate() {
-                    let i = t * 64 + r;
-                    if i < m {
-                        // SAFETY: row i < m of A (caller).
-                        unsafe { pack_panel::<1>(level, row.at_row(i), 1, k, d) };
-                    } else {
-                        d.fill(0);
-                    }
+        chunks_each(par, buf, kp * 64, |t, dst| {
+            for (r, d) in dst.chunks_exact_mut(kp).enumerate() {
+                let i = t * 64 + r;
+                if i < m {
+                    // SAFETY: row i < m of A (caller).
+                    unsafe { pack_panel::<1>(level, row.at_row(i), 1, k, d) };
+                } else {
+                    d.fill(0);
                 }
-            });
+            }
+        });
         (kp, 1)
     } else {
         // each pair row p: the m-wide panel of rows 2p, 2p + 1 of Aᵀ
@@ -541,15 +612,13 @@ unsafe fn convert_a(
             ws: a.rs,
             ks: a.cs,
         };
-        buf.par_chunks_mut(rows * 8)
-            .enumerate()
-            .for_each(|(c, dst)| {
-                for (q, d) in dst.chunks_exact_mut(rows).enumerate() {
-                    let p = c * 8 + q;
-                    // SAFETY: columns 2p, 2p + 1 (< k, or the pad) of A's m rows (caller).
-                    unsafe { pack_pair_row(level, t, m, k, p, d) };
-                }
-            });
+        chunks_each(par, buf, rows * 8, |c, dst| {
+            for (q, d) in dst.chunks_exact_mut(rows).enumerate() {
+                let p = c * 8 + q;
+                // SAFETY: columns 2p, 2p + 1 (< k, or the pad) of A's m rows (caller).
+                unsafe { pack_pair_row(level, t, m, k, p, d) };
+            }
+        });
         (1, rows)
     }
 }
@@ -636,6 +705,19 @@ mod tests {
     /// Runs the kernel on A, B laid out as `layout` and a row-major C.
     fn run(
         level: Level,
+        dims: (usize, usize, usize),
+        a: &[f32],
+        b: &[f32],
+        c0: Option<&[f32]>,
+        layout: Layout,
+    ) -> Vec<f32> {
+        run_on(level, true, dims, a, b, c0, layout)
+    }
+
+    /// [`run`], multi-threaded (`par`) or on this thread only ([`gemm_bf16_serial`]).
+    fn run_on(
+        level: Level,
+        par: bool,
         (m, n, k): (usize, usize, usize),
         a: &[f32],
         b: &[f32],
@@ -674,7 +756,7 @@ mod tests {
         let mut c = c0.map_or_else(|| vec![f32::NAN; m * n], <[f32]>::to_vec);
         // SAFETY: A, B, C hold the m·k, k·n, m·n elements addressed by the strides above.
         unsafe {
-            gemm_bf16(
+            (if par { gemm_bf16 } else { gemm_bf16_serial })(
                 level,
                 (m, n, k),
                 c.as_mut_ptr(),
@@ -692,8 +774,8 @@ mod tests {
     }
 
     /// Every level (the AVX512-BF16 microkernel where the CPU has it, the portable one always)
-    /// gives the reference's bits: ragged tiles, odd k, several KC blocks, each packing layout, and
-    /// accumulation into C.
+    /// gives the reference's bits, multi-threaded and on one thread: ragged tiles, odd k, several
+    /// KC blocks, each packing layout, and accumulation into C.
     #[test]
     fn bf16_gemm_matches_scalar_reference_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(3);
@@ -716,13 +798,15 @@ mod tests {
                 for level in isa::supported() {
                     hw_seen |= level.bf16().is_some();
                     for lay in [Layout::RowMajor, Layout::Transposed, Layout::Spread] {
-                        let got = bits(&run(level, (m, n, k), &a, &b, acc, lay));
-                        assert!(
-                            got == want,
-                            "{m}x{n}x{k} acc {} {lay:?} at {:?}",
-                            acc.is_some(),
-                            level.isa()
-                        );
+                        for par in [true, false] {
+                            let got = bits(&run_on(level, par, (m, n, k), &a, &b, acc, lay));
+                            assert!(
+                                got == want,
+                                "{m}x{n}x{k} acc {} {lay:?} par {par} at {:?}",
+                                acc.is_some(),
+                                level.isa()
+                            );
+                        }
                     }
                 }
             }

@@ -1,11 +1,14 @@
 //! Every fused CPU op at every instruction-set level this CPU supports gives the portable
 //! instance's bits: outputs and input gradients in f32 (where the wide instances could differ
-//! if anything reassociated or contracted), over shapes with ragged vector tails.
+//! if anything reassociated or contracted), over shapes with ragged vector tails; and
+//! attention at bf16 precision, where the AVX512-BF16 microkernel must give the portable loop's
+//! bits.
 
 use super::isa::{self, Isa};
 use super::test_util::{grads32, rand32};
 use super::{AdamWStep, Kernels};
 use crate::layers::{Rope, T1, T2, T4};
+use crate::precision::{with_precision, Precision};
 use crate::MlpKind;
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, SeedableRng};
@@ -95,6 +98,43 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     for (t, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
         push(name, g.get(t).as_vec());
     }
+    // bf16 products: the AVX512-BF16 microkernel (at avx512 where the CPU has it) against the
+    // portable loop, unmasked and block-masked, with the rows entry point
+    let mask = crate::BlockMask::new(N / 2, 4).unwrap();
+    let n2 = 2 * (N / 2);
+    let s2 = (B, n2, H, HD);
+    let cut = |x: &T4<f32, Cpu>| -> T4<f32, Cpu> {
+        dev.tensor_from_vec(x.as_vec()[..B * n2 * D].to_vec(), s2)
+    };
+    let (qm, km, vm) = (cut(&q), cut(&k), cut(&v));
+    let rm = r[..B * n2 * D].to_vec();
+    with_precision(Precision::Bf16, || {
+        let o = <K as Kernels<f32>>::attention(q.leaky_trace(), k.leaky_trace(), v.leaky_trace())
+            .unwrap();
+        let (f, g) = grads32(o, &r);
+        push("bf16 attention", f);
+        for (t, name) in [(&q, "bf16 dq"), (&k, "bf16 dk"), (&v, "bf16 dv")] {
+            push(name, g.get(t).as_vec());
+        }
+        let o = <K as Kernels<f32>>::block_attention(
+            qm.leaky_trace(),
+            km.leaky_trace(),
+            vm.leaky_trace(),
+            mask,
+        )
+        .unwrap();
+        let (f, g) = grads32(o, &rm);
+        push("bf16 block attention", f);
+        for (t, name) in [
+            (&qm, "bf16 block dq"),
+            (&km, "bf16 block dk"),
+            (&vm, "bf16 block dv"),
+        ] {
+            push(name, g.get(t).as_vec());
+        }
+        let rows = <K as Kernels<f32>>::attention_rows(qm.clone(), k.clone(), v.clone()).unwrap();
+        push("bf16 attention rows", rows.as_vec());
+    });
 
     // 3×3 convolution and GroupNorm (ragged channel counts, an image over several row tasks)
     let (ih, iw, cin, cout) = (5, 7, 13, 11);
