@@ -99,7 +99,7 @@ pub struct TrainOverrides {
     /// [model.genmd4_network_samples] 1 or 2 x_t samples per sequence train the network (GenMD4).
     #[arg(long, value_name = "N")]
     pub genmd4_network_samples: Option<usize>,
-    /// [schedule.name] linear | cosine | polyK (e.g. poly3) | geometric[:MIN:MAX].
+    /// [schedule.name] linear | cosine | polyK (e.g. poly3) | geometric | geometric:MIN:MAX.
     #[arg(long, value_name = "NAME")]
     pub schedule: Option<String>,
     /// [schedule.eps] numerical shift ε of α̃ = (1 − 2ε)α + ε.
@@ -459,8 +459,8 @@ pub struct EvalArgs {
     pub no_ema: bool,
     /// Run the zero-shot perplexity suite (GPT-2-tokenised models) on the sets in DIR. Without
     /// DIR (`maskdiff eval RUN --zero-shot`): the first of ./shared/data/zeroshot,
-    /// ../shared/data/zeroshot and, beside the source tree maskdiff was built from,
-    /// <workspace>/../shared/data/zeroshot that exists.
+    /// ../shared/data/zeroshot and the shared/data/zeroshot beside the source tree maskdiff was
+    /// built from (WORKSPACE/../shared/data/zeroshot) that exists.
     #[arg(long, value_name = "DIR", num_args = 0..=1)]
     pub zero_shot: Option<Option<PathBuf>>,
     /// Score the text samples in FILE (one per line, as `maskdiff sample -o` writes them) under
@@ -593,7 +593,7 @@ pub enum PlotWhat {
     },
     /// α_t and the ELBO weight −α'_t/(1 − α_t) against t for schedules (paper Figure 1).
     Schedule {
-        /// Schedules to draw (linear, cosine, polyK, geometric[:MIN:MAX]).
+        /// Schedules to draw (linear, cosine, polyK, geometric, geometric:MIN:MAX).
         #[arg(value_name = "NAME", default_values_t = ["linear".to_string(), "cosine".to_string(), "poly2".to_string(), "poly0.5".to_string(), "geometric".to_string()])]
         names: Vec<String>,
         /// Numerical shift ε (0 = the paper's unshifted curves).

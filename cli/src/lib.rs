@@ -3,7 +3,7 @@
 //! ELBO of §3 in bits per token, continuous or T-step discrete), `sample` (ancestral sampling,
 //! Alg. 2, §6) and `plot` (training curves, Figure 1's schedules).
 //!
-//! The library half exists so the pieces are unit-tested; `main.rs` only calls [`run`].
+//! The library half exists so the pieces are unit-tested; `main.rs` only calls [`run()`].
 
 pub mod args;
 pub mod commands;

@@ -3,7 +3,7 @@
 //! §6 / App. I (GenMD4, eq. (12), REINFORCE leave-one-out gradients), spec §3 and §5.
 //!
 //! Two implementations, tested against each other:
-//! * [`reference`] — f64 on plain slices: Monte-Carlo estimators (continuous, discrete T-step,
+//! * [`mod@reference`] — f64 on plain slices: Monte-Carlo estimators (continuous, discrete T-step,
 //!   GenMD4 with its RLOO surrogate), the reconstruction and prior terms, and exact oracles by
 //!   enumeration of mask patterns for tiny N and V (exact ELBO of a time-independent predictor,
 //!   the any-order-autoregressive closed form, the exact discrete-time L_T).

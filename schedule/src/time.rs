@@ -88,7 +88,7 @@ pub fn antithetic(u: f64, batch: usize) -> Vec<f64> {
 /// (−α'_t/(1 − α_t) dt = dm/m) as the loss weight, (m_1 − m_0)/m ([`MaskRate::time_and_weight`]).
 /// The expected weighted loss is then
 ///
-///   L_[lo,hi] = 1/(hi − lo) · ∫_{m(lo)}^{m(hi)} (1/m) · E[Σ_masked −log μ[x_0] | m] dm,
+///   L_\[lo,hi\] = 1/(hi − lo) · ∫_{m(lo)}^{m(hi)} (1/m) · E\[Σ_masked −log μ\[x_0\] | m\] dm,
 ///
 /// the NELBO's integrand averaged over the clipped rates: the NELBO itself for [0, 1], a biased
 /// (not a bound) but lower-variance training loss otherwise — as in bd3lms, whose loglinear

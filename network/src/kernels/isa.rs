@@ -4,7 +4,7 @@
 //! normally runs 4 f32 lanes wide even on a CPU with AVX-512. Each hot inner loop of the fused
 //! kernels (one chunk of rows: softmax, norms, the GLU gate, adaLN, RoPE, the optimizer's
 //! passes) is therefore written once as an `#[inline(always)]` function and instantiated by
-//! [`multiversion!`] three times: for the baseline, for AVX2+FMA and for AVX-512 (F, BW, VL, DQ);
+//! `multiversion!` three times: for the baseline, for AVX2+FMA and for AVX-512 (F, BW, VL, DQ);
 //! the instance is chosen per call from the [`Isa`] fixed once per process ([`isa`]).
 //!
 //! Every instance performs the same IEEE operations in the same order: Rust does not contract
@@ -13,7 +13,7 @@
 //! instance (tested in `kernels::tests`: every fused op's values and gradients at each
 //! supported level against the portable instance, bit for bit; the kernel tests that compare
 //! against dfdx's generic ops run at every level). Reductions that should vectorise are written with explicit interleaved
-//! partial sums ([`LANES`]), whose order is fixed by the code, not by the ISA.
+//! partial sums (`LANES`), whose order is fixed by the code, not by the ISA.
 //!
 //! `MASKDIFF_ISA=portable|avx2|avx512` overrides the detected level for the process (for tests
 //! and benchmarks; [`with_level`] does it for one thread's calls); a level the CPU lacks is

@@ -1,7 +1,7 @@
 //! Collective communication for data-parallel training: the small interface the trainer needs
 //! ([`Collective`]: rank, size, all-reduce-sum of `f32` buffers in place, broadcast of bytes
 //! from rank 0, all-gather of bytes, barrier) with a no-op [`SingleProcess`] and, behind the
-//! `mpi` feature, [`Mpi`] over the system's MPI library (the `mpi` crate; OpenMPI from Debian
+//! `mpi` feature, `Mpi` over the system's MPI library (the `mpi` crate; OpenMPI from Debian
 //! in CI), and behind `nccl`, `crate::nccl::Nccl` (gradients reduced on the GPU). No protocol
 //! of our own: every operation is one call of the engine.
 //!

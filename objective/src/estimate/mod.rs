@@ -340,7 +340,7 @@ pub(crate) fn md4_on<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct ClipVariance {
     pub mask_rate: MaskRate,
-    /// Mean of the per-block clipped loss, nats per token (L_[lo,hi] / N for equal blocks).
+    /// Mean of the per-block clipped loss, nats per token (L_\[lo,hi\] / N for equal blocks).
     pub mean_nats: f64,
     /// Sample variance of the per-block clipped loss (nats per token, squared).
     pub variance: f64,

@@ -70,7 +70,7 @@ pub fn genmd4_log_q(
         .sum())
 }
 
-/// Reconstruction term at t1 (spec §5.4): Σ_n (1 − ε)t1^{w_x}·(−log softmax_v(w_v log t1)[x]).
+/// Reconstruction term at t1 (spec §5.4): Σ_n (1 − ε)t1^{w_x}·(−log softmax_v(w_v log t1)\[x\]).
 pub fn genmd4_recon(
     schedule: &PerTokenPolynomial,
     t1: f64,

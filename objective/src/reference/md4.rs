@@ -40,7 +40,7 @@ pub fn masked_cross_entropy(
         .sum())
 }
 
-/// The one-sample continuous-time estimate −(α'_t/(1 − α_t))·Σ_masked −log μ[x_0] (≥ 0).
+/// The one-sample continuous-time estimate −(α'_t/(1 − α_t))·Σ_masked −log μ\[x_0\] (≥ 0).
 pub fn continuous_estimate<S: MaskingSchedule<f64>>(
     schedule: &S,
     t: f64,
