@@ -75,19 +75,17 @@ fn block_model_trains_and_evaluates() {
     }
     // MD4's semi-autoregressive --block-size is refused unless it is the model's own
     let sample_with = |b: &str| {
-        run(
-            &d,
-            &[
-                "sample",
-                "blk",
-                "-n",
-                "1",
-                "--steps",
-                "4",
-                "--block-size",
-                b,
-            ],
-        )
+        let args = [
+            "sample",
+            "blk",
+            "-n",
+            "1",
+            "--steps",
+            "4",
+            "--block-size",
+            b,
+        ];
+        run(&d, &args)
     };
     one_line_error(&sample_with("4"), &["--block-size 4", "blocks of 8"]);
     ok(&sample_with("8"));

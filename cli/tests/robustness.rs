@@ -368,9 +368,8 @@ fn outputs_in_a_missing_directory_fail_before_the_work() {
     let d = tmp("missing-out-dir");
     write_corpus(&d.join("corpus.txt"), 20_000);
     ok(&train(&d, "m", 2, &[]));
-    let o = run(
-        &d,
-        &[
+    let eval = |json: &str| {
+        let args = [
             "eval",
             "m",
             "--max-sequences",
@@ -378,38 +377,23 @@ fn outputs_in_a_missing_directory_fail_before_the_work() {
             "-k",
             "1",
             "--json",
-            "nope/r.json",
-        ],
-    );
-    one_line_error(&o, &["nope/r.json", "does not exist"]);
-    assert!(stdout(&o).is_empty(), "evaluated first: {}", stdout(&o));
-    let o = run(
-        &d,
-        &["sample", "m", "-n", "1", "--steps", "4", "-o", "nope/s.txt"],
-    );
-    one_line_error(&o, &["nope/s.txt", "does not exist"]);
-    assert!(stdout(&o).is_empty(), "sampled first: {}", stdout(&o));
+            json,
+        ];
+        run(&d, &args)
+    };
+    let sample = |out: &str| run(&d, &["sample", "m", "-n", "1", "--steps", "4", "-o", out]);
+    for (o, path) in [
+        (eval("nope/r.json"), "nope/r.json"),
+        (sample("nope/s.txt"), "nope/s.txt"),
+    ] {
+        one_line_error(&o, &[path, "does not exist"]);
+        assert!(stdout(&o).is_empty(), "worked first: {}", stdout(&o));
+    }
     // a directory given as the output file
-    let o = run(&d, &["sample", "m", "-n", "1", "--steps", "4", "-o", "m"]);
-    one_line_error(&o, &["is a directory"]);
+    one_line_error(&sample("m"), &["is a directory"]);
     // in an existing directory both write their file
-    ok(&run(
-        &d,
-        &[
-            "eval",
-            "m",
-            "--max-sequences",
-            "2",
-            "-k",
-            "1",
-            "--json",
-            "m/r.json",
-        ],
-    ));
-    ok(&run(
-        &d,
-        &["sample", "m", "-n", "1", "--steps", "4", "-o", "s.txt"],
-    ));
+    ok(&eval("m/r.json"));
+    ok(&sample("s.txt"));
     assert!(d.join("m/r.json").is_file() && d.join("s.txt").is_file());
 }
 
