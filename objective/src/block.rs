@@ -511,6 +511,10 @@ impl<D: Device<f32>, O: InBlocks<D>> Objective<D> for Block<O> {
         self.inner.mask_rate()
     }
 
+    fn set_mask_rate(&mut self, clip: Option<MaskRate>) -> Result<(), ObjectiveError> {
+        self.inner.set_mask_rate(clip)
+    }
+
     fn clip_variance<M: Denoiser + ?Sized>(
         &self,
         denoiser: &mut M,

@@ -259,6 +259,19 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
     pub fn sync_ema_objective(&mut self) {
         self.ema_objective = self.objective.clone();
     }
+    /// Train on the clipped mask rates `clip` from the next step on (BD3-LM's adaptive search
+    /// re-chooses them at each validation), live and EMA objective alike. The run's
+    /// [`TrainConfig::mask_rate`] keeps the interval it started with; a caller that changes it
+    /// saves the current one with its own state ([`Trainer::set_extra`]) and sets it again after
+    /// [`Trainer::resume`], so a resumed run continues bit for bit.
+    pub fn set_mask_rate(
+        &mut self,
+        clip: Option<maskdiff_schedule::MaskRate>,
+    ) -> Result<(), TrainError> {
+        self.objective.set_mask_rate(clip)?;
+        self.ema_objective.set_mask_rate(clip)?;
+        Ok(())
+    }
     /// The objective's report of the last step, if any.
     pub fn last_report(&self) -> Option<&O::Report> {
         self.last_report.as_ref()
