@@ -152,12 +152,13 @@ impl MaskRate {
             MaskRate::new(0.0, w)?;
             let mut k = 0u32;
             loop {
-                let lo = k as f64 * delta;
+                // rounded to 12 decimals: k·δ is not exact in binary (3 · 0.05 = 0.15000000000000002)
+                let lo = (k as f64 * delta * 1e12).round() / 1e12;
                 // a start within rounding of 1 − w still counts (0.05 steps do not add up exactly)
                 if lo + w > 1.0 + 1e-9 {
                     break;
                 }
-                let c = MaskRate::new(lo, (lo + w).min(1.0))?;
+                let c = MaskRate::new(lo, ((lo + w) * 1e12).round().min(1e12) / 1e12)?;
                 if !out.contains(&c) {
                     out.push(c);
                 }
@@ -273,7 +274,11 @@ mod mask_rate_tests {
             assert_eq!((m.lo(), m.hi()), (lo, hi));
         }
         // δ = 0.05, width 0.5: starts 0, 0.05, …, 0.5 (11) plus the full range
-        assert_eq!(MaskRate::candidates(&[0.5], 0.05).unwrap().len(), 12);
+        let c = MaskRate::candidates(&[0.5], 0.05).unwrap();
+        assert_eq!(c.len(), 12);
+        // starts print as the decimals they stand for
+        assert_eq!(c[4].to_string(), "[0.15, 0.65]");
+        assert_eq!(c[7].to_string(), "[0.3, 0.8]");
         assert!(MaskRate::candidates(&[0.5], 0.0).is_err());
         assert!(MaskRate::candidates(&[1.5], 0.1).is_err());
     }
