@@ -41,7 +41,9 @@ pub struct TrainBatch<'a> {
 pub struct StepStats {
     /// Index of the step just taken (0-based); `Trainer::step_count()` is now `step + 1`.
     pub step: u64,
-    /// NELBO estimate: diffusion loss + the reconstruction term (spec §3.3).
+    /// NELBO estimate: diffusion loss + the reconstruction term (spec §3.3). With clipped mask
+    /// rates ([`TrainConfig::mask_rate`], BD3-LM §5) the diffusion part is the clipped
+    /// objective L_[β,ω] instead, which is not a bound: the "clipped loss".
     pub loss: f64,
     pub diffusion: f64,
     /// `loss / (len · ln 2)`.
