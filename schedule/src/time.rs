@@ -1,7 +1,7 @@
 //! Times: a checked [`Time`] newtype and the training-time samplers of spec §2.3 (Alg. 1):
 //! i.i.d. uniform, or antithetic/stratified t_i = (u + i/B) mod 1 with one u per batch; and
 //! [`MaskRate`], the clipped mask-rate interval of BD3-LM's data-driven noise schedules
-//! (Arriola et al., ICLR 2025, §5, eq. (9)–(10)).
+//! (Arriola et al., ICLR 2025, §5, "data-driven noise schedules"; bd3lms `_sample_t`, `_clipped_schedule_search`).
 
 use crate::{MaskingSchedule, ScheduleError};
 use rand::Rng;
@@ -88,7 +88,9 @@ pub fn antithetic(u: f64, batch: usize) -> Vec<f64> {
 /// (−α'_t/(1 − α_t) dt = dm/m) as the loss weight, (m_1 − m_0)/m ([`MaskRate::time_and_weight`]).
 /// The expected weighted loss is then
 ///
-///   L_[lo,hi] = 1/(hi − lo) · ∫_{m(lo)}^{m(hi)} (1/m) · E[Σ_masked −log μ[x_0] | m] dm,
+/// ```text
+/// L_[lo,hi] = 1/(hi − lo) · ∫_{m(lo)}^{m(hi)} (1/m) · E[Σ_masked −log μ[x_0] | m] dm,
+/// ```
 ///
 /// the NELBO's integrand averaged over the clipped rates: the NELBO itself for [0, 1], a biased
 /// (not a bound) but lower-variance training loss otherwise — as in bd3lms, whose loglinear

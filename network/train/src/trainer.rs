@@ -43,7 +43,7 @@ pub struct StepStats {
     pub step: u64,
     /// NELBO estimate: diffusion loss + the reconstruction term (spec §3.3). With clipped mask
     /// rates ([`TrainConfig::mask_rate`], BD3-LM §5) the diffusion part is the clipped
-    /// objective L_[β,ω] instead, which is not a bound: the "clipped loss".
+    /// objective `L_[β,ω]` instead, which is not a bound: the "clipped loss".
     pub loss: f64,
     pub diffusion: f64,
     /// `loss / (len · ln 2)`.
