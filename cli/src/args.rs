@@ -112,6 +112,11 @@ pub struct TrainOverrides {
     /// [LO, HI] of the schedule's range (e.g. 0.3,0.8); validation and eval stay the NELBO.
     #[arg(long, value_name = "LO,HI", value_parser = parse_mask_rate)]
     pub mask_rate: Option<maskdiff_schedule::MaskRate>,
+    /// [schedule.clip_search = true] BD3-LM's adaptive clip search: at every validation, train
+    /// on the candidate interval of least per-block loss variance (widths and step:
+    /// schedule.clip_widths, schedule.clip_delta).
+    #[arg(long)]
+    pub clip_search: bool,
     /// [data.dataset] text8 | bytes | gpt2 | fashion-mnist | mnist | digits | cifar10.
     #[arg(long, value_name = "KIND", value_parser = parse_dataset)]
     pub dataset: Option<DatasetKind>,
@@ -349,6 +354,9 @@ impl TrainOverrides {
         if self.mask_rate.is_some() {
             cfg.schedule.mask_rate = self.mask_rate;
         }
+        if self.clip_search {
+            cfg.schedule.clip_search = true;
+        }
         set!(dataset => data.dataset);
         set!(data => data.path);
         set!(seq_len => data.seq_len);
@@ -410,6 +418,9 @@ impl TrainOverrides {
         );
         if self.time_free {
             v.push("--time-free");
+        }
+        if self.clip_search {
+            v.push("--clip-search");
         }
         if self.class_conditional {
             v.push("--class-conditional");

@@ -240,6 +240,30 @@ pub struct ScheduleConfig {
     /// not GenMD4).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mask_rate: Option<maskdiff_schedule::MaskRate>,
+    /// BD3-LM's adaptive clip search: at every validation (`train.eval_every`), the interval of
+    /// least variance of the per-block clipped loss among the full range and every
+    /// `[s, s + w]` (w in `clip_widths`, s stepped by `clip_delta`) becomes the training
+    /// interval (starting from `mask_rate`, or the full range); the current one is saved with
+    /// the checkpoint.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub clip_search: bool,
+    /// Interval widths of the clip search.
+    #[serde(skip_serializing_if = "is_default_widths")]
+    pub clip_widths: Vec<f64>,
+    /// Step of the interval starts of the clip search (bd3lms' `clip_search_delta`).
+    #[serde(skip_serializing_if = "is_default_delta")]
+    pub clip_delta: f64,
+}
+
+/// The clip search's default widths and start step.
+pub const CLIP_WIDTHS: [f64; 3] = [0.25, 0.5, 0.75];
+pub const CLIP_DELTA: f64 = 0.05;
+
+fn is_default_widths(w: &[f64]) -> bool {
+    w == CLIP_WIDTHS
+}
+fn is_default_delta(d: &f64) -> bool {
+    *d == CLIP_DELTA
 }
 
 impl Default for ScheduleConfig {
@@ -249,6 +273,9 @@ impl Default for ScheduleConfig {
             eps: maskdiff_schedule::DEFAULT_EPS,
             time_sampling: TimeSampling::Antithetic,
             mask_rate: None,
+            clip_search: false,
+            clip_widths: CLIP_WIDTHS.to_vec(),
+            clip_delta: CLIP_DELTA,
         }
     }
 }
@@ -621,6 +648,27 @@ impl Config {
                  schedule has none (use MD4, alone or inside blocks)",
             ));
         }
+        if self.schedule.clip_search {
+            if m.is_genmd4() {
+                return Err(CliError::config(
+                    "schedule.clip_search",
+                    "the clip search needs one mask rate per time: GenMD4's learned per-token \
+                     schedule has none (use MD4, alone or inside blocks)",
+                ));
+            }
+            if self.train.eval_every == 0 {
+                return Err(CliError::config(
+                    "schedule.clip_search",
+                    "the clip search re-chooses the interval at every validation: set \
+                     train.eval_every (--eval-every) > 0",
+                ));
+            }
+        }
+        maskdiff_schedule::MaskRate::candidates(
+            &self.schedule.clip_widths,
+            self.schedule.clip_delta,
+        )
+        .map_err(|e| CliError::config("schedule.clip_widths", e.to_string()))?;
         let e = self.schedule.eps;
         if !(e.is_finite() && (0.0..0.5).contains(&e)) {
             return Err(CliError::config(

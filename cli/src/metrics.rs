@@ -31,6 +31,9 @@ pub struct Record {
     /// GenMD4: the learned per-token exponents w_v at this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exponents: Option<Vec<f64>>,
+    /// Adaptive clip search (validation records): the training mask rates chosen at this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_rate: Option<[f64; 2]>,
 }
 
 impl Record {
@@ -45,6 +48,7 @@ impl Record {
             tokens_per_sec: None,
             elapsed_s: None,
             exponents: None,
+            mask_rate: None,
         }
     }
 }

@@ -34,6 +34,10 @@ pub struct CliExtra {
     /// Training losses since the last metrics record, so a resumed run logs the same means.
     #[serde(default)]
     pub loss_window: LossWindow,
+    /// The training mask rates the adaptive clip search chose last (`schedule.clip_search`):
+    /// set again on resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_rate: Option<maskdiff_schedule::MaskRate>,
 }
 
 /// Running sum of per-step training losses (bits/token) between two metrics records.

@@ -1,7 +1,9 @@
 //! BD3-LM's clipped noise schedules end to end (`train --mask-rate`, `[schedule] mask_rate`):
 //! the run records the clip, logs the clipped loss, resumes bit for bit, `eval` reports the
 //! full-range NELBO, `eval --clip-search` prints its table and the interval of least variance,
-//! and bad intervals or GenMD4 are one-line errors naming the field.
+//! and bad intervals or GenMD4 are one-line errors naming the field; the adaptive search
+//! (`--clip-search`) re-chooses the interval at every validation, records it, and a run resumed
+//! one step at a time across its choices ends bit-identical to an uninterrupted one.
 
 mod common;
 use common::*;
@@ -92,5 +94,85 @@ fn bad_mask_rates_and_genmd4_are_one_line_errors() {
     one_line_error(
         &train(&d, "x", 2, &["--model", "genmd4", "--mask-rate", "0.3,0.8"]),
         &["schedule.mask_rate", "genmd4"],
+    );
+}
+
+#[test]
+fn adaptive_clip_search_rechooses_at_validation_and_resumes_exactly() {
+    let d = tmp("clip-search");
+    write_corpus(&d.join("corpus.txt"), 40_000);
+    std::fs::write(
+        d.join("s.toml"),
+        "[schedule]\nclip_widths = [0.5]\nclip_delta = 0.25\n",
+    )
+    .unwrap();
+    let flags = [
+        "--config",
+        "s.toml",
+        "--model",
+        "block",
+        "--block-size",
+        "8",
+        "--time-free",
+        "--clip-search",
+        "--eval-every",
+        "3",
+        "--checkpoint-every",
+        "100",
+    ];
+    let o = train(&d, "straight", 9, &flags);
+    ok(&o);
+    let err = stderr(&o);
+    assert_eq!(
+        err.matches("clip search: training on mask rates").count(),
+        2,
+        "{err}"
+    );
+    // each validation record carries the interval chosen there, one of the 4 candidates
+    let metrics = std::fs::read_to_string(d.join("straight").join("metrics.jsonl")).unwrap();
+    let chosen: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["split"] == "val" && r.get("mask_rate").is_some())
+        .map(|r| r["mask_rate"].clone())
+        .collect();
+    assert_eq!(chosen.len(), 2, "{metrics}");
+    let allowed = [[0.0, 1.0], [0.0, 0.5], [0.25, 0.75], [0.5, 1.0]];
+    for c in &chosen {
+        assert!(allowed.iter().any(|a| serde_json::json!(a) == *c), "{c}");
+    }
+    // (a clipped choice, so the resume below would differ if it were not restored)
+    assert!(
+        chosen.iter().any(|c| *c != serde_json::json!([0.0, 1.0])),
+        "{chosen:?}"
+    );
+    // the last choice is saved with the run's state (the config keeps its own, none)
+    let man = manifest(&d.join("straight"));
+    assert_eq!(man["extra"]["mask_rate"], chosen[1]);
+    assert!(man["train"].get("mask_rate").is_none());
+    // one step per session, across both searches: the same state bit for bit
+    let mut first: Vec<&str> = flags.to_vec();
+    first.extend_from_slice(&["--time-limit", "1e-9"]);
+    ok(&train(&d, "pieces", 9, &first));
+    for _ in 0..8 {
+        ok(&run(
+            &d,
+            &[
+                "train",
+                "--resume",
+                "--out",
+                "pieces",
+                "--no-progress",
+                "--time-limit",
+                "1e-9",
+            ],
+        ));
+    }
+    assert_eq!(manifest(&d.join("pieces"))["step"], 9);
+    assert_eq!(checksums(&d.join("straight")), checksums(&d.join("pieces")));
+    // the search is refused without validations
+    one_line_error(
+        &train(&d, "x", 2, &["--clip-search", "--eval-every", "0"]),
+        &["schedule.clip_search", "eval_every"],
     );
 }

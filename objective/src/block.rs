@@ -34,6 +34,13 @@
 //! Σ_b Σ_{i=1}^T E_q[(α_{s(i)} − α_{t(i)})/(1 − α_{t(i)}) Σ_{masked n ∈ b} −log μ_n[x_0^n]],
 //! estimated with one step index per sequence or per block ([`block_estimate`]).
 //!
+//! Clipped noise schedules (BD3-LM §5, "data-driven noise schedules"): with MD4 inside, the
+//! training draws (per sequence or per block) can be restricted to a mask-rate interval
+//! ([`maskdiff_schedule::MaskRate`], [`Md4::with_mask_rate`]); each block's term is then weighted
+//! by the ELBO density in mask-rate coordinates, validation and evaluation stay the NELBO, and
+//! [`Objective::clip_variance`] gives bd3lms' search statistic (the variance of the per-block
+//! clipped loss). GenMD4 inside has no single mask rate and refuses a clip.
+//!
 //! Limits (tested): B = N is the inner objective itself (same x_t, same t); with MD4 inside,
 //! B = 1 is (α_0 − α_1) times the autoregressive cross-entropy of the same network.
 
@@ -509,6 +516,10 @@ impl<D: Device<f32>, O: InBlocks<D>> Objective<D> for Block<O> {
 
     fn mask_rate(&self) -> Option<MaskRate> {
         self.inner.mask_rate()
+    }
+
+    fn set_mask_rate(&mut self, clip: Option<MaskRate>) -> Result<(), ObjectiveError> {
+        self.inner.set_mask_rate(clip)
     }
 
     fn clip_variance<M: Denoiser + ?Sized>(

@@ -285,6 +285,11 @@ impl<D: Device<f32>> Objective<D> for Md4 {
         self.mask_rate
     }
 
+    fn set_mask_rate(&mut self, clip: Option<MaskRate>) -> Result<(), ObjectiveError> {
+        self.mask_rate = clip.filter(|c| !c.is_full());
+        Ok(())
+    }
+
     fn clip_variance<M: Denoiser + ?Sized>(
         &self,
         denoiser: &mut M,

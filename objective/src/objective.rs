@@ -335,6 +335,18 @@ pub trait Objective<D: Device<f32>>: Clone + Sized {
         None
     }
 
+    /// Train on the clipped mask rates `clip` from now on (`None` or [0, 1]: the NELBO), e.g.
+    /// the interval an adaptive search chose; objectives without a single mask rate per time
+    /// refuse a clip.
+    fn set_mask_rate(&mut self, clip: Option<MaskRate>) -> Result<(), ObjectiveError> {
+        match clip {
+            Some(c) if !c.is_full() => {
+                Err(ObjectiveError::Unsupported(crate::genmd4::NO_MASK_RATE))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// BD3-LM's clip search statistic for `clip` on `sequences` (bd3lms `valid_vars`): the
     /// mean and variance of the per-block clipped loss (nats per token) over sequences × K
     /// draws × blocks, with the objective's own time draws restricted to `clip`

@@ -1,7 +1,7 @@
 //! Times: a checked [`Time`] newtype and the training-time samplers of spec §2.3 (Alg. 1):
 //! i.i.d. uniform, or antithetic/stratified t_i = (u + i/B) mod 1 with one u per batch; and
 //! [`MaskRate`], the clipped mask-rate interval of BD3-LM's data-driven noise schedules
-//! (Arriola et al., ICLR 2025, §5, eq. (9)–(10)).
+//! (Arriola et al., ICLR 2025, §5, "data-driven noise schedules"; bd3lms `_sample_t`, `_clipped_schedule_search`).
 
 use crate::{MaskingSchedule, ScheduleError};
 use rand::Rng;
@@ -88,7 +88,9 @@ pub fn antithetic(u: f64, batch: usize) -> Vec<f64> {
 /// (−α'_t/(1 − α_t) dt = dm/m) as the loss weight, (m_1 − m_0)/m ([`MaskRate::time_and_weight`]).
 /// The expected weighted loss is then
 ///
-///   L_\[lo,hi\] = 1/(hi − lo) · ∫_{m(lo)}^{m(hi)} (1/m) · E\[Σ_masked −log μ\[x_0\] | m\] dm,
+/// ```text
+/// L_[lo,hi] = 1/(hi − lo) · ∫_{m(lo)}^{m(hi)} (1/m) · E[Σ_masked −log μ[x_0] | m] dm,
+/// ```
 ///
 /// the NELBO's integrand averaged over the clipped rates: the NELBO itself for [0, 1], a biased
 /// (not a bound) but lower-variance training loss otherwise — as in bd3lms, whose loglinear
@@ -152,12 +154,13 @@ impl MaskRate {
             MaskRate::new(0.0, w)?;
             let mut k = 0u32;
             loop {
-                let lo = k as f64 * delta;
+                // rounded to 12 decimals: k·δ is not exact in binary (3 · 0.05 = 0.15000000000000002)
+                let lo = (k as f64 * delta * 1e12).round() / 1e12;
                 // a start within rounding of 1 − w still counts (0.05 steps do not add up exactly)
                 if lo + w > 1.0 + 1e-9 {
                     break;
                 }
-                let c = MaskRate::new(lo, (lo + w).min(1.0))?;
+                let c = MaskRate::new(lo, ((lo + w) * 1e12).round().min(1e12) / 1e12)?;
                 if !out.contains(&c) {
                     out.push(c);
                 }
@@ -273,7 +276,11 @@ mod mask_rate_tests {
             assert_eq!((m.lo(), m.hi()), (lo, hi));
         }
         // δ = 0.05, width 0.5: starts 0, 0.05, …, 0.5 (11) plus the full range
-        assert_eq!(MaskRate::candidates(&[0.5], 0.05).unwrap().len(), 12);
+        let c = MaskRate::candidates(&[0.5], 0.05).unwrap();
+        assert_eq!(c.len(), 12);
+        // starts print as the decimals they stand for
+        assert_eq!(c[4].to_string(), "[0.15, 0.65]");
+        assert_eq!(c[7].to_string(), "[0.3, 0.8]");
         assert!(MaskRate::candidates(&[0.5], 0.0).is_err());
         assert!(MaskRate::candidates(&[1.5], 0.1).is_err());
     }

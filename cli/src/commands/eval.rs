@@ -254,9 +254,10 @@ fn clip_search<D: DfdxDevice<f32>, O: Objective<D>>(
         .iter()
         .min_by(|x, y| x.variance.total_cmp(&y.variance))
         .expect("at least the full range");
-    let trained = match loaded.objective.mask_rate() {
-        Some(m) => format!("trained on mask rates {m}"),
-        None => "trained on the NELBO (full range)".into(),
+    let trained = match (loaded.extra.mask_rate, loaded.objective.mask_rate()) {
+        (Some(m), _) => format!("trained on mask rates {m} (the adaptive search's last choice)"),
+        (None, Some(m)) => format!("trained on mask rates {m}"),
+        (None, None) => "trained on the NELBO (full range)".into(),
     };
     println!(
         "clipped-schedule search on the validation split: {} sequences, K = {}, {params} parameters; {trained}",

@@ -492,7 +492,11 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
     let (mut trainer, mut sampler, mut train_seconds, mut window) = if a.resume {
         let (_, extra, _) = run::read_checkpoint_meta(&ckpt)?;
         identity.check_against(&extra.data, &ckpt, &cfg.data.path)?;
-        let t = Trainer::<D, O>::resume(&ckpt, &net_cfg, &train_cfg, &dev)?;
+        let mut t = Trainer::<D, O>::resume(&ckpt, &net_cfg, &train_cfg, &dev)?;
+        if cfg.schedule.clip_search && extra.mask_rate.is_some() {
+            // the adaptive search's current interval, not the one the run started with
+            t.set_mask_rate(extra.mask_rate)?;
+        }
         if root {
             remove_stale_temp_files(&ckpt);
         }
@@ -590,6 +594,10 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             config: cfg.to_toml(),
             train_seconds: secs,
             loss_window: window,
+            mask_rate: trainer
+                .objective()
+                .mask_rate()
+                .filter(|_| cfg.schedule.clip_search),
         };
         trainer.set_extra(serde_json::to_value(&extra).expect("CLI state serialises"));
         // Every rank checks (a collective), rank 0 writes.
@@ -617,9 +625,48 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
     };
 
     // With BD3-LM's clip the step loss is the clipped objective, not the NELBO.
-    let loss_name = match cfg.schedule.mask_rate {
-        Some(m) if !m.is_full() => format!("clipped loss {m}"),
-        _ => "loss".to_string(),
+    let loss_name = |trainer: &Trainer<D, O>| match trainer.objective().mask_rate() {
+        Some(m) => format!("clipped loss {m}"),
+        None => "loss".to_string(),
+    };
+    if cfg.schedule.clip_search && ranks > 1 {
+        return Err(CliError::config(
+            "schedule.clip_search",
+            "the adaptive clip search runs with the validation on rank 0 only: use one rank",
+        ));
+    }
+    let candidates =
+        maskdiff_schedule::MaskRate::candidates(&cfg.schedule.clip_widths, cfg.schedule.clip_delta)
+            .map_err(|e| CliError::config("schedule.clip_widths", e.to_string()))?;
+    // BD3-LM's search (bd3lms `_clipped_schedule_search`) on the validation subset with the EMA
+    // parameters: the candidate of least per-block clipped-loss variance.
+    let search = |trainer: &Trainer<D, O>| -> Result<(maskdiff_schedule::MaskRate, f64, f64)> {
+        let mut den = trainer.ema_denoiser();
+        let opts = EvalOptions {
+            mc_samples: 1,
+            discrete_steps: None,
+            batch_rows: micro,
+            seed: cfg.eval.seed,
+        };
+        let mut best: Option<(maskdiff_schedule::MaskRate, f64)> = None;
+        let mut full = f64::NAN;
+        for &c in &candidates {
+            let v = trainer.ema_objective().clip_variance(
+                &mut den,
+                &val_seqs,
+                val_labels.as_deref(),
+                opts,
+                c,
+            )?;
+            if c.is_full() {
+                full = v.variance;
+            }
+            if best.is_none_or(|(_, b)| v.variance < b) {
+                best = Some((c, v.variance));
+            }
+        }
+        let (c, v) = best.expect("the full range is a candidate");
+        Ok((c, v, full))
     };
     let session = Instant::now();
     let mut window_start = Instant::now();
@@ -676,8 +723,9 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             metrics.write(&r)?;
             if a.no_progress || progress_is_plain() {
                 log(&format!(
-                    "step {step}/{} {loss_name} {:.4} {unit} lr {:.2e} |g| {:.3} {:.0} tok/s ETA {:.0}s",
+                    "step {step}/{} {} {:.4} {unit} lr {:.2e} |g| {:.3} {:.0} tok/s ETA {:.0}s",
                     cfg.train.steps,
+                    loss_name(&trainer),
                     mean,
                     stats.lr,
                     stats.grad_norm,
@@ -698,6 +746,16 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             r.stderr_bits = Some(se);
             r.elapsed_s = Some(elapsed);
             r.exponents = trainer.ema_objective().exponents();
+            if cfg.schedule.clip_search {
+                let (best, var, full) = search(&trainer)?;
+                trainer.set_mask_rate(Some(best))?;
+                r.mask_rate = Some([best.lo(), best.hi()]);
+                log(&format!(
+                    "step {step}: clip search: training on mask rates {best} from now on \
+                     (per-block variance {var:.4}, full range {full:.4}; {} candidates)",
+                    candidates.len()
+                ));
+            }
             metrics.write(&r)?;
             log(&format!(
                 "step {step}: validation NELBO {bits:.4} ± {se:.4} {unit} (EMA)"

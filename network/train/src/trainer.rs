@@ -41,7 +41,9 @@ pub struct TrainBatch<'a> {
 pub struct StepStats {
     /// Index of the step just taken (0-based); `Trainer::step_count()` is now `step + 1`.
     pub step: u64,
-    /// NELBO estimate: diffusion loss + the reconstruction term (spec §3.3).
+    /// NELBO estimate: diffusion loss + the reconstruction term (spec §3.3). With clipped mask
+    /// rates ([`TrainConfig::mask_rate`], BD3-LM §5) the diffusion part is the clipped
+    /// objective `L_[β,ω]` instead, which is not a bound: the "clipped loss".
     pub loss: f64,
     pub diffusion: f64,
     /// `loss / (len · ln 2)`.
@@ -258,6 +260,19 @@ impl<D: Kernels<f32>, O: Objective<D>> Trainer<D, O> {
     /// Set the EMA objective to the live one (e.g. after fixing its parameters by hand).
     pub fn sync_ema_objective(&mut self) {
         self.ema_objective = self.objective.clone();
+    }
+    /// Train on the clipped mask rates `clip` from the next step on (BD3-LM's adaptive search
+    /// re-chooses them at each validation), live and EMA objective alike. The run's
+    /// [`TrainConfig::mask_rate`] keeps the interval it started with; a caller that changes it
+    /// saves the current one with its own state ([`Trainer::set_extra`]) and sets it again after
+    /// [`Trainer::resume`], so a resumed run continues bit for bit.
+    pub fn set_mask_rate(
+        &mut self,
+        clip: Option<maskdiff_schedule::MaskRate>,
+    ) -> Result<(), TrainError> {
+        self.objective.set_mask_rate(clip)?;
+        self.ema_objective.set_mask_rate(clip)?;
+        Ok(())
     }
     /// The objective's report of the last step, if any.
     pub fn last_report(&self) -> Option<&O::Report> {

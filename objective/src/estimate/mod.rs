@@ -3,7 +3,8 @@
 //! value is the mean over sequences with the standard error of that mean (sequences are
 //! independent, so the error is valid whatever K is). Continuous time (eq. (4)) or the T-step
 //! discrete-time ELBO (§3.2). Each sequence's randomness depends only on (seed, index), so the
-//! result does not depend on the batch size.
+//! result does not depend on the batch size. [`md4_clip_variance`] is the statistic of BD3-LM's
+//! clipped-schedule search (Arriola et al. 2025, §5): the variance of the per-block clipped loss.
 
 mod genmd4;
 
@@ -340,7 +341,7 @@ pub(crate) fn md4_on<D: Denoiser + ?Sized, S: MaskingSchedule<f64>>(
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct ClipVariance {
     pub mask_rate: MaskRate,
-    /// Mean of the per-block clipped loss, nats per token (L_\[lo,hi\] / N for equal blocks).
+    /// Mean of the per-block clipped loss, nats per token (`L_[lo,hi]` / N for equal blocks).
     pub mean_nats: f64,
     /// Sample variance of the per-block clipped loss (nats per token, squared).
     pub variance: f64,

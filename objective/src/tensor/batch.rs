@@ -343,7 +343,7 @@ impl MaskedBatch {
     /// over batch × blocks), mapped by `clip` to a mask rate uniform on the clipped interval,
     /// its time t and the ELBO weight in mask-rate coordinates ([`MaskRate::time_and_weight`]);
     /// each segment is masked with its own α_t. The expected loss is the clipped objective
-    /// L_\[lo,hi\] of [`MaskRate`], per segment.
+    /// `L_[lo,hi]` of [`MaskRate`], per segment.
     #[allow(clippy::too_many_arguments)]
     pub fn sample_clipped<S: MaskingSchedule<f64>, R: Rng>(
         x0: &[u32],
