@@ -15,7 +15,8 @@
 # GFLOP/s (analytic matmul + attention flops of the cpu-small model: 3× the forward's per train
 # step) against the measured f32 peak (bf16 sides also against the measured bf16 dot peak).
 # With BF16=1 (default) PyTorch also runs with bf16 autocast and maskdiff with
-# `--precision bf16` (bf16 inputs to the dense layers' products, f32 accumulation; on a CPU without AVX512-BF16 maskdiff has no bf16
+# `--precision bf16` (bf16 inputs to the dense layers' and attention's products, f32
+# accumulation; on a CPU without AVX512-BF16 maskdiff has no bf16
 # path and its f32 numbers stand in, bf16_side=f32 says so); *_ratio_bf16 = maskdiff bf16 over
 # PyTorch bf16 autocast. The load average is printed before and after (shared machines).
 # ratios = maskdiff over PyTorch tokens/s; mem_ratio = maskdiff over PyTorch peak resident

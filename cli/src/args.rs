@@ -159,8 +159,8 @@ pub struct TrainOverrides {
     /// [train.device] cpu | cuda.
     #[arg(long, value_enum, value_name = "DEV")]
     pub device: Option<DeviceArg>,
-    /// [train.precision] f32 | bf16: the dense layers' matrix products (bf16 inputs, f32
-    /// accumulation and weights; needs AVX512-BF16, else f32 with a notice).
+    /// [train.precision] f32 | bf16: the dense layers' and attention's matrix products (bf16
+    /// inputs, f32 accumulation and weights; needs AVX512-BF16, else f32 with a notice).
     #[arg(long, value_name = "P", value_parser = parse_precision)]
     pub precision: Option<Precision>,
     /// [train.log_every] steps between training log records.
@@ -461,8 +461,9 @@ pub struct EvalArgs {
     /// [eval.seed] seed of the t and mask draws.
     #[arg(long, value_name = "SEED")]
     pub seed: Option<u64>,
-    /// f32 | bf16: the dense layers' matrix products (bf16 inputs with f32 accumulation; needs
-    /// AVX512-BF16, else f32 with a notice). Default f32, whatever the run trained with.
+    /// f32 | bf16: the dense layers' and attention's matrix products (bf16 inputs with f32
+    /// accumulation; needs AVX512-BF16, else f32 with a notice). Default f32, whatever the run
+    /// trained with.
     #[arg(long, value_name = "P", value_parser = parse_precision)]
     pub precision: Option<Precision>,
     /// Use the raw parameters instead of their EMA.
@@ -550,8 +551,9 @@ pub struct SampleArgs {
     /// [sample.seed] sampling seed.
     #[arg(long, value_name = "SEED")]
     pub seed: Option<u64>,
-    /// f32 | bf16: the dense layers' matrix products (bf16 inputs with f32 accumulation; needs
-    /// AVX512-BF16, else f32 with a notice). Default f32, whatever the run trained with.
+    /// f32 | bf16: the dense layers' and attention's matrix products (bf16 inputs with f32
+    /// accumulation; needs AVX512-BF16, else f32 with a notice). Default f32, whatever the run
+    /// trained with.
     #[arg(long, value_name = "P", value_parser = parse_precision)]
     pub precision: Option<Precision>,
     /// Fix the first tokens to this text and generate the rest.

@@ -21,8 +21,10 @@
 //! the low half), row by row when its inner dimension is contiguous (a straight conversion
 //! pass, no transpose) or pair row by pair row when it is not (dW = Xᵀ dY: rows 2p and 2p + 1
 //! of X interleaved); the microkernel reads either through strides. B is packed into NR-column
-//! panels (one u32 per column and pair). The buffers are reused per calling thread (no zeroing
-//! or page faults per call), the conversions run in parallel, then rayon runs tiles of up to
+//! panels (one u32 per column and pair; a B whose inner dimension is contiguous, as Wᵀ or Kᵀ,
+//! is converted column by column in vectorised chunks and stored down the panel). The buffers
+//! are reused per calling thread (no zeroing or page faults per call), the conversions run in
+//! parallel, then rayon runs tiles of up to
 //! 8 × 8 microkernel tiles, each sweeping the inner dimension in KC-pair blocks (a B
 //! micro-panel of KC·NR·4 = 16 KiB stays in L1 while the tile's rows run against it). Storing
 //! the f32 tile between blocks and loading it again is exact, so the blocking does not change
@@ -417,8 +419,8 @@ unsafe impl Sync for Panels {}
 /// Packs the `width` (≤ W) panel rows starting at `x.ptr` over the inner dimension k into
 /// `dst` (`kp·W` u32; W = 0: `dst.len() / kp`): pair p of row w at `p·W + w`; rows past `width` and an odd k's pad
 /// element are zero. Two fast layouts (the panel dimension contiguous: two source rows make one
-/// output row; or the inner dimension contiguous: each row converted in 16-pair chunks and
-/// scattered) and a generic one.
+/// output row; or the inner dimension contiguous: each row converted in 64-pair chunks and
+/// stored down its column) and a generic one.
 ///
 /// # Safety
 /// `x` valid for reads of its width × k elements.
@@ -456,20 +458,24 @@ unsafe fn pack_panel_body<const W: usize>(x: Panels, width: usize, k: usize, dst
             dst[kp - 1] = pair(row[k - 1], 0.0);
         }
     } else if x.ks == 1 {
-        const CH: usize = 16;
+        // each row converted contiguously in chunks of CH pairs (the loop of the one-row case,
+        // which vectorises), then the chunk's pairs stored down the panel's column w
+        const CH: usize = 64;
+        let mut t = [0u32; CH];
         for w in 0..width {
             let row = unsafe { std::slice::from_raw_parts(x.ptr.add(w * x.ws), k) };
-            let full = k / (2 * CH);
-            for c in 0..full {
-                let src = &row[c * 2 * CH..][..2 * CH];
-                let t: [u32; CH] = std::array::from_fn(|q| pair(src[2 * q], src[2 * q + 1]));
-                for (q, &v) in t.iter().enumerate() {
-                    dst[(c * CH + q) * wo + w] = v;
+            let even = &row[..k - k % 2];
+            for (c, src) in even.chunks(2 * CH).enumerate() {
+                let len = src.len() / 2;
+                for (d, e) in t[..len].iter_mut().zip(src.chunks_exact(2)) {
+                    *d = u32::from(to_bf16(e[0])) | (u32::from(to_bf16(e[1])) << 16);
+                }
+                for (col, &v) in dst[c * CH * wo + w..].iter_mut().step_by(wo).zip(&t[..len]) {
+                    *col = v;
                 }
             }
-            for p in full * CH..kp {
-                let odd = if 2 * p + 1 < k { row[2 * p + 1] } else { 0.0 };
-                dst[p * wo + w] = pair(row[2 * p], odd);
+            if k % 2 == 1 {
+                dst[(kp - 1) * wo + w] = pair(row[k - 1], 0.0);
             }
         }
         for d in dst.chunks_exact_mut(wo) {

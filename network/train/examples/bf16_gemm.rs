@@ -5,10 +5,14 @@
 //! where the CPU has it, else a portable loop), timed alternately in one process so both see
 //! the same machine load. Prints the CPU's kernel level and, per shape, the best GFLOP/s of each
 //! precision over `--rounds` alternations of `--iters` products, and the ratio bf16 / f32.
+//! Then the same for the attention op (`Kernels::attention`, cpu-small: 16 sequences × 256
+//! positions, 4 heads of 64; its six per-head products run bf16 inputs at `Precision::Bf16`):
+//! the tape-free forward, and forward + backward.
 //!
 //! `cargo run --release -p maskdiff-train --example bf16_gemm -- [--rounds 5] [--iters 5]
 //!  [--m 4096]`
-//! Last line, machine-readable: `bf16_gemm mean_ratio=… bf16_hardware=…`.
+//! Last line, machine-readable: `bf16_gemm mean_ratio=… attention_forward_ratio=…
+//! attention_train_ratio=… bf16_hardware=…`.
 
 #[path = "common/args.rs"]
 mod args;
@@ -37,7 +41,36 @@ fn best_time(
     })
 }
 
+type T4 = Tensor<(usize, usize, usize, usize), f32, Cpu>;
+
+/// Best seconds of `iters` attention calls at precision `p`: tape-free forward, or forward and
+/// backward (Σ of the output as the loss) with `train`.
+fn attention_time(p: Precision, (q, k, v): (&T4, &T4, &T4), train: bool, iters: usize) -> f64 {
+    with_precision(p, || {
+        (0..iters)
+            .map(|_| {
+                let s = Instant::now();
+                if train {
+                    let o = <Cpu as Kernels<f32>>::attention(
+                        q.leaky_trace(),
+                        k.leaky_trace(),
+                        v.leaky_trace(),
+                    )
+                    .expect("attention");
+                    std::hint::black_box(o.sum().backward());
+                } else {
+                    let o = <Cpu as Kernels<f32>>::attention(q.clone(), k.clone(), v.clone())
+                        .expect("attention");
+                    std::hint::black_box(o);
+                }
+                s.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    })
+}
+
 fn main() {
+    maskdiff_network::tune_allocator();
     let (rounds, iters, m) = (
         arg("--rounds", 5usize).max(1),
         arg("--iters", 5usize).max(1),
@@ -78,5 +111,36 @@ fn main() {
         ratios.push(f32_best / bf16_best);
     }
     let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
-    println!("bf16_gemm mean_ratio={mean:.3} bf16_hardware={hw}");
+    // attention at cpu-small's shape (q already scaled: entries of a few tenths)
+    let (b, n, h, hd) = (16, 256, 4, 64);
+    let mut t4 = |s: f32| -> T4 {
+        let v: Vec<f32> = (0..b * n * h * hd)
+            .map(|_| (rng.gen::<f32>() - 0.5) * s)
+            .collect();
+        dev.tensor_from_vec(v, (b, n, h, hd))
+    };
+    let (q, k, v) = (t4(0.5), t4(2.0), t4(2.0));
+    let mut att = Vec::new();
+    for train in [false, true] {
+        let qkv = (&q, &k, &v);
+        attention_time(Precision::F32, qkv, train, 1); // warm-up
+        attention_time(Precision::Bf16, qkv, train, 1);
+        let (mut f32_best, mut bf16_best) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..rounds {
+            f32_best = f32_best.min(attention_time(Precision::F32, qkv, train, iters));
+            bf16_best = bf16_best.min(attention_time(Precision::Bf16, qkv, train, iters));
+        }
+        println!(
+            "attention {b} x {n}, {h} heads of {hd}, {}: f32 {:.2} ms, bf16 {:.2} ms, bf16/f32 {:.2}x",
+            if train { "forward + backward" } else { "forward" },
+            f32_best * 1e3,
+            bf16_best * 1e3,
+            f32_best / bf16_best
+        );
+        att.push(f32_best / bf16_best);
+    }
+    println!(
+        "bf16_gemm mean_ratio={mean:.3} attention_forward_ratio={:.3} attention_train_ratio={:.3} bf16_hardware={hw}",
+        att[0], att[1]
+    );
 }

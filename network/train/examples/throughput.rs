@@ -14,8 +14,9 @@
 //! `--log-probs` times the forward phase through `log_probs` (forward, log-softmax and the host
 //! copy: what sampling and evaluation call) instead of the bare forward pass.
 //! The last line is machine-readable: `maskdiff forward_tok_s=… train_tok_s=…
-//! train_peak_rss_mb=… train_rss_growth_mb=… precision=…` (`bf16`: the dense layers' products
-//! with bf16 inputs; on a CPU without AVX512-BF16 it runs f32 and says `precision=f32`).
+//! train_peak_rss_mb=… train_rss_growth_mb=… precision=…` (`bf16`: the dense layers' and
+//! attention's products with bf16 inputs; on a CPU without AVX512-BF16 it runs f32 and says
+//! `precision=f32`).
 
 #[path = "common/mem.rs"]
 mod mem;

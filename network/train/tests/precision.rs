@@ -1,5 +1,6 @@
-//! bf16 mixed precision in the training step (issue 13): with the dense layers' products at
-//! bf16 (inputs rounded, f32 accumulation, f32 master weights and AdamW state) a tiny model
+//! bf16 mixed precision in the training step (issue 13): with the dense layers' and
+//! attention's products at bf16 (inputs rounded, f32 accumulation, f32 master weights and AdamW
+//! state) a tiny model
 //! trained on a Markov chain follows the f32 run — same batches, same noise, same seed — to
 //! within a stated tolerance, while actually computing something different.
 
