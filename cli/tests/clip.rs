@@ -170,6 +170,46 @@ fn adaptive_clip_search_rechooses_at_validation_and_resumes_exactly() {
     }
     assert_eq!(manifest(&d.join("pieces"))["step"], 9);
     assert_eq!(checksums(&d.join("straight")), checksums(&d.join("pieces")));
+    // a clipped start whose search can only choose the full range (no widths): the choice
+    // [0, 1] is saved too, so the resumed run does not fall back to the start
+    std::fs::write(
+        d.join("f.toml"),
+        "[schedule]\nmask_rate = [0.3, 0.8]\nclip_widths = []\n",
+    )
+    .unwrap();
+    let mut full_flags: Vec<&str> = flags.to_vec();
+    full_flags[1] = "f.toml";
+    let o = train(&d, "full-straight", 9, &full_flags);
+    ok(&o);
+    assert!(
+        stderr(&o).contains("clip search: training on mask rates [0, 1]"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        manifest(&d.join("full-straight"))["extra"]["mask_rate"],
+        serde_json::json!([0.0, 1.0])
+    );
+    full_flags.extend_from_slice(&["--time-limit", "1e-9"]);
+    ok(&train(&d, "full-pieces", 9, &full_flags));
+    for _ in 0..8 {
+        ok(&run(
+            &d,
+            &[
+                "train",
+                "--resume",
+                "--out",
+                "full-pieces",
+                "--no-progress",
+                "--time-limit",
+                "1e-9",
+            ],
+        ));
+    }
+    assert_eq!(
+        checksums(&d.join("full-straight")),
+        checksums(&d.join("full-pieces"))
+    );
     // the search is refused without validations
     one_line_error(
         &train(&d, "x", 2, &["--clip-search", "--eval-every", "0"]),

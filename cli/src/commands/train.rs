@@ -493,9 +493,9 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
         let (_, extra, _) = run::read_checkpoint_meta(&ckpt)?;
         identity.check_against(&extra.data, &ckpt, &cfg.data.path)?;
         let mut t = Trainer::<D, O>::resume(&ckpt, &net_cfg, &train_cfg, &dev)?;
-        if cfg.schedule.clip_search && extra.mask_rate.is_some() {
+        if let Some(m) = extra.mask_rate.filter(|_| cfg.schedule.clip_search) {
             // the adaptive search's current interval, not the one the run started with
-            t.set_mask_rate(extra.mask_rate)?;
+            t.set_mask_rate(Some(m))?;
         }
         if root {
             remove_stale_temp_files(&ckpt);
@@ -594,10 +594,14 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             config: cfg.to_toml(),
             train_seconds: secs,
             loss_window: window,
-            mask_rate: trainer
-                .objective()
-                .mask_rate()
-                .filter(|_| cfg.schedule.clip_search),
+            // with the search, always written ([0, 1] too: the full range can be its choice
+            // after a clipped start, and resuming must not fall back to the start)
+            mask_rate: cfg.schedule.clip_search.then(|| {
+                trainer
+                    .objective()
+                    .mask_rate()
+                    .unwrap_or(maskdiff_schedule::MaskRate::FULL)
+            }),
         };
         trainer.set_extra(serde_json::to_value(&extra).expect("CLI state serialises"));
         // Every rank checks (a collective), rank 0 writes.

@@ -114,6 +114,42 @@ fn no_clip_and_the_full_interval_are_bit_identical_to_the_nelbo_step() {
         assert_ne!(g_none, g_clip);
         assert_ne!(s_none.loss, s_clip.loss);
     }
+    // without a clip (or with [0, 1]) the objective's noising is the NELBO sampler itself, draw
+    // for draw: `MaskedBatch::sample` per sequence, `sample_in_blocks` per block
+    let s = sched(AnySchedule::Cosine(Cosine));
+    let clean = CleanBatch::new(&x0, b, n, v, None).unwrap();
+    for clip in [None, Some(MaskRate::FULL)] {
+        let md4 = Md4::new(s, TimeSampling::Antithetic, v).with_mask_rate(clip);
+        let got = Objective::<Cpu>::noise(&md4, &clean, &mut StdRng::seed_from_u64(7)).unwrap();
+        let want = MaskedBatch::sample(
+            &x0,
+            b,
+            n,
+            v,
+            &s,
+            TimeSampling::Antithetic,
+            &mut StdRng::seed_from_u64(7),
+        )
+        .unwrap();
+        assert_eq!(got, want);
+        let blk = Block::with_inner(md4, 4)
+            .unwrap()
+            .with_time(BlockTime::Block);
+        let got = Objective::<Cpu>::noise(&blk, &clean, &mut StdRng::seed_from_u64(8)).unwrap();
+        let want = MaskedBatch::sample_in_blocks(
+            &x0,
+            b,
+            n,
+            v,
+            4,
+            &s,
+            TimeSampling::Antithetic,
+            None,
+            &mut StdRng::seed_from_u64(8),
+        )
+        .unwrap();
+        assert_eq!(got, want);
+    }
     // the manifest of an unclipped run does not mention the clip (older manifests unchanged)
     let j = serde_json::to_value(TrainConfig::default()).unwrap();
     assert!(j.get("mask_rate").is_none());
