@@ -304,38 +304,23 @@ impl MaskedBatch {
         steps: Option<usize>,
         rng: &mut R,
     ) -> Result<Self, ObjectiveError> {
-        let v = check_x0(x0, batch, len, vocab)?;
-        if block == 0 {
-            return Err(ObjectiveError::Input(
-                "block size must be at least 1".into(),
-            ));
-        }
-        let per_row = len.div_ceil(block);
-        let u = block_times(sampling, batch, per_row, rng);
-        let mut t = Vec::with_capacity(u.len());
-        let mut weight = Vec::with_capacity(u.len());
-        let mut alphas = Vec::with_capacity(u.len());
-        for &ui in &u {
-            let (ti, wi) = match steps {
+        let time_and_weight = |ui: f64| -> Result<(f64, f64), ObjectiveError> {
+            Ok(match steps {
                 None => (ui, -schedule.weight(ui)),
                 Some(steps) => {
                     let (ti, si) = crate::reference::discrete_times(ui, steps)?;
                     (ti, steps as f64 * discrete_coefficient(schedule, si, ti)?)
                 }
-            };
-            t.push(ti);
-            alphas.push(schedule.alpha(ti));
-            weight.push(finite_weight(wi)?);
-        }
-        let mut xt = Vec::with_capacity(x0.len());
-        for (r, row) in x0.chunks(len.max(1)).enumerate() {
-            for (j, part) in row.chunks(block).enumerate() {
-                let toks = v.tokens(part)?;
-                let states = forward_sample(&toks, alphas[r * per_row + j], rng)?;
-                xt.extend(v.input_ids(&states));
-            }
-        }
-        Self::new_in_blocks(x0.to_vec(), xt, batch, len, vocab, block, t, weight)
+            })
+        };
+        Self::sample_segments(
+            (x0, batch, len, vocab),
+            block,
+            schedule,
+            sampling,
+            time_and_weight,
+            rng,
+        )
     }
 
     /// BD3-LM's clipped training batch (Arriola et al. 2025, §5): one draw u per sequence
@@ -356,20 +341,43 @@ impl MaskedBatch {
         clip: MaskRate,
         rng: &mut R,
     ) -> Result<Self, ObjectiveError> {
+        let time_and_weight = |ui: f64| -> Result<(f64, f64), ObjectiveError> {
+            Ok(clip.time_and_weight(schedule, ui)?)
+        };
+        Self::sample_segments(
+            (x0, batch, len, vocab),
+            block.min(len.max(1)),
+            schedule,
+            sampling,
+            time_and_weight,
+            rng,
+        )
+    }
+
+    /// The shared body of [`MaskedBatch::sample_in_blocks`] and [`MaskedBatch::sample_clipped`]:
+    /// one draw u per segment of `seg` tokens ([`block_times`]), its (t, weight) from
+    /// `time_and_weight`, then each segment masked with its own α_t, segment by segment.
+    fn sample_segments<S: MaskingSchedule<f64>, R: Rng>(
+        (x0, batch, len, vocab): (&[u32], usize, usize, usize),
+        seg: usize,
+        schedule: &S,
+        sampling: TimeSampling,
+        mut time_and_weight: impl FnMut(f64) -> Result<(f64, f64), ObjectiveError>,
+        rng: &mut R,
+    ) -> Result<Self, ObjectiveError> {
         let v = check_x0(x0, batch, len, vocab)?;
-        if block == 0 {
+        if seg == 0 {
             return Err(ObjectiveError::Input(
                 "block size must be at least 1".into(),
             ));
         }
-        let seg = block.min(len.max(1));
         let per_row = len.div_ceil(seg);
         let u = block_times(sampling, batch, per_row, rng);
         let mut t = Vec::with_capacity(u.len());
         let mut weight = Vec::with_capacity(u.len());
         let mut alphas = Vec::with_capacity(u.len());
         for &ui in &u {
-            let (ti, wi) = clip.time_and_weight(schedule, ui)?;
+            let (ti, wi) = time_and_weight(ui)?;
             t.push(ti);
             alphas.push(schedule.alpha(ti));
             weight.push(finite_weight(wi)?);
