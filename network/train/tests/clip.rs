@@ -42,6 +42,23 @@ fn batch(b: usize, n: usize, v: usize) -> Vec<u32> {
     (0..b * n).map(|i| ((i * 7 + i / n) % v) as u32).collect()
 }
 
+/// A fresh trainer's (seed 3) network gradients on `tb`, then the statistics of one step.
+fn grads_and_step<O: Objective<Cpu>>(
+    net_cfg: &NetworkConfig,
+    cfg: TrainConfig,
+    tb: &TrainBatch<'_>,
+) -> (Vec<Vec<f32>>, StepStats) {
+    let dev = Cpu::default();
+    let mut tr = Trainer::<Cpu, O>::new(net_cfg.clone(), cfg, 3, &dev).unwrap();
+    let g = tr
+        .gradients(tb)
+        .unwrap()
+        .network
+        .iter()
+        .map(|t| t.as_vec())
+        .collect();
+    (g, tr.step(tb).unwrap())
+}
 #[test]
 fn no_clip_and_the_full_interval_are_bit_identical_to_the_nelbo_step() {
     let v = 6;
@@ -78,32 +95,11 @@ fn no_clip_and_the_full_interval_are_bit_identical_to_the_nelbo_step() {
             ..Default::default()
         };
         let grads = |mask_rate: Option<MaskRate>| -> (Vec<Vec<f32>>, StepStats) {
-            let dev = Cpu::default();
-            let c = cfg(mask_rate);
-            let g: Vec<Vec<f32>>;
-            let s;
             if matches!(objective, ObjectiveSpec::Md4) {
-                let mut tr = Trainer::<Cpu, Md4>::new(net_cfg.clone(), c, 3, &dev).unwrap();
-                g = tr
-                    .gradients(&tb)
-                    .unwrap()
-                    .network
-                    .iter()
-                    .map(|t| t.as_vec())
-                    .collect();
-                s = tr.step(&tb).unwrap();
+                grads_and_step::<Md4>(&net_cfg, cfg(mask_rate), &tb)
             } else {
-                let mut tr = Trainer::<Cpu, Block>::new(net_cfg.clone(), c, 3, &dev).unwrap();
-                g = tr
-                    .gradients(&tb)
-                    .unwrap()
-                    .network
-                    .iter()
-                    .map(|t| t.as_vec())
-                    .collect();
-                s = tr.step(&tb).unwrap();
+                grads_and_step::<Block>(&net_cfg, cfg(mask_rate), &tb)
             }
-            (g, s)
         };
         let (g_none, s_none) = grads(None);
         let (g_full, s_full) = grads(Some(MaskRate::FULL));
