@@ -15,6 +15,10 @@
 //!     --run RUN/checkpoint [--batches 32] [--batch 8] [--draws 16] [--cache data-cache]
 //! ```
 
+#[path = "common/args.rs"]
+mod args;
+use args::arg;
+
 use maskdiff_data::{open_or_build_english_corpus, EvalChunks, SplitRatio, TokenizerId};
 use maskdiff_network::dfdx::prelude::Cpu;
 use maskdiff_objective::{Block, BlockTime, CleanBatch, Objective};
@@ -33,20 +37,14 @@ fn median(x: &mut [f64]) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (mut run, mut batches, mut batch, mut draws, mut cache) =
-        (None, 32usize, 8usize, 16usize, PathBuf::from("data-cache"));
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let val = it.next().ok_or(format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--run" => run = Some(PathBuf::from(val)),
-            "--batches" => batches = val.parse()?,
-            "--batch" => batch = val.parse()?,
-            "--draws" => draws = val.parse()?,
-            "--cache" => cache = PathBuf::from(val),
-            _ => return Err(format!("unknown flag {flag}").into()),
-        }
-    }
+    let run =
+        Some(PathBuf::from(arg("--run", String::new()))).filter(|p| !p.as_os_str().is_empty());
+    let (batches, batch, draws) = (
+        arg("--batches", 32usize),
+        arg("--batch", 8usize),
+        arg("--draws", 16usize),
+    );
+    let cache: PathBuf = arg("--cache", "data-cache".to_string()).into();
     let run = run.ok_or("--run CHECKPOINT_DIR is required")?;
     let dev = Cpu::default();
     let loaded = load_model::<Cpu, Block>(&run, Weights::Ema, &dev)?;

@@ -14,6 +14,10 @@
 //!     [--mask-rates 0,1:0.3,0.8:0.75,1]
 //! ```
 
+#[path = "common/args.rs"]
+mod args;
+use args::arg;
+
 use maskdiff_data::{open_or_build_english_corpus, EvalChunks, SplitRatio, TokenizerId};
 use maskdiff_network::dfdx::prelude::{Cpu, NoneTape};
 use maskdiff_objective::{md4_diffusion_loss, Block, BlockNet, CleanBatch, LogitsNet, Objective};
@@ -24,22 +28,15 @@ use rand::{rngs::StdRng, SeedableRng};
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (mut run, mut batches, mut batch, mut draws, mut cache) =
-        (None, 32usize, 8usize, 16usize, PathBuf::from("data-cache"));
-    let mut rates = "0,1:0.3,0.8:0.75,1".to_string();
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let val = it.next().ok_or(format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--run" => run = Some(PathBuf::from(val)),
-            "--batches" => batches = val.parse()?,
-            "--batch" => batch = val.parse()?,
-            "--draws" => draws = val.parse()?,
-            "--cache" => cache = PathBuf::from(val),
-            "--mask-rates" => rates = val,
-            _ => return Err(format!("unknown flag {flag}").into()),
-        }
-    }
+    let run =
+        Some(PathBuf::from(arg("--run", String::new()))).filter(|p| !p.as_os_str().is_empty());
+    let (batches, batch, draws) = (
+        arg("--batches", 32usize),
+        arg("--batch", 8usize),
+        arg("--draws", 16usize),
+    );
+    let cache: PathBuf = arg("--cache", "data-cache".to_string()).into();
+    let rates: String = arg("--mask-rates", "0,1:0.3,0.8:0.75,1".to_string());
     let run = run.ok_or("--run CHECKPOINT_DIR is required")?;
     let rates: Vec<MaskRate> = rates.split(':').map(str::parse).collect::<Result<_, _>>()?;
     let dev = Cpu::default();
