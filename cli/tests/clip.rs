@@ -34,6 +34,17 @@ fn clipped_block_run_trains_resumes_exactly_evaluates_and_searches() {
     );
     let man = manifest(&d.join("straight"));
     assert_eq!(man["train"]["mask_rate"], serde_json::json!([0.3, 0.8]));
+    // the train records say their loss is the clipped objective (and `plot metrics` names it)
+    let metrics = std::fs::read_to_string(d.join("straight").join("metrics.jsonl")).unwrap();
+    let train_records: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["split"] == "train")
+        .collect();
+    assert!(!train_records.is_empty(), "{metrics}");
+    for r in &train_records {
+        assert_eq!(r["mask_rate"], serde_json::json!([0.3, 0.8]), "{r}");
+    }
     // 6 steps, then --resume to 12: the same state bit for bit
     let mut six: Vec<&str> = block.to_vec();
     six.extend_from_slice(&["--time-limit", "1e-9"]);

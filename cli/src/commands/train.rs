@@ -724,6 +724,7 @@ fn train_with<D: DfdxDevice<f32>, O: Objective<D>>(
             r.grad_norm = Some(stats.grad_norm);
             r.tokens_per_sec = Some(tps);
             r.elapsed_s = Some(elapsed);
+            r.mask_rate = trainer.objective().mask_rate().map(|m| [m.lo(), m.hi()]);
             metrics.write(&r)?;
             if a.no_progress || progress_is_plain() {
                 log(&format!(

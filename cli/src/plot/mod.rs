@@ -93,20 +93,38 @@ where
     Ok(())
 }
 
+/// The loss curves of a metrics file: one per split in the order train, val, test, and the
+/// train records of a clipped run (BD3-LM's mask rates, `mask_rate` set) apart from the
+/// full-range ones, one curve per clip named after it — its loss is the clipped objective,
+/// not the NELBO the other curves show. Empty curves are left out.
+fn loss_series(records: &[Record]) -> Vec<(String, Vec<(f64, f64)>)> {
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for split in ["train", "val", "test"] {
+        for r in records
+            .iter()
+            .filter(|r| r.split == split && r.loss_bits.is_finite())
+        {
+            let name = match r.mask_rate {
+                Some([lo, hi]) if split == "train" => {
+                    format!("train: clipped loss [{lo}, {hi}]")
+                }
+                _ => split.to_string(),
+            };
+            let pt = (r.step as f64, r.loss_bits);
+            match series.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, pts)) => pts.push(pt),
+                None => series.push((name, vec![pt])),
+            }
+        }
+    }
+    series
+}
+
 /// Training and validation loss (bits/token) against step.
 pub fn metrics(records: &[Record], title: &str, out: &Path) -> Result<()> {
-    let series: Vec<(&str, Vec<(f64, f64)>)> = ["train", "val", "test"]
-        .iter()
-        .map(|&split| {
-            let pts = records
-                .iter()
-                .filter(|r| r.split == split && r.loss_bits.is_finite())
-                .map(|r| (r.step as f64, r.loss_bits))
-                .collect();
-            (split, pts)
-        })
-        .filter(|(_, p): &(&str, Vec<(f64, f64)>)| !p.is_empty())
-        .collect();
+    let owned = loss_series(records);
+    let series: Vec<(&str, Vec<(f64, f64)>)> =
+        owned.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
     if series.is_empty() {
         return Err(CliError::Plot(
             "the metrics file has no loss records".into(),
@@ -443,6 +461,47 @@ mod tests {
         metrics(&recs, "run", &out).unwrap();
         check_png(&out, SIZE);
         assert!(metrics(&[], "run", &out).is_err());
+    }
+
+    #[test]
+    fn clipped_train_records_get_their_own_named_curve() {
+        // a run trained on the full range, then (adaptive search) on [0.3, 0.8], then [0.5, 1]
+        let rec = |step: u64, split: &str, clip: Option<[f64; 2]>| {
+            let mut r = Record::new(step, split, 4.0 - step as f64 * 1e-3);
+            r.mask_rate = clip;
+            r
+        };
+        let recs = vec![
+            rec(10, "train", None),
+            rec(20, "train", None),
+            rec(20, "val", Some([0.3, 0.8])),
+            rec(30, "train", Some([0.3, 0.8])),
+            rec(40, "train", Some([0.3, 0.8])),
+            rec(40, "val", Some([0.5, 1.0])),
+            rec(50, "train", Some([0.5, 1.0])),
+            rec(50, "test", None),
+        ];
+        let s = loss_series(&recs);
+        let names: Vec<&str> = s.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "train",
+                "train: clipped loss [0.3, 0.8]",
+                "train: clipped loss [0.5, 1]",
+                "val",
+                "test"
+            ]
+        );
+        let steps = |i: usize| s[i].1.iter().map(|p| p.0).collect::<Vec<_>>();
+        assert_eq!(steps(0), [10.0, 20.0]);
+        assert_eq!(steps(1), [30.0, 40.0]);
+        assert_eq!(steps(2), [50.0]);
+        // the search's choice on a validation record does not split the validation curve
+        assert_eq!(steps(3), [20.0, 40.0]);
+        let out = tmpdir("clipped").join("m.png");
+        metrics(&recs, "clipped run", &out).unwrap();
+        check_png(&out, SIZE);
     }
 
     #[test]

@@ -72,43 +72,57 @@ fn run(p: Precision, seed: u64) -> (Vec<f64>, f64) {
     })
 }
 
-/// Tolerances. While the two runs are still coupled (the first 100 steps) each 50-step window's
-/// mean training loss is within 2 % (relative) of the f32 run's; afterwards the trajectories
-/// drift apart as runs from different initialisation seeds do, so every window is within 8 %
-/// and the final test NELBO within 0.06 nats/token of the f32 run's and within 1.5× the distance
-/// of an f32 run from another initialisation seed. Observed on an AMD EPYC (Zen 4,
-/// AVX512-BF16) with the dense layers' and attention's products at bf16: window differences
-/// 0.1, 0.5, 3.6, 5.6, 5.5, 5.6 % (the seed change: 4.2–15 %), test NELBO f32 0.7585, bf16
-/// 0.8004, other seed 0.7093 nats/token (from ln 4 = 1.386 at the start). Over seeds 40–47 the
-/// paired differences bf16 − f32 range over −0.083…+0.064 with means 0.7463 (bf16) and 0.7481
-/// (f32): seed noise, not a bias.
+/// Initialisation seeds of the paired runs.
+const SEEDS: std::ops::Range<u64> = 40..48;
+
+/// Steps over which the two runs of a seed stay coupled.
+const COUPLED: usize = 16;
+
+/// Tolerances. While the two runs of a seed are still coupled (the first 16 steps: same
+/// initialisation, batches and noise, only the products' rounding differs) each step's
+/// training loss is within 0.1 % (relative) of the f32 run's (observed: ≤ 5·10⁻⁵; by step 35
+/// up to 12 %, the 50-step windows' means up to 4 %, a seed change 10 %). Afterwards
+/// the trajectories drift apart as runs from different initialisation seeds do: a single
+/// seed's final test NELBO can differ by as much as a seed change, and by how much depends
+/// on the machine (the f32 run's rounding follows the CPU's gemm kernels; the bf16 run is
+/// bit-identical everywhere). Seed 42 alone, bf16 − f32: +0.042 nats/token on an AMD EPYC
+/// Zen 4 (AVX-512), +0.083 on an AMD EPYC Zen 1 (AVX2), while the two f32 seeds 42 and 43
+/// were 0.009 apart there. So the final NELBO is checked over 8 seeds as a paired comparison:
+/// the mean of the differences bf16 − f32 must be within 3 standard errors of zero (plus
+/// 0.01 nats/token), i.e. bf16 adds no bias a user would see; a broken bf16 path (a bias of
+/// 0.1 nats/token, or a model that does not learn) fails it. Observed over seeds 40–47:
+/// differences −0.083…+0.064, means 0.7463 (bf16) and 0.7481 (f32) on the Zen 4; −0.083…
+/// +0.083, mean +0.0037, sd 0.052 (bound 0.065) on the Zen 1.
 #[test]
 fn bf16_training_follows_f32() {
-    let (l32, e32) = run(Precision::F32, 42);
-    let (l16, e16) = run(Precision::Bf16, 42);
-    let (_, es) = run(Precision::F32, 43);
-    assert_ne!(
-        l32, l16,
-        "the bf16 run computed the same losses: bf16 path not taken"
-    );
-    for (w, (a, b)) in l32.chunks(50).zip(l16.chunks(50)).enumerate() {
-        let (ma, mb) = (a.iter().sum::<f64>() / 50.0, b.iter().sum::<f64>() / 50.0);
-        let tol = if w < 2 { 0.02 } else { 0.08 };
-        assert!(
-            (ma - mb).abs() <= tol * ma,
-            "window {w}: f32 {ma} vs bf16 {mb}"
+    let mut diffs = Vec::new();
+    let mut f32_nelbo = Vec::new();
+    for seed in SEEDS {
+        let (l32, e32) = run(Precision::F32, seed);
+        let (l16, e16) = run(Precision::Bf16, seed);
+        assert_ne!(
+            l32, l16,
+            "the bf16 run computed the same losses: bf16 path not taken"
         );
+        for (i, (a, b)) in l32.iter().zip(&l16).take(COUPLED).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-3 * a,
+                "seed {seed}, step {i}: f32 loss {a} vs bf16 {b}"
+            );
+        }
+        diffs.push(e16 - e32);
+        f32_nelbo.push(e32);
     }
+    let n = diffs.len() as f64;
+    let mean = diffs.iter().sum::<f64>() / n;
+    let sd = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    let f32_mean = f32_nelbo.iter().sum::<f64>() / n;
     assert!(
-        e32 < 0.6 * (V as f64).ln(),
-        "the f32 run did not learn: {e32}"
+        f32_mean < 0.6 * (V as f64).ln(),
+        "the f32 runs did not learn: {f32_nelbo:?}"
     );
     assert!(
-        (e32 - e16).abs() <= 0.06,
-        "test NELBO: f32 {e32} vs bf16 {e16}"
-    );
-    assert!(
-        (e32 - e16).abs() <= 1.5 * (e32 - es).abs(),
-        "bf16 moved the test NELBO ({e16}) further from f32's ({e32}) than 1.5× a seed change ({es})"
+        mean.abs() <= 3.0 * sd / n.sqrt() + 0.01,
+        "bf16 − f32 test NELBO over seeds {SEEDS:?}: mean {mean:+.4}, sd {sd:.4}: {diffs:?}"
     );
 }
