@@ -31,7 +31,7 @@ pub struct Record {
     /// GenMD4: the learned per-token exponents w_v at this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exponents: Option<Vec<f64>>,
-    /// BD3-LM's clipped schedules. `train` records: the mask rates [LO, HI] the steps were
+    /// BD3-LM's clipped schedules. `train` records: the mask rates `[LO, HI]` the steps were
     /// trained on, so `loss_bits` is that clipped objective, not the NELBO (absent: the full
     /// range). Adaptive clip search (`val` records): the rates chosen at this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
