@@ -165,20 +165,7 @@ fn adaptive_clip_search_rechooses_at_validation_and_resumes_exactly() {
     let mut first: Vec<&str> = flags.to_vec();
     first.extend_from_slice(&["--time-limit", "1e-9"]);
     ok(&train(&d, "pieces", 9, &first));
-    for _ in 0..8 {
-        ok(&run(
-            &d,
-            &[
-                "train",
-                "--resume",
-                "--out",
-                "pieces",
-                "--no-progress",
-                "--time-limit",
-                "1e-9",
-            ],
-        ));
-    }
+    resume_step_by_step(&d, "pieces", 8);
     assert_eq!(manifest(&d.join("pieces"))["step"], 9);
     assert_eq!(checksums(&d.join("straight")), checksums(&d.join("pieces")));
     // a clipped start whose search can only choose the full range (no widths): the choice
@@ -203,20 +190,7 @@ fn adaptive_clip_search_rechooses_at_validation_and_resumes_exactly() {
     );
     full_flags.extend_from_slice(&["--time-limit", "1e-9"]);
     ok(&train(&d, "full-pieces", 9, &full_flags));
-    for _ in 0..8 {
-        ok(&run(
-            &d,
-            &[
-                "train",
-                "--resume",
-                "--out",
-                "full-pieces",
-                "--no-progress",
-                "--time-limit",
-                "1e-9",
-            ],
-        ));
-    }
+    resume_step_by_step(&d, "full-pieces", 8);
     assert_eq!(
         checksums(&d.join("full-straight")),
         checksums(&d.join("full-pieces"))

@@ -124,6 +124,25 @@ pub fn train(cwd: &Path, out: &str, steps: u64, extra: &[&str]) -> Output {
     run(cwd, &args)
 }
 
+/// `train --resume` of the run in `out` for `sessions` sessions that each stop at the first
+/// step boundary (`--time-limit 1e-9`: one optimiser step per session), each one succeeding.
+pub fn resume_step_by_step(cwd: &Path, out: &str, sessions: usize) {
+    for _ in 0..sessions {
+        ok(&run(
+            cwd,
+            &[
+                "train",
+                "--resume",
+                "--out",
+                out,
+                "--no-progress",
+                "--time-limit",
+                "1e-9",
+            ],
+        ));
+    }
+}
+
 /// The manifest of a run's checkpoint as JSON.
 pub fn manifest(run_dir: &Path) -> serde_json::Value {
     let p = run_dir.join("checkpoint").join("manifest.json");

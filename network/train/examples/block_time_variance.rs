@@ -17,14 +17,13 @@
 
 #[path = "common/args.rs"]
 mod args;
-use args::arg;
+use args::{variance_flags, VarianceFlags};
 
 use maskdiff_data::{open_or_build_english_corpus, EvalChunks, SplitRatio, TokenizerId};
 use maskdiff_network::dfdx::prelude::Cpu;
 use maskdiff_objective::{Block, BlockTime, CleanBatch, Objective};
 use maskdiff_train::{load_model, ModelNet, Weights};
 use rand::{rngs::StdRng, SeedableRng};
-use std::path::PathBuf;
 
 fn median(x: &mut [f64]) -> f64 {
     x.sort_by(f64::total_cmp);
@@ -37,15 +36,13 @@ fn median(x: &mut [f64]) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let run =
-        Some(PathBuf::from(arg("--run", String::new()))).filter(|p| !p.as_os_str().is_empty());
-    let (batches, batch, draws) = (
-        arg("--batches", 32usize),
-        arg("--batch", 8usize),
-        arg("--draws", 16usize),
-    );
-    let cache: PathBuf = arg("--cache", "data-cache".to_string()).into();
-    let run = run.ok_or("--run CHECKPOINT_DIR is required")?;
+    let VarianceFlags {
+        run,
+        batches,
+        batch,
+        draws,
+        cache,
+    } = variance_flags()?;
     let dev = Cpu::default();
     let loaded = load_model::<Cpu, Block>(&run, Weights::Ema, &dev)?;
     let len = loaded.manifest.network.max_len.min(256);

@@ -16,7 +16,7 @@
 
 #[path = "common/args.rs"]
 mod args;
-use args::arg;
+use args::{arg, variance_flags, VarianceFlags};
 
 use maskdiff_data::{open_or_build_english_corpus, EvalChunks, SplitRatio, TokenizerId};
 use maskdiff_network::dfdx::prelude::{Cpu, NoneTape};
@@ -25,19 +25,16 @@ use maskdiff_process::DenoiseBatch;
 use maskdiff_schedule::MaskRate;
 use maskdiff_train::{load_model, ModelNet, Weights};
 use rand::{rngs::StdRng, SeedableRng};
-use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let run =
-        Some(PathBuf::from(arg("--run", String::new()))).filter(|p| !p.as_os_str().is_empty());
-    let (batches, batch, draws) = (
-        arg("--batches", 32usize),
-        arg("--batch", 8usize),
-        arg("--draws", 16usize),
-    );
-    let cache: PathBuf = arg("--cache", "data-cache".to_string()).into();
+    let VarianceFlags {
+        run,
+        batches,
+        batch,
+        draws,
+        cache,
+    } = variance_flags()?;
     let rates: String = arg("--mask-rates", "0,1:0.3,0.8:0.75,1".to_string());
-    let run = run.ok_or("--run CHECKPOINT_DIR is required")?;
     let rates: Vec<MaskRate> = rates.split(':').map(str::parse).collect::<Result<_, _>>()?;
     let dev = Cpu::default();
     let loaded = load_model::<Cpu, Block>(&run, Weights::Ema, &dev)?;

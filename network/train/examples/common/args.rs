@@ -37,3 +37,29 @@ pub fn random_batch(
     let t: Vec<f64> = (0..b).map(|i| (i as f64 + 0.5) / b as f64).collect();
     (x0, xt, t)
 }
+
+/// The flags of the step-variance examples (`block_time_variance`, `clip_step_variance`):
+/// `--run CHECKPOINT_DIR` (required), `--batches R` (32) of `--batch B` (8) test sequences,
+/// `--draws D` (16) noise draws per batch, `--cache DIR` (data-cache) for the corpus.
+pub struct VarianceFlags {
+    pub run: std::path::PathBuf,
+    pub batches: usize,
+    pub batch: usize,
+    pub draws: usize,
+    pub cache: std::path::PathBuf,
+}
+
+/// Reads [`VarianceFlags`]; an error when `--run` is missing.
+pub fn variance_flags() -> Result<VarianceFlags, &'static str> {
+    let run: String = arg("--run", String::new());
+    if run.is_empty() {
+        return Err("--run CHECKPOINT_DIR is required");
+    }
+    Ok(VarianceFlags {
+        run: run.into(),
+        batches: arg("--batches", 32usize),
+        batch: arg("--batch", 8usize),
+        draws: arg("--draws", 16usize),
+        cache: arg("--cache", "data-cache".to_string()).into(),
+    })
+}
