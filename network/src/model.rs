@@ -24,11 +24,15 @@ type Modulation<E, D, T> = (Vec<T2<E, D, T>>, T);
 /// Attention's q, k, v projections, (b·n, d) each.
 type Qkv<E, D, T> = (T2<E, D, T>, T2<E, D, T>, T2<E, D, T>);
 
-/// The rows a row-restricted forward ([`Md4Transformer::log_probs_rows`]) carries past the last
-/// block's keys and values: each sequence's requested positions, padded to the longest list
-/// (`per`) by repeating one of them (position 0 when none), so that the queries stay a
-/// (batch, per, heads, head_dim) tensor; `keep` picks the requested ones out again.
+/// The rows a row-restricted forward carries past the last block's keys and values.
+/// [`Md4Transformer::log_probs_rows`] (inference): each sequence's requested positions, padded
+/// to the longest list (`per`) by repeating one of them (position 0 when none), so that the
+/// queries stay a (batch, per, heads, head_dim) tensor; `keep` picks the requested ones out
+/// again. [`Md4Transformer::forward_at`] (training): `ragged`, any number of rows per sequence
+/// and no padding; every query attends and the rows are selected from attention's output.
 struct RowSel {
+    /// Rows are not padded and attention runs for every query (see above).
+    ragged: bool,
     per: usize,
     /// Flat row `b·n + pos` of each of the `batch·per` carried rows.
     flat: Vec<usize>,
@@ -57,11 +61,24 @@ impl RowSel {
             }
         }
         RowSel {
+            ragged: false,
             per,
             flat,
             seq,
             pos,
             keep,
+        }
+    }
+
+    /// The ragged selection of the flat rows `flat` (`b·n + pos`, checked by the caller).
+    fn ragged(flat: &[usize], n: usize) -> Self {
+        RowSel {
+            ragged: true,
+            per: 0,
+            flat: flat.to_vec(),
+            seq: flat.iter().map(|r| r / n).collect(),
+            pos: flat.iter().map(|r| r % n).collect(),
+            keep: (0..flat.len()).collect(),
         }
     }
 }
@@ -316,17 +333,75 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         tape: T,
         dropout_rng: Option<&mut dyn RngCore>,
     ) -> Result<T3<E, D, T>, NetworkError> {
+        self.forward_tabled(batch, tape, dropout_rng, true)
+    }
+
+    /// [`Self::forward`] computing every row at its position: no token tables for the
+    /// embedding and block 0's attention input (what `forward` computes once per token id, or
+    /// per sequence and token id, and gathers). The reference the tabled forward is tested
+    /// against; the same function to float rounding.
+    pub fn forward_per_position<T: Tape<E, D>>(
+        &self,
+        batch: &DenoiseBatch<'_>,
+        tape: T,
+        dropout_rng: Option<&mut dyn RngCore>,
+    ) -> Result<T3<E, D, T>, NetworkError> {
+        self.forward_tabled(batch, tape, dropout_rng, false)
+    }
+
+    fn forward_tabled<T: Tape<E, D>>(
+        &self,
+        batch: &DenoiseBatch<'_>,
+        tape: T,
+        dropout_rng: Option<&mut dyn RngCore>,
+        tables: bool,
+    ) -> Result<T3<E, D, T>, NetworkError> {
         self.check_input(batch)?;
         let masks = match dropout_rng {
             Some(rng) if self.cfg.dropout > 0.0 => Some(self.dropout_masks(batch.batch, rng)?),
             _ => None,
         };
         let b = batch.batch;
-        self.forward_impl(batch, tape, masks, None, false)
+        self.forward_impl(batch, tape, masks, None, tables)
             .and_then(|l| {
                 let n_out = l.shape().0 / b;
                 l.try_reshape_like(&(b, n_out, self.cfg.vocab_size))
             })
+            .map_err(NetworkError::device)
+    }
+
+    /// Logits (rows.len(), V) at only the output rows `rows` (flat indices `b·n_out + pos`,
+    /// strictly increasing, at least one), with the tape: the same rows of [`Self::forward`]
+    /// (same dropout draws) up to float rounding. The last block's attention runs for every
+    /// query — every position's keys and values feed the rows, and the fused kernel keeps its
+    /// backward whole — and its output projection, FFN, the final norm and the output layer
+    /// only at `rows`. MD4's loss reads the logits at masked positions only (carry-over, spec
+    /// §4.1): on average half of them, so a training step skips that share of the last
+    /// block's output projection and FFN, forward and backward. Block-diffusion models run the
+    /// full forward and select.
+    pub fn forward_at<T: Tape<E, D>>(
+        &self,
+        batch: &DenoiseBatch<'_>,
+        tape: T,
+        dropout_rng: Option<&mut dyn RngCore>,
+        rows: &[usize],
+    ) -> Result<T2<E, D, T>, NetworkError> {
+        self.check_input(batch)?;
+        let b = batch.batch;
+        let n_out = match self.cfg.block_size {
+            None => batch.len,
+            Some(_) => batch.len / 2,
+        };
+        check_rows(rows, b * n_out)?;
+        if self.cfg.block_size.is_some() {
+            return select_rows(self.forward(batch, tape, dropout_rng)?, rows);
+        }
+        let masks = match dropout_rng {
+            Some(rng) if self.cfg.dropout > 0.0 => Some(self.dropout_masks(b, rng)?),
+            _ => None,
+        };
+        let sel = RowSel::ragged(rows, batch.len);
+        self.forward_impl(batch, tape, masks, Some(&sel), true)
             .map_err(NetworkError::device)
     }
 
@@ -477,6 +552,28 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         self.attend((q, k, v), attn, (rope, mask), b, n)
     }
 
+    /// [`Self::attention`] (no block mask) whose output projection runs at the ragged rows of
+    /// `sel` only: every query attends, then attention's output is gathered → (sel rows, d).
+    fn attention_at<T: Tape<E, D>>(
+        &self,
+        x: T2<E, D, T>,
+        attn: &Attention<E, D>,
+        rope: &Rope<E, D>,
+        sel: &Tensor<(usize,), usize, D>,
+        (b, n): (usize, usize),
+    ) -> Res<T2<E, D, T>, D> {
+        let (d, h) = (self.cfg.dim, self.cfg.n_heads);
+        let hd = d / h;
+        let q = D::matmul(x.retaped::<T>(), attn.wq.tensor()?)?;
+        let k = D::matmul(x.retaped::<T>(), attn.wk.tensor()?)?;
+        let v = D::matmul(x, attn.wv.tensor()?)?;
+        let q = D::rope(rope, q, b, n, h, 1.0 / (hd as f64).sqrt())?;
+        let k = D::rope(rope, k, b, n, h, 1.0)?;
+        let v = v.try_reshape_like(&(b, n, h, hd))?;
+        let o = D::attention(q, k, v)?.try_gather(sel.clone())?;
+        D::matmul(o, attn.wo.tensor()?)
+    }
+
     /// [`Self::attention`] of an input whose rows depend only on their token: `x_tab` holds
     /// the V + 1 distinct rows (one per id), so the q/k/v projections run on those and are
     /// gathered by `ids` (b·n) — row for row the same products (block 0 of a time-free model).
@@ -563,12 +660,14 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         D::matmul(D::glu(self.cfg.mlp, a, u)?, ffn.w2.tensor()?)
     }
 
-    /// Logits as (rows, V): every position (b·n_out rows) or, with `sel` (no block mask, no
-    /// dropout, no tape: the restricted attention is not recorded), the rows of `sel`, the last
-    /// block running past its keys and values at those rows only. With `lookup` (inference)
-    /// the embedding, and for a time-free model block 0's q/k/v projections, are computed
-    /// once per token id (V + 1 rows) and gathered, instead of once per position: they depend
-    /// only on the token.
+    /// Logits as (rows, V): every position (b·n_out rows) or, with `sel` (no block mask), the
+    /// rows of `sel`, the last block running past its keys and values at those rows only
+    /// (padded queries: inference, not recorded on the tape; ragged: every query attends,
+    /// then the rows are gathered, with the tape and dropout). With `lookup` the embedding is
+    /// computed once per token id (V + 1 rows) and gathered instead of once per position, and
+    /// so is block 0's attention input and q/k/v projections: per token id for a time-free
+    /// model, per (sequence, token id) for a conditioned one (its modulation is per sequence)
+    /// when sequences are longer than V + 1.
     fn forward_impl<T: Tape<E, D>>(
         &self,
         batch: &DenoiseBatch<'_>,
@@ -587,9 +686,13 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
             .dev
             .try_tensor_from_vec(batch.ids.iter().map(|&i| i as usize).collect(), (b * n,))?;
         let lookup = lookup && b * n > self.cfg.vocab_size + 1;
-        // block 0 from the table: a time-free model whose block 0 is not the row-restricted one
         let plain = matches!(self.trunk, Trunk::Plain { .. });
-        let table0 = lookup && plain && !(sel.is_some() && self.cfg.n_layers == 1);
+        // block 0 from the table: a time-free model, or a conditioned one (one table per
+        // sequence: its modulation differs) whose sequences are longer than the table, when
+        // block 0 is not the row-restricted one
+        let per_seq_table = self.cfg.block_size.is_none() && n > self.cfg.vocab_size + 1;
+        let table0 =
+            lookup && (plain || per_seq_table) && !(sel.is_some() && self.cfg.n_layers == 1);
         let (mut h, mut table): (T2<E, D, T>, _) = if lookup {
             let mut e = self.embed.tensor()?.put_tape(tape);
             if let Some(proj) = &self.embed_proj {
@@ -676,20 +779,50 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     let mut take = || m.next().expect("6 modulation chunks");
                     let (sh_a, sc_a, g_a) = (take(), take(), take());
                     let (sh_m, sc_m, g_m) = (take(), take(), take());
-                    let a =
-                        D::modulate(D::layer_norm(h.retaped::<T>())?, sh_a, sc_a, b_mod, n_mod)?;
-                    if let (Some(s), true) = (sel, l == last) {
-                        let rows = s.flat.len();
-                        let a = self.attention_rows(a, &blk.attn, rope.0, s, (b, n))?;
-                        let hs = h.try_gather(gather_ids(&self.dev, &s.flat)?)?;
-                        h = D::gated_residual(hs, a, per_row(g_a)?, rows, 1)?;
-                        let f = D::layer_norm(h.retaped::<T>())?;
-                        let f = D::modulate(f, per_row(sh_m)?, per_row(sc_m)?, rows, 1)?;
-                        let f = self.ffn(f, &blk.ffn)?;
-                        h = D::gated_residual(h, f, per_row(g_m)?, rows, 1)?;
-                        break;
-                    }
-                    let a = self.attention(a, &blk.attn, rope, b, n)?;
+                    let a = match table.take() {
+                        // block 0: its attention input LN(h)·(1 + scale) + shift depends only
+                        // on the sequence and the token: norm, modulation and q/k/v projections
+                        // of b·(V + 1) rows, gathered by (sequence, id), instead of b·n
+                        Some(e) => {
+                            let vt = e.shape().0;
+                            let rep: Vec<usize> = (0..b).flat_map(|_| 0..vt).collect();
+                            let e = e.try_gather(gather_ids(&self.dev, &rep)?)?;
+                            let a_tab = D::modulate(D::layer_norm(e)?, sh_a, sc_a, b, vt)?;
+                            let at: Vec<usize> = (batch.ids.iter().enumerate())
+                                .map(|(i, &id)| (i / n) * vt + id as usize)
+                                .collect();
+                            let at = gather_ids(&self.dev, &at)?;
+                            self.attention_lookup(a_tab, &at, &blk.attn, rope, b, n)?
+                        }
+                        None => {
+                            let a = D::layer_norm(h.retaped::<T>())?;
+                            let a = D::modulate(a, sh_a, sc_a, b_mod, n_mod)?;
+                            match sel.filter(|_| l == last) {
+                                None => self.attention(a, &blk.attn, rope, b, n)?,
+                                // the last block at the selected rows only
+                                Some(s) => {
+                                    let rows = s.flat.len();
+                                    let flat = gather_ids(&self.dev, &s.flat)?;
+                                    let seq = gather_ids(&self.dev, &s.seq)?;
+                                    let a = if s.ragged {
+                                        let a =
+                                            self.attention_at(a, &blk.attn, rope.0, &flat, (b, n))?;
+                                        dropout_at(a, next_mask(), &seq)?
+                                    } else {
+                                        self.attention_rows(a, &blk.attn, rope.0, s, (b, n))?
+                                    };
+                                    let g_a = per_row(g_a)?;
+                                    h = D::gated_residual(h.try_gather(flat)?, a, g_a, rows, 1)?;
+                                    let f = D::layer_norm(h.retaped::<T>())?;
+                                    let f =
+                                        D::modulate(f, per_row(sh_m)?, per_row(sc_m)?, rows, 1)?;
+                                    let f = dropout_at(self.ffn(f, &blk.ffn)?, next_mask(), &seq)?;
+                                    h = D::gated_residual(h, f, per_row(g_m)?, rows, 1)?;
+                                    break;
+                                }
+                            }
+                        }
+                    };
                     let a = channel_dropout(a, next_mask(), b, n)?;
                     h = D::gated_residual(h, a, g_a, b_mod, n_mod)?;
                     D::retain(&scope, &h);
@@ -728,10 +861,18 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     }
                     let a = D::rms_norm(h.retaped::<T>(), blk.norm.attn.tensor())?;
                     if let (Some(s), true) = (sel, l == last) {
-                        let a = self.attention_rows(a, &blk.attn, rope.0, s, (b, n))?;
-                        h = h.try_gather(gather_ids(&self.dev, &s.flat)?)?.try_add(a)?;
+                        let flat = gather_ids(&self.dev, &s.flat)?;
+                        let seq = gather_ids(&self.dev, &s.seq)?;
+                        let a = if s.ragged {
+                            let a = self.attention_at(a, &blk.attn, rope.0, &flat, (b, n))?;
+                            dropout_at(a, next_mask(), &seq)?
+                        } else {
+                            self.attention_rows(a, &blk.attn, rope.0, s, (b, n))?
+                        };
+                        h = h.try_gather(flat)?.try_add(a)?;
                         let f = D::rms_norm(h.retaped::<T>(), blk.norm.mlp.tensor())?;
-                        h = h.try_add(self.ffn(f, &blk.ffn)?)?;
+                        let f = dropout_at(self.ffn(f, &blk.ffn)?, next_mask(), &seq)?;
+                        h = h.try_add(f)?;
                         break;
                     }
                     let a = self.attention(a, &blk.attn, rope, b, n)?;
@@ -765,6 +906,51 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
 }
 
 /// Row indices as a device tensor for `try_gather`.
+/// [`channel_dropout`] of ragged rows (b·n, d) → (rows, d): each row times its sequence's
+/// keep-mask (`seq`: the rows' sequences).
+fn dropout_at<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
+    y: T2<E, D, T>,
+    mask: Option<T2<E, D>>,
+    seq: &Tensor<(usize,), usize, D>,
+) -> Res<T2<E, D, T>, D> {
+    match mask {
+        None => Ok(y),
+        Some(m) => y.try_mul(m.try_gather(seq.clone())?),
+    }
+}
+
+/// The flat rows `rows` (checked by [`check_rows`]) of logits (b, n, V) → (rows, V).
+pub(crate) fn select_rows<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
+    logits: T3<E, D, T>,
+    rows: &[usize],
+) -> Result<T2<E, D, T>, NetworkError> {
+    let (b, n, v) = *logits.shape();
+    let ids = gather_ids(logits.device(), rows).map_err(NetworkError::device)?;
+    logits
+        .try_reshape_like(&(b * n, v))
+        .and_then(|l| l.try_gather(ids))
+        .map_err(NetworkError::device)
+}
+
+/// `rows` selects output rows of `total`: at least one, strictly increasing, in range.
+pub(crate) fn check_rows(rows: &[usize], total: usize) -> Result<(), NetworkError> {
+    if rows.is_empty() {
+        return Err(NetworkError::Input("no output rows selected".into()));
+    }
+    if let Some(w) = rows.windows(2).find(|w| w[0] >= w[1]) {
+        return Err(NetworkError::Input(format!(
+            "output rows must be strictly increasing: {} then {}",
+            w[0], w[1]
+        )));
+    }
+    match rows.last() {
+        Some(&r) if r >= total => Err(NetworkError::Input(format!(
+            "output row {r} out of range for {total} rows"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn gather_ids<E: Elem, D: Kernels<E>>(
     dev: &D,
     ids: &[usize],

@@ -2,7 +2,7 @@
 //! U-Net image denoiser (spec §7.3) — behind one type, which the trainer, the checkpoints, the
 //! EMA and [`crate::NetworkDenoiser`] hold. The configuration's [`crate::Arch`] picks the type.
 
-use crate::layers::T3;
+use crate::layers::{T2, T3};
 use crate::modules::Parameters;
 use crate::param::{self, Param};
 use crate::unet::UNet;
@@ -154,6 +154,23 @@ impl<E: Elem, D: Kernels<E>> Network<E, D> {
                     .map_err(NetworkError::device)
             }
         }
+    }
+
+    /// Logits (rows.len(), V) at only the flat output rows `rows` (`b·len + pos`, strictly
+    /// increasing), with the tape (see [`Md4Transformer::forward_at`]; the image networks run
+    /// the full forward and select).
+    pub fn forward_at<T: Tape<E, D>>(
+        &self,
+        batch: &DenoiseBatch<'_>,
+        tape: T,
+        dropout_rng: Option<&mut dyn RngCore>,
+        rows: &[usize],
+    ) -> Result<T2<E, D, T>, NetworkError> {
+        if let Network::Transformer(m) = self {
+            return m.forward_at(batch, tape, dropout_rng, rows);
+        }
+        crate::model::check_rows(rows, batch.batch * batch.len)?;
+        crate::model::select_rows(self.forward(batch, tape, dropout_rng)?, rows)
     }
 
     /// Normalised log μ_θ (batch, len, V) without a tape, as host data.

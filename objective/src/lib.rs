@@ -39,9 +39,9 @@ pub use genmd4::{GenMd4, GenMd4Report, GenMd4Stats, THETA_NAME};
 pub use md4::{Md4, Md4Stats};
 pub use objective::{
     BlockTime, CleanBatch, Flat, InnerSpec, Logits, LogitsNet, MicroLoss, Noised, Objective,
-    ObjectiveSettings, ObjectiveSpec, ReverseModel, Share, StepLosses,
+    ObjectiveSettings, ObjectiveSpec, ReverseModel, RowLogits, Share, StepLosses,
 };
 pub use tensor::{
-    genmd4_loss, md4_diffusion_loss, md4_recon_constant, GenMd4Batch, GenMd4Loss, GenMd4Options,
-    MaskedBatch,
+    genmd4_loss, md4_diffusion_loss, md4_recon_constant, md4_row_losses, GenMd4Batch, GenMd4Loss,
+    GenMd4Options, MaskedBatch,
 };

@@ -17,7 +17,7 @@ use crate::objective::{
     CleanBatch, Flat, LogitsNet, MicroLoss, Noised, Objective, ObjectiveSettings, ObjectiveSpec,
     ReverseModel, Share, StepLosses,
 };
-use crate::tensor::{md4_diffusion_loss, md4_recon_constant, MaskedBatch};
+use crate::tensor::{md4_diffusion_loss, md4_recon_constant, md4_row_losses, MaskedBatch};
 use crate::ObjectiveError;
 use dfdx::prelude::*;
 use maskdiff_process::{DenoiseBatch, Denoiser};
@@ -81,14 +81,19 @@ impl Md4 {
             t: &t,
             labels: batch.labels(),
         };
-        let logits = net.logits(&input, NoneTape, None)?;
-        let per_seq = md4_diffusion_loss(logits, masked)?;
         let recon = self.recon(batch.len());
-        Ok(per_seq
-            .as_vec()
-            .into_iter()
-            .map(|x| x as f64 + recon)
-            .collect())
+        let rows = masked.masked_rows();
+        if rows.is_empty() {
+            return Ok(vec![recon; batch.batch()]);
+        }
+        // the network's work at the masked rows only; per-sequence sums in f64
+        let logits = net.logits_at(&input, NoneTape, None, &rows)?;
+        let per_row = md4_row_losses(logits, masked)?.as_vec();
+        let mut per_seq = vec![recon; batch.batch()];
+        for (&r, &x) in rows.iter().zip(&per_row) {
+            per_seq[r / batch.len()] += x as f64;
+        }
+        Ok(per_seq)
     }
 
     /// A noised batch with one time per block of `block` tokens (BD3-LM; see
@@ -227,12 +232,19 @@ impl<D: Device<f32>> Objective<D> for Md4 {
             t: &t,
             labels,
         };
-        let logits = net.logits(&input, OwnedTape::default(), Some(rng))?;
-        let per_seq = md4_diffusion_loss(logits, mb)?;
-        let sum: f64 = per_seq.as_vec().iter().map(|&x| x as f64).sum();
+        // the loss reads the logits at masked positions only: the network skips the rest of
+        // its last block there (a batch without any mask runs whole, for a zero loss)
+        let rows = mb.masked_rows();
+        let terms = if rows.is_empty() {
+            md4_diffusion_loss(net.logits(&input, OwnedTape::default(), Some(rng))?, mb)?
+        } else {
+            let logits = net.logits_at(&input, OwnedTape::default(), Some(rng), &rows)?;
+            md4_row_losses(logits, mb)?
+        };
+        let sum: f64 = terms.as_vec().iter().map(|&x| x as f64).sum();
         // d(batch mean)/dθ accumulates over micro-batches: each adds Σ_its sequences / B.
         let inv_b = 1.0 / share.total as f32;
-        let scalar = per_seq
+        let scalar = terms
             .try_sum::<Rank0, _>()
             .and_then(|s| s.try_mul(inv_b))
             .map_err(ObjectiveError::backend)?;

@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 
 /// Logits `[batch, len, V]`.
 pub type Logits<D, T> = Tensor<(usize, usize, usize), f32, D, T>;
+/// Logits at selected rows of a batch, `[rows, vocab]` ([`LogitsNet::logits_at`]).
+pub type RowLogits<D, T> = Tensor<(usize, usize), f32, D, T>;
 /// A flat parameter (or gradient) tensor.
 pub type Flat<D> = Tensor<(usize,), f32, D>;
 
@@ -192,6 +194,37 @@ pub trait LogitsNet<D: Device<f32>> {
         tape: T,
         dropout: Option<&mut StdRng>,
     ) -> Result<Logits<D, T>, Self::Error>;
+    /// The rows `rows` (flat indices `b·len + pos` of the output, strictly increasing, at least
+    /// one) of [`LogitsNet::logits`], `[rows, vocab]`, same tape and dropout draws. This default
+    /// runs the whole network and gathers; a network that can skip the work of the other rows
+    /// overrides it (the MD4 transformer: its last block's output projection, FFN and output
+    /// layer run at `rows` only). The losses read logits at masked positions only.
+    fn logits_at<T: Tape<f32, D>>(
+        &self,
+        input: &DenoiseBatch<'_>,
+        tape: T,
+        dropout: Option<&mut StdRng>,
+        rows: &[usize],
+    ) -> Result<RowLogits<D, T>, Self::Error> {
+        let logits = self.logits(input, tape, dropout)?;
+        let (b, n, v) = *logits.shape();
+        if rows.is_empty() || rows.windows(2).any(|w| w[0] >= w[1]) || rows[rows.len() - 1] >= b * n
+        {
+            return Err(ObjectiveError::Shape(format!(
+                "rows for {} outputs must be strictly increasing and in range",
+                b * n
+            ))
+            .into());
+        }
+        let ids = logits
+            .device()
+            .try_tensor_from_vec(rows.to_vec(), (rows.len(),))
+            .map_err(ObjectiveError::backend)?;
+        Ok(logits
+            .try_reshape_like(&(b * n, v))
+            .and_then(|l| l.try_gather(ids))
+            .map_err(ObjectiveError::backend)?)
+    }
     /// Whether the network reads the time of each row (objectives that draw more than one time
     /// per row, per-block block diffusion, need a time-free network).
     fn is_time_conditioned(&self) -> bool;

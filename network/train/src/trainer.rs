@@ -20,7 +20,8 @@ use crate::{ema_tensors, ema_update, AdamW, Collective, SingleProcess, TrainConf
 use maskdiff_network::dfdx::prelude::*;
 use maskdiff_network::{Kernels, Md4Transformer, Network, NetworkConfig, NetworkDenoiser};
 use maskdiff_objective::{
-    CleanBatch, Flat, Logits, LogitsNet, MicroLoss, Noised, Objective, ObjectiveSettings, Share,
+    CleanBatch, Flat, Logits, LogitsNet, MicroLoss, Noised, Objective, ObjectiveSettings,
+    RowLogits, Share,
 };
 use maskdiff_process::DenoiseBatch;
 use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
@@ -149,6 +150,16 @@ macro_rules! logits_net {
                 Ok(self
                     .0
                     .forward(input, tape, dropout.map(|r| r as &mut dyn RngCore))?)
+            }
+            fn logits_at<T: Tape<f32, D>>(
+                &self,
+                input: &DenoiseBatch<'_>,
+                tape: T,
+                dropout: Option<&mut StdRng>,
+                rows: &[usize],
+            ) -> Result<RowLogits<D, T>, TrainError> {
+                let dropout = dropout.map(|r| r as &mut dyn RngCore);
+                Ok(self.0.forward_at(input, tape, dropout, rows)?)
             }
             fn is_time_conditioned(&self) -> bool {
                 self.0.config().time_conditioning

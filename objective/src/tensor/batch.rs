@@ -488,6 +488,11 @@ impl MaskedBatch {
         self.xt[i] as usize == self.vocab
     }
 
+    /// The flat indices `b·len + pos` of the masked positions, increasing.
+    pub fn masked_rows(&self) -> Vec<usize> {
+        (0..self.xt.len()).filter(|&i| self.is_masked(i)).collect()
+    }
+
     /// Number of masked positions of each sequence.
     pub fn masked_counts(&self) -> Vec<usize> {
         (0..self.batch)

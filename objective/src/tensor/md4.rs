@@ -19,17 +19,7 @@ pub fn md4_diffusion_loss<D: Device<f32>, T: Tape<f32, D>>(
 ) -> Result<Tensor<(usize,), f32, D, T>, ObjectiveError> {
     let (b, l, v) = *logits.shape();
     check_logits((b, l, v), batch.batch, batch.len, batch.vocab)?;
-    // ids, x_t against x_0 and the times were checked when the batch was built
-    if let Some(&w) = batch
-        .weight
-        .iter()
-        .find(|w| !(w.is_finite() && **w >= 0.0 && (**w as f32).is_finite()))
-    {
-        return Err(ObjectiveError::BadValue {
-            name: "loss weight (must be finite in f32)",
-            value: w,
-        });
-    }
+    check_weights(batch)?;
     let dev = logits.device().clone();
     let idx = host(&dev, batch.x0.iter().map(|&x| x as usize).collect(), (b, l))?;
     let coef: Vec<f32> = (0..b * l)
@@ -51,6 +41,56 @@ pub fn md4_diffusion_loss<D: Device<f32>, T: Tape<f32, D>>(
         .try_sum::<(usize,), Axis<1>>()
         .map_err(ObjectiveError::backend)?;
     summed.try_negate().map_err(ObjectiveError::backend)
+}
+
+/// Per-row MD4 diffusion loss in nats at the masked positions of `batch`,
+/// `weight · −log_softmax(logits)[x0]`, one value per row of `logits` `[rows, vocab]`: the
+/// logits at the flat positions [`MaskedBatch::masked_rows`], in that order (from
+/// [`crate::LogitsNet::logits_at`]). Summed per sequence this is [`md4_diffusion_loss`]
+/// without the network's work at unmasked positions, whose terms are zero.
+pub fn md4_row_losses<D: Device<f32>, T: Tape<f32, D>>(
+    logits: Tensor<(usize, usize), f32, D, T>,
+    batch: &MaskedBatch,
+) -> Result<Tensor<(usize,), f32, D, T>, ObjectiveError> {
+    let rows = batch.masked_rows();
+    let (m, v) = *logits.shape();
+    if m != rows.len() || v != batch.vocab {
+        return Err(ObjectiveError::Shape(format!(
+            "row logits [{m}, {v}] for {} masked positions and vocabulary {}",
+            rows.len(),
+            batch.vocab
+        )));
+    }
+    check_weights(batch)?;
+    let dev = logits.device().clone();
+    let idx = host(
+        &dev,
+        rows.iter().map(|&i| batch.x0[i] as usize).collect(),
+        (m,),
+    )?;
+    let coef: Vec<f32> = rows.iter().map(|&i| -batch.weight_at(i) as f32).collect();
+    let coef = host(&dev, coef, (m,))?;
+    let logp = logits
+        .try_log_softmax::<Axis<1>>()
+        .map_err(ObjectiveError::backend)?;
+    let picked = logp.try_select(idx).map_err(ObjectiveError::backend)?;
+    picked.try_mul(coef).map_err(ObjectiveError::backend)
+}
+
+/// Every loss weight finite and ≥ 0 in f32 (ids, x_t against x_0 and the times were checked
+/// when the batch was built).
+fn check_weights(batch: &MaskedBatch) -> Result<(), ObjectiveError> {
+    match batch
+        .weight
+        .iter()
+        .find(|w| !(w.is_finite() && **w >= 0.0 && (**w as f32).is_finite()))
+    {
+        Some(&w) => Err(ObjectiveError::BadValue {
+            name: "loss weight (must be finite in f32)",
+            value: w,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The official code's MD4 reconstruction term per sequence, N·(1 − α_0)·log V nats (spec §3.3):
@@ -86,6 +126,64 @@ mod tests {
         let v = out.as_vec();
         assert!((v[0] as f64 - 2.0 * 3f64.ln()).abs() < 1e-5);
         assert!((v[1] as f64 - 0.5 * 3f64.ln()).abs() < 1e-5);
+    }
+
+    /// The per-row loss at the masked rows, summed per sequence, is the per-sequence loss, and
+    /// its gradient is the full loss's gradient at those rows (zero at the others), on random
+    /// logits and a random masking.
+    #[test]
+    fn row_losses_equal_the_full_loss() {
+        use rand::{Rng, SeedableRng};
+        let dev = Cpu::default();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (b, l, v) = (3, 7, 5);
+        let x0: Vec<u32> = (0..b * l).map(|_| rng.gen_range(0..v as u32)).collect();
+        let xt: Vec<u32> = x0
+            .iter()
+            .map(|&x| if rng.gen::<f64>() < 0.5 { v as u32 } else { x })
+            .collect();
+        let batch =
+            MaskedBatch::new(x0, xt, b, l, v, vec![0.2, 0.5, 0.9], vec![5.0, 2.0, 1.1]).unwrap();
+        let rows = batch.masked_rows();
+        assert!(rows.len() > 3 && rows.len() < b * l, "{rows:?}");
+        assert!(rows.windows(2).all(|w| w[0] < w[1]));
+        let data: Vec<f32> = (0..b * l * v)
+            .map(|_| rng.gen::<f32>() * 6.0 - 3.0)
+            .collect();
+        let full = dev.tensor_from_vec(data.clone(), (b, l, v));
+        let picked: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| data[r * v..(r + 1) * v].to_vec())
+            .collect();
+        let at = dev.tensor_from_vec(picked, (rows.len(), v));
+        let per_seq = md4_diffusion_loss(full.leaky_trace(), &batch).unwrap();
+        let per_row = md4_row_losses(at.leaky_trace(), &batch).unwrap();
+        let mut sums = [0.0f64; 3];
+        for (&r, &x) in rows.iter().zip(&per_row.as_vec()) {
+            sums[r / l] += x as f64;
+        }
+        for (s, w) in sums.iter().zip(per_seq.as_vec()) {
+            assert!((s - w as f64).abs() < 1e-5 * (1.0 + s.abs()), "{s} vs {w}");
+        }
+        let g_full = per_seq.sum::<Rank0, _>().backward().get(&full).as_vec();
+        let g_at = per_row.sum::<Rank0, _>().backward().get(&at).as_vec();
+        for i in 0..b * l {
+            let want = &g_full[i * v..(i + 1) * v];
+            match rows.iter().position(|&r| r == i) {
+                Some(k) => {
+                    for (x, y) in g_at[k * v..(k + 1) * v].iter().zip(want) {
+                        assert!((x - y).abs() < 1e-6, "row {i}: {x} vs {y}");
+                    }
+                }
+                None => assert!(want.iter().all(|&g| g == 0.0), "unmasked row {i}"),
+            }
+        }
+        // shape mismatch: rows of the wrong count
+        let wrong = dev.zeros_like(&(rows.len() + 1, v));
+        assert!(matches!(
+            md4_row_losses(wrong, &batch),
+            Err(ObjectiveError::Shape(_))
+        ));
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod md4;
 pub use batch::{block_grid, block_times, MaskedBatch};
 pub(crate) use batch::{check_x0, check_xt};
 pub use genmd4::{genmd4_loss, softplus_tensor, GenMd4Batch, GenMd4Loss, GenMd4Options};
-pub use md4::{md4_diffusion_loss, md4_recon_constant};
+pub use md4::{md4_diffusion_loss, md4_recon_constant, md4_row_losses};
 
 use crate::ObjectiveError;
 use dfdx::prelude::*;
