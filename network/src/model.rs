@@ -24,62 +24,39 @@ type Modulation<E, D, T> = (Vec<T2<E, D, T>>, T);
 /// Attention's q, k, v projections, (b·n, d) each.
 type Qkv<E, D, T> = (T2<E, D, T>, T2<E, D, T>, T2<E, D, T>);
 
-/// The rows a row-restricted forward carries past the last block's keys and values.
-/// [`Md4Transformer::log_probs_rows`] (inference): each sequence's requested positions, padded
-/// to the longest list (`per`) by repeating one of them (position 0 when none), so that the
-/// queries stay a (batch, per, heads, head_dim) tensor; `keep` picks the requested ones out
-/// again. [`Md4Transformer::forward_at`] (training): `ragged`, any number of rows per sequence
-/// and no padding; every query attends and the rows are selected from attention's output.
+/// The rows a row-restricted forward ([`Md4Transformer::forward_at`],
+/// [`Md4Transformer::log_probs_rows`]) carries past the last block's keys and values, sequence
+/// after sequence (any number per sequence, in the caller's order within one).
 struct RowSel {
-    /// Rows are not padded and attention runs for every query (see above).
-    ragged: bool,
-    per: usize,
-    /// Flat row `b·n + pos` of each of the `batch·per` carried rows.
+    /// Flat row `b·n + pos` of each carried row.
     flat: Vec<usize>,
     /// The sequence of each carried row.
     seq: Vec<usize>,
     /// The position of each carried row.
     pos: Vec<usize>,
-    /// The carried rows that were requested, in request order.
-    keep: Vec<usize>,
 }
 
 impl RowSel {
-    fn new(rows: &[Vec<usize>], n: usize) -> Self {
-        let per = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let (mut flat, mut seq, mut pos, mut keep) = (vec![], vec![], vec![], vec![]);
-        for (b, r) in rows.iter().enumerate() {
-            let pad = r.last().copied().unwrap_or(0);
-            for k in 0..per {
-                if k < r.len() {
-                    keep.push(seq.len());
-                }
-                let p = r.get(k).copied().unwrap_or(pad);
-                flat.push(b * n + p);
-                seq.push(b);
-                pos.push(p);
-            }
-        }
+    /// The selection of the flat rows `flat` (`b·n + pos`, grouped by sequence in increasing
+    /// order, checked by the caller).
+    fn new(flat: Vec<usize>, n: usize) -> Self {
         RowSel {
-            ragged: false,
-            per,
+            seq: flat.iter().map(|r| r / n).collect(),
+            pos: flat.iter().map(|r| r % n).collect(),
             flat,
-            seq,
-            pos,
-            keep,
         }
     }
 
-    /// The ragged selection of the flat rows `flat` (`b·n + pos`, checked by the caller).
-    fn ragged(flat: &[usize], n: usize) -> Self {
-        RowSel {
-            ragged: true,
-            per: 0,
-            flat: flat.to_vec(),
-            seq: flat.iter().map(|r| r / n).collect(),
-            pos: flat.iter().map(|r| r % n).collect(),
-            keep: (0..flat.len()).collect(),
+    /// Offsets of each of the `b` sequences' rows (b + 1).
+    fn starts(&self, b: usize) -> Vec<usize> {
+        let mut starts = vec![0; b + 1];
+        for &s in &self.seq {
+            starts[s + 1] += 1;
         }
+        for s in 0..b {
+            starts[s + 1] += starts[s];
+        }
+        starts
     }
 }
 
@@ -400,7 +377,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
             Some(rng) if self.cfg.dropout > 0.0 => Some(self.dropout_masks(b, rng)?),
             _ => None,
         };
-        let sel = RowSel::ragged(rows, batch.len);
+        let sel = RowSel::new(rows.to_vec(), batch.len);
         self.forward_impl(batch, tape, masks, Some(&sel), true)
             .map_err(NetworkError::device)
     }
@@ -454,13 +431,17 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         let v = self.cfg.vocab_size;
         let mut data = Vec::with_capacity(positions.len() * v);
         if !positions.is_empty() {
-            let sel = RowSel::new(rows, batch.len);
+            let n = batch.len;
+            let flat = (rows.iter().enumerate())
+                .flat_map(|(b, r)| r.iter().map(move |&p| b * n + p))
+                .collect();
+            let sel = RowSel::new(flat, n);
             let logits = self
                 .forward_impl(batch, NoneTape, None, Some(&sel), true)
                 .map_err(NetworkError::device)?
                 .as_vec();
             let mut row = Vec::with_capacity(v);
-            for &r in &sel.keep {
+            for r in 0..sel.flat.len() {
                 row.clear();
                 row.extend_from_slice(&logits[r * v..(r + 1) * v]);
                 log_softmax_row(&mut row);
@@ -552,25 +533,33 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         self.attend((q, k, v), attn, (rope, mask), b, n)
     }
 
-    /// [`Self::attention`] (no block mask) whose output projection runs at the ragged rows of
-    /// `sel` only: every query attends, then attention's output is gathered → (sel rows, d).
+    /// [`Self::attention`] (no block mask) at the ragged rows of `sel` only: keys and values
+    /// from every row of x (b·n, d), queries from the selected rows, rotated at their own
+    /// positions, each attending over its sequence → (sel rows, d), with the tape.
     fn attention_at<T: Tape<E, D>>(
         &self,
         x: T2<E, D, T>,
         attn: &Attention<E, D>,
         rope: &Rope<E, D>,
-        sel: &Tensor<(usize,), usize, D>,
+        sel: &RowSel,
         (b, n): (usize, usize),
     ) -> Res<T2<E, D, T>, D> {
         let (d, h) = (self.cfg.dim, self.cfg.n_heads);
-        let hd = d / h;
-        let q = D::matmul(x.retaped::<T>(), attn.wq.tensor()?)?;
+        let (hd, m) = (d / h, sel.flat.len());
+        let q = D::matmul(
+            D::gather_rows(x.retaped::<T>(), &sel.flat)?,
+            attn.wq.tensor()?,
+        )?;
         let k = D::matmul(x.retaped::<T>(), attn.wk.tensor()?)?;
         let v = D::matmul(x, attn.wv.tensor()?)?;
-        let q = D::rope(rope, q, b, n, h, 1.0 / (hd as f64).sqrt())?;
+        let rope_q =
+            Rope::at_positions(&self.dev, sel.pos.iter().copied(), hd, self.cfg.rope_theta)?;
+        // one "sequence" of m rows, each rotated at its own position
+        let q =
+            D::rope(&rope_q, q, 1, m, h, 1.0 / (hd as f64).sqrt())?.try_reshape_like(&(m, d))?;
         let k = D::rope(rope, k, b, n, h, 1.0)?;
         let v = v.try_reshape_like(&(b, n, h, hd))?;
-        let o = D::attention(q, k, v)?.try_gather(sel.clone())?;
+        let o = D::attention_ragged(q, k, v, &sel.starts(b))?;
         D::matmul(o, attn.wo.tensor()?)
     }
 
@@ -580,15 +569,15 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     fn attention_lookup<T: Tape<E, D>>(
         &self,
         x_tab: T2<E, D, T>,
-        ids: &Tensor<(usize,), usize, D>,
+        ids: &[usize],
         attn: &Attention<E, D>,
         rope: (&Rope<E, D>, Option<BlockMask>),
         b: usize,
         n: usize,
     ) -> Res<T2<E, D, T>, D> {
-        let q = D::matmul(x_tab.retaped::<T>(), attn.wq.tensor()?)?.try_gather(ids.clone())?;
-        let k = D::matmul(x_tab.retaped::<T>(), attn.wk.tensor()?)?.try_gather(ids.clone())?;
-        let v = D::matmul(x_tab, attn.wv.tensor()?)?.try_gather(ids.clone())?;
+        let q = D::gather_rows(D::matmul(x_tab.retaped::<T>(), attn.wq.tensor()?)?, ids)?;
+        let k = D::gather_rows(D::matmul(x_tab.retaped::<T>(), attn.wk.tensor()?)?, ids)?;
+        let v = D::gather_rows(D::matmul(x_tab, attn.wv.tensor()?)?, ids)?;
         self.attend((q, k, v), attn, rope, b, n)
     }
 
@@ -614,60 +603,23 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         D::matmul(o, attn.wo.tensor()?)
     }
 
-    /// [`Self::attention`] with queries only at the rows of `sel` (no block mask): keys and
-    /// values from every row of x (b·n, d), queries from x's `sel` rows, rotated at their own
-    /// positions → (b·per, d).
-    fn attention_rows<T: Tape<E, D>>(
-        &self,
-        x: T2<E, D, T>,
-        attn: &Attention<E, D>,
-        rope: &Rope<E, D>,
-        sel: &RowSel,
-        (b, n): (usize, usize),
-    ) -> Res<T2<E, D, T>, D> {
-        let (d, h) = (self.cfg.dim, self.cfg.n_heads);
-        let (hd, m) = (d / h, sel.flat.len());
-        let xs = x
-            .retaped::<T>()
-            .try_gather(gather_ids(&self.dev, &sel.flat)?)?;
-        let q = D::matmul(xs, attn.wq.tensor()?)?;
-        let k = D::matmul(x.retaped::<T>(), attn.wk.tensor()?)?;
-        let v = D::matmul(x, attn.wv.tensor()?)?;
-        let rope_q =
-            Rope::at_positions(&self.dev, sel.pos.iter().copied(), hd, self.cfg.rope_theta)?;
-        // one "sequence" of m rows, each rotated at its own position
-        let q = D::rope(&rope_q, q, 1, m, h, 1.0 / (hd as f64).sqrt())?
-            .try_reshape_like(&(b, sel.per, h, hd))?;
-        let k = D::rope(rope, k, b, n, h, 1.0)?;
-        let v = v.try_reshape_like(&(b, n, h, hd))?;
-        // inference only (`log_probs_rows` runs without a tape): the restricted attention is not
-        // recorded, its inputs' tapes pass straight to its output
-        let (q, tq) = q.split_tape();
-        let (k, tk) = k.split_tape();
-        let (v, tv) = v.split_tape();
-        let o = D::attention_rows(q, k, v)?.put_tape(tq.merge(tk).merge(tv));
-        D::matmul(o, attn.wo.tensor()?)
-    }
-
     /// Gated FFN `W2(act(W1 x) ⊙ W3 x)`.
     pub(crate) fn ffn<T: Tape<E, D>>(
         &self,
         x: T2<E, D, T>,
         ffn: &Ffn<E, D>,
     ) -> Res<T2<E, D, T>, D> {
-        let a = D::matmul(x.retaped::<T>(), ffn.w1.tensor()?)?;
-        let u = D::matmul(x, ffn.w3.tensor()?)?;
-        D::matmul(D::glu(self.cfg.mlp, a, u)?, ffn.w2.tensor()?)
+        let w = (ffn.w1.tensor()?, ffn.w3.tensor()?, ffn.w2.tensor()?);
+        D::ffn(self.cfg.mlp, x, w)
     }
 
     /// Logits as (rows, V): every position (b·n_out rows) or, with `sel` (no block mask), the
     /// rows of `sel`, the last block running past its keys and values at those rows only
-    /// (padded queries: inference, not recorded on the tape; ragged: every query attends,
-    /// then the rows are gathered, with the tape and dropout). With `lookup` the embedding is
-    /// computed once per token id (V + 1 rows) and gathered instead of once per position, and
-    /// so is block 0's attention input and q/k/v projections: per token id for a time-free
-    /// model, per (sequence, token id) for a conditioned one (its modulation is per sequence)
-    /// when sequences are longer than V + 1.
+    /// (queries, attention, the FFN; with the tape and dropout). With `lookup` the embedding
+    /// is computed once per token id (V + 1 rows) and gathered instead of once per position,
+    /// and so is block 0's attention input and q/k/v projections: per token id for a
+    /// time-free model, per (sequence, token id) for a conditioned one (its modulation is per
+    /// sequence) when sequences are longer than V + 1.
     fn forward_impl<T: Tape<E, D>>(
         &self,
         batch: &DenoiseBatch<'_>,
@@ -682,9 +634,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         let scope = D::scope();
         let mut masks = masks.map(|m| m.into_iter());
         let mut next_mask = || masks.as_mut().and_then(|m| m.next());
-        let ids = self
-            .dev
-            .try_tensor_from_vec(batch.ids.iter().map(|&i| i as usize).collect(), (b * n,))?;
+        let ids: Vec<usize> = batch.ids.iter().map(|&i| i as usize).collect();
         let lookup = lookup && b * n > self.cfg.vocab_size + 1;
         let plain = matches!(self.trunk, Trunk::Plain { .. });
         // block 0 from the table: a time-free model, or a conditioned one (one table per
@@ -699,16 +649,12 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                 e = dense(e, proj.weight.tensor()?, Some(proj.bias.tensor()))?;
             }
             if table0 {
-                (e.retaped::<T>().try_gather(ids.clone())?, Some(e))
+                (D::gather_rows(e.retaped::<T>(), &ids)?, Some(e))
             } else {
-                (e.try_gather(ids.clone())?, None)
+                (D::gather_rows(e, &ids)?, None)
             }
         } else {
-            let mut h = self
-                .embed
-                .tensor()?
-                .put_tape(tape)
-                .try_gather(ids.clone())?;
+            let mut h = D::gather_rows(self.embed.tensor()?.put_tape(tape), &ids)?;
             if let Some(proj) = &self.embed_proj {
                 h = dense(h, proj.weight.tensor()?, Some(proj.bias.tensor()))?;
             }
@@ -763,12 +709,8 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                 let c: T2<E, D, T> = self.cond(cond, &cb)?;
                 let (c, mut cond_tape) = act(self.cfg.mlp, c)?.split_tape();
                 // row-restricted: each carried row's sequence picks its modulation vector
-                let seq = match sel {
-                    Some(s) => Some(gather_ids(&self.dev, &s.seq)?),
-                    None => None,
-                };
-                let per_row = |x: T2<E, D, T>| match &seq {
-                    Some(ids) => x.try_gather(ids.clone()),
+                let per_row = |x: T2<E, D, T>| match sel {
+                    Some(s) => D::gather_rows(x, &s.seq),
                     None => Ok(x),
                 };
                 let last = blocks.len().saturating_sub(1);
@@ -786,12 +728,11 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                         Some(e) => {
                             let vt = e.shape().0;
                             let rep: Vec<usize> = (0..b).flat_map(|_| 0..vt).collect();
-                            let e = e.try_gather(gather_ids(&self.dev, &rep)?)?;
+                            let e = D::gather_rows(e, &rep)?;
                             let a_tab = D::modulate(D::layer_norm(e)?, sh_a, sc_a, b, vt)?;
                             let at: Vec<usize> = (batch.ids.iter().enumerate())
                                 .map(|(i, &id)| (i / n) * vt + id as usize)
                                 .collect();
-                            let at = gather_ids(&self.dev, &at)?;
                             self.attention_lookup(a_tab, &at, &blk.attn, rope, b, n)?
                         }
                         None => {
@@ -802,21 +743,21 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                                 // the last block at the selected rows only
                                 Some(s) => {
                                     let rows = s.flat.len();
-                                    let flat = gather_ids(&self.dev, &s.flat)?;
-                                    let seq = gather_ids(&self.dev, &s.seq)?;
-                                    let a = if s.ragged {
-                                        let a =
-                                            self.attention_at(a, &blk.attn, rope.0, &flat, (b, n))?;
-                                        dropout_at(a, next_mask(), &seq)?
-                                    } else {
-                                        self.attention_rows(a, &blk.attn, rope.0, s, (b, n))?
-                                    };
+                                    let a = self.attention_at(a, &blk.attn, rope.0, s, (b, n))?;
+                                    let a = dropout_at(a, next_mask(), &s.seq)?;
                                     let g_a = per_row(g_a)?;
-                                    h = D::gated_residual(h.try_gather(flat)?, a, g_a, rows, 1)?;
+                                    h = D::gated_residual(
+                                        D::gather_rows(h, &s.flat)?,
+                                        a,
+                                        g_a,
+                                        rows,
+                                        1,
+                                    )?;
                                     let f = D::layer_norm(h.retaped::<T>())?;
                                     let f =
                                         D::modulate(f, per_row(sh_m)?, per_row(sc_m)?, rows, 1)?;
-                                    let f = dropout_at(self.ffn(f, &blk.ffn)?, next_mask(), &seq)?;
+                                    let f =
+                                        dropout_at(self.ffn(f, &blk.ffn)?, next_mask(), &s.seq)?;
                                     h = D::gated_residual(h, f, per_row(g_m)?, rows, 1)?;
                                     break;
                                 }
@@ -861,17 +802,11 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     }
                     let a = D::rms_norm(h.retaped::<T>(), blk.norm.attn.tensor())?;
                     if let (Some(s), true) = (sel, l == last) {
-                        let flat = gather_ids(&self.dev, &s.flat)?;
-                        let seq = gather_ids(&self.dev, &s.seq)?;
-                        let a = if s.ragged {
-                            let a = self.attention_at(a, &blk.attn, rope.0, &flat, (b, n))?;
-                            dropout_at(a, next_mask(), &seq)?
-                        } else {
-                            self.attention_rows(a, &blk.attn, rope.0, s, (b, n))?
-                        };
-                        h = h.try_gather(flat)?.try_add(a)?;
+                        let a = self.attention_at(a, &blk.attn, rope.0, s, (b, n))?;
+                        let a = dropout_at(a, next_mask(), &s.seq)?;
+                        h = D::gather_rows(h, &s.flat)?.try_add(a)?;
                         let f = D::rms_norm(h.retaped::<T>(), blk.norm.mlp.tensor())?;
-                        let f = dropout_at(self.ffn(f, &blk.ffn)?, next_mask(), &seq)?;
+                        let f = dropout_at(self.ffn(f, &blk.ffn)?, next_mask(), &s.seq)?;
                         h = h.try_add(f)?;
                         break;
                     }
@@ -905,17 +840,16 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
     }
 }
 
-/// Row indices as a device tensor for `try_gather`.
 /// [`channel_dropout`] of ragged rows (b·n, d) → (rows, d): each row times its sequence's
 /// keep-mask (`seq`: the rows' sequences).
 fn dropout_at<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
     y: T2<E, D, T>,
     mask: Option<T2<E, D>>,
-    seq: &Tensor<(usize,), usize, D>,
+    seq: &[usize],
 ) -> Res<T2<E, D, T>, D> {
     match mask {
         None => Ok(y),
-        Some(m) => y.try_mul(m.try_gather(seq.clone())?),
+        Some(m) => y.try_mul(D::gather_rows(m, seq)?),
     }
 }
 
@@ -925,10 +859,9 @@ pub(crate) fn select_rows<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
     rows: &[usize],
 ) -> Result<T2<E, D, T>, NetworkError> {
     let (b, n, v) = *logits.shape();
-    let ids = gather_ids(logits.device(), rows).map_err(NetworkError::device)?;
     logits
         .try_reshape_like(&(b * n, v))
-        .and_then(|l| l.try_gather(ids))
+        .and_then(|l| D::gather_rows(l, rows))
         .map_err(NetworkError::device)
 }
 
@@ -949,13 +882,6 @@ pub(crate) fn check_rows(rows: &[usize], total: usize) -> Result<(), NetworkErro
         ))),
         _ => Ok(()),
     }
-}
-
-fn gather_ids<E: Elem, D: Kernels<E>>(
-    dev: &D,
-    ids: &[usize],
-) -> Res<Tensor<(usize,), usize, D>, D> {
-    dev.try_tensor_from_vec(ids.to_vec(), (ids.len(),))
 }
 
 /// `row − log Σ exp(row)` in place, shifted by the row's maximum (NaN or infinite logits give

@@ -19,7 +19,7 @@ use super::bf16::{gemm_bf16_serial, Mat};
 use super::isa::{multiversion, Level};
 use super::reduce;
 use super::storage::input;
-use super::tape::{backward as backward_op, fused, Backward, Forward};
+use super::tape::{backward as backward_op, fused, Backward, BackwardFn, Forward};
 use crate::layers::{Res, T2, T4};
 use crate::precision::{self, Precision};
 use crate::{BlockMask, Elem};
@@ -44,108 +44,87 @@ pub(crate) fn attention<E: Elem, T: Tape<E, Cpu>>(
         if let Some(m) = mask {
             assert_eq!(m.positions(), n, "block mask for another length");
         }
-        let dims = Dims {
-            b,
-            n,
-            h,
-            hd,
-            mask,
-            bf16: bf16_products::<E>(),
-        };
-        let (qv, kv, vv) = (input(&q), input(&k), input(&v));
-        let (o, lse) = forward(&qv, &kv, &vv, dims, records);
-        let (qg, kg, vg) = (q.ghost(), k.ghost(), v.ghost());
-        Ok(Forward {
-            shape: (b * n, h * hd),
-            data: o,
-            keep_output: false,
-            backward: backward_op(move |Backward { gy: go, grads, .. }| {
-                // accumulated straight into the three gradient buffers; raw pointers because
-                // q, k, v may be one tensor (then each task still updates its own blocks one
-                // after another). `as_mut_ptr` creates no reference to the elements, so each
-                // pointer stays valid while the store inserts the other entries (that moves
-                // Vec headers inside the map, never their heap buffers).
-                let gq = grads.get_or_alloc_mut(&qg)?.as_mut_ptr();
-                let gk = grads.get_or_alloc_mut(&kg)?.as_mut_ptr();
-                let gv = grads.get_or_alloc_mut(&vg)?.as_mut_ptr();
-                // SAFETY: each gradient buffer has b·n·h·hd initialised elements (the shapes
-                // of q, k, v), stays allocated during the call (the store is not touched
-                // meanwhile), and nothing else reads or writes it during the call.
-                unsafe { backward(&qv, &kv, &vv, &lse, &go, dims, (gq, gk, gv)) };
-                Ok(())
-            }),
-        })
+        let starts: Vec<usize> = (0..=b).map(|i| i * n).collect();
+        Ok(recorded(&q, &k, &v, ((b, n, h, hd), mask), starts, records))
     })
 }
 
-/// Inference-only attention at a few query rows: q (scaled) (b, r, h, hd) against k, v
-/// (b, n, h, hd) → o (b·r, h·hd), per (sequence, head) S = Q Kᵀ (r × n), the row softmax and
-/// O = P V with the same single-threaded products and softmax as [`forward`], so each row is
-/// what [`forward`] gives for that query.
-pub(crate) fn attention_rows<E: Elem>(
-    q: T4<E, Cpu>,
-    k: T4<E, Cpu>,
-    v: T4<E, Cpu>,
-) -> Res<T2<E, Cpu>, Cpu> {
-    let (b, r, h, hd) = *q.shape();
-    let n = k.shape().1;
-    assert!(
-        *k.shape() == (b, n, h, hd) && *v.shape() == (b, n, h, hd),
-        "attention_rows: k, v shapes differ from q's"
-    );
-    assert!(n > 0 || b * r == 0, "attention_rows: queries without keys");
-    let d = h * hd;
-    let (qv, kv, vv) = (input(&q), input(&k), input(&v));
-    let (qv, kv, vv): (&[E], &[E], &[E]) = (&qv, &kv, &vv);
-    assert!(qv.len() == b * r * d && kv.len() == b * n * d && vv.len() == b * n * d);
-    let mut o: Vec<E> = Vec::with_capacity(b * r * d);
-    if b * r * d > 0 {
-        let op = SendPtr(o.as_mut_ptr());
-        let level = super::isa::level();
-        let bf16 = bf16_products::<E>();
-        (0..b * h).into_par_iter().for_each(|task| {
-            let (bi, hi) = (task / h, task % h);
-            let (qt, kt) = ((bi * r * h + hi) * hd, (bi * n * h + hi) * hd);
-            let mut p: Vec<E> = Vec::with_capacity(r * n);
-            // SAFETY: bi < b, hi < h: the strided blocks end at qt + (r−1)·d + hd ≤ b·r·d
-            // (inside q and o) and kt + (n−1)·d + hd ≤ b·n·d (inside k and v), lengths asserted
-            // above and by `input`; gemm writes all r·n elements of the fresh scratch `p`
-            // without reading them, and this task's (bi, ·, hi, ·) block of o — disjoint from
-            // every other task's — without reading it; o is not otherwise accessed until all
-            // tasks have finished.
-            unsafe {
-                mm(
-                    bf16,
-                    (r, n, hd),
-                    p.as_mut_ptr(),
-                    (n, 1),
-                    false,
-                    qv.as_ptr().add(qt),
-                    (d, 1),
-                    kv.as_ptr().add(kt),
-                    (1, d),
-                );
-                p.set_len(r * n);
-                softmax_rows(level, &mut p, n, None);
-                mm(
-                    bf16,
-                    (r, hd, n),
-                    op.get().add(qt),
-                    (d, 1),
-                    false,
-                    p.as_ptr(),
-                    (n, 1),
-                    vv.as_ptr().add(kt),
-                    (d, 1),
-                );
-            }
-        });
+/// Attention for ragged query rows: q (scaled) (R, h·hd) holds the queries of sequence s in
+/// its rows `starts[s]..starts[s + 1]` (`starts`: b + 1 non-decreasing offsets from 0 to R),
+/// each attending to every key and value of its sequence, k, v (b, n, h, hd) → o (R, h·hd),
+/// with the tape: per (sequence, head) S = Q Kᵀ (r × n), so the products, the softmax and their
+/// backward passes cost r/n of the full op's (the training loss's last block, whose outputs
+/// are read at the masked positions only). Row for row what [`attention`] gives at those queries.
+pub(crate) fn attention_ragged<E: Elem, T: Tape<E, Cpu>>(
+    q: T2<E, Cpu, T>,
+    k: T4<E, Cpu, T>,
+    v: T4<E, Cpu, T>,
+    starts: &[usize],
+) -> Res<T2<E, Cpu, T>, Cpu> {
+    let starts = starts.to_vec();
+    fused((q, k, v), move |(q, k, v), records| {
+        let (b, n, h, hd) = *k.shape();
+        let rows = q.shape().0;
+        assert!(
+            *v.shape() == (b, n, h, hd) && q.shape().1 == h * hd,
+            "ragged attention: q, k, v shapes differ"
+        );
+        assert!(
+            starts.len() == b + 1 && starts[b] == rows,
+            "ragged attention: starts do not span q's rows"
+        );
+        Ok(recorded(&q, &k, &v, ((b, n, h, hd), None), starts, records))
+    })
+}
+
+/// The forward pass of [`attention`] and [`attention_ragged`] on q (R, h, hd) and k, v
+/// (b, n, h, hd), with the query rows' per-sequence offsets `starts` and the block mask if
+/// any, and its backward pass.
+fn recorded<E: Elem, Q: Shape, K: Shape>(
+    q: &Tensor<Q, E, Cpu>,
+    k: &Tensor<K, E, Cpu>,
+    v: &Tensor<K, E, Cpu>,
+    ((b, n, h, hd), mask): ((usize, usize, usize, usize), Option<BlockMask>),
+    starts: Vec<usize>,
+    records: bool,
+) -> Forward<(usize, usize), E, impl BackwardFn<E>> {
+    let dims = Dims {
+        b,
+        n,
+        h,
+        hd,
+        mask,
+        bf16: bf16_products::<E>(),
+    };
+    let (qv, kv, vv) = (input(q), input(k), input(v));
+    let (o, lse) = forward(&qv, &kv, &vv, dims, &starts, records);
+    let full = starts.iter().enumerate().all(|(i, &s)| s == i * dims.n);
+    let (qg, kg, vg) = (q.ghost(), k.ghost(), v.ghost());
+    Forward {
+        shape: (starts[dims.b], dims.d()),
+        data: o,
+        keep_output: false,
+        backward: backward_op(move |Backward { gy: go, grads, .. }| {
+            // accumulated straight into the three gradient buffers; raw pointers because q, k,
+            // v may be one tensor (then each task still updates its own blocks one after
+            // another). `as_mut_ptr` creates no reference to the elements, so each pointer
+            // stays valid while the store inserts the other entries (that moves Vec headers
+            // inside the map, never their heap buffers).
+            let gq = grads.get_or_alloc_mut(&qg)?.as_mut_ptr();
+            let gk = grads.get_or_alloc_mut(&kg)?.as_mut_ptr();
+            let gv = grads.get_or_alloc_mut(&vg)?.as_mut_ptr();
+            assert!(
+                full || (gq != gk && gq != gv),
+                "attention: ragged queries share the keys' or values' gradient"
+            );
+            // SAFETY: gq has R·h·hd and gk, gv b·n·h·hd initialised elements (the shapes of
+            // q, k, v), stay allocated during the call (the store is not touched meanwhile),
+            // and nothing else accesses them during the call; gq coincides with gk or gv only
+            // where every position's query is given (asserted), as `backward` allows.
+            unsafe { backward(&qv, &kv, &vv, &lse, &go, dims, &starts, (gq, gk, gv)) };
+            Ok(())
+        }),
     }
-    // SAFETY: the tasks' (bi, ·, hi, ·) blocks tile the b·r·d elements of o (none when it is
-    // empty) and each wrote all of its block.
-    unsafe { o.set_len(b * r * d) };
-    let dev = q.device().clone();
-    Ok(super::storage::output(&dev, o, (b * r, d))?.0)
 }
 
 /// A raw pointer that may cross threads: tasks write disjoint (sequence, head) blocks.
@@ -338,11 +317,41 @@ impl Dims {
     fn d(&self) -> usize {
         self.h * self.hd
     }
-    /// Offset of block (bi, hi) in a (b, n, h, hd) tensor.
+    /// Offset of block (bi, hi) in a (b, n, h, hd) tensor (the task's keys and values).
     fn tok(&self, task: usize) -> usize {
         let (bi, hi) = (task / self.h, task % self.h);
         (bi * self.n * self.h + hi) * self.hd
     }
+    /// The task's queries given the query rows' per-sequence offsets `starts` (b + 1): the
+    /// offset of its first (row, head) element in q (R, h·hd), its row count r, and the start
+    /// of its r log-sum-exps in the (R·h) lse buffer (each sequence's rows head after head).
+    fn queries(&self, task: usize, starts: &[usize]) -> (usize, usize, usize) {
+        let (bi, hi) = (task / self.h, task % self.h);
+        let (q0, r) = (starts[bi], starts[bi + 1] - starts[bi]);
+        ((q0 * self.h + hi) * self.hd, r, q0 * self.h + hi * r)
+    }
+}
+
+/// Checks `starts` (b + 1 non-decreasing offsets from 0) against q's and the keys' lengths and
+/// returns the number of query rows R; a block mask requires every position's query (R = b·n,
+/// row i of a task is position i).
+fn check_starts(dims: &Dims, starts: &[usize], q_len: usize, kv_len: usize) -> usize {
+    let (b, n, d) = (dims.b, dims.n, dims.d());
+    assert!(
+        starts.len() == b + 1 && starts[0] == 0 && starts.windows(2).all(|w| w[0] <= w[1]),
+        "attention query offsets are not b + 1 non-decreasing offsets from 0"
+    );
+    let rows = starts[b];
+    assert!(
+        q_len == rows * d && kv_len == b * n * d,
+        "attention inputs are not (R, h·hd) queries and (b, n, h, hd) keys"
+    );
+    assert!(n > 0 || rows == 0, "attention queries without keys");
+    assert!(
+        dims.mask.is_none() || starts.iter().enumerate().all(|(i, &s)| s == i * n),
+        "block-masked attention needs every position's query"
+    );
+    rows
 }
 
 /// Sets the scores of the keys each query may not see to −∞ (row i keeps `mask.key_ranges(i)`).
@@ -357,119 +366,118 @@ fn apply_mask<E: Elem>(s: &mut [E], n: usize, mask: &BlockMask) {
     }
 }
 
-/// The (sequence, head) task's scores S = Q Kᵀ (n × n, row-major; q already scaled) for the
-/// task whose first element is at offset `t` of q and k, masked when `dims.mask` is set.
-fn scores<E: Elem>(q: &[E], k: &[E], t: usize, dims: Dims) -> Vec<E> {
-    let mut s = unmasked_scores(q, k, t, dims);
-    if let Some(m) = &dims.mask {
-        apply_mask(&mut s, dims.n, m);
-    }
-    s
-}
-
-fn unmasked_scores<E: Elem>(q: &[E], k: &[E], t: usize, dims: Dims) -> Vec<E> {
+/// A task's scores S = Q Kᵀ (r × n, row-major; q already scaled): its r query rows from offset
+/// `qt` of q, its keys from offset `kt` of k, masked when `dims.mask` is set (then r = n).
+fn scores<E: Elem>(q: &[E], k: &[E], (qt, r): (usize, usize), kt: usize, dims: Dims) -> Vec<E> {
     let (n, d, hd) = (dims.n, dims.d(), dims.hd);
-    if n == 0 {
+    if n == 0 || r == 0 {
         return Vec::new();
     }
     assert!(
-        t + (n - 1) * d + hd <= q.len().min(k.len()),
+        qt + (r - 1) * d + hd <= q.len() && kt + (n - 1) * d + hd <= k.len(),
         "attention block out of range"
     );
-    let mut s: Vec<E> = Vec::with_capacity(n * n);
-    // SAFETY: the block is inside q and k (checked above); gemm writes all n·n outputs of the
+    let mut s: Vec<E> = Vec::with_capacity(r * n);
+    // SAFETY: the blocks are inside q and k (checked above); gemm writes all r·n outputs of the
     // fresh scratch without reading it.
     unsafe {
         mm(
             dims.bf16,
-            (n, n, hd),
+            (r, n, hd),
             s.as_mut_ptr(),
             (n, 1),
             false,
-            q.as_ptr().add(t),
+            q.as_ptr().add(qt),
             (d, 1),
-            k.as_ptr().add(t),
+            k.as_ptr().add(kt),
             (1, d),
         );
-        s.set_len(n * n);
+        s.set_len(r * n);
+    }
+    if let Some(m) = &dims.mask {
+        apply_mask(&mut s, n, m);
     }
     s
 }
 
-/// Forward: q, k, v (b, n, h, hd) → (o (b, n, h, hd), lse (b, h, n)). The probabilities P live
-/// only in a per-task n×n scratch; for the backward pass (`keep_lse`) only each row's
-/// log Σ exp is kept and P is recomputed from Q, K and it (as FlashAttention does), so the
-/// memory held per layer is linear in n instead of b·h·n² (and no buffer of that size is
-/// allocated, page-faulted and freed every step). Without `keep_lse` (inference) `lse` is empty.
+/// Forward: q (R, h, hd) — sequence s's queries in rows `starts[s]..starts[s + 1]`; every
+/// position's (R = b·n) in the full op — and k, v (b, n, h, hd) → (o (R, h, hd), lse (R·h)).
+/// The probabilities P live only in a per-task r×n scratch; for the backward pass
+/// (`keep_lse`) only each row's log Σ exp is kept and P is recomputed from Q, K and it (as
+/// FlashAttention does), so the memory held per layer is linear in n instead of b·h·n² (and no
+/// buffer of that size is allocated, page-faulted and freed every step). Without `keep_lse`
+/// (inference) `lse` is empty.
 pub(crate) fn forward<E: Elem>(
     q: &[E],
     k: &[E],
     v: &[E],
     dims: Dims,
+    starts: &[usize],
     keep_lse: bool,
 ) -> (Vec<E>, Vec<E>) {
-    let Dims { b, n, h, .. } = dims;
-    let (d, hd) = (dims.d(), dims.hd);
-    let len = b * n * d;
-    assert!(
-        q.len() == len && k.len() == len && v.len() == len,
-        "attention inputs are not (b, n, h, hd)"
+    assert_eq!(
+        k.len(),
+        v.len(),
+        "attention keys and values differ in length"
     );
-    let tasks = b * h;
-    if len == 0 {
-        let lse = if keep_lse {
-            vec![E::zero(); tasks * n]
-        } else {
-            Vec::new()
-        };
-        return (Vec::new(), lse);
-    }
+    let rows = check_starts(&dims, starts, q.len(), k.len());
+    let (d, n, tasks) = (dims.d(), dims.n, dims.b * dims.h);
     let mut lse = if keep_lse {
-        vec![E::zero(); tasks * n]
+        vec![E::zero(); rows * dims.h]
     } else {
         Vec::new()
     };
-    // every task overwrites its (bi, ·, hi, ·) block of o, and the blocks tile o: no zeroing
-    let mut o: Vec<E> = Vec::with_capacity(b * n * d);
+    if rows * d == 0 {
+        return (Vec::new(), lse);
+    }
+    // every task overwrites its (sequence's rows, head) block of o, and the blocks tile o: no
+    // zeroing
+    let mut o: Vec<E> = Vec::with_capacity(rows * d);
     let op = SendPtr(o.as_mut_ptr());
     let lp = SendPtr(lse.as_mut_ptr());
     let level = super::isa::level();
     (0..tasks).into_par_iter().for_each(|task| {
-        let t = dims.tok(task);
-        let mut p = scores(q, k, t, dims);
-        // SAFETY: with bi < b, hi < h the task's block ends at t + (n−1)·d + hd ≤ b·n·d, so every
-        // offset stays inside v (asserted to hold b·n·d elements) and o (capacity b·n·d);
-        // each task writes only its own n entries of lse (initialised, disjoint across tasks)
-        // and its own block of o (gemm without `read_dst` writes it without reading it), and
-        // `o` and `lse` are not otherwise accessed until all tasks have finished.
+        let (qt, r, l0) = dims.queries(task, starts);
+        if r == 0 {
+            return;
+        }
+        let kt = dims.tok(task);
+        let mut p = scores(q, k, (qt, r), kt, dims);
+        // SAFETY: the task's query block ends at qt + (r−1)·d + hd ≤ R·d (inside q and o's
+        // capacity) and its key block at kt + (n−1)·d + hd ≤ b·n·d (inside v, as long as k);
+        // each task writes only its own r entries of lse (initialised, disjoint across tasks:
+        // sequence s's rows head after head) and its own block of o (gemm without `read_dst`
+        // writes it without reading it), and `o` and `lse` are not otherwise accessed until
+        // all tasks have finished.
         unsafe {
-            let l = keep_lse.then(|| std::slice::from_raw_parts_mut(lp.get().add(task * n), n));
+            let l = keep_lse.then(|| std::slice::from_raw_parts_mut(lp.get().add(l0), r));
             softmax_rows(level, &mut p, n, l);
             mm(
                 dims.bf16,
-                (n, hd, n),
-                op.get().add(t),
+                (r, dims.hd, n),
+                op.get().add(qt),
                 (d, 1),
                 false,
                 p.as_ptr(),
                 (n, 1),
-                v.as_ptr().add(t),
+                v.as_ptr().add(kt),
                 (d, 1),
             );
         }
     });
-    // SAFETY: the tasks' (bi, ·, hi, ·) blocks tile the b·n·d elements of o, and each task
-    // wrote all of its block.
-    unsafe { o.set_len(len) };
+    // SAFETY: the tasks' (sequence's rows, head) blocks tile the R·d elements of o, and each
+    // task wrote all of its block.
+    unsafe { o.set_len(rows * d) };
     (o, lse)
 }
 
-/// Backward: given dO and the forward's log Σ exp per row, adds dQ, dK, dV (each
-/// (b, n, h, hd)) into `gq`, `gk`, `gv`. P = exp(Q Kᵀ − lse) is recomputed per task.
+/// Backward: given dO (R, h, hd) and the forward's log Σ exp per row, adds dQ (R, h, hd) and
+/// dK, dV (b, n, h, hd) into `gq`, `gk`, `gv`. P = exp(Q Kᵀ − lse) is recomputed per task.
 ///
 /// # Safety
-/// Each gradient pointer must address b·n·h·hd initialised elements that nothing else
-/// accesses during the call; they may coincide (each task updates its own blocks serially).
+/// `gq` must address R·h·hd and `gk`, `gv` b·n·h·hd initialised elements that nothing else
+/// accesses during the call; they may coincide only where the queries are every position's
+/// (R = b·n, as in [`attention`]: each task then updates its own blocks serially).
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn backward<E: Elem>(
     q: &[E],
@@ -478,79 +486,85 @@ pub(crate) unsafe fn backward<E: Elem>(
     lse: &[E],
     go: &[E],
     dims: Dims,
+    starts: &[usize],
     (gq, gk, gv): (*mut E, *mut E, *mut E),
 ) {
-    let Dims { b, n, h, .. } = dims;
-    let (d, hd) = (dims.d(), dims.hd);
-    let len = b * n * d;
     assert!(
-        [q.len(), k.len(), v.len(), go.len()] == [len; 4] && lse.len() == b * h * n,
+        k.len() == v.len() && go.len() == q.len(),
         "attention backward shapes"
     );
-    if len == 0 {
+    let rows = check_starts(&dims, starts, q.len(), k.len());
+    let (d, hd, n) = (dims.d(), dims.hd, dims.n);
+    assert_eq!(lse.len(), rows * dims.h, "attention backward lse length");
+    if rows * d == 0 {
         return;
     }
     let (pq, pk, pv) = (SendPtr(gq), SendPtr(gk), SendPtr(gv));
     let level = super::isa::level();
-    (0..b * h).into_par_iter().for_each(|task| {
-        let t = dims.tok(task);
-        let l = &lse[task * n..(task + 1) * n];
+    (0..dims.b * dims.h).into_par_iter().for_each(|task| {
+        let (qt, r, l0) = dims.queries(task, starts);
+        if r == 0 {
+            return;
+        }
+        let kt = dims.tok(task);
+        let l = &lse[l0..l0 + r];
         // S = Q Kᵀ (P = exp(S − lse) below)
-        let mut p = scores(q, k, t, dims);
-        let mut ds: Vec<E> = Vec::with_capacity(n * n);
-        // SAFETY: offsets stay inside q, k, v, dO and the gradient buffers (all b·n·h·hd
-        // elements; bounds as in `forward`); each task reads and writes only its own
-        // (bi, ·, hi, ·) blocks of gq/gk/gv (when the pointers coincide, its three products
-        // touch the same block one after another, never concurrently) and its private
-        // scratch, and `ds` is written in full by the first product before it is read.
+        let mut p = scores(q, k, (qt, r), kt, dims);
+        let mut ds: Vec<E> = Vec::with_capacity(r * n);
+        // SAFETY: offsets stay inside q, dO and gq (R·h·hd elements) and k, v, gk, gv
+        // (b·n·h·hd; bounds as in `forward`); each task reads and writes only its own
+        // (sequence's rows, head) block of gq and (sequence, head) blocks of gk/gv (when the
+        // pointers coincide, R = b·n and these are one block, which its three products touch
+        // one after another, never concurrently) and its private scratch, and `ds` is written
+        // in full by the first product before it is read.
         unsafe {
             // dP = dO Vᵀ
             mm(
                 dims.bf16,
-                (n, n, hd),
+                (r, n, hd),
                 ds.as_mut_ptr(),
                 (n, 1),
                 false,
-                go.as_ptr().add(t),
+                go.as_ptr().add(qt),
                 (d, 1),
-                v.as_ptr().add(t),
+                v.as_ptr().add(kt),
                 (1, d),
             );
-            ds.set_len(n * n);
+            ds.set_len(r * n);
             // P = exp(S − lse); dS = P ⊙ (dP − rowsum(dP ⊙ P))
             softmax_grad_rows(level, &mut p, &mut ds, l, n);
             // dV += Pᵀ dO, dQ += dS K, dK += dSᵀ Q
             mm(
                 dims.bf16,
-                (n, hd, n),
-                pv.get().add(t),
+                (n, hd, r),
+                pv.get().add(kt),
                 (d, 1),
                 true,
                 p.as_ptr(),
                 (1, n),
-                go.as_ptr().add(t),
+                go.as_ptr().add(qt),
                 (d, 1),
             );
             mm(
                 dims.bf16,
-                (n, hd, n),
-                pq.get().add(t),
+                (r, hd, n),
+                pq.get().add(qt),
                 (d, 1),
                 true,
                 ds.as_ptr(),
                 (n, 1),
-                k.as_ptr().add(t),
+                k.as_ptr().add(kt),
                 (d, 1),
             );
             mm(
                 dims.bf16,
-                (n, hd, n),
-                pk.get().add(t),
+                (n, hd, r),
+                pk.get().add(kt),
                 (d, 1),
                 true,
                 ds.as_ptr(),
                 (1, n),
-                q.as_ptr().add(t),
+                q.as_ptr().add(qt),
                 (d, 1),
             );
         }
@@ -1010,12 +1024,104 @@ mod tests {
         });
     }
 
-    /// `attention_rows` at a few query rows gives the rows of the full attention at those
-    /// queries: bit for bit at bf16 (each element of the bf16 products depends on its own row
-    /// and column only), within f32 tolerance at f32 (gemm's blocking may depend on the shape);
-    /// and the bf16 rows differ from the f32 ones.
+    /// Ragged attention — the CPU kernel and the trait's generic default (queries padded to
+    /// the longest sequence, dfdx's products) — against the full op's rows: sequences with
+    /// several, one and no queries, queries out of position order and repeated. Values are the
+    /// full op's rows; the key and value gradients of Σ R ⊙ o equal the full op's with R
+    /// scattered to the picked rows (a repeated row's weights summed) and 0 elsewhere, and so
+    /// do the query gradients summed per position. f64 to 1e-12, with and without the tape.
     #[test]
-    fn attention_rows_are_the_full_rows_at_both_precisions() {
+    fn ragged_attention_is_the_full_rows_with_their_gradients() {
+        each_path(|dev, rng| {
+            let (b, n, h, hd) = (3, 9, 2, 4);
+            let d = h * hd;
+            let picks: [&[usize]; 3] = [&[7, 0, 4, 4], &[], &[8]];
+            let starts: Vec<usize> = std::iter::once(0)
+                .chain(picks.iter().scan(0, |acc, p| {
+                    *acc += p.len();
+                    Some(*acc)
+                }))
+                .collect();
+            let flat: Vec<usize> = (picks.iter().enumerate())
+                .flat_map(|(bi, p)| p.iter().map(move |&i| bi * n + i))
+                .collect();
+            let rows = flat.len();
+            let s4 = (b, n, h, hd);
+            let (qs, ks, vs) = (
+                rand_vec(rng, b * n * d),
+                rand_vec(rng, b * n * d),
+                rand_vec(rng, b * n * d),
+            );
+            let q4: T4<f64, Cpu> = tensor(dev, qs.clone(), s4);
+            let (k4, v4): (T4<f64, Cpu>, T4<f64, Cpu>) = (tensor(dev, ks, s4), tensor(dev, vs, s4));
+            let qr: T2<f64, Cpu> = tensor(
+                dev,
+                flat.iter()
+                    .flat_map(|&f| qs[f * d..(f + 1) * d].to_vec())
+                    .collect(),
+                (rows, d),
+            );
+            let r = rand_vec(rng, rows * d);
+            let mut r_full = vec![0.0; b * n * d];
+            for (i, &f) in flat.iter().enumerate() {
+                for c in 0..d {
+                    r_full[f * d + c] += r[i * d + c];
+                }
+            }
+            let (full, gf) = grads(
+                <Cpu as Kernels<f64>>::attention(
+                    q4.leaky_trace(),
+                    k4.leaky_trace(),
+                    v4.leaky_trace(),
+                )
+                .unwrap(),
+                &r_full,
+            );
+            let (gfq, gfk, gfv) = (
+                gf.get(&q4).as_vec(),
+                gf.get(&k4).as_vec(),
+                gf.get(&v4).as_vec(),
+            );
+            let ragged = |generic: bool| {
+                let (q, k, v) = (qr.leaky_trace(), k4.leaky_trace(), v4.leaky_trace());
+                let o = if generic {
+                    super::super::padded_ragged_attention(q, k, v, &starts)
+                } else {
+                    <Cpu as Kernels<f64>>::attention_ragged(q, k, v, &starts)
+                };
+                let plain = <Cpu as Kernels<f64>>::attention_ragged(
+                    qr.clone(),
+                    k4.clone(),
+                    v4.clone(),
+                    &starts,
+                );
+                (grads(o.unwrap(), &r), plain.unwrap().as_vec())
+            };
+            for generic in [false, true] {
+                let ((o, g), plain) = ragged(generic);
+                let what = if generic { "generic" } else { "cpu" };
+                close(&plain, &o, "ragged attention without tape");
+                let gq = g.get(&qr).as_vec();
+                // a position picked twice: the full op's dq there is the sum of both rows'
+                let mut gq_full = vec![0.0; b * n * d];
+                for (i, &f) in flat.iter().enumerate() {
+                    close(&o[i * d..(i + 1) * d], &full[f * d..(f + 1) * d], what);
+                    for c in 0..d {
+                        gq_full[f * d + c] += gq[i * d + c];
+                    }
+                }
+                close(&gq_full, &gfq, "dq");
+                close(&g.get(&k4).as_vec(), &gfk, "dk");
+                close(&g.get(&v4).as_vec(), &gfv, "dv");
+            }
+        });
+    }
+
+    /// The ragged kernel's products at bf16 precision are the full op's bit for bit at the
+    /// picked rows (each element of the bf16 products depends on its own row and column only),
+    /// and differ from the f32 ones.
+    #[test]
+    fn ragged_attention_rows_are_the_full_rows_at_bf16() {
         use crate::precision::{with_precision, Precision};
         each_path(|dev, rng| {
             let (b, n, h, hd) = (2, 37, 2, 20);
@@ -1037,13 +1143,18 @@ mod tests {
                 tensor(dev, ks, s4),
                 tensor(dev, vs, s4),
             );
-            let q_rows: T4<f32, Cpu> = tensor(dev, qr, (b, rn, h, hd));
+            let q_rows: T2<f32, Cpu> = tensor(dev, qr, (b * rn, d));
+            let starts: Vec<usize> = (0..=b).map(|i| i * rn).collect();
             let mut per_precision = Vec::new();
             for p in Precision::ALL {
                 let (full, rows) = with_precision(p, || {
                     let full = <Cpu as Kernels<f32>>::attention(q.clone(), k.clone(), v.clone());
-                    let rows =
-                        <Cpu as Kernels<f32>>::attention_rows(q_rows.clone(), k.clone(), v.clone());
+                    let rows = <Cpu as Kernels<f32>>::attention_ragged(
+                        q_rows.clone(),
+                        k.clone(),
+                        v.clone(),
+                        &starts,
+                    );
                     (full.unwrap().as_vec(), rows.unwrap().as_vec())
                 });
                 for bi in 0..b {

@@ -51,6 +51,26 @@ fn sigmoid_gate<E: Elem, T: Tape<E, Cpu>>(
             data: y,
             keep_output: false,
             backward: backward(move |Backward { gy, grads, .. }| {
+                let gu_ptr = grads.get_or_alloc_mut(&ug)?.as_mut_ptr();
+                let ga = grads.get_or_alloc_mut(&ag)?;
+                if ga.as_mut_ptr() != gu_ptr {
+                    // SAFETY: gu_ptr is u's gradient buffer in the store, of u's (= a's) length,
+                    // initialised; fetching a's entry inserted into the map but moves no
+                    // buffer, and a's buffer is a different allocation (checked), so this
+                    // slice and `ga` do not overlap; nothing else touches either until the
+                    // sweep below ends.
+                    let gu = unsafe { std::slice::from_raw_parts_mut(gu_ptr, ga.len()) };
+                    // both gradients in one sweep, σ computed once per element
+                    ga.par_chunks_mut(cr)
+                        .zip(gu.par_chunks_mut(cr))
+                        .zip(gy.par_chunks(cr))
+                        .zip(av.par_chunks(cr).zip(uv.par_chunks(cr)))
+                        .for_each(|(((ga, gu), gy), (av, uv))| {
+                            gate_grads(lv, swish, ga, gu, gy, av, uv)
+                        });
+                    return Ok(());
+                }
+                // a and u are one tensor: its gradient takes the two terms one after the other
                 let gu = grads.get_or_alloc_mut(&ug)?;
                 gu.par_chunks_mut(cr)
                     .zip(gy.par_chunks(cr))
@@ -74,44 +94,80 @@ fn sigmoid<E: Elem>(x: E) -> E {
     E::one() / (E::one() + (-x).fast_exp())
 }
 
-/// y = σ(a)·u or a·σ(a)·u, element by element.
+/// act(x) and act'(x), σ computed once: (σ, σ(1 − σ)) for GLU, (x·σ, σ(1 + x(1 − σ))) for
+/// SwiGLU. Every gate pass below takes its values from here, so they agree bit for bit.
+#[inline(always)]
+fn act_grad<E: Elem>(swish: bool, x: E) -> (E, E) {
+    let s = sigmoid(x);
+    if swish {
+        (x * s, s * (E::one() + x * (E::one() - s)))
+    } else {
+        (s, s * (E::one() - s))
+    }
+}
+
+/// y = act(a)·u, element by element.
 #[inline(always)]
 fn gate_body<E: Elem>(swish: bool, y: &mut [E], a: &[E], u: &[E]) {
     for ((y, &x), &u) in y.iter_mut().zip(a).zip(u) {
-        let s = sigmoid(x);
-        *y = if swish { x * s * u } else { s * u };
+        *y = act_grad(swish, x).0 * u;
     }
 }
-multiversion!(fn gate<E: Elem>(swish: bool, y: &mut [E], a: &[E], u: &[E]) => gate_body);
+multiversion!(pub(super) fn gate<E: Elem>(swish: bool, y: &mut [E], a: &[E], u: &[E]) => gate_body);
 
 /// gu += gy·act(a).
 #[inline(always)]
 fn gate_grad_u_body<E: Elem>(swish: bool, gu: &mut [E], gy: &[E], a: &[E]) {
     for ((gu, &g), &x) in gu.iter_mut().zip(gy).zip(a) {
-        let s = sigmoid(x);
-        *gu += if swish { g * x * s } else { g * s };
+        *gu += g * act_grad(swish, x).0;
     }
 }
 multiversion!(
     fn gate_grad_u<E: Elem>(swish: bool, gu: &mut [E], gy: &[E], a: &[E]) => gate_grad_u_body
 );
 
-/// ga += gy·u·act'(a): act' = σ(1 − σ) (GLU) or σ(1 + a(1 − σ)) (SwiGLU).
+/// ga += gy·u·act'(a).
 #[inline(always)]
 fn gate_grad_a_body<E: Elem>(swish: bool, ga: &mut [E], gy: &[E], a: &[E], u: &[E]) {
     for (((ga, &g), &x), &u) in ga.iter_mut().zip(gy).zip(a).zip(u) {
-        let s = sigmoid(x);
-        let d = if swish {
-            s * (E::one() + x * (E::one() - s))
-        } else {
-            s * (E::one() - s)
-        };
-        *ga += g * u * d;
+        *ga += g * u * act_grad(swish, x).1;
     }
 }
 multiversion!(
     fn gate_grad_a<E: Elem>(swish: bool, ga: &mut [E], gy: &[E], a: &[E], u: &[E])
         => gate_grad_a_body
+);
+
+/// [`gate_grad_u_body`] and [`gate_grad_a_body`] in one sweep (the same operations per
+/// element, so the same bits).
+#[inline(always)]
+fn gate_grads_body<E: Elem>(swish: bool, ga: &mut [E], gu: &mut [E], gy: &[E], a: &[E], u: &[E]) {
+    for ((((ga, gu), &g), &x), &u) in ga.iter_mut().zip(gu).zip(gy).zip(a).zip(u) {
+        let (act, d) = act_grad(swish, x);
+        *gu += g * act;
+        *ga += g * u * d;
+    }
+}
+multiversion!(
+    fn gate_grads<E: Elem>(swish: bool, ga: &mut [E], gu: &mut [E], gy: &[E], a: &[E], u: &[E])
+        => gate_grads_body
+);
+
+/// The gate's backward pass in place, for [`super::ffn`]: `ga` holds dG on entry and
+/// dA = dG·u·act'(a) on exit, `gu` holds u on entry and dU = dG·act(a) on exit — the operations
+/// of [`gate_grads_body`] on zeroed gradients.
+#[inline(always)]
+fn gate_grads_in_place_body<E: Elem>(swish: bool, ga: &mut [E], gu: &mut [E], a: &[E]) {
+    for ((ga, gu), &x) in ga.iter_mut().zip(gu).zip(a) {
+        let (g, u) = (*ga, *gu);
+        let (act, d) = act_grad(swish, x);
+        *gu = g * act;
+        *ga = g * u * d;
+    }
+}
+multiversion!(
+    pub(super) fn gate_grads_in_place<E: Elem>(swish: bool, ga: &mut [E], gu: &mut [E], a: &[E])
+        => gate_grads_in_place_body
 );
 
 /// Softmax over the last axis (rows of length d); the backward pass reads the output.
@@ -416,7 +472,7 @@ fn add_into<E: Elem>(dst: &mut [E], src: &[E]) {
 fn add_slice_body<E: Elem>(dst: &mut [E], src: &[E]) {
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
 }
-multiversion!(fn add_slice<E: Elem>(dst: &mut [E], src: &[E]) => add_slice_body);
+multiversion!(pub(super) fn add_slice<E: Elem>(dst: &mut [E], src: &[E]) => add_slice_body);
 
 /// `dst += src ⊙ (1 + vec)` (`one_plus`, the adaLN scale's input gradient) or `dst += src ⊙
 /// vec` elementwise over (b·n, d) rows, `vec` being the row's sequence's entry of the
@@ -606,6 +662,22 @@ mod tests {
                 close(&fa, &fb, "glu");
                 close(&ga.get(&x).as_vec(), &gb.get(&x).as_vec(), "glu da");
                 close(&ga.get(&u).as_vec(), &gb.get(&u).as_vec(), "glu du");
+                // one tensor as a and u (one gradient buffer): the sum of both roles'
+                let (fa, ga) = grads(
+                    <Cpu as Kernels<f64>>::glu(kind, x.leaky_trace(), x.leaky_trace()).unwrap(),
+                    &r,
+                );
+                let x2 = dev.tensor_from_vec(x.as_vec(), (B * N, D));
+                let (fb, gb) = grads(
+                    layers::act(kind, x.leaky_trace()).unwrap() * x2.leaky_trace(),
+                    &r,
+                );
+                close(&fa, &fb, "glu(x, x)");
+                let sum: Vec<f64> = (gb.get(&x).as_vec().iter())
+                    .zip(gb.get(&x2).as_vec())
+                    .map(|(a, b)| a + b)
+                    .collect();
+                close(&ga.get(&x).as_vec(), &sum, "glu(x, x) dx");
             }
         });
     }

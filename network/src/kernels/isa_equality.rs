@@ -47,6 +47,29 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
         push("glu du", g.get(&u).as_vec());
     }
 
+    // the one-op FFN (its in-place gate backward)
+    let xf = t2(&mut rng, (B * N, D), 2.0);
+    let (w1, w3, w2) = (
+        t2(&mut rng, (D, HIDDEN), 1.0),
+        t2(&mut rng, (D, HIDDEN), 1.0),
+        t2(&mut rng, (HIDDEN, D), 1.0),
+    );
+    let rf = rand32(&mut rng, B * N * D, 1.0);
+    for kind in [MlpKind::Glu, MlpKind::Swiglu] {
+        let w = (w1.clone(), w3.clone(), w2.clone());
+        let y = <K as Kernels<f32>>::ffn(kind, xf.leaky_trace(), w).unwrap();
+        let (f, g) = grads32(y, &rf);
+        push("ffn", f);
+        for (t, name) in [
+            (&xf, "ffn dx"),
+            (&w1, "ffn dw1"),
+            (&w3, "ffn dw3"),
+            (&w2, "ffn dw2"),
+        ] {
+            push(name, g.get(t).as_vec());
+        }
+    }
+
     // row norms, modulation, gated residual
     let x = t2(&mut rng, (B * N, D), 2.0);
     let sh = t2(&mut rng, (B, D), 1.0);
@@ -99,7 +122,7 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
         push(name, g.get(t).as_vec());
     }
     // bf16 products: the AVX512-BF16 microkernel (at avx512 where the CPU has it) against the
-    // portable loop, unmasked and block-masked, with the rows entry point
+    // portable loop, unmasked and block-masked, and ragged queries
     let mask = crate::BlockMask::new(N / 2, 4).unwrap();
     let n2 = 2 * (N / 2);
     let s2 = (B, n2, H, HD);
@@ -132,8 +155,21 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
         ] {
             push(name, g.get(t).as_vec());
         }
-        let rows = <K as Kernels<f32>>::attention_rows(qm.clone(), k.clone(), v.clone()).unwrap();
-        push("bf16 attention rows", rows.as_vec());
+        // ragged queries: 3 rows of sequence 0, none of sequence 1
+        let qr = t2(&mut rng, (3, D), 1.5);
+        let rr = rand32(&mut rng, 3 * D, 1.0);
+        let o = <K as Kernels<f32>>::attention_ragged(
+            qr.leaky_trace(),
+            k.leaky_trace(),
+            v.leaky_trace(),
+            &[0, 3, 3],
+        )
+        .unwrap();
+        let (f, g) = grads32(o, &rr);
+        push("bf16 ragged attention", f);
+        push("bf16 ragged dq", g.get(&qr).as_vec());
+        push("bf16 ragged dk", g.get(&k).as_vec());
+        push("bf16 ragged dv", g.get(&v).as_vec());
     });
 
     // 3×3 convolution and GroupNorm (ragged channel counts, an image over several row tasks)

@@ -2,9 +2,11 @@
 //! from dfdx's generic ops (used on CUDA); the CPU implements them as single-pass,
 //! multi-threaded kernels with hand-written backward passes: matrix products ([`matmul`]: gemm
 //! 0.19, whose AVX-512 kernels are ~2.8× faster than dfdx's gemm 0.15), attention per
-//! (sequence, head) ([`attention`]), LayerNorm without affine and RMSNorm with a scale
-//! ([`norms`]), softmax over the last axis, adaLN modulation, gated residual, the GLU/SwiGLU gate
-//! and RoPE ([`elementwise`]), and the U-Net's 3×3 convolution and GroupNorm ([`conv`]). dfdx
+//! (sequence, head) ([`attention`], also for ragged query rows: the row-restricted last block),
+//! the gated FFN as one op ([`ffn`]), the row gather and its scatter-add ([`gather`]), LayerNorm
+//! without affine and RMSNorm with a scale ([`norms`]), softmax over the last axis, adaLN
+//! modulation, gated residual, the GLU/SwiGLU gate and RoPE ([`elementwise`]), and the U-Net's
+//! 3×3 convolution and GroupNorm ([`conv`]). dfdx
 //! composes the element-wise ones from 4–10 separate ops, each
 //! allocating and sweeping memory; here each is one sweep forward and one backward. The
 //! optimizer's passes (AdamW, EMA, Σ g²; tape-free) are in [`optimizer`], bit-identical to their
@@ -22,6 +24,8 @@ mod attention;
 pub(crate) mod bf16;
 mod conv;
 mod elementwise;
+mod ffn;
+mod gather;
 pub mod isa;
 #[cfg(test)]
 mod isa_equality;
@@ -54,6 +58,25 @@ pub trait Kernels<E: Elem>: Device<E> {
         u: T2<E, Self, T>,
     ) -> Res<T2<E, Self, T>, Self> {
         layers::act(kind, a)?.try_mul(u)
+    }
+    /// The rows `rows` of x (m, d) → (rows.len(), d); rows may repeat (every entry < m).
+    fn gather_rows<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        rows: &[usize],
+    ) -> Res<T2<E, Self, T>, Self> {
+        let ids = x
+            .device()
+            .try_tensor_from_vec(rows.to_vec(), (rows.len(),))?;
+        x.try_gather(ids)
+    }
+    /// The gated FFN `(act(x W1) ⊙ x W3) W2` of x (m, k) with tape-free weights W1, W3
+    /// (k, hidden) and W2 (hidden, n).
+    fn ffn<T: Tape<E, Self>>(
+        kind: MlpKind,
+        x: T2<E, Self, T>,
+        (w1, w3, w2): (T2<E, Self>, T2<E, Self>, T2<E, Self>),
+    ) -> Res<T2<E, Self, T>, Self> {
+        composed_ffn(kind, x, (w1, w3, w2))
     }
     /// Softmax over the last axis.
     fn softmax_last<T: Tape<E, Self>>(x: T4<E, Self, T>) -> Res<T4<E, Self, T>, Self> {
@@ -96,28 +119,23 @@ pub trait Kernels<E: Elem>: Device<E> {
         k: T4<E, Self, T>,
         v: T4<E, Self, T>,
     ) -> Res<T2<E, Self, T>, Self> {
-        let (b, n, h, hd) = *q.shape();
-        let q = q.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
-        let k = k.try_permute::<_, Axes4<0, 2, 3, 1>>()?;
-        let v = v.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
-        let p = Self::softmax_last(q.try_matmul(k)?)?;
-        let o: T4<E, Self, T> = p.try_matmul(v)?;
-        o.try_permute::<_, Axes4<0, 2, 1, 3>>()?
-            .try_reshape_like(&(b * n, h * hd))
+        rows_attention(q, k, v)
     }
-    /// Inference-only attention for a few query rows: q (scaled) (b, r, h, hd) against every
-    /// key and value of its sequence, k, v (b, n, h, hd) → (b·r, h·hd) — row for row what
-    /// [`Self::attention`] gives at those queries (the row-restricted forward's last block).
-    fn attention_rows(q: T4<E, Self>, k: T4<E, Self>, v: T4<E, Self>) -> Res<T2<E, Self>, Self> {
-        let (b, r, h, hd) = *q.shape();
-        let q = q.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
-        let k = k.try_permute::<_, Axes4<0, 2, 3, 1>>()?;
-        let v = v.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
-        let p = Self::softmax_last(q.try_matmul(k)?)?;
-        let o: T4<E, Self> = p.try_matmul(v)?;
-        o.try_permute::<_, Axes4<0, 2, 1, 3>>()?
-            .try_reshape_like(&(b * r, h * hd))
+    /// Attention for ragged query rows, with the tape: q (scaled) (R, h·hd) holds sequence s's
+    /// queries in rows `starts[s]..starts[s + 1]` (`starts`: b + 1 non-decreasing offsets from
+    /// 0 to R), each against every key and value of its sequence, k, v (b, n, h, hd) →
+    /// (R, h·hd) — row for row what [`Self::attention`] gives at those queries (the
+    /// row-restricted forward's last block: the training loss's masked positions, a sampler's
+    /// revealed ones).
+    fn attention_ragged<T: Tape<E, Self>>(
+        q: T2<E, Self, T>,
+        k: T4<E, Self, T>,
+        v: T4<E, Self, T>,
+        starts: &[usize],
+    ) -> Res<T2<E, Self, T>, Self> {
+        padded_ragged_attention(q, k, v, starts)
     }
+
     /// [`Kernels::attention`] over the 2N positions of block diffusion, each query restricted to
     /// the keys [`BlockMask`] allows (n = 2N): −∞ added to the other scores before the softmax.
     fn block_attention<T: Tape<E, Self>>(
@@ -224,6 +242,68 @@ pub trait Kernels<E: Elem>: Device<E> {
     }
 }
 
+/// [`Kernels::ffn`] as its three steps: [`Kernels::matmul`] twice, [`Kernels::glu`],
+/// [`Kernels::matmul`].
+fn composed_ffn<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
+    kind: MlpKind,
+    x: T2<E, D, T>,
+    (w1, w3, w2): (T2<E, D>, T2<E, D>, T2<E, D>),
+) -> Res<T2<E, D, T>, D> {
+    let a = D::matmul(x.retaped::<T>(), w1)?;
+    let u = D::matmul(x, w3)?;
+    D::matmul(D::glu(kind, a, u)?, w2)
+}
+
+/// The generic attention products: q (scaled) (b, r, h, hd) against k, v (b, n, h, hd) →
+/// (b·r, h·hd) with dfdx's permutes and batched matrix products (r = n: every query).
+fn rows_attention<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
+    q: T4<E, D, T>,
+    k: T4<E, D, T>,
+    v: T4<E, D, T>,
+) -> Res<T2<E, D, T>, D> {
+    let (b, r, h, hd) = *q.shape();
+    let q = q.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
+    let k = k.try_permute::<_, Axes4<0, 2, 3, 1>>()?;
+    let v = v.try_permute::<_, Axes4<0, 2, 1, 3>>()?;
+    let p = D::softmax_last(q.try_matmul(k)?)?;
+    let o: T4<E, D, T> = p.try_matmul(v)?;
+    o.try_permute::<_, Axes4<0, 2, 1, 3>>()?
+        .try_reshape_like(&(b * r, h * hd))
+}
+
+/// [`Kernels::attention_ragged`] from the generic products: the queries padded to the longest
+/// sequence's count by repeating one of its rows, [`rows_attention`], and the requested rows
+/// picked out again.
+fn padded_ragged_attention<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
+    q: T2<E, D, T>,
+    k: T4<E, D, T>,
+    v: T4<E, D, T>,
+    starts: &[usize],
+) -> Res<T2<E, D, T>, D> {
+    let (b, _, h, hd) = *k.shape();
+    if q.shape().0 == 0 {
+        return Ok(q);
+    }
+    let per = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let (mut pad, mut keep) = (Vec::with_capacity(b * per), Vec::new());
+    for (s, w) in starts.windows(2).take(b).enumerate() {
+        let (first, count) = (w[0], w[1] - w[0]);
+        for j in 0..per {
+            if j < count {
+                keep.push(s * per + j);
+            }
+            // a sequence without queries pads with row 0 (its outputs are dropped)
+            pad.push(if count > 0 {
+                first + j.min(count - 1)
+            } else {
+                0
+            });
+        }
+    }
+    let q = D::gather_rows(q, &pad)?.try_reshape_like(&(b, per, h, hd))?;
+    D::gather_rows(rows_attention(q, k, v)?, &keep)
+}
+
 /// Rows per parallel task: enough work per task to amortise rayon's overhead.
 fn chunk_rows(d: usize) -> usize {
     (16_384 / d.max(1)).max(1)
@@ -250,6 +330,23 @@ where
         u: T2<E, Self, T>,
     ) -> Res<T2<E, Self, T>, Self> {
         elementwise::glu(kind, a, u)
+    }
+    fn gather_rows<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        rows: &[usize],
+    ) -> Res<T2<E, Self, T>, Self> {
+        gather::gather_rows(x, rows)
+    }
+    fn ffn<T: Tape<E, Self>>(
+        kind: MlpKind,
+        x: T2<E, Self, T>,
+        (w1, w3, w2): (T2<E, Self>, T2<E, Self>, T2<E, Self>),
+    ) -> Res<T2<E, Self, T>, Self> {
+        match kind {
+            MlpKind::Glu => ffn::ffn(false, x, w1, w3, w2),
+            MlpKind::Swiglu => ffn::ffn(true, x, w1, w3, w2),
+            MlpKind::Geglu => composed_ffn(kind, x, (w1, w3, w2)),
+        }
     }
     fn softmax_last<T: Tape<E, Self>>(x: T4<E, Self, T>) -> Res<T4<E, Self, T>, Self> {
         elementwise::softmax_last(x)
@@ -288,8 +385,13 @@ where
     ) -> Res<T2<E, Self, T>, Self> {
         attention::attention(q, k, v, None)
     }
-    fn attention_rows(q: T4<E, Self>, k: T4<E, Self>, v: T4<E, Self>) -> Res<T2<E, Self>, Self> {
-        attention::attention_rows(q, k, v)
+    fn attention_ragged<T: Tape<E, Self>>(
+        q: T2<E, Self, T>,
+        k: T4<E, Self, T>,
+        v: T4<E, Self, T>,
+        starts: &[usize],
+    ) -> Res<T2<E, Self, T>, Self> {
+        attention::attention_ragged(q, k, v, starts)
     }
     fn block_attention<T: Tape<E, Self>>(
         q: T4<E, Self, T>,

@@ -99,6 +99,13 @@ pub(crate) struct Backward<'a, E: Elem> {
     pub grads: &'a mut Grads<E>,
 }
 
+/// A backward pass: what [`fused`] registers (named for functions that return one).
+pub(crate) trait BackwardFn<E: Elem>:
+    FnOnce(Backward<'_, E>) -> Res<(), Cpu> + 'static
+{
+}
+impl<E: Elem, F: FnOnce(Backward<'_, E>) -> Res<(), Cpu> + 'static> BackwardFn<E> for F {}
+
 /// Types a backward closure (so that its argument's lifetime is higher-ranked).
 pub(crate) fn backward<E: Elem, F>(f: F) -> F
 where
