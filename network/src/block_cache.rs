@@ -149,10 +149,10 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                 for (layer, blk) in blocks.iter().enumerate() {
                     let a = D::rms_norm(h.clone(), blk.norm.attn.tensor())?;
                     let a = self.cached_attention(a, &blk.attn, &rope, cache, layer, new_kv)?;
-                    h = h.try_add(a)?;
+                    h = D::residual(h, a)?;
                     D::retain(&scope, &h);
                     let f = D::rms_norm(h.clone(), blk.norm.mlp.tensor())?;
-                    h = h.try_add(self.ffn(f, &blk.ffn)?)?;
+                    h = D::residual(h, self.ffn(f, &blk.ffn)?)?;
                     D::retain(&scope, &h);
                 }
                 D::rms_norm(h, head.tensor())?

@@ -161,12 +161,20 @@ impl<E: Elem, D: Device<E>> Rope<E, D> {
         let n = positions.len();
         let mut cos = Vec::with_capacity(n * hd);
         let mut sin = Vec::with_capacity(n * hd);
+        assert!(
+            hd.is_multiple_of(2),
+            "RoPE needs an even head dim, got {hd}"
+        );
+        // one frequency per pair of dimensions, one angle per (position, pair)
+        let freq: Vec<f64> = (0..hd / 2)
+            .map(|i| theta.powf(-2.0 * i as f64 / hd as f64))
+            .collect();
         for pos in positions {
-            for j in 0..hd {
-                let i = (j / 2) as f64;
-                let ang = pos as f64 * theta.powf(-2.0 * i / hd as f64);
-                cos.push(E::c(ang.cos()));
-                sin.push(E::c(ang.sin()));
+            for &f in &freq {
+                let ang = pos as f64 * f;
+                let (c, s) = (E::c(ang.cos()), E::c(ang.sin()));
+                cos.extend([c, c]);
+                sin.extend([s, s]);
             }
         }
         let cos_host: Vec<E> = cos.iter().step_by(2).copied().collect();
@@ -243,6 +251,28 @@ pub fn time_frequency(k: usize, half: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Row i of the tables rotates dimensions (2p, 2p + 1) by positions[i]·θ^(−2p/hd): each
+    /// entry against the formula, and the host tables hold one angle per pair.
+    #[test]
+    fn rope_tables_match_the_formula() {
+        let dev = dfdx::prelude::Cpu::default();
+        let (hd, theta, pos) = (6, 10_000.0, [3usize, 0, 7]);
+        let r = Rope::<f64, _>::at_positions(&dev, pos.into_iter(), hd, theta).unwrap();
+        let (cos, sin) = (r.cos.as_vec(), r.sin.as_vec());
+        for (i, &p) in pos.iter().enumerate() {
+            for j in 0..hd {
+                let ang = p as f64 * theta.powf(-2.0 * (j / 2) as f64 / hd as f64);
+                assert_eq!(cos[i * hd + j], ang.cos(), "cos[{i}, {j}]");
+                assert_eq!(sin[i * hd + j], ang.sin(), "sin[{i}, {j}]");
+                if j % 2 == 0 {
+                    assert_eq!(r.cos_host[i * hd / 2 + j / 2], ang.cos());
+                    assert_eq!(r.sin_host[i * hd / 2 + j / 2], ang.sin());
+                }
+            }
+        }
+        assert_eq!(sin[6 + 2], 0.0, "position 0 does not rotate");
+    }
 
     #[test]
     fn time_frequencies_match_spec() {

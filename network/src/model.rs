@@ -792,11 +792,11 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                         // block 0: RMSNorm and the projections of the V + 1 ids' rows
                         let a_tab = D::rms_norm(e, blk.norm.attn.tensor())?;
                         let a = self.attention_lookup(a_tab, &ids, &blk.attn, rope, b, n)?;
-                        h = h.try_add(channel_dropout(a, next_mask(), b, n)?)?;
+                        h = D::residual(h, channel_dropout(a, next_mask(), b, n)?)?;
                         D::retain(&scope, &h);
                         let f = D::rms_norm(h.retaped::<T>(), blk.norm.mlp.tensor())?;
                         let f = channel_dropout(self.ffn(f, &blk.ffn)?, next_mask(), b, n)?;
-                        h = h.try_add(f)?;
+                        h = D::residual(h, f)?;
                         D::retain(&scope, &h);
                         continue;
                     }
@@ -804,18 +804,18 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     if let (Some(s), true) = (sel, l == last) {
                         let a = self.attention_at(a, &blk.attn, rope.0, s, (b, n))?;
                         let a = dropout_at(a, next_mask(), &s.seq)?;
-                        h = D::gather_rows(h, &s.flat)?.try_add(a)?;
+                        h = D::residual(D::gather_rows(h, &s.flat)?, a)?;
                         let f = D::rms_norm(h.retaped::<T>(), blk.norm.mlp.tensor())?;
                         let f = dropout_at(self.ffn(f, &blk.ffn)?, next_mask(), &s.seq)?;
-                        h = h.try_add(f)?;
+                        h = D::residual(h, f)?;
                         break;
                     }
                     let a = self.attention(a, &blk.attn, rope, b, n)?;
-                    h = h.try_add(channel_dropout(a, next_mask(), b, n)?)?;
+                    h = D::residual(h, channel_dropout(a, next_mask(), b, n)?)?;
                     D::retain(&scope, &h);
                     let f = D::rms_norm(h.retaped::<T>(), blk.norm.mlp.tensor())?;
                     let f = channel_dropout(self.ffn(f, &blk.ffn)?, next_mask(), b, n)?;
-                    h = h.try_add(f)?;
+                    h = D::residual(h, f)?;
                     D::retain(&scope, &h);
                 }
                 let h = if sel.is_some() { h } else { noised(h)? };

@@ -207,7 +207,7 @@ pub(crate) fn skip_add<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
         Some(lin) => dense(x, lin.weight.tensor()?, Some(lin.bias.tensor()))?,
         None => x,
     };
-    x.try_add(y)
+    D::residual(x, y)
 }
 
 /// The pixel embedding: every channel token embedded, the C embeddings of a pixel concatenated
@@ -472,6 +472,6 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
         let k = proj(z.retaped::<T>(), &a.k)?.try_reshape_like(&(b, n, 1, c))?;
         let v = proj(z, &a.v)?.try_reshape_like(&(b, n, 1, c))?;
         let o = D::attention(q, k, v)?;
-        x.try_add(proj(o, &a.o)?)
+        D::residual(x, proj(o, &a.o)?)
     }
 }

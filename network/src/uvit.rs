@@ -605,7 +605,7 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
             |h: T2<E, D, T>, y: T2<E, D, T>, gate: Option<T2<E, D, T>>| -> Res<T2<E, D, T>, D> {
                 match gate {
                     Some(g) => D::gated_residual(h, y, g, b, n),
-                    None => h.try_add(y),
+                    None => D::residual(h, y),
                 }
             };
         for blk in &dit.blocks {

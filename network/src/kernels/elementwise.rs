@@ -6,7 +6,7 @@ use super::attention::softmax_rows;
 use super::chunk_rows;
 use super::isa::{level, multiversion};
 use super::reduce;
-use super::storage::{host, input};
+use super::storage::{host, input, par_filled};
 use super::tape::{backward, fused, Backward, Forward};
 use crate::layers::{self, Res, Rope, T2, T4};
 use crate::{Elem, MlpKind};
@@ -40,11 +40,12 @@ fn sigmoid_gate<E: Elem, T: Tape<E, Cpu>>(
     fused((a, u), |(a, u), _| {
         let (av, uv) = (input(&a), input(&u));
         let (lv, cr) = (level(), chunk_rows(1));
-        let mut y = vec![E::zero(); av.len()];
-        y.par_chunks_mut(cr)
-            .zip(av.par_chunks(cr))
-            .zip(uv.par_chunks(cr))
-            .for_each(|((y, a), u)| gate(lv, swish, y, a, u));
+        let y = par_filled(
+            av.len(),
+            cr,
+            av.par_chunks(cr).zip(uv.par_chunks(cr)),
+            |y, (a, u)| gate(lv, swish, y, a, u),
+        );
         let (ag, ug) = (a.ghost(), u.ghost());
         Ok(Forward {
             shape: *a.shape(),
@@ -226,15 +227,16 @@ pub(crate) fn modulate<E: Elem, T: Tape<E, Cpu>>(
         assert_eq!(shape.0, b * n, "modulate: rows are not batch × length");
         let (xv, shv, scv) = (input(&x), input(&sh), input(&sc));
         let (shs, scs): (&[E], &[E]) = (&shv, &scv);
-        let mut y = vec![E::zero(); xv.len()];
         let lv = level();
-        y.par_chunks_mut(n * d)
-            .zip(xv.par_chunks(n * d))
-            .enumerate()
-            .for_each(|(bi, (ys, xs))| {
+        let y = par_filled(
+            xv.len(),
+            n * d,
+            xv.par_chunks(n * d).enumerate(),
+            |ys, (bi, xs)| {
                 let (s0, c0) = (&shs[bi * d..(bi + 1) * d], &scs[bi * d..(bi + 1) * d]);
                 modulate_rows(lv, ys, xs, s0, c0);
-            });
+            },
+        );
         let (xg, shg, scg) = (x.ghost(), sh.ghost(), sc.ghost());
         Ok(Forward {
             shape,
@@ -289,13 +291,14 @@ pub(crate) fn gated_residual<E: Elem, T: Tape<E, Cpu>>(
             yv.len() == hv.len() && gv.len() * n == hv.len(),
             "gated residual shapes"
         );
-        let mut z = vec![E::zero(); hv.len()];
         let lv = level();
-        z.par_chunks_mut(n * d)
-            .zip(hv.par_chunks(n * d))
-            .zip(yv.par_chunks(n * d))
-            .zip(gv.par_chunks(d))
-            .for_each(|(((zs, hs), ys), g)| gated_rows(lv, zs, hs, ys, g));
+        let rows = hv.par_chunks(n * d).zip(yv.par_chunks(n * d));
+        let z = par_filled(
+            hv.len(),
+            n * d,
+            rows.zip(gv.par_chunks(d)),
+            |zs, ((hs, ys), g)| gated_rows(lv, zs, hs, ys, g),
+        );
         drop(hv);
         let (hg, yg, gg) = (h.ghost(), y.ghost(), g.ghost());
         Ok(Forward {
@@ -313,6 +316,44 @@ pub(crate) fn gated_residual<E: Elem, T: Tape<E, Cpu>>(
         })
     })
 }
+
+/// `h + y`, h and y of one shape (the pre-norm residual): dfdx's add, but parallel, its output
+/// registered (read in place by the next kernel), and each gradient one parallel sweep.
+pub(crate) fn residual<E: Elem, T: Tape<E, Cpu>>(
+    h: T2<E, Cpu, T>,
+    y: T2<E, Cpu, T>,
+) -> Res<T2<E, Cpu, T>, Cpu> {
+    assert_eq!(h.shape(), y.shape(), "residual shapes");
+    fused((h, y), |(h, y), _| {
+        let (hv, yv) = (input(&h), input(&y));
+        let (lv, cr) = (level(), chunk_rows(1));
+        let z = par_filled(
+            hv.len(),
+            cr,
+            hv.par_chunks(cr).zip(yv.par_chunks(cr)),
+            |z, (h, y)| sum_slice(lv, z, h, y),
+        );
+        let (hg, yg) = (h.ghost(), y.ghost());
+        Ok(Forward {
+            shape: *h.shape(),
+            data: z,
+            keep_output: false,
+            backward: backward(move |Backward { gy: gz, grads, .. }| {
+                add_into(grads.get_or_alloc_mut(&hg)?, &gz);
+                add_into(grads.get_or_alloc_mut(&yg)?, &gz);
+                Ok(())
+            }),
+        })
+    })
+}
+
+#[inline(always)]
+fn sum_slice_body<E: Elem>(z: &mut [E], h: &[E], y: &[E]) {
+    for ((z, &h), &y) in z.iter_mut().zip(h).zip(y) {
+        *z = h + y;
+    }
+}
+multiversion!(fn sum_slice<E: Elem>(z: &mut [E], h: &[E], y: &[E]) => sum_slice_body);
 
 /// z = h + g ⊙ y per row, g one sequence's (d,) gate.
 #[inline(always)]
@@ -370,11 +411,12 @@ fn rotate_pairs<E: Elem, T: Tape<E, Cpu>>(
         };
         let cr = chunk_rows(d);
         let xv = input(&x);
-        let mut y = vec![E::zero(); xv.len()];
-        y.par_chunks_mut(d * cr)
-            .zip(xv.par_chunks(d * cr))
-            .enumerate()
-            .for_each(|(k, (dst, src))| rotate(dst, src, k * cr, false, false));
+        let y = par_filled(
+            xv.len(),
+            d * cr,
+            xv.par_chunks(d * cr).enumerate(),
+            |dst, (k, src)| rotate(dst, src, k * cr, false, false),
+        );
         let xg = x.ghost();
         Ok(Forward {
             shape: (b, n, h, hd),
@@ -624,6 +666,47 @@ mod tests {
             close(&fa, &fb, "gated");
             for (t, name) in [(&x, "h"), (&y, "y"), (&g, "gate")] {
                 close(&ga.get(t).as_vec(), &gb.get(t).as_vec(), name);
+            }
+        });
+    }
+
+    /// The residual add is dfdx's add, bit for bit: values, both gradients, and a tensor added
+    /// to itself (both gradients land in one entry: 2r).
+    #[test]
+    fn residual_is_dfdx_add() {
+        each_path(|dev, rng| {
+            let x = rand2(dev, rng, (B * N, D));
+            let y = rand2(dev, rng, (B * N, D));
+            let r = rand_vec(rng, B * N * D);
+            let (fa, ga) = grads(
+                <Cpu as Kernels<f64>>::residual(x.leaky_trace(), y.leaky_trace()).unwrap(),
+                &r,
+            );
+            let (fb, gb) = grads(x.leaky_trace() + y.leaky_trace(), &r);
+            assert_eq!(fa, fb);
+            for t in [&x, &y] {
+                assert_eq!(ga.get(t).as_vec(), gb.get(t).as_vec());
+            }
+            let (f2, g2) = grads(
+                <Cpu as Kernels<f64>>::residual(x.leaky_trace(), x.leaky_trace()).unwrap(),
+                &r,
+            );
+            let xv = x.as_vec();
+            assert_eq!(f2, xv.iter().map(|v| v + v).collect::<Vec<_>>());
+            assert_eq!(
+                g2.get(&x).as_vec(),
+                r.iter().map(|v| v + v).collect::<Vec<_>>()
+            );
+            let (x32, y32) = (x.to_dtype::<f32>(), y.to_dtype::<f32>());
+            let r32: Vec<f32> = r.iter().map(|&v| v as f32).collect();
+            let (fa, ga) = grads32(
+                <Cpu as Kernels<f32>>::residual(x32.leaky_trace(), y32.leaky_trace()).unwrap(),
+                &r32,
+            );
+            let (fb, gb) = grads32(x32.leaky_trace() + y32.leaky_trace(), &r32);
+            assert_eq!(fa, fb);
+            for t in [&x32, &y32] {
+                assert_eq!(ga.get(t).as_vec(), gb.get(t).as_vec());
             }
         });
     }

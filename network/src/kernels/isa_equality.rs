@@ -70,7 +70,7 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
         }
     }
 
-    // row norms, modulation, gated residual
+    // row norms, modulation, gated residual, residual
     let x = t2(&mut rng, (B * N, D), 2.0);
     let sh = t2(&mut rng, (B, D), 1.0);
     let sc = t2(&mut rng, (B, D), 1.0);
@@ -98,6 +98,11 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     push("rms", f);
     push("rms dx", g.get(&x).as_vec());
     push("rms ds", g.get(&s).as_vec());
+    let z = <K as Kernels<f32>>::residual(x.leaky_trace(), yv.leaky_trace()).unwrap();
+    let (f, g) = grads32(z, &r);
+    push("residual", f);
+    push("residual dh", g.get(&x).as_vec());
+    push("residual dy", g.get(&yv).as_vec());
 
     // softmax over the last axis, RoPE and attention
     let s4 = (B, N, H, HD);

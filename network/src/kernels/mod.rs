@@ -5,7 +5,7 @@
 //! (sequence, head) ([`attention`], also for ragged query rows: the row-restricted last block),
 //! the gated FFN as one op ([`ffn`]), the row gather and its scatter-add ([`gather`]), LayerNorm
 //! without affine and RMSNorm with a scale ([`norms`]), softmax over the last axis, adaLN
-//! modulation, gated residual, the GLU/SwiGLU gate and RoPE ([`elementwise`]), and the U-Net's
+//! modulation, the residual add and the gated residual, the GLU/SwiGLU gate and RoPE ([`elementwise`]), and the U-Net's
 //! 3×3 convolution and GroupNorm ([`conv`]). dfdx
 //! composes the element-wise ones from 4–10 separate ops, each
 //! allocating and sweeping memory; here each is one sweep forward and one backward. The
@@ -102,6 +102,13 @@ pub trait Kernels<E: Elem>: Device<E> {
         n: usize,
     ) -> Res<T2<E, Self, T>, Self> {
         layers::modulate(x, shift, scale, b, n)
+    }
+    /// `h + y`, h and y (m, d): the pre-norm residual.
+    fn residual<T: Tape<E, Self>>(
+        h: T2<E, Self, T>,
+        y: T2<E, Self, T>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        h.try_add(y)
     }
     /// `h + gate ⊙ y`, h/y (b·n, d), gate (b, d).
     fn gated_residual<T: Tape<E, Self>>(
@@ -368,6 +375,12 @@ where
         n: usize,
     ) -> Res<T2<E, Self, T>, Self> {
         elementwise::modulate(x, shift, scale, b, n)
+    }
+    fn residual<T: Tape<E, Self>>(
+        h: T2<E, Self, T>,
+        y: T2<E, Self, T>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        elementwise::residual(h, y)
     }
     fn gated_residual<T: Tape<E, Self>>(
         h: T2<E, Self, T>,

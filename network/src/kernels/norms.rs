@@ -5,7 +5,7 @@
 use super::chunk_rows;
 use super::isa::{level, multiversion};
 use super::reduce;
-use super::storage::input;
+use super::storage::{input, par_filled};
 use super::tape::{backward, fused, Backward, Forward};
 use crate::layers::{self, Res, T1, T2};
 use crate::Elem;
@@ -18,15 +18,14 @@ pub(crate) fn layer_norm<E: Elem, T: Tape<E, Cpu>>(x: T2<E, Cpu, T>) -> Res<T2<E
         let shape = *x.shape();
         let d = shape.1;
         let xv = input(&x);
-        let mut y = vec![E::zero(); xv.len()];
         let mut rstd = vec![E::zero(); shape.0];
         let eps = E::c(layers::NORM_EPS);
         let cr = chunk_rows(d);
         let lv = level();
-        y.par_chunks_mut(d * cr)
-            .zip(xv.par_chunks(d * cr))
-            .zip(rstd.par_chunks_mut(cr))
-            .for_each(|((ys, xs), rs)| layer_norm_rows(lv, ys, xs, rs, eps));
+        let rows = xv.par_chunks(d * cr).zip(rstd.par_chunks_mut(cr));
+        let y = par_filled(xv.len(), d * cr, rows, |ys, (xs, rs)| {
+            layer_norm_rows(lv, ys, xs, rs, eps)
+        });
         let xg = x.ghost();
         Ok(Forward {
             shape,
@@ -62,13 +61,12 @@ pub(crate) fn rms_norm<E: Elem, T: Tape<E, Cpu>>(
         let cr = chunk_rows(d);
         let (xv, sv) = (input(&x), input(&scale));
         let svs: &[E] = &sv;
-        let mut y = vec![E::zero(); xv.len()];
         let mut rinv = vec![E::zero(); shape.0];
         let lv = level();
-        y.par_chunks_mut(d * cr)
-            .zip(xv.par_chunks(d * cr))
-            .zip(rinv.par_chunks_mut(cr))
-            .for_each(|((ys, xs), rs)| rms_norm_rows(lv, ys, xs, rs, svs, eps));
+        let rows = xv.par_chunks(d * cr).zip(rinv.par_chunks_mut(cr));
+        let y = par_filled(xv.len(), d * cr, rows, |ys, (xs, rs)| {
+            rms_norm_rows(lv, ys, xs, rs, svs, eps)
+        });
         let (xg, sg) = (x.ghost(), scale.ghost());
         Ok(Forward {
             shape,

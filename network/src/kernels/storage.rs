@@ -38,6 +38,7 @@ pub use buf::KernelScope;
 use crate::layers::Res;
 use crate::Elem;
 use dfdx::prelude::*;
+use rayon::prelude::*;
 
 /// Address of element 0 of a non-empty tensor whose elements lie row-major and contiguous from
 /// there (`None` when it is empty). Panics on any other layout: callers pass the result of
@@ -160,6 +161,42 @@ pub(crate) unsafe fn alloc_filled<E: Elem>(len: usize, fill: impl FnOnce(*mut E)
     v
 }
 
+/// A `len`-element output written in parallel: its chunks of `chunk` elements (the last may be
+/// shorter) are paired in order with the items of `inputs` (one per chunk, else a panic before
+/// any chunk runs) and handed to `fill`. Each chunk is zeroed by the thread that fills it, just
+/// before, while it sits in that core's cache: `vec![0; len]` would zero the whole buffer first,
+/// on the calling thread alone (glibc's calloc clears reused heap memory with `memset`), while
+/// the other threads wait, and the kernel's writes would then miss the cache again.
+pub(crate) fn par_filled<E: Elem, I: IndexedParallelIterator>(
+    len: usize,
+    chunk: usize,
+    inputs: I,
+    fill: impl Fn(&mut [E], I::Item) + Sync + Send,
+) -> Vec<E> {
+    let mut v: Vec<E> = Vec::with_capacity(len);
+    if len > 0 {
+        v.spare_capacity_mut()[..len]
+            .par_chunks_mut(chunk.max(1))
+            .zip_eq(inputs)
+            .for_each(|(ys, item)| {
+                ys.iter_mut().for_each(|y| {
+                    y.write(E::zero());
+                });
+                // SAFETY: every element of `ys` was initialised just above, and
+                // `MaybeUninit<E>` has the layout of `E`, so this is the same memory as a
+                // `&mut [E]` of the same length, borrowed for this closure only.
+                let ys = unsafe { &mut *(ys as *mut [std::mem::MaybeUninit<E>] as *mut [E]) };
+                fill(ys, item);
+            });
+    }
+    // SAFETY: `par_chunks_mut` tiles the first `len` spare slots; `zip_eq` pairs every chunk
+    // with an item (it panics on a length mismatch before running anything), and `for_each` ran
+    // the closure on every pair, which wrote each element of its chunk before `fill` (which,
+    // holding a `&mut [E]`, can only leave initialised values). So all `len` are initialised.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// [`crate::Kernels::retain`] on the CPU: prunes `scope`'s frame to the buffer `keep` starts
 /// at (if it is registered there).
 pub(crate) fn retain<S: Shape, E: Elem, T>(scope: &KernelScope, keep: &Tensor<S, E, Cpu, T>) {
@@ -219,6 +256,23 @@ mod tests {
         consume(&p);
         assert_eq!(buf::registered(), (0, 0));
         assert_ne!(input(&p).addr(), first(&p));
+    }
+
+    /// Chunk i (the last one short) gets item i and starts zeroed (`+=` reads it).
+    #[test]
+    fn par_filled_pairs_chunks_with_items() {
+        let v: Vec<f32> = par_filled(10, 3, (0..4usize).into_par_iter(), |ys, i| {
+            ys.iter_mut().for_each(|y| *y += i as f32 + 1.0)
+        });
+        assert_eq!(v, [1., 1., 1., 2., 2., 2., 3., 3., 3., 4.]);
+        let empty: Vec<f64> = par_filled(0, 3, (0..0usize).into_par_iter(), |_, _| {});
+        assert!(empty.is_empty());
+    }
+
+    #[test]
+    #[should_panic]
+    fn par_filled_refuses_a_missing_item() {
+        let _: Vec<f32> = par_filled(10, 3, (0..3usize).into_par_iter(), |_, _| {});
     }
 
     #[test]
