@@ -6,7 +6,7 @@
 //! (tested below). Tape-free: the outputs are plain tensors.
 
 use super::isa::{level, multiversion, LANES};
-use super::storage::{consume, input, output_lasting};
+use super::storage::{consume, input, output_lasting, par_filled};
 use super::Moments;
 use crate::layers::{Res, T1};
 use crate::Elem;
@@ -152,12 +152,10 @@ fn ema_host<E: Elem>(ema: &[E], p: &[E], rate: f64) -> Vec<E> {
     assert_eq!(ema.len(), p.len(), "EMA lengths");
     let r = E::c(rate);
     let lv = level();
-    let mut out = vec![E::zero(); ema.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(ema.par_chunks(CHUNK))
-        .zip(p.par_chunks(CHUNK))
-        .for_each(|((o, e), p)| ema_chunk(lv, o, e, p, r));
-    out
+    let chunks = ema.par_chunks(CHUNK).zip(p.par_chunks(CHUNK));
+    par_filled(ema.len(), CHUNK, chunks, |o, (e, p)| {
+        ema_chunk(lv, o, e, p, r)
+    })
 }
 
 #[inline(always)]
