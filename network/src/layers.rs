@@ -158,27 +158,29 @@ impl<E: Elem, D: Device<E>> Rope<E, D> {
         hd: usize,
         theta: f64,
     ) -> Res<Self, D> {
-        let n = positions.len();
-        let mut cos = Vec::with_capacity(n * hd);
-        let mut sin = Vec::with_capacity(n * hd);
         assert!(
             hd.is_multiple_of(2),
             "RoPE needs an even head dim, got {hd}"
         );
-        // one frequency per pair of dimensions, one angle per (position, pair)
+        let n = positions.len();
+        // one frequency per pair of dimensions, one angle per (position, pair); the (n, hd)
+        // tables repeat each pair's value for its two dimensions
         let freq: Vec<f64> = (0..hd / 2)
             .map(|i| theta.powf(-2.0 * i as f64 / hd as f64))
             .collect();
+        let (mut cos_host, mut sin_host) = (
+            Vec::with_capacity(n * hd / 2),
+            Vec::with_capacity(n * hd / 2),
+        );
         for pos in positions {
             for &f in &freq {
                 let ang = pos as f64 * f;
-                let (c, s) = (E::c(ang.cos()), E::c(ang.sin()));
-                cos.extend([c, c]);
-                sin.extend([s, s]);
+                cos_host.push(E::c(ang.cos()));
+                sin_host.push(E::c(ang.sin()));
             }
         }
-        let cos_host: Vec<E> = cos.iter().step_by(2).copied().collect();
-        let sin_host: Vec<E> = sin.iter().step_by(2).copied().collect();
+        let pairs = |v: &[E]| -> Vec<E> { v.iter().flat_map(|&x| [x, x]).collect() };
+        let (cos, sin) = (pairs(&cos_host), pairs(&sin_host));
         let mut swap = vec![E::zero(); hd * hd];
         for i in 0..hd / 2 {
             // row = input index, column = output index
@@ -271,7 +273,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(sin[6 + 2], 0.0, "position 0 does not rotate");
+        assert_eq!(sin[hd + 2], 0.0, "position 0 does not rotate");
     }
 
     #[test]
