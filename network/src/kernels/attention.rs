@@ -790,10 +790,10 @@ mod tests {
                 <Cpu as Kernels<f32>>::attention(q.leaky_trace(), k.leaky_trace(), v.leaky_trace())
                     .unwrap()
                     .reshape_like(&s4);
-            let (fa, ga) = grads32(fused, &r);
+            let (fa, ga) = grads(fused, &r);
             let generic = generic_attention(q.leaky_trace(), k.leaky_trace(), v.leaky_trace())
                 .reshape_like(&s4);
-            let (fb, gb) = grads32(generic, &r);
+            let (fb, gb) = grads(generic, &r);
             close32(&fa, &fb, "attention f32");
             for (t, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
                 close32(&ga.get(t).as_vec(), &gb.get(t).as_vec(), name);
@@ -972,7 +972,7 @@ mod tests {
                             None => <Cpu as Kernels<f32>>::attention(lq, lk, lv),
                             Some(m) => <Cpu as Kernels<f32>>::block_attention(lq, lk, lv, m),
                         };
-                        let (f, g) = grads32(o.unwrap(), &r);
+                        let (f, g) = grads(o.unwrap(), &r);
                         let plain = match mask {
                             None => {
                                 <Cpu as Kernels<f32>>::attention(q.clone(), k.clone(), v.clone())

@@ -29,7 +29,7 @@
 use super::chunk_rows;
 use super::isa::{self, multiversion, Level};
 use super::matmul::product;
-use super::storage::input;
+use super::storage::{input, par_filled, par_zeroed};
 use super::tape::{backward, fused, Backward, Forward};
 use crate::layers::{Res, T1, T2};
 use crate::precision::{self, Precision};
@@ -102,7 +102,7 @@ pub(crate) fn conv3x3<E: Elem, T: Tape<E, Cpu>>(
         assert_eq!(k9, 9 * cin, "conv3x3: weight rows are not 9·cin");
         let (xv, wv) = (input(&x), input(&w));
         let (prec, lv) = (precision::precision(), isa::level());
-        let mut y = vec![E::zero(); m * cout];
+        let mut y = par_zeroed(m * cout);
         conv_into(
             prec,
             lv,
@@ -308,18 +308,18 @@ pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
             Stats::from_sums(&sums, &shift, (c, cg), count)
         };
         let (sv, bv): (&[E], &[E]) = (&s_buf, &b_buf);
-        let mut y = vec![E::zero(); m * c];
-        if !empty {
-            y.par_chunks_mut(n * c)
-                .zip(xv.par_chunks(n * c))
-                .enumerate()
-                .for_each(|(img, (yi, xi))| {
-                    let (mu, r) = stats.image(img);
-                    yi.par_chunks_mut(rows * c)
-                        .zip(xi.par_chunks(rows * c))
-                        .for_each(|(ys, xs)| gn_rows(lv, ys, xs, mu, r, sv, bv));
-                });
-        }
+        // one chunk per image (zeroed by the worker that fills it), rows split inside
+        let y = par_filled(
+            m * c,
+            n * c,
+            xv.par_chunks((n * c).max(1)).enumerate(),
+            |yi, (img, xi)| {
+                let (mu, r) = stats.image(img);
+                yi.par_chunks_mut(rows * c)
+                    .zip(xi.par_chunks(rows * c))
+                    .for_each(|(ys, xs)| gn_rows(lv, ys, xs, mu, r, sv, bv));
+            },
+        );
         let sv = s_buf;
         let (xg, sg, bg) = (x.ghost(), scale.ghost(), bias.ghost());
         Ok(Forward {
@@ -875,7 +875,7 @@ mod tests {
             let r = rand32(&mut rng, m * cout, 1.0);
             let xt = dev.tensor_from_vec(x.clone(), (m, cin));
             let wt = dev.tensor_from_vec(w.clone(), (9 * cin, cout));
-            let (f, g) = grads32(conv3x3(xt.leaky_trace(), wt.clone(), b, h, wd).unwrap(), &r);
+            let (f, g) = grads(conv3x3(xt.leaky_trace(), wt.clone(), b, h, wd).unwrap(), &r);
             let (x, w, r) = (to64(&x), to64(&w), to64(&r));
             close_to(f, &naive_conv(&x, &w, dims), "conv f32");
             let (dx, dw) = naive_conv_grads(&x, &w, &r, dims);
@@ -892,7 +892,7 @@ mod tests {
                 dev.tensor_from_vec(bias.clone(), (c,)),
             );
             let y = group_norm(xt.leaky_trace(), st.clone(), bt.clone(), b, groups).unwrap();
-            let (f, g) = grads32(y, &r);
+            let (f, g) = grads(y, &r);
             let [ye, dx, ds, db] = naive_gn(&to64(&x), &to64(&s), &to64(&bias), &to64(&r), dims);
             close_to(f, &ye, "group_norm f32");
             close_to(g.get(&xt).as_vec(), &dx, "group_norm f32 dx");
@@ -921,7 +921,7 @@ mod tests {
         let run = |p| {
             with_precision(p, || {
                 let y = conv3x3(xt.leaky_trace(), wt.clone(), b, h, wd).unwrap();
-                let (f, g) = grads32(y, &r);
+                let (f, g) = grads(y, &r);
                 (f, g.get(&xt).as_vec(), g.get(&wt).as_vec())
             })
         };
@@ -1041,7 +1041,7 @@ mod tests {
             }
             t.elapsed().as_secs_f64() * 1e3 / reps as f64
         };
-        let loss = |y: T2<f32, Cpu, T32>| grads32(y, &r).1.get(&x).as_vec();
+        let loss = |y: T2<f32, Cpu, T32>| grads(y, &r).1.get(&x).as_vec();
         let fc = time(&|| loss(conv3x3(x.leaky_trace(), w.clone(), b, h, wd).unwrap()));
         let gc = time(&|| loss(generic_conv(x.leaky_trace(), w.clone(), (b, h, wd))));
         let fg =
@@ -1094,7 +1094,7 @@ mod tests {
             let t0 = Instant::now();
             let logits = model.forward(&batch, model.tape(), Some(rng)).unwrap();
             let t1 = t0.elapsed().as_secs_f64();
-            let (_, g) = grads32(logits, &r);
+            let (_, g) = grads(logits, &r);
             std::hint::black_box(g);
             (t1, t0.elapsed().as_secs_f64())
         };

@@ -593,7 +593,7 @@ multiversion!(
 mod tests {
     use super::super::test_util::*;
     use super::super::Kernels;
-    use crate::layers::{self, Rope, T4};
+    use crate::layers::{self, Rope, T2, T4};
     use crate::MlpKind;
     use dfdx::prelude::*;
     use rand::Rng;
@@ -670,23 +670,28 @@ mod tests {
         });
     }
 
-    /// The residual add is dfdx's add, bit for bit: values, both gradients, and a tensor added
-    /// to itself (both gradients land in one entry: 2r).
+    /// `Kernels::residual(x, y)` against dfdx's `x + y`: values and both gradients bit for bit.
+    fn residual_equals_add<E: crate::Elem>(x: &T2<E, Cpu>, y: &T2<E, Cpu>, r: &[E])
+    where
+        Cpu: Kernels<E>,
+    {
+        let (fa, ga) = grads(Cpu::residual(x.leaky_trace(), y.leaky_trace()).unwrap(), r);
+        let (fb, gb) = grads(x.leaky_trace() + y.leaky_trace(), r);
+        assert_eq!(fa, fb);
+        for t in [x, y] {
+            assert_eq!(ga.get(t).as_vec(), gb.get(t).as_vec());
+        }
+    }
+
+    /// The residual add is dfdx's add, bit for bit, in f64 and f32; and a tensor added to
+    /// itself (both gradients land in one entry: 2r).
     #[test]
     fn residual_is_dfdx_add() {
         each_path(|dev, rng| {
             let x = rand2(dev, rng, (B * N, D));
             let y = rand2(dev, rng, (B * N, D));
             let r = rand_vec(rng, B * N * D);
-            let (fa, ga) = grads(
-                <Cpu as Kernels<f64>>::residual(x.leaky_trace(), y.leaky_trace()).unwrap(),
-                &r,
-            );
-            let (fb, gb) = grads(x.leaky_trace() + y.leaky_trace(), &r);
-            assert_eq!(fa, fb);
-            for t in [&x, &y] {
-                assert_eq!(ga.get(t).as_vec(), gb.get(t).as_vec());
-            }
+            residual_equals_add(&x, &y, &r);
             let (f2, g2) = grads(
                 <Cpu as Kernels<f64>>::residual(x.leaky_trace(), x.leaky_trace()).unwrap(),
                 &r,
@@ -697,17 +702,8 @@ mod tests {
                 g2.get(&x).as_vec(),
                 r.iter().map(|v| v + v).collect::<Vec<_>>()
             );
-            let (x32, y32) = (x.to_dtype::<f32>(), y.to_dtype::<f32>());
             let r32: Vec<f32> = r.iter().map(|&v| v as f32).collect();
-            let (fa, ga) = grads32(
-                <Cpu as Kernels<f32>>::residual(x32.leaky_trace(), y32.leaky_trace()).unwrap(),
-                &r32,
-            );
-            let (fb, gb) = grads32(x32.leaky_trace() + y32.leaky_trace(), &r32);
-            assert_eq!(fa, fb);
-            for t in [&x32, &y32] {
-                assert_eq!(ga.get(t).as_vec(), gb.get(t).as_vec());
-            }
+            residual_equals_add(&x.to_dtype::<f32>(), &y.to_dtype::<f32>(), &r32);
         });
     }
 
@@ -800,19 +796,19 @@ mod tests {
             let u: T2f32 = tensor(dev, rand32(rng, b * n * d, 1.0), s2);
             for kind in [MlpKind::Glu, MlpKind::Swiglu] {
                 let y = <Cpu as Kernels<f32>>::glu(kind, a.leaky_trace(), u.leaky_trace()).unwrap();
-                let (fa, ga) = grads32(y.reshape_like(&s4), &r);
+                let (fa, ga) = grads(y.reshape_like(&s4), &r);
                 let y = layers::act(kind, a.leaky_trace()).unwrap() * u.leaky_trace();
-                let (fb, gb) = grads32(y.reshape_like(&s4), &r);
+                let (fb, gb) = grads(y.reshape_like(&s4), &r);
                 close32(&fa, &fb, "glu f32");
                 close32(&ga.get(&a).as_vec(), &gb.get(&a).as_vec(), "glu da f32");
                 close32(&ga.get(&u).as_vec(), &gb.get(&u).as_vec(), "glu du f32");
             }
             let x: T4<f32, Cpu> = tensor(dev, rand32(rng, b * n * d, 8.0), s4);
-            let (fa, ga) = grads32(
+            let (fa, ga) = grads(
                 <Cpu as Kernels<f32>>::softmax_last(x.leaky_trace()).unwrap(),
                 &r,
             );
-            let (fb, gb) = grads32(x.leaky_trace().softmax::<Axis<3>>(), &r);
+            let (fb, gb) = grads(x.leaky_trace().softmax::<Axis<3>>(), &r);
             close32(&fa, &fb, "softmax f32");
             close32(
                 &ga.get(&x).as_vec(),

@@ -226,12 +226,11 @@ mod tests {
                 for p in Precision::ALL {
                     with_precision(p, || {
                         let w = || (w1.clone(), w3.clone(), w2.clone());
-                        let (fa, ga) = grads32(
+                        let (fa, ga) = grads(
                             <Cpu as Kernels<f32>>::ffn(kind, x.leaky_trace(), w()).unwrap(),
                             &r,
                         );
-                        let (fb, gb) =
-                            grads32(composed_ffn(kind, x.leaky_trace(), w()).unwrap(), &r);
+                        let (fb, gb) = grads(composed_ffn(kind, x.leaky_trace(), w()).unwrap(), &r);
                         assert_eq!(fa, fb, "f32 ffn {p:?}");
                         for (t, name) in [(&x, "dx"), (&w1, "dw1"), (&w3, "dw3"), (&w2, "dw2")] {
                             assert_eq!(ga.get(t).as_vec(), gb.get(t).as_vec(), "f32 {name} {p:?}");

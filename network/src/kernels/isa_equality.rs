@@ -5,7 +5,7 @@
 //! bits.
 
 use super::isa::{self, Isa};
-use super::test_util::{grads32, rand32};
+use super::test_util::{grads, rand32};
 use super::{AdamWStep, Kernels};
 use crate::layers::{Rope, T1, T2, T4};
 use crate::precision::{with_precision, Precision};
@@ -41,7 +41,7 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     let r = rand32(&mut rng, B * N * HIDDEN, 1.0);
     for kind in [MlpKind::Glu, MlpKind::Swiglu] {
         let y = <K as Kernels<f32>>::glu(kind, a.leaky_trace(), u.leaky_trace()).unwrap();
-        let (f, g) = grads32(y, &r);
+        let (f, g) = grads(y, &r);
         push("glu", f);
         push("glu da", g.get(&a).as_vec());
         push("glu du", g.get(&u).as_vec());
@@ -58,7 +58,7 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     for kind in [MlpKind::Glu, MlpKind::Swiglu] {
         let w = (w1.clone(), w3.clone(), w2.clone());
         let y = <K as Kernels<f32>>::ffn(kind, xf.leaky_trace(), w).unwrap();
-        let (f, g) = grads32(y, &rf);
+        let (f, g) = grads(y, &rf);
         push("ffn", f);
         for (t, name) in [
             (&xf, "ffn dx"),
@@ -81,7 +81,7 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     let m = <K as Kernels<f32>>::modulate(ln, sh.leaky_trace(), sc.leaky_trace(), B, N).unwrap();
     let z =
         <K as Kernels<f32>>::gated_residual(m, yv.leaky_trace(), gate.leaky_trace(), B, N).unwrap();
-    let (f, g) = grads32(z, &r);
+    let (f, g) = grads(z, &r);
     push("ln/modulate/gated", f);
     for (t, name) in [
         (&x, "x"),
@@ -94,12 +94,12 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     }
     let s: T1<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, D, 1.0), (D,));
     let y = <K as Kernels<f32>>::rms_norm(x.leaky_trace(), s.clone()).unwrap();
-    let (f, g) = grads32(y, &r);
+    let (f, g) = grads(y, &r);
     push("rms", f);
     push("rms dx", g.get(&x).as_vec());
     push("rms ds", g.get(&s).as_vec());
     let z = <K as Kernels<f32>>::residual(x.leaky_trace(), yv.leaky_trace()).unwrap();
-    let (f, g) = grads32(z, &r);
+    let (f, g) = grads(z, &r);
     push("residual", f);
     push("residual dh", g.get(&x).as_vec());
     push("residual dy", g.get(&yv).as_vec());
@@ -108,12 +108,12 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     let s4 = (B, N, H, HD);
     let x4: T4<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, B * N * D, 8.0), s4);
     let y = <K as Kernels<f32>>::softmax_last(x4.leaky_trace()).unwrap();
-    let (f, g) = grads32(y, &r);
+    let (f, g) = grads(y, &r);
     push("softmax", f);
     push("softmax dx", g.get(&x4).as_vec());
     let rope = Rope::<f32, Cpu>::new(dev, N, HD, 10_000.0).unwrap();
     let y = <K as Kernels<f32>>::rope(&rope, x.leaky_trace(), B, N, H, 0.5).unwrap();
-    let (f, g) = grads32(y, &r);
+    let (f, g) = grads(y, &r);
     push("rope", f);
     push("rope dx", g.get(&x).as_vec());
     let q: T4<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, B * N * D, 2.0), s4);
@@ -121,7 +121,7 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     let v: T4<f32, Cpu> = dev.tensor_from_vec(rand32(&mut rng, B * N * D, 1.0), s4);
     let o =
         <K as Kernels<f32>>::attention(q.leaky_trace(), k.leaky_trace(), v.leaky_trace()).unwrap();
-    let (f, g) = grads32(o, &r);
+    let (f, g) = grads(o, &r);
     push("attention", f);
     for (t, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
         push(name, g.get(t).as_vec());
@@ -139,7 +139,7 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     with_precision(Precision::Bf16, || {
         let o = <K as Kernels<f32>>::attention(q.leaky_trace(), k.leaky_trace(), v.leaky_trace())
             .unwrap();
-        let (f, g) = grads32(o, &r);
+        let (f, g) = grads(o, &r);
         push("bf16 attention", f);
         for (t, name) in [(&q, "bf16 dq"), (&k, "bf16 dk"), (&v, "bf16 dv")] {
             push(name, g.get(t).as_vec());
@@ -151,7 +151,7 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
             mask,
         )
         .unwrap();
-        let (f, g) = grads32(o, &rm);
+        let (f, g) = grads(o, &rm);
         push("bf16 block attention", f);
         for (t, name) in [
             (&qm, "bf16 block dq"),
@@ -170,7 +170,7 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
             &[0, 3, 3],
         )
         .unwrap();
-        let (f, g) = grads32(o, &rr);
+        let (f, g) = grads(o, &rr);
         push("bf16 ragged attention", f);
         push("bf16 ragged dq", g.get(&qr).as_vec());
         push("bf16 ragged dk", g.get(&k).as_vec());
@@ -183,7 +183,7 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     let wi = t2(&mut rng, (9 * cin, cout), 1.0);
     let r = rand32(&mut rng, B * ih * iw * cout, 1.0);
     let y = <K as Kernels<f32>>::conv3x3(xi.leaky_trace(), wi.clone(), B, ih, iw).unwrap();
-    let (f, g) = grads32(y, &r);
+    let (f, g) = grads(y, &r);
     push("conv3x3", f);
     push("conv3x3 dx", g.get(&xi).as_vec());
     push("conv3x3 dw", g.get(&wi).as_vec());
@@ -194,7 +194,7 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     let r = rand32(&mut rng, B * gn * gc, 1.0);
     let y = <K as Kernels<f32>>::group_norm(xg.leaky_trace(), sg.clone(), bg.clone(), B, groups)
         .unwrap();
-    let (f, g) = grads32(y, &r);
+    let (f, g) = grads(y, &r);
     push("group_norm", f);
     push("group_norm dx", g.get(&xg).as_vec());
     push("group_norm dscale", g.get(&sg).as_vec());

@@ -159,7 +159,7 @@ mod tests {
     #[test]
     fn bf16_matmul_rounds_every_product_input() {
         use super::super::bf16::{from_bf16, to_bf16};
-        use super::super::test_util::{grads32, rand32};
+        use super::super::test_util::{grads, rand32};
         use crate::precision::{with_precision, Precision};
         use rand::{rngs::StdRng, SeedableRng};
         let dev = Cpu::default();
@@ -175,7 +175,7 @@ mod tests {
         let run = |p| {
             with_precision(p, || {
                 let y = <Cpu as Kernels<f32>>::matmul(x.leaky_trace(), w.clone()).unwrap();
-                let (f, g) = grads32(y, &r);
+                let (f, g) = grads(y, &r);
                 (f, g.get(&x).as_vec(), g.get(&w).as_vec())
             })
         };

@@ -197,6 +197,15 @@ pub(crate) fn par_filled<E: Elem, I: IndexedParallelIterator>(
     v
 }
 
+/// A `len`-element zeroed output for a kernel that then overwrites it through a `&mut [E]`
+/// (gemm without `read_dst`, say): zeroed in parallel, chunk by chunk ([`par_filled`]), not on
+/// the calling thread alone while the others wait.
+pub(crate) fn par_zeroed<E: Elem>(len: usize) -> Vec<E> {
+    const CHUNK: usize = 1 << 14;
+    let chunks = len.div_ceil(CHUNK);
+    par_filled(len, CHUNK, (0..chunks).into_par_iter(), |_, _| {})
+}
+
 /// [`crate::Kernels::retain`] on the CPU: prunes `scope`'s frame to the buffer `keep` starts
 /// at (if it is registered there).
 pub(crate) fn retain<S: Shape, E: Elem, T>(scope: &KernelScope, keep: &Tensor<S, E, Cpu, T>) {
@@ -273,6 +282,16 @@ mod tests {
     #[should_panic]
     fn par_filled_refuses_a_missing_item() {
         let _: Vec<f32> = par_filled(10, 3, (0..3usize).into_par_iter(), |_, _| {});
+    }
+
+    /// Every element zero, at lengths around the chunk size (an empty, a partial last chunk).
+    #[test]
+    fn par_zeroed_is_all_zeros() {
+        for len in [0, 1, (1 << 14) - 1, 1 << 14, (1 << 14) + 1, 3 << 14] {
+            let v: Vec<f32> = par_zeroed(len);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|&x| x.to_bits() == 0), "len {len}");
+        }
     }
 
     #[test]

@@ -6,11 +6,11 @@
 use super::isa;
 use super::storage;
 use super::KernelScope;
+use crate::Elem;
 use dfdx::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::cell::Cell;
 
-pub(crate) type G = Gradients<f64, Cpu>;
 pub(crate) type T32 = OwnedTape<f32, Cpu>;
 
 thread_local! {
@@ -82,21 +82,14 @@ pub(crate) fn close32(a: &[f32], b: &[f32], what: &str) {
     }
 }
 
-/// Σ R ⊙ y → (y, gradients).
-pub(crate) fn grads<S: Shape>(
-    y: Tensor<S, f64, Cpu, OwnedTape<f64, Cpu>>,
-    r: &[f64],
-) -> (Vec<f64>, G) {
-    let out = y.retaped::<NoneTape>().as_vec();
-    let rt = y.device().tensor_from_vec(r.to_vec(), *y.shape());
-    (out, (y * rt).sum::<Rank0, _>().backward())
-}
-
-/// Σ R ⊙ y → (y, gradients) in f32.
-pub(crate) fn grads32<S: Shape>(
-    y: Tensor<S, f32, Cpu, T32>,
-    r: &[f32],
-) -> (Vec<f32>, Gradients<f32, Cpu>) {
+/// Σ R ⊙ y → (y, gradients), at either precision.
+pub(crate) fn grads<E: Elem, S: Shape>(
+    y: Tensor<S, E, Cpu, OwnedTape<E, Cpu>>,
+    r: &[E],
+) -> (Vec<E>, Gradients<E, Cpu>)
+where
+    Cpu: Device<E>,
+{
     let out = y.retaped::<NoneTape>().as_vec();
     let rt = y.device().tensor_from_vec(r.to_vec(), *y.shape());
     (out, (y * rt).sum::<Rank0, _>().backward())
