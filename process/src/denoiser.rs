@@ -175,10 +175,12 @@ pub trait Denoiser {
     fn log_probs(&mut self, batch: &DenoiseBatch<'_>) -> Result<LogProbs, ProcessError>;
     /// log μ_θ(x_t, t) at only the positions `rows[b]` (strictly increasing) of each sequence
     /// b — the same values as the matching rows of [`Self::log_probs`] (up to float rounding).
-    /// A sampler asks for the positions it reveals: in the MD4 reverse step which positions
-    /// unmask does not depend on the network (paper Alg. 2), so the other rows are never read.
-    /// The default runs the full forward and selects; a network may skip work (see
-    /// `maskdiff_network`, which runs its last block only at those rows).
+    /// A sampler asks for the positions it reads: in the MD4 reverse step which positions
+    /// unmask does not depend on the network (paper Alg. 2), so ancestral-type steps ask for
+    /// their reveals only; steps that rank or reveal by μ (confidence, threshold, GenMD4) ask
+    /// for the masked positions; no step reads a decoded one. The default runs the full forward
+    /// and selects; a network may skip work (see `maskdiff_network`, which runs its last block
+    /// only at those rows).
     fn log_probs_rows(
         &mut self,
         batch: &DenoiseBatch<'_>,

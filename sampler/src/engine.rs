@@ -43,26 +43,20 @@ use crate::{
     Constraint, Remask, RemdmStrategy, Reveal, SampleOutput, SamplerConfig, SamplerError,
     SamplerKind, ScheduleRef, Shaping, StepEvent,
 };
-use maskdiff_process::{
-    reverse_step_genmd4, DenoiseBatch, Denoiser, LogProbs, ProcessError, RowLogProbs,
-};
+use maskdiff_process::{reverse_step_genmd4, DenoiseBatch, Denoiser, ProcessError, RowLogProbs};
 use maskdiff_schedule::PerTokenPolynomial;
 use std::sync::Arc;
 
 /// A denoiser output kept for reuse: valid while the sequence is unchanged (and, for
-/// time-conditioned denoisers, at the same t), at the positions it holds.
+/// time-conditioned denoisers, at the same t), at the positions it holds. It is sequence `seq`
+/// of a batched answer, at the positions the step asked for: the ones it reveals (ancestral,
+/// cached, first-hitting, ReMDM, mean) or the masked ones it ranks or reveals by their μ
+/// (confidence, threshold, GenMD4, the final fill), never the decoded ones.
 struct Cache {
-    out: Output,
+    out: Arc<RowLogProbs>,
+    seq: usize,
     t: f64,
     version: u64,
-}
-
-/// One sequence's share of a batched denoiser answer.
-enum Output {
-    /// Every position: row `row` of a full answer.
-    Full { out: Arc<LogProbs>, row: usize },
-    /// Only the positions asked for (the ones a step reveals): sequence `seq` of the answer.
-    Rows { out: Arc<RowLogProbs>, seq: usize },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -581,7 +575,7 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
                 callers.push((i, self.time_of_mask_ratio(m as f64 / m0 as f64)));
             }
         }
-        self.ensure_at(&callers, true)?;
+        self.ensure_masked(&callers, true)?;
         let tau = self.cfg.threshold;
         let mut out = Vec::new();
         let (mut t_max, mut s_max) = (0.0f64, 0.0f64);
@@ -655,17 +649,24 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
 
     fn md4_mean(&mut self, g: usize, t: f64, p: f64) -> Result<Vec<Reveal>, SamplerError> {
         let active = self.active();
-        self.ensure(&active, t, false)?;
+        // Alg. 3 draws z at every masked position; only revealed ones are observable, so z is
+        // computed (and μ asked for) only there: same random numbers, same law. Every active
+        // sequence is still called, as Alg. 3 evaluates the network at every step.
+        let rows: Vec<Vec<usize>> = active
+            .iter()
+            .map(|&i| {
+                (self.eligible(i).into_iter())
+                    .filter(|&pos| self.u(i, g, pos, Lane::Reveal) < p)
+                    .collect()
+            })
+            .collect();
+        self.ensure_rows(&active, &rows, t, false)?;
         let mut out = Vec::new();
-        for &i in &active {
-            for pos in self.eligible(i) {
-                // Alg. 3 draws z at every masked position; only revealed ones are observable,
-                // so z is computed only for those (same random numbers, same law).
-                if self.u(i, g, pos, Lane::Reveal) < p {
-                    let mu = self.shaped(i, pos)?;
-                    let z = inverse_cdf(&mu, self.u(i, g, pos, Lane::Token));
-                    out.push(self.reveal(i, pos, z, mu[z]));
-                }
+        for (&i, rows) in active.iter().zip(&rows) {
+            for &pos in rows {
+                let mu = self.shaped(i, pos)?;
+                let z = inverse_cdf(&mu, self.u(i, g, pos, Lane::Token));
+                out.push(self.reveal(i, pos, z, mu[z]));
             }
         }
         Ok(out)
@@ -681,7 +682,8 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
         s: f64,
     ) -> Result<Vec<Reveal>, SamplerError> {
         let active = self.active();
-        self.ensure(&active, t, kind == SamplerKind::Cached)?;
+        let at: Vec<(usize, f64)> = active.iter().map(|&i| (i, t)).collect();
+        self.ensure_masked(&at, kind == SamplerKind::Cached)?;
         let rc = self.cfg.remdm;
         let remdm = kind == SamplerKind::Remdm && rc.strategy != RemdmStrategy::Conf;
         let mut out = Vec::new();
@@ -754,7 +756,8 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
             .clone()
             .filter(|&i| self.counts[i - range.start][j] > 0)
             .collect();
-        self.ensure(&callers, t, true)?;
+        let at: Vec<(usize, f64)> = callers.iter().map(|&i| (i, t)).collect();
+        self.ensure_masked(&at, true)?;
         let mut out = Vec::new();
         for &i in &callers {
             let k = self.counts[i - range.start][j];
@@ -850,22 +853,20 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
         }
     }
 
-    /// Whether sequence `i` has an output for its current state at t, at the positions `want`
-    /// (every position when `None`).
-    fn cache_valid(&self, i: usize, t: f64, want: Option<&[usize]>) -> bool {
+    /// Whether sequence `i` has an output for its current state at t, at every position of
+    /// `want`.
+    fn cache_valid(&self, i: usize, t: f64, want: &[usize]) -> bool {
         self.cache[i].as_ref().is_some_and(|c| {
             c.version == self.version[i]
                 && (self.time_free || c.t == t)
-                && match (&c.out, want) {
-                    (Output::Full { .. }, _) => true,
-                    (Output::Rows { out, seq }, Some(w)) => out.has_all(*seq, w),
-                    (Output::Rows { .. }, None) => false,
-                }
+                && c.out.has_all(c.seq, want)
         })
     }
 
-    /// [`Self::ensure`] for callers that read only the positions `rows[k]` of `callers[k]`:
-    /// the denoiser is asked for those rows only ([`Denoiser::log_probs_rows`]).
+    /// Makes sure every sequence in `callers` has a denoiser output for its current state at t
+    /// at the positions `rows[k]` of `callers[k]` (the only ones the step reads): one batched
+    /// call ([`Denoiser::log_probs_rows`]) for those without a valid cached one (all of them
+    /// when `reuse` is off).
     fn ensure_rows(
         &mut self,
         callers: &[usize],
@@ -874,40 +875,33 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
         reuse: bool,
     ) -> Result<(), SamplerError> {
         let at: Vec<(usize, f64)> = callers.iter().map(|&i| (i, t)).collect();
-        self.call(&at, Some(rows), reuse)
+        self.call(&at, rows, reuse)
     }
 
-    /// Make sure every sequence in `callers` has a denoiser output for its current state at t:
-    /// one batched call for those without a valid cached one (all of them when `reuse` is off).
-    fn ensure(&mut self, callers: &[usize], t: f64, reuse: bool) -> Result<(), SamplerError> {
-        let at: Vec<(usize, f64)> = callers.iter().map(|&i| (i, t)).collect();
-        self.ensure_at(&at, reuse)
+    /// [`Self::ensure_rows`] at every masked position of the current block (the steps that rank
+    /// or reveal by μ there), with a time per sequence.
+    fn ensure_masked(&mut self, callers: &[(usize, f64)], reuse: bool) -> Result<(), SamplerError> {
+        let rows: Vec<Vec<usize>> = callers.iter().map(|&(i, _)| self.eligible(i)).collect();
+        self.call(callers, &rows, reuse)
     }
 
-    /// [`Self::ensure`] with a time per sequence.
-    fn ensure_at(&mut self, callers: &[(usize, f64)], reuse: bool) -> Result<(), SamplerError> {
-        self.call(callers, None, reuse)
-    }
-
-    /// One batched call for the callers without a valid cached output (all of them when
-    /// `reuse` is off): of every position, or with `rows` (one list per caller) of those only.
+    /// One batched call at the positions `rows[k]` of `callers[k]` for the callers without a
+    /// valid cached output (all of them when `reuse` is off); checks the answer holds exactly
+    /// the rows asked for, then caches it.
     fn call(
         &mut self,
         callers: &[(usize, f64)],
-        rows: Option<&[Vec<usize>]>,
+        rows: &[Vec<usize>],
         reuse: bool,
     ) -> Result<(), SamplerError> {
         let mut need = Vec::new();
         let mut ts = Vec::new();
         let mut need_rows = Vec::new();
-        for (k, &(i, t)) in callers.iter().enumerate() {
-            let want = rows.map(|r| r[k].as_slice());
+        for (&(i, t), want) in callers.iter().zip(rows) {
             if !reuse || !self.cache_valid(i, t, want) {
                 need.push(i);
                 ts.push(t);
-                if let Some(w) = want {
-                    need_rows.push(w.to_vec());
-                }
+                need_rows.push(want.clone());
             }
         }
         if need.is_empty() {
@@ -929,50 +923,10 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
             t: &ts,
             labels: labels.as_deref(),
         };
-        if rows.is_some() {
-            return self.store_rows(&need, &ts, &batch, need_rows);
-        }
-        let out = self.den.log_probs(&batch)?;
-        if out.batch != need.len()
-            || out.len != len
-            || out.vocab != self.vocab
-            || out.data.len() != need.len() * len * self.vocab
-        {
-            return Err(ProcessError::Shape(format!(
-                "denoiser returned [{}, {}, {}] ({} values) for a batch of [{}, {}, {}]",
-                out.batch,
-                out.len,
-                out.vocab,
-                out.data.len(),
-                need.len(),
-                len,
-                self.vocab
-            ))
-            .into());
-        }
-        if out.data.iter().any(|x| x.is_nan() || *x == f32::INFINITY) {
-            return Err(SamplerError::BadPrediction(
-                "log-probabilities contain NaN or +inf".into(),
-            ));
-        }
-        self.calls += 1;
-        let out = Arc::new(out);
-        for (row, (&i, &t)) in need.iter().zip(&ts).enumerate() {
-            self.nfe[i] += 1;
-            self.cache[i] = Some(Cache {
-                out: Output::Full {
-                    out: Arc::clone(&out),
-                    row,
-                },
-                t,
-                version: self.version[i],
-            });
-        }
-        Ok(())
+        self.store_rows(&need, &ts, &batch, need_rows)
     }
 
-    /// The row-restricted call of [`Self::call`]: checks the answer holds exactly the rows
-    /// asked for, then caches it.
+    /// The denoiser call of [`Self::call`] and the checks of its answer.
     fn store_rows(
         &mut self,
         need: &[usize],
@@ -1007,10 +961,8 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
         for (seq, (&i, &t)) in need.iter().zip(ts).enumerate() {
             self.nfe[i] += 1;
             self.cache[i] = Some(Cache {
-                out: Output::Rows {
-                    out: Arc::clone(&out),
-                    seq,
-                },
+                out: Arc::clone(&out),
+                seq,
                 t,
                 version: self.version[i],
             });
@@ -1024,14 +976,11 @@ impl<'a, D: Denoiser + ?Sized> Sampler<'a, D> {
             .as_ref()
             .ok_or_else(|| SamplerError::BadPrediction("no denoiser output".into()))?;
         // NaN and +inf were rejected when the output arrived.
-        let row = match &c.out {
-            Output::Full { out, row } => out.row(*row, pos),
-            Output::Rows { out, seq } => out.find(*seq, pos).ok_or_else(|| {
-                SamplerError::BadPrediction(format!(
-                    "no denoiser output at sequence {i}, position {pos}"
-                ))
-            })?,
-        };
+        let row = c.out.find(c.seq, pos).ok_or_else(|| {
+            SamplerError::BadPrediction(format!(
+                "no denoiser output at sequence {i}, position {pos}"
+            ))
+        })?;
         let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
         if m == f64::NEG_INFINITY {
             return Err(SamplerError::BadPrediction(format!(

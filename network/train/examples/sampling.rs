@@ -9,7 +9,9 @@
 //!  [--len N] [--preset NAME] [--device cpu|cuda] [--f32-only] [--only S1,S2,..]
 //!  [--precisions P1,P2] [--no-rows]` — prints a Markdown table; each sampler runs at f32, then
 //! with bf16 matrix products where the CPU has AVX512-BF16. `--only` picks samplers
-//! (`ancestral`, `cached`, `first-hitting`), `--precisions` picks precisions (`f32`, `bf16`);
+//! (`ancestral`, `cached`, `first-hitting` by default; also `mean`, `confidence`,
+//! `threshold`, `remdm`: these read μ at every masked position or call at every step),
+//! `--precisions` picks precisions (`f32`, `bf16`);
 //! `--no-rows` makes the network answer the samplers' row requests from its full forward
 //! (the row-restricted last block off), for comparison.
 
@@ -83,17 +85,23 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
         ("ancestral (Alg. 2)", SamplerKind::Ancestral),
         ("cached", SamplerKind::Cached),
         ("first-hitting", SamplerKind::FirstHitting),
+        ("mean (Alg. 3)", SamplerKind::Mean),
+        ("confidence", SamplerKind::Confidence),
+        ("threshold", SamplerKind::Threshold),
+        ("ReMDM", SamplerKind::Remdm),
     ];
-    if let Some(want) = list("--only") {
-        for w in &want {
-            if !samplers.iter().any(|(_, k)| k.name() == w) {
-                return Err(
-                    format!("unknown sampler {w:?} (ancestral, cached, first-hitting)").into(),
-                );
-            }
+    let want = list("--only").unwrap_or_else(|| {
+        ["ancestral", "cached", "first-hitting"]
+            .map(String::from)
+            .to_vec()
+    });
+    for w in &want {
+        if !samplers.iter().any(|(_, k)| k.name() == w) {
+            let names: Vec<&str> = samplers.iter().map(|(_, k)| k.name()).collect();
+            return Err(format!("unknown sampler {w:?} ({})", names.join(", ")).into());
         }
-        samplers.retain(|(_, k)| want.iter().any(|w| w == k.name()));
     }
+    samplers.retain(|(_, k)| want.iter().any(|w| w == k.name()));
     let rows = !flag("--no-rows");
     for (precision, (name, kind)) in precisions
         .iter()
