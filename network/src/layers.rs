@@ -179,18 +179,46 @@ impl<E: Elem, D: Device<E>> Rope<E, D> {
                 sin_host.push(E::c(ang.sin()));
             }
         }
-        let pairs = |v: &[E]| -> Vec<E> { v.iter().flat_map(|&x| [x, x]).collect() };
-        let (cos, sin) = (pairs(&cos_host), pairs(&sin_host));
         let mut swap = vec![E::zero(); hd * hd];
         for i in 0..hd / 2 {
             // row = input index, column = output index
             swap[(2 * i + 1) * hd + 2 * i] = -E::one();
             swap[(2 * i) * hd + 2 * i + 1] = E::one();
         }
+        let swap = dev.try_tensor_from_vec(swap, (hd, hd))?;
+        Self::from_host(dev, n, cos_host, sin_host, swap)
+    }
+
+    /// The tables of the rows `rows` of this one (row i rotates by the position of row
+    /// `rows[i]` here): the same values as [`Self::at_positions`] at those positions, copied
+    /// rather than recomputed (a sampler's row-restricted queries).
+    pub fn select(&self, dev: &D, rows: &[usize]) -> Res<Self, D> {
+        let half = self.swap.shape().0 / 2;
+        let pick = |v: &[E]| -> Vec<E> {
+            (rows.iter())
+                .flat_map(|&r| v[r * half..(r + 1) * half].iter().copied())
+                .collect()
+        };
+        let (cos_host, sin_host) = (pick(&self.cos_host), pick(&self.sin_host));
+        Self::from_host(dev, rows.len(), cos_host, sin_host, self.swap.clone())
+    }
+
+    /// The (n, hd) tables from the per-pair host tables (n, hd/2): each pair's value repeated
+    /// for its two dimensions.
+    fn from_host(
+        dev: &D,
+        n: usize,
+        cos_host: Vec<E>,
+        sin_host: Vec<E>,
+        swap: T2<E, D>,
+    ) -> Res<Self, D> {
+        let hd = swap.shape().0;
+        let pairs = |v: &[E]| -> Vec<E> { v.iter().flat_map(|&x| [x, x]).collect() };
+        let (cos, sin) = (pairs(&cos_host), pairs(&sin_host));
         Ok(Rope {
             cos: dev.try_tensor_from_vec(cos, (n, hd))?,
             sin: dev.try_tensor_from_vec(sin, (n, hd))?,
-            swap: dev.try_tensor_from_vec(swap, (hd, hd))?,
+            swap,
             cos_host,
             sin_host,
         })
@@ -274,6 +302,24 @@ mod tests {
             }
         }
         assert_eq!(sin[hd + 2], 0.0, "position 0 does not rotate");
+    }
+
+    /// Selecting rows of a table gives the tables computed at those rows' positions, bit for
+    /// bit (repeated and out-of-order rows included).
+    #[test]
+    fn selected_rope_rows_equal_the_tables_at_their_positions() {
+        let dev = dfdx::prelude::Cpu::default();
+        let (hd, theta) = (8, 10_000.0);
+        let full = Rope::<f32, _>::new(&dev, 12, hd, theta).unwrap();
+        let rows = [11usize, 0, 5, 5, 3];
+        let sel = full.select(&dev, &rows).unwrap();
+        let direct = Rope::<f32, _>::at_positions(&dev, rows.into_iter(), hd, theta).unwrap();
+        assert_eq!(sel.cos_host, direct.cos_host);
+        assert_eq!(sel.sin_host, direct.sin_host);
+        assert_eq!(sel.cos.as_vec(), direct.cos.as_vec());
+        assert_eq!(sel.sin.as_vec(), direct.sin.as_vec());
+        assert_eq!(sel.swap.as_vec(), direct.swap.as_vec());
+        assert_eq!(*sel.cos.shape(), (rows.len(), hd));
     }
 
     #[test]

@@ -553,8 +553,8 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
         )?;
         let k = D::matmul(x.retaped::<T>(), attn.wk.tensor()?)?;
         let v = D::matmul(x, attn.wv.tensor()?)?;
-        let rope_q =
-            Rope::at_positions(&self.dev, sel.pos.iter().copied(), hd, self.cfg.rope_theta)?;
+        // the full table's rows at the queries' positions (copied, not recomputed)
+        let rope_q = rope.select(&self.dev, &sel.pos)?;
         // one "sequence" of m rows, each rotated at its own position
         let q =
             D::rope(&rope_q, q, 1, m, h, 1.0 / (hd as f64).sqrt())?.try_reshape_like(&(m, d))?;
