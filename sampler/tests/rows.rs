@@ -13,71 +13,6 @@ use maskdiff_process::{DenoiseBatch, Denoiser, LogProbs, ProcessError, RowLogPro
 use maskdiff_sampler::{sample, SamplerConfig, SamplerKind};
 use maskdiff_schedule::{Linear, PerTokenPolynomial, SamplingGrid, Shifted};
 
-/// Answers row requests with the requested rows only, counting them.
-struct Counting {
-    inner: HashDenoiser,
-    rows: usize,
-    row_calls: usize,
-}
-
-impl Denoiser for Counting {
-    fn vocab(&self) -> Vocab {
-        self.inner.vocab()
-    }
-    fn is_time_conditioned(&self) -> bool {
-        self.inner.is_time_conditioned()
-    }
-    fn log_probs(&mut self, b: &DenoiseBatch<'_>) -> Result<LogProbs, ProcessError> {
-        self.inner.log_probs(b)
-    }
-    fn log_probs_rows(
-        &mut self,
-        b: &DenoiseBatch<'_>,
-        rows: &[Vec<usize>],
-    ) -> Result<RowLogProbs, ProcessError> {
-        self.row_calls += 1;
-        self.rows += rows.iter().map(Vec::len).sum::<usize>();
-        RowLogProbs::select(&self.inner.log_probs(b)?, rows)
-    }
-}
-
-#[test]
-fn samplers_request_exactly_the_revealed_rows() {
-    let sched = Shifted::official(Linear);
-    for kind in [
-        SamplerKind::Ancestral,
-        SamplerKind::Cached,
-        SamplerKind::FirstHitting,
-    ] {
-        for tc in [false, true] {
-            let c = SamplerConfig {
-                kind,
-                steps: 40,
-                grid: SamplingGrid::Cosine,
-                num_samples: 6,
-                length: 10,
-                seed: 11,
-                batch_size: 4,
-                ..SamplerConfig::default()
-            };
-            let mut d = Counting {
-                inner: HashDenoiser::new(5, tc),
-                rows: 0,
-                row_calls: 0,
-            };
-            let out = sample(&mut d, &sched, &c, &[], None).unwrap();
-            // every position starts masked and is revealed once (some by the final fill)
-            assert_eq!(d.rows, 6 * 10, "{kind:?}, time-conditioned {tc}");
-            assert_eq!(d.row_calls as u64, out.calls, "{kind:?}");
-            assert!(out.sequences.iter().flatten().all(|&x| x < 5));
-            // the same samples as with a denoiser that answers from its full output
-            let full = sample(&mut HashDenoiser::new(5, tc), &sched, &c, &[], None).unwrap();
-            assert_eq!(out.sequences, full.sequences, "{kind:?}");
-            assert_eq!(out.nfe, full.nfe);
-        }
-    }
-}
-
 /// Answers row requests from the full output and records, per call, how many positions were
 /// masked in the input and how many of the requested rows were.
 struct Masked {
@@ -110,6 +45,44 @@ impl Denoiser for Masked {
             .count();
         self.calls.push((masked, asked, asked_masked));
         RowLogProbs::select(&self.inner.log_probs(b)?, rows)
+    }
+}
+
+#[test]
+fn samplers_request_exactly_the_revealed_rows() {
+    let sched = Shifted::official(Linear);
+    for kind in [
+        SamplerKind::Ancestral,
+        SamplerKind::Cached,
+        SamplerKind::FirstHitting,
+    ] {
+        for tc in [false, true] {
+            let c = SamplerConfig {
+                kind,
+                steps: 40,
+                grid: SamplingGrid::Cosine,
+                num_samples: 6,
+                length: 10,
+                seed: 11,
+                batch_size: 4,
+                ..SamplerConfig::default()
+            };
+            let mut d = Masked {
+                inner: HashDenoiser::new(5, tc),
+                calls: Vec::new(),
+            };
+            let out = sample(&mut d, &sched, &c, &[], None).unwrap();
+            // every position starts masked and is revealed once (some by the final fill)
+            let asked: usize = d.calls.iter().map(|c| c.1).sum();
+            assert_eq!(asked, 6 * 10, "{kind:?}, time-conditioned {tc}");
+            assert_eq!(d.calls.len() as u64, out.calls, "{kind:?}");
+            assert!(d.calls.iter().all(|c| c.2 == c.1), "only masked rows");
+            assert!(out.sequences.iter().flatten().all(|&x| x < 5));
+            // the same samples as with a denoiser that answers from its full output
+            let full = sample(&mut HashDenoiser::new(5, tc), &sched, &c, &[], None).unwrap();
+            assert_eq!(out.sequences, full.sequences, "{kind:?}");
+            assert_eq!(out.nfe, full.nfe);
+        }
     }
 }
 
