@@ -21,7 +21,8 @@
 # PyTorch bf16 autocast. The load average is printed before and after (shared machines).
 # ratios = maskdiff over PyTorch tokens/s; mem_ratio = maskdiff over PyTorch peak resident
 # memory of the train phase (whole process, Linux VmHWM; < 1 means maskdiff uses less). The
-# spread (min–max over rounds) of each side is printed too.
+# spread (min–max over rounds) of each side is printed too, and the ratio of the two sides
+# within each round with its median (less sensitive to a machine whose speed drifts).
 # Each side reports tokens/s of its fastest timed iteration; with ROUNDS > 1 the best round per
 # side is used. On a shared machine other processes only ever add time (PyTorch's OpenMP threads
 # degrade badly when cores are oversubscribed), so best-of is the fair comparison.
@@ -137,6 +138,21 @@ if [ "$BF16" = 1 ]; then
   echo "maskdiff bf16 (--precision bf16, ran as $bf16_side): forward ${mbf} tok/s, train ${mbt} tok/s, train peak RSS ${mbm} MB (spread: forward $(span "${rb_f[@]}"), train $(span "${rb_t[@]}")); achieved train $(gfb "$mbt" 3), forward $(gfb "$mbf" 1)"
   echo "PyTorch bf16 autocast: forward ${bfw} tok/s, train ${bt} tok/s (spread: forward $(span "${pb_f[@]}"), train $(span "${pb_t[@]}")); achieved train $(gfb "$bt" 3), forward $(gfb "$bfw" 1)"
   bf=$(awk -v rt="$mbt" -v bt="$bt" -v rf="$mbf" -v bf="$bfw" -v side="$bf16_side" 'BEGIN { printf " train_ratio_bf16=%.3f forward_ratio_bf16=%.3f bf16_side=%s", rt / bt, rf / bf, side }')
+fi
+# paired ratios: each round's maskdiff over the same round's PyTorch. The two sides of a round
+# ran back to back, so a machine whose speed drifts between minutes moves both; best-of-rounds
+# can pair a fast minute of one side with a slow one of the other.
+paired() {
+  awk -v a="$1" -v b="$2" 'BEGIN {
+    n = split(a, x, " "); split(b, y, " "); s = ""
+    for (i = 1; i <= n; i++) { r[i] = x[i] / y[i]; s = s sprintf("%s%.3f", i > 1 ? " / " : "", r[i]) }
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (r[j] < r[i]) { t = r[i]; r[i] = r[j]; r[j] = t }
+    m = (n % 2) ? r[(n + 1) / 2] : (r[n / 2] + r[n / 2 + 1]) / 2
+    printf "%s (median %.3f)", s, m }'
+}
+echo "paired per round (maskdiff / PyTorch, same round): train $(paired "${rs_t[*]}" "${py_t[*]}"), forward $(paired "${rs_f[*]}" "${py_f[*]}")"
+if [ "$BF16" = 1 ]; then
+  echo "paired per round, bf16 (maskdiff --precision bf16 / PyTorch autocast): train $(paired "${rb_t[*]}" "${pb_t[*]}"), forward $(paired "${rb_f[*]}" "${pb_f[*]}")"
 fi
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 awk -v rt="$rt" -v pt="$pt" -v rf="$rf" -v pf="$pf" -v rm="$rm_" -v pm="$pm" -v bf="$bf" \
