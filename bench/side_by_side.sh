@@ -13,10 +13,12 @@
 # where AVX512-BF16 exists — the formula is wrong where the clock boosts above the reported
 # one or the CPU has one 512-bit FMA per cycle, as AMD Zen 4), and reports each side's achieved
 # GFLOP/s (analytic matmul + attention flops of the cpu-small model: 3× the forward's per train
-# step) against the measured f32 peak (bf16 sides also against the measured bf16 dot peak).
+# step) against the measured f32 peak (bf16 sides also against the measured bf16 peak: AMX
+# tdpbf16ps where the CPU and OS allow tiles, as maskdiff's bf16 products then use them, else
+# vdpbf16ps).
 # With BF16=1 (default) PyTorch also runs with bf16 autocast and maskdiff with
 # `--precision bf16` (bf16 inputs to the dense layers' and attention's products, f32
-# accumulation; on a CPU without AVX512-BF16 maskdiff has no bf16
+# accumulation, on AMX tiles where the CPU has them; on a CPU without AVX512-BF16 maskdiff has no bf16
 # path and its f32 numbers stand in, bf16_side=f32 says so); *_ratio_bf16 = maskdiff bf16 over
 # PyTorch bf16 autocast. The load average is printed before and after (shared machines).
 # ratios = maskdiff over PyTorch tokens/s; mem_ratio = maskdiff over PyTorch peak resident
@@ -70,6 +72,7 @@ measure_peak() {
   line=$(./target/release/examples/fma_peak | tee >(cat >&2) | tail -n 1)
   pk_f+=("$(echo "$line" | sed -n 's/.*peak_f32_gflops=\([0-9.]*\).*/\1/p')")
   pk_b+=("$(echo "$line" | sed -n 's/.*peak_bf16_gflops=\([0-9.]*\).*/\1/p')")
+  bf16_path=$(echo "$line" | sed -n 's/.*bf16_path=\([a-z0-9]*\).*/\1/p')
 }
 # cpu-small, length 256: matmul flops per token 2·(L(4d² + 3dh) + dV), attention 4·n·d per layer
 fwd_flop=$(awk 'BEGIN { L=4; d=256; h=704; V=27; n=256; print 2*(L*(4*d*d + 3*d*h) + d*V) + L*4*n*d }')
@@ -115,7 +118,7 @@ done
 sleep 0.2 # let the tee'd copies reach stderr first
 best() { printf '%s\n' "$@" | sort -g | tail -n 1; }
 mpeak=$(best "${pk_f[@]}"); bpeak=$(printf '%s\n' "${pk_b[@]}" | grep . | sort -g | tail -n 1 || true)
-echo "measured peak (${RAYON_NUM_THREADS:-$cores} threads, best of $ROUNDS rounds): f32 FMA ${mpeak} GFLOP/s, bf16 dot ${bpeak:-none} GFLOP/s"
+echo "measured peak (${RAYON_NUM_THREADS:-$cores} threads, best of $ROUNDS rounds): f32 FMA ${mpeak} GFLOP/s, bf16 (${bf16_path:-none}) ${bpeak:-none} GFLOP/s"
 peak=${mpeak:-$peak}
 least() { printf '%s\n' "$@" | sort -g | head -n 1; }
 span() { echo "$(least "$@")–$(best "$@")"; }

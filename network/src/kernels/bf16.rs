@@ -30,7 +30,9 @@
 //! the f32 tile between blocks and loading it again is exact, so the blocking does not change
 //! the summation order.
 
-use super::isa::Level;
+#[cfg(target_arch = "x86_64")]
+use super::amx;
+use super::isa::{Bf16Hw, Level};
 use rayon::prelude::*;
 
 /// Rows of the microkernel's tile.
@@ -170,9 +172,25 @@ unsafe fn gemm_bf16_on(
     if m == 0 || n == 0 {
         return;
     }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    // SAFETY: (i, j) inside C (caller).
+                    unsafe { *c.add(i * c_rs + j * c_cs) = 0.0 };
+                }
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(hw) = level.amx() {
+        // SAFETY: the caller's.
+        return unsafe { gemm_amx(hw, level, par, (m, n, k), c, (c_rs, c_cs), accumulate, a, b) };
+    }
     let kp = k.div_ceil(2);
     let (row_panels, col_panels) = (m.div_ceil(MR), n.div_ceil(NR));
-    let (mut ap, mut bp) = SCRATCH.with(|s| s.take());
+    let (mut ap, mut bp, tmp) = SCRATCH.with(|s| s.take());
     // SAFETY (both packs): the caller guarantees A and B valid for their elements.
     let (a_rs, a_ps) = unsafe { convert_a(level, par, a, m, k, row_panels * MR, &mut ap) };
     let pb = Panels {
@@ -181,18 +199,8 @@ unsafe fn gemm_bf16_on(
         ks: b.rs,
     };
     // SAFETY: as above.
-    unsafe { pack::<NR>(level, par, pb, n, k, &mut bp) };
-    // tiles: enough of them to keep every thread busy, at most 8 × 8 panels each
-    let threads = if par {
-        rayon::current_num_threads().max(1)
-    } else {
-        1
-    };
-    let cols_per = col_panels.min(8);
-    let col_groups = col_panels.div_ceil(cols_per);
-    let want = (4 * threads).div_ceil(col_groups);
-    let rows_per = row_panels.div_ceil(want).clamp(1, 8);
-    let row_groups = row_panels.div_ceil(rows_per);
+    unsafe { pack::<NR>(level, par, pb, n, k, kp, &mut bp) };
+    let (rows_per, cols_per, row_groups, col_groups) = task_grid(par, row_panels, col_panels);
     let hw = level.bf16().is_some();
     let out = OutPtr(c);
     let tile_task = |t: usize| {
@@ -237,7 +245,326 @@ unsafe fn gemm_bf16_on(
     } else {
         (0..row_groups * col_groups).for_each(tile_task);
     }
-    SCRATCH.with(|s| s.set((ap, bp)));
+    SCRATCH.with(|s| s.set((ap, bp, tmp)));
+}
+
+/// Rows (and columns) of the AMX block: 2 × 2 tiles of 16 × 16.
+#[cfg(target_arch = "x86_64")]
+const AM: usize = 2 * amx::T;
+/// Pairs per block of the inner dimension on AMX: C is loaded and stored once per block, and a
+/// tile step moves 4 KiB for 4 products, so longer blocks than [`KC`] pay (train step ≈ 3 %
+/// faster at 512 than at 128 in two alternations on the Xeon this was written on; 256, 384 and
+/// 1024 no better than 512 within its noise).
+#[cfg(target_arch = "x86_64")]
+const KC_AMX: usize = 512;
+
+/// [`gemm_bf16_on`] on AMX tiles: A converted into 16-row groups of 16 × 16 pair blocks (one
+/// tile load each, contiguous, so no cache-set aliasing from long rows), B packed as for the
+/// `vdpbf16ps` kernel with its pairs padded to a multiple of 16, then 32 × 32 blocks of C over
+/// KC-pair blocks, tasks grouped as in [`gemm_bf16_on`].
+///
+/// # Safety
+/// As for [`gemm_bf16`]; k > 0.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_amx(
+    hw: super::isa::AmxHw,
+    level: Level,
+    par: bool,
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    (c_rs, c_cs): (usize, usize),
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+) {
+    let kst = k.div_ceil(2).div_ceil(amx::T) * amx::T;
+    let (row_panels, col_panels) = (m.div_ceil(AM), n.div_ceil(NR));
+    let (mut ap, mut bp, mut tmp) = SCRATCH.with(|s| s.take());
+    // SAFETY (both packs): the caller guarantees A and B valid for their elements.
+    unsafe { convert_a_amx(level, par, a, m, k, kst, row_panels * AM, &mut ap, &mut tmp) };
+    let pb = Panels {
+        ptr: b.ptr,
+        ws: b.cs,
+        ks: b.rs,
+    };
+    // SAFETY: as above.
+    unsafe { pack::<NR>(level, par, pb, n, k, kst, &mut bp) };
+    let (rows_per, cols_per, row_groups, col_groups) = task_grid(par, row_panels, col_panels);
+    let group = kst * amx::T; // one 16-row group of A
+    let out = OutPtr(c);
+    let tile_task = |t: usize| {
+        let tiles = amx::Tiles::configure(hw);
+        let (rg, cg) = (t / col_groups, t % col_groups);
+        let rows = rg * rows_per..((rg + 1) * rows_per).min(row_panels);
+        let cols = cg * cols_per..((cg + 1) * cols_per).min(col_panels);
+        for k0 in (0..kst).step_by(KC_AMX) {
+            let kc = KC_AMX.min(kst - k0);
+            let load = accumulate || k0 > 0;
+            for cp in cols.clone() {
+                let bpan = &bp[(cp * kst + k0) * NR..][..kc * NR];
+                for rp in rows.clone() {
+                    let a0 = &ap[2 * rp * group + k0 * amx::T..][..kc * amx::T];
+                    let a1 = &ap[(2 * rp + 1) * group + k0 * amx::T..][..kc * amx::T];
+                    let (i0, j0) = (rp * AM, cp * NR);
+                    let (mr, nr) = (AM.min(m - i0), NR.min(n - j0));
+                    let kb = kc / amx::T;
+                    // SAFETY: a0, a1 hold kb blocks of 256 u32, bpan kb·512 u32 (sliced
+                    // above); the tiles are configured on this thread.
+                    let micro = |cc: *mut f32, ldc: usize, load: bool| unsafe {
+                        amx::micro(
+                            &tiles,
+                            kb,
+                            a0.as_ptr(),
+                            a1.as_ptr(),
+                            bpan.as_ptr(),
+                            cc,
+                            ldc,
+                            load,
+                        )
+                    };
+                    // SAFETY: (i0.., j0..) with mr × nr elements is this task's part of C
+                    // (tiles are disjoint); the caller guarantees C valid.
+                    let tile = unsafe { out.get().add(i0 * c_rs + j0 * c_cs) };
+                    if mr == AM && nr == NR && c_cs == 1 {
+                        micro(tile, c_rs, load);
+                        continue;
+                    }
+                    let mut buf = [0.0f32; AM * NR];
+                    if load {
+                        for i in 0..mr {
+                            for j in 0..nr {
+                                // SAFETY: (i, j) inside the tile.
+                                buf[i * NR + j] = unsafe { *tile.add(i * c_rs + j * c_cs) };
+                            }
+                        }
+                    }
+                    micro(buf.as_mut_ptr(), NR, load);
+                    for i in 0..mr {
+                        for j in 0..nr {
+                            // SAFETY: as above.
+                            unsafe { *tile.add(i * c_rs + j * c_cs) = buf[i * NR + j] };
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if par {
+        (0..row_groups * col_groups)
+            .into_par_iter()
+            .for_each(tile_task);
+    } else {
+        (0..row_groups * col_groups).for_each(tile_task);
+    }
+    SCRATCH.with(|s| s.set((ap, bp, tmp)));
+}
+
+/// The task grid over `row_panels` × `col_panels` microkernel tiles: enough tasks to keep every
+/// thread busy, at most 8 × 8 tiles each. Returns (rows per task, columns per task, row
+/// groups, column groups).
+fn task_grid(par: bool, row_panels: usize, col_panels: usize) -> (usize, usize, usize, usize) {
+    let threads = if par {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    let cols_per = col_panels.min(8);
+    let col_groups = col_panels.div_ceil(cols_per);
+    let want = (4 * threads).div_ceil(col_groups);
+    let rows_per = row_panels.div_ceil(want).clamp(1, 8);
+    let row_groups = row_panels.div_ceil(rows_per);
+    (rows_per, cols_per, row_groups, col_groups)
+}
+
+/// A (m × k) converted for [`gemm_amx`] into `buf`: `rows / 16` groups of 16 rows (rows m..rows
+/// zero), each `kst / 16` blocks of 16 rows × 16 pairs, row-major inside the block (pair p of
+/// row i of group g at `(g·kst/16 + p/16)·256 + i·16 + p % 16`; pairs kp..kst zero). With k
+/// contiguous in A each row is converted straight into its blocks; with A's rows contiguous
+/// (dW = Xᵀ dY: X read row by row, in order) 32 rows of X at a time become 16 pair rows in
+/// `tmp`, scattered as one transposed 16 × 16 block into every group; otherwise each group is
+/// packed as a 16-wide panel into `tmp` and its blocks transposed.
+///
+/// # Safety
+/// `a` valid for reads of its m × k elements.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn convert_a_amx(
+    level: Level,
+    par: bool,
+    a: Mat,
+    m: usize,
+    k: usize,
+    kst: usize,
+    rows: usize,
+    buf: &mut Vec<u32>,
+    tmp: &mut Vec<u32>,
+) {
+    const G: usize = amx::T;
+    let kp = k.div_ceil(2);
+    if buf.len() < rows * kst {
+        buf.resize(rows * kst, 0);
+    }
+    let buf = &mut buf[..rows * kst];
+    let x = Panels {
+        ptr: a.ptr,
+        ws: a.rs,
+        ks: a.cs,
+    };
+    let a = &a; // closures capture the whole `Mat` (Sync), not its raw pointer field
+    let hw = level.bf16();
+    if a.cs != 1 && a.rs == 1 {
+        let (groups, kbs) = (rows / G, kst / G);
+        let out = U32Out(buf.as_mut_ptr());
+        let chunk = |kb: usize, t: &mut Vec<u32>| {
+            if t.len() < G * rows {
+                t.resize(G * rows, 0);
+            }
+            let t = &mut t[..G * rows];
+            for (q, d) in t.chunks_exact_mut(rows).enumerate() {
+                let p = kb * G + q;
+                if p >= kp {
+                    d.fill(0);
+                    continue;
+                }
+                // SAFETY: rows 2p (and 2p + 1) < k of Aᵀ, each m contiguous elements (caller).
+                let even = unsafe { std::slice::from_raw_parts(a.ptr.add(2 * p * a.cs), m) };
+                if 2 * p + 1 < k {
+                    // SAFETY: as above.
+                    let odd =
+                        unsafe { std::slice::from_raw_parts(a.ptr.add((2 * p + 1) * a.cs), m) };
+                    cvt_interleave(hw, even, odd, &mut d[..m]);
+                } else {
+                    for (d, &e) in d.iter_mut().zip(even) {
+                        *d = pair(e, 0.0);
+                    }
+                }
+                d[m..].fill(0);
+            }
+            for g in 0..groups {
+                // SAFETY: block (g, kb) lies inside `buf` (rows·kst u32) and only the task of
+                // chunk kb writes it.
+                let blk = unsafe {
+                    std::slice::from_raw_parts_mut(out.get().add((g * kbs + kb) * G * G), G * G)
+                };
+                for (w, row) in blk.chunks_exact_mut(G).enumerate() {
+                    for (q, d) in row.iter_mut().enumerate() {
+                        *d = t[q * rows + g * G + w];
+                    }
+                }
+            }
+        };
+        if par {
+            (0..kbs).into_par_iter().for_each_init(
+                || TmpGuard(AMX_TMP.with(|t| t.take())),
+                |t, kb| chunk(kb, &mut t.0),
+            );
+        } else {
+            for kb in 0..kbs {
+                chunk(kb, tmp);
+            }
+        }
+        return;
+    }
+    let fill_group = |g: usize, dst: &mut [u32], tmp: &mut Vec<u32>| {
+        let r0 = g * G;
+        if r0 >= m {
+            dst.fill(0);
+            return;
+        }
+        let width = G.min(m - r0);
+        if tmp.len() < kst * G {
+            tmp.resize(kst * G, 0);
+        }
+        if a.cs == 1 {
+            for w in 0..G {
+                if w < width {
+                    // SAFETY: row r0 + w < m of A, k contiguous elements (caller).
+                    let row = unsafe { std::slice::from_raw_parts(a.ptr.add((r0 + w) * a.rs), k) };
+                    cvt_row_blocked(hw, row, dst, w);
+                } else {
+                    for blk in dst.chunks_exact_mut(G * G) {
+                        blk[w * G..][..G].fill(0);
+                    }
+                }
+            }
+        } else {
+            let pan = &mut tmp[..kst * G];
+            // SAFETY: rows r0 .. r0 + width of A (caller).
+            unsafe { pack_panel::<G>(level, x.at_row(r0), width, k, &mut pan[..kp * G]) };
+            pan[kp * G..].fill(0);
+            for (blk, src) in dst.chunks_exact_mut(G * G).zip(pan.chunks_exact(G * G)) {
+                // src: pair q's 16 rows at q·16; blk: row w's 16 pairs at w·16
+                for q in 0..G {
+                    for w in 0..G {
+                        blk[w * G + q] = src[q * G + w];
+                    }
+                }
+            }
+        }
+    };
+    if par {
+        buf.par_chunks_mut(kst * G).enumerate().for_each_init(
+            || TmpGuard(AMX_TMP.with(|t| t.take())),
+            |t, (g, dst)| fill_group(g, dst, &mut t.0),
+        );
+    } else {
+        for (g, dst) in buf.chunks_mut(kst * G).enumerate() {
+            fill_group(g, dst, tmp);
+        }
+    }
+}
+
+/// The AMX A buffer, written at disjoint blocks by the conversion's tasks.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct U32Out(*mut u32);
+#[cfg(target_arch = "x86_64")]
+impl U32Out {
+    fn get(self) -> *mut u32 {
+        self.0
+    }
+}
+// SAFETY: every task writes its own blocks (see `convert_a_amx`).
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for U32Out {}
+// SAFETY: as for `Send`.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for U32Out {}
+
+/// Row w of a 16-row group of the AMX A layout from one row of A (k contiguous): pair p goes to
+/// `dst[(p/16)·256 + w·16 + p % 16]`, pairs from ⌈k/2⌉ to the end of the group zero.
+#[cfg(target_arch = "x86_64")]
+fn cvt_row_blocked(hw: Option<Bf16Hw>, row: &[f32], dst: &mut [u32], w: usize) {
+    const G: usize = amx::T;
+    assert!(w < G && dst.len().is_multiple_of(G * G) && dst.len() / G >= row.len().div_ceil(2));
+    let mut done = 0; // pairs written
+    if let Some(hw) = hw {
+        // SAFETY: the proof says the CPU has AVX512-BF16; whole 16-pair chunks of `row` go to
+        // their blocks' row w, inside `dst` (checked above).
+        done = unsafe { avx512bf16::cvt_row_blocked(hw, row, dst, w) };
+    }
+    for (kb, blk) in dst.chunks_exact_mut(G * G).enumerate().skip(done / G) {
+        for (q, d) in blk[w * G..][..G].iter_mut().enumerate() {
+            let p = kb * G + q;
+            *d = match (row.get(2 * p), row.get(2 * p + 1)) {
+                (Some(&e), Some(&o)) => pair(e, o),
+                (Some(&e), None) => pair(e, 0.0),
+                _ => 0,
+            };
+        }
+    }
+}
+
+/// A rayon worker's [`AMX_TMP`], put back when its part of the conversion is done.
+#[cfg(target_arch = "x86_64")]
+struct TmpGuard(Vec<u32>);
+#[cfg(target_arch = "x86_64")]
+impl Drop for TmpGuard {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        AMX_TMP.with(|t| t.set(v));
+    }
 }
 
 /// One MR × NR tile of C over `kc` pairs: in place when it is whole and its rows contiguous,
@@ -337,8 +664,93 @@ unsafe fn micro_portable(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16 {
-    use super::{MR, NR};
+    use super::{pair, Bf16Hw, MR, NR};
     use std::arch::x86_64::*;
+
+    /// [`super::cvt_pairs`] on AVX512-BF16.
+    ///
+    /// # Safety
+    /// `src.len() ≥ 2·dst.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn cvt_pairs(_hw: Bf16Hw, src: &[f32], dst: &mut [u32]) {
+        let n = dst.len();
+        let mut p = 0;
+        while p + 16 <= n {
+            // SAFETY: floats 2p .. 2p + 32 < src.len() and pairs p .. p + 16 ≤ n (caller).
+            unsafe {
+                let lo = _mm512_loadu_ps(src.as_ptr().add(2 * p));
+                let hi = _mm512_loadu_ps(src.as_ptr().add(2 * p + 16));
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.as_mut_ptr().add(p).cast(), v);
+            }
+            p += 16;
+        }
+        for q in p..n {
+            dst[q] = pair(src[2 * q], src[2 * q + 1]);
+        }
+    }
+
+    /// [`super::cvt_row_blocked`]'s whole 16-pair chunks; returns the pairs written.
+    ///
+    /// # Safety
+    /// `dst` holds a block of 256 u32 for every whole 32-float chunk of `row`; w < 16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn cvt_row_blocked(
+        _hw: Bf16Hw,
+        row: &[f32],
+        dst: &mut [u32],
+        w: usize,
+    ) -> usize {
+        let chunks = row.len() / 32;
+        for kb in 0..chunks {
+            // SAFETY: floats 32kb .. 32kb + 32 of row; block kb's row w (caller).
+            unsafe {
+                let lo = _mm512_loadu_ps(row.as_ptr().add(32 * kb));
+                let hi = _mm512_loadu_ps(row.as_ptr().add(32 * kb + 16));
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.as_mut_ptr().add(kb * 256 + w * 16).cast(), v);
+            }
+        }
+        16 * chunks
+    }
+
+    /// u16 lane 2j of the result takes lane j (the even row), lane 2j + 1 takes lane 16 + j.
+    static INTERLEAVE: [u16; 32] = {
+        let mut t = [0u16; 32];
+        let mut j = 0;
+        while j < 16 {
+            t[2 * j] = j as u16;
+            t[2 * j + 1] = 16 + j as u16;
+            j += 1;
+        }
+        t
+    };
+
+    /// [`super::cvt_interleave`] on AVX512-BF16.
+    ///
+    /// # Safety
+    /// `even` and `odd` at least `dst.len()` long.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn cvt_interleave(_hw: Bf16Hw, even: &[f32], odd: &[f32], dst: &mut [u32]) {
+        let n = dst.len();
+        // SAFETY: 32 u16 = 64 bytes.
+        let idx = unsafe { _mm512_loadu_si512(INTERLEAVE.as_ptr().cast()) };
+        let mut j = 0;
+        while j + 16 <= n {
+            // SAFETY: elements j .. j + 16 ≤ n of each (caller).
+            unsafe {
+                let e = _mm512_loadu_ps(even.as_ptr().add(j));
+                let o = _mm512_loadu_ps(odd.as_ptr().add(j));
+                let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(o, e));
+                let v = _mm512_permutexvar_epi16(idx, both);
+                _mm512_storeu_si512(dst.as_mut_ptr().add(j).cast(), v);
+            }
+            j += 16;
+        }
+        for q in j..n {
+            dst[q] = pair(even[q], odd[q]);
+        }
+    }
 
     /// C tile (MR × NR, row stride `ldc`) = [C +] Σ_p A pairs · B pairs with `vdpbf16ps`.
     ///
@@ -389,6 +801,38 @@ mod avx512bf16 {
     }
 }
 
+/// `dst[p]` = the bf16 pair (`src[2p]`, `src[2p + 1]`) for every p < `dst.len()`: with
+/// AVX512-BF16, 16 pairs per `vcvtne2ps2bf16` (the same rounding as [`to_bf16`], tested).
+#[inline(always)]
+fn cvt_pairs(hw: Option<Bf16Hw>, src: &[f32], dst: &mut [u32]) {
+    assert!(src.len() >= 2 * dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if let Some(hw) = hw {
+        // SAFETY: the proof says the CPU has AVX512-BF16; lengths checked above.
+        return unsafe { avx512bf16::cvt_pairs(hw, src, dst) };
+    }
+    let _ = hw;
+    for (d, e) in dst.iter_mut().zip(src.chunks_exact(2)) {
+        *d = pair(e[0], e[1]);
+    }
+}
+
+/// `dst[j]` = the bf16 pair (`even[j]`, `odd[j]`) for every j < `dst.len()`: with
+/// AVX512-BF16, 16 pairs per `vcvtne2ps2bf16` and one `vpermw`.
+#[inline(always)]
+fn cvt_interleave(hw: Option<Bf16Hw>, even: &[f32], odd: &[f32], dst: &mut [u32]) {
+    assert!(even.len() >= dst.len() && odd.len() >= dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if let Some(hw) = hw {
+        // SAFETY: the proof says the CPU has AVX512-BF16; lengths checked above.
+        return unsafe { avx512bf16::cvt_interleave(hw, even, odd, dst) };
+    }
+    let _ = hw;
+    for ((d, &e), &o) in dst.iter_mut().zip(even).zip(odd) {
+        *d = pair(e, o);
+    }
+}
+
 /// One operand seen as panels: element (w, kk) — w along the panel (A's rows, B's columns),
 /// kk along the inner dimension — at `ptr + w·ws + kk·ks`.
 #[derive(Clone, Copy)]
@@ -425,7 +869,13 @@ unsafe impl Sync for Panels {}
 /// # Safety
 /// `x` valid for reads of its width × k elements.
 #[inline(always)]
-unsafe fn pack_panel_body<const W: usize>(x: Panels, width: usize, k: usize, dst: &mut [u32]) {
+unsafe fn pack_panel_body<const W: usize>(
+    hw: Option<Bf16Hw>,
+    x: Panels,
+    width: usize,
+    k: usize,
+    dst: &mut [u32],
+) {
     let kp = k.div_ceil(2);
     // W = 0: the output rows are as wide as dst says
     let wo = if W == 0 { dst.len() / kp } else { W };
@@ -437,9 +887,7 @@ unsafe fn pack_panel_body<const W: usize>(x: Panels, width: usize, k: usize, dst
             if 2 * p + 1 < k {
                 let r1 =
                     unsafe { std::slice::from_raw_parts(x.ptr.add((2 * p + 1) * x.ks), width) };
-                for ((d, &e), &o) in d.iter_mut().zip(r0).zip(r1) {
-                    *d = pair(e, o);
-                }
+                cvt_interleave(hw, r0, r1, &mut d[..width]);
             } else {
                 for (d, &e) in d.iter_mut().zip(r0) {
                     *d = pair(e, 0.0);
@@ -451,9 +899,7 @@ unsafe fn pack_panel_body<const W: usize>(x: Panels, width: usize, k: usize, dst
         // one row: a straight element-wise conversion into the pairs' halves
         let row = unsafe { std::slice::from_raw_parts(x.ptr, k) };
         let (even, odd) = (&row[..k - k % 2], k % 2 == 1);
-        for (d, e) in dst.iter_mut().zip(even.chunks_exact(2)) {
-            *d = u32::from(to_bf16(e[0])) | (u32::from(to_bf16(e[1])) << 16);
-        }
+        cvt_pairs(hw, even, &mut dst[..even.len() / 2]);
         if odd {
             dst[kp - 1] = pair(row[k - 1], 0.0);
         }
@@ -467,9 +913,7 @@ unsafe fn pack_panel_body<const W: usize>(x: Panels, width: usize, k: usize, dst
             let even = &row[..k - k % 2];
             for (c, src) in even.chunks(2 * CH).enumerate() {
                 let len = src.len() / 2;
-                for (d, e) in t[..len].iter_mut().zip(src.chunks_exact(2)) {
-                    *d = u32::from(to_bf16(e[0])) | (u32::from(to_bf16(e[1])) << 16);
-                }
+                cvt_pairs(hw, src, &mut t[..len]);
                 for (col, &v) in dst[c * CH * wo + w..].iter_mut().step_by(wo).zip(&t[..len]) {
                     *col = v;
                 }
@@ -511,19 +955,27 @@ unsafe fn pack_panel<const W: usize>(
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-        unsafe fn avx512<const W: usize>(x: Panels, width: usize, k: usize, dst: &mut [u32]) {
+        unsafe fn avx512<const W: usize>(
+            hw: Option<Bf16Hw>,
+            x: Panels,
+            width: usize,
+            k: usize,
+            dst: &mut [u32],
+        ) {
             // SAFETY: the caller's.
-            unsafe { pack_panel_body::<W>(x, width, k, dst) }
+            unsafe { pack_panel_body::<W>(hw, x, width, k, dst) }
         }
         #[target_feature(enable = "avx2,fma")]
         unsafe fn avx2<const W: usize>(x: Panels, width: usize, k: usize, dst: &mut [u32]) {
             // SAFETY: the caller's.
-            unsafe { pack_panel_body::<W>(x, width, k, dst) }
+            unsafe { pack_panel_body::<W>(None, x, width, k, dst) }
         }
         match level.isa() {
             // SAFETY: a `Level` is never above what the CPU runs (`isa.rs`); the rest is the
             // caller's.
-            super::isa::Isa::Avx512 => return unsafe { avx512::<W>(x, width, k, dst) },
+            super::isa::Isa::Avx512 | super::isa::Isa::Amx => {
+                return unsafe { avx512::<W>(level.bf16(), x, width, k, dst) }
+            }
             // SAFETY: as above.
             super::isa::Isa::Avx2 => return unsafe { avx2::<W>(x, width, k, dst) },
             super::isa::Isa::Portable => {}
@@ -532,7 +984,7 @@ unsafe fn pack_panel<const W: usize>(
     #[cfg(not(target_arch = "x86_64"))]
     let _ = level;
     // SAFETY: the caller's.
-    unsafe { pack_panel_body::<W>(x, width, k, dst) }
+    unsafe { pack_panel_body::<W>(None, x, width, k, dst) }
 }
 
 /// [`pack_panel`] with output rows as wide as `dst` says.
@@ -544,8 +996,9 @@ unsafe fn pack_panel_dyn(level: Level, x: Panels, width: usize, k: usize, dst: &
     unsafe { pack_panel::<0>(level, x, width, k, dst) }
 }
 
-/// Packs the `len` rows (A) or columns (B) of `x` into W-wide panels in `out` (resized to
-/// `panels·kp·W`, every element written), in parallel when `par`.
+/// Packs the `len` rows (A) or columns (B) of `x` into W-wide panels of `kst` ≥ kp pairs in
+/// `out` (resized to `panels·kst·W`, every element written: pairs kp.. zero), in parallel when
+/// `par`.
 ///
 /// # Safety
 /// `x` valid for reads of its len × k elements.
@@ -555,19 +1008,23 @@ unsafe fn pack<const W: usize>(
     x: Panels,
     len: usize,
     k: usize,
+    kst: usize,
     out: &mut Vec<u32>,
 ) {
     let kp = k.div_ceil(2);
-    let need = len.div_ceil(W) * kp * W;
+    debug_assert!(kst >= kp);
+    let need = len.div_ceil(W) * kst * W;
     if out.len() < need {
         out.resize(need, 0);
     }
-    chunks_each(par, &mut out[..need], kp * W, |r, dst| {
+    chunks_each(par, &mut out[..need], kst * W, |r, dst| {
         let width = W.min(len - r * W);
         // SAFETY: panel r's first row is row r·W < len of x (caller).
         let sub = unsafe { x.at_row(r * W) };
+        let (body, pad) = dst.split_at_mut(kp * W);
         // SAFETY: rows r·W .. r·W + width of x (caller).
-        unsafe { pack_panel::<W>(level, sub, width, k, dst) }
+        unsafe { pack_panel::<W>(level, sub, width, k, body) };
+        pad.fill(0);
     });
 }
 
@@ -655,9 +1112,13 @@ unsafe fn pack_pair_row(level: Level, a: Panels, m: usize, k: usize, p: usize, d
 
 thread_local! {
     /// The packed operands of this thread's calls, reused (a call takes them out and puts them
-    /// back, so the buffers are neither zeroed nor page-faulted afresh each call).
-    static SCRATCH: std::cell::Cell<(Vec<u32>, Vec<u32>)> =
-        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    /// back, so the buffers are neither zeroed nor page-faulted afresh each call), and the AMX
+    /// conversion's one-group buffer of a serial call.
+    static SCRATCH: std::cell::Cell<(Vec<u32>, Vec<u32>, Vec<u32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// The AMX conversion's one-group buffer of a rayon worker in a parallel call.
+    #[cfg(target_arch = "x86_64")]
+    static AMX_TMP: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 #[cfg(test)]
@@ -762,15 +1223,27 @@ mod tests {
         let mut c = c0.map_or_else(|| vec![f32::NAN; m * n], <[f32]>::to_vec);
         // SAFETY: A, B, C hold the m·k, k·n, m·n elements addressed by the strides above.
         unsafe {
-            (if par { gemm_bf16 } else { gemm_bf16_serial })(
-                level,
-                (m, n, k),
-                c.as_mut_ptr(),
-                (n, 1),
-                c0.is_some(),
-                am,
-                bm,
-            )
+            if par {
+                gemm_bf16(
+                    level,
+                    (m, n, k),
+                    c.as_mut_ptr(),
+                    (n, 1),
+                    c0.is_some(),
+                    am,
+                    bm,
+                )
+            } else {
+                gemm_bf16_serial(
+                    level,
+                    (m, n, k),
+                    c.as_mut_ptr(),
+                    (n, 1),
+                    c0.is_some(),
+                    am,
+                    bm,
+                )
+            }
         };
         c
     }
@@ -803,6 +1276,9 @@ mod tests {
                 let want = bits(&reference((m, n, k), &a, &b, acc));
                 for level in isa::supported() {
                     hw_seen |= level.bf16().is_some();
+                    if level.amx().is_some() {
+                        continue; // its own test: amx_gemm_is_the_exact_product_up_to_f32_sums
+                    }
                     for lay in [Layout::RowMajor, Layout::Transposed, Layout::Spread] {
                         for par in [true, false] {
                             let got = bits(&run_on(level, par, (m, n, k), &a, &b, acc, lay));
@@ -818,6 +1294,67 @@ mod tests {
             }
         }
         assert_eq!(hw_seen, isa::detected_bf16());
+    }
+
+    /// The AMX path (where the CPU and OS allow it): every layout, threaded or serial, gives the
+    /// same bits (they pack the same values and tile C the same way), run after run; each
+    /// element is the exact (f64) product of the bf16-rounded inputs plus C up to f32
+    /// accumulation error (≤ k·2⁻²⁴·Σ|terms|, the bound a pairwise f32 sum meets); ragged
+    /// tiles, odd k, k not a multiple of 32, several KC blocks, accumulation into C.
+    #[test]
+    fn amx_gemm_is_the_exact_product_up_to_f32_sums() {
+        let Some(level) = isa::supported().into_iter().find(|l| l.amx().is_some()) else {
+            assert!(isa::detected() < Isa::Amx);
+            return;
+        };
+        let mut rng = StdRng::seed_from_u64(4);
+        let r = |x: f32| f64::from(from_bf16(to_bf16(x)));
+        for (m, n, k) in [
+            (1, 1, 1),
+            (13, 37, 19),
+            (32, 32, 32),
+            (50, 70, 301),
+            (70, 96, 600),
+        ] {
+            let (a, b, c0) = (
+                rand(&mut rng, m * k),
+                rand(&mut rng, k * n),
+                rand(&mut rng, m * n),
+            );
+            for acc in [None, Some(&c0[..])] {
+                let first = bits(&run_on(
+                    level,
+                    true,
+                    (m, n, k),
+                    &a,
+                    &b,
+                    acc,
+                    Layout::RowMajor,
+                ));
+                for lay in [Layout::RowMajor, Layout::Transposed, Layout::Spread] {
+                    for par in [true, false] {
+                        let got = bits(&run_on(level, par, (m, n, k), &a, &b, acc, lay));
+                        assert!(got == first, "{m}x{n}x{k} {lay:?} par {par}");
+                    }
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        let c = acc.map_or(0.0, |c0| f64::from(c0[i * n + j]));
+                        let (mut exact, mut abs) = (c, c.abs());
+                        for p in 0..k {
+                            let t = r(a[i * k + p]) * r(b[p * n + j]);
+                            exact += t;
+                            abs += t.abs();
+                        }
+                        let g = f64::from(f32::from_bits(first[i * n + j]));
+                        assert!(
+                            (g - exact).abs() <= abs * (k + 1) as f64 * 6e-8,
+                            "{m}x{n}x{k} ({i},{j}): {g} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// The result is the f64 product of the rounded inputs up to f32 accumulation error, and

@@ -5,7 +5,9 @@
 //! kernels (one chunk of rows: softmax, norms, the GLU gate, adaLN, RoPE, the optimizer's
 //! passes) is therefore written once as an `#[inline(always)]` function and instantiated by
 //! `multiversion!` three times: for the baseline, for AVX2+FMA and for AVX-512 (F, BW, VL, DQ);
-//! the instance is chosen per call from the [`Isa`] fixed once per process ([`isa`]).
+//! the instance is chosen per call from the [`Isa`] fixed once per process ([`isa`]). A fourth
+//! level, [`Isa::Amx`], runs the AVX-512 instances and adds AMX tiles to the bf16 matrix
+//! products (`kernels::amx`).
 //!
 //! Every instance performs the same IEEE operations in the same order: Rust does not contract
 //! `a * b + c` into an FMA or reassociate sums unless told to, so the wider instances only
@@ -15,7 +17,7 @@
 //! against dfdx's generic ops run at every level). Reductions that should vectorise are written with explicit interleaved
 //! partial sums (`LANES`), whose order is fixed by the code, not by the ISA.
 //!
-//! `MASKDIFF_ISA=portable|avx2|avx512` overrides the detected level for the process (for tests
+//! `MASKDIFF_ISA=portable|avx2|avx512|amx` overrides the detected level for the process (for tests
 //! and benchmarks; [`with_level`] does it for one thread's calls); a level the CPU lacks is
 //! lowered to what it has, with a one-line notice. On other
 //! architectures (aarch64: NEON is part of the baseline) the portable instance is the only one.
@@ -36,11 +38,15 @@ pub enum Isa {
     Avx2,
     /// x86-64 with AVX-512 F, BW, VL and DQ (512-bit vectors).
     Avx512,
+    /// [`Isa::Avx512`] plus AMX-TILE, AMX-BF16 and AVX512-BF16, with the OS's permission for
+    /// the tile state (Linux): the fused kernels run their AVX-512 instances, the bf16 matrix
+    /// products run on AMX tiles (`kernels::amx`). `MASKDIFF_ISA=avx512` switches the tiles off.
+    Amx,
 }
 
 impl Isa {
     /// Every level, narrowest first.
-    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx];
 
     /// The name `MASKDIFF_ISA` takes.
     pub fn name(self) -> &'static str {
@@ -48,6 +54,7 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
         }
     }
 
@@ -73,14 +80,24 @@ impl std::fmt::Display for Isa {
     }
 }
 
-/// The widest level this CPU supports (detected at run time).
+/// The widest level this CPU supports (detected at run time, once per process: the kernels ask
+/// per call).
 pub fn detected() -> Isa {
+    static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(detect)
+}
+
+fn detect() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
             // AVX-512 CPUs all have AVX2 and FMA; checked anyway, the instance enables them.
             if has!("avx2") && has!("fma") {
+                // AMX CPUs all have AVX512-BF16 (the packing rounds with it in mind); checked.
+                if has!("avx512bf16") && super::amx::usable() {
+                    return Isa::Amx;
+                }
                 return Isa::Avx512;
             }
         }
@@ -97,7 +114,7 @@ pub fn detected() -> Isa {
 pub fn detected_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if detected() == Isa::Avx512 {
+        if detected() >= Isa::Avx512 {
             return std::arch::is_x86_feature_detected!("avx512bf16");
         }
     }
@@ -107,6 +124,11 @@ pub fn detected_bf16() -> bool {
 /// Proof that this CPU runs AVX512-BF16 (made only by [`Level::bf16`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bf16Hw(());
+
+/// Proof that this CPU runs AMX-BF16 and the OS granted the tile state (made only by
+/// [`Level::amx`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AmxHw(());
 
 /// An [`Isa`] this CPU is known to run: made only here, from [`detected`], so holding one is
 /// the proof the dispatched instances rely on.
@@ -118,11 +140,35 @@ impl Level {
         self.0
     }
 
-    /// The AVX512-BF16 proof, when this level is [`Isa::Avx512`] and the CPU has AVX512-BF16;
-    /// a lowered level (`MASKDIFF_ISA=avx2`, [`with_level`]) switches it off, so the bf16
-    /// kernels' portable path is tested and benchmarked the same way as the others.
+    /// The AVX512-BF16 proof, when this level is [`Isa::Avx512`] or above and the CPU has
+    /// AVX512-BF16; a lowered level (`MASKDIFF_ISA=avx2`, [`with_level`]) switches it off, so
+    /// the bf16 kernels' portable path is tested and benchmarked the same way as the others.
     pub fn bf16(self) -> Option<Bf16Hw> {
-        (self.0 == Isa::Avx512 && detected_bf16()).then_some(Bf16Hw(()))
+        (self.0 >= Isa::Avx512 && detected_bf16()).then_some(Bf16Hw(()))
+    }
+
+    /// The AMX proof, when this level is [`Isa::Amx`] (which [`detected`] returns only after
+    /// checking the CPU, XCR0 and the OS permission).
+    pub fn amx(self) -> Option<AmxHw> {
+        (self.0 == Isa::Amx).then_some(AmxHw(()))
+    }
+}
+
+/// For the `fma_peak` benchmark only: runs `trips` × 4 AMX `tdpbf16ps` (16 × 16 × 32
+/// multiply-adds each, nothing loaded or stored) on this thread and returns the multiply-adds
+/// done; `None` where [`detected`] is below [`Isa::Amx`].
+#[doc(hidden)]
+pub fn amx_spin(trips: u64) -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let hw = Level(detected()).amx()?;
+        let tiles = super::amx::Tiles::configure(hw);
+        Some(super::amx::spin(&tiles, trips))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = trips;
+        None
     }
 }
 
@@ -190,7 +236,7 @@ fn choose() -> Isa {
             }
             None => {
                 eprintln!(
-                    "maskdiff: MASKDIFF_ISA={v:?} is not one of portable, avx2, avx512; using {top}"
+                    "maskdiff: MASKDIFF_ISA={v:?} is not one of portable, avx2, avx512, amx; using {top}"
                 );
                 top
             }
@@ -228,8 +274,9 @@ macro_rules! multiversion {
                 }
                 match level.isa() {
                     // SAFETY: a `Level` is made only in `isa.rs`, never above `detected()`, which
-                    // returns `Avx512` only after detecting AVX-512 F, BW, VL, DQ, AVX2 and FMA.
-                    $crate::kernels::isa::Isa::Avx512 => return unsafe { avx512::<$E>($($arg),*) },
+                    // returns `Avx512` (or `Amx`, above it) only after detecting AVX-512 F, BW,
+                    // VL, DQ, AVX2 and FMA.
+                    $crate::kernels::isa::Isa::Avx512 | $crate::kernels::isa::Isa::Amx => return unsafe { avx512::<$E>($($arg),*) },
                     // SAFETY: as above; `Avx2` only after detecting AVX2 and FMA.
                     $crate::kernels::isa::Isa::Avx2 => return unsafe { avx2::<$E>($($arg),*) },
                     $crate::kernels::isa::Isa::Portable => {}
@@ -257,7 +304,7 @@ mod tests {
         }
         assert_eq!(Isa::parse("sse9"), None);
         assert_eq!(Isa::from_code(0), None);
-        assert!(Isa::Portable < Isa::Avx2 && Isa::Avx2 < Isa::Avx512);
+        assert!(Isa::Portable < Isa::Avx2 && Isa::Avx2 < Isa::Avx512 && Isa::Avx512 < Isa::Amx);
     }
 
     #[test]

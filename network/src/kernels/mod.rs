@@ -20,6 +20,8 @@
 //! kernel is checked against the generic default (values and gradients), next to its code: in
 //! f64 to 1e-12, and in f32 (fast exp, different summation order) to 2e-5·(1 + |reference|).
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod attention;
 pub(crate) mod bf16;
 mod conv;

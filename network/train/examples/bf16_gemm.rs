@@ -1,8 +1,8 @@
 //! bf16 against f32 matrix products (benchmark, not a test): the dense-layer products of a
 //! `cpu-small` training step (batch 16 × 256 tokens: x (4096, k) @ w (k, n) for the q/k/v/o,
 //! FFN and output shapes) through the public `Kernels::matmul` of the CPU device, at f32 and at
-//! `Precision::Bf16` (bf16 inputs, f32 accumulation: the AVX512-BF16 `vdpbf16ps` microkernel
-//! where the CPU has it, else a portable loop), timed alternately in one process so both see
+//! `Precision::Bf16` (bf16 inputs, f32 accumulation: AMX tiles where the CPU and OS allow them,
+//! else the AVX512-BF16 `vdpbf16ps` microkernel where the CPU has it, else a portable loop), timed alternately in one process so both see
 //! the same machine load. Prints the CPU's kernel level and, per shape, the best GFLOP/s of each
 //! precision over `--rounds` alternations of `--iters` products, and the ratio bf16 / f32.
 //! Then the same for the attention op (`Kernels::attention`, cpu-small: 16 sequences × 256
@@ -11,7 +11,10 @@
 //!
 //! `cargo run --release -p maskdiff-train --example bf16_gemm -- [--rounds 5] [--iters 5]
 //!  [--m 4096]`
-//! Last line, machine-readable: `bf16_gemm mean_ratio=… attention_forward_ratio=…
+//! Per shape also the dense layer's forward + backward (the forward product, dX = dY Wᵀ and
+//! dW = Xᵀ dY, with Σ y as the loss). Run it with `MASKDIFF_ISA=avx512` beside the default to
+//! compare AMX tiles with `vdpbf16ps` on a CPU that has both.
+//! Last line, machine-readable: `bf16_gemm mean_ratio=… dense_train_ratio=… attention_forward_ratio=…
 //! attention_train_ratio=… bf16_hardware=…`.
 
 #[path = "common/args.rs"]
@@ -35,6 +38,26 @@ fn best_time(
                 let s = Instant::now();
                 let y = <Cpu as Kernels<f32>>::matmul(x.clone(), w.clone()).expect("matmul");
                 std::hint::black_box(y);
+                s.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    })
+}
+
+/// Best seconds of `iters` dense-layer forward + backward passes (y = x @ w, Σ y as the loss:
+/// the forward product, dX = dY Wᵀ and dW = Xᵀ dY) at precision `p`.
+fn dense_train_time(
+    p: Precision,
+    x: &Tensor<(usize, usize), f32, Cpu>,
+    w: &Tensor<(usize, usize), f32, Cpu>,
+    iters: usize,
+) -> f64 {
+    with_precision(p, || {
+        (0..iters)
+            .map(|_| {
+                let s = Instant::now();
+                let y = <Cpu as Kernels<f32>>::matmul(x.leaky_trace(), w.clone()).expect("matmul");
+                std::hint::black_box(y.sum().backward());
                 s.elapsed().as_secs_f64()
             })
             .fold(f64::INFINITY, f64::min)
@@ -79,9 +102,15 @@ fn main() {
     let dev = Cpu::default();
     let hw = precision::bf16_hardware();
     println!(
-        "kernels {}, AVX512-BF16 products: {}, RAYON_NUM_THREADS {}, m = {m}",
+        "kernels {}, bf16 products: {}, RAYON_NUM_THREADS {}, m = {m}",
         maskdiff_network::isa::isa(),
-        if hw { "yes" } else { "no (portable bf16 loop)" },
+        if maskdiff_network::isa::level().amx().is_some() {
+            "AMX tiles"
+        } else if hw {
+            "AVX512-BF16 (vdpbf16ps)"
+        } else {
+            "portable loop"
+        },
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset (all cores)".into())
     );
     let mut rng = StdRng::seed_from_u64(0);
@@ -91,7 +120,7 @@ fn main() {
     };
     // (k, n): q/k/v/o projections, the FFN's gate/up and down, the output layer (V = 27)
     let shapes = [(256, 256), (256, 704), (704, 256), (256, 27)];
-    let mut ratios = Vec::new();
+    let (mut ratios, mut train_ratios) = (Vec::new(), Vec::new());
     for (k, n) in shapes {
         let (x, w) = (rand(m, k), rand(k, n));
         let (mut f32_best, mut bf16_best) = (f64::INFINITY, f64::INFINITY);
@@ -109,7 +138,22 @@ fn main() {
             f32_best / bf16_best
         );
         ratios.push(f32_best / bf16_best);
+        let (mut f32_train, mut bf16_train) = (f64::INFINITY, f64::INFINITY);
+        dense_train_time(Precision::F32, &x, &w, 1);
+        dense_train_time(Precision::Bf16, &x, &w, 1);
+        for _ in 0..rounds {
+            f32_train = f32_train.min(dense_train_time(Precision::F32, &x, &w, iters));
+            bf16_train = bf16_train.min(dense_train_time(Precision::Bf16, &x, &w, iters));
+        }
+        println!(
+            "  forward + backward (3 products): f32 {:.1} GFLOP/s, bf16 {:.1} GFLOP/s, bf16/f32 {:.2}x",
+            3.0 * gf(f32_train),
+            3.0 * gf(bf16_train),
+            f32_train / bf16_train
+        );
+        train_ratios.push(f32_train / bf16_train);
     }
+    let train_mean = train_ratios.iter().sum::<f64>() / train_ratios.len() as f64;
     let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
     // attention at cpu-small's shape (q already scaled: entries of a few tenths)
     let (b, n, h, hd) = (16, 256, 4, 64);
@@ -140,7 +184,7 @@ fn main() {
         att.push(f32_best / bf16_best);
     }
     println!(
-        "bf16_gemm mean_ratio={mean:.3} attention_forward_ratio={:.3} attention_train_ratio={:.3} bf16_hardware={hw}",
+        "bf16_gemm mean_ratio={mean:.3} dense_train_ratio={train_mean:.3} attention_forward_ratio={:.3} attention_train_ratio={:.3} bf16_hardware={hw}",
         att[0], att[1]
     );
 }

@@ -8,12 +8,16 @@
 //! this runs what a matrix-product microkernel runs at best: every thread issues independent
 //! fused multiply-adds (12 accumulator chains, more than latency × issue width on current
 //! cores) at the widest level the CPU has, and the same for `vdpbf16ps` (the bf16 pair dot
-//! product with f32 accumulation, 2 multiply-adds per f32 lane) where AVX512-BF16 exists.
+//! product with f32 accumulation, 2 multiply-adds per f32 lane) where AVX512-BF16 exists, and
+//! AMX's `tdpbf16ps` (16 × 16 × 32 multiply-adds per instruction, four independent C tiles)
+//! where the CPU and OS allow tiles — the bf16 peak of the kernels' bf16 products is AMX's
+//! there, `vdpbf16ps`'s otherwise.
 //!
 //! `cargo run --release -p maskdiff-train --example fma_peak -- [--millis MS] [--tries N]`
 //! (best of N runs of MS milliseconds each, for each kind).
 //! Threads: `RAYON_NUM_THREADS` (default all cores, as the kernels), one busy loop each.
-//! Last line (machine-readable): `peak_f32_gflops=X peak_bf16_gflops=Y|none threads=T isa=..`.
+//! Last line (machine-readable): `peak_f32_gflops=X peak_bf16_gflops=Y|none threads=T isa=..
+//! bf16_path=amx|avx512bf16|none` (Y: the peak of the path the bf16 products use).
 
 #[path = "common/args.rs"]
 mod args;
@@ -39,6 +43,8 @@ enum Kind {
     Bf16,
     /// Scalar `mul_add` (the baseline target has no FMA instruction: a lower bound only).
     Scalar,
+    /// AMX `tdpbf16ps`: 4 per trip, 16 × 16 × 32 multiply-adds each (not chained).
+    Amx,
 }
 
 impl Kind {
@@ -48,6 +54,7 @@ impl Kind {
             Kind::Avx2 => "avx2",
             Kind::Bf16 => "avx512bf16",
             Kind::Scalar => "scalar",
+            Kind::Amx => "amx",
         }
     }
     /// Multiply-adds per chain per trip.
@@ -57,6 +64,7 @@ impl Kind {
             Kind::Avx2 => 8,
             Kind::Bf16 => 32,
             Kind::Scalar => 1,
+            Kind::Amx => 4 * 16 * 16 * 32,
         }
     }
 }
@@ -155,6 +163,12 @@ fn detect() -> (Kind, bool) {
 
 /// One block of TRIPS trips of `kind` on this thread.
 fn block(kind: Kind, seed: f32) -> f32 {
+    if kind == Kind::Amx {
+        // per chain, so that `measure`'s count (trips × CHAINS × madds) holds
+        let done = maskdiff_network::isa::amx_spin(TRIPS * CHAINS as u64).unwrap_or(0);
+        std::hint::black_box(done);
+        return seed;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: `detect` found each kind's features before any thread runs it.
@@ -162,7 +176,7 @@ fn block(kind: Kind, seed: f32) -> f32 {
             Kind::Avx512 => return unsafe { x86::avx512(seed) },
             Kind::Avx2 => return unsafe { x86::avx2(seed) },
             Kind::Bf16 => return unsafe { x86::bf16(seed) },
-            Kind::Scalar => {}
+            Kind::Scalar | Kind::Amx => {}
         }
     }
     scalar(seed)
@@ -217,16 +231,21 @@ fn main() -> Result<(), Err> {
         "f32 FMA ({}), {threads} threads: {f32_peak:.1} GFLOP/s",
         f32k.name()
     );
-    let bf16_peak = if has_bf16 {
+    let (mut bf16_peak, mut path) = ("none".to_string(), "none");
+    if has_bf16 {
         let p = best(Kind::Bf16);
         println!("bf16 dot (vdpbf16ps), {threads} threads: {p:.1} GFLOP/s");
-        format!("{p:.1}")
+        (bf16_peak, path) = (format!("{p:.1}"), "avx512bf16");
     } else {
         println!("bf16 dot: no AVX512-BF16 on this CPU");
-        "none".to_string()
-    };
+    }
+    if maskdiff_network::isa::amx_spin(0).is_some() {
+        let p = best(Kind::Amx);
+        println!("bf16 tiles (AMX tdpbf16ps), {threads} threads: {p:.1} GFLOP/s");
+        (bf16_peak, path) = (format!("{p:.1}"), "amx");
+    }
     println!(
-        "peak_f32_gflops={f32_peak:.1} peak_bf16_gflops={bf16_peak} threads={threads} isa={}",
+        "peak_f32_gflops={f32_peak:.1} peak_bf16_gflops={bf16_peak} threads={threads} isa={} bf16_path={path}",
         f32k.name()
     );
     Ok(())
