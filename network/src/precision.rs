@@ -57,8 +57,9 @@ impl std::fmt::Display for Precision {
     }
 }
 
-/// Whether the bf16 products run on AVX512-BF16 at the kernels' current level (`vdpbf16ps`);
-/// otherwise they run the portable loop.
+/// Whether the bf16 products run on hardware at the kernels' current level: AMX tiles
+/// (`tdpbf16ps`, level `amx`) or AVX512-BF16 (`vdpbf16ps`); otherwise they run the portable
+/// loop.
 pub fn bf16_hardware() -> bool {
     crate::isa::level().bf16().is_some()
 }

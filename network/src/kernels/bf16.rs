@@ -290,60 +290,80 @@ unsafe fn gemm_amx(
     };
     // SAFETY: as above.
     unsafe { pack::<NR>(level, par, pb, n, k, kst, &mut bp) };
-    let (rows_per, cols_per, row_groups, col_groups) = task_grid(par, row_panels, col_panels);
+    // Tasks: the longer side of C (in blocks) cut into 2 parts per thread, the other side
+    // whole, so each packed operand is streamed from memory about once per task (the
+    // `vdpbf16ps` kernel's finer grid re-read the whole of B per row group, which the tiles'
+    // speed turns into the bottleneck). Inside a task, rows go in runs of RB blocks: the run's
+    // A (RB·KC_AMX·128 B = 512 KiB) stays in L2 while every B panel of the task passes it.
+    const RB: usize = 8;
+    let threads = if par {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    let split_rows = row_panels >= col_panels;
+    let long = if split_rows { row_panels } else { col_panels };
+    let per = long.div_ceil((2 * threads).min(long));
+    let parts = long.div_ceil(per);
     let group = kst * amx::T; // one 16-row group of A
     let out = OutPtr(c);
     let tile_task = |t: usize| {
         let tiles = amx::Tiles::configure(hw);
-        let (rg, cg) = (t / col_groups, t % col_groups);
-        let rows = rg * rows_per..((rg + 1) * rows_per).min(row_panels);
-        let cols = cg * cols_per..((cg + 1) * cols_per).min(col_panels);
+        let part = t * per..((t + 1) * per).min(long);
+        let (rows, cols) = if split_rows {
+            (part, 0..col_panels)
+        } else {
+            (0..row_panels, part)
+        };
         for k0 in (0..kst).step_by(KC_AMX) {
             let kc = KC_AMX.min(kst - k0);
             let load = accumulate || k0 > 0;
-            for cp in cols.clone() {
-                let bpan = &bp[(cp * kst + k0) * NR..][..kc * NR];
-                for rp in rows.clone() {
-                    let a0 = &ap[2 * rp * group + k0 * amx::T..][..kc * amx::T];
-                    let a1 = &ap[(2 * rp + 1) * group + k0 * amx::T..][..kc * amx::T];
-                    let (i0, j0) = (rp * AM, cp * NR);
-                    let (mr, nr) = (AM.min(m - i0), NR.min(n - j0));
-                    let kb = kc / amx::T;
-                    // SAFETY: a0, a1 hold kb blocks of 256 u32, bpan kb·512 u32 (sliced
-                    // above); the tiles are configured on this thread.
-                    let micro = |cc: *mut f32, ldc: usize, load: bool| unsafe {
-                        amx::micro(
-                            &tiles,
-                            kb,
-                            a0.as_ptr(),
-                            a1.as_ptr(),
-                            bpan.as_ptr(),
-                            cc,
-                            ldc,
-                            load,
-                        )
-                    };
-                    // SAFETY: (i0.., j0..) with mr × nr elements is this task's part of C
-                    // (tiles are disjoint); the caller guarantees C valid.
-                    let tile = unsafe { out.get().add(i0 * c_rs + j0 * c_cs) };
-                    if mr == AM && nr == NR && c_cs == 1 {
-                        micro(tile, c_rs, load);
-                        continue;
-                    }
-                    let mut buf = [0.0f32; AM * NR];
-                    if load {
-                        for i in 0..mr {
-                            for j in 0..nr {
-                                // SAFETY: (i, j) inside the tile.
-                                buf[i * NR + j] = unsafe { *tile.add(i * c_rs + j * c_cs) };
+            for run in rows.clone().step_by(RB) {
+                let run = run..(run + RB).min(rows.end);
+                for cp in cols.clone() {
+                    let bpan = &bp[(cp * kst + k0) * NR..][..kc * NR];
+                    for rp in run.clone() {
+                        let a0 = &ap[2 * rp * group + k0 * amx::T..][..kc * amx::T];
+                        let a1 = &ap[(2 * rp + 1) * group + k0 * amx::T..][..kc * amx::T];
+                        let (i0, j0) = (rp * AM, cp * NR);
+                        let (mr, nr) = (AM.min(m - i0), NR.min(n - j0));
+                        let kb = kc / amx::T;
+                        // SAFETY: a0, a1 hold kb blocks of 256 u32, bpan kb·512 u32 (sliced
+                        // above); the tiles are configured on this thread.
+                        let micro = |cc: *mut f32, ldc: usize, load: bool| unsafe {
+                            amx::micro(
+                                &tiles,
+                                kb,
+                                a0.as_ptr(),
+                                a1.as_ptr(),
+                                bpan.as_ptr(),
+                                cc,
+                                ldc,
+                                load,
+                            )
+                        };
+                        // SAFETY: (i0.., j0..) with mr × nr elements is this task's part of C
+                        // (tiles are disjoint); the caller guarantees C valid.
+                        let tile = unsafe { out.get().add(i0 * c_rs + j0 * c_cs) };
+                        if mr == AM && nr == NR && c_cs == 1 {
+                            micro(tile, c_rs, load);
+                            continue;
+                        }
+                        let mut buf = [0.0f32; AM * NR];
+                        if load {
+                            for i in 0..mr {
+                                for j in 0..nr {
+                                    // SAFETY: (i, j) inside the tile.
+                                    buf[i * NR + j] = unsafe { *tile.add(i * c_rs + j * c_cs) };
+                                }
                             }
                         }
-                    }
-                    micro(buf.as_mut_ptr(), NR, load);
-                    for i in 0..mr {
-                        for j in 0..nr {
-                            // SAFETY: as above.
-                            unsafe { *tile.add(i * c_rs + j * c_cs) = buf[i * NR + j] };
+                        micro(buf.as_mut_ptr(), NR, load);
+                        for i in 0..mr {
+                            for j in 0..nr {
+                                // SAFETY: as above.
+                                unsafe { *tile.add(i * c_rs + j * c_cs) = buf[i * NR + j] };
+                            }
                         }
                     }
                 }
@@ -351,11 +371,9 @@ unsafe fn gemm_amx(
         }
     };
     if par {
-        (0..row_groups * col_groups)
-            .into_par_iter()
-            .for_each(tile_task);
+        (0..parts).into_par_iter().for_each(tile_task);
     } else {
-        (0..row_groups * col_groups).for_each(tile_task);
+        (0..parts).for_each(tile_task);
     }
     SCRATCH.with(|s| s.set((ap, bp, tmp)));
 }
@@ -515,21 +533,18 @@ unsafe fn convert_a_amx(
     }
 }
 
-/// The AMX A buffer, written at disjoint blocks by the conversion's tasks.
-#[cfg(target_arch = "x86_64")]
+/// A packed buffer written at disjoint places by the tasks of a conversion (`convert_a_amx`'s
+/// blocks, `pack`'s pair rows).
 #[derive(Clone, Copy)]
 struct U32Out(*mut u32);
-#[cfg(target_arch = "x86_64")]
 impl U32Out {
     fn get(self) -> *mut u32 {
         self.0
     }
 }
-// SAFETY: every task writes its own blocks (see `convert_a_amx`).
-#[cfg(target_arch = "x86_64")]
+// SAFETY: every task writes its own elements (see the users).
 unsafe impl Send for U32Out {}
 // SAFETY: as for `Send`.
-#[cfg(target_arch = "x86_64")]
 unsafe impl Sync for U32Out {}
 
 /// Row w of a 16-row group of the AMX A layout from one row of A (k contiguous): pair p goes to
@@ -1013,9 +1028,64 @@ unsafe fn pack<const W: usize>(
 ) {
     let kp = k.div_ceil(2);
     debug_assert!(kst >= kp);
-    let need = len.div_ceil(W) * kst * W;
+    let panels = len.div_ceil(W);
+    let need = panels * kst * W;
     if out.len() < need {
         out.resize(need, 0);
+    }
+    if x.ws == 1 && panels > 1 {
+        // The panel dimension contiguous (B = dY of dW = Xᵀ dY, a long inner dimension): pair
+        // rows are streamed — source rows 2p and 2p + 1 read whole, in order, converted in one
+        // call — and each converted pair row scattered into the panels, instead of every panel
+        // reading its W-wide strip of every row (strided reads, a short conversion per strip).
+        // Same values as the panel-by-panel path.
+        const PR: usize = 16; // pair rows per task
+        let hw = level.bf16();
+        let dst = U32Out(out.as_mut_ptr());
+        let x = &x; // closures capture the whole (Sync) view, not its raw pointer
+        let body = |c: usize, row: &mut Vec<u32>| {
+            if row.len() < panels * W {
+                row.resize(panels * W, 0); // past `len`: never written, stays zero
+            }
+            for p in c * PR..((c + 1) * PR).min(kst) {
+                if p < kp {
+                    // SAFETY: rows 2p (and 2p + 1) < k of the operand, `len` contiguous
+                    // elements each (caller).
+                    let even = unsafe { std::slice::from_raw_parts(x.ptr.add(2 * p * x.ks), len) };
+                    if 2 * p + 1 < k {
+                        // SAFETY: as above.
+                        let odd = unsafe {
+                            std::slice::from_raw_parts(x.ptr.add((2 * p + 1) * x.ks), len)
+                        };
+                        cvt_interleave(hw, even, odd, &mut row[..len]);
+                    } else {
+                        for (d, &e) in row.iter_mut().zip(even) {
+                            *d = pair(e, 0.0);
+                        }
+                    }
+                } else {
+                    row[..len].fill(0);
+                }
+                for (cp, src) in row.chunks_exact(W).take(panels).enumerate() {
+                    // SAFETY: pair row p of panel cp, W u32 inside `out` (need elements);
+                    // only the task of p's chunk writes it.
+                    let d = unsafe {
+                        std::slice::from_raw_parts_mut(dst.get().add((cp * kst + p) * W), W)
+                    };
+                    d.copy_from_slice(src);
+                }
+            }
+        };
+        let chunks = kst.div_ceil(PR);
+        if par {
+            (0..chunks)
+                .into_par_iter()
+                .for_each_init(Vec::new, |row, c| body(c, row));
+        } else {
+            let mut row = Vec::new();
+            (0..chunks).for_each(|c| body(c, &mut row));
+        }
+        return;
     }
     chunks_each(par, &mut out[..need], kst * W, |r, dst| {
         let width = W.min(len - r * W);
