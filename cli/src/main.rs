@@ -5,6 +5,10 @@
 
 use clap::Parser;
 
+/// Big blocks on cache lines (AMX tile loads of the bf16 products; see the type).
+#[global_allocator]
+static ALLOC: maskdiff_network::CacheLineAlloc = maskdiff_network::CacheLineAlloc;
+
 fn main() {
     // glibc: keep the training step's large buffers in the heap (opt-in, see the function)
     maskdiff_network::tune_allocator();

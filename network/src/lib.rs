@@ -16,6 +16,8 @@
 //! * [`tune_allocator`]: glibc allocator tuning for the training step's large buffers, opt-in
 //!   (the `maskdiff` binary and the benchmarks call it at the start of `main`; the library
 //!   never does).
+//! * [`CacheLineAlloc`]: a global allocator aligning big blocks to cache lines (AMX tile
+//!   loads of unaligned rows are several times slower), opt-in per binary
 //! * [`UNet`]: the VDM-style U-Net image denoiser of spec §7.3 (presets `unet-tiny`,
 //!   `unet-small`, `unet-cifar10`), with 3×3 convolutions and GroupNorm as [`Kernels`] ops;
 //!   [`Network`] holds either network (chosen by [`NetworkConfig::arch`]) for the trainer,
@@ -58,7 +60,7 @@ pub mod unet;
 mod unet_layers;
 pub mod uvit;
 
-pub use alloc::tune_allocator;
+pub use alloc::{tune_allocator, CacheLineAlloc};
 pub use block::BlockMask;
 pub use block_cache::{BlockDenoiser, CacheMode, KvCache};
 pub use config::{default_ffn_hidden, Arch, MlpKind, NetworkConfig, PRESETS};

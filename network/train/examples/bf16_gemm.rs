@@ -92,6 +92,10 @@ fn attention_time(p: Precision, (q, k, v): (&T4, &T4, &T4), train: bool, iters: 
     })
 }
 
+/// Big blocks on cache lines (AMX tile loads of the bf16 products; see the type).
+#[global_allocator]
+static ALLOC: maskdiff_network::CacheLineAlloc = maskdiff_network::CacheLineAlloc;
+
 fn main() {
     maskdiff_network::tune_allocator();
     let (rounds, iters, m) = (

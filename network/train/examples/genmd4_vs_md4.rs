@@ -85,6 +85,10 @@ fn mean_se(x: &[f64]) -> (f64, f64) {
     (m, (var / n).sqrt())
 }
 
+/// Big blocks on cache lines (AMX tile loads of the bf16 products; see the type).
+#[global_allocator]
+static ALLOC: maskdiff_network::CacheLineAlloc = maskdiff_network::CacheLineAlloc;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // glibc allocator tuning for the training step's large buffers (opt-in)
     maskdiff_network::tune_allocator();

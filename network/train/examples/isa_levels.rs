@@ -73,6 +73,10 @@ fn kernels_once(k: &KernelInputs) -> Result<f32, Err> {
     Ok(total)
 }
 
+/// Big blocks on cache lines (AMX tile loads of the bf16 products; see the type).
+#[global_allocator]
+static ALLOC: maskdiff_network::CacheLineAlloc = maskdiff_network::CacheLineAlloc;
+
 fn main() -> Result<(), Err> {
     maskdiff_network::tune_allocator();
     let dev = Cpu::default();

@@ -10,6 +10,10 @@ use maskdiff_train::{ema_update, global_norm, AdamW, AdamWConfig};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
+/// Big blocks on cache lines (AMX tile loads of the bf16 products; see the type).
+#[global_allocator]
+static ALLOC: maskdiff_network::CacheLineAlloc = maskdiff_network::CacheLineAlloc;
+
 fn main() {
     // glibc allocator tuning for the training step's large buffers (opt-in)
     maskdiff_network::tune_allocator();

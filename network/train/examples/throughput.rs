@@ -147,6 +147,10 @@ fn run<D: Kernels<f32>>(dev: &D) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Big blocks on cache lines (AMX tile loads of the bf16 products; see the type).
+#[global_allocator]
+static ALLOC: maskdiff_network::CacheLineAlloc = maskdiff_network::CacheLineAlloc;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // glibc allocator tuning for the training step's large buffers (opt-in)
     maskdiff_network::tune_allocator();
