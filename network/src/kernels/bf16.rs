@@ -83,17 +83,25 @@ unsafe impl Send for Mat {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for Mat {}
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-impl OutPtr {
-    fn get(self) -> *mut f32 {
+/// A buffer the tasks of one call write at disjoint places: C (each task its own tiles), a
+/// conversion's output (`convert_a_amx`'s blocks, `pack`'s pair rows).
+struct Out<T>(*mut T);
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Out<T> {}
+impl<T> Out<T> {
+    fn get(self) -> *mut T {
         self.0
     }
 }
-// SAFETY: every task writes a disjoint set of C's elements (its own tile).
-unsafe impl Send for OutPtr {}
+// SAFETY: every task writes its own elements (see the users); nothing is read through it
+// that another task writes.
+unsafe impl<T> Send for Out<T> {}
 // SAFETY: as for `Send`.
-unsafe impl Sync for OutPtr {}
+unsafe impl<T> Sync for Out<T> {}
 
 /// C (m×n, element (i, j) at `c + i·c_rs + j·c_cs`) = [C +] bf16(A) · bf16(B), multi-threaded
 /// on rayon's pool.
@@ -202,7 +210,7 @@ unsafe fn gemm_bf16_on(
     unsafe { pack::<NR>(level, par, pb, n, k, kp, &mut bp) };
     let (rows_per, cols_per, row_groups, col_groups) = task_grid(par, row_panels, col_panels);
     let hw = level.bf16().is_some();
-    let out = OutPtr(c);
+    let out = Out(c);
     let tile_task = |t: usize| {
         let (rg, cg) = (t / col_groups, t % col_groups);
         let rows = rg * rows_per..((rg + 1) * rows_per).min(row_panels);
@@ -306,7 +314,7 @@ unsafe fn gemm_amx(
     let per = long.div_ceil((2 * threads).min(long));
     let parts = long.div_ceil(per);
     let group = kst * amx::T; // one 16-row group of A
-    let out = OutPtr(c);
+    let out = Out(c);
     let tile_task = |t: usize| {
         let tiles = amx::Tiles::configure(hw);
         let part = t * per..((t + 1) * per).min(long);
@@ -449,31 +457,15 @@ unsafe fn convert_a_amx(
     let hw = level.bf16();
     if a.cs != 1 && a.rs == 1 {
         let (groups, kbs) = (rows / G, kst / G);
-        let out = U32Out(buf.as_mut_ptr());
+        let out = Out(buf.as_mut_ptr());
         let chunk = |kb: usize, t: &mut Vec<u32>| {
             if t.len() < G * rows {
                 t.resize(G * rows, 0);
             }
             let t = &mut t[..G * rows];
             for (q, d) in t.chunks_exact_mut(rows).enumerate() {
-                let p = kb * G + q;
-                if p >= kp {
-                    d.fill(0);
-                    continue;
-                }
-                // SAFETY: rows 2p (and 2p + 1) < k of Aᵀ, each m contiguous elements (caller).
-                let even = unsafe { std::slice::from_raw_parts(a.ptr.add(2 * p * a.cs), m) };
-                if 2 * p + 1 < k {
-                    // SAFETY: as above.
-                    let odd =
-                        unsafe { std::slice::from_raw_parts(a.ptr.add((2 * p + 1) * a.cs), m) };
-                    cvt_interleave(hw, even, odd, &mut d[..m]);
-                } else {
-                    for (d, &e) in d.iter_mut().zip(even) {
-                        *d = pair(e, 0.0);
-                    }
-                }
-                d[m..].fill(0);
+                // SAFETY: Aᵀ's k rows hold m contiguous elements each (caller).
+                unsafe { pair_row(hw, (a.ptr, a.cs), m, k, kb * G + q, d) };
             }
             for g in 0..groups {
                 // SAFETY: block (g, kb) lies inside `buf` (rows·kst u32) and only the task of
@@ -561,20 +553,6 @@ fn transpose16(hw: Option<Bf16Hw>, src: &[u32], stride: usize, dst: &mut [u32]) 
         }
     }
 }
-
-/// A packed buffer written at disjoint places by the tasks of a conversion (`convert_a_amx`'s
-/// blocks, `pack`'s pair rows).
-#[derive(Clone, Copy)]
-struct U32Out(*mut u32);
-impl U32Out {
-    fn get(self) -> *mut u32 {
-        self.0
-    }
-}
-// SAFETY: every task writes its own elements (see the users).
-unsafe impl Send for U32Out {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for U32Out {}
 
 /// Row w of a 16-row group of the AMX A layout from one row of A (k contiguous): pair p goes to
 /// `dst[(p/16)·256 + w·16 + p % 16]`, pairs from ⌈k/2⌉ to the end of the group zero.
@@ -920,6 +898,39 @@ fn cvt_interleave(hw: Option<Bf16Hw>, even: &[f32], odd: &[f32], dst: &mut [u32]
     }
 }
 
+/// Pair row p of an operand whose inner-dimension rows (k of them) start `ks` apart and hold
+/// `width` contiguous elements: `d[j]` = the pair (row 2p, row 2p + 1) at j (row 2p + 1 is
+/// zero past an odd k), `d[width..]` zero; p ≥ ⌈k/2⌉ (padding) gives a zero row.
+///
+/// # Safety
+/// Rows 0..k valid for `width` elements each at `ptr + r·ks`.
+#[inline(always)]
+unsafe fn pair_row(
+    hw: Option<Bf16Hw>,
+    (ptr, ks): (*const f32, usize),
+    width: usize,
+    k: usize,
+    p: usize,
+    d: &mut [u32],
+) {
+    if 2 * p >= k {
+        d.fill(0);
+        return;
+    }
+    // SAFETY: row 2p < k (checked), `width` elements (caller).
+    let even = unsafe { std::slice::from_raw_parts(ptr.add(2 * p * ks), width) };
+    if 2 * p + 1 < k {
+        // SAFETY: as above, row 2p + 1.
+        let odd = unsafe { std::slice::from_raw_parts(ptr.add((2 * p + 1) * ks), width) };
+        cvt_interleave(hw, even, odd, &mut d[..width]);
+    } else {
+        for (d, &e) in d.iter_mut().zip(even) {
+            *d = pair(e, 0.0);
+        }
+    }
+    d[width..].fill(0);
+}
+
 /// One operand seen as panels: element (w, kk) — w along the panel (A's rows, B's columns),
 /// kk along the inner dimension — at `ptr + w·ws + kk·ks`.
 #[derive(Clone, Copy)]
@@ -970,17 +981,7 @@ unsafe fn pack_panel_body<const W: usize>(
     // SAFETY (all reads below): w < width and kk < k (caller).
     if x.ws == 1 {
         for (p, d) in dst.chunks_exact_mut(wo).enumerate() {
-            let r0 = unsafe { std::slice::from_raw_parts(x.ptr.add(2 * p * x.ks), width) };
-            if 2 * p + 1 < k {
-                let r1 =
-                    unsafe { std::slice::from_raw_parts(x.ptr.add((2 * p + 1) * x.ks), width) };
-                cvt_interleave(hw, r0, r1, &mut d[..width]);
-            } else {
-                for (d, &e) in d.iter_mut().zip(r0) {
-                    *d = pair(e, 0.0);
-                }
-            }
-            d[width..].fill(0);
+            unsafe { pair_row(hw, (x.ptr, x.ks), width, k, p, d) };
         }
     } else if x.ks == 1 && wo == 1 {
         // one row: a straight element-wise conversion into the pairs' halves
@@ -1111,31 +1112,15 @@ unsafe fn pack<const W: usize>(
         // Same values as the panel-by-panel path.
         const PR: usize = 16; // pair rows per task
         let hw = level.bf16();
-        let dst = U32Out(out.as_mut_ptr());
+        let dst = Out(out.as_mut_ptr());
         let x = &x; // closures capture the whole (Sync) view, not its raw pointer
         let body = |c: usize, row: &mut Vec<u32>| {
             if row.len() < panels * W {
                 row.resize(panels * W, 0); // past `len`: never written, stays zero
             }
             for p in c * PR..((c + 1) * PR).min(kst) {
-                if p < kp {
-                    // SAFETY: rows 2p (and 2p + 1) < k of the operand, `len` contiguous
-                    // elements each (caller).
-                    let even = unsafe { std::slice::from_raw_parts(x.ptr.add(2 * p * x.ks), len) };
-                    if 2 * p + 1 < k {
-                        // SAFETY: as above.
-                        let odd = unsafe {
-                            std::slice::from_raw_parts(x.ptr.add((2 * p + 1) * x.ks), len)
-                        };
-                        cvt_interleave(hw, even, odd, &mut row[..len]);
-                    } else {
-                        for (d, &e) in row.iter_mut().zip(even) {
-                            *d = pair(e, 0.0);
-                        }
-                    }
-                } else {
-                    row[..len].fill(0);
-                }
+                // SAFETY: the operand's k rows hold `len` contiguous elements each (caller).
+                unsafe { pair_row(hw, (x.ptr, x.ks), len, k, p, &mut row[..panels * W]) };
                 for (cp, src) in row.chunks_exact(W).take(panels).enumerate() {
                     // SAFETY: pair row p of panel cp, W u32 inside `out` (need elements);
                     // only the task of p's chunk writes it.

@@ -25,42 +25,35 @@ use maskdiff_network::{precision, with_precision, Kernels, Precision};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
-/// Best seconds of `iters` products x @ w at precision `p`.
-fn best_time(
-    p: Precision,
-    x: &Tensor<(usize, usize), f32, Cpu>,
-    w: &Tensor<(usize, usize), f32, Cpu>,
-    iters: usize,
-) -> f64 {
+/// Best seconds of `iters` runs of `f` at precision `p`.
+fn best_secs(p: Precision, iters: usize, mut f: impl FnMut()) -> f64 {
     with_precision(p, || {
         (0..iters)
             .map(|_| {
                 let s = Instant::now();
-                let y = <Cpu as Kernels<f32>>::matmul(x.clone(), w.clone()).expect("matmul");
-                std::hint::black_box(y);
+                f();
                 s.elapsed().as_secs_f64()
             })
             .fold(f64::INFINITY, f64::min)
     })
 }
 
+type T2 = Tensor<(usize, usize), f32, Cpu>;
+
+/// Best seconds of `iters` products x @ w at precision `p`.
+fn best_time(p: Precision, x: &T2, w: &T2, iters: usize) -> f64 {
+    best_secs(p, iters, || {
+        let y = <Cpu as Kernels<f32>>::matmul(x.clone(), w.clone()).expect("matmul");
+        std::hint::black_box(y);
+    })
+}
+
 /// Best seconds of `iters` dense-layer forward + backward passes (y = x @ w, Σ y as the loss:
 /// the forward product, dX = dY Wᵀ and dW = Xᵀ dY) at precision `p`.
-fn dense_train_time(
-    p: Precision,
-    x: &Tensor<(usize, usize), f32, Cpu>,
-    w: &Tensor<(usize, usize), f32, Cpu>,
-    iters: usize,
-) -> f64 {
-    with_precision(p, || {
-        (0..iters)
-            .map(|_| {
-                let s = Instant::now();
-                let y = <Cpu as Kernels<f32>>::matmul(x.leaky_trace(), w.clone()).expect("matmul");
-                std::hint::black_box(y.sum().backward());
-                s.elapsed().as_secs_f64()
-            })
-            .fold(f64::INFINITY, f64::min)
+fn dense_train_time(p: Precision, x: &T2, w: &T2, iters: usize) -> f64 {
+    best_secs(p, iters, || {
+        let y = <Cpu as Kernels<f32>>::matmul(x.leaky_trace(), w.clone()).expect("matmul");
+        std::hint::black_box(y.sum().backward());
     })
 }
 
@@ -69,32 +62,19 @@ type T4 = Tensor<(usize, usize, usize, usize), f32, Cpu>;
 /// Best seconds of `iters` attention calls at precision `p`: tape-free forward, or forward and
 /// backward (Σ of the output as the loss) with `train`.
 fn attention_time(p: Precision, (q, k, v): (&T4, &T4, &T4), train: bool, iters: usize) -> f64 {
-    with_precision(p, || {
-        (0..iters)
-            .map(|_| {
-                let s = Instant::now();
-                if train {
-                    let o = <Cpu as Kernels<f32>>::attention(
-                        q.leaky_trace(),
-                        k.leaky_trace(),
-                        v.leaky_trace(),
-                    )
+    best_secs(p, iters, || {
+        if train {
+            let o =
+                <Cpu as Kernels<f32>>::attention(q.leaky_trace(), k.leaky_trace(), v.leaky_trace())
                     .expect("attention");
-                    std::hint::black_box(o.sum().backward());
-                } else {
-                    let o = <Cpu as Kernels<f32>>::attention(q.clone(), k.clone(), v.clone())
-                        .expect("attention");
-                    std::hint::black_box(o);
-                }
-                s.elapsed().as_secs_f64()
-            })
-            .fold(f64::INFINITY, f64::min)
+            std::hint::black_box(o.sum().backward());
+        } else {
+            let o = <Cpu as Kernels<f32>>::attention(q.clone(), k.clone(), v.clone())
+                .expect("attention");
+            std::hint::black_box(o);
+        }
     })
 }
-
-/// Big blocks on cache lines (AMX tile loads of the bf16 products; see the type).
-#[global_allocator]
-static ALLOC: maskdiff_network::CacheLineAlloc = maskdiff_network::CacheLineAlloc;
 
 fn main() {
     maskdiff_network::tune_allocator();
