@@ -29,6 +29,12 @@
 //! micro-panel of KC·NR·4 = 16 KiB stays in L1 while the tile's rows run against it). Storing
 //! the f32 tile between blocks and loading it again is exact, so the blocking does not change
 //! the summation order.
+//!
+//! A third instance, at [`Level::amx`] ([`gemm_amx`], `kernels::amx`): 32 × 32 blocks of C on
+//! AMX tiles, A in 16 × 16 pair blocks, B in the same panels with its pairs padded to 16, tasks
+//! along C's longer side. The tiles sum a row step's products in an order of their own, so
+//! that path is tested against the exact product within f32 accumulation error instead of the
+//! scalar reference's bits. Every packing buffer starts on a cache line ([`Packed`]).
 
 #[cfg(target_arch = "x86_64")]
 use super::amx;
@@ -1239,7 +1245,7 @@ struct Line([u32; 16]);
 
 /// A packing buffer that starts on a cache line (64 bytes). An AMX tile row is 64 bytes; a
 /// tile load whose rows straddle two lines took 14.5 ns against 2.2 ns aligned on the Xeon
-/// this was written on (a Vec<u32> from malloc is only 16-byte aligned), which made the tiles'
+/// this was written on (a `Vec<u32>` from malloc is only 16-byte aligned), which made the tiles'
 /// products bound by their loads. The `vdpbf16ps` path uses the same buffers.
 #[derive(Default)]
 pub(crate) struct Packed(Vec<Line>);
