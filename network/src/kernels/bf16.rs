@@ -275,7 +275,7 @@ const KC_AMX: usize = 512;
 /// [`gemm_bf16_on`] on AMX tiles: A converted into 16-row groups of 16 × 16 pair blocks (one
 /// tile load each, contiguous, so no cache-set aliasing from long rows), B packed as for the
 /// `vdpbf16ps` kernel with its pairs padded to a multiple of 16, then 32 × 32 blocks of C over
-/// KC-pair blocks, tasks grouped as in [`gemm_bf16_on`].
+/// [`KC_AMX`]-pair blocks, tasks cut along C's longer side (below).
 ///
 /// # Safety
 /// As for [`gemm_bf16`]; k > 0.
@@ -357,47 +357,14 @@ unsafe fn gemm_amx(
                             )
                         };
                         // SAFETY: (i0.., j0..) with mr × nr elements is this task's part of C
-                        // (tiles are disjoint); the caller guarantees C valid.
-                        let tile = unsafe { out.get().add(i0 * c_rs + j0 * c_cs) };
-                        // in place when whole with contiguous rows (fastest when C starts on a
-                        // cache line: `CacheLineAlloc`), else through an aligned copy
-                        if mr == AM && nr == NR && c_cs == 1 {
-                            micro(tile, c_rs, load);
-                            continue;
-                        }
-                        let mut cb = CBlock([0.0f32; AM * NR]);
-                        let buf = &mut cb.0;
-                        for (i, row) in buf.chunks_exact_mut(NR).take(mr).enumerate() {
-                            // SAFETY: row i of the tile, nr elements at stride c_cs.
-                            let at = |j: usize| unsafe { tile.add(i * c_rs + j * c_cs) };
-                            if !load {
-                            } else if c_cs == 1 {
-                                // SAFETY: as above, contiguous.
-                                row[..nr].copy_from_slice(unsafe {
-                                    std::slice::from_raw_parts(at(0), nr)
-                                });
-                            } else {
-                                for (j, d) in row[..nr].iter_mut().enumerate() {
-                                    // SAFETY: as above.
-                                    *d = unsafe { *at(j) };
-                                }
-                            }
-                        }
-                        micro(buf.as_mut_ptr(), NR, load);
-                        for (i, row) in buf.chunks_exact(NR).take(mr).enumerate() {
-                            // SAFETY: as above; nothing else writes this task's tile.
-                            let at = |j: usize| unsafe { tile.add(i * c_rs + j * c_cs) };
-                            if c_cs == 1 {
-                                // SAFETY: as above, contiguous.
-                                unsafe { std::slice::from_raw_parts_mut(at(0), nr) }
-                                    .copy_from_slice(&row[..nr]);
-                            } else {
-                                for (j, &v) in row[..nr].iter().enumerate() {
-                                    // SAFETY: as above.
-                                    unsafe { *at(j) = v };
-                                }
-                            }
-                        }
+                        // (tiles are disjoint); the caller guarantees C valid. In place when
+                        // whole (fastest when C starts on a cache line: `CacheLineAlloc`), else
+                        // through an aligned copy.
+                        unsafe {
+                            let tile = out.get().add(i0 * c_rs + j0 * c_cs);
+                            let mut cb = CBlock([0.0f32; AM * NR]);
+                            on_tile(tile, (c_rs, c_cs), (mr, nr), load, &mut cb.0, micro)
+                        };
                     }
                 }
             }
@@ -627,24 +594,60 @@ unsafe fn run_tile(
         // SAFETY: as above.
         unsafe { micro_portable(kc, (a, a_rs, a_ps), b, c, ldc, load) }
     };
-    if mr == MR && nr == NR && cs == 1 {
+    let mut buf = [0.0f32; MR * NR];
+    // SAFETY: the tile is the caller's.
+    unsafe { on_tile(tile, (rs, cs), (mr, nr), load, &mut buf, micro) }
+}
+
+/// Runs `micro(c, ldc, load)` on the mr × nr tile of C at `tile` (strides rs, cs): in place
+/// when it is whole (`buf.len() / NR` rows of NR) with contiguous rows, else on `buf` (zeroed,
+/// row stride NR), filled from the tile first with `load` and written back after. The copies
+/// are exact, so both ways give the same bits.
+///
+/// # Safety
+/// `tile` valid for the mr × nr strided elements (reads with `load`), which nothing else
+/// accesses during the call; `micro` valid for a whole tile at the pointer it is given.
+#[inline(always)]
+unsafe fn on_tile(
+    tile: *mut f32,
+    (rs, cs): (usize, usize),
+    (mr, nr): (usize, usize),
+    load: bool,
+    buf: &mut [f32],
+    micro: impl Fn(*mut f32, usize, bool),
+) {
+    if mr * NR == buf.len() && nr == NR && cs == 1 {
         micro(tile, rs, load);
         return;
     }
-    let mut buf = [0.0f32; MR * NR];
-    if load {
-        for i in 0..mr {
-            for j in 0..nr {
-                // SAFETY: (i, j) inside the tile (caller).
-                buf[i * NR + j] = unsafe { *tile.add(i * rs + j * cs) };
+    // SAFETY (every `at`): (i, j) with i < mr, j < nr lies inside the tile (caller).
+    let at = |i: usize, j: usize| unsafe { tile.add(i * rs + j * cs) };
+    for (i, row) in buf
+        .chunks_exact_mut(NR)
+        .take(mr)
+        .enumerate()
+        .filter(|_| load)
+    {
+        if cs == 1 {
+            // SAFETY: row i's nr contiguous elements.
+            row[..nr].copy_from_slice(unsafe { std::slice::from_raw_parts(at(i, 0), nr) });
+        } else {
+            for (j, d) in row[..nr].iter_mut().enumerate() {
+                // SAFETY: see `at`.
+                *d = unsafe { *at(i, j) };
             }
         }
     }
-    micro(buf.as_mut_ptr(), NR, true);
-    for i in 0..mr {
-        for j in 0..nr {
-            // SAFETY: as above.
-            unsafe { *tile.add(i * rs + j * cs) = buf[i * NR + j] };
+    micro(buf.as_mut_ptr(), NR, load);
+    for (i, row) in buf.chunks_exact(NR).take(mr).enumerate() {
+        if cs == 1 {
+            // SAFETY: as above; nothing else accesses the tile.
+            unsafe { std::slice::from_raw_parts_mut(at(i, 0), nr) }.copy_from_slice(&row[..nr]);
+        } else {
+            for (j, &v) in row[..nr].iter().enumerate() {
+                // SAFETY: see `at`.
+                unsafe { *at(i, j) = v };
+            }
         }
     }
 }
