@@ -4,15 +4,16 @@
 //!
 //! **Convolution** (zero padding, stride 1; weight (9·cin, cout) in (ky, kx, cin, cout) order):
 //! y = im2col(x)·W, where row p of im2col(x) concatenates the 3×3 neighbours of pixel p (zero
-//! rows outside the image; for all but an image's first and last column each kernel row's three
-//! neighbours are one contiguous 3·cin run of x). The panel is built [`PANEL`] elements at a
-//! time, in parallel, and multiplied by the matmul kernel's product (gemm 0.19 multi-threaded,
-//! or bf16 inputs with f32 accumulation at [`crate::precision::Precision::Bf16`]), so the whole
-//! (b·h·w, 9·cin) panel never exists. Backward: dW += im2col(x)ᵀ·dY (the panel rebuilt chunk by
-//! chunk, the chunks accumulated in order) and dX += im2col(dY)·W̃ with W̃ (9·cout, cin),
-//! W̃[ky, kx, o, c] = W[2−ky, 2−kx, c, o]: the adjoint of a "same" 3×3 convolution is the same
-//! convolution of dY with the kernel flipped and its channel axes swapped (col2im without a
-//! scatter, so parallel tasks never add to the same row).
+//! rows outside the image). Backward: dW += im2col(x)ᵀ·dY and dX += im2col(dY)·W̃ with W̃
+//! (9·cout, cin), W̃[ky, kx, o, c] = W[2−ky, 2−kx, c, o]: the adjoint of a "same" 3×3
+//! convolution is the same convolution of dY with the kernel flipped and its channel axes
+//! swapped (col2im without a scatter, so parallel tasks never add to the same row). The
+//! products run in [`super::conv_direct`], tile by tile from x's rows in place (no panel); at
+//! [`crate::precision::Precision::Bf16`] (bf16-rounded inputs, f32 accumulation on the AMX or
+//! AVX512-BF16 kernels) im2col(x) is built [`PANEL`] elements at a time, in parallel (for all
+//! but an image's first and last column each kernel row's three neighbours are one contiguous
+//! 3·cin run of x), and multiplied by the matmul kernel's product, so the whole (b·h·w, 9·cin)
+//! panel never exists; dW is accumulated panel by panel, in order.
 //!
 //! **GroupNorm** (Wu & He 2018, as Flax's `nn.GroupNorm` in the official `unet.py`: ε = 1e-6,
 //! biased variance): per image and group of c/G channels, μ and σ² over its n pixels × c/G
@@ -27,6 +28,7 @@
 //! per-channel lanes without reassociation, so every [`super::isa`] level gives the same bits.
 
 use super::chunk_rows;
+use super::conv_direct;
 use super::isa::{self, multiversion, Level};
 use super::matmul::product;
 use super::storage::{input, par_filled, par_zeroed};
@@ -38,9 +40,9 @@ use crate::Elem;
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-/// Elements of the im2col panel built and multiplied at a time (1 MiB of f32, which stays in
-/// cache between being written and being multiplied; at `unet-small`'s layer shapes 2¹⁸ ran
-/// the convolution's forward and backward faster than 2²⁰ or 2²²).
+/// Elements of the bf16 path's im2col panel built and multiplied at a time (1 MiB of f32, which
+/// stays in cache between being written and being multiplied; at `unet-small`'s layer shapes
+/// 2¹⁸ ran the convolution's forward and backward faster than 2²⁰ or 2²²).
 const PANEL: usize = 1 << 18;
 
 /// Rows of one GroupNorm task: per-channel sums in E run over at most this many rows.
@@ -74,14 +76,14 @@ pub(crate) fn with_generic_image_ops<R>(f: impl FnOnce() -> R) -> R {
 
 /// The image geometry of a convolution: b images of h × w pixels.
 #[derive(Clone, Copy, Debug)]
-struct Grid {
-    b: usize,
-    h: usize,
-    w: usize,
+pub(super) struct Grid {
+    pub(super) b: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
 }
 
 impl Grid {
-    fn pixels(self) -> usize {
+    pub(super) fn pixels(self) -> usize {
         self.b * self.h * self.w
     }
 }
@@ -103,23 +105,36 @@ pub(crate) fn conv3x3<E: Elem, T: Tape<E, Cpu>>(
         let (xv, wv) = (input(&x), input(&w));
         let (prec, lv) = (precision::precision(), isa::level());
         let mut y = par_zeroed(m * cout);
-        conv_into(
-            prec,
-            lv,
-            &mut y,
-            false,
-            &xv,
-            &wv,
-            g,
-            (cin, cout),
-            &mut Vec::new(),
-        );
+        let by_panels = im2col_products::<E>(prec);
+        if by_panels {
+            conv_into(
+                prec,
+                lv,
+                &mut y,
+                false,
+                &xv,
+                &wv,
+                g,
+                (cin, cout),
+                &mut Vec::new(),
+            );
+        } else {
+            conv_direct::conv(lv, &mut y, false, &xv, &wv, g, (cin, cout));
+        }
         let (xg, wg) = (x.ghost(), w.ghost());
         Ok(Forward {
             shape: (m, cout),
             data: y,
             keep_output: false,
             backward: backward(move |Backward { gy, grads, .. }| {
+                let wf = flip(&wv, cin, cout);
+                if !by_panels {
+                    let gw = grads.get_or_alloc_mut(&wg)?;
+                    conv_direct::conv_dw(lv, gw, &xv, &gy, g, (cin, cout));
+                    let gx = grads.get_or_alloc_mut(&xg)?;
+                    conv_direct::conv(lv, gx, true, &gy, &wf, g, (cout, cin));
+                    return Ok(());
+                }
                 let mut cols = Vec::new();
                 let gw = grads.get_or_alloc_mut(&wg)?;
                 // dW += im2col(x)ᵀ · dY, chunk by chunk in order
@@ -145,7 +160,6 @@ pub(crate) fn conv3x3<E: Elem, T: Tape<E, Cpu>>(
                     };
                 }
                 // dX += im2col(dY) · W̃
-                let wf = flip(&wv, cin, cout);
                 let gx = grads.get_or_alloc_mut(&xg)?;
                 conv_into(prec, lv, gx, true, &gy, &wf, g, (cout, cin), &mut cols);
                 Ok(())
@@ -199,6 +213,13 @@ fn conv_into<E: Elem>(
             )
         };
     }
+}
+
+/// Whether the convolution's products go through im2col panels and the matmul kernel's
+/// product: at [`Precision::Bf16`] for f32 (bf16-rounded inputs, the AMX / AVX512-BF16
+/// kernels); otherwise [`conv_direct`] computes them.
+fn im2col_products<E: Elem>(prec: Precision) -> bool {
+    prec == Precision::Bf16 && std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
 }
 
 /// The panels (first row, rows) covering m rows of `width` elements, ≈ [`PANEL`] elements each

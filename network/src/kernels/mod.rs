@@ -25,6 +25,7 @@ mod amx;
 mod attention;
 pub(crate) mod bf16;
 mod conv;
+mod conv_direct;
 mod elementwise;
 mod ffn;
 mod gather;
