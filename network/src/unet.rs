@@ -20,7 +20,7 @@
 //! `skip.{w,b}` (up blocks).
 
 use crate::init::{lecun, Init};
-use crate::layers::{dense, swish, Res, T2, T3};
+use crate::layers::{dense, Res, T2, T3};
 use crate::modules::{Builder, Conditioning, Linear, Matrix, Parameters, Vector};
 use crate::param::Param;
 use crate::unet_layers::conditioning;
@@ -400,7 +400,7 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
                 self.res_block(x, &self.mid.2, ctx)
             },
         )?;
-        let y = swish(self.norm(hcur, &self.out_norm, &ctx)?)?;
+        let y = self.norm_swish(hcur, &self.out_norm, &ctx)?;
         let logits = self.conv(y, &self.out_conv, &ctx)?;
         let (logits, t) = logits.split_tape();
         logits
@@ -415,6 +415,16 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
         ctx: &Ctx<'_, E, D>,
     ) -> Res<T2<E, D, T>, D> {
         D::group_norm(x, p.scale.tensor(), p.bias.tensor(), ctx.b, ctx.groups)
+    }
+
+    /// swish(GroupNorm(x)), one fused op.
+    fn norm_swish<T: Tape<E, D>>(
+        &self,
+        x: T2<E, D, T>,
+        p: &GroupNormParams<E, D>,
+        ctx: &Ctx<'_, E, D>,
+    ) -> Res<T2<E, D, T>, D> {
+        D::group_norm_swish(x, p.scale.tensor(), p.bias.tensor(), ctx.b, ctx.groups)
     }
 
     fn conv<T: Tape<E, D>>(
@@ -433,7 +443,7 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
         ctx: &mut Ctx<'_, E, D>,
     ) -> Res<T2<E, D, T>, D> {
         let (b, n) = (ctx.b, ctx.h * ctx.w);
-        let y = swish(self.norm(x.retaped::<T>(), &blk.norm1, ctx)?)?;
+        let y = self.norm_swish(x.retaped::<T>(), &blk.norm1, ctx)?;
         let mut y = self.conv(y, &blk.conv1, ctx)?;
         if let (Some(wc), Some(c)) = (&blk.cond, &ctx.c) {
             let cw = D::matmul(c.clone().put_tape(T::default()), wc.tensor()?)?;
@@ -444,7 +454,7 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
                 .try_add(cw.try_broadcast_like::<_, Axis<1>>(&s3)?)?
                 .try_reshape_like(&(b * n, out))?;
         }
-        let mut y = swish(self.norm(y, &blk.norm2, ctx)?)?;
+        let mut y = self.norm_swish(y, &blk.norm2, ctx)?;
         if let Some((p, rng)) = ctx.dropout.as_mut() {
             let s = *y.shape();
             let m = keep_mask(*p, &mut **rng, s.0 * s.1);

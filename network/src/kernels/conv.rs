@@ -29,6 +29,7 @@
 
 use super::chunk_rows;
 use super::conv_direct;
+use super::elementwise::act_grad;
 use super::isa::{self, multiversion, Level};
 use super::matmul::product;
 use super::storage::{input, par_filled, par_zeroed};
@@ -289,12 +290,15 @@ fn flip<E: Elem>(w: &[E], cin: usize, cout: usize) -> Vec<E> {
 }
 
 /// GroupNorm of x (b·n, c) in `groups` groups with scale and bias (c); see the module docs.
+/// With `swish`, the output is swish(GroupNorm(x)) = y·σ(y) from the same pass (backward: dZ
+/// becomes dY = dZ·σ(y)(1 + y(1 − σ(y))), y recomputed from x, then GroupNorm's backward).
 pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
     x: T2<E, Cpu, T>,
     scale: T1<E, Cpu>,
     bias: T1<E, Cpu>,
     b: usize,
     groups: usize,
+    swish: bool,
 ) -> Res<T2<E, Cpu, T>, Cpu> {
     let (scale, bias) = (scale.try_contiguous()?, bias.try_contiguous()?);
     fused(x, |x, _| {
@@ -338,10 +342,10 @@ pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
                 let (mu, r) = stats.image(img);
                 yi.par_chunks_mut(rows * c)
                     .zip(xi.par_chunks(rows * c))
-                    .for_each(|(ys, xs)| gn_rows(lv, ys, xs, mu, r, sv, bv));
+                    .for_each(|(ys, xs)| gn_rows(lv, ys, xs, mu, r, sv, bv, swish));
             },
         );
-        let sv = s_buf;
+        let (sv, bv) = (s_buf, b_buf);
         let (xg, sg, bg) = (x.ghost(), scale.ghost(), bias.ghost());
         Ok(Forward {
             shape: (m, c),
@@ -354,6 +358,25 @@ pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
                     grads.get_or_alloc_mut(&bg)?;
                     return Ok(());
                 }
+                // swish: dY = dZ·swish'(y), y recomputed from x and the statistics
+                let gy = if swish {
+                    let (sv, bv): (&[E], &[E]) = (&sv, &bv);
+                    let mut d = par_zeroed(m * c);
+                    d.par_chunks_mut(n * c)
+                        .zip(gy.par_chunks(n * c).zip(xv.par_chunks(n * c)))
+                        .enumerate()
+                        .for_each(|(img, (di, (gi, xi)))| {
+                            let (mu, r) = stats.image(img);
+                            di.par_chunks_mut(rows * c)
+                                .zip(gi.par_chunks(rows * c).zip(xi.par_chunks(rows * c)))
+                                .for_each(|(d, (g, xs))| {
+                                    gn_swish_grad(lv, d, g, xs, mu, r, sv, bv)
+                                });
+                        });
+                    d
+                } else {
+                    gy
+                };
                 // S1 = Σ dY, S2 = Σ dY ⊙ x̂ per (image, channel)
                 let sums = per_image_pair(&gy, &xv, n, c, rows, |img, gs, xs| {
                     let (mu, r) = stats.image(img);
@@ -523,20 +546,81 @@ multiversion!(
         => shifted_sums_body
 );
 
-/// y = (x − μ)·r·s + bias per row.
+/// y = (x − μ)·r·s + bias per row, or swish(y) = y·σ(y) with `swish`.
 #[inline(always)]
-fn gn_rows_body<E: Elem>(ys: &mut [E], xs: &[E], mu: &[E], r: &[E], s: &[E], bias: &[E]) {
+#[allow(clippy::too_many_arguments)]
+fn gn_rows_body<E: Elem>(
+    ys: &mut [E],
+    xs: &[E],
+    mu: &[E],
+    r: &[E],
+    s: &[E],
+    bias: &[E],
+    swish: bool,
+) {
     let c = mu.len();
     for (y, x) in ys.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
         let lanes = y.iter_mut().zip(x).zip(mu).zip(r).zip(s).zip(bias);
-        for (((((y, &x), &mu), &r), &s), &bias) in lanes {
-            *y = (x - mu) * r * s + bias;
+        if swish {
+            for (((((y, &x), &mu), &r), &s), &bias) in lanes {
+                *y = act_grad(true, (x - mu) * r * s + bias).0;
+            }
+        } else {
+            for (((((y, &x), &mu), &r), &s), &bias) in lanes {
+                *y = (x - mu) * r * s + bias;
+            }
         }
     }
 }
 multiversion!(
-    fn gn_rows<E: Elem>(ys: &mut [E], xs: &[E], mu: &[E], r: &[E], s: &[E], bias: &[E])
-        => gn_rows_body
+    #[allow(clippy::too_many_arguments)]
+    fn gn_rows<E: Elem>(
+        ys: &mut [E],
+        xs: &[E],
+        mu: &[E],
+        r: &[E],
+        s: &[E],
+        bias: &[E],
+        swish: bool,
+    ) => gn_rows_body
+);
+
+/// d = g·swish'(y) per row, y = (x − μ)·r·s + bias: the gradient reaching GroupNorm's output
+/// from swish's.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gn_swish_grad_body<E: Elem>(
+    ds: &mut [E],
+    gs: &[E],
+    xs: &[E],
+    mu: &[E],
+    r: &[E],
+    s: &[E],
+    bias: &[E],
+) {
+    let c = mu.len();
+    for ((d, g), x) in ds
+        .chunks_exact_mut(c)
+        .zip(gs.chunks_exact(c))
+        .zip(xs.chunks_exact(c))
+    {
+        let lanes = d.iter_mut().zip(g).zip(x).zip(mu).zip(r).zip(s).zip(bias);
+        for ((((((d, &g), &x), &mu), &r), &s), &bias) in lanes {
+            *d = g * act_grad(true, (x - mu) * r * s + bias).1;
+        }
+    }
+}
+multiversion!(
+    #[allow(clippy::too_many_arguments)]
+    fn gn_swish_grad<E: Elem>(
+        ds: &mut [E],
+        gs: &[E],
+        xs: &[E],
+        mu: &[E],
+        r: &[E],
+        s: &[E],
+        bias: &[E],
+    ) => gn_swish_grad_body
 );
 
 /// s1 += Σ_rows g, s2 += Σ_rows g·x̂, x̂ = (x − μ)·r, per channel.
@@ -803,7 +887,7 @@ mod tests {
                     let x = tensor(dev, xv.clone(), (b * n, c));
                     let (s, bias) = (rand_t1(dev, rng, c), rand_t1(dev, rng, c));
                     let r = rand_vec(rng, b * n * c);
-                    let y = group_norm(x.leaky_trace(), s.clone(), bias.clone(), b, groups);
+                    let y = group_norm(x.leaky_trace(), s.clone(), bias.clone(), b, groups, false);
                     let (f, g) = grads(y.unwrap(), &r);
                     let [ye, dx, ds, db] = naive_gn(&xv, &s.as_vec(), &bias.as_vec(), &r, dims);
                     close(&f, &ye, "group_norm");
@@ -864,18 +948,33 @@ mod tests {
             let r = rand_vec(&mut rng, b * n * c);
             let t1 = |v: &[f64]| dev.tensor_from_vec(v.to_vec(), (c,));
             let (xt, st, bt) = (t2(&x, (b * n, c)), t1(&s), t1(&bias));
-            let y = group_norm(xt.leaky_trace(), st.clone(), bt.clone(), b, groups).unwrap();
-            let (_, g) = grads(y, &r);
-            let loss = |p: &[Vec<f64>]| {
-                let y = group_norm(t2(&p[0], (b * n, c)), t1(&p[1]), t1(&p[2]), b, groups);
-                y.unwrap().as_vec().iter().zip(&r).map(|(y, r)| y * r).sum()
-            };
-            let gs = [
-                g.get(&xt).as_vec(),
-                g.get(&st).as_vec(),
-                g.get(&bt).as_vec(),
-            ];
-            check_fd(&[x, s, bias], &gs, loss, 1e-5, 1e-7, "group_norm");
+            for swish in [false, true] {
+                let y = group_norm(xt.leaky_trace(), st.clone(), bt.clone(), b, groups, swish);
+                let (_, g) = grads(y.unwrap(), &r);
+                let loss = |p: &[Vec<f64>]| {
+                    let (x, sc, bc) = (t2(&p[0], (b * n, c)), t1(&p[1]), t1(&p[2]));
+                    let y = group_norm(x, sc, bc, b, groups, swish);
+                    y.unwrap().as_vec().iter().zip(&r).map(|(y, r)| y * r).sum()
+                };
+                let gs = [
+                    g.get(&xt).as_vec(),
+                    g.get(&st).as_vec(),
+                    g.get(&bt).as_vec(),
+                ];
+                let what = if swish {
+                    "group_norm_swish"
+                } else {
+                    "group_norm"
+                };
+                check_fd(
+                    &[x.clone(), s.clone(), bias.clone()],
+                    &gs,
+                    loss,
+                    1e-5,
+                    1e-7,
+                    what,
+                );
+            }
         }
     }
 
@@ -912,7 +1011,7 @@ mod tests {
                 dev.tensor_from_vec(s.clone(), (c,)),
                 dev.tensor_from_vec(bias.clone(), (c,)),
             );
-            let y = group_norm(xt.leaky_trace(), st.clone(), bt.clone(), b, groups).unwrap();
+            let y = group_norm(xt.leaky_trace(), st.clone(), bt.clone(), b, groups, false).unwrap();
             let (f, g) = grads(y, &r);
             let [ye, dx, ds, db] = naive_gn(&to64(&x), &to64(&s), &to64(&bias), &to64(&r), dims);
             close_to(f, &ye, "group_norm f32");
@@ -1017,24 +1116,39 @@ mod tests {
                 let x = rand2(dev, rng, (b * n, c));
                 let (s, bias) = (rand_t1(dev, rng, c), rand_t1(dev, rng, c));
                 let r = rand_vec(rng, b * n * c);
-                let (sc, bc) = (s.clone(), bias.clone());
-                let fused = <Cpu as Kernels<f64>>::group_norm(x.leaky_trace(), sc, bc, b, groups);
-                let (fa, ga) = grads(fused.unwrap(), &r);
-                let (sc, bc) = (s.clone(), bias.clone());
-                let generic = crate::unet_layers::group_norm(x.leaky_trace(), sc, bc, b, groups);
-                let (fb, gb) = grads(generic.unwrap(), &r);
-                close(&fa, &fb, "group_norm");
-                close(&ga.get(&x).as_vec(), &gb.get(&x).as_vec(), "group_norm dx");
-                close(
-                    &ga.get(&s).as_vec(),
-                    &gb.get(&s).as_vec(),
-                    "group_norm dscale",
-                );
-                close(
-                    &ga.get(&bias).as_vec(),
-                    &gb.get(&bias).as_vec(),
-                    "group_norm dbias",
-                );
+                for swish in [false, true] {
+                    let (sc, bc) = (s.clone(), bias.clone());
+                    let fused = if swish {
+                        <Cpu as Kernels<f64>>::group_norm_swish(x.leaky_trace(), sc, bc, b, groups)
+                    } else {
+                        <Cpu as Kernels<f64>>::group_norm(x.leaky_trace(), sc, bc, b, groups)
+                    };
+                    let (fa, ga) = grads(fused.unwrap(), &r);
+                    let (sc, bc) = (s.clone(), bias.clone());
+                    let generic =
+                        crate::unet_layers::group_norm(x.leaky_trace(), sc, bc, b, groups);
+                    let generic = if swish {
+                        crate::layers::swish(generic.unwrap())
+                    } else {
+                        generic
+                    };
+                    let (fb, gb) = grads(generic.unwrap(), &r);
+                    let what = if swish {
+                        "group_norm_swish"
+                    } else {
+                        "group_norm"
+                    };
+                    close(&fa, &fb, what);
+                    close(
+                        &ga.get(&x).as_vec(),
+                        &gb.get(&x).as_vec(),
+                        &format!("{what} dx"),
+                    );
+                    let (da, db) = (ga.get(&s).as_vec(), gb.get(&s).as_vec());
+                    close(&da, &db, &format!("{what} dscale"));
+                    let (da, db) = (ga.get(&bias).as_vec(), gb.get(&bias).as_vec());
+                    close(&da, &db, &format!("{what} dbias"));
+                }
             }
         });
     }
@@ -1065,8 +1179,9 @@ mod tests {
         let loss = |y: T2<f32, Cpu, T32>| grads(y, &r).1.get(&x).as_vec();
         let fc = time(&|| loss(conv3x3(x.leaky_trace(), w.clone(), b, h, wd).unwrap()));
         let gc = time(&|| loss(generic_conv(x.leaky_trace(), w.clone(), (b, h, wd))));
-        let fg =
-            time(&|| loss(group_norm(x.leaky_trace(), s.clone(), s.clone(), b, groups).unwrap()));
+        let fg = time(&|| {
+            loss(group_norm(x.leaky_trace(), s.clone(), s.clone(), b, groups, false).unwrap())
+        });
         let gg = time(&|| loss(generic_gn(x.leaky_trace(), s.clone(), s.clone(), b, groups)));
         let fwd = |f: &dyn Fn() -> T2<f32, Cpu>| time(&|| f().as_vec());
         let fcf = fwd(&|| conv3x3(x.clone(), w.clone(), b, h, wd).unwrap());

@@ -98,7 +98,7 @@ fn sigmoid<E: Elem>(x: E) -> E {
 /// act(x) and act'(x), σ computed once: (σ, σ(1 − σ)) for GLU, (x·σ, σ(1 + x(1 − σ))) for
 /// SwiGLU. Every gate pass below takes its values from here, so they agree bit for bit.
 #[inline(always)]
-fn act_grad<E: Elem>(swish: bool, x: E) -> (E, E) {
+pub(super) fn act_grad<E: Elem>(swish: bool, x: E) -> (E, E) {
     let s = sigmoid(x);
     if swish {
         (x * s, s * (E::one() + x * (E::one() - s)))

@@ -201,6 +201,14 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     push("group_norm dx", g.get(&xg).as_vec());
     push("group_norm dscale", g.get(&sg).as_vec());
     push("group_norm dbias", g.get(&bg).as_vec());
+    let y =
+        <K as Kernels<f32>>::group_norm_swish(xg.leaky_trace(), sg.clone(), bg.clone(), B, groups)
+            .unwrap();
+    let (f, g) = grads(y, &r);
+    push("group_norm_swish", f);
+    push("group_norm_swish dx", g.get(&xg).as_vec());
+    push("group_norm_swish dscale", g.get(&sg).as_vec());
+    push("group_norm_swish dbias", g.get(&bg).as_vec());
 
     // optimizer passes over several parallel chunks and a ragged tail
     let len = (1 << 16) + 37;

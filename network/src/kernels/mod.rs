@@ -208,6 +208,17 @@ pub trait Kernels<E: Elem>: Device<E> {
     ) -> Res<T2<E, Self, T>, Self> {
         crate::unet_layers::group_norm(x, scale, bias, b, groups)
     }
+    /// swish(GroupNorm(x)) (the U-Net's norm → activation pairs), arguments as
+    /// [`Kernels::group_norm`].
+    fn group_norm_swish<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        scale: T1<E, Self>,
+        bias: T1<E, Self>,
+        b: usize,
+        groups: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        layers::swish(Self::group_norm(x, scale, bias, b, groups)?)
+    }
     /// One AdamW update of a flat parameter (spec §8): (θ', m', v') from θ, its gradient and
     /// the moments m, v (tape-free; the optimizer is `maskdiff_train::AdamW`).
     fn adamw(
@@ -451,7 +462,21 @@ where
         if conv::generic_image_ops() {
             return crate::unet_layers::group_norm(x, scale, bias, b, groups);
         }
-        conv::group_norm(x, scale, bias, b, groups)
+        conv::group_norm(x, scale, bias, b, groups, false)
+    }
+    fn group_norm_swish<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        scale: T1<E, Self>,
+        bias: T1<E, Self>,
+        b: usize,
+        groups: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        #[cfg(test)]
+        if conv::generic_image_ops() {
+            let y = crate::unet_layers::group_norm(x, scale, bias, b, groups)?;
+            return layers::swish(y);
+        }
+        conv::group_norm(x, scale, bias, b, groups, true)
     }
     fn adamw(
         p: &T1<E, Self>,
