@@ -178,9 +178,7 @@ pub(crate) fn conv_bias<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
     conv: &Conv<E, D>,
     (b, h, w): (usize, usize, usize),
 ) -> Res<T2<E, D, T>, D> {
-    let y = D::conv3x3(x, conv.weight.tensor()?, b, h, w)?;
-    let s = *y.shape();
-    y.try_add(conv.bias.tensor().try_broadcast_like::<_, Axis<0>>(&s)?)
+    D::conv3x3_bias(x, conv.weight.tensor()?, conv.bias.tensor(), b, h, w)
 }
 
 /// An inverted-dropout keep mask of `n` values, 0 (probability p) or 1/(1 − p), one draw each.

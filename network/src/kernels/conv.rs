@@ -89,21 +89,29 @@ impl Grid {
     }
 }
 
-/// y = conv3x3(x, w): x (b·h·w, cin), w (9·cin, cout) → (b·h·w, cout); see the module docs.
+/// y = conv3x3(x, w) [+ bias]: x (b·h·w, cin), w (9·cin, cout), bias (cout) → (b·h·w, cout);
+/// see the module docs. The bias is added to each finished sum (the value of a separate add);
+/// its gradient is the column sums of dY.
 pub(crate) fn conv3x3<E: Elem, T: Tape<E, Cpu>>(
     x: T2<E, Cpu, T>,
     w: T2<E, Cpu>,
+    bias: Option<T1<E, Cpu>>,
     b: usize,
     h: usize,
     wd: usize,
 ) -> Res<T2<E, Cpu, T>, Cpu> {
     let w = w.try_contiguous()?;
+    let bias = bias.map(|t| t.try_contiguous()).transpose()?;
     fused(x, |x, _| {
         let ((m, cin), (k9, cout)) = (*x.shape(), *w.shape());
         let g = Grid { b, h, w: wd };
         assert_eq!(m, g.pixels(), "conv3x3: rows are not b·h·w");
         assert_eq!(k9, 9 * cin, "conv3x3: weight rows are not 9·cin");
         let (xv, wv) = (input(&x), input(&w));
+        if let Some(t) = &bias {
+            assert_eq!(t.shape().0, cout, "conv3x3: bias width");
+        }
+        let bv = bias.as_ref().map(input);
         let (prec, lv) = (precision::precision(), isa::level());
         let mut y = par_zeroed(m * cout);
         let by_panels = im2col_products::<E>(prec);
@@ -119,21 +127,38 @@ pub(crate) fn conv3x3<E: Elem, T: Tape<E, Cpu>>(
                 (cin, cout),
                 &mut Vec::new(),
             );
+            if let Some(bv) = &bv {
+                let bv: &[E] = bv;
+                y.par_chunks_mut(cout.max(1) * 256).for_each(|rows| {
+                    for row in rows.chunks_exact_mut(cout) {
+                        for (v, &b) in row.iter_mut().zip(bv) {
+                            *v += b;
+                        }
+                    }
+                });
+            }
         } else {
-            conv_direct::conv(lv, &mut y, false, &xv, &wv, g, (cin, cout));
+            let bias = bv.as_deref();
+            conv_direct::conv(lv, &mut y, false, &xv, &wv, bias, g, (cin, cout));
         }
-        let (xg, wg) = (x.ghost(), w.ghost());
+        let (xg, wg, bg) = (x.ghost(), w.ghost(), bias.as_ref().map(|t| t.ghost()));
         Ok(Forward {
             shape: (m, cout),
             data: y,
             keep_output: false,
             backward: backward(move |Backward { gy, grads, .. }| {
+                if let Some(bg) = &bg {
+                    let gb = grads.get_or_alloc_mut(bg)?;
+                    for (a, s) in gb.iter_mut().zip(column_sums(&gy, cout)) {
+                        *a += s;
+                    }
+                }
                 let wf = flip(&wv, cin, cout);
                 if !by_panels {
                     let gw = grads.get_or_alloc_mut(&wg)?;
                     conv_direct::conv_dw(lv, gw, &xv, &gy, g, (cin, cout));
                     let gx = grads.get_or_alloc_mut(&xg)?;
-                    conv_direct::conv(lv, gx, true, &gy, &wf, g, (cout, cin));
+                    conv_direct::conv(lv, gx, true, &gy, &wf, None, g, (cout, cin));
                     return Ok(());
                 }
                 let mut cols = Vec::new();
@@ -214,6 +239,33 @@ fn conv_into<E: Elem>(
             )
         };
     }
+}
+
+/// Σ over the rows of v (rows of c): partial sums per chunk of [`GN_ROWS`] rows in parallel,
+/// added in chunk order (each column its own chain, so no level or thread count changes a bit).
+fn column_sums<E: Elem>(v: &[E], c: usize) -> Vec<E> {
+    if c == 0 {
+        return Vec::new();
+    }
+    let parts: Vec<Vec<E>> = v
+        .par_chunks(GN_ROWS * c)
+        .map(|rows| {
+            let mut acc = vec![E::zero(); c];
+            for row in rows.chunks_exact(c) {
+                for (a, &x) in acc.iter_mut().zip(row) {
+                    *a += x;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![E::zero(); c];
+    for p in &parts {
+        for (t, &x) in total.iter_mut().zip(p) {
+            *t += x;
+        }
+    }
+    total
 }
 
 /// Whether the convolution's products go through im2col panels and the matmul kernel's
@@ -843,7 +895,7 @@ mod tests {
                 let x = rand2(dev, rng, (m, cin));
                 let w = rand2(dev, rng, (9 * cin, cout));
                 let r = rand_vec(rng, m * cout);
-                let y = conv3x3(x.leaky_trace(), w.clone(), b, h, wd).unwrap();
+                let y = conv3x3(x.leaky_trace(), w.clone(), None, b, h, wd).unwrap();
                 let (f, g) = grads(y, &r);
                 let (xs, ws) = (x.as_vec(), w.as_vec());
                 close(&f, &naive_conv(&xs, &ws, dims), "conv");
@@ -865,7 +917,10 @@ mod tests {
         let x = rand2(&dev, &mut rng, (m, cin));
         let w = rand2(&dev, &mut rng, (9 * cin, cout));
         let r = rand_vec(&mut rng, m * cout);
-        let (f, g) = grads(conv3x3(x.leaky_trace(), w.clone(), b, h, wd).unwrap(), &r);
+        let (f, g) = grads(
+            conv3x3(x.leaky_trace(), w.clone(), None, b, h, wd).unwrap(),
+            &r,
+        );
         let (xs, ws) = (x.as_vec(), w.as_vec());
         close(&f, &naive_conv(&xs, &ws, dims), "conv");
         let (dx, dw) = naive_conv_grads(&xs, &ws, &r, dims);
@@ -934,9 +989,19 @@ mod tests {
             let w = rand_vec(&mut rng, 9 * cin * cout);
             let r = rand_vec(&mut rng, m * cout);
             let (xt, wt) = (t2(&x, (m, cin)), t2(&w, (9 * cin, cout)));
-            let (_, g) = grads(conv3x3(xt.leaky_trace(), wt.clone(), b, h, wd).unwrap(), &r);
+            let (_, g) = grads(
+                conv3x3(xt.leaky_trace(), wt.clone(), None, b, h, wd).unwrap(),
+                &r,
+            );
             let loss = |p: &[Vec<f64>]| {
-                let y = conv3x3(t2(&p[0], (m, cin)), t2(&p[1], (9 * cin, cout)), b, h, wd);
+                let y = conv3x3(
+                    t2(&p[0], (m, cin)),
+                    t2(&p[1], (9 * cin, cout)),
+                    None,
+                    b,
+                    h,
+                    wd,
+                );
                 y.unwrap().as_vec().iter().zip(&r).map(|(y, r)| y * r).sum()
             };
             let gs = [g.get(&xt).as_vec(), g.get(&wt).as_vec()];
@@ -995,7 +1060,10 @@ mod tests {
             let r = rand32(&mut rng, m * cout, 1.0);
             let xt = dev.tensor_from_vec(x.clone(), (m, cin));
             let wt = dev.tensor_from_vec(w.clone(), (9 * cin, cout));
-            let (f, g) = grads(conv3x3(xt.leaky_trace(), wt.clone(), b, h, wd).unwrap(), &r);
+            let (f, g) = grads(
+                conv3x3(xt.leaky_trace(), wt.clone(), None, b, h, wd).unwrap(),
+                &r,
+            );
             let (x, w, r) = (to64(&x), to64(&w), to64(&r));
             close_to(f, &naive_conv(&x, &w, dims), "conv f32");
             let (dx, dw) = naive_conv_grads(&x, &w, &r, dims);
@@ -1040,7 +1108,7 @@ mod tests {
         let wt = dev.tensor_from_vec(w.clone(), (9 * cin, cout));
         let run = |p| {
             with_precision(p, || {
-                let y = conv3x3(xt.leaky_trace(), wt.clone(), b, h, wd).unwrap();
+                let y = conv3x3(xt.leaky_trace(), wt.clone(), None, b, h, wd).unwrap();
                 let (f, g) = grads(y, &r);
                 (f, g.get(&xt).as_vec(), g.get(&wt).as_vec())
             })
@@ -1111,6 +1179,35 @@ mod tests {
                 close(&fa, &fb, "conv3x3");
                 close(&ga.get(&x).as_vec(), &gb.get(&x).as_vec(), "conv3x3 dx");
                 close(&ga.get(&w).as_vec(), &gb.get(&w).as_vec(), "conv3x3 dw");
+                // with the bias: the generic conv plus dfdx's broadcast add
+                let bias = rand_t1(dev, rng, cout);
+                let fused = <Cpu as Kernels<f64>>::conv3x3_bias(
+                    x.leaky_trace(),
+                    w.clone(),
+                    bias.clone(),
+                    b,
+                    h,
+                    wd,
+                );
+                let (fa, ga) = grads(fused.unwrap(), &r);
+                let generic = crate::unet_layers::conv3x3(x.leaky_trace(), w.clone(), b, h, wd);
+                let generic = generic.unwrap();
+                let s = *generic.shape();
+                let generic = generic + bias.clone().broadcast_like::<_, Axis<0>>(&s);
+                let (fb, gb) = grads(generic, &r);
+                close(&fa, &fb, "conv3x3_bias");
+                close(
+                    &ga.get(&x).as_vec(),
+                    &gb.get(&x).as_vec(),
+                    "conv3x3_bias dx",
+                );
+                close(
+                    &ga.get(&w).as_vec(),
+                    &gb.get(&w).as_vec(),
+                    "conv3x3_bias dw",
+                );
+                let (da, db) = (ga.get(&bias).as_vec(), gb.get(&bias).as_vec());
+                close(&da, &db, "conv3x3_bias dbias");
             }
             for (b, n, c, groups) in GN_SHAPES {
                 let x = rand2(dev, rng, (b * n, c));
@@ -1177,14 +1274,14 @@ mod tests {
             t.elapsed().as_secs_f64() * 1e3 / reps as f64
         };
         let loss = |y: T2<f32, Cpu, T32>| grads(y, &r).1.get(&x).as_vec();
-        let fc = time(&|| loss(conv3x3(x.leaky_trace(), w.clone(), b, h, wd).unwrap()));
+        let fc = time(&|| loss(conv3x3(x.leaky_trace(), w.clone(), None, b, h, wd).unwrap()));
         let gc = time(&|| loss(generic_conv(x.leaky_trace(), w.clone(), (b, h, wd))));
         let fg = time(&|| {
             loss(group_norm(x.leaky_trace(), s.clone(), s.clone(), b, groups, false).unwrap())
         });
         let gg = time(&|| loss(generic_gn(x.leaky_trace(), s.clone(), s.clone(), b, groups)));
         let fwd = |f: &dyn Fn() -> T2<f32, Cpu>| time(&|| f().as_vec());
-        let fcf = fwd(&|| conv3x3(x.clone(), w.clone(), b, h, wd).unwrap());
+        let fcf = fwd(&|| conv3x3(x.clone(), w.clone(), None, b, h, wd).unwrap());
         let gcf = fwd(&|| generic_conv(x.clone(), w.clone(), (b, h, wd)));
         // the product alone, on a ready (m, 9·cin) panel: what im2col adds
         let panel = dev.tensor_from_vec(rand32(&mut rng, m * 9 * cin, 1.0), (m, 9 * cin));

@@ -298,7 +298,8 @@ struct Shape {
 }
 
 /// Output rows p0.. (`out`: whole rows of cout) of the convolution of `src` with the weight
-/// `wp` (9·cin rows of `ldb` ≥ cout, readable to a whole number of NV·LANES columns).
+/// `wp` (9·cin rows of `ldb` ≥ cout, readable to a whole number of NV·LANES columns), plus the
+/// bias (`ldb` elements) where given.
 ///
 /// SAFETY (caller): `zero` holds cin zeros; src is the (b·h·w, cin) input; wp as stated; the
 /// CPU runs `V`; NV·LANES ≤ 64.
@@ -309,7 +310,7 @@ unsafe fn conv_rows<V: Vector, const NV: usize>(
     accumulate: bool,
     src: &[V::E],
     zero: &[V::E],
-    wp: &[V::E],
+    (wp, bias): (&[V::E], Option<&[V::E]>),
     s: Shape,
 ) {
     let (g, n) = (s.g, NV * V::LANES);
@@ -338,8 +339,18 @@ unsafe fn conv_rows<V: Vector, const NV: usize>(
             // elements, columns col..col + cols.
             unsafe {
                 let zero_tile = [[V::zero(); NV]; R];
-                let acc =
+                let mut acc =
                     conv_tile::<V, NV>(zero_tile, &a, 0..9, wp.as_ptr().add(col), s.ldb, s.cin);
+                if let Some(bias) = bias {
+                    // the bias (padded to ldb, like wp's rows) added to each finished sum
+                    let bv: [V; NV] =
+                        std::array::from_fn(|j| V::load(bias[col + j * V::LANES..].as_ptr()));
+                    for acc_i in acc.iter_mut() {
+                        for (v, &b) in acc_i.iter_mut().zip(&bv) {
+                            *v = v.add(b);
+                        }
+                    }
+                }
                 let dst = out.as_mut_ptr().add(r * s.cout + col);
                 put(&acc, dst, s.cout, (nr, cols), accumulate);
             }
@@ -449,11 +460,12 @@ mod dispatch {
         accumulate: bool,
         src: &[E],
         zero: &[E],
-        wp: &[E],
+        (wp, bias): (&[E], Option<&[E]>),
         s: Shape,
     ) {
         #[cfg(target_arch = "x86_64")]
         {
+            type W<'a> = (&'a [f32], Option<&'a [f32]>);
             #[target_feature(enable = "avx512f,avx2,fma")]
             unsafe fn avx512(
                 o: &mut [f32],
@@ -461,7 +473,7 @@ mod dispatch {
                 acc: bool,
                 x: &[f32],
                 z: &[f32],
-                w: &[f32],
+                w: W<'_>,
                 s: Shape,
             ) {
                 unsafe { conv_rows::<x86::Zmm, 4>(o, p0, acc, x, z, w, s) }
@@ -473,13 +485,14 @@ mod dispatch {
                 acc: bool,
                 x: &[f32],
                 z: &[f32],
-                w: &[f32],
+                w: W<'_>,
                 s: Shape,
             ) {
                 unsafe { conv_rows::<x86::Ymm, 2>(o, p0, acc, x, z, w, s) }
             }
             if is_f32::<E>() {
-                let (o, x, z, w) = (f32s_mut(out), f32s(src), f32s(zero), f32s(wp));
+                let (o, x, z) = (f32s_mut(out), f32s(src), f32s(zero));
+                let w = (f32s(wp), bias.map(f32s));
                 match lv.isa() {
                     // SAFETY: a `Level` at Avx512 or above exists only where the CPU runs
                     // AVX-512 F, AVX2 and FMA (`isa::detected`); the rest as `conv_rows` asks,
@@ -495,7 +508,7 @@ mod dispatch {
         }
         // SAFETY: the portable instance needs no CPU feature; the rest as `conv_rows` asks,
         // from the caller (wp padded to 16 columns, `width`).
-        unsafe { conv_rows::<Scalar<E>, 16>(out, p0, accumulate, src, zero, wp, s) }
+        unsafe { conv_rows::<Scalar<E>, 16>(out, p0, accumulate, src, zero, (wp, bias), s) }
     }
 
     /// [`dw_rows`] at `lv`; gy's row stride `s.ldb` and padding follow [`width`]`::<E>(lv)`.
@@ -583,30 +596,36 @@ fn padded<E: Elem>(v: &[E], cols: usize, ld: usize) -> Aligned<E> {
     out
 }
 
-/// dst (b·h·w, cout) = [dst +] conv3x3(src, wt) for src (b·h·w, cin), wt (9·cin, cout).
+/// dst (b·h·w, cout) = [dst +] (conv3x3(src, wt) [+ bias]) for src (b·h·w, cin), wt (9·cin,
+/// cout), bias (cout).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn conv<E: Elem>(
     lv: Level,
     dst: &mut [E],
     accumulate: bool,
     src: &[E],
     wt: &[E],
+    bias: Option<&[E]>,
     g: Grid,
     (cin, cout): (usize, usize),
 ) {
     let m = g.pixels();
     assert!(dst.len() == m * cout && src.len() == m * cin && wt.len() == 9 * cin * cout);
+    assert!(bias.is_none_or(|b| b.len() == cout));
     if m == 0 || cout == 0 {
         return;
     }
     let n = dispatch::width::<E>(lv);
     let ldb = cout.next_multiple_of(n);
-    let wp = padded(wt, cout, ldb);
-    let wp = wp.get();
+    let (wp, bp) = (padded(wt, cout, ldb), bias.map(|b| padded(b, cout, ldb)));
+    let (wp, bp) = (wp.get(), bp.as_ref().map(|b| b.get()));
     let zero = vec![E::zero(); cin];
     let s = Shape { g, cin, cout, ldb };
     dst.par_chunks_mut(TASK_ROWS * cout)
         .enumerate()
-        .for_each(|(t, out)| dispatch::rows(lv, out, t * TASK_ROWS, accumulate, src, &zero, wp, s));
+        .for_each(|(t, out)| {
+            dispatch::rows(lv, out, t * TASK_ROWS, accumulate, src, &zero, (wp, bp), s)
+        });
 }
 
 /// gw (9·cin, cout) += dW = Σ_p im2col(src)[p]ᵀ·gy[p] for src (b·h·w, cin), gy (b·h·w, cout).
@@ -728,8 +747,9 @@ mod tests {
             .install(f)
     }
 
-    /// At every level and thread count: dst + conv(x, w) and gw + dW within f32 rounding of the
-    /// f64 definition, and the same bits as the portable instance on one thread.
+    /// At every level and thread count: conv(x, w) + bias, dst + conv(x, w) and gw + dW within
+    /// f32 rounding of the f64 definition, and the same bits as the portable instance on one
+    /// thread.
     #[test]
     fn direct_matches_the_definition_at_every_level_and_thread_count() {
         let mut rng = StdRng::seed_from_u64(11);
@@ -742,15 +762,16 @@ mod tests {
                 rand(&mut rng, m * cout),
             );
             let (d0, g0) = (rand(&mut rng, m * cout), rand(&mut rng, 9 * cin * cout));
+            let bias = rand(&mut rng, cout);
             let ((y, ya), (dw, dwa)) = definition(&x, &wt, &gy, g, (cin, cout));
             let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
             for lv in isa::supported() {
                 for threads in [1, 3] {
                     let run = || {
                         let mut fresh = vec![f32::NAN; m * cout];
-                        conv(lv, &mut fresh, false, &x, &wt, g, (cin, cout));
+                        conv(lv, &mut fresh, false, &x, &wt, Some(&bias), g, (cin, cout));
                         let mut acc = d0.clone();
-                        conv(lv, &mut acc, true, &x, &wt, g, (cin, cout));
+                        conv(lv, &mut acc, true, &x, &wt, None, g, (cin, cout));
                         let mut gw = g0.clone();
                         conv_dw(lv, &mut gw, &x, &gy, g, (cin, cout));
                         (fresh, acc, gw)
@@ -758,8 +779,13 @@ mod tests {
                     let got = in_pool(threads, run);
                     let what = format!("{lv:?}, {threads} threads, {:?}", (b, h, w, cin, cout));
                     for (i, (&v, (&e, &a))) in got.0.iter().zip(y.iter().zip(&ya)).enumerate() {
-                        let tol = 1e-6 * (a + 1.0) * (9 * cin) as f64;
-                        assert!((f64::from(v) - e).abs() <= tol, "y[{i}] {v} vs {e}, {what}");
+                        let bi = bias[i % cout];
+                        let tol = 1e-6 * (a + bi.abs() as f64 + 1.0) * (9 * cin) as f64;
+                        let want = e + f64::from(bi);
+                        assert!(
+                            (f64::from(v) - want).abs() <= tol,
+                            "y[{i}] {v} vs {want}, {what}"
+                        );
                     }
                     for (i, ((&v, &v0), (&e, &a))) in
                         got.1.iter().zip(&d0).zip(y.iter().zip(&ya)).enumerate()
@@ -826,7 +852,7 @@ mod tests {
                     })
                     .fold(f64::INFINITY, f64::min)
             };
-            let tf = best(&mut || conv(lv, &mut y, false, &x, &w, g, (cin, cout)));
+            let tf = best(&mut || conv(lv, &mut y, false, &x, &w, None, g, (cin, cout)));
             let tw = best(&mut || conv_dw(lv, &mut gw, &x, &gy, g, (cin, cout)));
             eprintln!(
                 "{lv:?} {cin}→{cout}: forward {:.2} ms {:.0} GFLOP/s, dW {:.2} ms {:.0} GFLOP/s",

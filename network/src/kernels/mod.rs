@@ -198,6 +198,19 @@ pub trait Kernels<E: Elem>: Device<E> {
     ) -> Res<T2<E, Self, T>, Self> {
         crate::unet_layers::conv3x3(x, w, b, h, wd)
     }
+    /// [`Kernels::conv3x3`] plus a tape-free bias (cout) on every pixel.
+    fn conv3x3_bias<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        w: T2<E, Self>,
+        bias: T1<E, Self>,
+        b: usize,
+        h: usize,
+        wd: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        let y = Self::conv3x3(x, w, b, h, wd)?;
+        let s = *y.shape();
+        y.try_add(bias.try_broadcast_like::<_, Axis<0>>(&s)?)
+    }
     /// GroupNorm (eps 1e-6) of x (b·n, c) in `groups` groups with tape-free scale and bias (c).
     fn group_norm<T: Tape<E, Self>>(
         x: T2<E, Self, T>,
@@ -449,7 +462,23 @@ where
         if conv::generic_image_ops() {
             return crate::unet_layers::conv3x3(x, w, b, h, wd);
         }
-        conv::conv3x3(x, w, b, h, wd)
+        conv::conv3x3(x, w, None, b, h, wd)
+    }
+    fn conv3x3_bias<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        w: T2<E, Self>,
+        bias: T1<E, Self>,
+        b: usize,
+        h: usize,
+        wd: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        #[cfg(test)]
+        if conv::generic_image_ops() {
+            let y = crate::unet_layers::conv3x3(x, w, b, h, wd)?;
+            let s = *y.shape();
+            return y.try_add(bias.try_broadcast_like::<_, Axis<0>>(&s)?);
+        }
+        conv::conv3x3(x, w, Some(bias), b, h, wd)
     }
     fn group_norm<T: Tape<E, Self>>(
         x: T2<E, Self, T>,
