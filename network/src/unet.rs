@@ -398,7 +398,7 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
                 self.res_block(x, &self.mid.2, ctx)
             },
         )?;
-        let y = self.norm_swish(hcur, &self.out_norm, &ctx)?;
+        let y = self.norm_swish(hcur, &self.out_norm, None, &ctx)?;
         let logits = self.conv(y, &self.out_conv, &ctx)?;
         let (logits, t) = logits.split_tape();
         logits
@@ -415,14 +415,22 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
         D::group_norm(x, p.scale.tensor(), p.bias.tensor(), ctx.b, ctx.groups)
     }
 
-    /// swish(GroupNorm(x)), one fused op.
+    /// swish(GroupNorm(x)) [⊙ the dropout mask `keep`], one fused op.
     fn norm_swish<T: Tape<E, D>>(
         &self,
         x: T2<E, D, T>,
         p: &GroupNormParams<E, D>,
+        keep: Option<Vec<E>>,
         ctx: &Ctx<'_, E, D>,
     ) -> Res<T2<E, D, T>, D> {
-        D::group_norm_swish(x, p.scale.tensor(), p.bias.tensor(), ctx.b, ctx.groups)
+        D::group_norm_swish(
+            x,
+            p.scale.tensor(),
+            p.bias.tensor(),
+            ctx.b,
+            ctx.groups,
+            keep,
+        )
     }
 
     fn conv<T: Tape<E, D>>(
@@ -441,7 +449,7 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
         ctx: &mut Ctx<'_, E, D>,
     ) -> Res<T2<E, D, T>, D> {
         let (b, n) = (ctx.b, ctx.h * ctx.w);
-        let y = self.norm_swish(x.retaped::<T>(), &blk.norm1, ctx)?;
+        let y = self.norm_swish(x.retaped::<T>(), &blk.norm1, None, ctx)?;
         let mut y = self.conv(y, &blk.conv1, ctx)?;
         if let (Some(wc), Some(c)) = (&blk.cond, &ctx.c) {
             let cw = D::matmul(c.clone().put_tape(T::default()), wc.tensor()?)?;
@@ -452,12 +460,13 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
                 .try_add(cw.try_broadcast_like::<_, Axis<1>>(&s3)?)?
                 .try_reshape_like(&(b * n, out))?;
         }
-        let mut y = self.norm_swish(y, &blk.norm2, ctx)?;
-        if let Some((p, rng)) = ctx.dropout.as_mut() {
-            let s = *y.shape();
-            let m = keep_mask(*p, &mut **rng, s.0 * s.1);
-            y = y.try_mul(self.dev.try_tensor_from_vec(m, s)?)?;
-        }
+        // dropout's mask drawn here, applied inside the fused norm → swish
+        let n_keep = y.shape().0 * y.shape().1;
+        let keep = ctx
+            .dropout
+            .as_mut()
+            .map(|(p, rng)| keep_mask(*p, &mut **rng, n_keep));
+        let y = self.norm_swish(y, &blk.norm2, keep, ctx)?;
         let y = self.conv(y, &blk.conv2, ctx)?;
         skip_add(x, &blk.skip, y)
     }

@@ -41,10 +41,11 @@ use crate::Elem;
 use dfdx::prelude::*;
 use rayon::prelude::*;
 
-/// Elements of the bf16 path's im2col panel built and multiplied at a time (1 MiB of f32, which
-/// stays in cache between being written and being multiplied; at `unet-small`'s layer shapes
-/// 2¹⁸ ran the convolution's forward and backward faster than 2²⁰ or 2²²).
-const PANEL: usize = 1 << 18;
+/// Elements of the bf16 path's im2col panel built and multiplied at a time (4 MiB of f32; at
+/// `unet-small`'s shapes on the Intel Xeon with AMX, 2²⁰ trained 10–14 % faster than 2¹⁸ — a
+/// parallel region per panel for its construction and another for its product — and as fast
+/// as 2²²).
+const PANEL: usize = 1 << 20;
 
 /// Rows of one GroupNorm task: per-channel sums in E run over at most this many rows.
 const GN_ROWS: usize = 256;
@@ -342,8 +343,9 @@ fn flip<E: Elem>(w: &[E], cin: usize, cout: usize) -> Vec<E> {
 }
 
 /// GroupNorm of x (b·n, c) in `groups` groups with scale and bias (c); see the module docs.
-/// With `swish`, the output is swish(GroupNorm(x)) = y·σ(y) from the same pass (backward: dZ
-/// becomes dY = dZ·σ(y)(1 + y(1 − σ(y))), y recomputed from x, then GroupNorm's backward).
+/// With `swish`, the output is swish(GroupNorm(x)) = y·σ(y) from the same pass, times the
+/// dropout mask `keep` (b·n·c) where given (backward: dZ becomes dY = dZ·keep·σ(y)(1 + y(1 −
+/// σ(y))), y recomputed from x, then GroupNorm's backward).
 pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
     x: T2<E, Cpu, T>,
     scale: T1<E, Cpu>,
@@ -351,10 +353,19 @@ pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
     b: usize,
     groups: usize,
     swish: bool,
+    keep: Option<Vec<E>>,
 ) -> Res<T2<E, Cpu, T>, Cpu> {
     let (scale, bias) = (scale.try_contiguous()?, bias.try_contiguous()?);
+    assert!(
+        swish || keep.is_none(),
+        "group_norm: a dropout mask without swish"
+    );
     fused(x, |x, _| {
         let (m, c) = *x.shape();
+        assert!(
+            keep.as_ref().is_none_or(|k| k.len() == m * c),
+            "group_norm: mask size"
+        );
         assert!(b > 0 && m % b == 0, "group_norm: {m} rows for {b} images");
         assert!(
             groups > 0 && c % groups == 0,
@@ -394,7 +405,11 @@ pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
                 let (mu, r) = stats.image(img);
                 yi.par_chunks_mut(rows * c)
                     .zip(xi.par_chunks(rows * c))
-                    .for_each(|(ys, xs)| gn_rows(lv, ys, xs, mu, r, sv, bv, swish));
+                    .enumerate()
+                    .for_each(|(j, (ys, xs))| {
+                        let k = mask_rows(&keep, img * n * c + j * rows * c, ys.len());
+                        gn_rows(lv, ys, xs, mu, r, sv, bv, swish, k)
+                    });
             },
         );
         let (sv, bv) = (s_buf, b_buf);
@@ -421,8 +436,10 @@ pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
                             let (mu, r) = stats.image(img);
                             di.par_chunks_mut(rows * c)
                                 .zip(gi.par_chunks(rows * c).zip(xi.par_chunks(rows * c)))
-                                .for_each(|(d, (g, xs))| {
-                                    gn_swish_grad(lv, d, g, xs, mu, r, sv, bv)
+                                .enumerate()
+                                .for_each(|(j, (d, (g, xs)))| {
+                                    let k = mask_rows(&keep, img * n * c + j * rows * c, d.len());
+                                    gn_swish_grad(lv, d, g, xs, mu, r, sv, bv, k)
                                 });
                         });
                     d
@@ -598,7 +615,13 @@ multiversion!(
         => shifted_sums_body
 );
 
-/// y = (x − μ)·r·s + bias per row, or swish(y) = y·σ(y) with `swish`.
+/// The elements at..at + len of the dropout mask, or an empty slice without one.
+fn mask_rows<E: Elem>(keep: &Option<Vec<E>>, at: usize, len: usize) -> &[E] {
+    keep.as_ref().map_or(&[], |k| &k[at..at + len])
+}
+
+/// y = (x − μ)·r·s + bias per row, or swish(y) = y·σ(y) with `swish`, times `keep` (the same
+/// rows of the dropout mask) where that is not empty.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn gn_rows_body<E: Elem>(
@@ -609,8 +632,19 @@ fn gn_rows_body<E: Elem>(
     s: &[E],
     bias: &[E],
     swish: bool,
+    keep: &[E],
 ) {
     let c = mu.len();
+    if !keep.is_empty() {
+        let rows = ys.chunks_exact_mut(c).zip(xs.chunks_exact(c));
+        for ((y, x), k) in rows.zip(keep.chunks_exact(c)) {
+            let lanes = y.iter_mut().zip(x).zip(mu).zip(r).zip(s).zip(bias).zip(k);
+            for ((((((y, &x), &mu), &r), &s), &bias), &k) in lanes {
+                *y = act_grad(true, (x - mu) * r * s + bias).0 * k;
+            }
+        }
+        return;
+    }
     for (y, x) in ys.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
         let lanes = y.iter_mut().zip(x).zip(mu).zip(r).zip(s).zip(bias);
         if swish {
@@ -634,11 +668,12 @@ multiversion!(
         s: &[E],
         bias: &[E],
         swish: bool,
+        keep: &[E],
     ) => gn_rows_body
 );
 
-/// d = g·swish'(y) per row, y = (x − μ)·r·s + bias: the gradient reaching GroupNorm's output
-/// from swish's.
+/// d = g·swish'(y) per row (g·keep·swish'(y) where `keep` is not empty), y = (x − μ)·r·s +
+/// bias: the gradient reaching GroupNorm's output from swish's (and the dropout's).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn gn_swish_grad_body<E: Elem>(
@@ -649,8 +684,27 @@ fn gn_swish_grad_body<E: Elem>(
     r: &[E],
     s: &[E],
     bias: &[E],
+    keep: &[E],
 ) {
     let c = mu.len();
+    if !keep.is_empty() {
+        let rows = ds.chunks_exact_mut(c).zip(gs.chunks_exact(c));
+        for (((d, g), x), k) in rows.zip(xs.chunks_exact(c)).zip(keep.chunks_exact(c)) {
+            let lanes = d
+                .iter_mut()
+                .zip(g)
+                .zip(x)
+                .zip(mu)
+                .zip(r)
+                .zip(s)
+                .zip(bias)
+                .zip(k);
+            for (((((((d, &g), &x), &mu), &r), &s), &bias), &k) in lanes {
+                *d = g * k * act_grad(true, (x - mu) * r * s + bias).1;
+            }
+        }
+        return;
+    }
     for ((d, g), x) in ds
         .chunks_exact_mut(c)
         .zip(gs.chunks_exact(c))
@@ -672,6 +726,7 @@ multiversion!(
         r: &[E],
         s: &[E],
         bias: &[E],
+        keep: &[E],
     ) => gn_swish_grad_body
 );
 
@@ -906,28 +961,6 @@ mod tests {
         });
     }
 
-    /// A shape whose im2col panels (of x: 512 × 576 elements; of dY: 512 × 585) exceed
-    /// [`PANEL`], so each product runs over two panels.
-    #[test]
-    fn conv_over_several_panels_matches_the_definition() {
-        let dims @ (b, h, wd, cin, cout) = (2, 16, 16, 64, 65);
-        let m = b * h * wd;
-        assert!(m * 9 * cin > PANEL && m * 9 * cout > PANEL);
-        let (dev, mut rng) = (Cpu::default(), StdRng::seed_from_u64(1));
-        let x = rand2(&dev, &mut rng, (m, cin));
-        let w = rand2(&dev, &mut rng, (9 * cin, cout));
-        let r = rand_vec(&mut rng, m * cout);
-        let (f, g) = grads(
-            conv3x3(x.leaky_trace(), w.clone(), None, b, h, wd).unwrap(),
-            &r,
-        );
-        let (xs, ws) = (x.as_vec(), w.as_vec());
-        close(&f, &naive_conv(&xs, &ws, dims), "conv");
-        let (dx, dw) = naive_conv_grads(&xs, &ws, &r, dims);
-        close(&g.get(&x).as_vec(), &dx, "conv dx");
-        close(&g.get(&w).as_vec(), &dw, "conv dw");
-    }
-
     #[test]
     fn group_norm_matches_the_definition() {
         each_path(|dev, rng| {
@@ -942,7 +975,15 @@ mod tests {
                     let x = tensor(dev, xv.clone(), (b * n, c));
                     let (s, bias) = (rand_t1(dev, rng, c), rand_t1(dev, rng, c));
                     let r = rand_vec(rng, b * n * c);
-                    let y = group_norm(x.leaky_trace(), s.clone(), bias.clone(), b, groups, false);
+                    let y = group_norm(
+                        x.leaky_trace(),
+                        s.clone(),
+                        bias.clone(),
+                        b,
+                        groups,
+                        false,
+                        None,
+                    );
                     let (f, g) = grads(y.unwrap(), &r);
                     let [ye, dx, ds, db] = naive_gn(&xv, &s.as_vec(), &bias.as_vec(), &r, dims);
                     close(&f, &ye, "group_norm");
@@ -1014,11 +1055,19 @@ mod tests {
             let t1 = |v: &[f64]| dev.tensor_from_vec(v.to_vec(), (c,));
             let (xt, st, bt) = (t2(&x, (b * n, c)), t1(&s), t1(&bias));
             for swish in [false, true] {
-                let y = group_norm(xt.leaky_trace(), st.clone(), bt.clone(), b, groups, swish);
+                let y = group_norm(
+                    xt.leaky_trace(),
+                    st.clone(),
+                    bt.clone(),
+                    b,
+                    groups,
+                    swish,
+                    None,
+                );
                 let (_, g) = grads(y.unwrap(), &r);
                 let loss = |p: &[Vec<f64>]| {
                     let (x, sc, bc) = (t2(&p[0], (b * n, c)), t1(&p[1]), t1(&p[2]));
-                    let y = group_norm(x, sc, bc, b, groups, swish);
+                    let y = group_norm(x, sc, bc, b, groups, swish, None);
                     y.unwrap().as_vec().iter().zip(&r).map(|(y, r)| y * r).sum()
                 };
                 let gs = [
@@ -1079,7 +1128,16 @@ mod tests {
                 dev.tensor_from_vec(s.clone(), (c,)),
                 dev.tensor_from_vec(bias.clone(), (c,)),
             );
-            let y = group_norm(xt.leaky_trace(), st.clone(), bt.clone(), b, groups, false).unwrap();
+            let y = group_norm(
+                xt.leaky_trace(),
+                st.clone(),
+                bt.clone(),
+                b,
+                groups,
+                false,
+                None,
+            )
+            .unwrap();
             let (f, g) = grads(y, &r);
             let [ye, dx, ds, db] = naive_gn(&to64(&x), &to64(&s), &to64(&bias), &to64(&r), dims);
             close_to(f, &ye, "group_norm f32");
@@ -1092,12 +1150,24 @@ mod tests {
     /// At bf16 the convolution's three products take bf16-rounded operands: the forward pass
     /// and both gradients are the definitions' values for the rounded x, w and dY (up to f32
     /// accumulation error), and differ from the f32 kernel's.
+    /// At [`Precision::Bf16`] the products take bf16-rounded inputs with f32 sums, through
+    /// im2col panels: a small shape, and one whose panels (of x: 2048 × 576 elements; of dY:
+    /// 2048 × 585) exceed [`PANEL`], so each product runs over two panels.
     #[test]
     fn bf16_conv_rounds_every_product_input() {
+        let big @ (b, h, wd, cin, cout) = (2, 32, 32, 64, 65);
+        let m = b * h * wd;
+        assert!(m * 9 * cin > PANEL && m * 9 * cout > PANEL && m * 9 * cin <= 2 * PANEL);
+        for dims in [(2, 5, 6, 7, 9), big] {
+            bf16_conv_case(dims);
+        }
+    }
+
+    fn bf16_conv_case(dims: Dims) {
         use super::super::bf16::{from_bf16, to_bf16};
         use crate::precision::with_precision;
         let (dev, mut rng) = (Cpu::default(), StdRng::seed_from_u64(5));
-        let dims @ (b, h, wd, cin, cout) = (2, 5, 6, 7, 9);
+        let (b, h, wd, cin, cout) = dims;
         let m = b * h * wd;
         let (x, w) = (
             rand32(&mut rng, m * cin, 1.0),
@@ -1213,10 +1283,29 @@ mod tests {
                 let x = rand2(dev, rng, (b * n, c));
                 let (s, bias) = (rand_t1(dev, rng, c), rand_t1(dev, rng, c));
                 let r = rand_vec(rng, b * n * c);
-                for swish in [false, true] {
+                // a dropout mask (p = 1/4): 0 or 4/3
+                let keep: Vec<f64> = (0..b * n * c)
+                    .map(|_| {
+                        if rng.gen::<f64>() < 0.25 {
+                            0.0
+                        } else {
+                            4.0 / 3.0
+                        }
+                    })
+                    .collect();
+                for (swish, keep) in [(false, None), (true, None), (true, Some(keep))] {
                     let (sc, bc) = (s.clone(), bias.clone());
+                    let masked = keep.is_some();
                     let fused = if swish {
-                        <Cpu as Kernels<f64>>::group_norm_swish(x.leaky_trace(), sc, bc, b, groups)
+                        let k = keep.clone();
+                        <Cpu as Kernels<f64>>::group_norm_swish(
+                            x.leaky_trace(),
+                            sc,
+                            bc,
+                            b,
+                            groups,
+                            k,
+                        )
                     } else {
                         <Cpu as Kernels<f64>>::group_norm(x.leaky_trace(), sc, bc, b, groups)
                     };
@@ -1229,11 +1318,15 @@ mod tests {
                     } else {
                         generic
                     };
-                    let (fb, gb) = grads(generic.unwrap(), &r);
-                    let what = if swish {
-                        "group_norm_swish"
-                    } else {
-                        "group_norm"
+                    let generic = match keep {
+                        Some(k) => generic.unwrap() * dev.tensor_from_vec(k, (b * n, c)),
+                        None => generic.unwrap(),
+                    };
+                    let (fb, gb) = grads(generic, &r);
+                    let what = match (swish, masked) {
+                        (false, _) => "group_norm",
+                        (true, false) => "group_norm_swish",
+                        (true, true) => "group_norm_swish with dropout",
                     };
                     close(&fa, &fb, what);
                     close(
@@ -1277,7 +1370,18 @@ mod tests {
         let fc = time(&|| loss(conv3x3(x.leaky_trace(), w.clone(), None, b, h, wd).unwrap()));
         let gc = time(&|| loss(generic_conv(x.leaky_trace(), w.clone(), (b, h, wd))));
         let fg = time(&|| {
-            loss(group_norm(x.leaky_trace(), s.clone(), s.clone(), b, groups, false).unwrap())
+            loss(
+                group_norm(
+                    x.leaky_trace(),
+                    s.clone(),
+                    s.clone(),
+                    b,
+                    groups,
+                    false,
+                    None,
+                )
+                .unwrap(),
+            )
         });
         let gg = time(&|| loss(generic_gn(x.leaky_trace(), s.clone(), s.clone(), b, groups)));
         let fwd = |f: &dyn Fn() -> T2<f32, Cpu>| time(&|| f().as_vec());

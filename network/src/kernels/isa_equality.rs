@@ -201,9 +201,19 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     push("group_norm dx", g.get(&xg).as_vec());
     push("group_norm dscale", g.get(&sg).as_vec());
     push("group_norm dbias", g.get(&bg).as_vec());
-    let y =
-        <K as Kernels<f32>>::group_norm_swish(xg.leaky_trace(), sg.clone(), bg.clone(), B, groups)
-            .unwrap();
+    let keep: Vec<f32> = rand32(&mut rng, B * gn * gc, 1.0)
+        .iter()
+        .map(|&u| if u < -0.5 { 0.0 } else { 4.0 / 3.0 })
+        .collect();
+    let y = <K as Kernels<f32>>::group_norm_swish(
+        xg.leaky_trace(),
+        sg.clone(),
+        bg.clone(),
+        B,
+        groups,
+        Some(keep),
+    )
+    .unwrap();
     let (f, g) = grads(y, &r);
     push("group_norm_swish", f);
     push("group_norm_swish dx", g.get(&xg).as_vec());

@@ -221,7 +221,8 @@ pub trait Kernels<E: Elem>: Device<E> {
     ) -> Res<T2<E, Self, T>, Self> {
         crate::unet_layers::group_norm(x, scale, bias, b, groups)
     }
-    /// swish(GroupNorm(x)) (the U-Net's norm → activation pairs), arguments as
+    /// swish(GroupNorm(x)) (the U-Net's norm → activation pairs), times the dropout mask
+    /// `keep` (b·n·c values, 0 or 1/(1 − p)) where given; other arguments as
     /// [`Kernels::group_norm`].
     fn group_norm_swish<T: Tape<E, Self>>(
         x: T2<E, Self, T>,
@@ -229,8 +230,17 @@ pub trait Kernels<E: Elem>: Device<E> {
         bias: T1<E, Self>,
         b: usize,
         groups: usize,
+        keep: Option<Vec<E>>,
     ) -> Res<T2<E, Self, T>, Self> {
-        layers::swish(Self::group_norm(x, scale, bias, b, groups)?)
+        let y = layers::swish(Self::group_norm(x, scale, bias, b, groups)?)?;
+        match keep {
+            Some(k) => {
+                let s = *y.shape();
+                let mask = y.device().try_tensor_from_vec(k, s)?;
+                y.try_mul(mask)
+            }
+            None => Ok(y),
+        }
     }
     /// One AdamW update of a flat parameter (spec §8): (θ', m', v') from θ, its gradient and
     /// the moments m, v (tape-free; the optimizer is `maskdiff_train::AdamW`).
@@ -491,7 +501,7 @@ where
         if conv::generic_image_ops() {
             return crate::unet_layers::group_norm(x, scale, bias, b, groups);
         }
-        conv::group_norm(x, scale, bias, b, groups, false)
+        conv::group_norm(x, scale, bias, b, groups, false, None)
     }
     fn group_norm_swish<T: Tape<E, Self>>(
         x: T2<E, Self, T>,
@@ -499,13 +509,17 @@ where
         bias: T1<E, Self>,
         b: usize,
         groups: usize,
+        keep: Option<Vec<E>>,
     ) -> Res<T2<E, Self, T>, Self> {
         #[cfg(test)]
         if conv::generic_image_ops() {
-            let y = crate::unet_layers::group_norm(x, scale, bias, b, groups)?;
-            return layers::swish(y);
+            let y = layers::swish(crate::unet_layers::group_norm(x, scale, bias, b, groups)?)?;
+            let Some(k) = keep else { return Ok(y) };
+            let s = *y.shape();
+            let mask = y.device().try_tensor_from_vec(k, s)?;
+            return y.try_mul(mask);
         }
-        conv::group_norm(x, scale, bias, b, groups, true)
+        conv::group_norm(x, scale, bias, b, groups, true, keep)
     }
     fn adamw(
         p: &T1<E, Self>,
