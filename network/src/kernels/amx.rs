@@ -234,6 +234,101 @@ pub(crate) unsafe fn micro(
     }
 }
 
+/// One step of [`micro_steps`]: A rows 0–15 from `a` (row stride `lda` bytes), rows 16–31
+/// from `a + 16·lda`; B pair rows 0–15 from `b` (row stride `ldb` bytes), columns 0–15 from
+/// there and 16–31 from `b + 64`.
+#[derive(Clone, Copy)]
+pub(crate) struct Step {
+    pub(crate) a: *const u8,
+    pub(crate) b: *const u8,
+}
+
+/// The 32 × 32 f32 block at `c` (row stride `ldc` f32) = Σ over `steps` of A·B, each step's
+/// operands read in place at the strides given (the direct convolution's A rows are rows of its
+/// padded input, shifted per tap; see `kernels::conv_amx`). The same software pipelining as
+/// [`micro`].
+///
+/// # Safety
+/// For every step: A's 32 rows of 64 bytes (`a + r·lda`) and B's 16 rows of 128 bytes
+/// (`b + r·ldb`) readable; `c` writable for 32 rows of 32 f32 at stride `ldc`; the tiles
+/// configured on this thread.
+#[inline]
+pub(crate) unsafe fn micro_steps(
+    _tiles: &Tiles,
+    steps: &[Step],
+    (lda, ldb): (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+) {
+    let cs = ldc * 4;
+    // SAFETY (every block): the tiles are configured (`_tiles`); every tile row read or written
+    // lies inside the ranges the caller guarantees.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem, preserves_flags),
+        );
+        if let Some(first) = steps.first() {
+            asm!(
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                a0 = in(reg) first.a,
+                a1 = in(reg) first.a.add(T * lda),
+                b0 = in(reg) first.b,
+                b1 = in(reg) first.b.add(64),
+                sa = in(reg) lda,
+                sb = in(reg) ldb,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+        for st in steps.iter().skip(1) {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                a0 = in(reg) st.a,
+                a1 = in(reg) st.a.add(T * lda),
+                b0 = in(reg) st.b,
+                b1 = in(reg) st.b.add(64),
+                sa = in(reg) lda,
+                sb = in(reg) ldb,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+        if !steps.is_empty() {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                options(nostack, nomem, preserves_flags),
+            );
+        }
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(T),
+            c2 = in(reg) c.add(T * ldc),
+            c3 = in(reg) c.add(T * ldc + T),
+            s = in(reg) cs,
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
 /// `trips` × 4 `tdpbf16ps` on the configured (zeroed) tiles, nothing loaded or stored: the
 /// tiles' arithmetic peak, for the `fma_peak` benchmark. Returns the multiply-adds done.
 pub(crate) fn spin(_tiles: &Tiles, trips: u64) -> u64 {

@@ -72,7 +72,7 @@ pub(crate) fn from_bf16(h: u16) -> f32 {
 
 /// One bf16 pair (k = 2p even element in the low half, 2p + 1 in the high half).
 #[inline(always)]
-fn pair(even: f32, odd: f32) -> u32 {
+pub(crate) fn pair(even: f32, odd: f32) -> u32 {
     u32::from(to_bf16(even)) | (u32::from(to_bf16(odd)) << 16)
 }
 
@@ -878,7 +878,7 @@ mod avx512bf16 {
 /// `dst[p]` = the bf16 pair (`src[2p]`, `src[2p + 1]`) for every p < `dst.len()`: with
 /// AVX512-BF16, 16 pairs per `vcvtne2ps2bf16` (the same rounding as [`to_bf16`], tested).
 #[inline(always)]
-fn cvt_pairs(hw: Option<Bf16Hw>, src: &[f32], dst: &mut [u32]) {
+pub(crate) fn cvt_pairs(hw: Option<Bf16Hw>, src: &[f32], dst: &mut [u32]) {
     assert!(src.len() >= 2 * dst.len());
     #[cfg(target_arch = "x86_64")]
     if let Some(hw) = hw {
@@ -894,7 +894,7 @@ fn cvt_pairs(hw: Option<Bf16Hw>, src: &[f32], dst: &mut [u32]) {
 /// `dst[j]` = the bf16 pair (`even[j]`, `odd[j]`) for every j < `dst.len()`: with
 /// AVX512-BF16, 16 pairs per `vcvtne2ps2bf16` and one `vpermw`.
 #[inline(always)]
-fn cvt_interleave(hw: Option<Bf16Hw>, even: &[f32], odd: &[f32], dst: &mut [u32]) {
+pub(crate) fn cvt_interleave(hw: Option<Bf16Hw>, even: &[f32], odd: &[f32], dst: &mut [u32]) {
     assert!(even.len() >= dst.len() && odd.len() >= dst.len());
     #[cfg(target_arch = "x86_64")]
     if let Some(hw) = hw {

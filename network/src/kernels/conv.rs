@@ -28,9 +28,11 @@
 //! per-channel lanes without reassociation, so every [`super::isa`] level gives the same bits.
 
 use super::chunk_rows;
+#[cfg(target_arch = "x86_64")]
+use super::conv_amx;
 use super::conv_direct;
 use super::elementwise::act_grad;
-use super::isa::{self, multiversion, Level};
+use super::isa::{self, multiversion, AmxHw, Level};
 use super::matmul::product;
 use super::storage::{input, par_filled, par_zeroed};
 use super::tape::{backward, fused, Backward, Forward};
@@ -116,7 +118,20 @@ pub(crate) fn conv3x3<E: Elem, T: Tape<E, Cpu>>(
         let (prec, lv) = (precision::precision(), isa::level());
         let mut y = par_zeroed(m * cout);
         let by_panels = im2col_products::<E>(prec);
-        if by_panels {
+        let tiles = if by_panels { lv.amx() } else { None };
+        if let Some(hw) = tiles {
+            amx_conv(
+                hw,
+                lv,
+                &mut y,
+                false,
+                &xv,
+                &wv,
+                bv.as_deref(),
+                g,
+                (cin, cout),
+            );
+        } else if by_panels {
             conv_into(
                 prec,
                 lv,
@@ -155,6 +170,13 @@ pub(crate) fn conv3x3<E: Elem, T: Tape<E, Cpu>>(
                     }
                 }
                 let wf = flip(&wv, cin, cout);
+                if let Some(hw) = tiles {
+                    let gw = grads.get_or_alloc_mut(&wg)?;
+                    amx_conv_dw(hw, lv, gw, &xv, &gy, g, (cin, cout));
+                    let gx = grads.get_or_alloc_mut(&xg)?;
+                    amx_conv(hw, lv, gx, true, &gy, &wf, None, g, (cout, cin));
+                    return Ok(());
+                }
                 if !by_panels {
                     let gw = grads.get_or_alloc_mut(&wg)?;
                     conv_direct::conv_dw(lv, gw, &xv, &gy, g, (cin, cout));
@@ -239,6 +261,65 @@ fn conv_into<E: Elem>(
                 (cout, 1),
             )
         };
+    }
+}
+
+/// `v` as f32 (the AMX path runs only for f32: [`im2col_products`]).
+#[cfg(target_arch = "x86_64")]
+fn f32s<E: Elem>(v: &[E]) -> &[f32] {
+    assert!(std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>());
+    // SAFETY: E is f32 (checked), so the memory is `len` f32s.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn f32s_mut<E: Elem>(v: &mut [E]) -> &mut [f32] {
+    assert!(std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>());
+    // SAFETY: as in `f32s`, from the unique borrow.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
+}
+
+/// [`conv_amx::conv`] for E = f32 (an [`AmxHw`] exists only on x86-64 CPUs with AMX).
+#[allow(clippy::too_many_arguments)]
+fn amx_conv<E: Elem>(
+    hw: AmxHw,
+    lv: Level,
+    dst: &mut [E],
+    accumulate: bool,
+    src: &[E],
+    wt: &[E],
+    bias: Option<&[E]>,
+    g: Grid,
+    ch: (usize, usize),
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (d, s, w) = (f32s_mut(dst), f32s(src), f32s(wt));
+        conv_amx::conv(hw, lv.bf16(), d, accumulate, s, w, bias.map(f32s), g, ch);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (hw, lv, dst, accumulate, src, wt, bias, g, ch);
+        unreachable!("AMX tiles exist on x86-64 only");
+    }
+}
+
+/// [`conv_amx::conv_dw`] for E = f32.
+fn amx_conv_dw<E: Elem>(
+    hw: AmxHw,
+    lv: Level,
+    gw: &mut [E],
+    src: &[E],
+    gy: &[E],
+    g: Grid,
+    ch: (usize, usize),
+) {
+    #[cfg(target_arch = "x86_64")]
+    conv_amx::conv_dw(hw, lv.bf16(), f32s_mut(gw), f32s(src), f32s(gy), g, ch);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (hw, lv, gw, src, gy, g, ch);
+        unreachable!("AMX tiles exist on x86-64 only");
     }
 }
 

@@ -506,6 +506,8 @@ mod dispatch {
                 }
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = lv;
         // SAFETY: the portable instance needs no CPU feature; the rest as `conv_rows` asks,
         // from the caller (wp padded to 16 columns, `width`).
         unsafe { conv_rows::<Scalar<E>, 16>(out, p0, accumulate, src, zero, (wp, bias), s) }
@@ -553,6 +555,8 @@ mod dispatch {
                 }
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = lv;
         // SAFETY: as in `rows`.
         unsafe { dw_rows::<Scalar<E>, 16>(part, rows, src, gy, s) }
     }

@@ -25,6 +25,8 @@ mod amx;
 mod attention;
 pub(crate) mod bf16;
 mod conv;
+#[cfg(target_arch = "x86_64")]
+mod conv_amx;
 mod conv_direct;
 mod elementwise;
 mod ffn;
