@@ -477,6 +477,8 @@ pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
             Stats::from_sums(&sums, &shift, (c, cg), count)
         };
         let (sv, bv): (&[E], &[E]) = (&s_buf, &b_buf);
+        // the mask's stand-in without dropout: ×1 is exact
+        let ones = vec![E::one(); if keep.is_none() { rows * c } else { 0 }];
         // one chunk per image (zeroed by the worker that fills it), rows split inside
         let y = par_filled(
             m * c,
@@ -488,7 +490,7 @@ pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
                     .zip(xi.par_chunks(rows * c))
                     .enumerate()
                     .for_each(|(j, (ys, xs))| {
-                        let k = mask_rows(&keep, img * n * c + j * rows * c, ys.len());
+                        let k = mask_rows(&keep, &ones, img * n * c + j * rows * c, ys.len());
                         gn_rows(lv, ys, xs, mu, r, sv, bv, swish, k)
                     });
             },
@@ -519,7 +521,8 @@ pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
                                 .zip(gi.par_chunks(rows * c).zip(xi.par_chunks(rows * c)))
                                 .enumerate()
                                 .for_each(|(j, (d, (g, xs)))| {
-                                    let k = mask_rows(&keep, img * n * c + j * rows * c, d.len());
+                                    let at = img * n * c + j * rows * c;
+                                    let k = mask_rows(&keep, &ones, at, d.len());
                                     gn_swish_grad(lv, d, g, xs, mu, r, sv, bv, k)
                                 });
                         });
@@ -696,13 +699,21 @@ multiversion!(
         => shifted_sums_body
 );
 
-/// The elements at..at + len of the dropout mask, or an empty slice without one.
-fn mask_rows<E: Elem>(keep: &Option<Vec<E>>, at: usize, len: usize) -> &[E] {
-    keep.as_ref().map_or(&[], |k| &k[at..at + len])
+/// The elements at..at + len of the dropout mask, or of `ones` without one.
+fn mask_rows<'a, E: Elem>(
+    keep: &'a Option<Vec<E>>,
+    ones: &'a [E],
+    at: usize,
+    len: usize,
+) -> &'a [E] {
+    match keep {
+        Some(k) => &k[at..at + len],
+        None => &ones[..len],
+    }
 }
 
-/// y = (x − μ)·r·s + bias per row, or swish(y) = y·σ(y) with `swish`, times `keep` (the same
-/// rows of the dropout mask) where that is not empty.
+/// y = (x − μ)·r·s + bias per row, or with `swish` swish(y)·keep (the same rows of the dropout
+/// mask, or ones: ×1 is exact).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn gn_rows_body<E: Elem>(
@@ -716,23 +727,17 @@ fn gn_rows_body<E: Elem>(
     keep: &[E],
 ) {
     let c = mu.len();
-    if !keep.is_empty() {
-        let rows = ys.chunks_exact_mut(c).zip(xs.chunks_exact(c));
+    let rows = ys.chunks_exact_mut(c).zip(xs.chunks_exact(c));
+    if swish {
         for ((y, x), k) in rows.zip(keep.chunks_exact(c)) {
             let lanes = y.iter_mut().zip(x).zip(mu).zip(r).zip(s).zip(bias).zip(k);
             for ((((((y, &x), &mu), &r), &s), &bias), &k) in lanes {
                 *y = act_grad(true, (x - mu) * r * s + bias).0 * k;
             }
         }
-        return;
-    }
-    for (y, x) in ys.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
-        let lanes = y.iter_mut().zip(x).zip(mu).zip(r).zip(s).zip(bias);
-        if swish {
-            for (((((y, &x), &mu), &r), &s), &bias) in lanes {
-                *y = act_grad(true, (x - mu) * r * s + bias).0;
-            }
-        } else {
+    } else {
+        for (y, x) in rows {
+            let lanes = y.iter_mut().zip(x).zip(mu).zip(r).zip(s).zip(bias);
             for (((((y, &x), &mu), &r), &s), &bias) in lanes {
                 *y = (x - mu) * r * s + bias;
             }
@@ -753,7 +758,7 @@ multiversion!(
     ) => gn_rows_body
 );
 
-/// d = g·swish'(y) per row (g·keep·swish'(y) where `keep` is not empty), y = (x − μ)·r·s +
+/// d = g·keep·swish'(y) per row (keep: the dropout mask's rows, or ones), y = (x − μ)·r·s +
 /// bias: the gradient reaching GroupNorm's output from swish's (and the dropout's).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -768,32 +773,19 @@ fn gn_swish_grad_body<E: Elem>(
     keep: &[E],
 ) {
     let c = mu.len();
-    if !keep.is_empty() {
-        let rows = ds.chunks_exact_mut(c).zip(gs.chunks_exact(c));
-        for (((d, g), x), k) in rows.zip(xs.chunks_exact(c)).zip(keep.chunks_exact(c)) {
-            let lanes = d
-                .iter_mut()
-                .zip(g)
-                .zip(x)
-                .zip(mu)
-                .zip(r)
-                .zip(s)
-                .zip(bias)
-                .zip(k);
-            for (((((((d, &g), &x), &mu), &r), &s), &bias), &k) in lanes {
-                *d = g * k * act_grad(true, (x - mu) * r * s + bias).1;
-            }
-        }
-        return;
-    }
-    for ((d, g), x) in ds
-        .chunks_exact_mut(c)
-        .zip(gs.chunks_exact(c))
-        .zip(xs.chunks_exact(c))
-    {
-        let lanes = d.iter_mut().zip(g).zip(x).zip(mu).zip(r).zip(s).zip(bias);
-        for ((((((d, &g), &x), &mu), &r), &s), &bias) in lanes {
-            *d = g * act_grad(true, (x - mu) * r * s + bias).1;
+    let rows = ds.chunks_exact_mut(c).zip(gs.chunks_exact(c));
+    for (((d, g), x), k) in rows.zip(xs.chunks_exact(c)).zip(keep.chunks_exact(c)) {
+        let lanes = d
+            .iter_mut()
+            .zip(g)
+            .zip(x)
+            .zip(mu)
+            .zip(r)
+            .zip(s)
+            .zip(bias)
+            .zip(k);
+        for (((((((d, &g), &x), &mu), &r), &s), &bias), &k) in lanes {
+            *d = g * k * act_grad(true, (x - mu) * r * s + bias).1;
         }
     }
 }

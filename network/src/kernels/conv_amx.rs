@@ -389,6 +389,7 @@ pub(super) fn conv_dw(
 #[cfg(test)]
 mod tests {
     use super::super::bf16::{from_bf16, to_bf16};
+    use super::super::conv_direct::tests::{definition, in_pool};
     use super::*;
     use crate::kernels::isa;
     use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -403,54 +404,10 @@ mod tests {
         (1, 3, 4, 40, 2),
     ];
 
-    /// The in-image taps (t, q) of pixel p.
-    fn taps(p: usize, g: Grid) -> Vec<(usize, usize)> {
-        let (img, y, x) = (p / (g.h * g.w), p / g.w % g.h, p % g.w);
-        (0..9)
-            .filter_map(|t| {
-                let (yy, xx) = ((y + t / 3).checked_sub(1)?, (x + t % 3).checked_sub(1)?);
-                (yy < g.h && xx < g.w).then_some((t, (img * g.h + yy) * g.w + xx))
-            })
-            .collect()
-    }
-
     fn q(v: &[f32]) -> Vec<f64> {
         v.iter()
             .map(|&x| f64::from(from_bf16(to_bf16(x))))
             .collect()
-    }
-
-    /// The convolution and dW of the bf16-rounded inputs by their definitions in f64, each
-    /// with the sum of its terms' magnitudes.
-    #[allow(clippy::type_complexity)]
-    fn definition(
-        (x, w, gy): (&[f64], &[f64], &[f64]),
-        g: Grid,
-        (cin, cout): (usize, usize),
-    ) -> ((Vec<f64>, Vec<f64>), (Vec<f64>, Vec<f64>)) {
-        let m = g.pixels();
-        let (mut y, mut ya) = (vec![0.0; m * cout], vec![0.0; m * cout]);
-        let (mut dw, mut dwa) = (vec![0.0; 9 * cin * cout], vec![0.0; 9 * cin * cout]);
-        for p in 0..m {
-            for (t, src) in taps(p, g) {
-                for c in 0..cin {
-                    for o in 0..cout {
-                        let term = x[src * cin + c] * w[(t * cin + c) * cout + o];
-                        y[p * cout + o] += term;
-                        ya[p * cout + o] += term.abs();
-                        let term = x[src * cin + c] * gy[p * cout + o];
-                        dw[(t * cin + c) * cout + o] += term;
-                        dwa[(t * cin + c) * cout + o] += term.abs();
-                    }
-                }
-            }
-        }
-        ((y, ya), (dw, dwa))
-    }
-
-    fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads);
-        pool.build().unwrap().install(f)
     }
 
     /// On a CPU with AMX: conv(x, w) + bias, dst + conv(x, w) and gw + dW of the bf16-rounded

@@ -678,7 +678,7 @@ pub(super) fn conv_dw<E: Elem>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::isa;
     use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -711,10 +711,8 @@ mod tests {
     /// The convolution and dW by their definitions in f64, each with the sum of its terms'
     /// magnitudes (the scale of an f32 sum's rounding error).
     #[allow(clippy::type_complexity)]
-    fn definition(
-        x: &[f32],
-        w: &[f32],
-        gy: &[f32],
+    pub(crate) fn definition(
+        (x, w, gy): (&[f64], &[f64], &[f64]),
         g: Grid,
         (cin, cout): (usize, usize),
     ) -> ((Vec<f64>, Vec<f64>), (Vec<f64>, Vec<f64>)) {
@@ -725,11 +723,11 @@ mod tests {
             for (t, q) in taps(p, g) {
                 for c in 0..cin {
                     for o in 0..cout {
-                        let xv = f64::from(x[q * cin + c]);
-                        let term = xv * f64::from(w[(t * cin + c) * cout + o]);
+                        let xv = x[q * cin + c];
+                        let term = xv * w[(t * cin + c) * cout + o];
                         y[p * cout + o] += term;
                         ya[p * cout + o] += term.abs();
-                        let term = xv * f64::from(gy[p * cout + o]);
+                        let term = xv * gy[p * cout + o];
                         dw[(t * cin + c) * cout + o] += term;
                         dwa[(t * cin + c) * cout + o] += term.abs();
                     }
@@ -743,7 +741,7 @@ mod tests {
         (0..n).map(|_| rng.gen_range(-1.5f32..1.5)).collect()
     }
 
-    fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    pub(crate) fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -767,7 +765,9 @@ mod tests {
             );
             let (d0, g0) = (rand(&mut rng, m * cout), rand(&mut rng, 9 * cin * cout));
             let bias = rand(&mut rng, cout);
-            let ((y, ya), (dw, dwa)) = definition(&x, &wt, &gy, g, (cin, cout));
+            let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+            let ((y, ya), (dw, dwa)) =
+                definition((&f64s(&x), &f64s(&wt), &f64s(&gy)), g, (cin, cout));
             let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
             for lv in isa::supported() {
                 for threads in [1, 3] {
