@@ -6,7 +6,8 @@
 //! the gated FFN as one op ([`ffn`]), the row gather and its scatter-add ([`gather`]), LayerNorm
 //! without affine and RMSNorm with a scale ([`norms`]), softmax over the last axis, adaLN
 //! modulation, the residual add and the gated residual, the GLU/SwiGLU gate and RoPE ([`elementwise`]), and the U-Net's
-//! 3×3 convolution and GroupNorm ([`conv`]). dfdx
+//! 3×3 convolution and GroupNorm ([`conv`]; the convolution's products in [`conv_direct`], and
+//! on AMX at bf16 in `conv_amx`). dfdx
 //! composes the element-wise ones from 4–10 separate ops, each
 //! allocating and sweeping memory; here each is one sweep forward and one backward. The
 //! optimizer's passes (AdamW, EMA, Σ g²; tape-free) are in [`optimizer`], bit-identical to their
