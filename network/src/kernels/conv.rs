@@ -31,6 +31,8 @@ use super::chunk_rows;
 #[cfg(target_arch = "x86_64")]
 use super::conv_amx;
 use super::conv_direct;
+#[cfg(target_arch = "x86_64")]
+use super::conv_direct::{f32s, f32s_mut};
 use super::elementwise::act_grad;
 use super::isa::{self, multiversion, AmxHw, Level};
 use super::matmul::product;
@@ -264,21 +266,6 @@ fn conv_into<E: Elem>(
     }
 }
 
-/// `v` as f32 (the AMX path runs only for f32: [`im2col_products`]).
-#[cfg(target_arch = "x86_64")]
-fn f32s<E: Elem>(v: &[E]) -> &[f32] {
-    assert!(std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>());
-    // SAFETY: E is f32 (checked), so the memory is `len` f32s.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn f32s_mut<E: Elem>(v: &mut [E]) -> &mut [f32] {
-    assert!(std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>());
-    // SAFETY: as in `f32s`, from the unique borrow.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
-}
-
 /// [`conv_amx::conv`] for E = f32 (an [`AmxHw`] exists only on x86-64 CPUs with AMX).
 #[allow(clippy::too_many_arguments)]
 fn amx_conv<E: Elem>(
@@ -354,7 +341,7 @@ fn column_sums<E: Elem>(v: &[E], c: usize) -> Vec<E> {
 /// product: at [`Precision::Bf16`] for f32 (bf16-rounded inputs, the AMX / AVX512-BF16
 /// kernels); otherwise [`conv_direct`] computes them.
 fn im2col_products<E: Elem>(prec: Precision) -> bool {
-    prec == Precision::Bf16 && std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
+    prec == Precision::Bf16 && conv_direct::is_f32::<E>()
 }
 
 /// The panels (first row, rows) covering m rows of `width` elements, ≈ [`PANEL`] elements each

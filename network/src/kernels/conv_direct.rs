@@ -419,6 +419,27 @@ unsafe fn dw_rows<V: Vector, const NV: usize>(
     }
 }
 
+/// Whether E is f32 (the SIMD instances and the AMX path are f32 only).
+pub(super) fn is_f32<E: Elem>() -> bool {
+    std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
+}
+
+/// `v` seen as f32 (E is f32: checked).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn f32s<E: Elem>(v: &[E]) -> &[f32] {
+    assert!(is_f32::<E>());
+    // SAFETY: E is f32 (checked), so the slice's memory is `len` f32s.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+}
+
+/// `v` seen as f32 (E is f32: checked), from the unique borrow.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn f32s_mut<E: Elem>(v: &mut [E]) -> &mut [f32] {
+    assert!(is_f32::<E>());
+    // SAFETY: as in `f32s`, from the unique borrow.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
+}
+
 /// The instances, one per [`Isa`] level: (columns of one tile, forward rows, dW rows).
 mod dispatch {
     use super::*;
@@ -430,25 +451,6 @@ mod dispatch {
             (true, Isa::Avx2) => 16,
             _ => 16,
         }
-    }
-
-    fn is_f32<E: Elem>() -> bool {
-        std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
-    }
-
-    /// `v` seen as f32 (E is f32: the caller checked).
-    #[cfg(target_arch = "x86_64")]
-    fn f32s<E: Elem>(v: &[E]) -> &[f32] {
-        assert!(is_f32::<E>());
-        // SAFETY: E is f32 (checked), so the slice's memory is `len` f32s.
-        unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn f32s_mut<E: Elem>(v: &mut [E]) -> &mut [f32] {
-        assert!(is_f32::<E>());
-        // SAFETY: as in `f32s`, from the unique borrow.
-        unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
     }
 
     /// [`conv_rows`] at `lv`; `s.ldb` and wp's padding follow [`width`]`::<E>(lv)`.
