@@ -87,6 +87,32 @@ pub(crate) fn group_norm<E: Elem, D: Device<E>, T: Tape<E, D>>(
         .try_add(bias.try_broadcast_like::<_, Axis<0>>(&s)?)
 }
 
+/// y (m, c) + bias (c) on every row: the generic form of a convolution's bias.
+pub(crate) fn add_bias<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    y: T2<E, D, T>,
+    bias: T1<E, D>,
+) -> Res<T2<E, D, T>, D> {
+    let s = *y.shape();
+    y.try_add(bias.try_broadcast_like::<_, Axis<0>>(&s)?)
+}
+
+/// swish(y), times the dropout mask `keep` (one value per element) where given: the generic
+/// form of what follows a U-Net GroupNorm.
+pub(crate) fn swish_masked<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    y: T2<E, D, T>,
+    keep: Option<Vec<E>>,
+) -> Res<T2<E, D, T>, D> {
+    let y = swish(y)?;
+    match keep {
+        Some(k) => {
+            let s = *y.shape();
+            let mask = y.device().try_tensor_from_vec(k, s)?;
+            y.try_mul(mask)
+        }
+        None => Ok(y),
+    }
+}
+
 /// The conditioning vector c (batch, d_c) = Dense(swish(Dense([emb(t), emb(label)]))) of
 /// spec §7.1 (the same computation as the transformer's).
 pub(crate) fn conditioning<E: Elem, D: Kernels<E>, T: Tape<E, D>>(

@@ -210,9 +210,7 @@ pub trait Kernels<E: Elem>: Device<E> {
         h: usize,
         wd: usize,
     ) -> Res<T2<E, Self, T>, Self> {
-        let y = Self::conv3x3(x, w, b, h, wd)?;
-        let s = *y.shape();
-        y.try_add(bias.try_broadcast_like::<_, Axis<0>>(&s)?)
+        crate::unet_layers::add_bias(Self::conv3x3(x, w, b, h, wd)?, bias)
     }
     /// GroupNorm (eps 1e-6) of x (b·n, c) in `groups` groups with tape-free scale and bias (c).
     fn group_norm<T: Tape<E, Self>>(
@@ -235,15 +233,7 @@ pub trait Kernels<E: Elem>: Device<E> {
         groups: usize,
         keep: Option<Vec<E>>,
     ) -> Res<T2<E, Self, T>, Self> {
-        let y = layers::swish(Self::group_norm(x, scale, bias, b, groups)?)?;
-        match keep {
-            Some(k) => {
-                let s = *y.shape();
-                let mask = y.device().try_tensor_from_vec(k, s)?;
-                y.try_mul(mask)
-            }
-            None => Ok(y),
-        }
+        crate::unet_layers::swish_masked(Self::group_norm(x, scale, bias, b, groups)?, keep)
     }
     /// One AdamW update of a flat parameter (spec §8): (θ', m', v') from θ, its gradient and
     /// the moments m, v (tape-free; the optimizer is `maskdiff_train::AdamW`).
@@ -488,8 +478,7 @@ where
         #[cfg(test)]
         if conv::generic_image_ops() {
             let y = crate::unet_layers::conv3x3(x, w, b, h, wd)?;
-            let s = *y.shape();
-            return y.try_add(bias.try_broadcast_like::<_, Axis<0>>(&s)?);
+            return crate::unet_layers::add_bias(y, bias);
         }
         conv::conv3x3(x, w, Some(bias), b, h, wd)
     }
@@ -516,11 +505,8 @@ where
     ) -> Res<T2<E, Self, T>, Self> {
         #[cfg(test)]
         if conv::generic_image_ops() {
-            let y = layers::swish(crate::unet_layers::group_norm(x, scale, bias, b, groups)?)?;
-            let Some(k) = keep else { return Ok(y) };
-            let s = *y.shape();
-            let mask = y.device().try_tensor_from_vec(k, s)?;
-            return y.try_mul(mask);
+            let y = crate::unet_layers::group_norm(x, scale, bias, b, groups)?;
+            return crate::unet_layers::swish_masked(y, keep);
         }
         conv::group_norm(x, scale, bias, b, groups, true, keep)
     }
