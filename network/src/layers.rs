@@ -20,13 +20,9 @@ pub(crate) fn dense<E: Elem, D: crate::Kernels<E>, T: Tape<E, D>>(
     w: T2<E, D>,
     b: Option<T1<E, D>>,
 ) -> Res<T2<E, D, T>, D> {
-    let y = D::matmul(x, w)?;
     match b {
-        None => Ok(y),
-        Some(b) => {
-            let s = *y.shape();
-            y.try_add(b.try_broadcast_like::<_, Axis<0>>(&s)?)
-        }
+        None => D::matmul(x, w),
+        Some(b) => D::matmul_bias(x, w, b),
     }
 }
 
@@ -92,6 +88,21 @@ pub(crate) fn modulate<E: Elem, D: Device<E>, T: Tape<E, D>>(
         .try_broadcast_like::<_, Axis<1>>(&s3)?;
     let sh = shift.try_broadcast_like::<_, Axis<1>>(&s3)?;
     x3.try_mul(sc)?.try_add(sh)?.try_reshape_like(&(b * n, d))
+}
+
+/// `x + s`, s per sequence (b, d) added to every row of its sequence in x (b·n, d): the U-Net's
+/// conditioning after a block's first convolution.
+pub(crate) fn shift<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: T2<E, D, T>,
+    s: T2<E, D, T>,
+    b: usize,
+    n: usize,
+) -> Res<T2<E, D, T>, D> {
+    let d = x.shape().1;
+    let s3 = (b, n, d);
+    x.try_reshape_like(&s3)?
+        .try_add(s.try_broadcast_like::<_, Axis<1>>(&s3)?)?
+        .try_reshape_like(&(b * n, d))
 }
 
 /// `h + gate ⊙ y`, gate per sequence (b, d), h and y (b·n, d).

@@ -27,7 +27,7 @@ use crate::unet_layers::conditioning;
 use crate::{Arch, Elem, Kernels, NetworkConfig, NetworkError};
 use dfdx::prelude::*;
 use maskdiff_process::DenoiseBatch;
-use rand::{Rng, RngCore};
+use rand::RngCore;
 
 /// GroupNorm's affine parameters.
 #[derive(Clone, Debug)]
@@ -181,18 +181,33 @@ pub(crate) fn conv_bias<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
     D::conv3x3_bias(x, conv.weight.tensor()?, conv.bias.tensor(), b, h, w)
 }
 
-/// An inverted-dropout keep mask of `n` values, 0 (probability p) or 1/(1 − p), one draw each.
+/// An inverted-dropout keep mask of `n` values, 0 (probability p) or 1/(1 − p), one draw each:
+/// value i is dropped when the i-th `u64` of `rng`, read as `rand`'s standard f64 in [0, 1)
+/// (its top 53 bits times 2⁻⁵³), is below p. The words are drawn in blocks (`fill_bytes`,
+/// little-endian), the same words `rng.gen::<f64>()` would read one call at a time from a
+/// block RNG such as `StdRng`, without a virtual call per value.
 pub(crate) fn keep_mask<E: Elem>(p: f64, rng: &mut dyn RngCore, n: usize) -> Vec<E> {
+    const BLOCK: usize = 4096;
     let keep = E::c(1.0 / (1.0 - p));
-    (0..n)
-        .map(|_| {
-            if rng.gen::<f64>() < p {
+    // u·2⁻⁵³ < p ⟺ u < p·2⁵³, both sides exact in f64 (u < 2⁵³, a power-of-two scaling)
+    let threshold = p * (1u64 << 53) as f64;
+    let mut mask = Vec::with_capacity(n);
+    let mut bytes = vec![0u8; 8 * BLOCK.min(n)];
+    let mut left = n;
+    while left > 0 {
+        let words = left.min(BLOCK);
+        rng.fill_bytes(&mut bytes[..8 * words]);
+        mask.extend(bytes[..8 * words].chunks_exact(8).map(|w| {
+            let u = u64::from_le_bytes(w.try_into().expect("8-byte chunk")) >> 11;
+            if (u as f64) < threshold {
                 E::zero()
             } else {
                 keep
             }
-        })
-        .collect()
+        }));
+        left -= words;
+    }
+    mask
 }
 
 /// A residual block's output: the input (through the skip projection when present) + y.
@@ -244,8 +259,10 @@ pub(crate) fn split_conditioning<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
 }
 
 /// The U-shaped trunk shared by the U-Net and the U-ViT: the `down` blocks from x, each output
-/// stored (after x itself); `mid`; the `up` blocks, each on the concatenation of the activation
-/// with the last stored one (`retain_up`: keep the up blocks' outputs in the kernel scope too).
+/// stored (after x itself); `mid` (which must not prune `scope`: a middle that prunes opens a
+/// frame of its own); the `up` blocks, each on the concatenation of the activation with the last stored one (`retain_up`: prune the frame
+/// to the up blocks' outputs and the stored activations after each). The stored activations stay
+/// registered in `scope`, so the concatenations read them in place.
 pub(crate) fn u_trunk<E: Elem, D: Kernels<E>, T: Tape<E, D>, B, C>(
     x: T2<E, D, T>,
     (down, up): (&[B], &[B]),
@@ -258,16 +275,19 @@ pub(crate) fn u_trunk<E: Elem, D: Kernels<E>, T: Tape<E, D>, B, C>(
     let mut skips = vec![hcur.retaped::<T>()];
     for blk in down {
         hcur = block(hcur, blk, ctx)?;
-        D::retain(scope, &hcur);
         skips.push(hcur.retaped::<T>());
+        // the stored activations stay registered: the up blocks read them in place
+        D::retain_all(scope, &skips);
     }
     hcur = mid(hcur, ctx)?;
     for blk in up {
         let s = skips.pop().expect("one stored activation per up block");
-        let cat = (hcur, s).try_concat_along(Axis::<1>)?;
+        let cat = D::concat_cols(hcur, s)?;
         hcur = block(cat, blk, ctx)?;
         if retain_up {
-            D::retain(scope, &hcur);
+            skips.push(hcur.retaped::<T>());
+            D::retain_all(scope, &skips);
+            skips.pop();
         }
     }
     Ok(hcur)
@@ -453,12 +473,7 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
         let mut y = self.conv(y, &blk.conv1, ctx)?;
         if let (Some(wc), Some(c)) = (&blk.cond, &ctx.c) {
             let cw = D::matmul(c.clone().put_tape(T::default()), wc.tensor()?)?;
-            let out = cw.shape().1;
-            let s3 = (b, n, out);
-            y = y
-                .try_reshape_like(&s3)?
-                .try_add(cw.try_broadcast_like::<_, Axis<1>>(&s3)?)?
-                .try_reshape_like(&(b * n, out))?;
+            y = D::shift(y, cw, b, n)?;
         }
         // dropout's mask drawn here, applied inside the fused norm → swish
         let n_keep = y.shape().0 * y.shape().1;
@@ -490,5 +505,36 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
         let v = proj(z, &a.v)?.try_reshape_like(&(b, n, 1, c))?;
         let o = D::attention(q, k, v)?;
         D::residual(x, proj(o, &a.o)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keep_mask;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// The block-drawn mask is the one-draw-per-value mask (`rng.gen::<f64>() < p`) on the
+    /// trainer's RNG, value for value, across block boundaries, and leaves the RNG at the same
+    /// place; its keep fraction is near 1 − p.
+    #[test]
+    fn keep_mask_is_one_standard_draw_per_value() {
+        for (p, n) in [(0.1, 1), (0.1, 4095), (0.3, 4096), (0.5, 9001), (0.0, 17)] {
+            let (mut a, mut b) = (StdRng::seed_from_u64(7), StdRng::seed_from_u64(7));
+            let got: Vec<f64> = keep_mask(p, &mut a, n);
+            let keep = 1.0 / (1.0 - p);
+            let want: Vec<f64> = (0..n)
+                .map(|_| if b.gen::<f64>() < p { 0.0 } else { keep })
+                .collect();
+            assert_eq!(got, want, "p {p}, n {n}");
+            assert_eq!(
+                a.gen::<u64>(),
+                b.gen::<u64>(),
+                "the RNG moved on by n words"
+            );
+            if n > 4000 {
+                let kept = got.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
+                assert!((kept - (1.0 - p)).abs() < 0.03, "kept {kept} at p {p}");
+            }
+        }
     }
 }

@@ -468,7 +468,8 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
             &mut ctx,
             (&scope, true),
             |x, blk, ctx| self.res_block(x, blk, ctx),
-            |x, ctx| self.dit_forward(x, ctx, &scope),
+            // the DiT prunes a frame of its own, so `scope` keeps the stored activations
+            |x, ctx| self.dit_forward(x, ctx, &D::scope()),
         )?;
         let y = swish(self.cond_norm(hcur, &self.out_norm, &ctx)?)?;
         let logits = self.conv(y, &self.out_conv, &ctx)?;

@@ -33,6 +33,7 @@ use super::conv_amx;
 use super::conv_direct;
 #[cfg(target_arch = "x86_64")]
 use super::conv_direct::{f32s, f32s_mut};
+use super::conv_winograd;
 use super::elementwise::act_grad;
 use super::isa::{self, multiversion, AmxHw, Level};
 use super::matmul::product;
@@ -157,7 +158,7 @@ pub(crate) fn conv3x3<E: Elem, T: Tape<E, Cpu>>(
             }
         } else {
             let bias = bv.as_deref();
-            conv_direct::conv(lv, &mut y, false, &xv, &wv, bias, g, (cin, cout));
+            products(lv, &mut y, false, &xv, &wv, bias, g, (cin, cout));
         }
         let (xg, wg, bg) = (x.ghost(), w.ghost(), bias.as_ref().map(|t| t.ghost()));
         Ok(Forward {
@@ -183,7 +184,7 @@ pub(crate) fn conv3x3<E: Elem, T: Tape<E, Cpu>>(
                     let gw = grads.get_or_alloc_mut(&wg)?;
                     conv_direct::conv_dw(lv, gw, &xv, &gy, g, (cin, cout));
                     let gx = grads.get_or_alloc_mut(&xg)?;
-                    conv_direct::conv(lv, gx, true, &gy, &wf, None, g, (cout, cin));
+                    products(lv, gx, true, &gy, &wf, None, g, (cout, cin));
                     return Ok(());
                 }
                 let mut cols = Vec::new();
@@ -266,6 +267,27 @@ fn conv_into<E: Elem>(
     }
 }
 
+/// The f32/f64 convolution ([`conv_direct::conv`]'s contract): by F(2×2, 3×3)
+/// ([`conv_winograd`]) where both channel counts are large enough for its transforms to pay,
+/// else direct.
+#[allow(clippy::too_many_arguments)]
+fn products<E: Elem>(
+    lv: Level,
+    dst: &mut [E],
+    accumulate: bool,
+    src: &[E],
+    wt: &[E],
+    bias: Option<&[E]>,
+    g: Grid,
+    (cin, cout): (usize, usize),
+) {
+    if conv_winograd::pays(cin, cout) {
+        conv_winograd::conv(lv, dst, accumulate, src, wt, bias, g, (cin, cout));
+    } else {
+        conv_direct::conv(lv, dst, accumulate, src, wt, bias, g, (cin, cout));
+    }
+}
+
 /// [`conv_amx::conv`] for E = f32 (an [`AmxHw`] exists only on x86-64 CPUs with AMX).
 #[allow(clippy::too_many_arguments)]
 fn amx_conv<E: Elem>(
@@ -312,7 +334,7 @@ fn amx_conv_dw<E: Elem>(
 
 /// Σ over the rows of v (rows of c): partial sums per chunk of [`GN_ROWS`] rows in parallel,
 /// added in chunk order (each column its own chain, so no level or thread count changes a bit).
-fn column_sums<E: Elem>(v: &[E], c: usize) -> Vec<E> {
+pub(super) fn column_sums<E: Elem>(v: &[E], c: usize) -> Vec<E> {
     if c == 0 {
         return Vec::new();
     }

@@ -28,7 +28,7 @@ use crate::Elem;
 use rayon::prelude::*;
 
 /// Output rows (pixels; for dW, input channels) of one register tile.
-const R: usize = 6;
+pub(super) const R: usize = 6;
 
 /// Output pixels of one forward task.
 const TASK_ROWS: usize = 96;
@@ -38,7 +38,7 @@ const DW_PIXELS: usize = 1024;
 
 /// One register of output columns: what the tile kernels need of it. Each instance does the
 /// same IEEE operation per lane.
-trait Vector: Copy {
+pub(super) trait Vector: Copy {
     type E: Elem;
     const LANES: usize;
     /// SAFETY (all methods): the caller's CPU supports the instance's instructions; pointers
@@ -53,7 +53,7 @@ trait Vector: Copy {
 
 /// The portable instance: one element.
 #[derive(Clone, Copy)]
-struct Scalar<E>(E);
+pub(super) struct Scalar<E>(E);
 
 impl<E: Elem> Vector for Scalar<E> {
     type E = E;
@@ -81,17 +81,17 @@ impl<E: Elem> Vector for Scalar<E> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::Vector;
     use std::arch::x86_64::*;
 
     /// 16 f32 lanes (AVX-512 F).
     #[derive(Clone, Copy)]
-    pub(super) struct Zmm(__m512);
+    pub(in crate::kernels) struct Zmm(__m512);
 
     /// 8 f32 lanes (AVX2 + FMA).
     #[derive(Clone, Copy)]
-    pub(super) struct Ymm(__m256);
+    pub(in crate::kernels) struct Ymm(__m256);
 
     // The intrinsics below are inlined into the `#[target_feature]` instances in
     // `super::dispatch`, whose callers hold the `Level` that proves the CPU runs them.
@@ -147,7 +147,7 @@ mod x86 {
 }
 
 /// A tile of R rows × NV registers of accumulators.
-type Tile<V, const NV: usize> = [[V; NV]; R];
+pub(super) type Tile<V, const NV: usize> = [[V; NV]; R];
 
 /// The forward tile: acc + Σ_{t ∈ taps} Σ_c a[t][i][c] · b[(t·cin + c)·ldb + j] for the R rows
 /// i and the NV·LANES columns j, taps and channels in order.
@@ -155,7 +155,7 @@ type Tile<V, const NV: usize> = [[V; NV]; R];
 /// SAFETY (caller): every `a[t][i]` (t in `taps`) is readable for `cin` elements; `b` for the
 /// NV·LANES elements at the start of each of its 9·cin rows, `ldb` apart; the CPU runs `V`.
 #[inline(always)]
-unsafe fn conv_tile<V: Vector, const NV: usize>(
+pub(super) unsafe fn conv_tile<V: Vector, const NV: usize>(
     mut acc: Tile<V, NV>,
     a: &[[*const V::E; R]; 9],
     taps: std::ops::Range<usize>,
@@ -256,7 +256,7 @@ unsafe fn get<V: Vector, const NV: usize>(
 /// SAFETY (caller): dst is valid for `rows` rows of `cols` elements, `ld` apart, and nothing
 /// else accesses them; `cols` ≤ NV·LANES ≤ 64; the CPU runs `V`.
 #[inline(always)]
-unsafe fn put<V: Vector, const NV: usize>(
+pub(super) unsafe fn put<V: Vector, const NV: usize>(
     acc: &Tile<V, NV>,
     dst: *mut V::E,
     ld: usize,
@@ -441,11 +441,11 @@ pub(super) fn f32s_mut<E: Elem>(v: &mut [E]) -> &mut [f32] {
 }
 
 /// The instances, one per [`Isa`] level: (columns of one tile, forward rows, dW rows).
-mod dispatch {
+pub(super) mod dispatch {
     use super::*;
 
     /// Columns of one tile at `lv` for element type E.
-    pub(super) fn width<E: Elem>(lv: Level) -> usize {
+    pub(in crate::kernels) fn width<E: Elem>(lv: Level) -> usize {
         match (is_f32::<E>(), lv.isa()) {
             (true, Isa::Avx512 | Isa::Amx) => 64,
             (true, Isa::Avx2) => 16,
@@ -566,29 +566,29 @@ mod dispatch {
 
 /// A buffer of `len` elements (zeros) whose element 0 sits on a cache line: the tiles'
 /// 64-byte loads of its rows then never straddle two lines (malloc aligns to 16 bytes).
-struct Aligned<E> {
+pub(super) struct Aligned<E> {
     buf: Vec<E>,
     off: usize,
     len: usize,
 }
 
 impl<E: Elem> Aligned<E> {
-    fn zeros(len: usize) -> Self {
+    pub(super) fn zeros(len: usize) -> Self {
         let buf = vec![E::zero(); len + 64 / std::mem::size_of::<E>()];
         let off = buf.as_ptr().align_offset(64).min(buf.len() - len);
         Aligned { buf, off, len }
     }
-    fn get(&self) -> &[E] {
+    pub(super) fn get(&self) -> &[E] {
         &self.buf[self.off..self.off + self.len]
     }
-    fn get_mut(&mut self) -> &mut [E] {
+    pub(super) fn get_mut(&mut self) -> &mut [E] {
         &mut self.buf[self.off..self.off + self.len]
     }
 }
 
 /// `m` rows of `cols` elements copied into rows of `ld` ≥ cols (zeros after), starting on a
 /// cache line.
-fn padded<E: Elem>(v: &[E], cols: usize, ld: usize) -> Aligned<E> {
+pub(super) fn padded<E: Elem>(v: &[E], cols: usize, ld: usize) -> Aligned<E> {
     let m = v.len() / cols.max(1);
     let mut out = Aligned::zeros(m * ld);
     out.get_mut()

@@ -1,5 +1,5 @@
 //! The element-wise fused ops: the GLU/SwiGLU gate, softmax over the last axis, adaLN
-//! modulation, the gated residual and RoPE, each one sweep forward and one backward (dfdx
+//! modulation, the gated residual, the per-sequence shift, the column concatenation and RoPE, each one sweep forward and one backward (dfdx
 //! composes each from 4–10 separate ops), plus the per-sequence broadcasting helpers they share.
 
 use super::attention::softmax_rows;
@@ -311,6 +311,109 @@ pub(crate) fn gated_residual<E: Elem, T: Tape<E, Cpu>>(
                 add_into(grads.get_or_alloc_mut(&hg)?, &gz);
                 let gy = grads.get_or_alloc_mut(&yg)?;
                 seq_broadcast(gy, &gz, &gv, (n, d), false);
+                Ok(())
+            }),
+        })
+    })
+}
+
+/// `x + s`, s (b, d) per sequence added to its n rows of x (b·n, d) (the U-Net's conditioning
+/// on a block): dfdx's broadcast add, but one parallel sweep with its output registered (read in
+/// place by the GroupNorm after it); the gradient of s is the per-sequence column sums.
+pub(crate) fn shift<E: Elem, T: Tape<E, Cpu>>(
+    x: T2<E, Cpu, T>,
+    s: T2<E, Cpu, T>,
+    b: usize,
+    n: usize,
+) -> Res<T2<E, Cpu, T>, Cpu> {
+    fused((x, s), |(x, s), _| {
+        let shape = *x.shape();
+        let d = shape.1;
+        assert!(
+            shape.0 == b * n && *s.shape() == (b, d),
+            "shift: x is not batch × length rows or s not one row per sequence"
+        );
+        let (xv, sv) = (input(&x), input(&s));
+        let lv = level();
+        let y = par_filled(
+            xv.len(),
+            n * d,
+            xv.par_chunks(n * d).zip(sv.par_chunks(d)),
+            |ys, (xs, s0)| shift_rows(lv, ys, xs, s0),
+        );
+        let (xg, sg) = (x.ghost(), s.ghost());
+        Ok(Forward {
+            shape,
+            data: y,
+            keep_output: false,
+            backward: backward(move |Backward { gy, grads, .. }| {
+                let gs = seq_column_sums(&gy, None, (n, d));
+                add_into(grads.get_or_alloc_mut(&sg)?, &gs);
+                add_into(grads.get_or_alloc_mut(&xg)?, &gy);
+                Ok(())
+            }),
+        })
+    })
+}
+
+/// y = x + s per row, s one sequence's (d,) shift.
+#[inline(always)]
+fn shift_rows_body<E: Elem>(ys: &mut [E], xs: &[E], s0: &[E]) {
+    let d = s0.len();
+    for (y, x) in ys.chunks_mut(d).zip(xs.chunks(d)) {
+        for ((y, &x), &s) in y.iter_mut().zip(x).zip(s0) {
+            *y = x + s;
+        }
+    }
+}
+multiversion!(fn shift_rows<E: Elem>(ys: &mut [E], xs: &[E], s0: &[E]) => shift_rows_body);
+
+/// `[x | y]`, x (m, dx) and y (m, dy) → (m, dx + dy): dfdx's concatenation, but parallel, its
+/// output registered (read in place by the kernels after it), each gradient added straight from
+/// its columns of the output's.
+pub(crate) fn concat_cols<E: Elem, T: Tape<E, Cpu>>(
+    x: T2<E, Cpu, T>,
+    y: T2<E, Cpu, T>,
+) -> Res<T2<E, Cpu, T>, Cpu> {
+    let ((m, dx), (my, dy)) = (*x.shape(), *y.shape());
+    assert_eq!(m, my, "concat_cols: row counts differ");
+    if dx == 0 || dy == 0 {
+        // nothing to interleave (and no chunk size to split by)
+        return (x, y).try_concat_along(Axis::<1>);
+    }
+    fused((x, y), |(x, y), _| {
+        let d = dx + dy;
+        let (xv, yv) = (input(&x), input(&y));
+        let cr = chunk_rows(d);
+        let z = par_filled(
+            m * d,
+            cr * d,
+            xv.par_chunks(cr * dx).zip(yv.par_chunks(cr * dy)),
+            |zs, (xs, ys)| {
+                for ((z, x), y) in zs.chunks_mut(d).zip(xs.chunks(dx)).zip(ys.chunks(dy)) {
+                    z[..dx].copy_from_slice(x);
+                    z[dx..].copy_from_slice(y);
+                }
+            },
+        );
+        let (xg, yg) = (x.ghost(), y.ghost());
+        Ok(Forward {
+            shape: (m, d),
+            data: z,
+            keep_output: false,
+            backward: backward(move |Backward { gy: gz, grads, .. }| {
+                let lv = level();
+                for (g, (lo, w)) in [(&xg, (0, dx)), (&yg, (dx, dy))] {
+                    grads
+                        .get_or_alloc_mut(g)?
+                        .par_chunks_mut(cr * w)
+                        .zip(gz.par_chunks(cr * d))
+                        .for_each(|(gs, zs)| {
+                            for (g, z) in gs.chunks_mut(w).zip(zs.chunks(d)) {
+                                add_slice(lv, g, &z[lo..lo + w]);
+                            }
+                        });
+                }
                 Ok(())
             }),
         })
@@ -667,6 +770,50 @@ mod tests {
             for (t, name) in [(&x, "h"), (&y, "y"), (&g, "gate")] {
                 close(&ga.get(t).as_vec(), &gb.get(t).as_vec(), name);
             }
+        });
+    }
+
+    /// The per-sequence shift and the column concatenation against their dfdx compositions:
+    /// values bit for bit (one add, a copy), gradients within the summation order's rounding.
+    #[test]
+    fn shift_and_concat_cols_match_dfdx() {
+        each_path(|dev, rng| {
+            let x = rand2(dev, rng, (B * N, D));
+            let s = rand2(dev, rng, (B, D));
+            let y = rand2(dev, rng, (B * N, 3));
+            let r = rand_vec(rng, B * N * D);
+            let (fa, ga) = grads(
+                <Cpu as Kernels<f64>>::shift(x.leaky_trace(), s.leaky_trace(), B, N).unwrap(),
+                &r,
+            );
+            let (fb, gb) = grads(
+                layers::shift(x.leaky_trace(), s.leaky_trace(), B, N).unwrap(),
+                &r,
+            );
+            assert_eq!(fa, fb, "shift");
+            for (t, name) in [(&x, "x"), (&s, "s")] {
+                close(&ga.get(t).as_vec(), &gb.get(t).as_vec(), name);
+            }
+            // (x | y), and x beside itself: both halves' gradients meet in one entry
+            let r = rand_vec(rng, B * N * (D + 3));
+            let cat = <Cpu as Kernels<f64>>::concat_cols(x.leaky_trace(), y.leaky_trace());
+            let (fa, ga) = grads(cat.unwrap(), &r);
+            let (fb, gb) = grads(
+                (x.leaky_trace(), y.leaky_trace()).concat_along(Axis::<1>),
+                &r,
+            );
+            assert_eq!(fa, fb, "concat");
+            for t in [&x, &y] {
+                assert_eq!(ga.get(t).as_vec(), gb.get(t).as_vec(), "concat gradient");
+            }
+            let r = rand_vec(rng, B * N * 2 * D);
+            let cat = <Cpu as Kernels<f64>>::concat_cols(x.leaky_trace(), x.leaky_trace());
+            let (_, ga) = grads(cat.unwrap(), &r);
+            let expect: Vec<f64> = r
+                .chunks(2 * D)
+                .flat_map(|z| (0..D).map(|j| z[j] + z[D + j]).collect::<Vec<_>>())
+                .collect();
+            assert_eq!(ga.get(&x).as_vec(), expect, "x beside itself");
         });
     }
 

@@ -1,5 +1,6 @@
-//! `x @ w` for an activation x (m, k) and a tape-free weight w (k, n), multi-threaded through
-//! gemm 0.19; the backward pass accumulates dX += dY Wᵀ and dW += Xᵀ dY straight into the
+//! `x @ w [+ bias]` for an activation x (m, k), a tape-free weight w (k, n) and bias (n),
+//! multi-threaded through gemm 0.19 (the bias rows are the product's initial C, so the bias
+//! costs no sweep of its own, and its gradient is dY's column sums); the backward pass accumulates dX += dY Wᵀ and dW += Xᵀ dY straight into the
 //! gradient buffers (gemm with `read_dst`). At [`Precision::Bf16`] (f32 models) all three
 //! products take bf16-rounded inputs with f32 accumulation instead ([`super::bf16`]); the
 //! precision and the instruction-set level are read once, in the forward pass, and the backward
@@ -7,49 +8,89 @@
 
 use super::attention::mm_par;
 use super::bf16::{gemm_bf16, Mat};
+use super::conv::column_sums;
 use super::isa::{self, Level};
-use super::storage::{alloc_filled, input};
+use super::storage::{alloc_filled, input, par_filled};
 use super::tape::{backward, fused, Backward, Forward};
-use crate::layers::{Res, T2};
+use crate::layers::{Res, T1, T2};
 use crate::precision::{self, Precision};
 use crate::Elem;
 use dfdx::prelude::*;
+use rayon::prelude::*;
 
 pub(crate) fn matmul<E: Elem, T: Tape<E, Cpu>>(
     x: T2<E, Cpu, T>,
     w: T2<E, Cpu>,
+    bias: Option<T1<E, Cpu>>,
 ) -> Res<T2<E, Cpu, T>, Cpu> {
     let w = w.try_contiguous()?;
+    let bias = bias.map(|t| t.try_contiguous()).transpose()?;
     fused(x, |x, _| {
         let ((m, k), n) = (*x.shape(), w.shape().1);
         assert_eq!(k, w.shape().0, "matmul inner dimensions");
         let (xv, wv) = (input(&x), input(&w));
+        let bv = bias.as_ref().map(input);
         let (prec, level) = (precision::precision(), isa::level());
-        // SAFETY: xv and wv hold exactly (m, k) and (k, n) row-major elements, the output
-        // buffer has room for (m, n); gemm (read_dst = false) writes every output element
-        // without reading any, and the output aliases neither input.
-        let y = unsafe {
-            alloc_filled(m * n, |y| {
-                product(
-                    prec,
-                    level,
-                    (m, n, k),
-                    y,
-                    (n, 1),
-                    false,
-                    xv.as_ptr(),
-                    (k, 1),
-                    wv.as_ptr(),
-                    (n, 1),
-                )
-            })
+        let y = match bv.as_deref() {
+            Some(b) => {
+                assert_eq!(b.len(), n, "matmul: bias width");
+                let cr = super::chunk_rows(n);
+                let mut y = par_filled(
+                    m * n,
+                    cr * n,
+                    (0..m.div_ceil(cr)).into_par_iter(),
+                    |ys, _| ys.chunks_mut(n).for_each(|row| row.copy_from_slice(b)),
+                );
+                // SAFETY: as below, with C (m, n) initialised to the bias rows and added to
+                // (read_dst = true).
+                unsafe {
+                    product(
+                        prec,
+                        level,
+                        (m, n, k),
+                        y.as_mut_ptr(),
+                        (n, 1),
+                        true,
+                        xv.as_ptr(),
+                        (k, 1),
+                        wv.as_ptr(),
+                        (n, 1),
+                    )
+                };
+                y
+            }
+            // SAFETY: xv and wv hold exactly (m, k) and (k, n) row-major elements, the output
+            // buffer has room for (m, n); gemm (read_dst = false) writes every output element
+            // without reading any, and the output aliases neither input.
+            None => unsafe {
+                alloc_filled(m * n, |y| {
+                    product(
+                        prec,
+                        level,
+                        (m, n, k),
+                        y,
+                        (n, 1),
+                        false,
+                        xv.as_ptr(),
+                        (k, 1),
+                        wv.as_ptr(),
+                        (n, 1),
+                    )
+                })
+            },
         };
-        let (xg, wg) = (x.ghost(), w.ghost());
+        let (xg, wg, bg) = (x.ghost(), w.ghost(), bias.as_ref().map(|t| t.ghost()));
         Ok(Forward {
             shape: (m, n),
             data: y,
             keep_output: false,
             backward: backward(move |Backward { gy, grads, .. }| {
+                if let Some(bg) = &bg {
+                    let gb = grads.get_or_alloc_mut(bg)?;
+                    for (a, s) in gb.iter_mut().zip(column_sums(&gy, n)) {
+                        *a += s;
+                    }
+                }
                 let gx = grads.get_or_alloc_mut(&xg)?;
                 // SAFETY: gx is x's (m, k) gradient buffer, gy (m, n), wv (k, n) read as Wᵀ
                 // through swapped strides; the destination is a separate allocation.

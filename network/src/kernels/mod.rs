@@ -5,9 +5,10 @@
 //! (sequence, head) ([`attention`], also for ragged query rows: the row-restricted last block),
 //! the gated FFN as one op ([`ffn`]), the row gather and its scatter-add ([`gather`]), LayerNorm
 //! without affine and RMSNorm with a scale ([`norms`]), softmax over the last axis, adaLN
-//! modulation, the residual add and the gated residual, the GLU/SwiGLU gate and RoPE ([`elementwise`]), and the U-Net's
-//! 3×3 convolution and GroupNorm ([`conv`]; the convolution's products in [`conv_direct`], and
-//! on AMX at bf16 in `conv_amx`). dfdx
+//! modulation, the residual add and the gated residual, the per-sequence shift, the column
+//! concatenation, the GLU/SwiGLU gate and RoPE ([`elementwise`]), and the U-Net's
+//! 3×3 convolution and GroupNorm ([`conv`]; the convolution's products in [`conv_direct`] and
+//! [`conv_winograd`], and on AMX at bf16 in `conv_amx`). dfdx
 //! composes the element-wise ones from 4–10 separate ops, each
 //! allocating and sweeping memory; here each is one sweep forward and one backward. The
 //! optimizer's passes (AdamW, EMA, Σ g²; tape-free) are in [`optimizer`], bit-identical to their
@@ -29,6 +30,7 @@ mod conv;
 #[cfg(target_arch = "x86_64")]
 mod conv_amx;
 mod conv_direct;
+mod conv_winograd;
 mod elementwise;
 mod ffn;
 mod gather;
@@ -56,6 +58,14 @@ pub trait Kernels<E: Elem>: Device<E> {
     /// `x @ w`: x (m, k) an activation, w (k, n) a parameter (tape-free).
     fn matmul<T: Tape<E, Self>>(x: T2<E, Self, T>, w: T2<E, Self>) -> Res<T2<E, Self, T>, Self> {
         x.try_matmul(w)
+    }
+    /// `x @ w + bias` on every row, bias (n) tape-free (a dense layer).
+    fn matmul_bias<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        w: T2<E, Self>,
+        bias: T1<E, Self>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        crate::unet_layers::add_bias(Self::matmul(x, w)?, bias)
     }
     /// The gated unit `act(a) ⊙ u` of the FFN, a and u (m, hidden).
     fn glu<T: Tape<E, Self>>(
@@ -108,6 +118,23 @@ pub trait Kernels<E: Elem>: Device<E> {
         n: usize,
     ) -> Res<T2<E, Self, T>, Self> {
         layers::modulate(x, shift, scale, b, n)
+    }
+    /// `x + s`, x (b·n, d), s (b, d) per sequence (the U-Net's conditioning on a block).
+    fn shift<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        s: T2<E, Self, T>,
+        b: usize,
+        n: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        layers::shift(x, s, b, n)
+    }
+    /// `[x | y]`: x (m, dx) and y (m, dy) side by side → (m, dx + dy) (the U-Net's skip
+    /// concatenation).
+    fn concat_cols<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        y: T2<E, Self, T>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        (x, y).try_concat_along(Axis::<1>)
     }
     /// `h + y`, h and y (m, d): the pre-norm residual.
     fn residual<T: Tape<E, Self>>(
@@ -277,6 +304,11 @@ pub trait Kernels<E: Elem>: Device<E> {
     fn retain<S: Shape, T>(scope: &KernelScope, keep: &Tensor<S, E, Self, T>) {
         let _ = (scope, keep);
     }
+    /// [`Kernels::retain`] keeping every tensor of `keep` (the U-Net's stored activations,
+    /// which its up blocks read again).
+    fn retain_all<S: Shape, T>(scope: &KernelScope, keep: &[Tensor<S, E, Self, T>]) {
+        let _ = (scope, keep);
+    }
 }
 
 /// [`Kernels::ffn`] as its three steps: [`Kernels::matmul`] twice, [`Kernels::glu`],
@@ -359,7 +391,14 @@ where
     Cpu: Device<E>,
 {
     fn matmul<T: Tape<E, Self>>(x: T2<E, Self, T>, w: T2<E, Self>) -> Res<T2<E, Self, T>, Self> {
-        matmul::matmul(x, w)
+        matmul::matmul(x, w, None)
+    }
+    fn matmul_bias<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        w: T2<E, Self>,
+        bias: T1<E, Self>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        matmul::matmul(x, w, Some(bias))
     }
     fn glu<T: Tape<E, Self>>(
         kind: MlpKind,
@@ -411,6 +450,20 @@ where
         y: T2<E, Self, T>,
     ) -> Res<T2<E, Self, T>, Self> {
         elementwise::residual(h, y)
+    }
+    fn shift<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        s: T2<E, Self, T>,
+        b: usize,
+        n: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        elementwise::shift(x, s, b, n)
+    }
+    fn concat_cols<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        y: T2<E, Self, T>,
+    ) -> Res<T2<E, Self, T>, Self> {
+        elementwise::concat_cols(x, y)
     }
     fn gated_residual<T: Tape<E, Self>>(
         h: T2<E, Self, T>,
@@ -531,5 +584,8 @@ where
     }
     fn retain<S: Shape, T>(scope: &KernelScope, keep: &Tensor<S, E, Self, T>) {
         storage::retain(scope, keep)
+    }
+    fn retain_all<S: Shape, T>(scope: &KernelScope, keep: &[Tensor<S, E, Self, T>]) {
+        storage::retain_all(scope, keep)
     }
 }

@@ -212,6 +212,13 @@ pub(crate) fn retain<S: Shape, E: Elem, T>(scope: &KernelScope, keep: &Tensor<S,
     scope.retain(first_addr(keep).as_slice());
 }
 
+/// [`crate::Kernels::retain_all`] on the CPU: [`retain`] keeping the buffer of every tensor of
+/// `keep`.
+pub(crate) fn retain_all<S: Shape, E: Elem, T>(scope: &KernelScope, keep: &[Tensor<S, E, Cpu, T>]) {
+    let addrs: Vec<usize> = keep.iter().filter_map(first_addr).collect();
+    scope.retain(&addrs);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

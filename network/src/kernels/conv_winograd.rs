@@ -1,0 +1,584 @@
+//! The 3×3 "same" convolution (spec §7.3's U-Net) by Winograd's minimal filtering F(2×2, 3×3)
+//! (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016): the forward
+//! and dX products of [`super::conv`] in f32 and f64 when both channel counts are ≥ 16.
+//!
+//! Each 2×2 block of output pixels (a tile) is Aᵀ[Σ_c (G g_c Gᵀ) ⊙ (Bᵀ d_c B)]A, d_c the tile's
+//! 4×4 neighbourhood in input channel c (zeros outside the image), g_c the 3×3 kernel from c,
+//! Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1],
+//! Aᵀ = [1 1 1 0; 0 1 −1 −1]. Over all tiles and channels the 16 element-wise products are 16
+//! matrix products V_ξ (tiles × cin) · U_ξ (cin × cout): 16 multiply-adds per tile and channel
+//! pair where the direct convolution ([`super::conv_direct`]) spends 36, 2.25× fewer.
+//!
+//! A task owns whole rows of tiles (a contiguous range of output pixels); it transforms blocks of
+//! ≤ [`BLOCK`] tiles into V (16 × tiles × cin), multiplies each slice by U (made once per call)
+//! with the direct kernel's register tiles (one tap), and transforms M (16 × tiles × cout) back
+//! into its output rows, so V and M of a block stay in the core's L2.
+//!
+//! The transforms are fixed sequences of additions (and exact scalings by ½ and ¼), the products
+//! the direct kernel's fixed-order FMA chains, so every [`super::isa`] level gives the same bits
+//! at any thread count. The rounding is not the direct convolution's (the transforms add inputs
+//! before multiplying); the tests hold both to the f64 definition.
+
+use super::conv::Grid;
+use super::conv_direct::{conv_tile, dispatch::width, put, Aligned, Scalar, Tile, Vector, R};
+#[cfg(target_arch = "x86_64")]
+use super::conv_direct::{f32s, f32s_mut, is_f32, x86};
+#[cfg(target_arch = "x86_64")]
+use super::isa::Isa;
+use super::isa::Level;
+use crate::Elem;
+use rayon::prelude::*;
+
+/// Tiles per block: V and M of 64 channels are 16 · 48 · 64 · 4 B = 196 KB each.
+const BLOCK: usize = 48;
+
+/// Whether the transforms pay for themselves: with fewer than 16 channels on either side they
+/// cost more than the products they save.
+pub(super) fn pays(cin: usize, cout: usize) -> bool {
+    cin >= 16 && cout >= 16
+}
+
+/// The rows of Bᵀ (and of B's columns) as (i, j, plus): row = d_i + d_j or d_i − d_j.
+const BT: [(usize, usize, bool); 4] = [(0, 2, false), (1, 2, true), (2, 1, false), (1, 3, false)];
+
+/// G's rows (3 taps each).
+const G: [[f64; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
+
+/// U: 16 slices ξ = 4r + k of cin rows × ldb, U_ξ[c][o] = Σ_{ky,kx} G[r][ky]·G[k][kx]·W[(3ky +
+/// kx)·cin + c][o] (the coefficients are 0, ±¼, ±½, 1: exact products), taps in order; the
+/// columns past cout are zero.
+fn transformed_weight<E: Elem>(wt: &[E], (cin, cout): (usize, usize), ldb: usize) -> Aligned<E> {
+    let mut u = Aligned::zeros(16 * cin * ldb);
+    u.get_mut()
+        .par_chunks_mut((cin * ldb).max(1))
+        .enumerate()
+        .for_each(|(xi, slice)| {
+            let (r, k) = (xi / 4, xi % 4);
+            for (c, row) in slice.chunks_exact_mut(ldb).enumerate() {
+                let row = &mut row[..cout];
+                for t in 0..9 {
+                    let f = G[r][t / 3] * G[k][t % 3];
+                    if f == 0.0 {
+                        continue;
+                    }
+                    let (f, g) = (E::c(f), &wt[(t * cin + c) * cout..][..cout]);
+                    for (u, &g) in row.iter_mut().zip(g) {
+                        *u += f * g;
+                    }
+                }
+            }
+        });
+    u
+}
+
+/// A task's working memory (one per worker, reused across its tasks).
+struct Scratch<E> {
+    /// V: 16 slices of BLOCK rows × cin.
+    v: Vec<E>,
+    /// M: 16 slices of BLOCK rows × ldb (cache-line aligned rows for the tile stores).
+    m: Aligned<E>,
+    /// Bᵀ d of one tile: 16 rows × cin.
+    t: Vec<E>,
+    /// Aᵀ M of one tile: 8 rows × cout.
+    s: Vec<E>,
+    /// One output pixel's row (cout).
+    y: Vec<E>,
+}
+
+impl<E: Elem> Scratch<E> {
+    fn new(d: Dims) -> Self {
+        Scratch {
+            v: vec![E::zero(); 16 * BLOCK * d.cin],
+            m: Aligned::zeros(16 * BLOCK * d.ldb),
+            t: vec![E::zero(); 16 * d.cin],
+            s: vec![E::zero(); 8 * d.cout],
+            y: vec![E::zero(); d.cout],
+        }
+    }
+}
+
+/// The shapes of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    g: Grid,
+    cin: usize,
+    cout: usize,
+    /// U's and M's row stride: cout rounded up to the tile width.
+    ldb: usize,
+}
+
+impl Dims {
+    /// Tile rows and columns per image.
+    fn tiles(self) -> (usize, usize) {
+        (self.g.h.div_ceil(2), self.g.w.div_ceil(2))
+    }
+    /// The first output pixel of global tile row `tr` and its image rows (2, or 1 at an odd
+    /// image's last).
+    fn tile_row(self, tr: usize) -> (usize, usize) {
+        let (th, _) = self.tiles();
+        let (img, ty) = (tr / th, tr % th);
+        (
+            (img * self.g.h + 2 * ty) * self.g.w,
+            2.min(self.g.h - 2 * ty),
+        )
+    }
+}
+
+/// The output rows of the tile rows `trs` (`out` starts at the first one's first pixel): V, the
+/// 16 products, M's inverse transform, plus the bias, written or (`accumulate`) added.
+///
+/// SAFETY (caller): `u` holds 16·cin rows of d.ldb elements (d.ldb a multiple of NV·LANES);
+/// src is (b·h·w, cin) and `zero` cin zeros; `out` covers exactly the pixels of `trs` (rows of
+/// cout); the CPU runs `V`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile_rows<V: Vector, const NV: usize>(
+    out: &mut [V::E],
+    trs: std::ops::Range<usize>,
+    accumulate: bool,
+    scr: &mut Scratch<V::E>,
+    (src, zero): (&[V::E], &[V::E]),
+    (u, bias): (&[V::E], Option<&[V::E]>),
+    d: Dims,
+) {
+    let (g, cin, cout, ldb) = (d.g, d.cin, d.cout, d.ldb);
+    let (_, tw) = d.tiles();
+    let n = NV * V::LANES;
+    let pix0 = d.tile_row(trs.start).0;
+    // the task's tiles as (tile row, tile column), in blocks
+    let tiles: Vec<(usize, usize)> = trs.flat_map(|tr| (0..tw).map(move |tx| (tr, tx))).collect();
+    for block in tiles.chunks(BLOCK) {
+        let nt = block.len();
+        // V = Bᵀ d B per tile (V_ξ: BLOCK rows of cin, tile j's row at (ξ·BLOCK + j)·cin)
+        for (j, &(tr, tx)) in block.iter().enumerate() {
+            let (p, _) = d.tile_row(tr);
+            // the input row of neighbourhood position q = 4i + k: pixel (y0 − 1 + i, x0 − 1 + k)
+            let inp = |q: usize| -> &[V::E] {
+                let (y, x) = (
+                    (p / g.w % g.h + q / 4).wrapping_sub(1),
+                    (2 * tx + q % 4).wrapping_sub(1),
+                );
+                if y < g.h && x < g.w {
+                    let pix = (p / (g.h * g.w) * g.h + y) * g.w + x;
+                    &src[pix * cin..(pix + 1) * cin]
+                } else {
+                    zero
+                }
+            };
+            let rows: [&[V::E]; 16] = std::array::from_fn(inp);
+            input_transform(&mut scr.v[j * cin..], BLOCK * cin, &rows, &mut scr.t);
+        }
+        // M_ξ = V_ξ · U_ξ (M_ξ: BLOCK rows of ldb)
+        for xi in 0..16 {
+            for col in (0..cout).step_by(n) {
+                for r0 in (0..nt).step_by(R) {
+                    let nr = R.min(nt - r0);
+                    let mut a = [[zero.as_ptr(); R]; 9];
+                    for (i, ai) in a[0].iter_mut().enumerate() {
+                        // rows past the block's end repeat its last (computed, not stored)
+                        *ai = scr.v[(xi * BLOCK + r0 + i.min(nr - 1)) * cin..].as_ptr();
+                    }
+                    // SAFETY: each a[0][i] is a V row of cin elements; U_ξ's cin rows of ldb
+                    // have the columns col..col + n readable (ldb is a multiple of n); M_ξ has
+                    // the rows r0..r0 + nr ≤ BLOCK of ldb elements, columns col..col + n.
+                    unsafe {
+                        let b = u.as_ptr().add(xi * cin * ldb + col);
+                        let acc: Tile<V, NV> =
+                            conv_tile([[V::zero(); NV]; R], &a, 0..1, b, ldb, cin);
+                        let m = scr.m.get_mut().as_mut_ptr();
+                        let dst = m.add((xi * BLOCK + r0) * ldb + col);
+                        put(&acc, dst, ldb, (nr, n), false);
+                    }
+                }
+            }
+        }
+        // Y = Aᵀ M A per tile, into the output rows
+        let m = scr.m.get();
+        for (j, &(tr, tx)) in block.iter().enumerate() {
+            let (p, rows) = d.tile_row(tr);
+            let cols = 2.min(g.w - 2 * tx);
+            let mut dst: [[Option<&mut [V::E]>; 2]; 2] = Default::default();
+            let (mut rest, mut at) = (&mut out[..], pix0);
+            // the tile's in-image pixels, in order (rows i, columns kk)
+            for (i, dst_i) in dst.iter_mut().enumerate().take(rows) {
+                for (kk, slot) in dst_i.iter_mut().enumerate().take(cols) {
+                    let q = p + i * g.w + 2 * tx + kk;
+                    let tail = std::mem::take(&mut rest);
+                    let (_, from_q) = tail.split_at_mut((q - at) * cout);
+                    let (row, after) = from_q.split_at_mut(cout);
+                    *slot = Some(row);
+                    (rest, at) = (after, q + 1);
+                }
+            }
+            let sy = (&mut scr.s[..], &mut scr.y[..]);
+            output_transform(&mut dst, &m[j * ldb..], BLOCK * ldb, sy, bias, accumulate);
+        }
+    }
+}
+
+/// out = a + b or a − b.
+#[inline(always)]
+fn comb<E: Elem>(out: &mut [E], a: &[E], b: &[E], plus: bool) {
+    let it = out.iter_mut().zip(a).zip(b);
+    if plus {
+        it.for_each(|((o, &a), &b)| *o = a + b);
+    } else {
+        it.for_each(|((o, &a), &b)| *o = a - b);
+    }
+}
+
+/// out = (a + b) + c or (a − b) − c.
+#[inline(always)]
+fn comb3<E: Elem>(out: &mut [E], a: &[E], b: &[E], c: &[E], plus: bool) {
+    let it = out.iter_mut().zip(a).zip(b).zip(c);
+    if plus {
+        it.for_each(|(((o, &a), &b), &c)| *o = a + b + c);
+    } else {
+        it.for_each(|(((o, &a), &b), &c)| *o = a - b - c);
+    }
+}
+
+/// V (16 rows of cin, `stride` apart) = Bᵀ d B for the tile's 16 input rows d (row q = 4i + k),
+/// through `t` (16 rows of cin): one pass over the channels per row of each product.
+#[inline(always)]
+fn input_transform<E: Elem>(v: &mut [E], stride: usize, d: &[&[E]; 16], t: &mut [E]) {
+    let cin = t.len() / 16;
+    // rows: t[4i + k] = d[4a + k] ± d[4b + k]
+    for k in 0..4 {
+        for (i, &(a, b, plus)) in BT.iter().enumerate() {
+            comb(
+                &mut t[(4 * i + k) * cin..][..cin],
+                d[4 * a + k],
+                d[4 * b + k],
+                plus,
+            );
+        }
+    }
+    // columns: v[4i + k] = t[4i + a] ± t[4i + b]
+    for i in 0..4 {
+        for (k, &(a, b, plus)) in BT.iter().enumerate() {
+            let (ta, tb) = (
+                &t[(4 * i + a) * cin..][..cin],
+                &t[(4 * i + b) * cin..][..cin],
+            );
+            comb(&mut v[(4 * i + k) * stride..][..cin], ta, tb, plus);
+        }
+    }
+}
+
+/// The tile's output rows (`dst[i][kk]`: pixel (y0 + i, x0 + kk), absent outside the image)
+/// from its 16 M rows (row ξ at ξ·stride) through `s` (8 rows of cout) and `y` (cout):
+/// Y = Aᵀ M A [+ bias], written or added (dst + (Y + bias), the direct kernel's order).
+#[inline(always)]
+fn output_transform<E: Elem>(
+    dst: &mut [[Option<&mut [E]>; 2]; 2],
+    m: &[E],
+    stride: usize,
+    (s, y): (&mut [E], &mut [E]),
+    bias: Option<&[E]>,
+    accumulate: bool,
+) {
+    let cout = y.len();
+    let row = |xi: usize| &m[xi * stride..][..cout];
+    // rows: s[0][k] = (m[0][k] + m[1][k]) + m[2][k], s[1][k] = (m[1][k] − m[2][k]) − m[3][k]
+    for k in 0..4 {
+        let (top, bottom) = s.split_at_mut(4 * cout);
+        comb3(
+            &mut top[k * cout..][..cout],
+            row(k),
+            row(4 + k),
+            row(8 + k),
+            true,
+        );
+        comb3(
+            &mut bottom[k * cout..][..cout],
+            row(4 + k),
+            row(8 + k),
+            row(12 + k),
+            false,
+        );
+    }
+    for (i, dst_i) in dst.iter_mut().enumerate() {
+        let srow = |k: usize| &s[(4 * i + k) * cout..][..cout];
+        for (kk, slot) in dst_i.iter_mut().enumerate() {
+            let Some(out) = slot else { continue };
+            comb3(y, srow(kk), srow(kk + 1), srow(kk + 2), kk == 0);
+            match (bias, accumulate) {
+                (Some(b), false) => comb(out, y, b, true),
+                (Some(b), true) => {
+                    let it = out.iter_mut().zip(&*y).zip(b);
+                    it.for_each(|((o, &y), &b)| *o += y + b);
+                }
+                (None, false) => out.copy_from_slice(y),
+                (None, true) => out.iter_mut().zip(&*y).for_each(|(o, &y)| *o += y),
+            }
+        }
+    }
+}
+
+/// [`tile_rows`] at `lv` (U's row stride follows [`width`]`::<E>(lv)`).
+#[allow(clippy::too_many_arguments)]
+fn tile_rows_at<E: Elem>(
+    lv: Level,
+    out: &mut [E],
+    trs: std::ops::Range<usize>,
+    accumulate: bool,
+    scr: &mut Scratch<E>,
+    (src, zero): (&[E], &[E]),
+    (u, bias): (&[E], Option<&[E]>),
+    d: Dims,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        type In<'a> = (&'a [f32], &'a [f32]);
+        type W<'a> = (&'a [f32], Option<&'a [f32]>);
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512(
+            o: &mut [f32],
+            t: std::ops::Range<usize>,
+            a: bool,
+            s: &mut Scratch<f32>,
+            x: In<'_>,
+            w: W<'_>,
+            d: Dims,
+        ) {
+            unsafe { tile_rows::<x86::Zmm, 4>(o, t, a, s, x, w, d) }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(
+            o: &mut [f32],
+            t: std::ops::Range<usize>,
+            a: bool,
+            s: &mut Scratch<f32>,
+            x: In<'_>,
+            w: W<'_>,
+            d: Dims,
+        ) {
+            unsafe { tile_rows::<x86::Ymm, 2>(o, t, a, s, x, w, d) }
+        }
+        if is_f32::<E>() {
+            // SAFETY: E is f32 (checked), so the scratch is a Scratch<f32>.
+            let s32 = unsafe { &mut *(scr as *mut Scratch<E>).cast::<Scratch<f32>>() };
+            let (o, x, w) = (
+                f32s_mut(out),
+                (f32s(src), f32s(zero)),
+                (f32s(u), bias.map(f32s)),
+            );
+            match lv.isa() {
+                // SAFETY: a `Level` at Avx512 or above exists only where the CPU runs AVX-512
+                // F, AVX2 and FMA (`isa::detected`); U is padded to 64 columns (`width`).
+                Isa::Avx512 | Isa::Amx => {
+                    return unsafe { avx512(o, trs, accumulate, s32, x, w, d) }
+                }
+                // SAFETY: as above for AVX2 and FMA (16 columns).
+                Isa::Avx2 => return unsafe { avx2(o, trs, accumulate, s32, x, w, d) },
+                Isa::Portable => {}
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = lv;
+    // SAFETY: the portable instance needs no CPU feature; U padded to 16 columns (`width`).
+    unsafe { tile_rows::<Scalar<E>, 16>(out, trs, accumulate, scr, (src, zero), (u, bias), d) }
+}
+
+/// dst (b·h·w, cout) = [dst +] (conv3x3(src, wt) [+ bias]) for src (b·h·w, cin), wt (9·cin,
+/// cout), bias (cout): [`super::conv_direct::conv`]'s contract, by F(2×2, 3×3).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv<E: Elem>(
+    lv: Level,
+    dst: &mut [E],
+    accumulate: bool,
+    src: &[E],
+    wt: &[E],
+    bias: Option<&[E]>,
+    g: Grid,
+    (cin, cout): (usize, usize),
+) {
+    let m = g.pixels();
+    assert!(dst.len() == m * cout && src.len() == m * cin && wt.len() == 9 * cin * cout);
+    assert!(bias.is_none_or(|b| b.len() == cout));
+    if m == 0 || cout == 0 {
+        return;
+    }
+    let ldb = cout.next_multiple_of(width::<E>(lv));
+    let d = Dims { g, cin, cout, ldb };
+    let u = transformed_weight(wt, (cin, cout), ldb);
+    let zero = vec![E::zero(); cin];
+    // tasks of whole tile rows, about one block each; each owns its pixels' output rows
+    let (th, tw) = d.tiles();
+    let per = (BLOCK / tw).max(1);
+    let mut tasks = Vec::new();
+    let mut rest = dst;
+    for tr0 in (0..g.b * th).step_by(per) {
+        let tr1 = (tr0 + per).min(g.b * th);
+        let (last, rows) = d.tile_row(tr1 - 1);
+        let len = (last + rows * g.w - d.tile_row(tr0).0) * cout;
+        let (head, tail) = rest.split_at_mut(len);
+        tasks.push((tr0..tr1, head));
+        rest = tail;
+    }
+    debug_assert!(rest.is_empty());
+    tasks.into_par_iter().for_each_init(
+        || Scratch::new(d),
+        |scr, (trs, out)| {
+            tile_rows_at(
+                lv,
+                out,
+                trs,
+                accumulate,
+                scr,
+                (src, &zero),
+                (u.get(), bias),
+                d,
+            )
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::conv_direct::tests::{definition, in_pool};
+    use super::*;
+    use crate::kernels::isa;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// At every level and thread count: conv(x, w) + bias and dst + conv(x, w) within f32
+    /// rounding of the f64 definition (shapes with odd heights and widths, one-pixel-wide
+    /// images, tile rows wider than a block, channels off the tile widths and past 64), the
+    /// same bits as the portable instance on one thread; and in f64 within 1e-12.
+    #[test]
+    fn winograd_matches_the_definition_at_every_level_and_thread_count() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let shapes = [
+            (2, 7, 9, 16, 70),
+            (1, 1, 1, 17, 16),
+            (3, 5, 1, 20, 33),
+            (1, 2, 101, 16, 16),
+            (2, 28, 28, 64, 64),
+        ];
+        for (b, h, w, cin, cout) in shapes {
+            let g = Grid { b, h, w };
+            let m = g.pixels();
+            let rand = |rng: &mut StdRng, n: usize| -> Vec<f32> {
+                (0..n).map(|_| rng.gen_range(-1.5f32..1.5)).collect()
+            };
+            let (x, wt, d0, bias) = (
+                rand(&mut rng, m * cin),
+                rand(&mut rng, 9 * cin * cout),
+                rand(&mut rng, m * cout),
+                rand(&mut rng, cout),
+            );
+            let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+            let gy = vec![0.0; m * cout];
+            let ((y, ya), _) = definition((&f64s(&x), &f64s(&wt), &gy), g, (cin, cout));
+            let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+            for lv in isa::supported() {
+                for threads in [1, 3] {
+                    let run = || {
+                        let mut fresh = vec![f32::NAN; m * cout];
+                        conv(lv, &mut fresh, false, &x, &wt, Some(&bias), g, (cin, cout));
+                        let mut acc = d0.clone();
+                        conv(lv, &mut acc, true, &x, &wt, None, g, (cin, cout));
+                        (fresh, acc)
+                    };
+                    let got = in_pool(threads, run);
+                    let what = format!("{lv:?}, {threads} threads, {:?}", (b, h, w, cin, cout));
+                    for (i, (&v, (&e, &a))) in got.0.iter().zip(y.iter().zip(&ya)).enumerate() {
+                        let bi = f64::from(bias[i % cout]);
+                        // the transforms scale terms by at most 4 on the way in and out
+                        let tol = 4e-6 * (a + bi.abs() + 1.0) * (9 * cin) as f64;
+                        assert!(
+                            (f64::from(v) - (e + bi)).abs() <= tol,
+                            "y[{i}] {v} vs {}, {what}",
+                            e + bi
+                        );
+                    }
+                    for (i, ((&v, &v0), (&e, &a))) in
+                        got.1.iter().zip(&d0).zip(y.iter().zip(&ya)).enumerate()
+                    {
+                        let v0 = f64::from(v0);
+                        let tol = 4e-6 * (a + v0.abs() + 1.0) * (9 * cin) as f64;
+                        assert!(
+                            (f64::from(v) - (v0 + e)).abs() <= tol,
+                            "acc[{i}] {v} vs {}, {what}",
+                            v0 + e
+                        );
+                    }
+                    match &first {
+                        None => first = Some(got),
+                        Some(f) => {
+                            let bits =
+                                |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(bits(&got.0), bits(&f.0), "y bits, {what}");
+                            assert_eq!(bits(&got.1), bits(&f.1), "acc bits, {what}");
+                        }
+                    }
+                }
+            }
+            // f64: the same algorithm at double precision
+            let (x64, w64) = (f64s(&x), f64s(&wt));
+            let mut y64 = vec![f64::NAN; m * cout];
+            conv(
+                isa::level(),
+                &mut y64,
+                false,
+                &x64,
+                &w64,
+                None,
+                g,
+                (cin, cout),
+            );
+            for (i, (&v, (&e, &a))) in y64.iter().zip(y.iter().zip(&ya)).enumerate() {
+                assert!((v - e).abs() <= 1e-12 * (a + 1.0), "f64 y[{i}] {v} vs {e}");
+            }
+        }
+    }
+
+    /// The forward kernel's time against the direct kernel's at `unet-small`'s layer shapes
+    /// (batch 16 × 28 × 28): `cargo test --release -p maskdiff-network --lib -- winograd_timing
+    /// --ignored --nocapture`. GFLOP/s counts the direct convolution's 2·9·cin·cout per pixel.
+    #[test]
+    #[ignore]
+    fn winograd_timing() {
+        let g = Grid {
+            b: 16,
+            h: 28,
+            w: 28,
+        };
+        let m = g.pixels();
+        let lv = isa::level();
+        for (cin, cout) in [(64, 64), (128, 64), (64, 256), (32, 64)] {
+            let x: Vec<f32> = (0..m * cin).map(|i| (i % 7) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..9 * cin * cout).map(|i| (i % 5) as f32 * 0.01).collect();
+            let mut y = vec![0f32; m * cout];
+            let flop = 2.0 * (m * 9 * cin * cout) as f64;
+            let best = |f: &mut dyn FnMut()| {
+                f();
+                (0..7)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::INFINITY, f64::min)
+            };
+            let tw = best(&mut || conv(lv, &mut y, false, &x, &w, None, g, (cin, cout)));
+            let td = best(&mut || {
+                super::super::conv_direct::conv(lv, &mut y, false, &x, &w, None, g, (cin, cout))
+            });
+            eprintln!(
+                "{lv:?} {cin}→{cout}: winograd {:.2} ms ({:.0} GFLOP/s equivalent), direct {:.2} ms ({:.0})",
+                tw * 1e3,
+                flop / tw / 1e9,
+                td * 1e3,
+                flop / td / 1e9
+            );
+        }
+    }
+}
