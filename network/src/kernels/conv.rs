@@ -182,7 +182,11 @@ pub(crate) fn conv3x3<E: Elem, T: Tape<E, Cpu>>(
                 }
                 if !by_panels {
                     let gw = grads.get_or_alloc_mut(&wg)?;
-                    conv_direct::conv_dw(lv, gw, &xv, &gy, g, (cin, cout));
+                    if conv_winograd::pays(cin, cout) {
+                        conv_winograd::conv_dw(lv, gw, &xv, &gy, g, (cin, cout));
+                    } else {
+                        conv_direct::conv_dw(lv, gw, &xv, &gy, g, (cin, cout));
+                    }
                     let gx = grads.get_or_alloc_mut(&xg)?;
                     products(lv, gx, true, &gy, &wf, None, g, (cout, cin));
                     return Ok(());

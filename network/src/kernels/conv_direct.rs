@@ -183,10 +183,10 @@ pub(super) unsafe fn conv_tile<V: Vector, const NV: usize>(
 
 /// A run of `len` pixels p.. whose tap reads the pixels q.. (both consecutive).
 #[derive(Clone, Copy)]
-struct Run {
-    q: usize,
-    p: usize,
-    len: usize,
+pub(super) struct Run {
+    pub(super) q: usize,
+    pub(super) p: usize,
+    pub(super) len: usize,
 }
 
 /// The dW tile: acc + Σ_k x[(q + k)·cin + cs[i]] · gy[(p + k)·ldy + j] for the R input
@@ -195,7 +195,7 @@ struct Run {
 /// SAFETY (caller): x is readable at every (q + k)·cin + cs[i], gy for NV·LANES elements at
 /// every (p + k)·ldy (k < run.len); the CPU runs `V`.
 #[inline(always)]
-unsafe fn dw_tile<V: Vector, const NV: usize>(
+pub(super) unsafe fn dw_tile<V: Vector, const NV: usize>(
     mut acc: Tile<V, NV>,
     x: *const V::E,
     cin: usize,
@@ -225,7 +225,7 @@ unsafe fn dw_tile<V: Vector, const NV: usize>(
 /// SAFETY (caller): src is readable for `rows` rows of `cols` elements, `ld` apart;
 /// `cols` ≤ NV·LANES ≤ 64; the CPU runs `V`.
 #[inline(always)]
-unsafe fn get<V: Vector, const NV: usize>(
+pub(super) unsafe fn get<V: Vector, const NV: usize>(
     src: *const V::E,
     ld: usize,
     (rows, cols): (usize, usize),

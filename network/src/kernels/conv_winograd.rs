@@ -20,7 +20,9 @@
 //! before multiplying); the tests hold both to the f64 definition.
 
 use super::conv::Grid;
-use super::conv_direct::{conv_tile, dispatch::width, put, Aligned, Scalar, Tile, Vector, R};
+use super::conv_direct::{
+    conv_tile, dispatch::width, dw_tile, get, put, Aligned, Run, Scalar, Tile, Vector, R,
+};
 #[cfg(target_arch = "x86_64")]
 use super::conv_direct::{f32s, f32s_mut, is_f32, x86};
 #[cfg(target_arch = "x86_64")]
@@ -40,6 +42,11 @@ pub(super) fn pays(cin: usize, cout: usize) -> bool {
 
 /// The rows of Bᵀ (and of B's columns) as (i, j, plus): row = d_i + d_j or d_i − d_j.
 const BT: [(usize, usize, bool); 4] = [(0, 2, false), (1, 2, true), (2, 1, false), (1, 3, false)];
+
+/// Bᵀ of F(3 × 3, 2 × 2), the weight gradient's input transform: as [`BT`] but for its last
+/// row, [0 −1 0 1].
+const BT_DW: [(usize, usize, bool); 4] =
+    [(0, 2, false), (1, 2, true), (2, 1, false), (3, 1, false)];
 
 /// G's rows (3 taps each).
 const G: [[f64; 3]; 4] = [
@@ -117,6 +124,43 @@ impl Dims {
     fn tiles(self) -> (usize, usize) {
         (self.g.h.div_ceil(2), self.g.w.div_ceil(2))
     }
+    /// The rows of tile (tr, tx)'s 4×4 input neighbourhood, position q = 4i + k being pixel
+    /// (y0 − 1 + i, x0 − 1 + k) of `src` (rows of c = zero.len()) or `zero` outside the image.
+    fn neighbourhood<'a, E>(
+        self,
+        src: &'a [E],
+        zero: &'a [E],
+        (tr, tx): (usize, usize),
+    ) -> [&'a [E]; 16] {
+        self.pixel_rows(src, zero, (tr, tx), 4, 1)
+    }
+    /// The `side` × `side` rows of `src` (rows of c = zero.len()) from pixel (y0 − back,
+    /// x0 − back) of tile (tr, tx), row by row; `zero` outside the image (unused entries
+    /// past side² are `zero` too).
+    fn pixel_rows<'a, E>(
+        self,
+        src: &'a [E],
+        zero: &'a [E],
+        (tr, tx): (usize, usize),
+        side: usize,
+        back: usize,
+    ) -> [&'a [E]; 16] {
+        let (g, c) = (self.g, zero.len());
+        let (p, _) = self.tile_row(tr);
+        let (img, y0) = (p / (g.h * g.w), p / g.w % g.h);
+        std::array::from_fn(|q| {
+            let (y, x) = (
+                (y0 + q / side).wrapping_sub(back),
+                (2 * tx + q % side).wrapping_sub(back),
+            );
+            if q < side * side && y < g.h && x < g.w {
+                let pix = (img * g.h + y) * g.w + x;
+                &src[pix * c..(pix + 1) * c]
+            } else {
+                zero
+            }
+        })
+    }
     /// The first output pixel of global tile row `tr` and its image rows (2, or 1 at an odd
     /// image's last).
     fn tile_row(self, tr: usize) -> (usize, usize) {
@@ -156,22 +200,8 @@ unsafe fn tile_rows<V: Vector, const NV: usize>(
         let nt = block.len();
         // V = Bᵀ d B per tile (V_ξ: BLOCK rows of cin, tile j's row at (ξ·BLOCK + j)·cin)
         for (j, &(tr, tx)) in block.iter().enumerate() {
-            let (p, _) = d.tile_row(tr);
-            // the input row of neighbourhood position q = 4i + k: pixel (y0 − 1 + i, x0 − 1 + k)
-            let inp = |q: usize| -> &[V::E] {
-                let (y, x) = (
-                    (p / g.w % g.h + q / 4).wrapping_sub(1),
-                    (2 * tx + q % 4).wrapping_sub(1),
-                );
-                if y < g.h && x < g.w {
-                    let pix = (p / (g.h * g.w) * g.h + y) * g.w + x;
-                    &src[pix * cin..(pix + 1) * cin]
-                } else {
-                    zero
-                }
-            };
-            let rows: [&[V::E]; 16] = std::array::from_fn(inp);
-            input_transform(&mut scr.v[j * cin..], BLOCK * cin, &rows, &mut scr.t);
+            let rows = d.neighbourhood(src, zero, (tr, tx));
+            input_transform(&BT, &mut scr.v[j * cin..], BLOCK * cin, &rows, &mut scr.t);
         }
         // M_ξ = V_ξ · U_ξ (M_ξ: BLOCK rows of ldb)
         for xi in 0..16 {
@@ -243,14 +273,21 @@ fn comb3<E: Elem>(out: &mut [E], a: &[E], b: &[E], c: &[E], plus: bool) {
     }
 }
 
-/// V (16 rows of cin, `stride` apart) = Bᵀ d B for the tile's 16 input rows d (row q = 4i + k),
-/// through `t` (16 rows of cin): one pass over the channels per row of each product.
+/// V (16 rows of cin, `stride` apart) = Bᵀ d B (Bᵀ's rows `bt`) for the tile's 16 input rows d
+/// (row q = 4i + k), through `t` (16 rows of cin): one pass over the channels per row of each
+/// product.
 #[inline(always)]
-fn input_transform<E: Elem>(v: &mut [E], stride: usize, d: &[&[E]; 16], t: &mut [E]) {
+fn input_transform<E: Elem>(
+    bt: &[(usize, usize, bool); 4],
+    v: &mut [E],
+    stride: usize,
+    d: &[&[E]; 16],
+    t: &mut [E],
+) {
     let cin = t.len() / 16;
     // rows: t[4i + k] = d[4a + k] ± d[4b + k]
     for k in 0..4 {
-        for (i, &(a, b, plus)) in BT.iter().enumerate() {
+        for (i, &(a, b, plus)) in bt.iter().enumerate() {
             comb(
                 &mut t[(4 * i + k) * cin..][..cin],
                 d[4 * a + k],
@@ -261,7 +298,7 @@ fn input_transform<E: Elem>(v: &mut [E], stride: usize, d: &[&[E]; 16], t: &mut 
     }
     // columns: v[4i + k] = t[4i + a] ± t[4i + b]
     for i in 0..4 {
-        for (k, &(a, b, plus)) in BT.iter().enumerate() {
+        for (k, &(a, b, plus)) in bt.iter().enumerate() {
             let (ta, tb) = (
                 &t[(4 * i + a) * cin..][..cin],
                 &t[(4 * i + b) * cin..][..cin],
@@ -441,6 +478,252 @@ pub(super) fn conv<E: Elem>(
     );
 }
 
+/// Tiles per weight-gradient chunk (whole tile rows; at most [`DW_CHUNKS`] chunks): the products'
+/// sums run over a chunk's tiles, so long chunks keep the register tiles busy.
+const DW_TILES: usize = 256;
+
+/// At most this many weight-gradient chunks (each holds a 16·cin·ldb partial sum).
+const DW_CHUNKS: usize = 64;
+
+/// out = (a + b)·½ or (a − b)·½ (exact halving).
+#[inline(always)]
+fn half<E: Elem>(out: &mut [E], a: &[E], b: &[E], plus: bool) {
+    let h = E::c(0.5);
+    let it = out.iter_mut().zip(a).zip(b);
+    if plus {
+        it.for_each(|((o, &a), &b)| *o = (a + b) * h);
+    } else {
+        it.for_each(|((o, &a), &b)| *o = (a - b) * h);
+    }
+}
+
+/// U (16 rows of cout, `stride` apart) = G e Gᵀ for the tile's 2×2 output-gradient rows e (row
+/// 2i + j), G = [1 0; ½ ½; ½ −½; 0 1], through `q` (8 rows of cout).
+#[inline(always)]
+fn grad_transform<E: Elem>(u: &mut [E], stride: usize, e: &[&[E]; 16], q: &mut [E]) {
+    let cout = q.len() / 8;
+    // rows: q[2r + j] = (G e)[r][j]
+    for j in 0..2 {
+        let (e0, e1) = (e[j], e[2 + j]);
+        q[j * cout..][..cout].copy_from_slice(e0);
+        half(&mut q[(2 + j) * cout..][..cout], e0, e1, true);
+        half(&mut q[(4 + j) * cout..][..cout], e0, e1, false);
+        q[(6 + j) * cout..][..cout].copy_from_slice(e1);
+    }
+    // columns: u[4r + k] = (q[r] Gᵀ)[k]
+    for r in 0..4 {
+        let (q0, q1) = (&q[2 * r * cout..][..cout], &q[(2 * r + 1) * cout..][..cout]);
+        u[4 * r * stride..][..cout].copy_from_slice(q0);
+        half(&mut u[(4 * r + 1) * stride..][..cout], q0, q1, true);
+        half(&mut u[(4 * r + 2) * stride..][..cout], q0, q1, false);
+        u[(4 * r + 3) * stride..][..cout].copy_from_slice(q1);
+    }
+}
+
+/// A weight-gradient task's working memory.
+struct DwScratch<E> {
+    /// V: 16 slices of BLOCK rows × cin (F(3×3, 2×2)'s input transform).
+    v: Vec<E>,
+    /// U: 16 slices of BLOCK rows × ldb (G dY Gᵀ; columns past cout stay zero).
+    u: Aligned<E>,
+    /// Bᵀ d of one tile: 16 rows × cin.
+    t: Vec<E>,
+    /// G e of one tile: 8 rows × cout.
+    q: Vec<E>,
+}
+
+/// Adds to `part` (16 slices of cin rows × ldb) Σ over the tiles of the tile rows `trs` of
+/// V_ξ[tile]ᵀ · U_ξ[tile], tiles in order.
+///
+/// SAFETY (caller): src (b·h·w, cin), gy (b·h·w, cout), `zeros` max(cin, cout) zeros; d.ldb a
+/// multiple of NV·LANES; the CPU runs `V`.
+#[inline(always)]
+unsafe fn dw_tile_rows<V: Vector, const NV: usize>(
+    part: &mut [V::E],
+    trs: std::ops::Range<usize>,
+    scr: &mut DwScratch<V::E>,
+    (src, gy, zeros): (&[V::E], &[V::E], &[V::E]),
+    d: Dims,
+) {
+    let (cin, cout, ldb) = (d.cin, d.cout, d.ldb);
+    let (_, tw) = d.tiles();
+    let n = NV * V::LANES;
+    let tiles: Vec<(usize, usize)> = trs.flat_map(|tr| (0..tw).map(move |tx| (tr, tx))).collect();
+    for block in tiles.chunks(BLOCK) {
+        let nt = block.len();
+        for (j, &tile) in block.iter().enumerate() {
+            let x = d.neighbourhood(src, &zeros[..cin], tile);
+            input_transform(&BT_DW, &mut scr.v[j * cin..], BLOCK * cin, &x, &mut scr.t);
+            let e = d.pixel_rows(gy, &zeros[..cout], tile, 2, 0);
+            grad_transform(&mut scr.u.get_mut()[j * ldb..], BLOCK * ldb, &e, &mut scr.q);
+        }
+        for xi in 0..16 {
+            for col in (0..cout).step_by(n) {
+                for c0 in (0..cin).step_by(R) {
+                    let nr = R.min(cin - c0);
+                    // channels past the end repeat the last one (computed, not stored)
+                    let cs: [usize; R] = std::array::from_fn(|i| c0 + i.min(nr - 1));
+                    let run = Run {
+                        q: 0,
+                        p: 0,
+                        len: nt,
+                    };
+                    // SAFETY: V_ξ has nt rows of cin (each cs[i] < cin), U_ξ nt rows of ldb
+                    // with the columns col..col + n readable (ldb a multiple of n); `part`'s
+                    // slice ξ has the rows c0..c0 + nr of ldb elements, columns col..col + n.
+                    unsafe {
+                        let dst = part.as_mut_ptr().add((xi * cin + c0) * ldb + col);
+                        let init = get::<V, NV>(dst, ldb, (nr, n));
+                        let x = scr.v.as_ptr().add(xi * BLOCK * cin);
+                        let u = scr.u.get().as_ptr().add(xi * BLOCK * ldb + col);
+                        let acc = dw_tile::<V, NV>(init, x, cin, &cs, u, ldb, run);
+                        put(&acc, dst, ldb, (nr, n), false);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`dw_tile_rows`] at `lv` (ldb follows [`width`]`::<E>(lv)`).
+fn dw_tile_rows_at<E: Elem>(
+    lv: Level,
+    part: &mut [E],
+    trs: std::ops::Range<usize>,
+    scr: &mut DwScratch<E>,
+    ins: (&[E], &[E], &[E]),
+    d: Dims,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        type In<'a> = (&'a [f32], &'a [f32], &'a [f32]);
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn avx512(
+            p: &mut [f32],
+            t: std::ops::Range<usize>,
+            s: &mut DwScratch<f32>,
+            x: In<'_>,
+            d: Dims,
+        ) {
+            unsafe { dw_tile_rows::<x86::Zmm, 4>(p, t, s, x, d) }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(
+            p: &mut [f32],
+            t: std::ops::Range<usize>,
+            s: &mut DwScratch<f32>,
+            x: In<'_>,
+            d: Dims,
+        ) {
+            unsafe { dw_tile_rows::<x86::Ymm, 2>(p, t, s, x, d) }
+        }
+        if is_f32::<E>() {
+            // SAFETY: E is f32 (checked), so the scratch is a DwScratch<f32>.
+            let s32 = unsafe { &mut *(scr as *mut DwScratch<E>).cast::<DwScratch<f32>>() };
+            let (p, x) = (f32s_mut(part), (f32s(ins.0), f32s(ins.1), f32s(ins.2)));
+            match lv.isa() {
+                // SAFETY: as in `tile_rows_at`.
+                Isa::Avx512 | Isa::Amx => return unsafe { avx512(p, trs, s32, x, d) },
+                // SAFETY: as in `tile_rows_at`.
+                Isa::Avx2 => return unsafe { avx2(p, trs, s32, x, d) },
+                Isa::Portable => {}
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = lv;
+    // SAFETY: as in `tile_rows_at`.
+    unsafe { dw_tile_rows::<Scalar<E>, 16>(part, trs, scr, ins, d) }
+}
+
+/// gw (9·cin, cout) += dW = Σ_p im2col(src)[p]ᵀ·gy[p] for src (b·h·w, cin), gy (b·h·w, cout)
+/// ([`super::conv_direct::conv_dw`]'s contract) by F(3×3, 2×2): per chunk of tile rows (fixed by
+/// the shape) the 16 sums M_ξ = Σ_tiles (Bᵀ x B)_ξᵀ (G dY Gᵀ)_ξ, the chunks added in order, then
+/// dW = Aᵀ M A with Aᵀ = [1 1 1 0; 0 1 −1 0; 0 1 1 1].
+pub(super) fn conv_dw<E: Elem>(
+    lv: Level,
+    gw: &mut [E],
+    src: &[E],
+    gy: &[E],
+    g: Grid,
+    (cin, cout): (usize, usize),
+) {
+    let m = g.pixels();
+    assert!(gw.len() == 9 * cin * cout && src.len() == m * cin && gy.len() == m * cout);
+    if m == 0 || cin * cout == 0 {
+        return;
+    }
+    let ldb = cout.next_multiple_of(width::<E>(lv));
+    let d = Dims { g, cin, cout, ldb };
+    let (th, tw) = d.tiles();
+    let trows = g.b * th;
+    let per = (DW_TILES / tw).max(1).max(trows.div_ceil(DW_CHUNKS));
+    let chunks = trows.div_ceil(per);
+    let size = 16 * cin * ldb;
+    let zeros = vec![E::zero(); cin.max(cout)];
+    let mut parts = vec![E::zero(); chunks * size];
+    let scratch = || DwScratch {
+        v: vec![E::zero(); 16 * BLOCK * cin],
+        u: Aligned::zeros(16 * BLOCK * ldb),
+        t: vec![E::zero(); 16 * cin],
+        q: vec![E::zero(); 8 * cout],
+    };
+    parts
+        .par_chunks_mut(size)
+        .enumerate()
+        .for_each_init(scratch, |scr, (k, part)| {
+            let trs = k * per..((k + 1) * per).min(trows);
+            dw_tile_rows_at(lv, part, trs, scr, (src, gy, &zeros), d)
+        });
+    // per input channel: M = ((P0 + P1) + P2) + …, then Aᵀ M A into its 9 rows of dW
+    let mut dw = vec![E::zero(); cin * 9 * cout];
+    dw.par_chunks_mut(9 * cout)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let mut mm = vec![E::zero(); 16 * cout];
+            for (xi, row) in mm.chunks_exact_mut(cout).enumerate() {
+                for k in 0..chunks {
+                    let p = &parts[k * size + (xi * cin + c) * ldb..][..cout];
+                    row.iter_mut().zip(p).for_each(|(r, &p)| *r += p);
+                }
+            }
+            let mrow = |xi: usize| &mm[xi * cout..][..cout];
+            // rows: s[0] = m0 + m1 + m2, s[1] = m1 − m2, s[2] = m1 + m2 + m3 (per column k)
+            let mut s = vec![E::zero(); 12 * cout];
+            for k in 0..4 {
+                let (m0, m1, m2, m3) = (mrow(k), mrow(4 + k), mrow(8 + k), mrow(12 + k));
+                let it = s.chunks_exact_mut(cout).skip(k).step_by(4).enumerate();
+                for (r, sr) in it {
+                    match r {
+                        0 => comb3(sr, m0, m1, m2, true),
+                        1 => comb(sr, m1, m2, false),
+                        _ => {
+                            let it = sr.iter_mut().zip(m1).zip(m2).zip(m3);
+                            it.for_each(|(((o, &a), &b), &c)| *o = a + b + c);
+                        }
+                    }
+                }
+            }
+            // columns: dW[r][0] = s0 + s1 + s2, dW[r][1] = s1 − s2, dW[r][2] = s1 + s2 + s3
+            for r in 0..3 {
+                let srow = |k: usize| &s[(4 * r + k) * cout..][..cout];
+                let (s0, s1, s2, s3) = (srow(0), srow(1), srow(2), srow(3));
+                let mut rows = out[3 * r * cout..(3 * r + 3) * cout].chunks_exact_mut(cout);
+                let mut next = || rows.next().expect("three taps per kernel row");
+                comb3(next(), s0, s1, s2, true);
+                comb(next(), s1, s2, false);
+                let it = next().iter_mut().zip(s1).zip(s2).zip(s3);
+                it.for_each(|(((o, &a), &b), &c)| *o = a + b + c);
+            }
+        });
+    // gw row t·cin + c += dW[c][t]
+    gw.par_chunks_mut(cout).enumerate().for_each(|(row, gr)| {
+        let (t, c) = (row / cin, row % cin);
+        let src = &dw[(c * 9 + t) * cout..][..cout];
+        gr.iter_mut().zip(src).for_each(|(g, &v)| *g += v);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::conv_direct::tests::{definition, in_pool};
@@ -448,8 +731,8 @@ mod tests {
     use crate::kernels::isa;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
-    /// At every level and thread count: conv(x, w) + bias and dst + conv(x, w) within f32
-    /// rounding of the f64 definition (shapes with odd heights and widths, one-pixel-wide
+    /// At every level and thread count: conv(x, w) + bias, dst + conv(x, w) and gw + dW within
+    /// f32 rounding of the f64 definition (shapes with odd heights and widths, one-pixel-wide
     /// images, tile rows wider than a block, channels off the tile widths and past 64), the
     /// same bits as the portable instance on one thread; and in f64 within 1e-12.
     #[test]
@@ -461,6 +744,7 @@ mod tests {
             (3, 5, 1, 20, 33),
             (1, 2, 101, 16, 16),
             (2, 28, 28, 64, 64),
+            (3, 40, 60, 16, 17),
         ];
         for (b, h, w, cin, cout) in shapes {
             let g = Grid { b, h, w };
@@ -474,10 +758,11 @@ mod tests {
                 rand(&mut rng, m * cout),
                 rand(&mut rng, cout),
             );
+            let (gy, g0) = (rand(&mut rng, m * cout), rand(&mut rng, 9 * cin * cout));
             let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
-            let gy = vec![0.0; m * cout];
-            let ((y, ya), _) = definition((&f64s(&x), &f64s(&wt), &gy), g, (cin, cout));
-            let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+            let ((y, ya), (dw, dwa)) =
+                definition((&f64s(&x), &f64s(&wt), &f64s(&gy)), g, (cin, cout));
+            let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
             for lv in isa::supported() {
                 for threads in [1, 3] {
                     let run = || {
@@ -485,7 +770,9 @@ mod tests {
                         conv(lv, &mut fresh, false, &x, &wt, Some(&bias), g, (cin, cout));
                         let mut acc = d0.clone();
                         conv(lv, &mut acc, true, &x, &wt, None, g, (cin, cout));
-                        (fresh, acc)
+                        let mut gw = g0.clone();
+                        conv_dw(lv, &mut gw, &x, &gy, g, (cin, cout));
+                        (fresh, acc, gw)
                     };
                     let got = in_pool(threads, run);
                     let what = format!("{lv:?}, {threads} threads, {:?}", (b, h, w, cin, cout));
@@ -510,6 +797,17 @@ mod tests {
                             v0 + e
                         );
                     }
+                    for (i, ((&v, &v0), (&e, &a))) in
+                        got.2.iter().zip(&g0).zip(dw.iter().zip(&dwa)).enumerate()
+                    {
+                        let v0 = f64::from(v0);
+                        let tol = 4e-6 * (a + v0.abs() + 1.0) * m as f64;
+                        assert!(
+                            (f64::from(v) - (v0 + e)).abs() <= tol,
+                            "dw[{i}] {v} vs {}, {what}",
+                            v0 + e
+                        );
+                    }
                     match &first {
                         None => first = Some(got),
                         Some(f) => {
@@ -517,6 +815,7 @@ mod tests {
                                 |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                             assert_eq!(bits(&got.0), bits(&f.0), "y bits, {what}");
                             assert_eq!(bits(&got.1), bits(&f.1), "acc bits, {what}");
+                            assert_eq!(bits(&got.2), bits(&f.2), "dw bits, {what}");
                         }
                     }
                 }
@@ -537,10 +836,15 @@ mod tests {
             for (i, (&v, (&e, &a))) in y64.iter().zip(y.iter().zip(&ya)).enumerate() {
                 assert!((v - e).abs() <= 1e-12 * (a + 1.0), "f64 y[{i}] {v} vs {e}");
             }
+            let mut dw64 = vec![0.0; 9 * cin * cout];
+            conv_dw(isa::level(), &mut dw64, &x64, &f64s(&gy), g, (cin, cout));
+            for (i, (&v, (&e, &a))) in dw64.iter().zip(dw.iter().zip(&dwa)).enumerate() {
+                assert!((v - e).abs() <= 1e-12 * (a + 1.0), "f64 dw[{i}] {v} vs {e}");
+            }
         }
     }
 
-    /// The forward kernel's time against the direct kernel's at `unet-small`'s layer shapes
+    /// The forward and dW kernels' times against the direct kernels' at `unet-small`'s layer shapes
     /// (batch 16 × 28 × 28): `cargo test --release -p maskdiff-network --lib -- winograd_timing
     /// --ignored --nocapture`. GFLOP/s counts the direct convolution's 2·9·cin·cout per pixel.
     #[test]
@@ -572,6 +876,19 @@ mod tests {
             let td = best(&mut || {
                 super::super::conv_direct::conv(lv, &mut y, false, &x, &w, None, g, (cin, cout))
             });
+            let gy: Vec<f32> = (0..m * cout).map(|i| (i % 3) as f32 * 0.1).collect();
+            let mut gw = vec![0f32; 9 * cin * cout];
+            let twd = best(&mut || conv_dw(lv, &mut gw, &x, &gy, g, (cin, cout)));
+            let tdd = best(&mut || {
+                super::super::conv_direct::conv_dw(lv, &mut gw, &x, &gy, g, (cin, cout))
+            });
+            eprintln!(
+                "{lv:?} {cin}→{cout} dW: winograd {:.2} ms ({:.0} GFLOP/s equivalent), direct {:.2} ms ({:.0})",
+                twd * 1e3,
+                flop / twd / 1e9,
+                tdd * 1e3,
+                flop / tdd / 1e9
+            );
             eprintln!(
                 "{lv:?} {cin}→{cout}: winograd {:.2} ms ({:.0} GFLOP/s equivalent), direct {:.2} ms ({:.0})",
                 tw * 1e3,
