@@ -520,6 +520,9 @@ fn grad_transform<E: Elem>(u: &mut [E], stride: usize, e: &[&[E]; 16], q: &mut [
     }
 }
 
+/// A weight-gradient task's inputs: x, dY and a row of max(cin, cout) zeros.
+type DwInputs<'a, E> = (&'a [E], &'a [E], &'a [E]);
+
 /// A weight-gradient task's working memory.
 struct DwScratch<E> {
     /// V: 16 slices of BLOCK rows × cin (F(3×3, 2×2)'s input transform).
@@ -542,7 +545,7 @@ unsafe fn dw_tile_rows<V: Vector, const NV: usize>(
     part: &mut [V::E],
     trs: std::ops::Range<usize>,
     scr: &mut DwScratch<V::E>,
-    (src, gy, zeros): (&[V::E], &[V::E], &[V::E]),
+    (src, gy, zeros): DwInputs<'_, V::E>,
     d: Dims,
 ) {
     let (cin, cout, ldb) = (d.cin, d.cout, d.ldb);
@@ -591,12 +594,12 @@ fn dw_tile_rows_at<E: Elem>(
     part: &mut [E],
     trs: std::ops::Range<usize>,
     scr: &mut DwScratch<E>,
-    ins: (&[E], &[E], &[E]),
+    ins: DwInputs<'_, E>,
     d: Dims,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        type In<'a> = (&'a [f32], &'a [f32], &'a [f32]);
+        type In<'a> = DwInputs<'a, f32>;
         #[target_feature(enable = "avx512f,avx2,fma")]
         unsafe fn avx512(
             p: &mut [f32],
