@@ -181,34 +181,37 @@ pub(crate) fn conv_bias<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
     D::conv3x3_bias(x, conv.weight.tensor()?, conv.bias.tensor(), b, h, w)
 }
 
-/// An inverted-dropout keep mask of `n` values, 0 (probability p) or 1/(1 − p), one draw each:
-/// value i is dropped when the i-th `u64` of `rng`, read as `rand`'s standard f64 in [0, 1)
-/// (its top 53 bits times 2⁻⁵³), is below p. The words are drawn in blocks (`fill_bytes`,
-/// little-endian), the same words `rng.gen::<f64>()` would read one call at a time from a
-/// block RNG such as `StdRng`, without a virtual call per value.
+/// An inverted-dropout keep mask of `n` values, 0 (probability p) or 1/(1 − p): one `u64`
+/// drawn from `rng` keys a ChaCha stream per chunk of [`MASK_CHUNK`] values (the key is the
+/// draw and the chunk's index), each value dropped when its stream's next `u32`, read as u/2³²,
+/// is below p. The chunks are filled in parallel; the mask depends on the draw alone, not on the
+/// thread count.
 pub(crate) fn keep_mask<E: Elem>(p: f64, rng: &mut dyn RngCore, n: usize) -> Vec<E> {
-    const BLOCK: usize = 4096;
+    use rand::SeedableRng;
+    use rayon::prelude::*;
+    let seed = rng.next_u64();
     let keep = E::c(1.0 / (1.0 - p));
-    // u·2⁻⁵³ < p ⟺ u < p·2⁵³, both sides exact in f64 (u < 2⁵³, a power-of-two scaling)
-    let threshold = p * (1u64 << 53) as f64;
-    let mut mask = Vec::with_capacity(n);
-    let mut bytes = vec![0u8; 8 * BLOCK.min(n)];
-    let mut left = n;
-    while left > 0 {
-        let words = left.min(BLOCK);
-        rng.fill_bytes(&mut bytes[..8 * words]);
-        mask.extend(bytes[..8 * words].chunks_exact(8).map(|w| {
-            let u = u64::from_le_bytes(w.try_into().expect("8-byte chunk")) >> 11;
-            if (u as f64) < threshold {
-                E::zero()
-            } else {
-                keep
+    // u·2⁻³² < p ⟺ u < p·2³², both sides exact in f64
+    let threshold = p * (1u64 << 32) as f64;
+    let mut mask = vec![E::zero(); n];
+    mask.par_chunks_mut(MASK_CHUNK)
+        .enumerate()
+        .for_each(|(k, chunk)| {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&seed.to_le_bytes());
+            key[8..16].copy_from_slice(&(k as u64).to_le_bytes());
+            let mut stream = rand::rngs::StdRng::from_seed(key);
+            for v in chunk {
+                if f64::from(stream.next_u32()) >= threshold {
+                    *v = keep;
+                }
             }
-        }));
-        left -= words;
-    }
+        });
     mask
 }
+
+/// Values per dropout-mask stream (see [`keep_mask`]).
+const MASK_CHUNK: usize = 1 << 14;
 
 /// A residual block's output: the input (through the skip projection when present) + y.
 pub(crate) fn skip_add<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
@@ -510,31 +513,60 @@ impl<E: Elem, D: Kernels<E>> UNet<E, D> {
 
 #[cfg(test)]
 mod tests {
-    use super::keep_mask;
+    use super::{keep_mask, MASK_CHUNK};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
-    /// The block-drawn mask is the one-draw-per-value mask (`rng.gen::<f64>() < p`) on the
-    /// trainer's RNG, value for value, across block boundaries, and leaves the RNG at the same
-    /// place; its keep fraction is near 1 − p.
+    /// The mask: values 0 or 1/(1 − p) only; the same for the same RNG state at 1 and 3 threads;
+    /// one draw from the RNG whatever n; drop fractions near p overall and in every chunk
+    /// (independent streams: no chunk repeats another); p = 0 keeps everything.
     #[test]
-    fn keep_mask_is_one_standard_draw_per_value() {
-        for (p, n) in [(0.1, 1), (0.1, 4095), (0.3, 4096), (0.5, 9001), (0.0, 17)] {
-            let (mut a, mut b) = (StdRng::seed_from_u64(7), StdRng::seed_from_u64(7));
-            let got: Vec<f64> = keep_mask(p, &mut a, n);
+    fn keep_mask_is_seeded_by_one_draw_and_independent_of_threads() {
+        let in_pool = |threads: usize, f: &(dyn Fn() -> Vec<f64> + Sync)| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(f)
+        };
+        for (p, n) in [
+            (0.1, 1),
+            (0.1, 3 * MASK_CHUNK + 5),
+            (0.3, 2 * MASK_CHUNK),
+            (0.0, 17),
+        ] {
             let keep = 1.0 / (1.0 - p);
-            let want: Vec<f64> = (0..n)
-                .map(|_| if b.gen::<f64>() < p { 0.0 } else { keep })
-                .collect();
-            assert_eq!(got, want, "p {p}, n {n}");
-            assert_eq!(
-                a.gen::<u64>(),
-                b.gen::<u64>(),
-                "the RNG moved on by n words"
-            );
-            if n > 4000 {
-                let kept = got.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
-                assert!((kept - (1.0 - p)).abs() < 0.03, "kept {kept} at p {p}");
+            let draw = || {
+                let mut rng = StdRng::seed_from_u64(7);
+                let m: Vec<f64> = keep_mask(p, &mut rng, n);
+                (m, rng.gen::<u64>())
+            };
+            let one = in_pool(1, &|| draw().0);
+            let three = in_pool(3, &|| draw().0);
+            assert_eq!(one, three, "p {p}, n {n}: thread count changed the mask");
+            let mut after = StdRng::seed_from_u64(7);
+            after.gen::<u64>();
+            assert_eq!(draw().1, after.gen::<u64>(), "one draw from the RNG");
+            assert!(one.iter().all(|&v| v == 0.0 || v == keep));
+            if p == 0.0 {
+                assert!(one.iter().all(|&v| v == keep));
+            }
+            for chunk in one.chunks(MASK_CHUNK).filter(|c| c.len() > 4000) {
+                let dropped = chunk.iter().filter(|&&v| v == 0.0).count() as f64;
+                let frac = dropped / chunk.len() as f64;
+                assert!((frac - p).abs() < 0.02, "dropped {frac} at p {p}");
+            }
+            let chunks: Vec<&[f64]> = one.chunks_exact(MASK_CHUNK).collect();
+            for (i, a) in chunks.iter().enumerate() {
+                for b in &chunks[i + 1..] {
+                    assert_ne!(a, b, "two chunks drew the same stream");
+                }
             }
         }
+        // another RNG state, another mask
+        let mut r1 = StdRng::seed_from_u64(8);
+        let mut r2 = StdRng::seed_from_u64(9);
+        let (a, b): (Vec<f64>, Vec<f64>) =
+            (keep_mask(0.5, &mut r1, 4096), keep_mask(0.5, &mut r2, 4096));
+        assert_ne!(a, b);
     }
 }
