@@ -37,7 +37,7 @@ use super::conv_winograd;
 use super::elementwise::act_grad;
 use super::isa::{self, multiversion, AmxHw, Level};
 use super::matmul::product;
-use super::storage::{input, par_filled, par_zeroed};
+use super::storage::{input, par_written, par_zeroed};
 use super::tape::{backward, fused, Backward, Forward};
 use crate::layers::{Res, T1, T2};
 use crate::precision::{self, Precision};
@@ -45,6 +45,7 @@ use crate::unet_layers::GROUP_NORM_EPS;
 use crate::Elem;
 use dfdx::prelude::*;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Elements of the bf16 path's im2col panel built and multiplied at a time (4 MiB of f32; at
 /// `unet-small`'s shapes on the Intel Xeon with AMX, 2²⁰ trained 10–14 % faster than 2¹⁸ — a
@@ -492,22 +493,27 @@ pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
         let (sv, bv): (&[E], &[E]) = (&s_buf, &b_buf);
         // the mask's stand-in without dropout: ×1 is exact
         let ones = vec![E::one(); if keep.is_none() { rows * c } else { 0 }];
-        // one chunk per image (zeroed by the worker that fills it), rows split inside
-        let y = par_filled(
-            m * c,
-            n * c,
-            xv.par_chunks((n * c).max(1)).enumerate(),
-            |yi, (img, xi)| {
-                let (mu, r) = stats.image(img);
-                yi.par_chunks_mut(rows * c)
-                    .zip(xi.par_chunks(rows * c))
-                    .enumerate()
-                    .for_each(|(j, (ys, xs))| {
-                        let k = mask_rows(&keep, &ones, img * n * c + j * rows * c, ys.len());
-                        gn_rows(lv, ys, xs, mu, r, sv, bv, swish, k)
-                    });
-            },
-        );
+        // one chunk per image, rows split inside
+        // SAFETY: the image's chunk (n·c) is tiled by its row chunks (whole rows of c), paired
+        // with x's rows of the same length, and `gn_rows` writes every element of each.
+        let y = unsafe {
+            par_written(
+                m * c,
+                n * c,
+                xv.par_chunks((n * c).max(1)).enumerate(),
+                |yi, (img, xi)| {
+                    let (mu, r) = stats.image(img);
+                    yi.par_chunks_mut(rows * c)
+                        .zip(xi.par_chunks(rows * c))
+                        .enumerate()
+                        .for_each(|(j, (ys, xs))| {
+                            let at = img * n * c + j * rows * c;
+                            let k = mask_rows(&keep, &ones, at, ys.len());
+                            gn_rows(lv, ys, xs, mu, r, sv, bv, swish, k)
+                        });
+                },
+            )
+        };
         let (sv, bv) = (s_buf, b_buf);
         let (xg, sg, bg) = (x.ghost(), scale.ghost(), bias.ghost());
         Ok(Forward {
@@ -524,22 +530,27 @@ pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
                 // swish: dY = dZ·swish'(y), y recomputed from x and the statistics
                 let gy = if swish {
                     let (sv, bv): (&[E], &[E]) = (&sv, &bv);
-                    let mut d = par_zeroed(m * c);
-                    d.par_chunks_mut(n * c)
-                        .zip(gy.par_chunks(n * c).zip(xv.par_chunks(n * c)))
-                        .enumerate()
-                        .for_each(|(img, (di, (gi, xi)))| {
-                            let (mu, r) = stats.image(img);
-                            di.par_chunks_mut(rows * c)
-                                .zip(gi.par_chunks(rows * c).zip(xi.par_chunks(rows * c)))
-                                .enumerate()
-                                .for_each(|(j, (d, (g, xs)))| {
-                                    let at = img * n * c + j * rows * c;
-                                    let k = mask_rows(&keep, &ones, at, d.len());
-                                    gn_swish_grad(lv, d, g, xs, mu, r, sv, bv, k)
-                                });
-                        });
-                    d
+                    let per_image = gy.par_chunks(n * c).zip(xv.par_chunks(n * c));
+                    // SAFETY: as in the forward pass: row chunks tile each image's chunk and
+                    // `gn_swish_grad` writes every element of each.
+                    unsafe {
+                        par_written(
+                            m * c,
+                            n * c,
+                            per_image.enumerate(),
+                            |di, (img, (gi, xi))| {
+                                let (mu, r) = stats.image(img);
+                                di.par_chunks_mut(rows * c)
+                                    .zip(gi.par_chunks(rows * c).zip(xi.par_chunks(rows * c)))
+                                    .enumerate()
+                                    .for_each(|(j, (d, (g, xs)))| {
+                                        let at = img * n * c + j * rows * c;
+                                        let k = mask_rows(&keep, &ones, at, d.len());
+                                        gn_swish_grad(lv, d, g, xs, mu, r, sv, bv, k)
+                                    });
+                            },
+                        )
+                    }
                 } else {
                     gy
                 };
@@ -730,7 +741,7 @@ fn mask_rows<'a, E: Elem>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn gn_rows_body<E: Elem>(
-    ys: &mut [E],
+    ys: &mut [MaybeUninit<E>],
     xs: &[E],
     mu: &[E],
     r: &[E],
@@ -745,14 +756,14 @@ fn gn_rows_body<E: Elem>(
         for ((y, x), k) in rows.zip(keep.chunks_exact(c)) {
             let lanes = y.iter_mut().zip(x).zip(mu).zip(r).zip(s).zip(bias).zip(k);
             for ((((((y, &x), &mu), &r), &s), &bias), &k) in lanes {
-                *y = act_grad(true, (x - mu) * r * s + bias).0 * k;
+                y.write(act_grad(true, (x - mu) * r * s + bias).0 * k);
             }
         }
     } else {
         for (y, x) in rows {
             let lanes = y.iter_mut().zip(x).zip(mu).zip(r).zip(s).zip(bias);
             for (((((y, &x), &mu), &r), &s), &bias) in lanes {
-                *y = (x - mu) * r * s + bias;
+                y.write((x - mu) * r * s + bias);
             }
         }
     }
@@ -760,7 +771,7 @@ fn gn_rows_body<E: Elem>(
 multiversion!(
     #[allow(clippy::too_many_arguments)]
     fn gn_rows<E: Elem>(
-        ys: &mut [E],
+        ys: &mut [MaybeUninit<E>],
         xs: &[E],
         mu: &[E],
         r: &[E],
@@ -776,7 +787,7 @@ multiversion!(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn gn_swish_grad_body<E: Elem>(
-    ds: &mut [E],
+    ds: &mut [MaybeUninit<E>],
     gs: &[E],
     xs: &[E],
     mu: &[E],
@@ -798,14 +809,14 @@ fn gn_swish_grad_body<E: Elem>(
             .zip(bias)
             .zip(k);
         for (((((((d, &g), &x), &mu), &r), &s), &bias), &k) in lanes {
-            *d = g * k * act_grad(true, (x - mu) * r * s + bias).1;
+            d.write(g * k * act_grad(true, (x - mu) * r * s + bias).1);
         }
     }
 }
 multiversion!(
     #[allow(clippy::too_many_arguments)]
     fn gn_swish_grad<E: Elem>(
-        ds: &mut [E],
+        ds: &mut [MaybeUninit<E>],
         gs: &[E],
         xs: &[E],
         mu: &[E],

@@ -6,12 +6,13 @@ use super::attention::softmax_rows;
 use super::chunk_rows;
 use super::isa::{level, multiversion};
 use super::reduce;
-use super::storage::{host, input, par_filled};
+use super::storage::{host, input, par_filled, par_written};
 use super::tape::{backward, fused, Backward, Forward};
 use crate::layers::{self, Res, Rope, T2, T4};
 use crate::{Elem, MlpKind};
 use dfdx::prelude::*;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// `act(a) ⊙ u` with act = σ (GLU) or a·σ(a) (SwiGLU); GeGLU goes through dfdx's ops. σ is
 /// recomputed in the backward pass rather than stored (one exp per element is cheaper than
@@ -335,12 +336,16 @@ pub(crate) fn shift<E: Elem, T: Tape<E, Cpu>>(
         );
         let (xv, sv) = (input(&x), input(&s));
         let lv = level();
-        let y = par_filled(
-            xv.len(),
-            n * d,
-            xv.par_chunks(n * d).zip(sv.par_chunks(d)),
-            |ys, (xs, s0)| shift_rows(lv, ys, xs, s0),
-        );
+        // SAFETY: each chunk (one sequence's n·d) comes with x's same-length rows, and
+        // `shift_rows` writes every element of it.
+        let y = unsafe {
+            par_written(
+                xv.len(),
+                n * d,
+                xv.par_chunks((n * d).max(1)).zip(sv.par_chunks(d.max(1))),
+                |ys, (xs, s0)| shift_rows(lv, ys, xs, s0),
+            )
+        };
         let (xg, sg) = (x.ghost(), s.ghost());
         Ok(Forward {
             shape,
@@ -358,15 +363,17 @@ pub(crate) fn shift<E: Elem, T: Tape<E, Cpu>>(
 
 /// y = x + s per row, s one sequence's (d,) shift.
 #[inline(always)]
-fn shift_rows_body<E: Elem>(ys: &mut [E], xs: &[E], s0: &[E]) {
+fn shift_rows_body<E: Elem>(ys: &mut [MaybeUninit<E>], xs: &[E], s0: &[E]) {
     let d = s0.len();
     for (y, x) in ys.chunks_mut(d).zip(xs.chunks(d)) {
         for ((y, &x), &s) in y.iter_mut().zip(x).zip(s0) {
-            *y = x + s;
+            y.write(x + s);
         }
     }
 }
-multiversion!(fn shift_rows<E: Elem>(ys: &mut [E], xs: &[E], s0: &[E]) => shift_rows_body);
+multiversion!(
+    fn shift_rows<E: Elem>(ys: &mut [MaybeUninit<E>], xs: &[E], s0: &[E]) => shift_rows_body
+);
 
 /// `[x | y]`, x (m, dx) and y (m, dy) → (m, dx + dy): dfdx's concatenation, but parallel, its
 /// output registered (read in place by the kernels after it), each gradient added straight from
@@ -385,17 +392,22 @@ pub(crate) fn concat_cols<E: Elem, T: Tape<E, Cpu>>(
         let d = dx + dy;
         let (xv, yv) = (input(&x), input(&y));
         let cr = chunk_rows(d);
-        let z = par_filled(
-            m * d,
-            cr * d,
-            xv.par_chunks(cr * dx).zip(yv.par_chunks(cr * dy)),
-            |zs, (xs, ys)| {
-                for ((z, x), y) in zs.chunks_mut(d).zip(xs.chunks(dx)).zip(ys.chunks(dy)) {
-                    z[..dx].copy_from_slice(x);
-                    z[dx..].copy_from_slice(y);
-                }
-            },
-        );
+        // SAFETY: each chunk of whole rows of d comes with the same rows of x (dx) and y (dy),
+        // and every row is written in full: its first dx and last dy elements.
+        let z = unsafe {
+            par_written(
+                m * d,
+                cr * d,
+                xv.par_chunks(cr * dx).zip(yv.par_chunks(cr * dy)),
+                |zs, (xs, ys)| {
+                    for ((z, x), y) in zs.chunks_mut(d).zip(xs.chunks(dx)).zip(ys.chunks(dy)) {
+                        let (zx, zy) = z.split_at_mut(dx);
+                        zx.iter_mut().zip(x).for_each(|(z, &v)| _ = z.write(v));
+                        zy.iter_mut().zip(y).for_each(|(z, &v)| _ = z.write(v));
+                    }
+                },
+            )
+        };
         let (xg, yg) = (x.ghost(), y.ghost());
         Ok(Forward {
             shape: (m, d),
@@ -430,12 +442,16 @@ pub(crate) fn residual<E: Elem, T: Tape<E, Cpu>>(
     fused((h, y), |(h, y), _| {
         let (hv, yv) = (input(&h), input(&y));
         let (lv, cr) = (level(), chunk_rows(1));
-        let z = par_filled(
-            hv.len(),
-            cr,
-            hv.par_chunks(cr).zip(yv.par_chunks(cr)),
-            |z, (h, y)| sum_slice(lv, z, h, y),
-        );
+        // SAFETY: each chunk comes with h's and y's same-length slices, and `sum_slice` writes
+        // every element of it.
+        let z = unsafe {
+            par_written(
+                hv.len(),
+                cr,
+                hv.par_chunks(cr).zip(yv.par_chunks(cr)),
+                |z, (h, y)| sum_slice(lv, z, h, y),
+            )
+        };
         let (hg, yg) = (h.ghost(), y.ghost());
         Ok(Forward {
             shape: *h.shape(),
@@ -451,12 +467,14 @@ pub(crate) fn residual<E: Elem, T: Tape<E, Cpu>>(
 }
 
 #[inline(always)]
-fn sum_slice_body<E: Elem>(z: &mut [E], h: &[E], y: &[E]) {
+fn sum_slice_body<E: Elem>(z: &mut [MaybeUninit<E>], h: &[E], y: &[E]) {
     for ((z, &h), &y) in z.iter_mut().zip(h).zip(y) {
-        *z = h + y;
+        z.write(h + y);
     }
 }
-multiversion!(fn sum_slice<E: Elem>(z: &mut [E], h: &[E], y: &[E]) => sum_slice_body);
+multiversion!(
+    fn sum_slice<E: Elem>(z: &mut [MaybeUninit<E>], h: &[E], y: &[E]) => sum_slice_body
+);
 
 /// z = h + g ⊙ y per row, g one sequence's (d,) gate.
 #[inline(always)]

@@ -197,6 +197,31 @@ pub(crate) fn par_filled<E: Elem, I: IndexedParallelIterator>(
     v
 }
 
+/// [`par_filled`] without the zeroing, for kernels that write every output element: each chunk
+/// is handed to `fill` uninitialised.
+///
+/// # Safety
+/// `fill` must initialise every element of the chunk it is given.
+pub(crate) unsafe fn par_written<E: Elem, I: IndexedParallelIterator>(
+    len: usize,
+    chunk: usize,
+    inputs: I,
+    fill: impl Fn(&mut [std::mem::MaybeUninit<E>], I::Item) + Sync + Send,
+) -> Vec<E> {
+    let mut v: Vec<E> = Vec::with_capacity(len);
+    if len > 0 {
+        v.spare_capacity_mut()[..len]
+            .par_chunks_mut(chunk.max(1))
+            .zip_eq(inputs)
+            .for_each(|(ys, item)| fill(ys, item));
+    }
+    // SAFETY: `par_chunks_mut` tiles the first `len` spare slots, `zip_eq` pairs every chunk
+    // with an item (or panics before running anything), `for_each` ran `fill` on every pair, and
+    // `fill` initialised its whole chunk (the caller's contract). So all `len` are initialised.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// A `len`-element zeroed output for a kernel that then overwrites it through a `&mut [E]`
 /// (gemm without `read_dst`, say): zeroed in parallel, chunk by chunk ([`par_filled`]), not on
 /// the calling thread alone while the others wait.
