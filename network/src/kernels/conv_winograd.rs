@@ -126,6 +126,7 @@ impl Dims {
     }
     /// The rows of tile (tr, tx)'s 4×4 input neighbourhood, position q = 4i + k being pixel
     /// (y0 − 1 + i, x0 − 1 + k) of `src` (rows of c = zero.len()) or `zero` outside the image.
+    #[inline(always)]
     fn neighbourhood<'a, E>(
         self,
         src: &'a [E],
@@ -137,6 +138,7 @@ impl Dims {
     /// The `side` × `side` rows of `src` (rows of c = zero.len()) from pixel (y0 − back,
     /// x0 − back) of tile (tr, tx), row by row; `zero` outside the image (unused entries
     /// past side² are `zero` too).
+    #[inline(always)]
     fn pixel_rows<'a, E>(
         self,
         src: &'a [E],
@@ -146,20 +148,23 @@ impl Dims {
         back: usize,
     ) -> [&'a [E]; 16] {
         let (g, c) = (self.g, zero.len());
-        let (p, _) = self.tile_row(tr);
-        let (img, y0) = (p / (g.h * g.w), p / g.w % g.h);
-        std::array::from_fn(|q| {
-            let (y, x) = (
-                (y0 + q / side).wrapping_sub(back),
-                (2 * tx + q % side).wrapping_sub(back),
-            );
-            if q < side * side && y < g.h && x < g.w {
-                let pix = (img * g.h + y) * g.w + x;
-                &src[pix * c..(pix + 1) * c]
-            } else {
-                zero
+        let (th, _) = self.tiles();
+        let (img, y0) = (tr / th, 2 * (tr % th));
+        let mut rows = [zero; 16];
+        for i in 0..side {
+            let y = (y0 + i).wrapping_sub(back);
+            if y >= g.h {
+                continue;
             }
-        })
+            let base = (img * g.h + y) * g.w;
+            for k in 0..side {
+                let x = (2 * tx + k).wrapping_sub(back);
+                if x < g.w {
+                    rows[i * side + k] = &src[(base + x) * c..(base + x + 1) * c];
+                }
+            }
+        }
+        rows
     }
     /// The first output pixel of global tile row `tr` and its image rows (2, or 1 at an odd
     /// image's last).
