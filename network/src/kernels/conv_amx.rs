@@ -49,6 +49,28 @@ impl Buf {
         let off = v.as_ptr().align_offset(64).min(16);
         Buf { v, off, len }
     }
+    /// A buffer whose `len` elements `fill` writes, chunk by chunk in parallel (chunk k: the
+    /// elements k·chunk..), without zeroing them first.
+    ///
+    /// # Safety
+    /// `fill` must initialise every element of the chunk it is given.
+    unsafe fn written(
+        len: usize,
+        chunk: usize,
+        fill: impl Fn(usize, &mut [std::mem::MaybeUninit<u32>]) + Sync + Send,
+    ) -> Buf {
+        let mut v: Vec<u32> = Vec::with_capacity(len + 16);
+        let off = v.as_ptr().align_offset(64).min(16);
+        let (head, body) = v.spare_capacity_mut()[..off + len].split_at_mut(off);
+        head.iter_mut().for_each(|x| _ = x.write(0));
+        body.par_chunks_mut(chunk.max(1))
+            .enumerate()
+            .for_each(|(k, c)| fill(k, c));
+        // SAFETY: the first `off` elements were zeroed above; the next `len` are tiled by the
+        // chunks, each written in full by `fill` (the caller's contract).
+        unsafe { v.set_len(off + len) };
+        Buf { v, off, len }
+    }
     fn get(&self) -> &[u32] {
         &self.v[self.off..self.off + self.len]
     }
@@ -112,23 +134,23 @@ impl Padded {
 /// The rows of `src` (pixels × c) converted to bf16 on the padded grid: `rows()` rows of `kp`
 /// pairs (c rounded up to a whole number of 32-channel blocks, zeros after).
 fn padded_rows(hw: Option<Bf16Hw>, src: &[f32], pg: Padded, c: usize, kp: usize) -> Buf {
-    let mut buf = Buf::zeroed(pg.rows() * kp);
-    let (g, per) = (pg.g, pg.per);
-    let images = &mut buf.get_mut()[pg.margin * kp..(pg.margin + pg.g.b * per) * kp];
-    images
-        .par_chunks_mut(per * kp)
-        .enumerate()
-        .for_each(|(img, dst)| {
-            for p in img * g.h * g.w..(img + 1) * g.h * g.w {
-                let q = pg.pos(p) - pg.margin - img * per;
-                let (row, out) = (&src[p * c..(p + 1) * c], &mut dst[q * kp..(q + 1) * kp]);
-                cvt_pairs(hw, row, &mut out[..c / 2]);
+    const ROWS: usize = 64;
+    let fill = |k: usize, chunk: &mut [std::mem::MaybeUninit<u32>]| {
+        let mut row = vec![0u32; kp];
+        for (i, out) in chunk.chunks_mut(kp).enumerate() {
+            row.fill(0);
+            if let Some(p) = pg.pixel(k * ROWS + i) {
+                let x = &src[p * c..(p + 1) * c];
+                cvt_pairs(hw, x, &mut row[..c / 2]);
                 if c % 2 == 1 {
-                    out[c / 2] = pair(row[c - 1], 0.0);
+                    row[c / 2] = pair(x[c - 1], 0.0);
                 }
             }
-        });
-    buf
+            out.iter_mut().zip(&row).for_each(|(o, &v)| _ = o.write(v));
+        }
+    };
+    // SAFETY: the chunks are whole rows of kp, each written in full from `row` (kp elements).
+    unsafe { Buf::written(pg.rows() * kp, ROWS * kp, fill) }
 }
 
 /// The weight (9·cin, cout) packed as B tiles: per 32-column block, per step s = t·(cinp/32) +
@@ -293,19 +315,20 @@ fn position_pairs(
     (c, cp): (usize, usize),
     parity: usize,
 ) -> Buf {
+    const ROWS: usize = 64;
     let zero = vec![0.0f32; c];
-    let mut buf = Buf::zeroed(pg.rows() / 2 * cp);
-    buf.get_mut()
-        .par_chunks_mut(cp * 64)
-        .enumerate()
-        .for_each(|(k, rows)| {
-            for (i, out) in rows.chunks_exact_mut(cp).enumerate() {
-                let q = 2 * (k * 64 + i) + parity;
-                let row = |q: usize| pg.pixel(q).map_or(&zero[..], |p| &src[p * c..][..c]);
-                cvt_interleave(bf, row(q), row(q + 1), &mut out[..c]);
-            }
-        });
-    buf
+    let fill = |k: usize, chunk: &mut [std::mem::MaybeUninit<u32>]| {
+        let mut pairs = vec![0u32; cp];
+        for (i, out) in chunk.chunks_mut(cp).enumerate() {
+            let q = 2 * (k * ROWS + i) + parity;
+            let row = |q: usize| pg.pixel(q).map_or(&zero[..], |p| &src[p * c..][..c]);
+            cvt_interleave(bf, row(q), row(q + 1), &mut pairs[..c]);
+            out.iter_mut().zip(&pairs).for_each(|(o, &v)| _ = o.write(v));
+        }
+    };
+    // SAFETY: the chunks are whole rows of cp, each written in full from `pairs` (cp elements,
+    // zeros past c).
+    unsafe { Buf::written(pg.rows() / 2 * cp, ROWS * cp, fill) }
 }
 
 /// gw (9·cin, cout) += dW with bf16-rounded src and gy and f32 sums, on AMX tiles: dW[t]ᵀ
