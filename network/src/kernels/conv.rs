@@ -8,7 +8,9 @@
 //! (9·cout, cin), W̃[ky, kx, o, c] = W[2−ky, 2−kx, c, o]: the adjoint of a "same" 3×3
 //! convolution is the same convolution of dY with the kernel flipped and its channel axes
 //! swapped (col2im without a scatter, so parallel tasks never add to the same row). The
-//! products run in [`super::conv_direct`], tile by tile from x's rows in place (no panel); at
+//! products run by Winograd's minimal filtering in [`super::conv_winograd`] where both channel
+//! counts are ≥ 16 (F(2×2, 3×3) for y and dX, F(3×3, 2×2) for dW), else in
+//! [`super::conv_direct`], tile by tile from x's rows in place (no panel); at
 //! [`crate::precision::Precision::Bf16`] (bf16-rounded inputs, f32 accumulation on the AMX or
 //! AVX512-BF16 kernels) im2col(x) is built [`PANEL`] elements at a time, in parallel (for all
 //! but an image's first and last column each kernel row's three neighbours are one contiguous
