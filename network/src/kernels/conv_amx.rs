@@ -323,7 +323,9 @@ fn position_pairs(
             let q = 2 * (k * ROWS + i) + parity;
             let row = |q: usize| pg.pixel(q).map_or(&zero[..], |p| &src[p * c..][..c]);
             cvt_interleave(bf, row(q), row(q + 1), &mut pairs[..c]);
-            out.iter_mut().zip(&pairs).for_each(|(o, &v)| _ = o.write(v));
+            out.iter_mut()
+                .zip(&pairs)
+                .for_each(|(o, &v)| _ = o.write(v));
         }
     };
     // SAFETY: the chunks are whole rows of cp, each written in full from `pairs` (cp elements,
