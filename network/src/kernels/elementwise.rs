@@ -41,12 +41,16 @@ fn sigmoid_gate<E: Elem, T: Tape<E, Cpu>>(
     fused((a, u), |(a, u), _| {
         let (av, uv) = (input(&a), input(&u));
         let (lv, cr) = (level(), chunk_rows(1));
-        let y = par_filled(
-            av.len(),
-            cr,
-            av.par_chunks(cr).zip(uv.par_chunks(cr)),
-            |y, (a, u)| gate(lv, swish, y, a, u),
-        );
+        // SAFETY: each chunk comes with a's and u's same-length slices, and `gate` writes every
+        // element of it.
+        let y = unsafe {
+            par_written(
+                av.len(),
+                cr,
+                av.par_chunks(cr).zip(uv.par_chunks(cr)),
+                |y, (a, u)| gate(lv, swish, y, a, u),
+            )
+        };
         let (ag, ug) = (a.ghost(), u.ghost());
         Ok(Forward {
             shape: *a.shape(),
@@ -110,12 +114,15 @@ pub(super) fn act_grad<E: Elem>(swish: bool, x: E) -> (E, E) {
 
 /// y = act(a)·u, element by element.
 #[inline(always)]
-fn gate_body<E: Elem>(swish: bool, y: &mut [E], a: &[E], u: &[E]) {
+fn gate_body<E: Elem>(swish: bool, y: &mut [MaybeUninit<E>], a: &[E], u: &[E]) {
     for ((y, &x), &u) in y.iter_mut().zip(a).zip(u) {
-        *y = act_grad(swish, x).0 * u;
+        y.write(act_grad(swish, x).0 * u);
     }
 }
-multiversion!(pub(super) fn gate<E: Elem>(swish: bool, y: &mut [E], a: &[E], u: &[E]) => gate_body);
+multiversion!(
+    pub(super) fn gate<E: Elem>(swish: bool, y: &mut [MaybeUninit<E>], a: &[E], u: &[E])
+        => gate_body
+);
 
 /// gu += gy·act(a).
 #[inline(always)]
@@ -229,15 +236,19 @@ pub(crate) fn modulate<E: Elem, T: Tape<E, Cpu>>(
         let (xv, shv, scv) = (input(&x), input(&sh), input(&sc));
         let (shs, scs): (&[E], &[E]) = (&shv, &scv);
         let lv = level();
-        let y = par_filled(
-            xv.len(),
-            n * d,
-            xv.par_chunks(n * d).enumerate(),
-            |ys, (bi, xs)| {
-                let (s0, c0) = (&shs[bi * d..(bi + 1) * d], &scs[bi * d..(bi + 1) * d]);
-                modulate_rows(lv, ys, xs, s0, c0);
-            },
-        );
+        // SAFETY: each chunk (one sequence's n·d) comes with x's same rows, and
+        // `modulate_rows` writes every element of it.
+        let y = unsafe {
+            par_written(
+                xv.len(),
+                n * d,
+                xv.par_chunks(n * d).enumerate(),
+                |ys, (bi, xs)| {
+                    let (s0, c0) = (&shs[bi * d..(bi + 1) * d], &scs[bi * d..(bi + 1) * d]);
+                    modulate_rows(lv, ys, xs, s0, c0);
+                },
+            )
+        };
         let (xg, shg, scg) = (x.ghost(), sh.ghost(), sc.ghost());
         Ok(Forward {
             shape,
@@ -259,16 +270,17 @@ pub(crate) fn modulate<E: Elem, T: Tape<E, Cpu>>(
 
 /// y = x·(1 + c) + s per row, c and s one sequence's (d,) scale and shift.
 #[inline(always)]
-fn modulate_rows_body<E: Elem>(ys: &mut [E], xs: &[E], s0: &[E], c0: &[E]) {
+fn modulate_rows_body<E: Elem>(ys: &mut [MaybeUninit<E>], xs: &[E], s0: &[E], c0: &[E]) {
     let d = s0.len();
     for (y, x) in ys.chunks_mut(d).zip(xs.chunks(d)) {
         for (((y, &x), &s), &c) in y.iter_mut().zip(x).zip(s0).zip(c0) {
-            *y = x * (E::one() + c) + s;
+            y.write(x * (E::one() + c) + s);
         }
     }
 }
 multiversion!(
-    fn modulate_rows<E: Elem>(ys: &mut [E], xs: &[E], s0: &[E], c0: &[E]) => modulate_rows_body
+    fn modulate_rows<E: Elem>(ys: &mut [MaybeUninit<E>], xs: &[E], s0: &[E], c0: &[E])
+        => modulate_rows_body
 );
 
 /// `h + gate ⊙ y`, h and y (b·n, d), gate (b, d) per sequence.
@@ -294,12 +306,16 @@ pub(crate) fn gated_residual<E: Elem, T: Tape<E, Cpu>>(
         );
         let lv = level();
         let rows = hv.par_chunks(n * d).zip(yv.par_chunks(n * d));
-        let z = par_filled(
-            hv.len(),
-            n * d,
-            rows.zip(gv.par_chunks(d)),
-            |zs, ((hs, ys), g)| gated_rows(lv, zs, hs, ys, g),
-        );
+        // SAFETY: each chunk (one sequence's n·d) comes with h's and y's same rows and the
+        // sequence's gate, and `gated_rows` writes every element of it.
+        let z = unsafe {
+            par_written(
+                hv.len(),
+                n * d,
+                rows.zip(gv.par_chunks(d)),
+                |zs, ((hs, ys), g)| gated_rows(lv, zs, hs, ys, g),
+            )
+        };
         drop(hv);
         let (hg, yg, gg) = (h.ghost(), y.ghost(), g.ghost());
         Ok(Forward {
@@ -478,16 +494,17 @@ multiversion!(
 
 /// z = h + g ⊙ y per row, g one sequence's (d,) gate.
 #[inline(always)]
-fn gated_rows_body<E: Elem>(zs: &mut [E], hs: &[E], ys: &[E], g: &[E]) {
+fn gated_rows_body<E: Elem>(zs: &mut [MaybeUninit<E>], hs: &[E], ys: &[E], g: &[E]) {
     let d = g.len();
     for ((z, h), y) in zs.chunks_mut(d).zip(hs.chunks(d)).zip(ys.chunks(d)) {
         for (((z, &h), &y), &g) in z.iter_mut().zip(h).zip(y).zip(g) {
-            *z = h + g * y;
+            z.write(h + g * y);
         }
     }
 }
 multiversion!(
-    fn gated_rows<E: Elem>(zs: &mut [E], hs: &[E], ys: &[E], g: &[E]) => gated_rows_body
+    fn gated_rows<E: Elem>(zs: &mut [MaybeUninit<E>], hs: &[E], ys: &[E], g: &[E])
+        => gated_rows_body
 );
 
 /// RoPE on x (b·n, h·hd) → (b, n, h, hd), times `scale`; the backward pass is the inverse

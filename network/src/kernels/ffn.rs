@@ -10,7 +10,7 @@
 use super::elementwise::{gate, gate_grads_in_place};
 use super::isa;
 use super::matmul::product;
-use super::storage::{alloc_filled, input, par_filled};
+use super::storage::{alloc_filled, input, par_written};
 use super::tape::{backward, fused, Backward, Forward};
 use crate::layers::{Res, T2};
 use crate::precision;
@@ -64,12 +64,16 @@ pub(crate) fn ffn<E: Elem, T: Tape<E, Cpu>>(
         };
         let (a, mut u) = (xw(&w1v), xw(&w3v));
         let cr = super::chunk_rows(1);
-        let g = par_filled(
-            m * hidden,
-            cr,
-            a.par_chunks(cr).zip(u.par_chunks(cr)),
-            |g, (a, u)| gate(lv, swish, g, a, u),
-        );
+        // SAFETY: each chunk comes with a's and u's same-length slices, and `gate` writes every
+        // element of it.
+        let g = unsafe {
+            par_written(
+                m * hidden,
+                cr,
+                a.par_chunks(cr).zip(u.par_chunks(cr)),
+                |g, (a, u)| gate(lv, swish, g, a, u),
+            )
+        };
         // SAFETY: as above.
         let y = unsafe {
             alloc_filled(m * n, |o| {

@@ -10,7 +10,7 @@ use super::attention::mm_par;
 use super::bf16::{gemm_bf16, Mat};
 use super::conv::column_sums;
 use super::isa::{self, Level};
-use super::storage::{alloc_filled, input, par_filled};
+use super::storage::{alloc_filled, input, par_written};
 use super::tape::{backward, fused, Backward, Forward};
 use crate::layers::{Res, T1, T2};
 use crate::precision::{self, Precision};
@@ -35,12 +35,20 @@ pub(crate) fn matmul<E: Elem, T: Tape<E, Cpu>>(
             Some(b) => {
                 assert_eq!(b.len(), n, "matmul: bias width");
                 let cr = super::chunk_rows(n);
-                let mut y = par_filled(
-                    m * n,
-                    cr * n,
-                    (0..m.div_ceil(cr)).into_par_iter(),
-                    |ys, _| ys.chunks_mut(n).for_each(|row| row.copy_from_slice(b)),
-                );
+                // SAFETY: every chunk is whole rows of n (n ≥ 1 here: m·n > 0 or no chunk),
+                // each written in full from the bias.
+                let mut y = unsafe {
+                    par_written(
+                        m * n,
+                        cr * n,
+                        (0..m.div_ceil(cr)).into_par_iter(),
+                        |ys, _| {
+                            for row in ys.chunks_mut(n) {
+                                row.iter_mut().zip(b).for_each(|(y, &b)| _ = y.write(b));
+                            }
+                        },
+                    )
+                };
                 // SAFETY: as below, with C (m, n) initialised to the bias rows and added to
                 // (read_dst = true).
                 unsafe {

@@ -5,12 +5,13 @@
 use super::chunk_rows;
 use super::isa::{level, multiversion};
 use super::reduce;
-use super::storage::{input, par_filled};
+use super::storage::{input, par_written};
 use super::tape::{backward, fused, Backward, Forward};
 use crate::layers::{self, Res, T1, T2};
 use crate::Elem;
 use dfdx::prelude::*;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// y = (x − mean) · r per row, r = (var + ε)^(−1/2); the backward pass reads y and r.
 pub(crate) fn layer_norm<E: Elem, T: Tape<E, Cpu>>(x: T2<E, Cpu, T>) -> Res<T2<E, Cpu, T>, Cpu> {
@@ -23,9 +24,13 @@ pub(crate) fn layer_norm<E: Elem, T: Tape<E, Cpu>>(x: T2<E, Cpu, T>) -> Res<T2<E
         let cr = chunk_rows(d);
         let lv = level();
         let rows = xv.par_chunks(d * cr).zip(rstd.par_chunks_mut(cr));
-        let y = par_filled(xv.len(), d * cr, rows, |ys, (xs, rs)| {
-            layer_norm_rows(lv, ys, xs, rs, eps)
-        });
+        // SAFETY: each chunk (cr rows of d) comes with x's same rows and their cr entries of
+        // rstd, and `layer_norm_rows` writes every element of every row.
+        let y = unsafe {
+            par_written(xv.len(), d * cr, rows, |ys, (xs, rs)| {
+                layer_norm_rows(lv, ys, xs, rs, eps)
+            })
+        };
         let xg = x.ghost();
         Ok(Forward {
             shape,
@@ -64,9 +69,12 @@ pub(crate) fn rms_norm<E: Elem, T: Tape<E, Cpu>>(
         let mut rinv = vec![E::zero(); shape.0];
         let lv = level();
         let rows = xv.par_chunks(d * cr).zip(rinv.par_chunks_mut(cr));
-        let y = par_filled(xv.len(), d * cr, rows, |ys, (xs, rs)| {
-            rms_norm_rows(lv, ys, xs, rs, svs, eps)
-        });
+        // SAFETY: as in `layer_norm`; `rms_norm_rows` writes every element of every row.
+        let y = unsafe {
+            par_written(xv.len(), d * cr, rows, |ys, (xs, rs)| {
+                rms_norm_rows(lv, ys, xs, rs, svs, eps)
+            })
+        };
         let (xg, sg) = (x.ghost(), scale.ghost());
         Ok(Forward {
             shape,
@@ -105,7 +113,7 @@ pub(crate) fn rms_norm<E: Elem, T: Tape<E, Cpu>>(
 
 /// LayerNorm of each row of width `rs`-count: y = (x − mean)·r, r = (var + ε)^(−1/2) kept.
 #[inline(always)]
-fn layer_norm_rows_body<E: Elem>(ys: &mut [E], xs: &[E], rs: &mut [E], eps: E) {
+fn layer_norm_rows_body<E: Elem>(ys: &mut [MaybeUninit<E>], xs: &[E], rs: &mut [E], eps: E) {
     let d = xs.len() / rs.len().max(1);
     let inv_d = E::one() / E::c(d as f64);
     for ((y, x), r) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(rs) {
@@ -113,12 +121,12 @@ fn layer_norm_rows_body<E: Elem>(ys: &mut [E], xs: &[E], rs: &mut [E], eps: E) {
         let var = reduce::centred_squares(x, mean) * inv_d;
         *r = E::one() / (var + eps).sqrt();
         for (y, &v) in y.iter_mut().zip(x) {
-            *y = (v - mean) * *r;
+            y.write((v - mean) * *r);
         }
     }
 }
 multiversion!(
-    fn layer_norm_rows<E: Elem>(ys: &mut [E], xs: &[E], rs: &mut [E], eps: E)
+    fn layer_norm_rows<E: Elem>(ys: &mut [MaybeUninit<E>], xs: &[E], rs: &mut [E], eps: E)
         => layer_norm_rows_body
 );
 
@@ -143,19 +151,25 @@ multiversion!(
 
 /// RMSNorm of each row: y = x·r·s, r = (mean x² + ε)^(−1/2) kept.
 #[inline(always)]
-fn rms_norm_rows_body<E: Elem>(ys: &mut [E], xs: &[E], rs: &mut [E], s: &[E], eps: E) {
+fn rms_norm_rows_body<E: Elem>(ys: &mut [MaybeUninit<E>], xs: &[E], rs: &mut [E], s: &[E], eps: E) {
     let d = s.len();
     let inv_d = E::one() / E::c(d as f64);
     for ((y, x), r) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(rs) {
         let ms = reduce::dot(x, x) * inv_d;
         *r = E::one() / (ms + eps).sqrt();
         for ((y, &v), &s) in y.iter_mut().zip(x).zip(s) {
-            *y = v * *r * s;
+            y.write(v * *r * s);
         }
     }
 }
 multiversion!(
-    fn rms_norm_rows<E: Elem>(ys: &mut [E], xs: &[E], rs: &mut [E], s: &[E], eps: E)
+    fn rms_norm_rows<E: Elem>(
+        ys: &mut [MaybeUninit<E>],
+        xs: &[E],
+        rs: &mut [E],
+        s: &[E],
+        eps: E,
+    )
         => rms_norm_rows_body
 );
 
