@@ -396,39 +396,46 @@ pub(crate) fn group_norm<E: Elem, T: Tape<E, Cpu>>(
                     return Ok(());
                 }
                 // swish: dY = dZ·swish'(y), y recomputed from x and the statistics
-                let gy = if swish {
+                // dY (through swish's derivative and the dropout mask where fused), and
+                // S1 = Σ dY, S2 = Σ dY ⊙ x̂ per (image, channel) — one pass with the swish
+                let (gy, sums) = if swish {
                     let (sv, bv): (&[E], &[E]) = (&sv, &bv);
+                    let mut d: Vec<E> = Vec::with_capacity(m * c);
                     let per_image = gy.par_chunks(n * c).zip(xv.par_chunks(n * c));
-                    // SAFETY: as in the forward pass: row chunks tile each image's chunk and
-                    // `gn_swish_grad` writes every element of each.
-                    unsafe {
-                        par_written(
-                            m * c,
-                            n * c,
-                            per_image.enumerate(),
-                            |di, (img, (gi, xi))| {
-                                let (mu, r) = stats.image(img);
-                                di.par_chunks_mut(rows * c)
-                                    .zip(gi.par_chunks(rows * c).zip(xi.par_chunks(rows * c)))
-                                    .enumerate()
-                                    .for_each(|(j, (d, (g, xs)))| {
-                                        let at = img * n * c + j * rows * c;
-                                        let k = mask_rows(&keep, &ones, at, d.len());
-                                        gn_swish_grad(lv, d, g, xs, mu, r, sv, bv, k)
-                                    });
-                            },
-                        )
-                    }
+                    let sums: Partials<E> = d.spare_capacity_mut()[..m * c]
+                        .par_chunks_mut((n * c).max(1))
+                        .zip(per_image)
+                        .enumerate()
+                        .map(|(img, (di, (gi, xi)))| {
+                            let (mu, r) = stats.image(img);
+                            di.par_chunks_mut(rows * c)
+                                .zip(gi.par_chunks(rows * c).zip(xi.par_chunks(rows * c)))
+                                .enumerate()
+                                .map(|(j, (d, (g, xs)))| {
+                                    let at = img * n * c + j * rows * c;
+                                    let k = mask_rows(&keep, &ones, at, d.len());
+                                    let (mut s1, mut s2) = (vec![E::zero(); c], vec![E::zero(); c]);
+                                    let sums = (&mut s1[..], &mut s2[..]);
+                                    gn_swish_grad(lv, d, sums, g, xs, mu, r, sv, bv, k);
+                                    (s1, s2)
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    // SAFETY: the image chunks (n·c each) tile the m·c spare slots (m = b·n),
+                    // each is tiled by its row chunks (whole rows of c), and `gn_swish_grad`
+                    // wrote every element of each.
+                    unsafe { d.set_len(m * c) };
+                    (d, sums)
                 } else {
-                    gy
+                    let sums = per_image_pair(&gy, &xv, n, c, rows, |img, gs, xs| {
+                        let (mu, r) = stats.image(img);
+                        let (mut s1, mut s2) = (vec![E::zero(); c], vec![E::zero(); c]);
+                        gn_grad_sums(lv, &mut s1, &mut s2, gs, xs, mu, r);
+                        (s1, s2)
+                    });
+                    (gy, sums)
                 };
-                // S1 = Σ dY, S2 = Σ dY ⊙ x̂ per (image, channel)
-                let sums = per_image_pair(&gy, &xv, n, c, rows, |img, gs, xs| {
-                    let (mu, r) = stats.image(img);
-                    let (mut s1, mut s2) = (vec![E::zero(); c], vec![E::zero(); c]);
-                    gn_grad_sums(lv, &mut s1, &mut s2, gs, xs, mu, r);
-                    (s1, s2)
-                });
                 let (s1, s2) = combine(&sums, c);
                 let total = |s: &[f64], ch: usize| (0..b).map(|i| s[i * c + ch]).sum::<f64>();
                 let gb = grads.get_or_alloc_mut(&bg)?;
@@ -651,11 +658,13 @@ multiversion!(
 );
 
 /// d = g·keep·swish'(y) per row (keep: the dropout mask's rows, or ones), y = (x − μ)·r·s +
-/// bias: the gradient reaching GroupNorm's output from swish's (and the dropout's).
+/// bias: the gradient reaching GroupNorm's output from swish's (and the dropout's); and, in the
+/// same pass, its sums S1 += d, S2 += d·x̂ ([`gn_grad_sums`]'s, element for element).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn gn_swish_grad_body<E: Elem>(
     ds: &mut [MaybeUninit<E>],
+    (s1, s2): (&mut [E], &mut [E]),
     gs: &[E],
     xs: &[E],
     mu: &[E],
@@ -669,6 +678,7 @@ fn gn_swish_grad_body<E: Elem>(
     for (((d, g), x), k) in rows.zip(xs.chunks_exact(c)).zip(keep.chunks_exact(c)) {
         let lanes = d
             .iter_mut()
+            .zip(s1.iter_mut().zip(s2.iter_mut()))
             .zip(g)
             .zip(x)
             .zip(mu)
@@ -676,8 +686,11 @@ fn gn_swish_grad_body<E: Elem>(
             .zip(s)
             .zip(bias)
             .zip(k);
-        for (((((((d, &g), &x), &mu), &r), &s), &bias), &k) in lanes {
-            d.write(g * k * act_grad(true, (x - mu) * r * s + bias).1);
+        for ((((((((d, (a1, a2)), &g), &x), &mu), &r), &s), &bias), &k) in lanes {
+            let dv = g * k * act_grad(true, (x - mu) * r * s + bias).1;
+            d.write(dv);
+            *a1 += dv;
+            *a2 += dv * ((x - mu) * r);
         }
     }
 }
@@ -685,6 +698,7 @@ multiversion!(
     #[allow(clippy::too_many_arguments)]
     fn gn_swish_grad<E: Elem>(
         ds: &mut [MaybeUninit<E>],
+        sums: (&mut [E], &mut [E]),
         gs: &[E],
         xs: &[E],
         mu: &[E],
