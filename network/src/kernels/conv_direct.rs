@@ -682,7 +682,7 @@ pub(super) fn conv_dw<E: Elem>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::kernels::isa;
+    use crate::kernels::isa::{self, Level};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     /// (b, h, w, cin, cout): channel counts off the tile sizes (6 rows; 16 and 64 columns) and
@@ -751,13 +751,24 @@ pub(crate) mod tests {
             .install(f)
     }
 
-    /// At every level and thread count: conv(x, w) + bias, dst + conv(x, w) and gw + dW within
-    /// f32 rounding of the f64 definition, and the same bits as the portable instance on one
-    /// thread.
-    #[test]
-    fn direct_matches_the_definition_at_every_level_and_thread_count() {
-        let mut rng = StdRng::seed_from_u64(11);
-        for (b, h, w, cin, cout) in SHAPES {
+    /// A convolution's forward and dW functions (f32), as [`conv`] and [`conv_dw`].
+    pub(crate) type Kernel = (
+        fn(Level, &mut [f32], bool, &[f32], &[f32], Option<&[f32]>, Grid, (usize, usize)),
+        fn(Level, &mut [f32], &[f32], &[f32], Grid, (usize, usize)),
+    );
+
+    /// At every level and thread count, on each shape (b, h, w, cin, cout) with inputs uniform in
+    /// ±1.5 from `seed`: conv(x, w) + bias, dst + conv(x, w) and gw + dW within
+    /// `tol`·(Σ|terms| + |addend| + 1)·(terms per sum) of the f64 definition, and the same bits
+    /// as the first level on one thread.
+    pub(crate) fn check_kernel(
+        (conv, conv_dw): Kernel,
+        shapes: &[(usize, usize, usize, usize, usize)],
+        tol: f64,
+        seed: u64,
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        for &(b, h, w, cin, cout) in shapes {
             let g = Grid { b, h, w };
             let m = g.pixels();
             let (x, wt, gy) = (
@@ -770,6 +781,24 @@ pub(crate) mod tests {
             let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
             let ((y, ya), (dw, dwa)) =
                 definition((&f64s(&x), &f64s(&wt), &f64s(&gy)), g, (cin, cout));
+            let within = |got: &[f32],
+                          add: &[f32],
+                          (want, abs): (&[f64], &[f64]),
+                          terms: usize,
+                          what: &str| {
+                for (i, ((&v, &v0), (&e, &a))) in
+                    got.iter().zip(add).zip(want.iter().zip(abs)).enumerate()
+                {
+                    let v0 = f64::from(v0);
+                    let bound = tol * (a + v0.abs() + 1.0) * terms as f64;
+                    let want = v0 + e;
+                    assert!(
+                        (f64::from(v) - want).abs() <= bound,
+                        "{what}[{i}] {v} vs {want}"
+                    );
+                }
+            };
+            let biases: Vec<f32> = (0..m * cout).map(|i| bias[i % cout]).collect();
             let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
             for lv in isa::supported() {
                 for threads in [1, 3] {
@@ -784,35 +813,9 @@ pub(crate) mod tests {
                     };
                     let got = in_pool(threads, run);
                     let what = format!("{lv:?}, {threads} threads, {:?}", (b, h, w, cin, cout));
-                    for (i, (&v, (&e, &a))) in got.0.iter().zip(y.iter().zip(&ya)).enumerate() {
-                        let bi = bias[i % cout];
-                        let tol = 1e-6 * (a + bi.abs() as f64 + 1.0) * (9 * cin) as f64;
-                        let want = e + f64::from(bi);
-                        assert!(
-                            (f64::from(v) - want).abs() <= tol,
-                            "y[{i}] {v} vs {want}, {what}"
-                        );
-                    }
-                    for (i, ((&v, &v0), (&e, &a))) in
-                        got.1.iter().zip(&d0).zip(y.iter().zip(&ya)).enumerate()
-                    {
-                        let tol = 1e-6 * (a + v0.abs() as f64 + 1.0) * (9 * cin) as f64;
-                        let want = f64::from(v0) + e;
-                        assert!(
-                            (f64::from(v) - want).abs() <= tol,
-                            "acc[{i}] {v} vs {want}, {what}"
-                        );
-                    }
-                    for (i, ((&v, &v0), (&e, &a))) in
-                        got.2.iter().zip(&g0).zip(dw.iter().zip(&dwa)).enumerate()
-                    {
-                        let tol = 1e-6 * (a + v0.abs() as f64 + 1.0) * m as f64;
-                        let want = f64::from(v0) + e;
-                        assert!(
-                            (f64::from(v) - want).abs() <= tol,
-                            "dw[{i}] {v} vs {want}, {what}"
-                        );
-                    }
+                    within(&got.0, &biases, (&y, &ya), 9 * cin, &format!("y, {what}"));
+                    within(&got.1, &d0, (&y, &ya), 9 * cin, &format!("acc, {what}"));
+                    within(&got.2, &g0, (&dw, &dwa), m, &format!("dw, {what}"));
                     match &first {
                         None => first = Some(got),
                         Some(f) => {
@@ -826,6 +829,13 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// [`check_kernel`] for the direct kernels: f32 rounding of the f64 definition (each output
+    /// one FMA chain), the same bits at every level and thread count.
+    #[test]
+    fn direct_matches_the_definition_at_every_level_and_thread_count() {
+        check_kernel((conv::<f32>, conv_dw::<f32>), &SHAPES, 1e-6, 11);
     }
 
     /// GFLOP/s of the forward and dW kernels at `unet-small`'s layer shape (batch 16 × 28 × 28,

@@ -173,28 +173,19 @@ pub(crate) fn par_filled<E: Elem, I: IndexedParallelIterator>(
     inputs: I,
     fill: impl Fn(&mut [E], I::Item) + Sync + Send,
 ) -> Vec<E> {
-    let mut v: Vec<E> = Vec::with_capacity(len);
-    if len > 0 {
-        v.spare_capacity_mut()[..len]
-            .par_chunks_mut(chunk.max(1))
-            .zip_eq(inputs)
-            .for_each(|(ys, item)| {
-                ys.iter_mut().for_each(|y| {
-                    y.write(E::zero());
-                });
-                // SAFETY: every element of `ys` was initialised just above, and
-                // `MaybeUninit<E>` has the layout of `E`, so this is the same memory as a
-                // `&mut [E]` of the same length, borrowed for this closure only.
-                let ys = unsafe { &mut *(ys as *mut [std::mem::MaybeUninit<E>] as *mut [E]) };
-                fill(ys, item);
-            });
-    }
-    // SAFETY: `par_chunks_mut` tiles the first `len` spare slots; `zip_eq` pairs every chunk
-    // with an item (it panics on a length mismatch before running anything), and `for_each` ran
-    // the closure on every pair, which wrote each element of its chunk before `fill` (which,
-    // holding a `&mut [E]`, can only leave initialised values). So all `len` are initialised.
-    unsafe { v.set_len(len) };
-    v
+    let zeroed_then_filled = |ys: &mut [std::mem::MaybeUninit<E>], item| {
+        ys.iter_mut().for_each(|y| {
+            y.write(E::zero());
+        });
+        // SAFETY: every element of `ys` was initialised just above, and `MaybeUninit<E>` has
+        // the layout of `E`, so this is the same memory as a `&mut [E]` of the same length,
+        // borrowed for this closure only.
+        let ys = unsafe { &mut *(ys as *mut [std::mem::MaybeUninit<E>] as *mut [E]) };
+        fill(ys, item);
+    };
+    // SAFETY: the closure writes every element of its chunk (zeros) before `fill`, which,
+    // holding a `&mut [E]`, can only leave initialised values.
+    unsafe { par_written(len, chunk, inputs, zeroed_then_filled) }
 }
 
 /// [`par_filled`] without the zeroing, for kernels that write every output element: each chunk
