@@ -263,9 +263,10 @@ pub(crate) fn split_conditioning<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
 
 /// The U-shaped trunk shared by the U-Net and the U-ViT: the `down` blocks from x, each output
 /// stored (after x itself); `mid` (which must not prune `scope`: a middle that prunes opens a
-/// frame of its own); the `up` blocks, each on the concatenation of the activation with the last stored one (`retain_up`: prune the frame
-/// to the up blocks' outputs and the stored activations after each). The stored activations stay
-/// registered in `scope`, so the concatenations read them in place.
+/// frame of its own); the `up` blocks, each on the concatenation of the activation with the
+/// last stored one (`retain_up`: prune the frame to the up blocks' outputs and the stored
+/// activations after each). The stored activations stay registered in `scope`, so the
+/// concatenations read them in place.
 pub(crate) fn u_trunk<E: Elem, D: Kernels<E>, T: Tape<E, D>, B, C>(
     x: T2<E, D, T>,
     (down, up): (&[B], &[B]),
