@@ -187,12 +187,12 @@ pub(crate) fn conv_bias<E: Elem, D: Kernels<E>, T: Tape<E, D>>(
 /// is below p. The chunks are filled in parallel; the mask depends on the draw alone, not on the
 /// thread count.
 pub(crate) fn keep_mask<E: Elem>(p: f64, rng: &mut dyn RngCore, n: usize) -> Vec<E> {
-    use rand::SeedableRng;
+    use rand::{Rng, SeedableRng};
     use rayon::prelude::*;
     let seed = rng.next_u64();
     let keep = E::c(1.0 / (1.0 - p));
-    // u·2⁻³² < p ⟺ u < p·2³², both sides exact in f64
-    let threshold = p * (1u64 << 32) as f64;
+    // u·2⁻³² ≥ p ⟺ u ≥ ⌈p·2³²⌉ for an integer u (p·2³² exact in f64)
+    let least = (p * (1u64 << 32) as f64).ceil() as u64;
     let mut mask = vec![E::zero(); n];
     mask.par_chunks_mut(MASK_CHUNK)
         .enumerate()
@@ -201,9 +201,18 @@ pub(crate) fn keep_mask<E: Elem>(p: f64, rng: &mut dyn RngCore, n: usize) -> Vec
             key[..8].copy_from_slice(&seed.to_le_bytes());
             key[8..16].copy_from_slice(&(k as u64).to_le_bytes());
             let mut stream = rand::rngs::StdRng::from_seed(key);
-            for v in chunk {
-                if f64::from(stream.next_u32()) >= threshold {
-                    *v = keep;
+            // the stream's u32s in order, a block at a time (the words next_u32 would return);
+            // a select per value, no branch to mispredict
+            let mut u = [0u32; 1024];
+            for part in chunk.chunks_mut(u.len()) {
+                let u = &mut u[..part.len()];
+                stream.fill(u);
+                for (v, &u) in part.iter_mut().zip(u.iter()) {
+                    *v = if u64::from(u) >= least {
+                        keep
+                    } else {
+                        E::zero()
+                    };
                 }
             }
         });
@@ -519,7 +528,8 @@ mod tests {
 
     /// The mask: values 0 or 1/(1 − p) only; the same for the same RNG state at 1 and 3 threads;
     /// one draw from the RNG whatever n; drop fractions near p overall and in every chunk
-    /// (independent streams: no chunk repeats another); p = 0 keeps everything.
+    /// (independent streams: no chunk repeats another); p = 0 keeps everything; every value the
+    /// definition's (one `next_u32` per value, compared as u/2³² ≥ p in f64).
     #[test]
     fn keep_mask_is_seeded_by_one_draw_and_independent_of_threads() {
         let in_pool = |threads: usize, f: &(dyn Fn() -> Vec<f64> + Sync)| {
@@ -544,6 +554,21 @@ mod tests {
             let one = in_pool(1, &|| draw().0);
             let three = in_pool(3, &|| draw().0);
             assert_eq!(one, three, "p {p}, n {n}: thread count changed the mask");
+            // the definition, value by value: chunk k's stream keyed by (draw, k), its values
+            // kept where their u32s / 2³² ≥ p
+            let seed = StdRng::seed_from_u64(7).gen::<u64>();
+            let mut defined = Vec::with_capacity(n);
+            for k in 0..n.div_ceil(MASK_CHUNK) {
+                let mut key = [0u8; 32];
+                key[..8].copy_from_slice(&seed.to_le_bytes());
+                key[8..16].copy_from_slice(&(k as u64).to_le_bytes());
+                let mut stream = StdRng::from_seed(key);
+                for _ in 0..MASK_CHUNK.min(n - k * MASK_CHUNK) {
+                    let u = f64::from(rand::RngCore::next_u32(&mut stream));
+                    defined.push(if u / 2f64.powi(32) >= p { keep } else { 0.0 });
+                }
+            }
+            assert_eq!(one, defined, "p {p}, n {n}: not the defined mask");
             let mut after = StdRng::seed_from_u64(7);
             after.gen::<u64>();
             assert_eq!(draw().1, after.gen::<u64>(), "one draw from the RNG");

@@ -514,15 +514,34 @@ unsafe fn convert_a_amx(
 /// AVX-512, 64 shuffles instead of 256 scalar moves; the same values).
 #[cfg(target_arch = "x86_64")]
 fn transpose16(hw: Option<Bf16Hw>, src: &[u32], stride: usize, dst: &mut [u32]) {
-    assert!(dst.len() >= 256 && stride >= 16 && src.len() >= 15 * stride + 16);
+    assert!(dst.len() >= 256);
+    // SAFETY: dst holds 16 rows of 16 at stride 16 (checked).
+    unsafe { transpose16_to(hw, src, stride, dst.as_mut_ptr(), 16) }
+}
+
+/// `*dst.add(w·ds + q) = src[q·stride + w]` for q, w < 16: [`transpose16`] into rows `ds`
+/// apart, written without being read (the destination may be uninitialised).
+///
+/// # Safety
+/// `dst` valid for writes of 16 rows of 16 u32 at stride `ds`.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn transpose16_to(
+    hw: Option<Bf16Hw>,
+    src: &[u32],
+    stride: usize,
+    dst: *mut u32,
+    ds: usize,
+) {
+    assert!(stride >= 16 && ds >= 16 && src.len() >= 15 * stride + 16);
     if let Some(hw) = hw {
-        // SAFETY: AVX512-BF16 implies AVX-512 F; the 16 rows of 16 u32 lie inside `src` and
-        // the 256 u32 inside `dst` (checked above).
-        return unsafe { avx512bf16::transpose16(hw, src.as_ptr(), stride, dst.as_mut_ptr()) };
+        // SAFETY: AVX512-BF16 implies AVX-512 F; the 16 rows of 16 u32 lie inside `src`
+        // (checked above), the 16 rows of `dst` are the caller's.
+        return unsafe { avx512bf16::transpose16(hw, src.as_ptr(), stride, dst, ds) };
     }
-    for (w, row) in dst.chunks_exact_mut(16).take(16).enumerate() {
-        for (q, d) in row.iter_mut().enumerate() {
-            *d = src[q * stride + w];
+    for w in 0..16 {
+        for q in 0..16 {
+            // SAFETY: w·ds + q < 15·ds + 16 (the caller's rows).
+            unsafe { dst.add(w * ds + q).write(src[q * stride + w]) };
         }
     }
 }
@@ -749,9 +768,15 @@ mod avx512bf16 {
     /// then two rounds of 128-bit lane shuffles.
     ///
     /// # Safety
-    /// `src` valid for 16 rows of 16 u32 at `stride`, `dst` for 256 u32.
+    /// `src` valid for 16 rows of 16 u32 at `stride`, `dst` for 16 rows of 16 at `ds`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn transpose16(_hw: Bf16Hw, src: *const u32, stride: usize, dst: *mut u32) {
+    pub(super) unsafe fn transpose16(
+        _hw: Bf16Hw,
+        src: *const u32,
+        stride: usize,
+        dst: *mut u32,
+        ds: usize,
+    ) {
         // SAFETY: the caller's ranges.
         unsafe {
             let r: [__m512i; 16] =
@@ -779,9 +804,9 @@ mod avx512bf16 {
             }
             for j in 0..8 {
                 let (a, b) = (v[j], v[8 + j]);
-                _mm512_storeu_si512(dst.add(16 * j).cast(), _mm512_shuffle_i32x4::<0x88>(a, b));
+                _mm512_storeu_si512(dst.add(ds * j).cast(), _mm512_shuffle_i32x4::<0x88>(a, b));
                 _mm512_storeu_si512(
-                    dst.add(16 * (j + 8)).cast(),
+                    dst.add(ds * (j + 8)).cast(),
                     _mm512_shuffle_i32x4::<0xdd>(a, b),
                 );
             }
@@ -1547,6 +1572,24 @@ mod tests {
         if let Some(b) = isa::level().bf16() {
             transpose16(Some(b), &src, stride, &mut hw);
             assert_eq!(hw, sw);
+        }
+        // into rows 21 apart, around which nothing is written
+        for b in [None, isa::level().bf16()] {
+            let mut wide = vec![7u32; 16 * 21 + 5];
+            // SAFETY: 16 rows of 16 at stride 21 from element 2 lie inside `wide`.
+            unsafe { transpose16_to(b, &src, stride, wide[2..].as_mut_ptr(), 21) };
+            for (i, &v) in wide.iter().enumerate() {
+                let (w, q) = (
+                    (i as isize - 2).div_euclid(21),
+                    (i as isize - 2).rem_euclid(21),
+                );
+                let want = if (0..16).contains(&w) && q < 16 {
+                    sw[w as usize * 16 + q as usize]
+                } else {
+                    7
+                };
+                assert_eq!(v, want, "element {i}, {b:?}");
+            }
         }
     }
 

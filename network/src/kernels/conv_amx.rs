@@ -22,7 +22,7 @@
 //! regions per panel), while the tiles' products themselves took an eighth of the step.
 
 use super::amx::{self, Step, Tiles};
-use super::bf16::{cvt_interleave, cvt_pairs, pair};
+use super::bf16::{cvt_interleave, cvt_pairs, pair, transpose16_to};
 use super::conv::Grid;
 use super::isa::{AmxHw, Bf16Hw};
 use rayon::prelude::*;
@@ -107,13 +107,6 @@ impl Padded {
     /// Positions in all: margin, images, margin.
     fn rows(&self) -> usize {
         2 * self.margin + self.span
-    }
-
-    /// The position of pixel p.
-    fn pos(&self, p: usize) -> usize {
-        let g = self.g;
-        let (img, y, x) = (p / (g.h * g.w), p / g.w % g.h, p % g.w);
-        self.margin + img * self.per + (y + 1) * self.wp + x + 1
     }
 
     /// The pixel at position q, if q is one.
@@ -229,6 +222,7 @@ pub(super) fn conv(
         let mut cblk = CBlock([0.0; BLK * BLK]);
         let mut st = Vec::with_capacity(steps);
         for (q0, px) in chunk {
+            let pixels: [Option<usize>; BLK] = std::array::from_fn(|i| pg.pixel(q0 + i));
             for nb in 0..coutp / BLK {
                 st.clear();
                 for s in 0..steps {
@@ -248,17 +242,25 @@ pub(super) fn conv(
                     amx::micro_steps(&tiles, &st, (4 * kp, 4 * BLK), cblk.0.as_mut_ptr(), BLK)
                 };
                 let cols = BLK.min(cout - nb * BLK);
-                for (i, crow) in cblk.0.chunks_exact(BLK).enumerate() {
-                    let Some(p) = pg.pixel(q0 + i) else { continue };
+                for (crow, &p) in cblk.0.chunks_exact(BLK).zip(&pixels) {
+                    let Some(p) = p else { continue };
                     debug_assert!(px.contains(&p));
                     let d = &mut out[(p - p0) * cout + nb * BLK..][..cols];
-                    let bs = bias.map(|b| &b[nb * BLK..nb * BLK + cols]);
-                    for (j, (dv, &v)) in d.iter_mut().zip(crow).enumerate() {
-                        let v = match bs {
-                            Some(b) => v + b[j],
-                            None => v,
-                        };
-                        *dv = if accumulate { *dv + v } else { v };
+                    let crow = &crow[..cols];
+                    // a loop per case: each vectorises
+                    match (bias.map(|b| &b[nb * BLK..][..cols]), accumulate) {
+                        (None, false) => d.copy_from_slice(crow),
+                        (None, true) => d.iter_mut().zip(crow).for_each(|(d, &v)| *d += v),
+                        (Some(b), false) => {
+                            for ((d, &v), &b) in d.iter_mut().zip(crow).zip(b) {
+                                *d = v + b;
+                            }
+                        }
+                        (Some(b), true) => {
+                            for ((d, &v), &b) in d.iter_mut().zip(crow).zip(b) {
+                                *d += v + b;
+                            }
+                        }
                     }
                 }
             }
@@ -270,39 +272,36 @@ pub(super) fn conv(
 #[repr(C, align(64))]
 struct CBlock([f32; BLK * BLK]);
 
-/// `src` (pixels × c) transposed onto the padded grid in bf16: c rows (of cp, zeros after) of
-/// `rows()` positions, zeros where no pixel. Tasks of 16 channels; each pixel's 16 values are
-/// converted at once (the hardware's rounding where there is AVX512-BF16) and scattered.
+/// `src` (pixels × c) transposed onto the padded grid in bf16: `cp` rows (zeros past c) of
+/// `rows()` positions, zeros where no pixel. A task per 16 channels: per 16 pairs of positions,
+/// the pairs (q, q + 1) of its channels (the VNNI conversion of [`position_pairs`]) into a
+/// 16 × 16 block, transposed into the 16 channel rows (each u32 two consecutive positions).
 fn transposed(bf: Option<Bf16Hw>, src: &[f32], pg: Padded, c: usize, cp: usize) -> Buf {
     const CB: usize = 16;
-    let (g, rows) = (pg.g, pg.rows());
-    let mut buf = Buf::zeroed(cp * rows / 2);
-    buf.get_mut()
-        .par_chunks_mut(CB * rows / 2)
-        .take(c.div_ceil(CB))
-        .enumerate()
-        .for_each(|(k, block)| {
-            let ch0 = k * CB;
-            let n = CB.min(c - ch0);
-            // SAFETY: u32 rows viewed as their 2·len u16 halves (same memory, alignment 2 ≤ 4).
-            let block: &mut [u16] = unsafe {
-                std::slice::from_raw_parts_mut(block.as_mut_ptr().cast(), 2 * block.len())
-            };
-            let (mut vals, mut pairs) = ([0.0f32; CB], [0u32; CB / 2]);
-            // image row by image row: its pixels are consecutive positions
-            for p0 in (0..g.b * g.h).map(|r| r * g.w) {
-                let q0 = pg.pos(p0);
-                for x in 0..g.w {
-                    vals[..n].copy_from_slice(&src[(p0 + x) * c + ch0..][..n]);
-                    cvt_pairs(bf, &vals, &mut pairs);
-                    for (i, row) in block.chunks_exact_mut(rows).enumerate().take(n) {
-                        let h = pairs[i / 2] >> (16 * (i % 2));
-                        row[q0 + x] = h as u16;
-                    }
-                }
+    let half = pg.rows() / 2; // u32 per channel row; a multiple of 16 (rows() of 32)
+    let zero = [0.0f32; CB];
+    let fill = |k: usize, block: &mut [std::mem::MaybeUninit<u32>]| {
+        let ch0 = k * CB;
+        let n = CB.min(c.saturating_sub(ch0));
+        if n == 0 {
+            block.iter_mut().for_each(|v| _ = v.write(0));
+            return;
+        }
+        let row = |q: usize| pg.pixel(q).map_or(&zero[..n], |p| &src[p * c + ch0..][..n]);
+        let mut t = [0u32; CB * CB];
+        for j0 in (0..half).step_by(CB) {
+            for (i, pairs) in t.chunks_exact_mut(CB).enumerate() {
+                let q = 2 * (j0 + i);
+                cvt_interleave(bf, row(q), row(q + 1), &mut pairs[..n]);
             }
-        });
-    buf
+            // SAFETY: rows ch0..ch0 + 16 of the block (16 · half u32) at stride half, columns
+            // j0..j0 + 16 ≤ half.
+            unsafe { transpose16_to(bf, &t, CB, block[j0..].as_mut_ptr().cast(), half) };
+        }
+    };
+    // SAFETY: the chunks are 16 whole channel rows; each is zeroed (channels past c) or written
+    // in full by the transposes (columns 0..half in steps of 16, all 16 rows).
+    unsafe { Buf::written(cp * half, CB * half, fill) }
 }
 
 /// `src` (pixels × c) on the padded grid in pairs of consecutive positions (the VNNI layout of
@@ -333,10 +332,10 @@ fn position_pairs(
     unsafe { Buf::written(pg.rows() / 2 * cp, ROWS * cp, fill) }
 }
 
-/// gw (9·cin, cout) += dW with bf16-rounded src and gy and f32 sums, on AMX tiles: dW[t]ᵀ
-/// (cout × cin) = Σ_q dY_pad[q]ᵀ·x_pad[q + off_t] with A = dY transposed (rows per output
-/// channel, tile rows start on a cache line: q runs in whole blocks) and B = x in position
-/// pairs from q + off_t (a layout per parity of the offset, so B's rows stay whole rows).
+/// gw (9·cin, cout) += dW with bf16-rounded src and gy and f32 sums, on AMX tiles: dW[t]
+/// (cin × cout) = Σ_q x_pad[q + off_t]ᵀ·dY_pad[q] with A = x transposed (a row per input
+/// channel; a tile's rows start at any position q + off_t) and B = dY in pairs of positions
+/// from q (even: q runs in whole blocks of 32 from an even margin).
 pub(super) fn conv_dw(
     hw: AmxHw,
     bf: Option<Bf16Hw>,
@@ -354,10 +353,10 @@ pub(super) fn conv_dw(
     let pg = Padded::new(g);
     let (cinp, coutp) = (cin.next_multiple_of(BLK), cout.next_multiple_of(BLK));
     let rows = pg.rows();
-    let gt = transposed(bf, gy, pg, cout, coutp);
-    let xv = [0, 1].map(|parity| position_pairs(bf, src, pg, (cin, cinp), parity));
-    let (gt, xv) = (gt.get(), [xv[0].get(), xv[1].get()]);
-    let size = 9 * coutp * cinp;
+    let xt = transposed(bf, src, pg, cin, cinp);
+    let yv = position_pairs(bf, gy, pg, (cout, coutp), 0);
+    let (xt, yv) = (xt.get(), yv.get());
+    let size = 9 * cinp * coutp;
     let chunks = pg.span.div_ceil(DW_CHUNK);
     let mut parts = vec![0.0f32; chunks * size];
     parts
@@ -368,48 +367,50 @@ pub(super) fn conv_dw(
             let q_lo = pg.margin + k * DW_CHUNK;
             let q_hi = (q_lo + DW_CHUNK).min(pg.margin + pg.span);
             let mut st = Vec::with_capacity(DW_CHUNK / BLK);
+            // SAFETY: u32 rows viewed as their 2·len u16 halves (same memory, alignment 2 ≤ 4).
+            let xt: &[u16] =
+                unsafe { std::slice::from_raw_parts(xt.as_ptr().cast(), 2 * xt.len()) };
             for t in 0..9 {
-                for ob in 0..coutp / BLK {
-                    for cb in 0..cinp / BLK {
+                for cb in 0..cinp / BLK {
+                    for ob in 0..coutp / BLK {
                         st.clear();
                         for q0 in (q_lo..q_hi).step_by(BLK) {
                             let s = (q0 as isize + pg.tap(t)) as usize;
                             st.push(Step {
-                                a: gt[(ob * BLK * rows + q0) / 2..].as_ptr().cast(),
-                                b: xv[s % 2][s / 2 * cinp + cb * BLK..].as_ptr().cast(),
+                                a: xt[cb * BLK * rows + s..].as_ptr().cast(),
+                                b: yv[q0 / 2 * coutp + ob * BLK..].as_ptr().cast(),
                             });
                         }
-                        let c = &mut part[(t * coutp + ob * BLK) * cinp + cb * BLK..];
-                        // SAFETY: tiles configured on this thread. A: 32 output-channel rows of
-                        // gt (2·rows bytes apart), 64 bytes (32 positions) from q0 (even, q0 +
-                        // 32 ≤ rows). B: 16 pair rows of xv[parity] (4·cinp bytes apart) from
-                        // row s/2 (s + 32 ≤ rows: the margin covers a tap's reach), 128 bytes
-                        // from channel cb·32. C: rows t·coutp + ob·32.. (32 of them) of the
-                        // partial, cinp apart, columns cb·32..+32.
+                        let c = &mut part[(t * cinp + cb * BLK) * coutp + ob * BLK..];
+                        // SAFETY: tiles configured on this thread. A: 32 input-channel rows of
+                        // xt (2·rows bytes apart), 64 bytes (32 positions) from s (s ≥ 0 and
+                        // s + 32 ≤ rows: the margin covers a tap's reach). B: 16 pair rows of
+                        // yv (4·coutp bytes apart) from row q0/2 (q0 + 32 ≤ rows), 128 bytes
+                        // from channel ob·32. C: rows t·cinp + cb·32.. (32 of them) of the
+                        // partial, coutp apart, columns ob·32..+32.
                         unsafe {
                             amx::micro_steps(
                                 &tiles,
                                 &st,
-                                (2 * rows, 4 * cinp),
+                                (2 * rows, 4 * coutp),
                                 c.as_mut_ptr(),
-                                cinp,
+                                coutp,
                             )
                         };
                     }
                 }
             }
         });
-    // gw += (((P0 + P1) + P2) + …)ᵀ, element by element
+    // gw += ((P0 + P1) + P2) + …, element by element
     gw.par_chunks_mut(cout).enumerate().for_each(|(r, d)| {
         let (t, c) = (r / cin, r % cin);
-        for (o, dv) in d.iter_mut().enumerate() {
-            let e = (t * coutp + o) * cinp + c;
-            let mut sum = parts[e];
-            for k in 1..chunks {
-                sum += parts[k * size + e];
-            }
-            *dv += sum;
+        let e = (t * cinp + c) * coutp;
+        let mut sum = parts[e..e + cout].to_vec();
+        for k in 1..chunks {
+            let p = &parts[k * size + e..][..cout];
+            sum.iter_mut().zip(p).for_each(|(s, &v)| *s += v);
         }
+        d.iter_mut().zip(&sum).for_each(|(dv, &s)| *dv += s);
     });
 }
 
