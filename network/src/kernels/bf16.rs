@@ -90,8 +90,9 @@ unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 
 /// A buffer the tasks of one call write at disjoint places: C (each task its own tiles), a
-/// conversion's output (`convert_a_amx`'s blocks, `pack`'s pair rows).
-struct Out<T>(*mut T);
+/// conversion's output (`convert_a_amx`'s blocks, `pack`'s pair rows, `conv_amx`'s transposed
+/// rows).
+pub(super) struct Out<T>(pub(super) *mut T);
 impl<T> Clone for Out<T> {
     fn clone(&self) -> Self {
         *self
@@ -99,7 +100,7 @@ impl<T> Clone for Out<T> {
 }
 impl<T> Copy for Out<T> {}
 impl<T> Out<T> {
-    fn get(self) -> *mut T {
+    pub(super) fn get(self) -> *mut T {
         self.0
     }
 }

@@ -22,7 +22,7 @@
 //! regions per panel), while the tiles' products themselves took an eighth of the step.
 
 use super::amx::{self, Step, Tiles};
-use super::bf16::{cvt_interleave, cvt_pairs, pair, transpose16_to};
+use super::bf16::{cvt_interleave, cvt_pairs, pair, transpose16_to, Out};
 use super::conv::Grid;
 use super::isa::{AmxHw, Bf16Hw};
 use rayon::prelude::*;
@@ -30,13 +30,16 @@ use rayon::prelude::*;
 /// Positions (and channels) of one 32 × 32 block of C.
 const BLK: usize = 32;
 
+/// [`Padded::map`]'s mark of a position that holds no pixel.
+const NONE: usize = usize::MAX;
+
 /// Positions of one dW chunk (partial sums combined in chunk order).
 const DW_CHUNK: usize = 1024;
 
 /// Blocks of positions of one forward task.
 const TASK_BLOCKS: usize = 4;
 
-/// A zeroed u32 buffer whose element 0 sits on a cache line (tile rows never straddle two).
+/// A u32 buffer whose element 0 sits on a cache line (tile rows never straddle two).
 struct Buf {
     v: Vec<u32>,
     off: usize,
@@ -44,11 +47,6 @@ struct Buf {
 }
 
 impl Buf {
-    fn zeroed(len: usize) -> Buf {
-        let v = vec![0u32; len + 16];
-        let off = v.as_ptr().align_offset(64).min(16);
-        Buf { v, off, len }
-    }
     /// A buffer whose `len` elements `fill` writes, chunk by chunk in parallel (chunk k: the
     /// elements k·chunk..), without zeroing them first.
     ///
@@ -71,11 +69,32 @@ impl Buf {
         unsafe { v.set_len(off + len) };
         Buf { v, off, len }
     }
+    /// A buffer of `len` elements to be written through [`Buf::get_mut_ptr`] before
+    /// [`Buf::assume_init`] (its margin before them zeroed).
+    fn uninit(len: usize) -> Buf {
+        let mut v: Vec<u32> = Vec::with_capacity(len + 16);
+        let off = v.as_ptr().align_offset(64).min(16);
+        v.spare_capacity_mut()[..off]
+            .iter_mut()
+            .for_each(|x| _ = x.write(0));
+        // SAFETY: the first `off` elements were just written.
+        unsafe { v.set_len(off) };
+        Buf { v, off, len }
+    }
+    /// The start of an [`Buf::uninit`] buffer's `len` elements.
+    fn get_mut_ptr(&mut self) -> *mut u32 {
+        self.v.spare_capacity_mut().as_mut_ptr().cast()
+    }
+    /// Marks an [`Buf::uninit`] buffer's elements written.
+    ///
+    /// # Safety
+    /// All `len` of them have been written through [`Buf::get_mut_ptr`].
+    unsafe fn assume_init(&mut self) {
+        // SAFETY: the caller's; capacity off + len + 16 ≥ off + len.
+        unsafe { self.v.set_len(self.off + self.len) }
+    }
     fn get(&self) -> &[u32] {
         &self.v[self.off..self.off + self.len]
-    }
-    fn get_mut(&mut self) -> &mut [u32] {
-        &mut self.v[self.off..self.off + self.len]
     }
 }
 
@@ -109,7 +128,25 @@ impl Padded {
         2 * self.margin + self.span
     }
 
-    /// The pixel at position q, if q is one.
+    /// The pixel at each of the `rows()` positions, [`NONE`] where there is none: built by
+    /// walking the images' rows (no division per position), [`Padded::pixel`]'s values.
+    fn map(&self) -> Vec<usize> {
+        let g = self.g;
+        let mut map = vec![NONE; self.rows()];
+        for img in 0..g.b {
+            for y in 0..g.h {
+                let q0 = self.margin + img * self.per + (y + 1) * self.wp + 1;
+                let p0 = (img * g.h + y) * g.w;
+                for (x, m) in map[q0..q0 + g.w].iter_mut().enumerate() {
+                    *m = p0 + x;
+                }
+            }
+        }
+        map
+    }
+
+    /// The pixel at position q, if q is one (the definition [`Padded::map`] is tested against).
+    #[cfg(test)]
     fn pixel(&self, q: usize) -> Option<usize> {
         let g = self.g;
         let r = q.checked_sub(self.margin)?;
@@ -126,13 +163,13 @@ impl Padded {
 
 /// The rows of `src` (pixels × c) converted to bf16 on the padded grid: `rows()` rows of `kp`
 /// pairs (c rounded up to a whole number of 32-channel blocks, zeros after).
-fn padded_rows(hw: Option<Bf16Hw>, src: &[f32], pg: Padded, c: usize, kp: usize) -> Buf {
+fn padded_rows(hw: Option<Bf16Hw>, src: &[f32], map: &[usize], c: usize, kp: usize) -> Buf {
     const ROWS: usize = 64;
     let fill = |k: usize, chunk: &mut [std::mem::MaybeUninit<u32>]| {
         let mut row = vec![0u32; kp];
-        for (i, out) in chunk.chunks_mut(kp).enumerate() {
+        for (out, &p) in chunk.chunks_mut(kp).zip(&map[k * ROWS..]) {
             row.fill(0);
-            if let Some(p) = pg.pixel(k * ROWS + i) {
+            if p != NONE {
                 let x = &src[p * c..(p + 1) * c];
                 cvt_pairs(hw, x, &mut row[..c / 2]);
                 if c % 2 == 1 {
@@ -142,34 +179,41 @@ fn padded_rows(hw: Option<Bf16Hw>, src: &[f32], pg: Padded, c: usize, kp: usize)
             out.iter_mut().zip(&row).for_each(|(o, &v)| _ = o.write(v));
         }
     };
-    // SAFETY: the chunks are whole rows of kp, each written in full from `row` (kp elements).
-    unsafe { Buf::written(pg.rows() * kp, ROWS * kp, fill) }
+    // SAFETY: the chunks are whole rows of kp (one per position of `map`), each written in
+    // full from `row` (kp elements).
+    unsafe { Buf::written(map.len() * kp, ROWS * kp, fill) }
 }
 
 /// The weight (9·cin, cout) packed as B tiles: per 32-column block, per step s = t·(cinp/32) +
-/// kc, 16 pair rows (channels kc·32 + 2r, + 1) of 32 columns; zeros beyond cin and cout.
-fn packed_weight(wt: &[f32], (cin, cout): (usize, usize), (cinp, coutp): (usize, usize)) -> Buf {
+/// kc, 16 pair rows (channels kc·32 + 2r, + 1) of 32 columns; zeros beyond cin and cout. A
+/// task per column block; each pair row is two weight rows interleaved ([`cvt_interleave`]).
+fn packed_weight(
+    bf: Option<Bf16Hw>,
+    wt: &[f32],
+    (cin, cout): (usize, usize),
+    (cinp, coutp): (usize, usize),
+) -> Buf {
     let steps = 9 * cinp / BLK;
-    let mut buf = Buf::zeroed(coutp / BLK * steps * 16 * BLK);
-    let w = |t: usize, c: usize, o: usize| {
-        if c < cin && o < cout {
-            wt[(t * cin + c) * cout + o]
-        } else {
-            0.0
+    let zero = [0.0f32; BLK];
+    let fill = |nb: usize, block: &mut [std::mem::MaybeUninit<u32>]| {
+        let cols = BLK.min(cout - nb * BLK);
+        let row = |t: usize, c: usize| match c < cin {
+            true => &wt[(t * cin + c) * cout + nb * BLK..][..cols],
+            false => &zero[..cols],
+        };
+        let mut pairs = [0u32; BLK];
+        for (i, out) in block.chunks_exact_mut(BLK).enumerate() {
+            let (s, r) = (i / 16, i % 16);
+            let (t, c) = (s / (cinp / BLK), s % (cinp / BLK) * BLK + 2 * r);
+            cvt_interleave(bf, row(t, c), row(t, c + 1), &mut pairs[..cols]);
+            out.iter_mut()
+                .zip(&pairs)
+                .for_each(|(o, &v)| _ = o.write(v));
         }
     };
-    for (i, v) in buf.get_mut().iter_mut().enumerate() {
-        let (j, r, s, nb) = (
-            i % BLK,
-            i / BLK % 16,
-            i / (BLK * 16) % steps,
-            i / (BLK * 16 * steps),
-        );
-        let (t, kc) = (s / (cinp / BLK), s % (cinp / BLK));
-        let (c, o) = (kc * BLK + 2 * r, nb * BLK + j);
-        *v = pair(w(t, c, o), w(t, c + 1, o));
-    }
-    buf
+    // SAFETY: the chunks are the column blocks (steps·16 rows of 32), every row written in
+    // full from `pairs` (32 u32, zeros past the block's columns).
+    unsafe { Buf::written(coutp / BLK * steps * 16 * BLK, steps * 16 * BLK, fill) }
 }
 
 /// dst (b·h·w, cout) = [dst +] (conv3x3(src, wt) [+ bias]) with bf16-rounded src and wt and
@@ -192,18 +236,20 @@ pub(super) fn conv(
         return;
     }
     let pg = Padded::new(g);
+    let map = pg.map();
     let (cinp, coutp) = (cin.max(1).next_multiple_of(BLK), cout.next_multiple_of(BLK));
     let kp = cinp / 2;
-    let xp = padded_rows(bf, src, pg, cin, kp);
-    let wb = packed_weight(wt, (cin, cout), (cinp, coutp));
+    let xp = padded_rows(bf, src, &map, cin, kp);
+    let wb = packed_weight(bf, wt, (cin, cout), (cinp, coutp));
     let (xp, wb) = (xp.get(), wb.get());
     let steps = 9 * cinp / BLK;
     // the blocks of positions holding pixels, each with its pixels' (contiguous) index range
     let blocks: Vec<(usize, std::ops::Range<usize>)> = (0..pg.span / BLK)
         .filter_map(|k| {
             let q0 = pg.margin + k * BLK;
-            let first = (q0..q0 + BLK).find_map(|q| pg.pixel(q))?;
-            let last = (q0..q0 + BLK).rev().find_map(|q| pg.pixel(q))?;
+            let block = &map[q0..q0 + BLK];
+            let first = *block.iter().find(|&&p| p != NONE)?;
+            let last = *block.iter().rev().find(|&&p| p != NONE)?;
             Some((q0, first..last + 1))
         })
         .collect();
@@ -222,7 +268,7 @@ pub(super) fn conv(
         let mut cblk = CBlock([0.0; BLK * BLK]);
         let mut st = Vec::with_capacity(steps);
         for (q0, px) in chunk {
-            let pixels: [Option<usize>; BLK] = std::array::from_fn(|i| pg.pixel(q0 + i));
+            let pixels = &map[*q0..q0 + BLK];
             for nb in 0..coutp / BLK {
                 st.clear();
                 for s in 0..steps {
@@ -242,8 +288,10 @@ pub(super) fn conv(
                     amx::micro_steps(&tiles, &st, (4 * kp, 4 * BLK), cblk.0.as_mut_ptr(), BLK)
                 };
                 let cols = BLK.min(cout - nb * BLK);
-                for (crow, &p) in cblk.0.chunks_exact(BLK).zip(&pixels) {
-                    let Some(p) = p else { continue };
+                for (crow, &p) in cblk.0.chunks_exact(BLK).zip(pixels) {
+                    if p == NONE {
+                        continue;
+                    }
                     debug_assert!(px.contains(&p));
                     let d = &mut out[(p - p0) * cout + nb * BLK..][..cols];
                     let crow = &crow[..cols];
@@ -273,54 +321,61 @@ pub(super) fn conv(
 struct CBlock([f32; BLK * BLK]);
 
 /// `src` (pixels × c) transposed onto the padded grid in bf16: `cp` rows (zeros past c) of
-/// `rows()` positions, zeros where no pixel. A task per 16 channels: per 16 pairs of positions,
-/// the pairs (q, q + 1) of its channels (the VNNI conversion of [`position_pairs`]) into a
-/// 16 × 16 block, transposed into the 16 channel rows (each u32 two consecutive positions).
-fn transposed(bf: Option<Bf16Hw>, src: &[f32], pg: Padded, c: usize, cp: usize) -> Buf {
+/// `rows()` positions, zeros where no pixel. A task per [`T_PAIRS`] pairs of positions; per 16
+/// of them and 16 channels, the pairs (q, q + 1) (the VNNI conversion of [`position_pairs`])
+/// into a 16 × 16 block, transposed into the 16 channel rows (each u32 two consecutive
+/// positions). A task reads its pixels' rows whole and writes a column strip of every row.
+fn transposed(bf: Option<Bf16Hw>, src: &[f32], map: &[usize], c: usize, cp: usize) -> Buf {
     const CB: usize = 16;
-    let half = pg.rows() / 2; // u32 per channel row; a multiple of 16 (rows() of 32)
+    let half = map.len() / 2; // u32 per channel row; a multiple of 16 (rows() of 32)
     let zero = [0.0f32; CB];
-    let fill = |k: usize, block: &mut [std::mem::MaybeUninit<u32>]| {
-        let ch0 = k * CB;
-        let n = CB.min(c.saturating_sub(ch0));
-        if n == 0 {
-            block.iter_mut().for_each(|v| _ = v.write(0));
-            return;
-        }
-        let row = |q: usize| pg.pixel(q).map_or(&zero[..n], |p| &src[p * c + ch0..][..n]);
+    let mut buf = Buf::uninit(cp * half);
+    let out = Out(buf.get_mut_ptr());
+    (0..half.div_ceil(T_PAIRS)).into_par_iter().for_each(|k| {
         let mut t = [0u32; CB * CB];
-        for j0 in (0..half).step_by(CB) {
-            for (i, pairs) in t.chunks_exact_mut(CB).enumerate() {
-                let q = 2 * (j0 + i);
-                cvt_interleave(bf, row(q), row(q + 1), &mut pairs[..n]);
+        for j0 in (k * T_PAIRS..half.min((k + 1) * T_PAIRS)).step_by(CB) {
+            for ch0 in (0..cp).step_by(CB) {
+                let n = CB.min(c.saturating_sub(ch0));
+                let row = |q: usize| match map[q] {
+                    NONE => &zero[..n],
+                    p => &src[p * c + ch0..][..n],
+                };
+                for (i, pairs) in t.chunks_exact_mut(CB).enumerate() {
+                    let q = 2 * (j0 + i);
+                    if n > 0 {
+                        cvt_interleave(bf, row(q), row(q + 1), &mut pairs[..n]);
+                    }
+                    pairs[n..].fill(0);
+                }
+                // SAFETY: rows ch0..ch0 + 16 ≤ cp of the buffer (cp·half u32) at stride half,
+                // columns j0..j0 + 16 ≤ half: this task's strip (k·T_PAIRS..), no other's.
+                unsafe { transpose16_to(bf, &t, CB, out.get().add(ch0 * half + j0), half) };
             }
-            // SAFETY: rows ch0..ch0 + 16 of the block (16 · half u32) at stride half, columns
-            // j0..j0 + 16 ≤ half.
-            unsafe { transpose16_to(bf, &t, CB, block[j0..].as_mut_ptr().cast(), half) };
         }
-    };
-    // SAFETY: the chunks are 16 whole channel rows; each is zeroed (channels past c) or written
-    // in full by the transposes (columns 0..half in steps of 16, all 16 rows).
-    unsafe { Buf::written(cp * half, CB * half, fill) }
+    });
+    // SAFETY: the tasks' strips tile the columns 0..half (in steps of 16: half is a multiple of
+    // 16), and each writes all cp rows of its strip.
+    unsafe { buf.assume_init() };
+    buf
 }
 
+/// Pairs of positions per task of [`transposed`] (a multiple of 16).
+const T_PAIRS: usize = 256;
+
 /// `src` (pixels × c) on the padded grid in pairs of consecutive positions (the VNNI layout of
-/// a B tile): row j holds, per channel, (q = 2j + parity, 2j + 1 + parity); zeros where no
-/// pixel, `cp` pairs per row (zeros after c).
-fn position_pairs(
-    bf: Option<Bf16Hw>,
-    src: &[f32],
-    pg: Padded,
-    (c, cp): (usize, usize),
-    parity: usize,
-) -> Buf {
+/// a B tile): row j holds, per channel, (q = 2j, 2j + 1); zeros where no pixel, `cp` pairs per
+/// row (zeros after c).
+fn position_pairs(bf: Option<Bf16Hw>, src: &[f32], map: &[usize], (c, cp): (usize, usize)) -> Buf {
     const ROWS: usize = 64;
     let zero = vec![0.0f32; c];
     let fill = |k: usize, chunk: &mut [std::mem::MaybeUninit<u32>]| {
         let mut pairs = vec![0u32; cp];
         for (i, out) in chunk.chunks_mut(cp).enumerate() {
-            let q = 2 * (k * ROWS + i) + parity;
-            let row = |q: usize| pg.pixel(q).map_or(&zero[..], |p| &src[p * c..][..c]);
+            let q = 2 * (k * ROWS + i);
+            let row = |q: usize| match map[q] {
+                NONE => &zero[..],
+                p => &src[p * c..][..c],
+            };
             cvt_interleave(bf, row(q), row(q + 1), &mut pairs[..c]);
             out.iter_mut()
                 .zip(&pairs)
@@ -329,7 +384,7 @@ fn position_pairs(
     };
     // SAFETY: the chunks are whole rows of cp, each written in full from `pairs` (cp elements,
     // zeros past c).
-    unsafe { Buf::written(pg.rows() / 2 * cp, ROWS * cp, fill) }
+    unsafe { Buf::written(map.len() / 2 * cp, ROWS * cp, fill) }
 }
 
 /// gw (9·cin, cout) += dW with bf16-rounded src and gy and f32 sums, on AMX tiles: dW[t]
@@ -353,13 +408,14 @@ pub(super) fn conv_dw(
     let pg = Padded::new(g);
     let (cinp, coutp) = (cin.next_multiple_of(BLK), cout.next_multiple_of(BLK));
     let rows = pg.rows();
-    let xt = transposed(bf, src, pg, cin, cinp);
-    let yv = position_pairs(bf, gy, pg, (cout, coutp), 0);
+    let map = pg.map();
+    let xt = transposed(bf, src, &map, cin, cinp);
+    let yv = position_pairs(bf, gy, &map, (cout, coutp));
     let (xt, yv) = (xt.get(), yv.get());
     let size = 9 * cinp * coutp;
     let chunks = pg.span.div_ceil(DW_CHUNK);
-    let mut parts = vec![0.0f32; chunks * size];
-    parts
+    let mut parts: Vec<f32> = Vec::with_capacity(chunks * size);
+    parts.spare_capacity_mut()[..chunks * size]
         .par_chunks_mut(size)
         .enumerate()
         .for_each(|(k, part)| {
@@ -382,25 +438,21 @@ pub(super) fn conv_dw(
                             });
                         }
                         let c = &mut part[(t * cinp + cb * BLK) * coutp + ob * BLK..];
+                        let c: *mut f32 = c.as_mut_ptr().cast();
                         // SAFETY: tiles configured on this thread. A: 32 input-channel rows of
                         // xt (2·rows bytes apart), 64 bytes (32 positions) from s (s ≥ 0 and
                         // s + 32 ≤ rows: the margin covers a tap's reach). B: 16 pair rows of
                         // yv (4·coutp bytes apart) from row q0/2 (q0 + 32 ≤ rows), 128 bytes
                         // from channel ob·32. C: rows t·cinp + cb·32.. (32 of them) of the
-                        // partial, coutp apart, columns ob·32..+32.
-                        unsafe {
-                            amx::micro_steps(
-                                &tiles,
-                                &st,
-                                (2 * rows, 4 * coutp),
-                                c.as_mut_ptr(),
-                                coutp,
-                            )
-                        };
+                        // partial, coutp apart, columns ob·32..+32 (written, not read).
+                        unsafe { amx::micro_steps(&tiles, &st, (2 * rows, 4 * coutp), c, coutp) };
                     }
                 }
             }
         });
+    // SAFETY: each chunk's partial (size = 9·cinp·coutp) is tiled by its 32 × 32 C blocks
+    // (t < 9, cb < cinp/32, ob < coutp/32), every one stored by `micro_steps`.
+    unsafe { parts.set_len(chunks * size) };
     // gw += ((P0 + P1) + P2) + …, element by element
     gw.par_chunks_mut(cout).enumerate().for_each(|(r, d)| {
         let (t, c) = (r / cin, r % cin);
@@ -431,6 +483,28 @@ mod tests {
         (2, 40, 30, 5, 33),
         (1, 3, 4, 40, 2),
     ];
+
+    /// The position → pixel map walked row by row is the definition's at every position, and
+    /// the margins cover a tap's reach from every block.
+    #[test]
+    fn the_pixel_map_is_the_definition() {
+        for (b, h, w, _, _) in SHAPES {
+            let pg = Padded::new(Grid { b, h, w });
+            let map = pg.map();
+            assert_eq!(map.len(), pg.rows());
+            for (q, &p) in map.iter().enumerate() {
+                assert_eq!(
+                    pg.pixel(q),
+                    (p != NONE).then_some(p),
+                    "{:?} q {q}",
+                    (b, h, w)
+                );
+            }
+            let reach = (pg.tap(8) as usize, -pg.tap(0) as usize);
+            // the last block (from margin + span − 32) read 32 positions on from its last tap
+            assert!(pg.margin >= reach.1 && pg.margin + pg.span + reach.0 <= pg.rows());
+        }
+    }
 
     fn q(v: &[f32]) -> Vec<f64> {
         v.iter()
@@ -505,6 +579,55 @@ mod tests {
             assert_eq!(bits(&one.0), bits(&three.0), "y bits, {what}");
             assert_eq!(bits(&one.1), bits(&three.1), "acc bits, {what}");
             assert_eq!(bits(&one.2), bits(&three.2), "dw bits, {what}");
+        }
+    }
+
+    /// The AMX kernels' times at `unet-small`'s layer shapes (batch 16 × 28 × 28), and those of
+    /// their bf16 conversions alone: `cargo test --release -p maskdiff-network --lib --
+    /// amx_timing --ignored --nocapture` (on a CPU with AMX; 2·9·cin·cout flops per pixel).
+    #[test]
+    #[ignore]
+    fn amx_timing() {
+        crate::alloc::tune_allocator(); // as the binaries do: buffers reused, not page-faulted
+        let lv = isa::level();
+        let Some(hw) = lv.amx() else { return };
+        let bf = lv.bf16();
+        let g = Grid {
+            b: 16,
+            h: 28,
+            w: 28,
+        };
+        let (m, pg) = (g.pixels(), Padded::new(g));
+        let best = |f: &mut dyn FnMut()| {
+            f();
+            (0..7)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        for (cin, cout) in [(64, 64), (128, 64), (64, 256), (32, 64), (64, 64)] {
+            let x: Vec<f32> = (0..m * cin).map(|i| (i % 7) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..9 * cin * cout).map(|i| (i % 5) as f32 * 0.01).collect();
+            let gy: Vec<f32> = (0..m * cout).map(|i| (i % 3) as f32 * 0.1).collect();
+            let (mut y, mut gw) = (vec![0f32; m * cout], vec![0f32; 9 * cin * cout]);
+            let flop = 2.0 * (m * 9 * cin * cout) as f64 / 1e6;
+            let (cinp, coutp) = (cin.next_multiple_of(BLK), cout.next_multiple_of(BLK));
+            let tf = best(&mut || conv(hw, bf, &mut y, false, &x, &w, None, g, (cin, cout)));
+            let map = pg.map();
+            let tp = best(&mut || drop(padded_rows(bf, &x, &map, cin, cinp / 2)));
+            let tw = best(&mut || drop(packed_weight(bf, &w, (cin, cout), (cinp, coutp))));
+            let td = best(&mut || conv_dw(hw, bf, &mut gw, &x, &gy, g, (cin, cout)));
+            let tt = best(&mut || drop(transposed(bf, &x, &map, cin, cinp)));
+            let tq = best(&mut || drop(position_pairs(bf, &gy, &map, (cout, coutp))));
+            eprintln!(
+                "{cin}→{cout}: forward {tf:.2} ms ({:.0} GFLOP/s; padded rows {tp:.2}, weight \
+                 {tw:.2}), dW {td:.2} ms ({:.0} GFLOP/s; x transposed {tt:.2}, dY pairs {tq:.2})",
+                flop / tf,
+                flop / td
+            );
         }
     }
 }
