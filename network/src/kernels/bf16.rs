@@ -363,8 +363,7 @@ unsafe fn gemm_amx(
                         // through an aligned copy.
                         unsafe {
                             let tile = out.get().add(i0 * c_rs + j0 * c_cs);
-                            let mut cb = CBlock([0.0f32; AM * NR]);
-                            on_tile(tile, (c_rs, c_cs), (mr, nr), load, &mut cb.0, micro)
+                            on_tile(tile, (c_rs, c_cs), (mr, nr), load, AM, micro)
                         };
                     }
                 }
@@ -614,15 +613,14 @@ unsafe fn run_tile(
         // SAFETY: as above.
         unsafe { micro_portable(kc, (a, a_rs, a_ps), b, c, ldc, load) }
     };
-    let mut buf = [0.0f32; MR * NR];
     // SAFETY: the tile is the caller's.
-    unsafe { on_tile(tile, (rs, cs), (mr, nr), load, &mut buf, micro) }
+    unsafe { on_tile(tile, (rs, cs), (mr, nr), load, MR, micro) }
 }
 
 /// Runs `micro(c, ldc, load)` on the mr × nr tile of C at `tile` (strides rs, cs): in place
-/// when it is whole (`buf.len() / NR` rows of NR) with contiguous rows, else on `buf` (zeroed,
-/// row stride NR), filled from the tile first with `load` and written back after. The copies
-/// are exact, so both ways give the same bits.
+/// when it is whole (`rows` rows of NR, `micro`'s block) with contiguous rows, else on a block
+/// on the stack (row stride NR; zeroed only on this path), filled from the tile first with
+/// `load` and written back after. The copies are exact, so both ways give the same bits.
 ///
 /// # Safety
 /// `tile` valid for the mr × nr strided elements (reads with `load`), which nothing else
@@ -633,13 +631,16 @@ unsafe fn on_tile(
     (rs, cs): (usize, usize),
     (mr, nr): (usize, usize),
     load: bool,
-    buf: &mut [f32],
+    rows: usize,
     micro: impl Fn(*mut f32, usize, bool),
 ) {
-    if mr * NR == buf.len() && nr == NR && cs == 1 {
+    if mr == rows && nr == NR && cs == 1 {
         micro(tile, rs, load);
         return;
     }
+    assert!(rows <= 32 && mr <= rows && nr <= NR);
+    let mut block = Block([0.0; 32 * NR]);
+    let buf = &mut block.0[..rows * NR];
     // SAFETY (every `at`): (i, j) with i < mr, j < nr lies inside the tile (caller).
     let at = |i: usize, j: usize| unsafe { tile.add(i * rs + j * cs) };
     for (i, row) in buf
@@ -671,6 +672,10 @@ unsafe fn on_tile(
         }
     }
 }
+
+/// Up to 32 rows of NR f32 on a cache line: [`on_tile`]'s stand-in for a partial tile.
+#[repr(C, align(64))]
+struct Block([f32; 32 * NR]);
 
 /// The portable microkernel: the same pairwise order as `vdpbf16ps`, one lane per column.
 ///
@@ -1303,11 +1308,6 @@ impl std::ops::Deref for Packed {
         unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u32>(), 16 * self.0.len()) }
     }
 }
-
-/// A 32 × 32 f32 block of C on the stack, on a cache line (see [`Packed`]).
-#[cfg(target_arch = "x86_64")]
-#[repr(C, align(64))]
-struct CBlock([f32; AM * NR]);
 
 thread_local! {
     /// The packed operands of this thread's calls, reused (a call takes them out and puts them
