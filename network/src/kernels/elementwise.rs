@@ -598,33 +598,51 @@ fn rotate_rows_body<E: Elem>(
     inverse: bool,
     acc: bool,
 ) {
-    let Rows {
-        d,
-        n,
-        hd,
-        half,
-        first_row,
-    } = rows;
-    for (r, (drow, srow)) in dst.chunks_mut(d).zip(src.chunks(d)).enumerate() {
-        let pos = (first_row + r) % n;
-        let (c0, s0) = (
-            &cos[pos * half..(pos + 1) * half],
-            &sin[pos * half..(pos + 1) * half],
-        );
-        for (dh, sh) in drow.chunks_mut(hd).zip(srow.chunks(hd)) {
-            for (i, (dp, sp)) in dh.chunks_mut(2).zip(sh.chunks(2)).enumerate() {
-                let (a, bb) = (sp[0], sp[1]);
-                let (c, sn) = (c0[i], if inverse { -s0[i] } else { s0[i] });
-                let (y0, y1) = (s * (a * c - bb * sn), s * (bb * c + a * sn));
-                if acc {
-                    dp[0] += y0;
-                    dp[1] += y1;
-                } else {
-                    dp[0] = y0;
-                    dp[1] = y1;
+    // one loop per (inverse, acc), pairs as exact 2-chunks: each vectorises (interleaved loads)
+    #[inline(always)]
+    fn each<E: Elem>(
+        (dst, src, cos, sin): (&mut [E], &[E], &[E], &[E]),
+        Rows {
+            d,
+            n,
+            hd,
+            half,
+            first_row,
+        }: Rows,
+        pair: impl Fn(&mut [E], E, E, E, E),
+    ) {
+        for (r, (drow, srow)) in dst.chunks_mut(d).zip(src.chunks(d)).enumerate() {
+            let pos = (first_row + r) % n;
+            let (c0, s0) = (
+                &cos[pos * half..(pos + 1) * half],
+                &sin[pos * half..(pos + 1) * half],
+            );
+            for (dh, sh) in drow.chunks_exact_mut(hd).zip(srow.chunks_exact(hd)) {
+                let pairs = dh.chunks_exact_mut(2).zip(sh.chunks_exact(2));
+                for ((dp, sp), (&c, &sn)) in pairs.zip(c0.iter().zip(s0)) {
+                    pair(dp, sp[0], sp[1], c, sn);
                 }
             }
         }
+    }
+    let io = (dst, src, cos, sin);
+    match (inverse, acc) {
+        (false, false) => each(io, rows, |dp: &mut [E], a: E, bb: E, c: E, sn: E| {
+            dp[0] = s * (a * c - bb * sn);
+            dp[1] = s * (bb * c + a * sn);
+        }),
+        (true, false) => each(io, rows, |dp: &mut [E], a: E, bb: E, c: E, sn: E| {
+            dp[0] = s * (a * c - bb * -sn);
+            dp[1] = s * (bb * c + a * -sn);
+        }),
+        (false, true) => each(io, rows, |dp: &mut [E], a: E, bb: E, c: E, sn: E| {
+            dp[0] += s * (a * c - bb * sn);
+            dp[1] += s * (bb * c + a * sn);
+        }),
+        (true, true) => each(io, rows, |dp: &mut [E], a: E, bb: E, c: E, sn: E| {
+            dp[0] += s * (a * c - bb * -sn);
+            dp[1] += s * (bb * c + a * -sn);
+        }),
     }
 }
 multiversion!(
