@@ -9,11 +9,13 @@
 //! takes, per tap and 32 input channels, one A tile pair read straight from the padded rows
 //! (row stride: the padded channel count) and one B tile pair of the packed weight; positions
 //! that are padding are computed and dropped (≈ 2/(w + 2) of them for the blocks that hold
-//! pixels). dW_t = Σ_q x_pad(q + off_t)ᵀ·dY_pad(q), computed transposed (dW_tᵀ = Σ_q
-//! dY_pad(q)ᵀ·x_pad(q + off_t)): A is dY transposed (a row per output channel, positions along
-//! it, tile rows on cache lines), B is x in pairs of consecutive positions (the VNNI layout),
-//! one layout per parity of the tap offset so that every B tile row is a whole row; dY is zero
-//! where there is no pixel; partial sums per fixed chunk of positions, the chunks in order.
+//! pixels). dW_t = Σ_q x_pad(q + off_t)ᵀ·dY_pad(q): A is x transposed (a row per input
+//! channel, positions along it; a tile's rows start at any position q + off_t), B is dY in pairs
+//! of consecutive positions from q (the VNNI layout; q runs in whole blocks from an even margin,
+//! so one layout serves every tap); zeros where there is no pixel; partial sums per fixed chunk
+//! of positions, the chunks in order. Each operand is converted once per call, by a pass that
+//! walks a precomputed position → pixel map (the transposition: VNNI pairs of 16 channels
+//! through 16 × 16 register transposes, a task per strip of positions).
 //!
 //! Numerics are those of the bf16 matrix products ([`super::bf16`], [`super::amx`]): inputs
 //! rounded to bf16 (round to nearest even), exact products, f32 sums; results do not depend on
