@@ -600,16 +600,7 @@ mod tests {
             w: 28,
         };
         let (m, pg) = (g.pixels(), Padded::new(g));
-        let best = |f: &mut dyn FnMut()| {
-            f();
-            (0..7)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    f();
-                    t.elapsed().as_secs_f64() * 1e3
-                })
-                .fold(f64::INFINITY, f64::min)
-        };
+        let best = |f: &mut dyn FnMut()| super::super::test_util::best_of(7, f) * 1e3;
         for (cin, cout) in [(64, 64), (128, 64), (64, 256), (32, 64), (64, 64)] {
             let x: Vec<f32> = (0..m * cin).map(|i| (i % 7) as f32 * 0.1).collect();
             let w: Vec<f32> = (0..9 * cin * cout).map(|i| (i % 5) as f32 * 0.01).collect();

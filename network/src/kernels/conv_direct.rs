@@ -858,16 +858,7 @@ pub(crate) mod tests {
             let mut gw = vec![0f32; 9 * cin * cout];
             let lv = isa::level();
             let flop = 2.0 * (m * 9 * cin * cout) as f64;
-            let best = |f: &mut dyn FnMut()| {
-                f();
-                (0..5)
-                    .map(|_| {
-                        let t = std::time::Instant::now();
-                        f();
-                        t.elapsed().as_secs_f64()
-                    })
-                    .fold(f64::INFINITY, f64::min)
-            };
+            let best = |f: &mut dyn FnMut()| super::super::test_util::best_of(5, f);
             let tf = best(&mut || conv(lv, &mut y, false, &x, &w, None, g, (cin, cout)));
             let tw = best(&mut || conv_dw(lv, &mut gw, &x, &gy, g, (cin, cout)));
             eprintln!(

@@ -796,16 +796,7 @@ mod tests {
             let w: Vec<f32> = (0..9 * cin * cout).map(|i| (i % 5) as f32 * 0.01).collect();
             let mut y = vec![0f32; m * cout];
             let flop = 2.0 * (m * 9 * cin * cout) as f64;
-            let best = |f: &mut dyn FnMut()| {
-                f();
-                (0..7)
-                    .map(|_| {
-                        let t = std::time::Instant::now();
-                        f();
-                        t.elapsed().as_secs_f64()
-                    })
-                    .fold(f64::INFINITY, f64::min)
-            };
+            let best = |f: &mut dyn FnMut()| super::super::test_util::best_of(7, f);
             let tw = best(&mut || conv(lv, &mut y, false, &x, &w, None, g, (cin, cout)));
             let td = best(&mut || {
                 super::super::conv_direct::conv(lv, &mut y, false, &x, &w, None, g, (cin, cout))

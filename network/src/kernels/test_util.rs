@@ -98,3 +98,16 @@ where
 pub(crate) fn rand32(rng: &mut StdRng, len: usize, s: f32) -> Vec<f32> {
     (0..len).map(|_| rng.gen_range(-s..s)).collect()
 }
+
+/// The best of `runs` timed calls of `f` in seconds, after one untimed call (the kernels'
+/// ignored timing benches).
+pub(crate) fn best_of(runs: usize, f: &mut dyn FnMut()) -> f64 {
+    f();
+    (0..runs)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
