@@ -193,8 +193,9 @@ pub(crate) fn keep_mask<E: Elem>(p: f64, rng: &mut dyn RngCore, n: usize) -> Vec
     let keep = E::c(1.0 / (1.0 - p));
     // u·2⁻³² ≥ p ⟺ u ≥ ⌈p·2³²⌉ for an integer u (p·2³² exact in f64)
     let least = (p * (1u64 << 32) as f64).ceil() as u64;
-    let mut mask = vec![E::zero(); n];
-    mask.par_chunks_mut(MASK_CHUNK)
+    let mut mask: Vec<E> = Vec::with_capacity(n);
+    mask.spare_capacity_mut()[..n]
+        .par_chunks_mut(MASK_CHUNK)
         .enumerate()
         .for_each(|(k, chunk)| {
             let mut key = [0u8; 32];
@@ -208,14 +209,16 @@ pub(crate) fn keep_mask<E: Elem>(p: f64, rng: &mut dyn RngCore, n: usize) -> Vec
                 let u = &mut u[..part.len()];
                 stream.fill(u);
                 for (v, &u) in part.iter_mut().zip(u.iter()) {
-                    *v = if u64::from(u) >= least {
+                    v.write(if u64::from(u) >= least {
                         keep
                     } else {
                         E::zero()
-                    };
+                    });
                 }
             }
         });
+    // SAFETY: the chunks tile the n spare slots and every slot of each was written above.
+    unsafe { mask.set_len(n) };
     mask
 }
 
