@@ -279,17 +279,42 @@ fn rounded<E: Elem>(v: &[E], round: bool) -> std::borrow::Cow<'_, [E]> {
     if !round {
         return std::borrow::Cow::Borrowed(v);
     }
-    let mut out = vec![E::zero(); v.len()];
-    out.par_chunks_mut(1 << 14)
-        .zip(v.par_chunks(1 << 14))
-        .for_each(|(o, s)| {
-            for (o, &x) in o.iter_mut().zip(s) {
-                let x = x.to_f32().unwrap_or(f32::NAN);
-                *o = E::c(f64::from(from_bf16(to_bf16(x))));
-            }
-        });
-    std::borrow::Cow::Owned(out)
+    const CHUNK: usize = 1 << 14;
+    let lv = isa::level();
+    let chunks = v.par_chunks(CHUNK);
+    let f32_rows = std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>();
+    let fill = |o: &mut [MaybeUninit<E>], s: &[E]| {
+        if f32_rows {
+            // SAFETY: E is f32 (checked above): the same memory seen at its own type.
+            let (o, s) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(o.as_mut_ptr().cast(), o.len()),
+                    std::slice::from_raw_parts(s.as_ptr().cast(), s.len()),
+                )
+            };
+            return round_rows::<E>(lv, o, s);
+        }
+        for (o, &x) in o.iter_mut().zip(s) {
+            let x = x.to_f32().unwrap_or(f32::NAN);
+            o.write(E::c(f64::from(from_bf16(to_bf16(x)))));
+        }
+    };
+    // SAFETY: `fill` writes every element of its chunk (input and output chunks have the same
+    // lengths, and both loops cover them).
+    std::borrow::Cow::Owned(unsafe { par_written(v.len(), CHUNK, chunks, fill) })
 }
+
+/// o = bf16-rounded s, element by element ([`super::bf16::round_bf16`], which vectorises).
+#[inline(always)]
+fn round_rows_body(o: &mut [MaybeUninit<f32>], s: &[f32]) {
+    for (o, &x) in o.iter_mut().zip(s) {
+        o.write(super::bf16::round_bf16(x));
+    }
+}
+multiversion!(
+    /// [`round_rows_body`] (E is unused: the macro's instances are generic).
+    fn round_rows<E: Elem>(o: &mut [MaybeUninit<f32>], s: &[f32]) => round_rows_body
+);
 
 /// W̃ (9·cout, cin) with W̃[ky, kx, o, c] = W[2 − ky, 2 − kx, c, o], W (9·cin, cout).
 fn flip<E: Elem>(w: &[E], cin: usize, cout: usize) -> Vec<E> {
