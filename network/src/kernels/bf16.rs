@@ -309,8 +309,15 @@ unsafe fn gemm_amx(
     let kst = k.div_ceil(2).div_ceil(amx::T) * amx::T;
     let (row_panels, col_panels) = (m.div_ceil(AM), n.div_ceil(NR));
     let (mut ap, mut bp, mut tmp) = SCRATCH.with(|s| s.take());
-    // SAFETY (both packs): the caller guarantees A and B valid for their elements.
-    unsafe { convert_a_amx(level, par, a, m, k, kst, row_panels * AM, &mut ap, &mut tmp) };
+    // Tasks split C's rows (below) and A is row-major: each task converts its own rows of A
+    // into its thread's buffer, read back from L2 by its tiles, instead of one conversion pass
+    // writing all of A to memory first (the same values).
+    let split_rows = row_panels >= col_panels;
+    let local_a = split_rows && a.cs == 1;
+    if !local_a {
+        // SAFETY: the caller guarantees A valid for its elements.
+        unsafe { convert_a_amx(level, par, a, m, k, kst, row_panels * AM, &mut ap, &mut tmp) };
+    }
     let pb = Panels {
         ptr: b.ptr,
         ws: b.cs,
@@ -329,12 +336,13 @@ unsafe fn gemm_amx(
     } else {
         1
     };
-    let split_rows = row_panels >= col_panels;
     let long = if split_rows { row_panels } else { col_panels };
     let per = long.div_ceil((2 * threads).min(long));
     let parts = long.div_ceil(per);
     let group = kst * amx::T; // one 16-row group of A
     let out = Out(c);
+    let a = &a; // the closure captures the whole `Mat` (Sync), not its raw pointer field
+    let hw16 = level.bf16();
     let tile_task = |t: usize| {
         let tiles = amx::Tiles::configure(hw);
         let part = t * per..((t + 1) * per).min(long);
@@ -342,6 +350,18 @@ unsafe fn gemm_amx(
             (part, 0..col_panels)
         } else {
             (0..row_panels, part)
+        };
+        // this task's A: its own groups (local_a), else the shared conversion
+        let mut mine = AmxA(AMX_A.with(|b| b.take()));
+        let (ap, rp0): (&[u32], usize) = if local_a {
+            let buf = mine.0.grow(rows.len() * AM * kst);
+            for (i, dst) in buf.chunks_exact_mut(group).enumerate() {
+                // SAFETY: A is row-major (a.cs = 1) with m rows of k elements (caller).
+                unsafe { fill_rows_group(hw16, a, (m, k), 2 * rows.start + i, dst) };
+            }
+            (buf, rows.start)
+        } else {
+            (&ap, 0)
         };
         for k0 in (0..kst).step_by(KC_AMX) {
             let kc = KC_AMX.min(kst - k0);
@@ -351,8 +371,9 @@ unsafe fn gemm_amx(
                 for cp in cols.clone() {
                     let bpan = &bp[(cp * kst + k0) * NR..][..kc * NR];
                     for rp in run.clone() {
-                        let a0 = &ap[2 * rp * group + k0 * amx::T..][..kc * amx::T];
-                        let a1 = &ap[(2 * rp + 1) * group + k0 * amx::T..][..kc * amx::T];
+                        let g0 = 2 * (rp - rp0);
+                        let a0 = &ap[g0 * group + k0 * amx::T..][..kc * amx::T];
+                        let a1 = &ap[(g0 + 1) * group + k0 * amx::T..][..kc * amx::T];
                         let (i0, j0) = (rp * AM, cp * NR);
                         let (mr, nr) = (AM.min(m - i0), NR.min(n - j0));
                         let kb = kc / amx::T;
@@ -485,17 +506,8 @@ unsafe fn convert_a_amx(
             tmp.resize(kst * G, 0);
         }
         if a.cs == 1 {
-            for w in 0..G {
-                if w < width {
-                    // SAFETY: row r0 + w < m of A, k contiguous elements (caller).
-                    let row = unsafe { std::slice::from_raw_parts(a.ptr.add((r0 + w) * a.rs), k) };
-                    cvt_row_blocked(hw, row, dst, w);
-                } else {
-                    for blk in dst.chunks_exact_mut(G * G) {
-                        blk[w * G..][..G].fill(0);
-                    }
-                }
-            }
+            // SAFETY: A is row-major with m rows of k elements (caller).
+            unsafe { fill_rows_group(hw, a, (m, k), g, dst) };
         } else {
             let pan = &mut tmp[..kst * G];
             // SAFETY: rows r0 .. r0 + width of A (caller).
@@ -520,6 +532,46 @@ unsafe fn convert_a_amx(
         for (g, dst) in buf.chunks_mut(kst * G).enumerate() {
             fill_group(g, dst, tmp);
         }
+    }
+}
+
+/// Group g (rows 16g..16g + 16) of a row-major A (m × k, row stride a.rs) in [`gemm_amx`]'s
+/// layout: `dst` (kst·16 u32) holds kst/16 blocks of 16 rows × 16 pairs; rows past m and pairs
+/// past ⌈k/2⌉ zero.
+///
+/// # Safety
+/// A's rows 0..m hold k contiguous elements each at `a.ptr + r·a.rs` (a.cs = 1).
+#[cfg(target_arch = "x86_64")]
+unsafe fn fill_rows_group(
+    hw: Option<Bf16Hw>,
+    a: &Mat,
+    (m, k): (usize, usize),
+    g: usize,
+    dst: &mut [u32],
+) {
+    const G: usize = amx::T;
+    let r0 = g * G;
+    for w in 0..G {
+        if r0 + w < m {
+            // SAFETY: row r0 + w < m of A, k contiguous elements (caller).
+            let row = unsafe { std::slice::from_raw_parts(a.ptr.add((r0 + w) * a.rs), k) };
+            cvt_row_blocked(hw, row, dst, w);
+        } else {
+            for blk in dst.chunks_exact_mut(G * G) {
+                blk[w * G..][..G].fill(0);
+            }
+        }
+    }
+}
+
+/// A worker's [`AMX_A`], put back when its tile task is done.
+#[cfg(target_arch = "x86_64")]
+struct AmxA(Packed);
+#[cfg(target_arch = "x86_64")]
+impl Drop for AmxA {
+    fn drop(&mut self) {
+        let v = std::mem::replace(&mut self.0, Packed::new());
+        AMX_A.with(|b| b.set(v));
     }
 }
 
@@ -1331,6 +1383,9 @@ thread_local! {
     /// The AMX conversion's one-group buffer of a rayon worker in a parallel call.
     #[cfg(target_arch = "x86_64")]
     static AMX_TMP: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// A tile task's own converted rows of A ([`gemm_amx`] with row-major A).
+    #[cfg(target_arch = "x86_64")]
+    static AMX_A: std::cell::Cell<Packed> = const { std::cell::Cell::new(Packed::new()) };
 }
 
 #[cfg(test)]
