@@ -12,6 +12,8 @@ static ALLOC: maskdiff_network::CacheLineAlloc = maskdiff_network::CacheLineAllo
 fn main() {
     // glibc: keep the training step's large buffers in the heap (opt-in, see the function)
     maskdiff_network::tune_allocator();
+    // rayon: this thread as the pool's worker 0 (opt-in, see the function)
+    maskdiff_network::tune_threads();
     let cli = match maskdiff_cli::args::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => match maskdiff_cli::error::usage_error_line(&e) {

@@ -256,6 +256,60 @@ fn stopping_at_a_time_limit_and_resuming_is_bit_exact() {
     assert_eq!(train_lines("straight"), train_lines("pieces"));
 }
 
+/// How the work is spread over threads changes no bit: the main thread as the pool's worker 0
+/// (the default, `maskdiff_network::tune_threads`), rayon's own pool beside it
+/// (`MASKDIFF_MAIN_WORKER=0`), and one thread (`RAYON_NUM_THREADS=1`: the main thread alone)
+/// give the same parameters, optimiser moments and EMA, and the same sampled text.
+#[test]
+fn the_thread_layout_changes_no_bit() {
+    let d = tmp("threads");
+    write_corpus(&d.join("corpus.txt"), 60_000);
+    let layouts: [(&str, &[(&str, &str)]); 3] = [
+        ("main-worker", &[("RAYON_NUM_THREADS", "2")]),
+        (
+            "outside",
+            &[("RAYON_NUM_THREADS", "2"), ("MASKDIFF_MAIN_WORKER", "0")],
+        ),
+        ("one", &[("RAYON_NUM_THREADS", "1")]),
+    ];
+    let mut samples = Vec::new();
+    for (out, env) in layouts {
+        let steps = "6".to_string();
+        let mut args = vec![
+            "train",
+            "--out",
+            out,
+            "--steps",
+            &steps,
+            "--eval-every",
+            "0",
+        ];
+        args.extend_from_slice(TINY);
+        let o = Command::new(bin())
+            .current_dir(&d)
+            .args(&args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        ok(&o);
+        let o = Command::new(bin())
+            .current_dir(&d)
+            .args(["sample", out, "-n", "2", "--steps", "16", "--seed", "3"])
+            .args(["-o", &format!("{out}.txt")])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        ok(&o);
+        samples.push(std::fs::read_to_string(d.join(format!("{out}.txt"))).unwrap());
+    }
+    let sums = checksums(&d.join("main-worker"));
+    assert!(!sums.is_empty());
+    assert_eq!(sums, checksums(&d.join("outside")));
+    assert_eq!(sums, checksums(&d.join("one")));
+    assert_eq!(samples[0], samples[1]);
+    assert_eq!(samples[0], samples[2]);
+}
+
 /// With its own decay horizon (`optim.decay_steps`) the learning rate does not depend on
 /// `train.steps`, so a run can be extended on resume: 8 steps, then `--resume --steps 16`, equals
 /// 16 steps straight, bit for bit. Without a horizon of its own `--steps` on resume is refused.

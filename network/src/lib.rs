@@ -16,6 +16,9 @@
 //! * [`tune_allocator`]: glibc allocator tuning for the training step's large buffers, opt-in
 //!   (the `maskdiff` binary and the benchmarks call it at the start of `main`; the library
 //!   never does).
+//! * [`tune_threads`]: the calling (main) thread as worker 0 of rayon's global pool, so the
+//!   kernels' parallel loops start inside the pool instead of waking it and sleeping; opt-in
+//!   like [`tune_allocator`].
 //! * [`CacheLineAlloc`]: a global allocator aligning big blocks to cache lines (AMX tile
 //!   loads of unaligned rows are several times slower), opt-in per binary
 //! * [`UNet`]: the VDM-style U-Net image denoiser of spec §7.3 (presets `unet-tiny`,
@@ -56,6 +59,7 @@ mod network;
 mod param;
 pub mod precision;
 pub mod tensor_io;
+mod threads;
 pub mod unet;
 mod unet_layers;
 pub mod uvit;
@@ -74,6 +78,7 @@ pub use model::Md4Transformer;
 pub use network::Network;
 pub use param::Param;
 pub use precision::{set_precision, with_precision, Precision};
+pub use threads::tune_threads;
 pub use unet::UNet;
 pub use uvit::Uvit;
 

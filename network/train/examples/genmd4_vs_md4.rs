@@ -92,6 +92,7 @@ static ALLOC: maskdiff_network::CacheLineAlloc = maskdiff_network::CacheLineAllo
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // glibc allocator tuning for the training step's large buffers (opt-in)
     maskdiff_network::tune_allocator();
+    maskdiff_network::tune_threads();
     let args = parse()?;
     let file = open_or_build_english_corpus(&args.cache, TokenizerId::Text8)?;
     let vocab = file.vocab().size();

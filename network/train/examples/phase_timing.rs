@@ -17,6 +17,7 @@ static ALLOC: maskdiff_network::CacheLineAlloc = maskdiff_network::CacheLineAllo
 fn main() {
     // glibc allocator tuning for the training step's large buffers (opt-in)
     maskdiff_network::tune_allocator();
+    maskdiff_network::tune_threads();
     let (v, n, b) = (27usize, 256usize, 16usize);
     let cfg = NetworkConfig::preset("cpu-small", v).unwrap();
     let dev = Cpu::default();

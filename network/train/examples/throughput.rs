@@ -154,6 +154,7 @@ static ALLOC: maskdiff_network::CacheLineAlloc = maskdiff_network::CacheLineAllo
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // glibc allocator tuning for the training step's large buffers (opt-in)
     maskdiff_network::tune_allocator();
+    maskdiff_network::tune_threads();
     match arg("--device", "cpu".to_string()).as_str() {
         "cpu" => run(&Cpu::default()),
         #[cfg(feature = "cuda")]
