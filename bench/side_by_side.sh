@@ -34,14 +34,45 @@
 #      64 channels, 4 residual blocks per side) on one Fashion-MNIST-shaped 28×28×1 image of 256
 #      levels per sequence, batch 16, against the same network in bench/torch_unet.py (tokens =
 #      pixels; flops: the convolutions, projections and middle attention per pixel).
+#      ISA=avx2|avx512|amx: both sides held to a narrower instruction set than the CPU has, to
+#      measure on one machine what a CPU without AVX-512 (avx2) or without AMX (avx512: AVX-512
+#      with AVX512-BF16 where the CPU has it, as on a Zen 4 or a Cooper Lake Xeon) would see:
+#      maskdiff through MASKDIFF_ISA, PyTorch through ATEN_CPU_CAPABILITY (its own kernels),
+#      ONEDNN_MAX_CPU_ISA (oneDNN: the bf16 products, convolutions) and MKL_ENABLE_INSTRUCTIONS
+#      (MKL: the f32 products); the peak (fma_peak) follows MASKDIFF_ISA, and with avx2 the
+#      benchmark is built without gemm's AVX-512 kernels (target/gemm-avx2, network/Cargo.toml:
+#      gemm detects the CPU itself, past MASKDIFF_ISA). An emulation: the
+#      cores, caches and clocks stay this CPU's (on an AMX Xeon `vdpbf16ps` runs at half the
+#      f32 FMA rate, where a Zen 4 runs it faster than f32). ISA=avx2 sets BF16=0 unless given
+#      (no bf16 path to compare: both sides would run emulated bf16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ITERS=${ITERS:-10}
 WARMUP=${WARMUP:-2}
 ROUNDS=${ROUNDS:-2}
 THREADS=${THREADS:-}
+ISA=${ISA:-}
+case "$ISA" in
+  "") ;;
+  avx2)
+    export MASKDIFF_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+    BF16=${BF16:-0} ;;
+  avx512)
+    export MASKDIFF_ISA=avx512 ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 MKL_ENABLE_INSTRUCTIONS=AVX512 ;;
+  amx) export MASKDIFF_ISA=amx ;;
+  *) echo "ISA must be avx2, avx512 or amx (got $ISA)" >&2; exit 2 ;;
+esac
 
-cargo build --release -p maskdiff-train --example throughput --example fma_peak >&2
+bin=target/release/examples
+if [ "$ISA" = avx2 ]; then
+  # gemm (the f32 products) picks its kernels by its own CPU detection: built without its
+  # AVX-512 kernels it runs what it runs on an AVX2-only CPU (network/Cargo.toml)
+  RUSTFLAGS="${RUSTFLAGS:-} --cfg maskdiff_gemm_avx2" CARGO_TARGET_DIR=target/gemm-avx2 \
+    cargo build --release -p maskdiff-train --example throughput --example fma_peak >&2
+  bin=target/gemm-avx2/release/examples
+else
+  cargo build --release -p maskdiff-train --example throughput --example fma_peak >&2
+fi
 python3 -c "import torch" 2>/dev/null || python3 -m pip install --quiet torch >&2
 if [ -n "$THREADS" ]; then
   export RAYON_NUM_THREADS=$THREADS
@@ -58,18 +89,23 @@ feats=""
 for f in avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile; do
   case " $flags " in *" $f "*) feats="$feats $f" ;; esac
 done
+case "$ISA" in # the features a held-back run may use
+  avx2) feats=$(printf '%s\n' $feats | grep -E '^(avx2|fma)$' | tr '\n' ' ' | sed 's/^/ /; s/ $//') ;;
+  avx512) feats=$(printf '%s\n' $feats | grep -v '^amx' | tr '\n' ' ' | sed 's/^/ /; s/ $//') ;;
+esac
 lanes=4
-case " $flags " in *" avx2 "*) lanes=8 ;; esac
-case " $flags " in *" avx512f "*) lanes=16 ;; esac
+case " $feats " in *" avx2 "*) lanes=8 ;; esac
+case " $feats " in *" avx512f "*) lanes=16 ;; esac
 peak=$(awk -v c="$cores" -v m="$mhz" -v l="$lanes" 'BEGIN { printf "%.0f", c * m / 1000 * l * 2 * 2 }')
-echo "CPU: $model, $cores cores at ${mhz} MHz; features:${feats:- (none of avx2/avx512)}"
+echo "CPU: $model, $cores cores at ${mhz} MHz; features:${feats:- (none of avx2/avx512)}${ISA:+ (held to ISA=$ISA on both sides)}"
+echo "PyTorch: $(python3 -W ignore -c 'import torch; print(torch.__version__, "CPU capability", torch.backends.cpu.get_cpu_capability())' 2>/dev/null)"
 echo "f32 FMA peak by formula ≈ $peak GFLOP/s ($cores cores × $(awk -v m="$mhz" 'BEGIN{printf "%.2f", m/1000}') GHz × $lanes lanes × 2 FMA units × 2)"
 # measured with the benchmark's own thread count (RAYON_NUM_THREADS is exported above if THREADS)
 # at the start of every round; the best over rounds is the peak (load only ever lowers it)
 pk_f=(); pk_b=()
 measure_peak() {
   local line
-  line=$(./target/release/examples/fma_peak | tee >(cat >&2) | tail -n 1)
+  line=$(./$bin/fma_peak | tee >(cat >&2) | tail -n 1)
   pk_f+=("$(echo "$line" | sed -n 's/.*peak_f32_gflops=\([0-9.]*\).*/\1/p')")
   pk_b+=("$(echo "$line" | sed -n 's/.*peak_bf16_gflops=\([0-9.]*\).*/\1/p')")
   bf16_path=$(echo "$line" | sed -n 's/.*bf16_path=\([a-z0-9]*\).*/\1/p')
@@ -97,7 +133,7 @@ for r in $(seq 1 "$ROUNDS"); do
   echo "== round $r: measured peak" >&2
   measure_peak
   echo "== round $r: maskdiff (dfdx)" >&2
-  line=$(./target/release/examples/throughput "${rust_model[@]}" --iters "$ITERS" --warmup "$WARMUP" | tee >(cat >&2) | tail -n 1)
+  line=$(./$bin/throughput "${rust_model[@]}" --iters "$ITERS" --warmup "$WARMUP" | tee >(cat >&2) | tail -n 1)
   rs_f+=("$(echo "$line" | field forward_tok_s)"); rs_t+=("$(echo "$line" | field train_tok_s)")
   rs_m+=("$(echo "$line" | field train_peak_rss_mb)")
   echo "== round $r: PyTorch" >&2
@@ -106,7 +142,7 @@ for r in $(seq 1 "$ROUNDS"); do
   py_m+=("$(echo "$line" | field train_peak_rss_mb)")
   if [ "$BF16" = 1 ]; then
     echo "== round $r: maskdiff bf16" >&2
-    line=$(./target/release/examples/throughput "${rust_model[@]}" --iters "$ITERS" --warmup "$WARMUP" --precision bf16 | tee >(cat >&2) | tail -n 1)
+    line=$(./$bin/throughput "${rust_model[@]}" --iters "$ITERS" --warmup "$WARMUP" --precision bf16 | tee >(cat >&2) | tail -n 1)
     case "$line" in *precision=bf16*) bf16_side=bf16 ;; esac
     rb_f+=("$(echo "$line" | field forward_tok_s)"); rb_t+=("$(echo "$line" | field train_tok_s)")
     rb_m+=("$(echo "$line" | field train_peak_rss_mb)")

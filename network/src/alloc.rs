@@ -91,6 +91,20 @@ impl CacheLineAlloc {
         }
     }
 
+    /// Zeroed blocks this large or larger, asked for on a worker of a rayon pool with more than
+    /// one thread, are zeroed by the pool's threads ([`zero_on_pool`]).
+    pub const POOL_ZERO: usize = 1 << 20;
+
+    /// Whether a zeroed block of `size` bytes is zeroed on the pool: a big one asked for on a
+    /// worker (the main thread under `tune_threads`: dfdx's zero-filled gradient buffers, each
+    /// a serial `memset` of up to tens of MB while the other cores waited, ≈ 5 % of a bf16
+    /// `cpu-small` step), and never off the pool (there a join would inject and wait).
+    fn zero_on_pool(size: usize) -> bool {
+        size >= Self::POOL_ZERO
+            && rayon::current_thread_index().is_some()
+            && rayon::current_num_threads() > 1
+    }
+
     /// The system block of a big block `p` (from [`Self::place`]).
     ///
     /// # Safety
@@ -123,6 +137,16 @@ unsafe impl std::alloc::GlobalAlloc for CacheLineAlloc {
         if !Self::big(layout) {
             // SAFETY: as for `alloc`.
             return unsafe { std::alloc::System.alloc_zeroed(layout) };
+        }
+        if Self::zero_on_pool(layout.size()) {
+            // SAFETY: as for `alloc`; then the block's `size` bytes, all of them its own, zeroed.
+            unsafe {
+                let p = self.alloc(layout);
+                if !p.is_null() {
+                    zero_on_pool(p, layout.size());
+                }
+                return p;
+            }
         }
         match Self::outer(layout.size()) {
             // SAFETY: as for `alloc`; the distance is written before the zeroed `size` bytes.
@@ -161,6 +185,41 @@ unsafe impl std::alloc::GlobalAlloc for CacheLineAlloc {
             fresh
         }
     }
+}
+
+/// A block's start, shared by the tasks that zero its disjoint pieces.
+#[derive(Clone, Copy)]
+struct Block(*mut u8);
+// SAFETY: each task writes only its own piece of the block (below), which no one else reads or
+// writes until the join returns.
+unsafe impl Send for Block {}
+// SAFETY: as above.
+unsafe impl Sync for Block {}
+
+/// Zeroes the `len` bytes at `p` in one piece per thread of the current rayon pool, split by
+/// `join` from this worker (so the pieces go to the pool's deques, not its injector). Called
+/// from inside the allocator: it allocates nothing of its own size class (a join's jobs live
+/// on the stack; a deque that grows asks for a small block), so it never re-enters itself, and
+/// the zeroing cannot panic.
+///
+/// # Safety
+/// `p` valid for writes of `len` bytes, which nothing else accesses until this returns.
+unsafe fn zero_on_pool(p: *mut u8, len: usize) {
+    fn zero(b: Block, range: std::ops::Range<usize>, piece: usize) {
+        if range.len() <= piece {
+            // SAFETY: `range` lies inside the caller's `len` bytes and no other task's range
+            // overlaps it (the halves below are disjoint).
+            unsafe { std::ptr::write_bytes(b.0.add(range.start), 0, range.len()) };
+            return;
+        }
+        let mid = range.start + (range.len() / 2).next_multiple_of(4096).min(range.len());
+        rayon::join(
+            || zero(b, range.start..mid, piece),
+            || zero(b, mid..range.end, piece),
+        );
+    }
+    let piece = len.div_ceil(rayon::current_num_threads()).max(4096);
+    zero(Block(p), 0..len, piece);
 }
 
 #[cfg(test)]
@@ -204,5 +263,47 @@ mod tests {
             assert_eq!(s.addr() % 8, 0);
             a.dealloc(s, small);
         }
+    }
+
+    /// A big zeroed block asked for on a worker of a 3-thread pool (zeroed in pieces by the
+    /// pool) is zero in every byte, after the same memory held other bytes; sizes around the
+    /// piece and page boundaries, and a block below the threshold (the system's calloc).
+    #[test]
+    fn zeroed_blocks_on_the_pool_are_zero() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let a = CacheLineAlloc;
+            for size in [
+                CacheLineAlloc::POOL_ZERO - 1,
+                CacheLineAlloc::POOL_ZERO,
+                CacheLineAlloc::POOL_ZERO + 4095,
+                3 * CacheLineAlloc::POOL_ZERO + 17,
+            ] {
+                assert_eq!(
+                    CacheLineAlloc::zero_on_pool(size),
+                    size >= CacheLineAlloc::POOL_ZERO
+                );
+                let l = Layout::from_size_align(size, 4).unwrap();
+                // SAFETY: each block is used within its size and freed with its layout.
+                unsafe {
+                    let p = a.alloc(l);
+                    std::ptr::write_bytes(p, 0xA5, size);
+                    a.dealloc(p, l);
+                    let z = a.alloc_zeroed(l);
+                    assert_eq!(z.addr() % CacheLineAlloc::LINE, 0);
+                    let bytes = std::slice::from_raw_parts(z, size);
+                    assert!(bytes.iter().all(|&b| b == 0), "size {size}");
+                    a.dealloc(z, l);
+                }
+            }
+        });
+        // off the pool: never on it
+        assert!(std::thread::spawn(|| CacheLineAlloc::zero_on_pool(1 << 30))
+            .join()
+            .map(|on| !on)
+            .unwrap());
     }
 }

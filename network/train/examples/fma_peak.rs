@@ -7,7 +7,8 @@
 //! Xeon, one 512-bit FMA per cycle on AMD Zen 4, whose AVX-512 runs on two 256-bit units). So
 //! this runs what a matrix-product microkernel runs at best: every thread issues independent
 //! fused multiply-adds (12 accumulator chains, more than latency × issue width on current
-//! cores) at the widest level the CPU has, and the same for `vdpbf16ps` (the bf16 pair dot
+//! cores) at the kernels' level (the widest the CPU has, or lower with `MASKDIFF_ISA`, as for
+//! the kernels), and the same for `vdpbf16ps` (the bf16 pair dot
 //! product with f32 accumulation, 2 multiply-adds per f32 lane) where AVX512-BF16 exists, and
 //! AMX's `tdpbf16ps` (16 × 16 × 32 multiply-adds per instruction, four independent C tiles)
 //! where the CPU and OS allow tiles — the bf16 peak of the kernels' bf16 products is AMX's
@@ -143,22 +144,18 @@ fn scalar(seed: f32) -> f32 {
     acc.iter().sum()
 }
 
-/// The widest f32 FMA level and, separately, whether `vdpbf16ps` exists.
-fn detect() -> (Kind, bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let f32k = if is_x86_feature_detected!("avx512f") {
-            Kind::Avx512
-        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            Kind::Avx2
-        } else {
-            Kind::Scalar
-        };
-        let bf16 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16");
-        (f32k, bf16)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    (Kind::Scalar, false)
+/// The kernels' level ([`maskdiff_network::isa::level`]: the widest the CPU has, or what
+/// `MASKDIFF_ISA` lowers it to, so a run emulating a narrower CPU measures that CPU's peak): its
+/// f32 FMA kind, whether `vdpbf16ps` is on, whether AMX tiles are.
+fn detect() -> (Kind, bool, bool) {
+    use maskdiff_network::isa::{level, Isa};
+    let l = level();
+    let f32k = match l.isa() {
+        Isa::Amx | Isa::Avx512 => Kind::Avx512,
+        Isa::Avx2 => Kind::Avx2,
+        Isa::Portable => Kind::Scalar,
+    };
+    (f32k, l.bf16().is_some(), l.amx().is_some())
 }
 
 /// One block of TRIPS trips of `kind` on this thread.
@@ -171,7 +168,8 @@ fn block(kind: Kind, seed: f32) -> f32 {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: `detect` found each kind's features before any thread runs it.
+        // SAFETY: `detect` found each kind's features (the level never exceeds the CPU's)
+        // before any thread runs it.
         match kind {
             Kind::Avx512 => return unsafe { x86::avx512(seed) },
             Kind::Avx2 => return unsafe { x86::avx2(seed) },
@@ -219,7 +217,7 @@ fn main() -> Result<(), Err> {
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&t| t > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let (f32k, has_bf16) = detect();
+    let (f32k, has_bf16, has_amx) = detect();
     // best of `tries`: other processes only ever take cycles away
     let best = |k: Kind| {
         (0..tries.max(1))
@@ -237,9 +235,9 @@ fn main() -> Result<(), Err> {
         println!("bf16 dot (vdpbf16ps), {threads} threads: {p:.1} GFLOP/s");
         (bf16_peak, path) = (format!("{p:.1}"), "avx512bf16");
     } else {
-        println!("bf16 dot: no AVX512-BF16 on this CPU");
+        println!("bf16 dot: no AVX512-BF16 at the kernels' level");
     }
-    if maskdiff_network::isa::amx_spin(0).is_some() {
+    if has_amx && maskdiff_network::isa::amx_spin(0).is_some() {
         let p = best(Kind::Amx);
         println!("bf16 tiles (AMX tdpbf16ps), {threads} threads: {p:.1} GFLOP/s");
         (bf16_peak, path) = (format!("{p:.1}"), "amx");
