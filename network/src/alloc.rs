@@ -92,7 +92,7 @@ impl CacheLineAlloc {
     }
 
     /// Zeroed blocks this large or larger, asked for on a worker of a rayon pool with more than
-    /// one thread, are zeroed by the pool's threads ([`zero_on_pool`]).
+    /// one thread, are zeroed by the pool's threads, one piece per thread.
     pub const POOL_ZERO: usize = 1 << 20;
 
     /// Whether a zeroed block of `size` bytes is zeroed on the pool: a big one asked for on a
