@@ -9,8 +9,8 @@
 //! pool still has one thread per core (the caller and n − 1 spawned), not n + 1 threads on n
 //! cores.
 //!
-//! Measured (`bench/NOTES.md`, "The main thread as a pool worker"): `cpu-small` bf16 train step
-//! ≈ 9 % faster on a 2-core Xeon, f32 1–5 %; `unet-small` forward 7–14 %.
+//! Measured (`bench/NOTES.md`, "The main thread as a pool worker"; 2-core Xeon, alternated):
+//! `cpu-small` train step +9–10 % at bf16, +2–9 % at f32; `unet-small` +8 % (f32), +11 % (bf16).
 //!
 //! Opt-in, like [`crate::tune_allocator`]: the library never builds the global pool (that is
 //! the program's choice, once per process). The `maskdiff` binary and the benchmarks/examples
