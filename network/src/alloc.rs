@@ -187,15 +187,6 @@ unsafe impl std::alloc::GlobalAlloc for CacheLineAlloc {
     }
 }
 
-/// A block's start, shared by the tasks that zero its disjoint pieces.
-#[derive(Clone, Copy)]
-struct Block(*mut u8);
-// SAFETY: each task writes only its own piece of the block (below), which no one else reads or
-// writes until the join returns.
-unsafe impl Send for Block {}
-// SAFETY: as above.
-unsafe impl Sync for Block {}
-
 /// Zeroes the `len` bytes at `p` in one piece per thread of the current rayon pool, split by
 /// `join` from this worker (so the pieces go to the pool's deques, not its injector). Called
 /// from inside the allocator: it allocates nothing of its own size class (a join's jobs live
@@ -205,11 +196,12 @@ unsafe impl Sync for Block {}
 /// # Safety
 /// `p` valid for writes of `len` bytes, which nothing else accesses until this returns.
 unsafe fn zero_on_pool(p: *mut u8, len: usize) {
-    fn zero(b: Block, range: std::ops::Range<usize>, piece: usize) {
+    use crate::kernels::disjoint::Out;
+    fn zero(b: Out<u8>, range: std::ops::Range<usize>, piece: usize) {
         if range.len() <= piece {
             // SAFETY: `range` lies inside the caller's `len` bytes and no other task's range
             // overlaps it (the halves below are disjoint).
-            unsafe { std::ptr::write_bytes(b.0.add(range.start), 0, range.len()) };
+            unsafe { std::ptr::write_bytes(b.get().add(range.start), 0, range.len()) };
             return;
         }
         let mid = range.start + (range.len() / 2).next_multiple_of(4096).min(range.len());
@@ -219,7 +211,7 @@ unsafe fn zero_on_pool(p: *mut u8, len: usize) {
         );
     }
     let piece = len.div_ceil(rayon::current_num_threads()).max(4096);
-    zero(Block(p), 0..len, piece);
+    zero(Out(p), 0..len, piece);
 }
 
 #[cfg(test)]

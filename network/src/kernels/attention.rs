@@ -16,6 +16,7 @@
 //! uses the forward's.
 
 use super::bf16::{gemm_bf16_serial, Mat};
+use super::disjoint::Out;
 use super::isa::{multiversion, Level};
 use super::reduce;
 use super::storage::input;
@@ -120,21 +121,6 @@ fn recorded<E: Elem, Q: Shape, K: Shape>(
             unsafe { backward(&qv, &kv, &vv, &lse, &go, dims, &starts, (gq, gk, gv)) };
             Ok(())
         }),
-    }
-}
-
-/// A raw pointer that may cross threads: tasks write disjoint (sequence, head) blocks.
-#[derive(Clone, Copy)]
-struct SendPtr<E>(*mut E);
-// SAFETY: a raw pointer carries no ownership and is never dereferenced by these impls; every
-// dereference happens in an `unsafe` block whose comment shows that the tasks sharing the
-// pointer touch disjoint elements (no data race), and `E: Send + Sync` for the element types.
-unsafe impl<E: Send + Sync> Send for SendPtr<E> {}
-// SAFETY: as for `Send`.
-unsafe impl<E: Send + Sync> Sync for SendPtr<E> {}
-impl<E> SendPtr<E> {
-    fn get(self) -> *mut E {
-        self.0
     }
 }
 
@@ -429,8 +415,8 @@ pub(crate) fn forward<E: Elem>(
     // every task overwrites its (sequence's rows, head) block of o, and the blocks tile o: no
     // zeroing
     let mut o: Vec<E> = Vec::with_capacity(rows * d);
-    let op = SendPtr(o.as_mut_ptr());
-    let lp = SendPtr(lse.as_mut_ptr());
+    let op = Out(o.as_mut_ptr());
+    let lp = Out(lse.as_mut_ptr());
     let level = super::isa::level();
     (0..tasks).into_par_iter().for_each(|task| {
         let (qt, r, l0) = dims.queries(task, starts);
@@ -495,7 +481,7 @@ pub(crate) unsafe fn backward<E: Elem>(
     if rows * d == 0 {
         return;
     }
-    let (pq, pk, pv) = (SendPtr(gq), SendPtr(gk), SendPtr(gv));
+    let (pq, pk, pv) = (Out(gq), Out(gk), Out(gv));
     let level = super::isa::level();
     (0..dims.b * dims.h).into_par_iter().for_each(|task| {
         let (qt, r, l0) = dims.queries(task, starts);

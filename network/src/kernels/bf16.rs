@@ -102,26 +102,7 @@ unsafe impl Send for Mat {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for Mat {}
 
-/// A buffer the tasks of one call write at disjoint places: C (each task its own tiles), a
-/// conversion's output (`convert_a_amx`'s blocks, `pack`'s pair rows, `conv_amx`'s transposed
-/// rows).
-pub(super) struct Out<T>(pub(super) *mut T);
-impl<T> Clone for Out<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T> Copy for Out<T> {}
-impl<T> Out<T> {
-    pub(super) fn get(self) -> *mut T {
-        self.0
-    }
-}
-// SAFETY: every task writes its own elements (see the users); nothing is read through it
-// that another task writes.
-unsafe impl<T> Send for Out<T> {}
-// SAFETY: as for `Send`.
-unsafe impl<T> Sync for Out<T> {}
+pub(super) use super::disjoint::Out;
 
 /// C (m×n, element (i, j) at `c + i·c_rs + j·c_cs`) = [C +] bf16(A) · bf16(B), multi-threaded
 /// on rayon's pool.

@@ -31,6 +31,7 @@ mod conv;
 mod conv_amx;
 mod conv_direct;
 mod conv_winograd;
+pub(crate) mod disjoint;
 mod elementwise;
 mod ffn;
 mod gather;
