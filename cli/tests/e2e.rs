@@ -274,33 +274,13 @@ fn the_thread_layout_changes_no_bit() {
     ];
     let mut samples = Vec::new();
     for (out, env) in layouts {
-        let steps = "6".to_string();
-        let mut args = vec![
-            "train",
-            "--out",
-            out,
-            "--steps",
-            &steps,
-            "--eval-every",
-            "0",
+        ok(&train_env(&d, out, 6, &["--eval-every", "0"], env));
+        let file = format!("{out}.txt");
+        let sample = [
+            "sample", out, "-n", "2", "--steps", "16", "--seed", "3", "-o", &file,
         ];
-        args.extend_from_slice(TINY);
-        let o = Command::new(bin())
-            .current_dir(&d)
-            .args(&args)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        ok(&o);
-        let o = Command::new(bin())
-            .current_dir(&d)
-            .args(["sample", out, "-n", "2", "--steps", "16", "--seed", "3"])
-            .args(["-o", &format!("{out}.txt")])
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        ok(&o);
-        samples.push(std::fs::read_to_string(d.join(format!("{out}.txt"))).unwrap());
+        ok(&run_env(&d, &sample, env));
+        samples.push(std::fs::read_to_string(d.join(&file)).unwrap());
     }
     let sums = checksums(&d.join("main-worker"));
     assert!(!sums.is_empty());

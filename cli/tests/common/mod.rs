@@ -44,9 +44,15 @@ pub fn write_corpus(path: &Path, chars: usize) {
 
 /// Run the binary in `cwd` with `args`.
 pub fn run(cwd: &Path, args: &[&str]) -> Output {
+    run_env(cwd, args, &[])
+}
+
+/// Run the binary in `cwd` with `args` and the environment variables `env` set.
+pub fn run_env(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(bin())
         .current_dir(cwd)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("the maskdiff binary runs")
 }
@@ -117,11 +123,22 @@ pub const TINY: &[&str] = &[
 ];
 
 pub fn train(cwd: &Path, out: &str, steps: u64, extra: &[&str]) -> Output {
+    train_env(cwd, out, steps, extra, &[])
+}
+
+/// [`train`] with the environment variables `env` set.
+pub fn train_env(
+    cwd: &Path,
+    out: &str,
+    steps: u64,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
     let steps = steps.to_string();
     let mut args = vec!["train", "--out", out, "--steps", &steps];
     args.extend_from_slice(TINY);
     args.extend_from_slice(extra);
-    run(cwd, &args)
+    run_env(cwd, &args, env)
 }
 
 /// `train --resume` of the run in `out` for `sessions` sessions that each stop at the first
