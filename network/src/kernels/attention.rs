@@ -3,8 +3,7 @@
 //! log-sum-exp instead of stored), one task per (sequence, head) on rayon with single-threaded
 //! `gemm` calls on strided views, so Q, K, V and O stay in their (batch, len, heads, head_dim)
 //! layout (no permute copies) and dfdx's loop of per-matrix multi-threaded gemm calls is avoided.
-//! Q arrives already scaled by 1/√hd. Also the plain multi-threaded matrix product [`mm_par`]
-//! (used by `matmul`) and the row softmax (used by `softmax_last`).
+//! Q arrives already scaled by 1/√hd. Also the row softmax (used by `softmax_last`).
 //!
 //! At [`Precision::Bf16`] (f32 models; issue 13, "bf16 mixed precision") the six products —
 //! S = Q Kᵀ and O = P V, and dP = dO Vᵀ, dV += Pᵀ dO, dQ += dS K, dK += dSᵀ Q — take
@@ -198,46 +197,6 @@ unsafe fn mm<E: Elem>(
         false,
         false,
         gemm::Parallelism::None,
-    )
-}
-
-/// C (m×n) = [C +] A (m×k) · B (k×n) with (row, column) element strides, multi-threaded.
-///
-/// # Safety
-/// As for [`mm`]: every pointer valid for its whole strided matrix (`c` for writes, and with
-/// `accumulate` for reads of initialised elements), `c` not overlapping the inputs nor accessed
-/// by anything else during the call (gemm splits `c` among its own threads).
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn mm_par<E: Elem>(
-    (m, n, k): (usize, usize, usize),
-    c: *mut E,
-    (c_rs, c_cs): (usize, usize),
-    accumulate: bool,
-    a: *const E,
-    (a_rs, a_cs): (usize, usize),
-    b: *const E,
-    (b_rs, b_cs): (usize, usize),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        c,
-        c_cs as isize,
-        c_rs as isize,
-        accumulate,
-        a,
-        a_cs as isize,
-        a_rs as isize,
-        b,
-        b_cs as isize,
-        b_rs as isize,
-        if accumulate { E::one() } else { E::zero() },
-        E::one(),
-        false,
-        false,
-        false,
-        gemm::Parallelism::Rayon(rayon::current_num_threads()),
     )
 }
 
