@@ -1,7 +1,9 @@
 //! `x @ w [+ bias]` for an activation x (m, k), a tape-free weight w (k, n) and bias (n),
 //! multi-threaded through gemm 0.19 (the bias rows are the product's initial C, so the bias
-//! costs no sweep of its own, and its gradient is dY's column sums); the backward pass accumulates dX += dY Wᵀ and dW += Xᵀ dY straight into the
-//! gradient buffers (gemm with `read_dst`). At [`Precision::Bf16`] (f32 models) all three
+//! costs no sweep of its own, and its gradient is dY's column sums); the backward pass
+//! accumulates dX += dY Wᵀ and dW += Xᵀ dY straight into the gradient buffers (gemm with
+//! `read_dst`), dW, whose reduction runs over the batch's tokens, as two half-sums side by side
+//! ([`product`]). At [`Precision::Bf16`] (f32 models) all three
 //! products take bf16-rounded inputs with f32 accumulation instead ([`super::bf16`]); the
 //! precision and the instruction-set level are read once, in the forward pass, and the backward
 //! pass uses the same.
