@@ -36,6 +36,7 @@ fn median(x: &mut [f64]) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    args::only(&args::VARIANCE_FLAGS);
     let VarianceFlags {
         run,
         batches,

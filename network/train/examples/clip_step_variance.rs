@@ -27,6 +27,7 @@ use maskdiff_train::{load_model, ModelNet, Weights};
 use rand::{rngs::StdRng, SeedableRng};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    args::only(&[args::VARIANCE_FLAGS.as_slice(), &["--mask-rates"]].concat());
     let VarianceFlags {
         run,
         batches,

@@ -208,6 +208,7 @@ fn measure(kind: Kind, threads: usize, span: Duration) -> f64 {
 }
 
 fn main() -> Result<(), Err> {
+    args::only(&["--millis", "--tries"]);
     let millis: u64 = arg("--millis", 200);
     let tries: usize = arg("--tries", 5);
     let span = Duration::from_millis(millis.max(50));

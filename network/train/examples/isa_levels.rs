@@ -80,6 +80,7 @@ static ALLOC: maskdiff_network::CacheLineAlloc = maskdiff_network::CacheLineAllo
 fn main() -> Result<(), Err> {
     maskdiff_network::tune_allocator();
     maskdiff_network::tune_threads();
+    args::only(&["--batch", "--iters", "--len", "--preset", "--rounds"]);
     let dev = Cpu::default();
     let (rounds, iters) = (
         arg("--rounds", 3usize).max(1),

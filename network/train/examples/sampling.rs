@@ -162,6 +162,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // glibc allocator tuning for the training step's large buffers (opt-in)
     maskdiff_network::tune_allocator();
     maskdiff_network::tune_threads();
+    args::only(&[
+        "--device",
+        "--f32-only",
+        "--len",
+        "--no-rows",
+        "--only",
+        "--precisions",
+        "--preset",
+        "--samples",
+        "--steps",
+    ]);
     match arg("--device", "cpu".to_string()).as_str() {
         "cpu" => run(&Cpu::default()),
         #[cfg(feature = "cuda")]

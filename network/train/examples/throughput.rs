@@ -155,6 +155,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // glibc allocator tuning for the training step's large buffers (opt-in)
     maskdiff_network::tune_allocator();
     maskdiff_network::tune_threads();
+    args::only(&[
+        "--batch",
+        "--device",
+        "--image",
+        "--iters",
+        "--len",
+        "--log-probs",
+        "--no-forward",
+        "--no-train",
+        "--precision",
+        "--preset",
+        "--vocab",
+        "--warmup",
+    ]);
     match arg("--device", "cpu".to_string()).as_str() {
         "cpu" => run(&Cpu::default()),
         #[cfg(feature = "cuda")]

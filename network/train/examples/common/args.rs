@@ -1,19 +1,45 @@
 //! The examples' command-line parsing and their random inputs: `--name value` pairs parsed with
-//! `FromStr` (a missing or unparsable value takes the default), bare `--flag`s, and a batch of
-//! random ids, its half-masked copy and evenly spaced times.
+//! `FromStr` (an absent name takes the default; a missing or unparsable value, or a name the
+//! example does not know ([`only`]), ends the run with a one-line error), bare `--flag`s, and a
+//! batch of random ids, its half-masked copy and evenly spaced times.
 // Each example includes this file and uses part of it.
 #![allow(dead_code)]
 
 use rand::{rngs::StdRng, Rng};
 
-/// The value after `name`, or `default`.
+/// The value after `name`, or `default` when `name` is absent; a missing or unparsable value
+/// ends the run ([`fail`]).
 pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    let Some(i) = args.iter().position(|a| a == name) else {
+        return default;
+    };
+    match args.get(i + 1).map(|v| (v, v.parse())) {
+        Some((_, Ok(v))) => v,
+        Some((v, Err(_))) => fail(&format!("{name}: cannot read {v:?}")),
+        None => fail(&format!("{name} needs a value")),
+    }
+}
+
+/// Ends the run for a bad command line: one line on stderr, exit status 2.
+pub fn fail(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    std::process::exit(2)
+}
+
+/// Ends the run ([`fail`]) if the command line has a `--name` outside `names` (the example's
+/// flags and valued names): a mistyped or unsupported flag would otherwise be ignored and the
+/// run measure something else than asked.
+pub fn only(names: &[&str]) {
+    if let Some(a) = std::env::args()
+        .skip(1)
+        .find(|a| a.starts_with("--") && !names.contains(&a.as_str()))
+    {
+        fail(&format!(
+            "unknown option {a} (this example takes {})",
+            names.join(" ")
+        ));
+    }
 }
 
 /// Whether `name` was given.
@@ -48,6 +74,9 @@ pub struct VarianceFlags {
     pub draws: usize,
     pub cache: std::path::PathBuf,
 }
+
+/// The names [`variance_flags`] reads.
+pub const VARIANCE_FLAGS: [&str; 5] = ["--run", "--batches", "--batch", "--draws", "--cache"];
 
 /// Reads [`VarianceFlags`]; an error when `--run` is missing.
 pub fn variance_flags() -> Result<VarianceFlags, &'static str> {
