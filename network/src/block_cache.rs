@@ -132,18 +132,18 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     let mut take = || m.next().expect("6 modulation chunks");
                     let (sh_a, sc_a, g_a) = (take(), take(), take());
                     let (sh_m, sc_m, g_m) = (take(), take(), take());
-                    let a = D::modulate(D::layer_norm(h.clone())?, sh_a, sc_a, 1, l)?;
+                    let a = D::norm_modulate(h.clone(), sh_a, sc_a, 1, l)?;
                     let a = self.cached_attention(a, &blk.attn, &rope, cache, layer, new_kv)?;
                     h = D::gated_residual(h, a, g_a, 1, l)?;
                     D::retain(&scope, &h);
-                    let f = D::modulate(D::layer_norm(h.clone())?, sh_m, sc_m, 1, l)?;
+                    let f = D::norm_modulate(h.clone(), sh_m, sc_m, 1, l)?;
                     h = D::gated_residual(h, self.ffn(f, &blk.ffn)?, g_m, 1, l)?;
                     D::retain(&scope, &h);
                 }
                 let (m, _) = self.ada::<NoneTape>(&c, head, 2)?;
                 let mut m = m.into_iter();
                 let (sh, sc) = (m.next().expect("shift"), m.next().expect("scale"));
-                D::modulate(D::layer_norm(h)?, sh, sc, 1, l)?
+                D::norm_modulate(h, sh, sc, 1, l)?
             }
             Trunk::Plain { blocks, head } => {
                 for (layer, blk) in blocks.iter().enumerate() {

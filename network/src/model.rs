@@ -730,15 +730,14 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                             let vt = e.shape().0;
                             let rep: Vec<usize> = (0..b).flat_map(|_| 0..vt).collect();
                             let e = D::gather_rows(e, &rep)?;
-                            let a_tab = D::modulate(D::layer_norm(e)?, sh_a, sc_a, b, vt)?;
+                            let a_tab = D::norm_modulate(e, sh_a, sc_a, b, vt)?;
                             let at: Vec<usize> = (batch.ids.iter().enumerate())
                                 .map(|(i, &id)| (i / n) * vt + id as usize)
                                 .collect();
                             self.attention_lookup(a_tab, &at, &blk.attn, rope, b, n)?
                         }
                         None => {
-                            let a = D::layer_norm(h.retaped::<T>())?;
-                            let a = D::modulate(a, sh_a, sc_a, b_mod, n_mod)?;
+                            let a = D::norm_modulate(h.retaped::<T>(), sh_a, sc_a, b_mod, n_mod)?;
                             match sel.filter(|_| l == last) {
                                 None => self.attention(a, &blk.attn, rope, b, n)?,
                                 // the last block at the selected rows only
@@ -754,9 +753,9 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                                         rows,
                                         1,
                                     )?;
-                                    let f = D::layer_norm(h.retaped::<T>())?;
+                                    let (sh_m, sc_m) = (per_row(sh_m)?, per_row(sc_m)?);
                                     let f =
-                                        D::modulate(f, per_row(sh_m)?, per_row(sc_m)?, rows, 1)?;
+                                        D::norm_modulate(h.retaped::<T>(), sh_m, sc_m, rows, 1)?;
                                     let f =
                                         dropout_at(self.ffn(f, &blk.ffn)?, next_mask(), &s.seq)?;
                                     h = D::gated_residual(h, f, per_row(g_m)?, rows, 1)?;
@@ -768,8 +767,7 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                     let a = channel_dropout(a, next_mask(), b, n)?;
                     h = D::gated_residual(h, a, g_a, b_mod, n_mod)?;
                     D::retain(&scope, &h);
-                    let f =
-                        D::modulate(D::layer_norm(h.retaped::<T>())?, sh_m, sc_m, b_mod, n_mod)?;
+                    let f = D::norm_modulate(h.retaped::<T>(), sh_m, sc_m, b_mod, n_mod)?;
                     let f = channel_dropout(self.ffn(f, &blk.ffn)?, next_mask(), b, n)?;
                     h = D::gated_residual(h, f, g_m, b_mod, n_mod)?;
                     D::retain(&scope, &h);
@@ -780,9 +778,9 @@ impl<E: Elem, D: Kernels<E>> Md4Transformer<E, D> {
                 let out = match sel {
                     Some(s) => {
                         let rows = s.flat.len();
-                        D::modulate(D::layer_norm(h)?, per_row(sh)?, per_row(sc)?, rows, 1)?
+                        D::norm_modulate(h, per_row(sh)?, per_row(sc)?, rows, 1)?
                     }
-                    None => noised(D::modulate(D::layer_norm(h)?, sh, sc, b_mod, n_mod)?)?,
+                    None => noised(D::norm_modulate(h, sh, sc, b_mod, n_mod)?)?,
                 };
                 (out, cond_tape.merge(t))
             }

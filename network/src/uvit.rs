@@ -597,7 +597,7 @@ impl<E: Elem, D: Kernels<E>> Uvit<E, D> {
                         rms: Option<&Vector<E, D>>|
          -> Res<T2<E, D, T>, D> {
             match (m, rms) {
-                (Some((shift, scale)), _) => D::modulate(D::layer_norm(x)?, shift, scale, b, n),
+                (Some((shift, scale)), _) => D::norm_modulate(x, shift, scale, b, n),
                 (None, Some(r)) => D::rms_norm(x, r.tensor()),
                 (None, None) => unreachable!("a DiT block has adaLN or RMSNorm scales"),
             }

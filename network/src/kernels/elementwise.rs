@@ -659,7 +659,7 @@ multiversion!(
     ) => rotate_rows_body
 );
 
-fn add_into<E: Elem>(dst: &mut [E], src: &[E]) {
+pub(super) fn add_into<E: Elem>(dst: &mut [E], src: &[E]) {
     let lv = level();
     dst.par_chunks_mut(16_384)
         .zip(src.par_chunks(16_384))

@@ -120,6 +120,17 @@ pub trait Kernels<E: Elem>: Device<E> {
     ) -> Res<T2<E, Self, T>, Self> {
         layers::modulate(x, shift, scale, b, n)
     }
+    /// `LN(x)·(1 + scale) + shift`: [`Kernels::layer_norm`] then [`Kernels::modulate`] (adaLN's
+    /// normalise-then-modulate), as one op where a device has it.
+    fn norm_modulate<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        shift: T2<E, Self, T>,
+        scale: T2<E, Self, T>,
+        b: usize,
+        n: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        Self::modulate(Self::layer_norm(x)?, shift, scale, b, n)
+    }
     /// `x + s`, x (b·n, d), s (b, d) per sequence (the U-Net's conditioning on a block).
     fn shift<T: Tape<E, Self>>(
         x: T2<E, Self, T>,
@@ -445,6 +456,15 @@ where
         n: usize,
     ) -> Res<T2<E, Self, T>, Self> {
         elementwise::modulate(x, shift, scale, b, n)
+    }
+    fn norm_modulate<T: Tape<E, Self>>(
+        x: T2<E, Self, T>,
+        shift: T2<E, Self, T>,
+        scale: T2<E, Self, T>,
+        b: usize,
+        n: usize,
+    ) -> Res<T2<E, Self, T>, Self> {
+        norms::norm_modulate(x, shift, scale, b, n)
     }
     fn residual<T: Tape<E, Self>>(
         h: T2<E, Self, T>,

@@ -3,6 +3,7 @@
 //! backward.
 
 use super::chunk_rows;
+use super::elementwise::add_into;
 use super::isa::{level, multiversion};
 use super::reduce;
 use super::storage::{input, par_written};
@@ -50,6 +51,171 @@ pub(crate) fn layer_norm<E: Elem, T: Tape<E, Cpu>>(x: T2<E, Cpu, T>) -> Res<T2<E
         })
     })
 }
+
+/// adaLN's normalise-then-modulate (spec §7.2, the DiT blocks' `modulate(norm(h), shift,
+/// scale)`): y = LN(x)·(1 + scale) + shift, x (b·n, d), shift and scale (b, d) per sequence, as
+/// one op. It gives the bits of the composition [`layer_norm`] → [`super::elementwise::modulate`]
+/// (the same row statistics, x̂ rounded before it is modulated, the same sums in the same
+/// order), without x̂ in memory: the composition writes x̂ and reads it back, and its backward
+/// pass zero-fills x̂'s gradient, writes it, and reads it and x̂ in three more sweeps; here x̂
+/// and its gradient live in one row of scratch, and the backward pass recomputes x̂ from x and
+/// the kept row mean and 1/σ.
+pub(crate) fn norm_modulate<E: Elem, T: Tape<E, Cpu>>(
+    x: T2<E, Cpu, T>,
+    shift: T2<E, Cpu, T>,
+    scale: T2<E, Cpu, T>,
+    b: usize,
+    n: usize,
+) -> Res<T2<E, Cpu, T>, Cpu> {
+    fused((x, shift, scale), |(x, sh, sc), _| {
+        let shape = *x.shape();
+        let d = shape.1;
+        assert_eq!(shape.0, b * n, "norm_modulate: rows are not batch × length");
+        let (xv, shv, scv) = (input(&x), input(&sh), input(&sc));
+        assert!(
+            shv.len() == b * d && scv.len() == b * d,
+            "norm_modulate: shift and scale are not (batch, width)"
+        );
+        let eps = E::c(layers::NORM_EPS);
+        let lv = level();
+        // whole sequences per task, about chunk_rows(d) rows (one row each when n = 1)
+        let g = (chunk_rows(d) / n.max(1)).max(1);
+        let (rows, vecs) = ((g * n * d).max(1), (g * d).max(1));
+        // (mean, 1/σ) per row
+        let mut stats = vec![E::zero(); 2 * shape.0];
+        let tasks = xv
+            .par_chunks(rows)
+            .zip(stats.par_chunks_mut((2 * g * n).max(1)))
+            .zip(shv.par_chunks(vecs).zip(scv.par_chunks(vecs)));
+        // SAFETY: each chunk (g sequences' rows) comes with x's same rows, their statistics and
+        // the sequences' shift and scale, and `norm_modulate_rows` writes every element of it.
+        let y = unsafe {
+            par_written(xv.len(), rows, tasks, |ys, ((xs, st), (s, c))| {
+                norm_modulate_rows(lv, ys, xs, st, s, c, n, eps)
+            })
+        };
+        let (xg, shg, scg) = (x.ghost(), sh.ghost(), sc.ghost());
+        Ok(Forward {
+            shape,
+            data: y,
+            keep_output: false,
+            backward: backward(move |Backward { gy, grads, .. }| {
+                let (mut gsh, mut gsc) = (vec![E::zero(); b * d], vec![E::zero(); b * d]);
+                let gx = grads.get_or_alloc_mut(&xg)?;
+                gx.par_chunks_mut(rows)
+                    .zip(gy.par_chunks(rows).zip(xv.par_chunks(rows)))
+                    .zip(
+                        stats
+                            .par_chunks((2 * g * n).max(1))
+                            .zip(scv.par_chunks(vecs)),
+                    )
+                    .zip(gsh.par_chunks_mut(vecs).zip(gsc.par_chunks_mut(vecs)))
+                    .for_each(|(((gx, (gy, xs)), (st, c)), (gs, gc))| {
+                        norm_modulate_grad_rows(lv, gx, gy, xs, st, c, gs, gc, n)
+                    });
+                add_into(grads.get_or_alloc_mut(&shg)?, &gsh);
+                add_into(grads.get_or_alloc_mut(&scg)?, &gsc);
+                Ok(())
+            }),
+        })
+    })
+}
+
+/// y = x̂·(1 + c) + s per row, x̂ = (x − mean)·r as [`layer_norm_rows_body`] makes it; rows in
+/// sequences of n, each with its (d,) shift s and scale c; (mean, r) kept per row in `st`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn norm_modulate_rows_body<E: Elem>(
+    ys: &mut [MaybeUninit<E>],
+    xs: &[E],
+    st: &mut [E],
+    s: &[E],
+    c: &[E],
+    n: usize,
+    eps: E,
+) {
+    let d = s.len() / (st.len() / (2 * n)).max(1);
+    let inv_d = E::one() / E::c(d as f64);
+    let rows = ys.chunks_mut(d).zip(xs.chunks(d)).zip(st.chunks_mut(2));
+    for (i, ((y, x), st)) in rows.enumerate() {
+        let q = i / n * d;
+        let (s0, c0) = (&s[q..q + d], &c[q..q + d]);
+        let mean = reduce::sum(x) * inv_d;
+        let var = reduce::centred_squares(x, mean) * inv_d;
+        let r = E::one() / (var + eps).sqrt();
+        (st[0], st[1]) = (mean, r);
+        for (((y, &v), &s), &c) in y.iter_mut().zip(x).zip(s0).zip(c0) {
+            let xh = (v - mean) * r;
+            y.write(xh * (E::one() + c) + s);
+        }
+    }
+}
+multiversion!(
+    #[allow(clippy::too_many_arguments)]
+    fn norm_modulate_rows<E: Elem>(
+        ys: &mut [MaybeUninit<E>],
+        xs: &[E],
+        st: &mut [E],
+        s: &[E],
+        c: &[E],
+        n: usize,
+        eps: E,
+    )
+        => norm_modulate_rows_body
+);
+
+/// The backward pass of [`norm_modulate_rows_body`] over the same rows: with g = dY ⊙ (1 + c)
+/// (x̂'s gradient, as the composition forms it on a zeroed buffer), Σ_rows dY and Σ_rows dY ⊙ x̂
+/// are added to the sequence's `gs` and `gc` in row order, and dx += r (g − mean g − x̂ ·
+/// mean(g ⊙ x̂)) as [`layer_norm_grad_rows_body`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn norm_modulate_grad_rows_body<E: Elem>(
+    gx: &mut [E],
+    gy: &[E],
+    xs: &[E],
+    st: &[E],
+    c: &[E],
+    gs: &mut [E],
+    gc: &mut [E],
+    n: usize,
+) {
+    let d = c.len() / (st.len() / (2 * n)).max(1);
+    let inv_d = E::one() / E::c(d as f64);
+    let (mut xh, mut g) = (vec![E::zero(); d], vec![E::zero(); d]);
+    let rows = gx.chunks_mut(d).zip(gy.chunks(d)).zip(xs.chunks(d));
+    for (i, ((gx, gy), x)) in rows.enumerate() {
+        let q = i / n * d;
+        let (c0, gs0, gc0) = (&c[q..q + d], &mut gs[q..q + d], &mut gc[q..q + d]);
+        let (mean, r) = (st[2 * i], st[2 * i + 1]);
+        let cols = xh.iter_mut().zip(g.iter_mut()).zip(x.iter().zip(gy));
+        for ((((xh, g), (&v, &dy)), (s, t)), &c) in cols.zip(gs0.iter_mut().zip(gc0)).zip(c0) {
+            *xh = (v - mean) * r;
+            *g = E::zero() + dy * (E::one() + c);
+            *s += dy;
+            *t += dy * *xh;
+        }
+        let mg = reduce::sum(&g) * inv_d;
+        let mgy = reduce::dot(&xh, &g) * inv_d;
+        for ((gx, &y), &g) in gx.iter_mut().zip(&xh).zip(&g) {
+            *gx += r * (g - mg - y * mgy);
+        }
+    }
+}
+multiversion!(
+    #[allow(clippy::too_many_arguments)]
+    fn norm_modulate_grad_rows<E: Elem>(
+        gx: &mut [E],
+        gy: &[E],
+        xs: &[E],
+        st: &[E],
+        c: &[E],
+        gs: &mut [E],
+        gc: &mut [E],
+        n: usize,
+    )
+        => norm_modulate_grad_rows_body
+);
 
 /// y = x · r · s per row, r = (mean x² + ε)^(−1/2), s a tape-free (d,) scale; the backward pass
 /// reads x, s and r.
@@ -212,6 +378,64 @@ mod tests {
     use super::super::Kernels;
     use crate::layers;
     use dfdx::prelude::*;
+
+    /// The one-op normalise-then-modulate gives the composition's bits — output and the
+    /// gradients of x, shift and scale — in f32 and f64, at every level, with sequences grouped
+    /// into tasks whole and the last group short (d large enough that a task holds fewer rows
+    /// than the batch), and one row per sequence (the row-restricted last block's form).
+    #[test]
+    fn norm_modulate_is_layer_norm_then_modulate_bit_for_bit() {
+        fn check<E: crate::Elem>(
+            dev: &Cpu,
+            rng: &mut rand::rngs::StdRng,
+            (b, n, d): (usize, usize, usize),
+        ) where
+            Cpu: Kernels<E>,
+        {
+            let cast = |v: Vec<f64>| v.into_iter().map(E::c).collect::<Vec<E>>();
+            let x = tensor(dev, cast(rand_vec(rng, b * n * d)), (b * n, d));
+            let sh = tensor(dev, cast(rand_vec(rng, b * d)), (b, d));
+            let sc = tensor(dev, cast(rand_vec(rng, b * d)), (b, d));
+            let r = cast(rand_vec(rng, b * n * d));
+            let (fa, ga) = grads(
+                <Cpu as Kernels<E>>::norm_modulate(
+                    x.leaky_trace(),
+                    sh.leaky_trace(),
+                    sc.leaky_trace(),
+                    b,
+                    n,
+                )
+                .unwrap(),
+                &r,
+            );
+            let (fb, gb) = grads(
+                <Cpu as Kernels<E>>::modulate(
+                    <Cpu as Kernels<E>>::layer_norm(x.leaky_trace()).unwrap(),
+                    sh.leaky_trace(),
+                    sc.leaky_trace(),
+                    b,
+                    n,
+                )
+                .unwrap(),
+                &r,
+            );
+            assert!(fa == fb, "output ({b}, {n}, {d})");
+            for (t, name) in [(&x, "x"), (&sh, "shift"), (&sc, "scale")] {
+                assert!(
+                    ga.get(t).as_vec() == gb.get(t).as_vec(),
+                    "d{name} ({b}, {n}, {d})"
+                );
+            }
+        }
+        each_path(|dev, rng| {
+            // chunk_rows(2048) = 8 rows: groups of 2 sequences of 3, the last one alone;
+            // chunk_rows(4096) = 4: groups of 4 one-row sequences, the last of 3
+            for shape in [(2, 5, 8), (3, 3, 2048), (7, 1, 4096)] {
+                check::<f32>(dev, rng, shape);
+                check::<f64>(dev, rng, shape);
+            }
+        });
+    }
 
     #[test]
     fn norms_match_dfdx() {
