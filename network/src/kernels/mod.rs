@@ -4,7 +4,8 @@
 //! 0.19, whose AVX-512 kernels are ~2.8× faster than dfdx's gemm 0.15), attention per
 //! (sequence, head) ([`attention`], also for ragged query rows: the row-restricted last block),
 //! the gated FFN as one op ([`ffn`]), the row gather and its scatter-add ([`gather`]), LayerNorm
-//! without affine and RMSNorm with a scale ([`norms`]), softmax over the last axis, adaLN
+//! without affine, RMSNorm with a scale and LayerNorm-then-adaLN-modulation as one op
+//! ([`norms`]), softmax over the last axis, adaLN
 //! modulation, the residual add and the gated residual, the per-sequence shift, the column
 //! concatenation, the GLU/SwiGLU gate and RoPE ([`elementwise`]), and the U-Net's
 //! 3×3 convolution and GroupNorm ([`conv`]; the convolution's products in [`conv_direct`] and

@@ -1,6 +1,6 @@
 //! Row normalisations over the last axis of (m, d): LayerNorm without affine parameters and
 //! RMSNorm with a learnable scale, each one pass forward (keeping one statistic per row) and one
-//! backward.
+//! backward; and adaLN's LayerNorm-then-modulate as one op ([`norm_modulate`]).
 
 use super::chunk_rows;
 use super::elementwise::add_into;
