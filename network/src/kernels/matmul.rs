@@ -175,14 +175,27 @@ pub(super) unsafe fn product<E: Elem>(
     b: *const E,
     b_st: (usize, usize),
 ) {
+    if bf16::<E>(prec) {
+        let (a, b) = (
+            Mat {
+                ptr: a.cast::<f32>(),
+                rs: a_st.0,
+                cs: a_st.1,
+            },
+            Mat {
+                ptr: b.cast::<f32>(),
+                rs: b_st.0,
+                cs: b_st.1,
+            },
+        );
+        // SAFETY: E is f32 (checked above), so the pointers address f32 elements; validity,
+        // disjointness and exclusivity are the caller's, as for `mm_par`.
+        return unsafe { gemm_bf16(level, dims, c.cast::<f32>(), c_st, accumulate, a, b) };
+    }
     let threads = rayon::current_num_threads();
-    if bf16::<E>(prec) || !split_k(dims) {
+    if !split_k(dims) {
         // SAFETY: the caller's.
-        return unsafe {
-            whole(
-                prec, level, dims, c, c_st, accumulate, a, a_st, b, b_st, threads,
-            )
-        };
+        return unsafe { mm_par(dims, c, c_st, accumulate, a, a_st, b, b_st, threads) };
     }
     let ((m, n, k), h, half) = (dims, dims.2 / 2, (threads / 2).max(1));
     let (c, a1, b1) = (Out(c), In(a), In(b));
@@ -193,37 +206,15 @@ pub(super) unsafe fn product<E: Elem>(
         // SAFETY: the caller's C, A's first h columns and B's first h rows; the other task
         // reads A and B too (shared reads) and writes only its own buffer.
         || unsafe {
-            whole(
-                prec,
-                level,
-                (m, n, h),
-                c.get(),
-                c_st,
-                accumulate,
-                a1.get(),
-                a_st,
-                b1.get(),
-                b_st,
-                half,
-            )
+            let (c, a, b) = (c.get(), a1.get(), b1.get());
+            mm_par((m, n, h), c, c_st, accumulate, a, a_st, b, b_st, half)
         },
         // SAFETY: a fresh row-major (m, n) buffer that the product (no accumulation) writes in
         // full without reading; the operands' remaining k - h columns / rows.
         || unsafe {
+            let (a, b) = (a2.get(), b2.get());
             alloc_filled(m * n, |t| {
-                whole(
-                    prec,
-                    level,
-                    (m, n, k - h),
-                    t,
-                    (n, 1),
-                    false,
-                    a2.get(),
-                    a_st,
-                    b2.get(),
-                    b_st,
-                    half,
-                )
+                mm_par((m, n, k - h), t, (n, 1), false, a, a_st, b, b_st, half)
             })
         },
     );
@@ -244,46 +235,6 @@ pub(super) unsafe fn product<E: Elem>(
 /// Whether products at `prec` run the bf16 gemm: bf16 asked for an f32 model.
 fn bf16<E: Elem>(prec: Precision) -> bool {
     prec == Precision::Bf16 && std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
-}
-
-/// One product on `threads` of rayon's threads (at bf16, the bf16 gemm's own tasks).
-///
-/// # Safety
-/// As for [`mm_par`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn whole<E: Elem>(
-    prec: Precision,
-    level: Level,
-    dims: (usize, usize, usize),
-    c: *mut E,
-    c_st: (usize, usize),
-    accumulate: bool,
-    a: *const E,
-    a_st: (usize, usize),
-    b: *const E,
-    b_st: (usize, usize),
-    threads: usize,
-) {
-    if bf16::<E>(prec) {
-        let (a, b) = (
-            Mat {
-                ptr: a.cast::<f32>(),
-                rs: a_st.0,
-                cs: a_st.1,
-            },
-            Mat {
-                ptr: b.cast::<f32>(),
-                rs: b_st.0,
-                cs: b_st.1,
-            },
-        );
-        // SAFETY: E is f32 (checked above), so the pointers address f32 elements; validity,
-        // disjointness and exclusivity are the caller's, as for `mm_par`.
-        unsafe { gemm_bf16(level, dims, c.cast::<f32>(), c_st, accumulate, a, b) }
-    } else {
-        // SAFETY: the caller's.
-        unsafe { mm_par(dims, c, c_st, accumulate, a, a_st, b, b_st, threads) }
-    }
 }
 
 /// C (m×n) = [C +] A (m×k) · B (k×n) with (row, column) element strides, on `threads` of

@@ -91,7 +91,7 @@ pub(crate) fn norm_modulate<E: Elem, T: Tape<E, Cpu>>(
         // the sequences' shift and scale, and `norm_modulate_rows` writes every element of it.
         let y = unsafe {
             par_written(xv.len(), rows, tasks, |ys, ((xs, st), (s, c))| {
-                norm_modulate_rows(lv, ys, xs, st, s, c, n, eps)
+                norm_modulate_rows(lv, ys, xs, st, s, c, n, d, eps)
             })
         };
         let (xg, shg, scg) = (x.ghost(), sh.ghost(), sc.ghost());
@@ -111,7 +111,7 @@ pub(crate) fn norm_modulate<E: Elem, T: Tape<E, Cpu>>(
                     )
                     .zip(gsh.par_chunks_mut(vecs).zip(gsc.par_chunks_mut(vecs)))
                     .for_each(|(((gx, (gy, xs)), (st, c)), (gs, gc))| {
-                        norm_modulate_grad_rows(lv, gx, gy, xs, st, c, gs, gc, n)
+                        norm_modulate_grad_rows(lv, gx, gy, xs, st, c, gs, gc, n, d)
                     });
                 add_into(grads.get_or_alloc_mut(&shg)?, &gsh);
                 add_into(grads.get_or_alloc_mut(&scg)?, &gsc);
@@ -132,9 +132,9 @@ fn norm_modulate_rows_body<E: Elem>(
     s: &[E],
     c: &[E],
     n: usize,
+    d: usize,
     eps: E,
 ) {
-    let d = s.len() / (st.len() / (2 * n)).max(1);
     let inv_d = E::one() / E::c(d as f64);
     let rows = ys.chunks_mut(d).zip(xs.chunks(d)).zip(st.chunks_mut(2));
     for (i, ((y, x), st)) in rows.enumerate() {
@@ -159,6 +159,7 @@ multiversion!(
         s: &[E],
         c: &[E],
         n: usize,
+        d: usize,
         eps: E,
     )
         => norm_modulate_rows_body
@@ -179,8 +180,8 @@ fn norm_modulate_grad_rows_body<E: Elem>(
     gs: &mut [E],
     gc: &mut [E],
     n: usize,
+    d: usize,
 ) {
-    let d = c.len() / (st.len() / (2 * n)).max(1);
     let inv_d = E::one() / E::c(d as f64);
     let (mut xh, mut g) = (vec![E::zero(); d], vec![E::zero(); d]);
     let rows = gx.chunks_mut(d).zip(gy.chunks(d)).zip(xs.chunks(d));
@@ -213,6 +214,7 @@ multiversion!(
         gs: &mut [E],
         gc: &mut [E],
         n: usize,
+        d: usize,
     )
         => norm_modulate_grad_rows_body
 );
