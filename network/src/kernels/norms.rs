@@ -80,12 +80,13 @@ pub(crate) fn norm_modulate<E: Elem, T: Tape<E, Cpu>>(
         let lv = level();
         // whole sequences per task, about chunk_rows(d) rows (one row each when n = 1)
         let g = (chunk_rows(d) / n.max(1)).max(1);
-        let (rows, vecs) = ((g * n * d).max(1), (g * d).max(1));
+        // per task: g·n rows of x, their 2·g·n statistics, g rows of shift and scale
+        let (rows, pairs, vecs) = ((g * n * d).max(1), (2 * g * n).max(1), (g * d).max(1));
         // (mean, 1/σ) per row
         let mut stats = vec![E::zero(); 2 * shape.0];
         let tasks = xv
             .par_chunks(rows)
-            .zip(stats.par_chunks_mut((2 * g * n).max(1)))
+            .zip(stats.par_chunks_mut(pairs))
             .zip(shv.par_chunks(vecs).zip(scv.par_chunks(vecs)));
         // SAFETY: each chunk (g sequences' rows) comes with x's same rows, their statistics and
         // the sequences' shift and scale, and `norm_modulate_rows` writes every element of it.
@@ -104,11 +105,7 @@ pub(crate) fn norm_modulate<E: Elem, T: Tape<E, Cpu>>(
                 let gx = grads.get_or_alloc_mut(&xg)?;
                 gx.par_chunks_mut(rows)
                     .zip(gy.par_chunks(rows).zip(xv.par_chunks(rows)))
-                    .zip(
-                        stats
-                            .par_chunks((2 * g * n).max(1))
-                            .zip(scv.par_chunks(vecs)),
-                    )
+                    .zip(stats.par_chunks(pairs).zip(scv.par_chunks(vecs)))
                     .zip(gsh.par_chunks_mut(vecs).zip(gsc.par_chunks_mut(vecs)))
                     .for_each(|(((gx, (gy, xs)), (st, c)), (gs, gc))| {
                         norm_modulate_grad_rows(lv, gx, gy, xs, st, c, gs, gc, n, d)
