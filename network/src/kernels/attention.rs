@@ -1,9 +1,10 @@
 //! Bidirectional multi-head attention on the CPU (spec §7.2): per (sequence, head) S = Q Kᵀ,
-//! P = softmax(S), O = P V and the exact backward pass (P recomputed from the kept row
-//! log-sum-exp instead of stored), one task per (sequence, head) on rayon with single-threaded
-//! `gemm` calls on strided views, so Q, K, V and O stay in their (batch, len, heads, head_dim)
-//! layout (no permute copies) and dfdx's loop of per-matrix multi-threaded gemm calls is avoided.
-//! Q arrives already scaled by 1/√hd. Also the row softmax (used by `softmax_last`).
+//! P = softmax(S), O = P V and the exact backward pass (P kept where it takes at most
+//! [`KEEP_P_BYTES`], else recomputed from the kept row log-sum-exp as FlashAttention does), one
+//! task per (sequence, head) on rayon with single-threaded `gemm` calls on strided views, so Q,
+//! K, V and O stay in their (batch, len, heads, head_dim) layout (no permute copies) and dfdx's
+//! loop of per-matrix multi-threaded gemm calls is avoided. Q arrives already scaled by 1/√hd.
+//! Also the row softmax (used by `softmax_last`).
 //!
 //! At [`Precision::Bf16`] (f32 models; issue 13, "bf16 mixed precision") the six products —
 //! S = Q Kᵀ and O = P V, and dP = dO Vᵀ, dV += Pᵀ dO, dQ += dS K, dK += dSᵀ Q — take
@@ -93,7 +94,8 @@ fn recorded<E: Elem, Q: Shape, K: Shape>(
         bf16: bf16_products::<E>(),
     };
     let (qv, kv, vv) = (input(q), input(k), input(v));
-    let (o, lse) = forward(&qv, &kv, &vv, dims, &starts, records);
+    let keep = keep_for::<E>(records, starts[b], h, n);
+    let (o, saved) = forward(&qv, &kv, &vv, dims, &starts, keep);
     let full = starts.iter().enumerate().all(|(i, &s)| s == i * dims.n);
     let (qg, kg, vg) = (q.ghost(), k.ghost(), v.ghost());
     Forward {
@@ -117,7 +119,7 @@ fn recorded<E: Elem, Q: Shape, K: Shape>(
             // q, k, v), stay allocated during the call (the store is not touched meanwhile),
             // and nothing else accesses them during the call; gq coincides with gk or gv only
             // where every position's query is given (asserted), as `backward` allows.
-            unsafe { backward(&qv, &kv, &vv, &lse, &go, dims, &starts, (gq, gk, gv)) };
+            unsafe { backward(&qv, &kv, &vv, &saved, &go, dims, &starts, (gq, gk, gv)) };
             Ok(())
         }),
     }
@@ -130,6 +132,73 @@ fn bf16_products<E: Elem>() -> Option<Level> {
     (precision::precision() == Precision::Bf16
         && std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>())
     .then(super::isa::level)
+}
+
+/// The most bytes one attention call's probabilities P (R·h·n elements) may take for the
+/// forward pass to keep them for the backward pass; above it only each row's log Σ exp is kept
+/// and P is recomputed from Q, K and it. Keeping P saves the backward pass the product S = Q Kᵀ
+/// and a row of exps per score (≈ 1/7 of attention's training FLOPs, and all of its exps after
+/// the forward's): `cpu-small` at 16 × 256 keeps 16 MiB per layer (+≈ 4 % f32 train step),
+/// while `md4-s` at 8 × 1024 (384 MiB per layer) recomputes, so memory stays linear in n there.
+/// A function of the shape only, never of the threads: a run's bits do not depend on them.
+pub const KEEP_P_BYTES: usize = 32 << 20;
+
+#[cfg(not(test))]
+fn keep_p_bytes() -> usize {
+    KEEP_P_BYTES
+}
+
+#[cfg(test)]
+thread_local! {
+    static KEEP_P_LIMIT: std::cell::Cell<usize> = const { std::cell::Cell::new(KEEP_P_BYTES) };
+}
+
+/// Tests run both backward passes by lowering the limit on the calling thread.
+#[cfg(test)]
+fn keep_p_bytes() -> usize {
+    KEEP_P_LIMIT.with(|c| c.get())
+}
+
+/// Runs `f` with [`KEEP_P_BYTES`] replaced by `bytes` on this thread (0: always recompute P).
+#[cfg(test)]
+pub(crate) fn with_keep_p_bytes<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
+    let old = KEEP_P_LIMIT.with(|c| c.replace(bytes));
+    let r = f();
+    KEEP_P_LIMIT.with(|c| c.set(old));
+    r
+}
+
+/// What the forward pass of a call with R query rows, h heads and n keys keeps: nothing
+/// without a tape, P where it takes at most [`KEEP_P_BYTES`], else the log-sum-exps.
+fn keep_for<E>(records: bool, rows: usize, h: usize, n: usize) -> Keep {
+    let bytes = rows
+        .saturating_mul(h)
+        .saturating_mul(n)
+        .saturating_mul(std::mem::size_of::<E>());
+    match records {
+        false => Keep::Nothing,
+        true if bytes <= keep_p_bytes() => Keep::Probabilities,
+        true => Keep::LogSumExp,
+    }
+}
+
+/// What the forward pass keeps for the backward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Keep {
+    /// Nothing (inference).
+    Nothing,
+    /// Each query row's log Σ exp per head (R·h); P is recomputed.
+    LogSumExp,
+    /// P itself (R·h·n).
+    Probabilities,
+}
+
+/// What [`forward`] kept (by [`Keep`]): each task's r·n block of P, or its r log-sum-exps,
+/// from offset l0·n or l0 (see [`Dims::queries`]).
+pub(crate) enum Saved<E> {
+    Nothing,
+    LogSumExp(Vec<E>),
+    Probabilities(Vec<E>),
 }
 
 /// dst (m×n) = [dst +] lhs (m×k) · rhs (k×n), all with (row, column) element strides,
@@ -222,19 +291,29 @@ multiversion!(
         => softmax_rows_body
 );
 
-/// The backward pass's per-task row work: P = exp(S − lse) row by row in `p`, then
-/// dS = P ⊙ (dP − rowsum(dP ⊙ P)) in place of dP in `ds`.
+/// The softmax's backward pass on a task's rows given P: dS = P ⊙ (dP − rowsum(dP ⊙ P)) in
+/// place of dP in `ds`.
 #[inline(always)]
-fn softmax_grad_rows_body<E: Elem>(p: &mut [E], ds: &mut [E], lse: &[E], n: usize) {
-    for (row, &li) in p.chunks_mut(n).zip(lse) {
-        row.iter_mut().for_each(|s| *s = (*s - li).fast_exp());
-    }
+fn probabilities_grad_body<E: Elem>(p: &[E], ds: &mut [E], n: usize) {
     for (dr, pr) in ds.chunks_mut(n).zip(p.chunks(n)) {
         let dot = reduce::dot(dr, pr);
         dr.iter_mut()
             .zip(pr)
             .for_each(|(g, &p)| *g = p * (*g - dot));
     }
+}
+multiversion!(
+    fn probabilities_grad<E: Elem>(p: &[E], ds: &mut [E], n: usize) => probabilities_grad_body
+);
+
+/// The same given S and each row's log Σ exp instead of P: P = exp(S − lse) row by row in
+/// place of S in `p`, then [`probabilities_grad_body`].
+#[inline(always)]
+fn softmax_grad_rows_body<E: Elem>(p: &mut [E], ds: &mut [E], lse: &[E], n: usize) {
+    for (row, &li) in p.chunks_mut(n).zip(lse) {
+        row.iter_mut().for_each(|s| *s = (*s - li).fast_exp());
+    }
+    probabilities_grad_body(p, ds, n);
 }
 multiversion!(
     fn softmax_grad_rows<E: Elem>(p: &mut [E], ds: &mut [E], lse: &[E], n: usize)
@@ -310,22 +389,42 @@ fn apply_mask<E: Elem>(s: &mut [E], n: usize, mask: &BlockMask) {
 /// A task's scores S = Q Kᵀ (r × n, row-major; q already scaled): its r query rows from offset
 /// `qt` of q, its keys from offset `kt` of k, masked when `dims.mask` is set (then r = n).
 fn scores<E: Elem>(q: &[E], k: &[E], (qt, r): (usize, usize), kt: usize, dims: Dims) -> Vec<E> {
+    let mut s: Vec<E> = Vec::with_capacity(r * dims.n);
+    // SAFETY: the fresh scratch holds r·n elements; `scores_into` writes all of them.
+    unsafe {
+        scores_into(s.as_mut_ptr(), q, k, (qt, r), kt, dims);
+        s.set_len(r * dims.n);
+    }
+    s
+}
+
+/// [`scores`] written to the r·n (row-major) elements at `s`, which may be uninitialised.
+///
+/// # Safety
+/// `s` must be valid for writes of r·n elements that nothing else accesses during the call.
+unsafe fn scores_into<E: Elem>(
+    s: *mut E,
+    q: &[E],
+    k: &[E],
+    (qt, r): (usize, usize),
+    kt: usize,
+    dims: Dims,
+) {
     let (n, d, hd) = (dims.n, dims.d(), dims.hd);
     if n == 0 || r == 0 {
-        return Vec::new();
+        return;
     }
     assert!(
         qt + (r - 1) * d + hd <= q.len() && kt + (n - 1) * d + hd <= k.len(),
         "attention block out of range"
     );
-    let mut s: Vec<E> = Vec::with_capacity(r * n);
-    // SAFETY: the blocks are inside q and k (checked above); gemm writes all r·n outputs of the
-    // fresh scratch without reading it.
+    // SAFETY: the blocks are inside q and k (checked above); gemm writes all r·n outputs at s
+    // (the caller's) without reading them; afterwards they are initialised and exclusively ours.
     unsafe {
         mm(
             dims.bf16,
             (r, n, hd),
-            s.as_mut_ptr(),
+            s,
             (n, 1),
             false,
             q.as_ptr().add(qt),
@@ -333,29 +432,26 @@ fn scores<E: Elem>(q: &[E], k: &[E], (qt, r): (usize, usize), kt: usize, dims: D
             k.as_ptr().add(kt),
             (1, d),
         );
-        s.set_len(r * n);
+        if let Some(m) = &dims.mask {
+            apply_mask(std::slice::from_raw_parts_mut(s, r * n), n, m);
+        }
     }
-    if let Some(m) = &dims.mask {
-        apply_mask(&mut s, n, m);
-    }
-    s
 }
 
 /// Forward: q (R, h, hd) — sequence s's queries in rows `starts[s]..starts[s + 1]`; every
-/// position's (R = b·n) in the full op — and k, v (b, n, h, hd) → (o (R, h, hd), lse (R·h)).
-/// The probabilities P live only in a per-task r×n scratch; for the backward pass
-/// (`keep_lse`) only each row's log Σ exp is kept and P is recomputed from Q, K and it (as
-/// FlashAttention does), so the memory held per layer is linear in n instead of b·h·n² (and no
-/// buffer of that size is allocated, page-faulted and freed every step). Without `keep_lse`
-/// (inference) `lse` is empty.
+/// position's (R = b·n) in the full op — and k, v (b, n, h, hd) → (o (R, h, hd), what `keep`
+/// asks the backward pass to be given). Without P kept, the probabilities live only in a
+/// per-task r×n scratch: for [`Keep::LogSumExp`] each row's log Σ exp is kept and the backward
+/// pass recomputes P from Q, K and it (as FlashAttention does), so the memory held per layer is
+/// linear in n instead of b·h·n².
 pub(crate) fn forward<E: Elem>(
     q: &[E],
     k: &[E],
     v: &[E],
     dims: Dims,
     starts: &[usize],
-    keep_lse: bool,
-) -> (Vec<E>, Vec<E>) {
+    keep: Keep,
+) -> (Vec<E>, Saved<E>) {
     assert_eq!(
         k.len(),
         v.len(),
@@ -363,19 +459,36 @@ pub(crate) fn forward<E: Elem>(
     );
     let rows = check_starts(&dims, starts, q.len(), k.len());
     let (d, n, tasks) = (dims.d(), dims.n, dims.b * dims.h);
-    let mut lse = if keep_lse {
-        vec![E::zero(); rows * dims.h]
-    } else {
-        Vec::new()
+    // kept: the log-sum-exps (zeroed: a task with no rows writes none) or P (every task writes
+    // its whole r·n block and the blocks tile R·h·n: no zeroing)
+    let mut lse = match keep {
+        Keep::LogSumExp => vec![E::zero(); rows * dims.h],
+        _ => Vec::new(),
+    };
+    let mut kept_p: Vec<E> = match keep {
+        Keep::Probabilities => Vec::with_capacity(rows * dims.h * n),
+        _ => Vec::new(),
+    };
+    let saved = |lse: Vec<E>, mut kept_p: Vec<E>| match keep {
+        Keep::Nothing => Saved::Nothing,
+        Keep::LogSumExp => Saved::LogSumExp(lse),
+        Keep::Probabilities => {
+            // SAFETY: the tasks' r·n blocks of P tile its R·h·n elements (sequence s's rows
+            // head after head: task (s, head) from l0·n) and each task wrote all of its block
+            // (or there were no tasks with rows, and the length is 0).
+            unsafe { kept_p.set_len(rows * dims.h * n) };
+            Saved::Probabilities(kept_p)
+        }
     };
     if rows * d == 0 {
-        return (Vec::new(), lse);
+        return (Vec::new(), saved(lse, kept_p));
     }
     // every task overwrites its (sequence's rows, head) block of o, and the blocks tile o: no
     // zeroing
     let mut o: Vec<E> = Vec::with_capacity(rows * d);
     let op = Out(o.as_mut_ptr());
     let lp = Out(lse.as_mut_ptr());
+    let pp = Out(kept_p.as_mut_ptr());
     let level = super::isa::level();
     (0..tasks).into_par_iter().for_each(|task| {
         let (qt, r, l0) = dims.queries(task, starts);
@@ -383,16 +496,26 @@ pub(crate) fn forward<E: Elem>(
             return;
         }
         let kt = dims.tok(task);
-        let mut p = scores(q, k, (qt, r), kt, dims);
         // SAFETY: the task's query block ends at qt + (r−1)·d + hd ≤ R·d (inside q and o's
         // capacity) and its key block at kt + (n−1)·d + hd ≤ b·n·d (inside v, as long as k);
         // each task writes only its own r entries of lse (initialised, disjoint across tasks:
-        // sequence s's rows head after head) and its own block of o (gemm without `read_dst`
-        // writes it without reading it), and `o` and `lse` are not otherwise accessed until
-        // all tasks have finished.
+        // sequence s's rows head after head), its own r·n block of kept P (from l0·n, inside
+        // its R·h·n capacity, disjoint likewise; written in full by `scores_into` before it is
+        // read) and its own block of o (gemm without `read_dst` writes it without reading it),
+        // and `o`, `lse` and `kept_p` are not otherwise accessed until all tasks have finished.
         unsafe {
-            let l = keep_lse.then(|| std::slice::from_raw_parts_mut(lp.get().add(l0), r));
-            softmax_rows(level, &mut p, n, l);
+            let mut scratch;
+            let p: &mut [E] = if keep == Keep::Probabilities {
+                let p = pp.get().add(l0 * n);
+                scores_into(p, q, k, (qt, r), kt, dims);
+                std::slice::from_raw_parts_mut(p, r * n)
+            } else {
+                scratch = scores(q, k, (qt, r), kt, dims);
+                &mut scratch
+            };
+            let l = (keep == Keep::LogSumExp)
+                .then(|| std::slice::from_raw_parts_mut(lp.get().add(l0), r));
+            softmax_rows(level, p, n, l);
             mm(
                 dims.bf16,
                 (r, dims.hd, n),
@@ -409,11 +532,12 @@ pub(crate) fn forward<E: Elem>(
     // SAFETY: the tasks' (sequence's rows, head) blocks tile the R·d elements of o, and each
     // task wrote all of its block.
     unsafe { o.set_len(rows * d) };
-    (o, lse)
+    (o, saved(lse, kept_p))
 }
 
-/// Backward: given dO (R, h, hd) and the forward's log Σ exp per row, adds dQ (R, h, hd) and
-/// dK, dV (b, n, h, hd) into `gq`, `gk`, `gv`. P = exp(Q Kᵀ − lse) is recomputed per task.
+/// Backward: given dO (R, h, hd) and what the forward kept (P, or each row's log Σ exp, from
+/// which P = exp(Q Kᵀ − lse) is recomputed per task), adds dQ (R, h, hd) and dK, dV
+/// (b, n, h, hd) into `gq`, `gk`, `gv`.
 ///
 /// # Safety
 /// `gq` must address R·h·hd and `gk`, `gv` b·n·h·hd initialised elements that nothing else
@@ -424,7 +548,7 @@ pub(crate) unsafe fn backward<E: Elem>(
     q: &[E],
     k: &[E],
     v: &[E],
-    lse: &[E],
+    saved: &Saved<E>,
     go: &[E],
     dims: Dims,
     starts: &[usize],
@@ -436,7 +560,11 @@ pub(crate) unsafe fn backward<E: Elem>(
     );
     let rows = check_starts(&dims, starts, q.len(), k.len());
     let (d, hd, n) = (dims.d(), dims.hd, dims.n);
-    assert_eq!(lse.len(), rows * dims.h, "attention backward lse length");
+    match saved {
+        Saved::LogSumExp(l) => assert_eq!(l.len(), rows * dims.h, "attention backward lse length"),
+        Saved::Probabilities(p) => assert_eq!(p.len(), rows * dims.h * n, "attention backward P"),
+        Saved::Nothing => panic!("attention backward without the forward's P or log-sum-exps"),
+    }
     if rows * d == 0 {
         return;
     }
@@ -448,9 +576,6 @@ pub(crate) unsafe fn backward<E: Elem>(
             return;
         }
         let kt = dims.tok(task);
-        let l = &lse[l0..l0 + r];
-        // S = Q Kᵀ (P = exp(S − lse) below)
-        let mut p = scores(q, k, (qt, r), kt, dims);
         let mut ds: Vec<E> = Vec::with_capacity(r * n);
         // SAFETY: offsets stay inside q, dO and gq (R·h·hd elements) and k, v, gk, gv
         // (b·n·h·hd; bounds as in `forward`); each task reads and writes only its own
@@ -472,8 +597,22 @@ pub(crate) unsafe fn backward<E: Elem>(
                 (1, d),
             );
             ds.set_len(r * n);
-            // P = exp(S − lse); dS = P ⊙ (dP − rowsum(dP ⊙ P))
-            softmax_grad_rows(level, &mut p, &mut ds, l, n);
+            // dS = P ⊙ (dP − rowsum(dP ⊙ P)), P kept or recomputed as exp(S − lse), S = Q Kᵀ
+            let recomputed;
+            let p: &[E] = match saved {
+                Saved::Probabilities(all) => {
+                    let p = &all[l0 * n..(l0 + r) * n];
+                    probabilities_grad(level, p, &mut ds, n);
+                    p
+                }
+                Saved::LogSumExp(lse) => {
+                    let mut s = scores(q, k, (qt, r), kt, dims);
+                    softmax_grad_rows(level, &mut s, &mut ds, &lse[l0..l0 + r], n);
+                    recomputed = s;
+                    &recomputed
+                }
+                Saved::Nothing => unreachable!("checked above"),
+            };
             // dV += Pᵀ dO, dQ += dS K, dK += dSᵀ Q
             mm(
                 dims.bf16,
@@ -516,9 +655,106 @@ pub(crate) unsafe fn backward<E: Elem>(
 mod tests {
     use super::super::test_util::*;
     use super::super::Kernels;
+    use super::{keep_for, with_keep_p_bytes, Keep, KEEP_P_BYTES};
     use crate::layers::{T2, T4};
     use dfdx::prelude::*;
     use rand::{rngs::StdRng, Rng};
+
+    /// [`each_path`] twice: with each call's P kept for the backward pass, and recomputed from
+    /// the kept log-sum-exps ([`KEEP_P_BYTES`] 0).
+    fn each_path_and_saving(f: impl Fn(&Cpu, &mut StdRng)) {
+        for bytes in [KEEP_P_BYTES, 0] {
+            with_keep_p_bytes(bytes, || each_path(&f));
+        }
+    }
+
+    /// Keeping P changes no output bit (the forward pass is the same computation) and the
+    /// gradients only by rounding (the kept P is the forward's normalised one; the recomputed
+    /// one is exp(S − lse)), for full, block-masked and ragged queries; and the choice follows
+    /// the limit: `cpu-small`'s 16 × 256 (16 MiB per layer) keeps P, `md4-s`'s 8 × 1024
+    /// (12 heads, 384 MiB) does not, and inference keeps nothing.
+    #[test]
+    fn kept_probabilities_give_the_recomputed_gradients() {
+        let mib = 1 << 20;
+        assert_eq!(keep_for::<f32>(true, 16 * 256, 4, 256), Keep::Probabilities);
+        assert_eq!(keep_for::<f32>(true, 8 * 1024, 12, 1024), Keep::LogSumExp);
+        assert_eq!(keep_for::<f32>(false, 16, 1, 16), Keep::Nothing);
+        assert_eq!(
+            keep_for::<f32>(true, KEEP_P_BYTES / 4, 1, 1),
+            Keep::Probabilities
+        );
+        assert_eq!(
+            keep_for::<f32>(true, KEEP_P_BYTES / 4 + 1, 1, 1),
+            Keep::LogSumExp
+        );
+        assert_eq!(keep_for::<f64>(true, 16 * 256, 4, 256), Keep::Probabilities);
+        assert!(16 * 256 * 4 * 256 * 4 == 16 * mib && 8 * 1024 * 12 * 1024 * 4 == 384 * mib);
+        assert_eq!(
+            with_keep_p_bytes(0, || keep_for::<f32>(true, 1, 1, 1)),
+            Keep::LogSumExp
+        );
+        each_path(|dev, rng| {
+            let (b, half, h, hd) = (2, 6, 3, 4);
+            let n = 2 * half;
+            let len = b * n * h * hd;
+            let mk4 = |rng: &mut StdRng| -> T4<f64, Cpu> {
+                tensor(dev, rand_vec(rng, len), (b, n, h, hd))
+            };
+            let (q4, k4, v4) = (mk4(rng), mk4(rng), mk4(rng));
+            let r = rand_vec(rng, len);
+            let qr: T2<f64, Cpu> = tensor(dev, rand_vec(rng, 4 * h * hd), (4, h * hd));
+            let rr = rand_vec(rng, 4 * h * hd);
+            let mask = crate::BlockMask::new(half, 4).unwrap();
+            type Run = (Vec<f64>, [Vec<f64>; 3]);
+            let run = |bytes: usize| -> [Run; 3] {
+                with_keep_p_bytes(bytes, || {
+                    let full = |mask: Option<crate::BlockMask>| {
+                        let o = match mask {
+                            None => <Cpu as Kernels<f64>>::attention(
+                                q4.leaky_trace(),
+                                k4.leaky_trace(),
+                                v4.leaky_trace(),
+                            ),
+                            Some(m) => <Cpu as Kernels<f64>>::block_attention(
+                                q4.leaky_trace(),
+                                k4.leaky_trace(),
+                                v4.leaky_trace(),
+                                m,
+                            ),
+                        };
+                        let (f, g) = grads(o.unwrap(), &r);
+                        (f, [&q4, &k4, &v4].map(|t| g.get(t).as_vec()))
+                    };
+                    let o = <Cpu as Kernels<f64>>::attention_ragged(
+                        qr.leaky_trace(),
+                        k4.leaky_trace(),
+                        v4.leaky_trace(),
+                        &[0, 1, 4],
+                    )
+                    .unwrap();
+                    let (f, g) = grads(o, &rr);
+                    let ragged = (
+                        f,
+                        [
+                            g.get(&qr).as_vec(),
+                            g.get(&k4).as_vec(),
+                            g.get(&v4).as_vec(),
+                        ],
+                    );
+                    [full(None), full(Some(mask)), ragged]
+                })
+            };
+            let (kept, recomputed) = (run(KEEP_P_BYTES), run(0));
+            for ((fa, ga), (fb, gb)) in kept.iter().zip(&recomputed) {
+                assert!(fa.iter().zip(fb).all(|(x, y)| x.to_bits() == y.to_bits()));
+                for (x, y) in ga.iter().zip(gb) {
+                    for (a, b) in x.iter().zip(y) {
+                        assert!((a - b).abs() <= 1e-13 * (1.0 + b.abs()), "{a} vs {b}");
+                    }
+                }
+            }
+        });
+    }
 
     /// The trait's default attention, spelled out with dfdx's ops.
     fn generic_attention<E: crate::Elem>(
@@ -540,7 +776,7 @@ mod tests {
 
     #[test]
     fn attention_matches_dfdx() {
-        each_path(|dev, rng| {
+        each_path_and_saving(|dev, rng| {
             let (b, n, h, hd) = (2, 5, 2, 4);
             let mk4 = |rng: &mut StdRng| -> T4<f64, Cpu> {
                 tensor(
@@ -608,7 +844,7 @@ mod tests {
     /// including a ragged last block and B = N.
     #[test]
     fn block_attention_matches_naive_masked_softmax() {
-        each_path(|dev, rng| {
+        each_path_and_saving(|dev, rng| {
             let (b, half, h, hd) = (2, 5, 2, 4);
             let n = 2 * half;
             let len = b * n * h * hd;
@@ -723,7 +959,7 @@ mod tests {
     /// a few units so the softmax is far from uniform.
     #[test]
     fn f32_attention_within_tolerance() {
-        each_path(|dev, rng| {
+        each_path_and_saving(|dev, rng| {
             let (b, n, h, hd) = (2, 33, 2, 8);
             let s4 = (b, n, h, hd);
             let len = b * n * h * hd;
@@ -893,7 +1129,7 @@ mod tests {
     #[test]
     fn bf16_attention_is_the_product_of_rounded_operands() {
         use crate::precision::{with_precision, Precision};
-        each_path(|dev, rng| {
+        each_path_and_saving(|dev, rng| {
             let (b, half, h, hd) = (2, 19, 2, 20);
             let n = 2 * half;
             let s4 = (b, n, h, hd);
@@ -973,7 +1209,7 @@ mod tests {
     /// do the query gradients summed per position. f64 to 1e-12, with and without the tape.
     #[test]
     fn ragged_attention_is_the_full_rows_with_their_gradients() {
-        each_path(|dev, rng| {
+        each_path_and_saving(|dev, rng| {
             let (b, n, h, hd) = (3, 9, 2, 4);
             let d = h * hd;
             let picks: [&[usize]; 3] = [&[7, 0, 4, 4], &[], &[8]];
@@ -1064,7 +1300,7 @@ mod tests {
     #[test]
     fn ragged_attention_rows_are_the_full_rows_at_bf16() {
         use crate::precision::{with_precision, Precision};
-        each_path(|dev, rng| {
+        each_path_and_saving(|dev, rng| {
             let (b, n, h, hd) = (2, 37, 2, 20);
             let d = h * hd;
             let picks = [0, 5, 17, 36];

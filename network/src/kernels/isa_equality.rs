@@ -128,6 +128,19 @@ fn run_all(dev: &Cpu) -> Vec<(String, Vec<u32>)> {
     for (t, name) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
         push(name, g.get(t).as_vec());
     }
+    // the backward pass that recomputes P from the log-sum-exps instead of keeping it
+    super::attention::with_keep_p_bytes(0, || {
+        let o = <K as Kernels<f32>>::attention(q.leaky_trace(), k.leaky_trace(), v.leaky_trace())
+            .unwrap();
+        let (_, g) = grads(o, &r);
+        for (t, name) in [
+            (&q, "dq, P recomputed"),
+            (&k, "dk, P recomputed"),
+            (&v, "dv, P recomputed"),
+        ] {
+            push(name, g.get(t).as_vec());
+        }
+    });
     // bf16 products: the AVX512-BF16 microkernel (at avx512 where the CPU has it) against the
     // portable loop, unmasked and block-masked, and ragged queries
     let mask = crate::BlockMask::new(N / 2, 4).unwrap();
