@@ -137,11 +137,12 @@ fn bf16_products<E: Elem>() -> Option<Level> {
 /// The most bytes one attention call's probabilities P (R·h·n elements) may take for the
 /// forward pass to keep them for the backward pass; above it only each row's log Σ exp is kept
 /// and P is recomputed from Q, K and it. Keeping P saves the backward pass the product S = Q Kᵀ
-/// and a row of exps per score (≈ 1/7 of attention's training FLOPs, and all of its exps after
-/// the forward's): `cpu-small` at 16 × 256 keeps 16 MiB per layer (+≈ 4 % f32 train step),
-/// while `md4-s` at 8 × 1024 (384 MiB per layer) recomputes, so memory stays linear in n there.
+/// and an exp per score (≈ 1/7 of attention's training FLOPs, and as many exps as the
+/// forward's): `cpu-small` at 16 × 256 keeps 16 MiB per layer (f32 train step +2 % held to AVX2,
+/// +3 % at AVX-512 without AMX, unchanged with AMX; `bench/NOTES.md`), while `md4-s` at
+/// 8 × 1024 (384 MiB per layer) recomputes, so memory stays linear in n there.
 /// A function of the shape only, never of the threads: a run's bits do not depend on them.
-pub const KEEP_P_BYTES: usize = 32 << 20;
+pub(crate) const KEEP_P_BYTES: usize = 32 << 20;
 
 #[cfg(not(test))]
 fn keep_p_bytes() -> usize {
@@ -459,6 +460,15 @@ pub(crate) fn forward<E: Elem>(
     );
     let rows = check_starts(&dims, starts, q.len(), k.len());
     let (d, n, tasks) = (dims.d(), dims.n, dims.b * dims.h);
+    if rows * d == 0 {
+        // no products, forward or backward (which returns at once); with head_dim 0 no task
+        // would write P, so the zeroed log-sum-exps stand in for it
+        let saved = match keep {
+            Keep::Nothing => Saved::Nothing,
+            _ => Saved::LogSumExp(vec![E::zero(); rows * dims.h]),
+        };
+        return (Vec::new(), saved);
+    }
     // kept: the log-sum-exps (zeroed: a task with no rows writes none) or P (every task writes
     // its whole r·n block and the blocks tile R·h·n: no zeroing)
     let mut lse = match keep {
@@ -469,20 +479,6 @@ pub(crate) fn forward<E: Elem>(
         Keep::Probabilities => Vec::with_capacity(rows * dims.h * n),
         _ => Vec::new(),
     };
-    let saved = |lse: Vec<E>, mut kept_p: Vec<E>| match keep {
-        Keep::Nothing => Saved::Nothing,
-        Keep::LogSumExp => Saved::LogSumExp(lse),
-        Keep::Probabilities => {
-            // SAFETY: the tasks' r·n blocks of P tile its R·h·n elements (sequence s's rows
-            // head after head: task (s, head) from l0·n) and each task wrote all of its block
-            // (or there were no tasks with rows, and the length is 0).
-            unsafe { kept_p.set_len(rows * dims.h * n) };
-            Saved::Probabilities(kept_p)
-        }
-    };
-    if rows * d == 0 {
-        return (Vec::new(), saved(lse, kept_p));
-    }
     // every task overwrites its (sequence's rows, head) block of o, and the blocks tile o: no
     // zeroing
     let mut o: Vec<E> = Vec::with_capacity(rows * d);
@@ -532,7 +528,18 @@ pub(crate) fn forward<E: Elem>(
     // SAFETY: the tasks' (sequence's rows, head) blocks tile the R·d elements of o, and each
     // task wrote all of its block.
     unsafe { o.set_len(rows * d) };
-    (o, saved(lse, kept_p))
+    let saved = match keep {
+        Keep::Nothing => Saved::Nothing,
+        Keep::LogSumExp => Saved::LogSumExp(lse),
+        Keep::Probabilities => {
+            // SAFETY: the tasks' r·n blocks of P tile its R·h·n elements (sequence s's rows
+            // head after head: task (s, head) from l0·n), and each task with rows wrote all of
+            // its block.
+            unsafe { kept_p.set_len(rows * dims.h * n) };
+            Saved::Probabilities(kept_p)
+        }
+    };
+    (o, saved)
 }
 
 /// Backward: given dO (R, h, hd) and what the forward kept (P, or each row's log Σ exp, from
