@@ -4,6 +4,7 @@
 
 use super::attention::softmax_rows;
 use super::chunk_rows;
+use super::disjoint::Out;
 use super::isa::{level, multiversion};
 use super::reduce;
 use super::storage::{host, input, par_filled, par_written};
@@ -323,16 +324,85 @@ pub(crate) fn gated_residual<E: Elem, T: Tape<E, Cpu>>(
             data: z,
             keep_output: false,
             backward: backward(move |Backward { gy: gz, grads, .. }| {
-                let ggate = seq_column_sums(&gz, Some(&yv), (n, d));
+                // one sweep of dZ, y and the two gradients per sequence instead of three
+                // passes (the gate's column sums, dh += dZ, dy += dZ ⊙ gate): per element the
+                // same operations in the same order, so the same bits. Raw pointers because h
+                // and y may be one tensor (then both updates go to one buffer, in that order);
+                // `as_mut_ptr` makes no reference to the elements, so the first pointer stays
+                // valid while the store inserts the second entry (that moves Vec headers inside
+                // the map, never their heap buffers).
+                let mut ggate = vec![E::zero(); gv.len()];
+                let ph = Out(grads.get_or_alloc_mut(&hg)?.as_mut_ptr());
+                let py = Out(grads.get_or_alloc_mut(&yg)?.as_mut_ptr());
+                let same = ph.get() == py.get();
+                let lv = level();
+                assert!(gz.len() == yv.len() && ggate.len() * n == gz.len());
+                ggate
+                    .par_chunks_mut(d)
+                    .zip(gz.par_chunks(n * d).zip(yv.par_chunks(n * d)))
+                    .zip(gv.par_chunks(d))
+                    .enumerate()
+                    .for_each(|(s, ((gg, (gz, y)), g))| {
+                        // SAFETY: h's and y's gradients have h's shape (b·n, d), initialised,
+                        // allocated while this closure runs (the store is not touched
+                        // meanwhile) and accessed by nothing else; each task takes sequence
+                        // s's n·d elements of each, disjoint across tasks, and one slice only
+                        // when the two buffers are one.
+                        let (gh, gy) = unsafe {
+                            let r = s * n * d;
+                            let gh = std::slice::from_raw_parts_mut(ph.get().add(r), n * d);
+                            let gy = (!same)
+                                .then(|| std::slice::from_raw_parts_mut(py.get().add(r), n * d));
+                            (gh, gy)
+                        };
+                        gated_residual_grad_rows(lv, gh, gy, gg, gz, y, g);
+                    });
                 add_into(grads.get_or_alloc_mut(&gg)?, &ggate);
-                add_into(grads.get_or_alloc_mut(&hg)?, &gz);
-                let gy = grads.get_or_alloc_mut(&yg)?;
-                seq_broadcast(gy, &gz, &gv, (n, d), false);
                 Ok(())
             }),
         })
     })
 }
+
+/// [`gated_residual`]'s backward pass on one sequence's rows: the gate's gradient
+/// gg += Σ_rows dZ ⊙ y (in row order), dh += dZ and dy += dZ ⊙ gate (into `gh` itself when
+/// `gy` is `None`: h and y one tensor), row by row.
+#[inline(always)]
+fn gated_residual_grad_rows_body<E: Elem>(
+    gh: &mut [E],
+    mut gy: Option<&mut [E]>,
+    gg: &mut [E],
+    gz: &[E],
+    y: &[E],
+    g: &[E],
+) {
+    let d = g.len();
+    for (i, (zr, yr)) in gz.chunks(d).zip(y.chunks(d)).enumerate() {
+        for ((o, &z), &w) in gg.iter_mut().zip(zr).zip(yr) {
+            *o += z * w;
+        }
+        let hr = &mut gh[i * d..(i + 1) * d];
+        hr.iter_mut().zip(zr).for_each(|(h, &z)| *h += z);
+        let yr = match gy.as_deref_mut() {
+            Some(gy) => &mut gy[i * d..(i + 1) * d],
+            None => hr,
+        };
+        yr.iter_mut()
+            .zip(zr)
+            .zip(g)
+            .for_each(|((o, &z), &c)| *o += z * c);
+    }
+}
+multiversion!(
+    fn gated_residual_grad_rows<E: Elem>(
+        gh: &mut [E],
+        gy: Option<&mut [E]>,
+        gg: &mut [E],
+        gz: &[E],
+        y: &[E],
+        g: &[E],
+    ) => gated_residual_grad_rows_body
+);
 
 /// `x + s`, s (b, d) per sequence added to its n rows of x (b·n, d) (the U-Net's conditioning
 /// on a block): dfdx's broadcast add, but one parallel sweep with its output registered (read in
@@ -823,6 +893,64 @@ mod tests {
             for (t, name) in [(&x, "h"), (&y, "y"), (&g, "gate")] {
                 close(&ga.get(t).as_vec(), &gb.get(t).as_vec(), name);
             }
+        });
+    }
+
+    /// The one-sweep backward pass gives the three passes' bits (the gate's column sums, dh +=
+    /// dZ, dy += dZ ⊙ gate on zeroed buffers), in f32 at every level with a ragged width, also
+    /// when h and y are one tensor (dx = (0 + dZ) + dZ ⊙ gate per element).
+    #[test]
+    fn gated_residual_backward_is_the_three_passes_bit_for_bit() {
+        use super::{add_into, seq_broadcast, seq_column_sums};
+        use rand::rngs::StdRng;
+        each_path(|dev, rng| {
+            let (b, n, d) = (3, 5, 37);
+            let t2 = |rng: &mut StdRng, rows| -> T2<f32, Cpu> {
+                tensor(dev, rand32(rng, rows * d, 1.0), (rows, d))
+            };
+            let (x, y, g) = (t2(rng, b * n), t2(rng, b * n), t2(rng, b));
+            let r = rand32(rng, b * n * d, 1.0);
+            let (yv, gv) = (y.as_vec(), g.as_vec());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let (_, ga) = grads(
+                <Cpu as Kernels<f32>>::gated_residual(
+                    x.leaky_trace(),
+                    y.leaky_trace(),
+                    g.leaky_trace(),
+                    b,
+                    n,
+                )
+                .unwrap(),
+                &r,
+            );
+            let mut gh = vec![0.0f32; r.len()];
+            add_into(&mut gh, &r);
+            let mut gy = vec![0.0f32; r.len()];
+            seq_broadcast(&mut gy, &r, &gv, (n, d), false);
+            let mut gg = vec![0.0f32; gv.len()];
+            add_into(&mut gg, &seq_column_sums(&r, Some(&yv), (n, d)));
+            assert_eq!(bits(&ga.get(&x).as_vec()), bits(&gh), "dh");
+            assert_eq!(bits(&ga.get(&y).as_vec()), bits(&gy), "dy");
+            assert_eq!(bits(&ga.get(&g).as_vec()), bits(&gg), "dgate");
+            // h and y one tensor
+            let (_, gs) = grads(
+                <Cpu as Kernels<f32>>::gated_residual(
+                    x.leaky_trace(),
+                    x.leaky_trace(),
+                    g.leaky_trace(),
+                    b,
+                    n,
+                )
+                .unwrap(),
+                &r,
+            );
+            let mut gx = vec![0.0f32; r.len()];
+            add_into(&mut gx, &r);
+            seq_broadcast(&mut gx, &r, &gv, (n, d), false);
+            let mut gg = vec![0.0f32; gv.len()];
+            add_into(&mut gg, &seq_column_sums(&r, Some(&x.as_vec()), (n, d)));
+            assert_eq!(bits(&gs.get(&x).as_vec()), bits(&gx), "d(h = y)");
+            assert_eq!(bits(&gs.get(&g).as_vec()), bits(&gg), "dgate (h = y)");
         });
     }
 
