@@ -306,14 +306,16 @@ pub(crate) fn gated_residual<E: Elem, T: Tape<E, Cpu>>(
             "gated residual shapes"
         );
         let lv = level();
-        let rows = hv.par_chunks(n * d).zip(yv.par_chunks(n * d));
+        let rows = hv
+            .par_chunks((n * d).max(1))
+            .zip(yv.par_chunks((n * d).max(1)));
         // SAFETY: each chunk (one sequence's n·d) comes with h's and y's same rows and the
         // sequence's gate, and `gated_rows` writes every element of it.
         let z = unsafe {
             par_written(
                 hv.len(),
                 n * d,
-                rows.zip(gv.par_chunks(d)),
+                rows.zip(gv.par_chunks(d.max(1))),
                 |zs, ((hs, ys), g)| gated_rows(lv, zs, hs, ys, g),
             )
         };
@@ -337,10 +339,11 @@ pub(crate) fn gated_residual<E: Elem, T: Tape<E, Cpu>>(
                 let same = ph.get() == py.get();
                 let lv = level();
                 assert!(gz.len() == yv.len() && ggate.len() * n == gz.len());
+                let (nd, d1) = ((n * d).max(1), d.max(1)); // empty rows: no chunks
                 ggate
-                    .par_chunks_mut(d)
-                    .zip(gz.par_chunks(n * d).zip(yv.par_chunks(n * d)))
-                    .zip(gv.par_chunks(d))
+                    .par_chunks_mut(d1)
+                    .zip(gz.par_chunks(nd).zip(yv.par_chunks(nd)))
+                    .zip(gv.par_chunks(d1))
                     .enumerate()
                     .for_each(|(s, ((gg, (gz, y)), g))| {
                         // SAFETY: h's and y's gradients have h's shape (b·n, d), initialised,
@@ -897,60 +900,62 @@ mod tests {
     }
 
     /// The one-sweep backward pass gives the three passes' bits (the gate's column sums, dh +=
-    /// dZ, dy += dZ ⊙ gate on zeroed buffers), in f32 at every level with a ragged width, also
-    /// when h and y are one tensor (dx = (0 + dZ) + dZ ⊙ gate per element).
+    /// dZ, dy += dZ ⊙ gate on zeroed buffers), in f32 at every level with a ragged width and with
+    /// one-row sequences, also when h and y are one tensor (dx = (0 + dZ) + dZ ⊙ gate per
+    /// element).
     #[test]
     fn gated_residual_backward_is_the_three_passes_bit_for_bit() {
         use super::{add_into, seq_broadcast, seq_column_sums};
         use rand::rngs::StdRng;
         each_path(|dev, rng| {
-            let (b, n, d) = (3, 5, 37);
-            let t2 = |rng: &mut StdRng, rows| -> T2<f32, Cpu> {
-                tensor(dev, rand32(rng, rows * d, 1.0), (rows, d))
-            };
-            let (x, y, g) = (t2(rng, b * n), t2(rng, b * n), t2(rng, b));
-            let r = rand32(rng, b * n * d, 1.0);
-            let (yv, gv) = (y.as_vec(), g.as_vec());
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            let (_, ga) = grads(
-                <Cpu as Kernels<f32>>::gated_residual(
-                    x.leaky_trace(),
-                    y.leaky_trace(),
-                    g.leaky_trace(),
-                    b,
-                    n,
-                )
-                .unwrap(),
-                &r,
-            );
-            let mut gh = vec![0.0f32; r.len()];
-            add_into(&mut gh, &r);
-            let mut gy = vec![0.0f32; r.len()];
-            seq_broadcast(&mut gy, &r, &gv, (n, d), false);
-            let mut gg = vec![0.0f32; gv.len()];
-            add_into(&mut gg, &seq_column_sums(&r, Some(&yv), (n, d)));
-            assert_eq!(bits(&ga.get(&x).as_vec()), bits(&gh), "dh");
-            assert_eq!(bits(&ga.get(&y).as_vec()), bits(&gy), "dy");
-            assert_eq!(bits(&ga.get(&g).as_vec()), bits(&gg), "dgate");
-            // h and y one tensor
-            let (_, gs) = grads(
-                <Cpu as Kernels<f32>>::gated_residual(
-                    x.leaky_trace(),
-                    x.leaky_trace(),
-                    g.leaky_trace(),
-                    b,
-                    n,
-                )
-                .unwrap(),
-                &r,
-            );
-            let mut gx = vec![0.0f32; r.len()];
-            add_into(&mut gx, &r);
-            seq_broadcast(&mut gx, &r, &gv, (n, d), false);
-            let mut gg = vec![0.0f32; gv.len()];
-            add_into(&mut gg, &seq_column_sums(&r, Some(&x.as_vec()), (n, d)));
-            assert_eq!(bits(&gs.get(&x).as_vec()), bits(&gx), "d(h = y)");
-            assert_eq!(bits(&gs.get(&g).as_vec()), bits(&gg), "dgate (h = y)");
+            for (b, n, d) in [(3, 5, 37), (4, 1, 8)] {
+                let t2 = |rng: &mut StdRng, rows| -> T2<f32, Cpu> {
+                    tensor(dev, rand32(rng, rows * d, 1.0), (rows, d))
+                };
+                let (x, y, g) = (t2(rng, b * n), t2(rng, b * n), t2(rng, b));
+                let r = rand32(rng, b * n * d, 1.0);
+                let (yv, gv) = (y.as_vec(), g.as_vec());
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let (_, ga) = grads(
+                    <Cpu as Kernels<f32>>::gated_residual(
+                        x.leaky_trace(),
+                        y.leaky_trace(),
+                        g.leaky_trace(),
+                        b,
+                        n,
+                    )
+                    .unwrap(),
+                    &r,
+                );
+                let mut gh = vec![0.0f32; r.len()];
+                add_into(&mut gh, &r);
+                let mut gy = vec![0.0f32; r.len()];
+                seq_broadcast(&mut gy, &r, &gv, (n, d), false);
+                let mut gg = vec![0.0f32; gv.len()];
+                add_into(&mut gg, &seq_column_sums(&r, Some(&yv), (n, d)));
+                assert_eq!(bits(&ga.get(&x).as_vec()), bits(&gh), "dh");
+                assert_eq!(bits(&ga.get(&y).as_vec()), bits(&gy), "dy");
+                assert_eq!(bits(&ga.get(&g).as_vec()), bits(&gg), "dgate");
+                // h and y one tensor
+                let (_, gs) = grads(
+                    <Cpu as Kernels<f32>>::gated_residual(
+                        x.leaky_trace(),
+                        x.leaky_trace(),
+                        g.leaky_trace(),
+                        b,
+                        n,
+                    )
+                    .unwrap(),
+                    &r,
+                );
+                let mut gx = vec![0.0f32; r.len()];
+                add_into(&mut gx, &r);
+                seq_broadcast(&mut gx, &r, &gv, (n, d), false);
+                let mut gg = vec![0.0f32; gv.len()];
+                add_into(&mut gg, &seq_column_sums(&r, Some(&x.as_vec()), (n, d)));
+                assert_eq!(bits(&gs.get(&x).as_vec()), bits(&gx), "d(h = y)");
+                assert_eq!(bits(&gs.get(&g).as_vec()), bits(&gg), "dgate (h = y)");
+            }
         });
     }
 
