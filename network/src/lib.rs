@@ -64,6 +64,9 @@ pub mod unet;
 mod unet_layers;
 pub mod uvit;
 
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[doc(hidden)]
+pub use alloc::{huge_pages_to_advise, mappings};
 pub use alloc::{tune_allocator, CacheLineAlloc};
 pub use block::BlockMask;
 pub use block_cache::{BlockDenoiser, CacheMode, KvCache};
