@@ -7,8 +7,10 @@
 //! 4 KiB page: ≈ 10 % of a `cpu-small` step at batch 16 × 256 before this tuning, and ≈ 25 % at
 //! 32 × 512, where the FFN buffers (46 MB) exceed the largest threshold glibc accepts.
 //!
-//! So the heap keeps what it gets: no `mmap` for single blocks (`M_MMAP_MAX` = 0, large blocks
-//! come from the brk heap, or for a worker thread's arena from the main one), no trimming
+//! So the heap keeps what it gets: no `mmap` for single blocks (`M_MMAP_MAX` = 0: large blocks
+//! come from the brk heap, or on another thread from its arena's heaps — a block larger than
+//! such a heap, 64 MiB, glibc still maps afresh there; under [`crate::tune_threads`] the tape
+//! and its big buffers run on the main thread), no trimming
 //! (`M_TRIM_THRESHOLD` at its maximum) and a 16 MiB top pad. A step's allocation pattern repeats,
 //! so after the first step every buffer is carved from memory that is already resident; the
 //! process's peak resident memory is unchanged (+1.5 % at 32 × 512), but it does not shrink
@@ -137,8 +139,8 @@ impl CacheLineAlloc {
     /// pages, when [`tune_allocator`] enabled it: one TLB entry per 2 MiB instead of per 4 KiB
     /// for the step's activation and gradient buffers (4–16 MiB at `cpu-small`), which gemm and
     /// the kernels sweep again and again. Where THP is `madvise` (the distributions' default)
-    /// nothing gets huge pages without the advice. Called with `None` before a block of at
-    /// least [`Self::HUGE`] bytes is asked of the system, and with the system block after.
+    /// nothing gets huge pages without the advice. Called with `None` before every big block
+    /// ([`Self::BIG`]) is asked of the system, and with the system block after.
     ///
     /// In the brk heap (glibc's main arena, where `tune_allocator` sends big blocks and which
     /// it never trims) the advised part is one range growing from the first big block's huge
@@ -180,8 +182,12 @@ impl CacheLineAlloc {
             let cap = top.saturating_sub(1) / Self::HUGE * Self::HUGE;
             let start = match block {
                 None => cap,
-                // in the heap: below its end, and not a mapping far from it
-                Some((raw, _)) if top > raw.addr() && top - raw.addr() <= 1 << 30 => {
+                // in the heap: below its end and above the program's static data (which the
+                // brk heap follows; the mappings of libraries, stacks and other arenas lie far
+                // above it)
+                Some((raw, _))
+                    if (&raw const HEAP_ADVISED).addr() < raw.addr() && raw.addr() < top =>
+                {
                     raw.addr() / Self::HUGE * Self::HUGE
                 }
                 Some((raw, len)) => {
@@ -337,7 +343,7 @@ unsafe fn zero_on_pool(p: *mut u8, len: usize) {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[doc(hidden)]
 pub fn mappings(lo: usize, hi: usize) -> Vec<(usize, usize, bool)> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
     let (mut out, mut cur) = (Vec::new(), None);
     for line in smaps.lines() {
         let range = line
