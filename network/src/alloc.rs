@@ -18,7 +18,7 @@
 //!
 //! With [`CacheLineAlloc`] as the global allocator, the tuning also has the kernel back big
 //! blocks with transparent huge pages (`madvise(MADV_HUGEPAGE)`, Linux/glibc; where THP is
-//! `madvise`, the distributions' default, nothing gets them unasked): one TLB entry per 2 MiB
+//! `madvise`, as many distributions ship it, nothing gets them unasked): one TLB entry per 2 MiB
 //! instead of per 4 KiB for the buffers gemm and the kernels sweep. The `cpu-small` train step
 //! gained ≈ 1–4 % from it (more at bf16), peak memory within 1 %. `MASKDIFF_HUGE_PAGES=0` turns
 //! this part off alone.
@@ -138,7 +138,7 @@ impl CacheLineAlloc {
     /// Asks the kernel (`madvise(MADV_HUGEPAGE)`) to back big blocks with transparent huge
     /// pages, when [`tune_allocator`] enabled it: one TLB entry per 2 MiB instead of per 4 KiB
     /// for the step's activation and gradient buffers (4–16 MiB at `cpu-small`), which gemm and
-    /// the kernels sweep again and again. Where THP is `madvise` (the distributions' default)
+    /// the kernels sweep again and again. Where THP is `madvise` (as many distributions ship it)
     /// nothing gets huge pages without the advice. Called with `None` before every big block
     /// ([`Self::BIG`]) is asked of the system, and with the system block after.
     ///
