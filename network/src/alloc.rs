@@ -365,18 +365,41 @@ pub fn mappings(lo: usize, hi: usize) -> Vec<(usize, usize, bool)> {
     out
 }
 
-/// Test support: whether this process can have transparent huge pages advised (the kernel has
-/// THP, not `never`, not disabled for the process) and the tuning is not switched off.
+/// Test support: whether this process can have transparent huge pages advised and the advice
+/// shows in /proc/self/smaps (the kernel has THP, not `never`, not disabled for the process,
+/// and no emulator between: qemu's user mode drops the advice), probed with a mapping of its
+/// own; and the tuning is not switched off.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[doc(hidden)]
 pub fn huge_pages_to_advise() -> bool {
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let off = |k: &str| std::env::var_os(k).is_some_and(|v| v == "0");
-    thp.is_ok_and(|t| !t.contains("[never]"))
-        && !status.contains("THP_enabled:\t0")
-        && !off("MASKDIFF_MALLOC_TUNING")
-        && !off("MASKDIFF_HUGE_PAGES")
+    if thp.is_err()
+        || thp.is_ok_and(|t| t.contains("[never]"))
+        || status.contains("THP_enabled:\t0")
+        || off("MASKDIFF_MALLOC_TUNING")
+        || off("MASKDIFF_HUGE_PAGES")
+    {
+        return false;
+    }
+    let len = 2 * CacheLineAlloc::HUGE;
+    let (rw, private) = (
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+    );
+    // SAFETY: a fresh anonymous mapping of our own, advised, never dereferenced, and unmapped
+    // with its length.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), len, rw, private, -1, 0);
+        if p == libc::MAP_FAILED {
+            return false;
+        }
+        let shown = libc::madvise(p, len, libc::MADV_HUGEPAGE) == 0
+            && mappings(p.addr(), p.addr() + len).iter().any(|m| m.2);
+        libc::munmap(p, len);
+        shown
+    }
 }
 
 #[cfg(test)]
