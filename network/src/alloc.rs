@@ -365,21 +365,20 @@ pub fn mappings(lo: usize, hi: usize) -> Vec<(usize, usize, bool)> {
     out
 }
 
-/// Test support: whether this process can have transparent huge pages advised and the advice
-/// shows in /proc/self/smaps (the kernel has THP, not `never`, not disabled for the process,
-/// and no emulator between: qemu's user mode drops the advice), probed with a mapping of its
-/// own; and the tuning is not switched off.
+/// Test support: applies [`tune_allocator`], then tells whether it turned the huge-page advice
+/// on (not switched off by its environment variables) and the advice shows in /proc/self/smaps
+/// (the kernel has THP, not `never`, not disabled for the process, and no emulator between:
+/// qemu's user mode drops the advice), probed with a mapping of its own.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[doc(hidden)]
 pub fn huge_pages_to_advise() -> bool {
+    tune_allocator();
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let off = |k: &str| std::env::var_os(k).is_some_and(|v| v == "0");
-    if thp.is_err()
+    if !HUGE_PAGES.load(std::sync::atomic::Ordering::Relaxed)
+        || thp.is_err()
         || thp.is_ok_and(|t| t.contains("[never]"))
         || status.contains("THP_enabled:\t0")
-        || off("MASKDIFF_MALLOC_TUNING")
-        || off("MASKDIFF_HUGE_PAGES")
     {
         return false;
     }
@@ -487,11 +486,11 @@ mod tests {
             .unwrap());
     }
 
-    /// Once `tune_allocator` has run, a big block of another arena than the brk heap's (this
-    /// test thread's: the harness runs tests off the main thread) lies in mappings advised for
-    /// transparent huge pages, rounded out to whole huge pages, whether asked for zeroed or
-    /// not. Skipped where the kernel has no THP to advise. The brk heap's range, on the main
-    /// thread: `tests/huge_pages.rs`.
+    /// Once `tune_allocator` has run (`huge_pages_to_advise` applies it), a big block of
+    /// another arena than the brk heap's (this test thread's: the harness runs tests off the
+    /// main thread) lies in mappings advised for transparent huge pages, rounded out to whole
+    /// huge pages, whether asked for zeroed or not. Skipped where the kernel has no THP to
+    /// advise. The brk heap's range, on the main thread: `tests/huge_pages.rs`.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn big_blocks_of_an_arena_are_advised_for_huge_pages() {
@@ -499,7 +498,6 @@ mod tests {
             eprintln!("no transparent huge pages to advise here: skipped");
             return;
         }
-        super::tune_allocator();
         let huge = CacheLineAlloc::HUGE;
         let a = CacheLineAlloc;
         for size in [3 * huge + 5, huge] {

@@ -16,7 +16,7 @@ fn main() {
         println!("huge_pages: no transparent huge pages to advise here: skipped");
         return;
     }
-    maskdiff_network::tune_allocator();
+    // (tune_allocator applied by the check above)
     let blocks: Vec<Vec<u8>> = (0..2).map(|_| Vec::with_capacity(24 << 20)).collect();
     // SAFETY: brk(0) changes nothing; it returns the current program break.
     let top = unsafe { libc::syscall(libc::SYS_brk, 0) } as usize;
