@@ -495,7 +495,8 @@ mod tests {
 
     /// A tall product (a dense layer's forward or dX) is cut in two along C's rows: the same
     /// bits as gemm's uncut product, on one thread and on three, into a row-major and a
-    /// column-major C, accumulating and not; m one short of the cut, or C too wide, is not cut.
+    /// column-major C, accumulating and not, with a reduction long enough for gemm to block it
+    /// (k > 1024); m one short of the cut, or C too wide, is not cut.
     #[test]
     fn split_rows_change_no_bit() {
         use super::super::isa;
@@ -503,7 +504,7 @@ mod tests {
         use super::{mm_par, product, split_m, SPLIT_M_MIN};
         use crate::precision::Precision;
         use rand::{rngs::StdRng, SeedableRng};
-        let (m, n, k) = (SPLIT_M_MIN + 3, 13, 37);
+        let (m, n, k) = (SPLIT_M_MIN + 67, 13, 1030);
         assert!(split_m((m, n, k)) && !split_m((SPLIT_M_MIN - 1, n, k)));
         assert!(!split_m((m, m / 2 + 1, k)) && !split_m((m, n, m / 2 + 1)));
         assert!(!split_m((m, 0, k)) && !split_m((m, n, 0)));
@@ -553,18 +554,25 @@ mod tests {
                 run(3, true),
                 "cut on three threads, C strides {c_st:?}"
             );
-            // and it is the product: one element against f64
-            let (i, j) = (m - 1, n - 2);
-            let at = i * c_st.0 + j * c_st.1;
-            let mut e = if accumulate { f64::from(c0[at]) } else { 0.0 };
-            for l in 0..k {
-                e += f64::from(a[i * k + l]) * f64::from(b[j * k + l]);
+            // and it is the product: elements of both halves against f64
+            for (i, j) in [(0, 0), (m / 2 - 1, n - 1), (m / 2, 3), (m - 1, n - 2)] {
+                let at = i * c_st.0 + j * c_st.1;
+                let (mut e, mut abs) = if accumulate {
+                    (f64::from(c0[at]), f64::from(c0[at].abs()))
+                } else {
+                    (0.0, 0.0)
+                };
+                for l in 0..k {
+                    let t = f64::from(a[i * k + l]) * f64::from(b[j * k + l]);
+                    e += t;
+                    abs += t.abs();
+                }
+                let g = f64::from(whole[at]);
+                assert!(
+                    (g - e).abs() <= abs * k as f64 * 6e-8,
+                    "c[{i},{j}]: {g} vs {e}"
+                );
             }
-            assert!(
-                (f64::from(whole[at]) - e).abs() < 1e-4,
-                "{} vs {e}",
-                whole[at]
-            );
         }
     }
 }
