@@ -429,6 +429,25 @@ mod tests {
         assert_eq!(y64(Precision::Bf16), y64(Precision::F32));
     }
 
+    /// Random A (m·k), B (k·n) and initial C (m·n) elements for the split tests.
+    fn operands(seed: u64, (m, n, k): (usize, usize, usize)) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        use super::super::test_util::rand32;
+        use rand::{rngs::StdRng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(seed);
+        (
+            rand32(&mut rng, m * k, 1.0),
+            rand32(&mut rng, k * n, 1.0),
+            rand32(&mut rng, m * n, 1.0),
+        )
+    }
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
     /// A weight-gradient-shaped product is cut in two along its reduction: the result is the
     /// f64 sum to f32 rounding (accumulating into a column-major C, so the second half's
     /// addition follows C's strides), the same bits on one thread and on three, and the
@@ -436,29 +455,18 @@ mod tests {
     #[test]
     fn split_reductions_sum_both_halves_on_any_thread_count() {
         use super::super::isa;
-        use super::super::test_util::rand32;
         use super::{product, split_k, SPLIT_K_MIN};
         use crate::precision::Precision;
-        use rand::{rngs::StdRng, SeedableRng};
         let (m, n, k) = (7, 12, SPLIT_K_MIN + 3);
         assert!(split_k((m, n, k)) && !split_k((m, n, k - 4)));
         assert!(!split_k((m, 0, k)) && !split_k((m, k / 3, k)));
-        let mut rng = StdRng::seed_from_u64(5);
         // A (m, k) stored as Aᵀ (a column of A per row, as X for dW), B (k, n) row-major
-        let (a, b, c0) = (
-            rand32(&mut rng, m * k, 1.0),
-            rand32(&mut rng, k * n, 1.0),
-            rand32(&mut rng, m * n, 1.0),
-        );
+        let (a, b, c0) = operands(5, (m, n, k));
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
             let mut c = c0.clone();
             // SAFETY: A is (m, k) at strides (1, m) in m·k elements, B (k, n) at (n, 1), C
             // (m, n) at (1, m), a separate buffer of m·n initialised elements.
-            pool.install(|| unsafe {
+            pool(threads).install(|| unsafe {
                 product(
                     Precision::F32,
                     isa::level(),
@@ -500,31 +508,20 @@ mod tests {
     #[test]
     fn split_rows_change_no_bit() {
         use super::super::isa;
-        use super::super::test_util::rand32;
         use super::{mm_par, product, split_m, SPLIT_M_MIN};
         use crate::precision::Precision;
-        use rand::{rngs::StdRng, SeedableRng};
         let (m, n, k) = (SPLIT_M_MIN + 67, 13, 1030);
         assert!(split_m((m, n, k)) && !split_m((SPLIT_M_MIN - 1, n, k)));
         assert!(!split_m((m, m / 2 + 1, k)) && !split_m((m, n, m / 2 + 1)));
         assert!(!split_m((m, 0, k)) && !split_m((m, n, 0)));
-        let mut rng = StdRng::seed_from_u64(6);
         // A (m, k) row-major as X, B (k, n) read as Wᵀ of a row-major (n, k) W, as dX's
-        let (a, b, c0) = (
-            rand32(&mut rng, m * k, 1.0),
-            rand32(&mut rng, k * n, 1.0),
-            rand32(&mut rng, m * n, 1.0),
-        );
+        let (a, b, c0) = operands(6, (m, n, k));
         for (c_st, accumulate) in [((n, 1), true), ((1, m), true), ((n, 1), false)] {
             let run = |threads: usize, cut: bool| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
                 let mut c = c0.clone();
                 // SAFETY: A is (m, k) at strides (k, 1) in m·k elements, B (k, n) at (1, k) in
                 // k·n, C (m, n) at c_st in a separate buffer of m·n initialised elements.
-                pool.install(|| unsafe {
+                pool(threads).install(|| unsafe {
                     let (cp, ap, bp) = (c.as_mut_ptr(), a.as_ptr(), b.as_ptr());
                     if cut {
                         let dims = (m, n, k);
